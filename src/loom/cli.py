@@ -1,0 +1,249 @@
+"""The ``loom`` command: train, generate, convert, tokenizer, plot, config, presets.
+
+Every user mistake surfaces as a :class:`LoomError`: printed as one paragraph (problem,
+then fix) on stderr, exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from loom.errors import LoomError
+
+EPILOG = """examples:
+  loom train                                   train the tiny demo GPT on the Python stdlib
+  loom train --config configs/demo.toml --set train.steps=50 --run-dir runs/quick
+  loom train --run-dir runs/quick --resume     continue from the newest checkpoint
+  loom generate runs/quick --prompt "def main(" --tokens 200
+  loom plot runs/quick                         write runs/quick/loss.png
+  loom convert --from-hf ./gpt2-folder --out runs/gpt2
+  loom tokenizer train --corpus ./texts --vocab-size 4096 --out tok/tokenizer.json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loom",
+        description="Train GPT-2 and Llama style language models, on one CPU or many devices.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = sub.add_parser("train", help="train a model (default: tiny GPT on the Python standard library)",
+                           description="Train a model. With no arguments: the tiny demo GPT on the Python "
+                                       "standard library source of this machine, a few minutes on 2 CPU cores.")
+    _add_config_args(train)
+    train.add_argument("--run-dir", type=Path, help="folder for metrics, checkpoints, plots (default: runs/<time>)")
+    train.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
+                       help="continue from the newest checkpoint of --run-dir, or from checkpoint PATH")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (plain log lines)")
+
+    gen = sub.add_parser("generate", help="sample text from a checkpoint",
+                         description="Sample text from a checkpoint (a checkpoint folder, or a run folder: its newest).")
+    gen.add_argument("checkpoint", type=Path, help="checkpoint folder or run folder")
+    gen.add_argument("--prompt", default="def ", help="text to continue (default: %(default)r)")
+    gen.add_argument("--tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: %(default)s)")
+    gen.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest, 0 for all (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
+
+    conv = sub.add_parser("convert", help="import or export Hugging Face checkpoints",
+                          description="Convert between a local Hugging Face folder (config.json + safetensors) "
+                                      "and a loom checkpoint. GPT-2 and Llama families.")
+    way = conv.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", type=Path, metavar="DIR", help="Hugging Face folder to import")
+    way.add_argument("--to-hf", type=Path, metavar="CKPT", help="loom checkpoint or run folder to export")
+    conv.add_argument("--out", type=Path, required=True, help="output folder")
+
+    tok = sub.add_parser("tokenizer", help="train a BPE tokenizer", description="Tokenizer tools.")
+    tok_sub = tok.add_subparsers(dest="tok_command", metavar="ACTION", required=True)
+    tok_train = tok_sub.add_parser("train", help="train a byte-level BPE tokenizer on a corpus",
+                                   description="Train a byte-level BPE tokenizer (Hugging Face tokenizers) on a "
+                                               "corpus; use it with --set data.tokenizer=PATH.")
+    tok_train.add_argument("--corpus", default="stdlib", help="stdlib or a folder of .txt/.jsonl (default: %(default)s)")
+    tok_train.add_argument("--vocab-size", type=int, default=4096, help="(default: %(default)s)")
+    tok_train.add_argument("--max-bytes", type=int, default=0, help="read at most this much text, 0 for all")
+    tok_train.add_argument("--out", type=Path, required=True, help="where to write tokenizer.json")
+
+    plot = sub.add_parser("plot", help="plot a run's loss curve", description="Write the loss curve of a run as PNG.")
+    plot.add_argument("run_dir", type=Path)
+    plot.add_argument("--out", type=Path, help="PNG path (default: RUN_DIR/loss.png)")
+
+    show = sub.add_parser("config", help="print the resolved config as TOML",
+                          description="Print the config that `loom train` would use, every field resolved.")
+    _add_config_args(show)
+
+    sub.add_parser("presets", help="list model presets", description="List model presets and their sizes.")
+    return parser
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML config file (sections [model], [train], [data])")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one field, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {
+        "train": cmd_train, "generate": cmd_generate, "convert": cmd_convert, "tokenizer": cmd_tokenizer,
+        "plot": cmd_plot, "config": cmd_config, "presets": cmd_presets,
+    }[args.command]
+    try:
+        return handler(args) or 0
+    except LoomError as err:
+        print(f"loom: error: {err.problem}\n  fix: {err.fix}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loom: interrupted; the newest complete checkpoint is intact (resume with --resume).", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from loom.config import apply_overrides, config_from_dict, load_config
+    from loom.train.checkpoint import latest_checkpoint, load_checkpoint
+    from loom.train.trainer import Trainer
+
+    run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    resume_from = None
+    if args.resume == "latest":
+        resume_from = latest_checkpoint(run_dir)
+        if resume_from is None:
+            raise LoomError(f"--resume was given but {run_dir} holds no complete checkpoint.",
+                            "drop --resume to start fresh, or pass --resume PATH of a checkpoint.")
+    elif args.resume:
+        resume_from = Path(args.resume)
+    elif latest_checkpoint(run_dir) is not None:
+        raise LoomError(f"{run_dir} already holds checkpoints of an earlier run.",
+                        "pass --resume to continue it, or choose a new --run-dir.")
+    if resume_from is not None and args.config is None:
+        # Resuming without a config file: the checkpoint's config, with --set on top.
+        base = load_checkpoint(resume_from).meta["config"]
+        config = config_from_dict(apply_overrides(base, args.overrides))
+    else:
+        config = load_config(args.config, args.overrides)
+
+    console = _console()
+    trainer = Trainer(config, run_dir, resume_from=resume_from, console=console, live_progress=not args.no_progress)
+    summary = trainer.run()
+    _finish_run(trainer, summary, console)
+    return 0
+
+
+def _finish_run(trainer, summary: dict, console) -> None:
+    from loom.train.generate import generate
+    from loom.viz.plot import plot_loss
+
+    plot_path = plot_loss(trainer.run_dir)
+    val = summary["final_val_loss"]
+    console.print(
+        f"done: {summary['steps']} steps, {summary['tokens']:,} tokens, final loss {summary['final_loss']:.4f}"
+        + (f", validation loss {val:.4f}" if val is not None else "")
+        + f", {summary['tokens_per_s']:,.0f} tokens/s"
+    )
+    console.print(f"run folder: {trainer.run_dir}  (metrics.jsonl, summary.json, checkpoints/, tensorboard/)")
+    console.print(f"loss plot: {plot_path}")
+    train = trainer.config.train
+    if train.sample_tokens:
+        tok = trainer.tokenizer
+        ids = generate(trainer.model, tok.encode(train.sample_prompt), train.sample_tokens,
+                       trainer.config.model.max_seq_len, seed=train.seed)
+        text = train.sample_prompt + tok.decode(ids)
+        (trainer.run_dir / "sample.txt").write_text(text, encoding="utf-8")
+        console.rule("sample")
+        console.print(text, markup=False, highlight=False)
+        console.rule()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from loom.train.generate import generate, load_for_inference
+
+    model, config, tokenizer = load_for_inference(args.checkpoint, args.device)
+    ids = generate(model, tokenizer.encode(args.prompt), args.tokens, config.model.max_seq_len,
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed, stop_id=tokenizer.eos_id)
+    print(args.prompt + tokenizer.decode(ids))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from loom.model.hf import export_hf, import_hf
+
+    if args.from_hf:
+        path = import_hf(args.from_hf, args.out)
+        print(f"imported {args.from_hf} -> loom checkpoint {path}")
+    else:
+        path = export_hf(args.to_hf, args.out)
+        print(f"exported {args.to_hf} -> Hugging Face folder {path}")
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from loom.train.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(args.corpus, args.vocab_size, args.out, max_bytes=args.max_bytes)
+    print(f"trained a {tok.vocab_size}-token BPE tokenizer -> {args.out}\nuse it with: --set data.tokenizer={args.out}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from loom.viz.plot import plot_loss
+
+    print(plot_loss(args.run_dir, args.out))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from loom.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    for section, values in config.to_dict().items():
+        print(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                print(f"# {key} = (derived)")
+            else:
+                print(f"{key} = {_toml_value(value)}")
+        print()
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from loom.config import config_from_dict
+    from loom.model.presets import PRESETS
+    from loom.plan.model import count_parameters
+
+    print(f"{'preset':<12} {'family':<6} {'layers':>6} {'d_model':>7} {'heads':>5} {'kv':>3} {'params':>10}")
+    for name in PRESETS:
+        if name == "custom":
+            continue
+        cfg = config_from_dict({"model": {"preset": name}}).model
+        params = count_parameters(cfg, vocab_size=cfg.vocab_size or 257)
+        print(f"{name:<12} {cfg.family:<6} {cfg.n_layers:>6} {cfg.d_model:>7} {cfg.n_heads:>5} {cfg.kv_heads:>3} "
+              f"{params / 1e6:>9.1f}M")
+    return 0
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _console():
+    from loom.train.metrics import make_console
+
+    return make_console()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

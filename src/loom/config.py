@@ -1,0 +1,358 @@
+"""Run configuration: dataclasses, TOML files, ``--set a.b=value`` overrides, validation.
+
+A config is built in three layers, later ones winning: the dataclass defaults (with the
+model preset's values filled in), a TOML file, then command-line overrides. Every field is
+validated before anything runs; each error names the field, the value and the fix.
+
+Batch arithmetic is derived, never repeated (design.md):
+``global_batch = micro_batch * grad_accum * dp``. The config may name any two and loom
+derives the third, or all three, which must then agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loom.errors import LoomError
+from loom.model.presets import PRESETS, preset_fields
+
+FAMILIES = ("gpt2", "llama")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_MICRO_BATCH = 16
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. ``preset`` fills every field the user does not set explicitly."""
+
+    preset: str = "tiny"
+    family: str = "gpt2"
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: n_heads (no grouping)
+    d_ff: int | None = None  # None: 4*d_model (gpt2) or the SwiGLU 8/3 rule (llama)
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary size
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool | None = None  # None: True for gpt2, False for llama
+    bias: bool | None = None  # None: True for gpt2, False for llama
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.family == "gpt2":
+            return 4 * self.d_model
+        hidden = int(2 * (4 * self.d_model) / 3)
+        return 256 * ((hidden + 255) // 256) if self.d_model >= 256 else 8 * ((hidden + 7) // 8)
+
+    @property
+    def tied(self) -> bool:
+        return self.family == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
+
+    @property
+    def use_bias(self) -> bool:
+        return self.family == "gpt2" if self.bias is None else self.bias
+
+    def validate(self) -> None:
+        _check_choice("model.family", self.family, FAMILIES)
+        for name in ("n_layers", "d_model", "n_heads", "max_seq_len"):
+            _check_positive(f"model.{name}", getattr(self, name))
+        if self.d_model % self.n_heads:
+            raise LoomError(
+                f"model.d_model = {self.d_model} is not divisible by model.n_heads = {self.n_heads}.",
+                "choose n_heads that divides d_model (each head gets d_model / n_heads features).",
+            )
+        if self.family == "llama" and self.head_dim % 2:
+            raise LoomError(
+                f"model.d_model / model.n_heads = {self.head_dim} is odd; RoPE rotates feature pairs.",
+                "choose d_model and n_heads so the head dimension is even.",
+            )
+        if self.n_kv_heads is not None:
+            _check_positive("model.n_kv_heads", self.n_kv_heads)
+            if self.n_heads % self.n_kv_heads:
+                raise LoomError(
+                    f"model.n_kv_heads = {self.n_kv_heads} does not divide model.n_heads = {self.n_heads}.",
+                    "grouped-query attention needs n_heads to be a multiple of n_kv_heads.",
+                )
+            if self.family == "gpt2" and self.n_kv_heads != self.n_heads:
+                raise LoomError(
+                    f"model.n_kv_heads = {self.n_kv_heads} with model.family = 'gpt2'.",
+                    "grouped-query attention is a llama-family feature; remove n_kv_heads or set family = 'llama'.",
+                )
+        if self.d_ff is not None:
+            _check_positive("model.d_ff", self.d_ff)
+        if self.vocab_size is not None:
+            _check_positive("model.vocab_size", self.vocab_size)
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoomError(f"model.dropout = {self.dropout} is outside [0, 1).", "use a probability such as 0.1, or 0 for none.")
+        _check_positive("model.norm_eps", self.norm_eps)
+        _check_positive("model.rope_theta", self.rope_theta)
+        _check_positive("model.init_std", self.init_std)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the training loop."""
+
+    steps: int = 300
+    seq_len: int = 128
+    micro_batch: int | None = None
+    global_batch: int | None = None
+    grad_accum: int | None = None
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 turns clipping off
+    precision: str = "fp32"
+    seed: int = 1337
+    ckpt_every: int = 100  # 0: save only at the end
+    keep_ckpts: int = 3
+    eval_every: int = 50  # 0: evaluate only at the end
+    eval_batches: int = 8
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    sample_tokens: int = 256  # tokens generated at the end of a run (0: none)
+    sample_prompt: str = "def "
+
+    def validate(self) -> None:
+        for name in ("steps", "seq_len", "keep_ckpts", "eval_batches"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        for name in ("micro_batch", "global_batch", "grad_accum"):
+            if getattr(self, name) is not None:
+                _check_positive(f"train.{name}", getattr(self, name))
+        if self.lr <= 0:
+            raise LoomError(f"train.lr = {self.lr} must be positive.", "set a learning rate such as train.lr=3e-4.")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise LoomError(f"train.min_lr_ratio = {self.min_lr_ratio} is outside [0, 1].", "use e.g. 0.1 (decay to a tenth of train.lr).")
+        for name in ("warmup_steps", "ckpt_every", "eval_every", "sample_tokens", "seed"):
+            _check_non_negative(f"train.{name}", getattr(self, name))
+        for name in ("weight_decay", "grad_clip"):
+            _check_non_negative(f"train.{name}", getattr(self, name))
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise LoomError(f"train.{name} = {getattr(self, name)} is outside [0, 1).", "use e.g. beta1=0.9, beta2=0.95.")
+        _check_positive("train.eps", self.eps)
+        _check_choice("train.precision", self.precision, PRECISIONS)
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise LoomError(f"train.device = {self.device!r} is not a device loom knows.", "use auto, cpu, cuda or cuda:N.")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from."""
+
+    corpus: str = "stdlib"  # stdlib, a folder of .txt/.jsonl files, or a prepared token file (.bin)
+    tokenizer: str = "byte"  # byte, or a path to a tokenizer.json
+    val_fraction: float = 0.05
+    cache_dir: str = ""  # empty: $LOOM_CACHE or ~/.cache/loom
+    max_bytes: int = 0  # 0: the whole corpus; otherwise read at most this many bytes of text
+
+    def validate(self) -> None:
+        if not self.corpus:
+            raise LoomError("data.corpus is empty.", "set data.corpus=stdlib, a folder of .txt/.jsonl files, or a token file.")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise LoomError(f"data.val_fraction = {self.val_fraction} is outside (0, 0.5).", "use e.g. 0.05 (5% of documents held out).")
+        _check_non_negative("data.max_bytes", self.max_bytes)
+
+
+@dataclass
+class BatchShape:
+    """The derived batch arithmetic: ``global_batch = micro_batch * grad_accum * dp``."""
+
+    micro_batch: int
+    grad_accum: int
+    dp: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.dp
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+        self.data.validate()
+        if self.train.seq_len > self.model.max_seq_len:
+            raise LoomError(
+                f"train.seq_len = {self.train.seq_len} is longer than model.max_seq_len = {self.model.max_seq_len}.",
+                f"lower train.seq_len, or raise model.max_seq_len to at least {self.train.seq_len}.",
+            )
+        self.batch(dp=1)
+
+    def batch(self, dp: int = 1) -> BatchShape:
+        return derive_batch(self.train.micro_batch, self.train.global_batch, self.train.grad_accum, dp)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def derive_batch(micro: int | None, global_: int | None, accum: int | None, dp: int) -> BatchShape:
+    """Fill in the one unnamed batch number, or check that all three named agree."""
+    if micro is not None and global_ is not None and accum is not None:
+        if micro * accum * dp != global_:
+            raise LoomError(
+                f"train.global_batch = {global_} but train.micro_batch = {micro} x train.grad_accum = {accum}"
+                f" x dp = {dp} = {micro * accum * dp}.",
+                "name only two of micro_batch, grad_accum and global_batch and let loom derive the third.",
+            )
+        return BatchShape(micro, accum, dp)
+    if global_ is None:
+        return BatchShape(micro or DEFAULT_MICRO_BATCH, accum or 1, dp)
+    if micro is None and accum is None:
+        accum = 1
+    if micro is None:
+        if global_ % (accum * dp):
+            raise LoomError(
+                f"train.global_batch = {global_} is not divisible by train.grad_accum = {accum} x dp = {dp}.",
+                f"choose a global_batch that is a multiple of {accum * dp}.",
+            )
+        return BatchShape(global_ // (accum * dp), accum, dp)
+    if global_ % (micro * dp):
+        raise LoomError(
+            f"train.global_batch = {global_} is not divisible by train.micro_batch = {micro} x dp = {dp}.",
+            f"choose a global_batch that is a multiple of {micro * dp}, or another micro_batch.",
+        )
+    return BatchShape(micro, global_ // (micro * dp), dp)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated config from an optional TOML file and ``a.b=value`` overrides."""
+    raw = _read_toml(Path(path)) if path is not None else {}
+    return config_from_dict(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A copy of the nested dict ``raw`` with each ``section.key=value`` applied."""
+    merged = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    for item in overrides:
+        section, key, value = parse_override(item)
+        target = merged.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise LoomError(f"[{section}] is not a table, so {item!r} cannot set a key in it.", f"write [{section}] as a table.")
+        target[key] = value
+    return merged
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Typed, validated config from a nested dict (as TOML or a checkpoint stores it)."""
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    for section, values in raw.items():
+        if section not in sections:
+            raise _unknown("section", section, list(sections))
+        if not isinstance(values, dict):
+            raise LoomError(f"[{section}] must be a table of keys, got {values!r}.", f"write it as [{section}] followed by key = value lines.")
+    model_raw = dict(raw.get("model", {}))
+    preset = model_raw.get("preset", ModelConfig.preset)
+    if preset not in PRESETS:
+        raise _unknown("model preset", preset, list(PRESETS), field_name="model.preset")
+    model_values = {**preset_fields(preset), **model_raw}
+    config = Config(
+        model=_build(ModelConfig, "model", model_values),
+        train=_build(TrainConfig, "train", raw.get("train", {})),
+        data=_build(DataConfig, "data", raw.get("data", {})),
+    )
+    config.validate()
+    return config
+
+
+def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise _unknown("key", f"{section}.{key}", [f"{section}.{k}" for k in known])
+        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the field's type; ints are accepted for floats."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (bool, str) and isinstance(value, kind):
+            return value
+    wanted = " or ".join(k.__name__ for k in allowed if k is not type(None))
+    raise LoomError(f"{name} = {value!r} is not a {wanted}.", f"give {name} a {wanted} value.")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise LoomError(f"config file {path} does not exist.", "pass the path of a TOML file, e.g. --config configs/demo.toml.")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise LoomError(f"config file {path} is not valid TOML: {exc}.", "fix the syntax at the position named.") from None
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """``train.lr=3e-4`` -> ("train", "lr", 3e-4). Values are TOML literals; bare words are strings."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise LoomError(f"override {item!r} is not of the form section.key=value.", "write e.g. --set train.lr=3e-4.")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return parts[0], parts[1], value
+
+
+def _unknown(what: str, name: str, known: list[str], field_name: str | None = None) -> LoomError:
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    label = f"{field_name} = {name!r}" if field_name else repr(name)
+    return LoomError(f"unknown {what} {label}.", f"{hint}known: {', '.join(known)}.")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise LoomError(f"{name} = {value} must be positive.", f"set {name} to a value above zero.")
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if value < 0:
+        raise LoomError(f"{name} = {value} must not be negative.", f"set {name} to zero or more.")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise LoomError(f"{name} = {value!r} is not one of {', '.join(choices)}.", f"set {name} to one of {', '.join(choices)}.")

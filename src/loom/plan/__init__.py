@@ -1,0 +1,1 @@
+"""Analytic models of a run (parameters, FLOPs, memory, communication). No processes touched."""

@@ -1,0 +1,231 @@
+"""The single-process training loop.
+
+One optimizer step of global batch B = micro_batch * grad_accum * dp sequences:
+the step's B windows are a pure function of (seed, step) (see ``loom.train.data``);
+micro-batch k of data-parallel rank r takes rows [(r * accum + k) * micro, +micro).
+The loss of a step is the mean over its B * seq_len tokens, so any split of the batch
+gives the same gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+from rich.console import Console
+
+from loom import __version__
+from loom.config import Config
+from loom.errors import LoomError
+from loom.model.transformer import Transformer
+from loom.optim.adamw import build_adamw
+from loom.optim.lr import lr_at
+from loom.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from loom.train.data import batch_offsets, batch_rows, get_batch, prepare_dataset
+from loom.train.metrics import MetricsWriter, TrainProgress, make_console, write_summary
+from loom.train.precision import Precision, resolve_device
+from loom.train.tokenizer import load_tokenizer
+
+TRAIN_STREAM, VAL_STREAM = 0, 1
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool = False
+
+
+@dataclass
+class RunState:
+    """What, besides model and optimizer, a resumed run must get back."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+    last_val_loss: float | None = None
+
+
+class Trainer:
+    """Builds tokenizer, data, model and optimizer from a config and runs the loop."""
+
+    def __init__(
+        self,
+        config: Config,
+        run_dir: Path,
+        resume_from: Path | None = None,
+        console: Console | None = None,
+        live_progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.console = console or make_console()
+        self.log = self.console.print
+        self.live_progress = live_progress
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = load_tokenizer(config.data.tokenizer)
+        self._fit_vocab()
+        self.data = prepare_dataset(config.data, self.tokenizer, log=self.log)
+        self.device = resolve_device(config.train.device)
+        self.precision = Precision(config.train.precision, self.device)
+        self.batch = config.batch(dp=1)
+        self.model = Transformer(config.model, seed=config.train.seed, device=self.device)
+        self.optimizer = build_adamw(self.model, config.train, self.device)
+        self.state = RunState()
+        if resume_from is not None:
+            self._restore(resume_from)
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self, step: int) -> StepResult:
+        """Forward/backward over the step's micro-batches, clip, and update."""
+        train = self.config.train
+        lr = lr_at(step, train.lr, train.warmup_steps, train.steps, train.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        offsets = batch_offsets(len(self.data.train), train.seq_len, self.batch.global_batch, train.seed, step, TRAIN_STREAM)
+        accum = self.batch.grad_accum
+        total_loss = 0.0
+        for k in range(accum):
+            rows = offsets[batch_rows(self.batch.micro_batch, accum, 0, k)]
+            x, y = get_batch(self.data.train, train.seq_len, rows, self.device)
+            with self.precision.autocast():
+                loss = self.model.loss(x, y) / accum
+            self.precision.scaler.scale(loss).backward()
+            total_loss += loss.item()
+        if not math.isfinite(total_loss) and self.config.train.precision != "fp16":
+            raise LoomError(
+                f"the training loss became {total_loss} at step {step + 1}.",
+                "lower train.lr, raise train.warmup_steps, or turn on train.grad_clip (e.g. 1.0).",
+            )
+        scaler = self.precision.scaler
+        scaler.unscale_(self.optimizer)
+        clip = train.grad_clip if train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
+        scaler.step(self.optimizer)
+        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        skipped = scaler.is_enabled() and scaler.get_scale() < scale_before
+        return StepResult(loss=total_loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over ``eval_batches`` fixed validation micro-batches."""
+        train = self.config.train
+        self.model.eval()
+        losses = []
+        for i in range(train.eval_batches):
+            offsets = batch_offsets(len(self.data.val), train.seq_len, self.batch.micro_batch, train.seed, i, VAL_STREAM)
+            x, y = get_batch(self.data.val, train.seq_len, offsets, self.device)
+            with self.precision.autocast():
+                losses.append(self.model.loss(x, y).item())
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict:
+        train = self.config.train
+        tokens_per_step = self.batch.global_batch * train.seq_len
+        metrics = MetricsWriter(self.run_dir)
+        metrics.truncate_after(self.state.step)
+        start_step = self.state.step
+        self.log(
+            f"model: {self.config.model.preset} ({self.config.model.family}), {self.model.num_params():,} parameters; "
+            f"batch {self.batch.global_batch} x {train.seq_len} tokens "
+            f"(micro {self.batch.micro_batch} x accum {self.batch.grad_accum}); device {self.device}, {train.precision}"
+        )
+        if start_step:
+            self.log(f"resuming at step {start_step} of {train.steps}")
+        result = None
+        try:
+            with TrainProgress(train.steps, start_step, self.console, live=self.live_progress) as progress:
+                for step in range(start_step, train.steps):
+                    began = time.perf_counter()
+                    result = self.train_step(step)
+                    took = time.perf_counter() - began
+                    self.state.step = step + 1
+                    self.state.tokens_seen += tokens_per_step
+                    self.state.elapsed_s += took
+                    record = {
+                        "step": self.state.step, "loss": result.loss, "lr": result.lr,
+                        "grad_norm": result.grad_norm, "tokens": self.state.tokens_seen,
+                        "tokens_per_s": tokens_per_step / took, "elapsed_s": self.state.elapsed_s,
+                    }
+                    if result.skipped:
+                        record["skipped"] = True
+                    last = self.state.step == train.steps
+                    if (train.eval_every and self.state.step % train.eval_every == 0) or last:
+                        self.state.last_val_loss = record["val_loss"] = self.evaluate()
+                    metrics.log(record)
+                    progress.update(self.state.step, result.loss, record["tokens_per_s"], result.lr)
+                    if (train.ckpt_every and self.state.step % train.ckpt_every == 0) or last:
+                        self.save()
+        finally:
+            metrics.close()
+        summary = {
+            "params": self.model.num_params(),
+            "steps": self.state.step,
+            "tokens": self.state.tokens_seen,
+            "final_loss": result.loss if result else None,
+            "final_val_loss": self.state.last_val_loss,
+            "elapsed_s": self.state.elapsed_s,
+            "tokens_per_s": self.state.tokens_seen / self.state.elapsed_s if self.state.elapsed_s else None,
+            "config": self.config.to_dict(),
+            "loom_version": __version__,
+        }
+        write_summary(self.run_dir, summary)
+        return summary
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        train_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.precision.scaler.state_dict(),
+            "rng": capture_rng_state(),
+            "run": {
+                "step": self.state.step, "tokens_seen": self.state.tokens_seen, "elapsed_s": self.state.elapsed_s,
+                "last_val_loss": self.state.last_val_loss,
+            },
+        }
+        meta = {"tokenizer": self.tokenizer.fingerprint, "params": self.model.num_params(), "data": self.data.meta}
+        return save_checkpoint(
+            self.run_dir, self.state.step, self.model.state_dict(), train_state,
+            {"config": self.config.to_dict(), **meta}, keep=self.config.train.keep_ckpts,
+        )
+
+    def _restore(self, path: Path) -> None:
+        checkpoint = load_checkpoint(path)
+        try:
+            self.model.load_state_dict(checkpoint.model_state)
+        except RuntimeError as exc:
+            raise LoomError(
+                f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}",
+                "resume with the same model settings the checkpoint was trained with (see its meta.json).",
+            ) from None
+        state = checkpoint.train_state
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.precision.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        run = state["run"]
+        self.state = RunState(run["step"], run["tokens_seen"], run["elapsed_s"], run["last_val_loss"])
+        if self.state.step >= self.config.train.steps:
+            raise LoomError(
+                f"checkpoint {path} is at step {self.state.step}, and train.steps = {self.config.train.steps}.",
+                f"raise train.steps above {self.state.step} to train further.",
+            )
+
+    def _fit_vocab(self) -> None:
+        model = self.config.model
+        if model.vocab_size is None:
+            model.vocab_size = self.tokenizer.vocab_size
+        elif model.vocab_size < self.tokenizer.vocab_size:
+            raise LoomError(
+                f"model.vocab_size = {model.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} tokens.",
+                "remove model.vocab_size (it then follows the tokenizer) or raise it.",
+            )

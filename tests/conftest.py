@@ -1,0 +1,49 @@
+"""Shared fixtures: a private token cache and a small text corpus for fast training runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tokenised corpora go to a per-session folder, never the user's ~/.cache/loom."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LOOM_CACHE", str(tmp_path_factory.mktemp("loom-cache")))
+    torch.set_num_threads(2)
+    yield
+    mp.undo()
+
+
+@pytest.fixture
+def text_corpus(tmp_path: Path) -> Path:
+    """A folder of small Python-like documents (~60 kB), enough for several tiny steps."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(40):
+        body = "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(40))
+        (folder / f"doc{i:02d}.txt").write_text(body, encoding="utf-8")
+    return folder
+
+
+def tiny_overrides(corpus: Path, **extra: object) -> list[str]:
+    """``--set`` items for a 2-layer model that trains in well under a second per step."""
+    items = {
+        "model.n_layers": 2, "model.d_model": 32, "model.n_heads": 4, "model.max_seq_len": 64,
+        "train.seq_len": 32, "train.micro_batch": 4, "train.steps": 6, "train.warmup_steps": 2,
+        "train.eval_every": 3, "train.eval_batches": 2, "train.ckpt_every": 3, "train.sample_tokens": 0,
+        "data.corpus": str(corpus),
+    }
+    items.update(extra)
+    return [f"{k}={_toml(v)}" for k, v in items.items()]
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, str):
+        return '"' + value + '"'
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)

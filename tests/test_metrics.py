@@ -1,0 +1,90 @@
+"""Metrics: jsonl records, resume truncation, TensorBoard, summary, loss plot, progress."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from loom.errors import LoomError
+from loom.train.metrics import MetricsWriter, TrainProgress, read_metrics, write_summary
+from loom.viz.plot import plot_loss
+
+
+def _log_steps(run: Path, steps: range, tensorboard: bool = False) -> None:
+    with MetricsWriter(run, tensorboard=tensorboard) as writer:
+        for step in steps:
+            writer.log({"step": step, "loss": 4.0 / step, "lr": np.float32(1e-3), "tokens": torch.tensor(512)})
+
+
+def test_jsonl_records_are_plain_numbers(tmp_path: Path) -> None:
+    _log_steps(tmp_path, range(1, 4))
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert type(records[0]["lr"]) is float and records[0]["tokens"] == 512
+    with pytest.raises(ValueError, match="step"):
+        MetricsWriter(tmp_path, tensorboard=False).log({"loss": 1.0})
+
+
+def test_truncate_after_keeps_one_record_per_step(tmp_path: Path) -> None:
+    _log_steps(tmp_path, range(1, 11))
+    with MetricsWriter(tmp_path, tensorboard=False) as writer:
+        writer.truncate_after(6)
+        for step in range(7, 9):
+            writer.log({"step": step, "loss": 0.5})
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 9))
+
+
+def test_torn_last_line_is_dropped(tmp_path: Path) -> None:
+    _log_steps(tmp_path, range(1, 3))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # crash mid-write
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    _log_steps(tmp_path, range(3, 4))
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_tensorboard_event_file_written(tmp_path: Path) -> None:
+    _log_steps(tmp_path, range(1, 3), tensorboard=True)
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_summary_json(tmp_path: Path) -> None:
+    path = write_summary(tmp_path, {"final_loss": np.float64(1.25), "steps": 10, "layout": {"dp": 1}})
+    assert path == tmp_path / "summary.json"
+    assert json.loads(path.read_text()) == {"final_loss": 1.25, "steps": 10, "layout": {"dp": 1}}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temp file left
+
+
+def test_plot_loss_writes_png(tmp_path: Path) -> None:
+    _log_steps(tmp_path, range(1, 20))
+    with MetricsWriter(tmp_path, tensorboard=False) as writer:
+        writer.log({"step": 19, "val_loss": 0.3})
+    out = plot_loss(tmp_path, log_y=True)
+    assert out == tmp_path / "loss.png"
+    data = out.read_bytes()
+    assert len(data) > 0 and data.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_plot_loss_without_metrics_is_a_loom_error(tmp_path: Path) -> None:
+    with pytest.raises(LoomError, match="no loss to plot"):
+        plot_loss(tmp_path)
+
+
+def test_progress_without_terminal(tmp_path: Path) -> None:
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=False, width=120)
+    with TrainProgress(total_steps=20, console=console) as progress:
+        for step in range(1, 21):
+            progress.update(step, loss=3.0 / step, tokens_per_s=12345.0, lr=1e-3)
+        progress.print("done")
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 11  # one line every 2 steps, plus the message
+    assert lines[-2].startswith("step 20/20 | loss 0.1500 | 12.3k tok/s | lr 1.00e-03")
+    assert "\x1b[" not in buffer.getvalue()  # no terminal control codes
