@@ -39,6 +39,19 @@ def test_resume_equals_uninterrupted(tmp_path: Path, text_corpus: Path, family: 
         assert torch.equal(p, q), name
 
 
+def test_resume_from_an_earlier_checkpoint_of_the_same_run(tmp_path: Path, text_corpus: Path) -> None:
+    run(tmp_path, "run", text_corpus)
+    first = read_metrics(tmp_path / "run")
+    run(tmp_path, "run", text_corpus, resume=tmp_path / "run" / "checkpoints" / "step_000003")
+    assert read_metrics(tmp_path / "run") == [
+        {**r, "elapsed_s": pytest.approx(r["elapsed_s"], abs=10), "tokens_per_s": pytest.approx(r["tokens_per_s"], rel=10)}
+        for r in first
+    ]  # one record per step, the same losses
+    aside = list(tmp_path.glob("run/checkpoints-abandoned-*/step_000006"))
+    assert len(aside) == 1  # the abandoned future is kept, not deleted
+    assert latest_checkpoint(tmp_path / "run").name == "step_000006"  # the new one
+
+
 def test_accumulation_equals_one_big_batch(tmp_path: Path, text_corpus: Path) -> None:
     big = run(tmp_path, "big", text_corpus, **{"train.micro_batch": 8, "train.steps": 3})
     accum = run(tmp_path, "accum", text_corpus, **{"train.micro_batch": 2, "train.grad_accum": 4, "train.steps": 3})

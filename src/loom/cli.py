@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest, 0 for all (default: %(default)s)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
+    gen.add_argument("--tokenizer", help="byte or a tokenizer.json (default: the one the checkpoint names)")
 
     conv = sub.add_parser("convert", help="import or export Hugging Face checkpoints",
                           description="Convert between a local Hugging Face folder (config.json + safetensors) "
@@ -166,7 +167,7 @@ def _finish_run(trainer, summary: dict, console) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from loom.train.generate import generate, load_for_inference
 
-    model, config, tokenizer = load_for_inference(args.checkpoint, args.device)
+    model, config, tokenizer = load_for_inference(args.checkpoint, args.device, args.tokenizer)
     ids = generate(model, tokenizer.encode(args.prompt), args.tokens, config.model.max_seq_len,
                    temperature=args.temperature, top_k=args.top_k, seed=args.seed, stop_id=tokenizer.eos_id)
     print(args.prompt + tokenizer.decode(ids))

@@ -45,15 +45,17 @@ class Transformer(nn.Module):
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be set (the trainer fills it from the tokenizer)")
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model, device=device)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model, device=device) if cfg.family == "gpt2" else None
-        self.emb_dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.final_norm = make_norm(cfg)
-        self.lm_head = None if cfg.tied else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.family == "llama" else None
-        self.to(device)
-        self.reset_parameters(seed)
+        device = torch.device(device or "cpu")
+        with device:  # parameters are created where they live; "meta" allocates nothing
+            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.family == "gpt2" else None
+            self.emb_dropout = nn.Dropout(cfg.dropout)
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+            self.final_norm = make_norm(cfg)
+            self.lm_head = None if cfg.tied else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.family == "llama" else None
+        if device.type != "meta":
+            self.reset_parameters(seed)
 
     def reset_parameters(self, seed: int) -> None:
         """Layout-independent init: every value is a function of (seed, name, index)."""

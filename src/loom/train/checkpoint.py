@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +233,22 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def set_aside_newer(run_dir: Path, step: int) -> Path | None:
+    """Move checkpoints past ``step`` to ``RUN_DIR/checkpoints-abandoned-<time>/`` (kept, not deleted).
+
+    Resuming a run from an earlier checkpoint abandons its later history; moving those
+    checkpoints aside keeps ``latest_checkpoint`` truthful without losing anything.
+    """
+    newer = [p for p in list_checkpoints(run_dir) if int(_STEP_DIR.fullmatch(p.name).group(1)) > step]
+    if not newer:
+        return None
+    aside = Path(run_dir) / f"{CHECKPOINTS}-abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(parents=True, exist_ok=True)
+    for p in newer:
+        os.replace(p, aside / p.name)
+    return aside
 
 
 def _complete(root: Path) -> list[Path]:

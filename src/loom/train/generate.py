@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from loom.config import Config, config_from_dict
+from loom.errors import LoomError
 from loom.model.transformer import Transformer
 from loom.train.checkpoint import load_checkpoint
 from loom.train.precision import resolve_device
@@ -52,13 +53,24 @@ def generate(
     return ids[0, len(prompt):].tolist()
 
 
-def load_for_inference(path: Path, device: str = "auto") -> tuple[nn.Module, Config, Tokenizer]:
-    """Model (eval mode), config and tokenizer of a checkpoint folder or a run folder's newest."""
+def load_for_inference(
+    path: Path, device: str = "auto", tokenizer_spec: str | None = None
+) -> tuple[nn.Module, Config, Tokenizer]:
+    """Model (eval mode), config and tokenizer of a checkpoint folder or a run folder's newest.
+
+    The tokenizer is the one the checkpoint's config names, unless ``tokenizer_spec`` is given.
+    """
     checkpoint = load_checkpoint(path)
     config = config_from_dict(checkpoint.meta["config"])
-    tokenizer = load_tokenizer(config.data.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_spec or config.data.tokenizer)
     if config.model.vocab_size is None:
         config.model.vocab_size = tokenizer.vocab_size
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise LoomError(
+            f"the tokenizer {tokenizer.spec!r} has {tokenizer.vocab_size} tokens but the model in {checkpoint.path} "
+            f"only {config.model.vocab_size}.",
+            "pass the tokenizer the model was trained with: --tokenizer PATH/tokenizer.json.",
+        )
     model = Transformer(config.model, device=resolve_device(device))
     model.load_state_dict(checkpoint.model_state)
     model.eval()

@@ -22,7 +22,13 @@ from loom.errors import LoomError
 from loom.model.transformer import Transformer
 from loom.optim.adamw import build_adamw
 from loom.optim.lr import lr_at
-from loom.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from loom.train.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    set_aside_newer,
+)
 from loom.train.data import batch_offsets, batch_rows, get_batch, prepare_dataset
 from loom.train.metrics import MetricsWriter, TrainProgress, make_console, write_summary
 from loom.train.precision import Precision, resolve_device
@@ -212,6 +218,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
+        aside = set_aside_newer(self.run_dir, checkpoint.step)
+        if aside is not None:
+            self.log(f"resuming at step {checkpoint.step}: later checkpoints of this run moved to {aside}")
         run = state["run"]
         self.state = RunState(run["step"], run["tokens_seen"], run["elapsed_s"], run["last_val_loss"])
         if self.state.step >= self.config.train.steps:
