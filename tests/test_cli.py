@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,17 @@ def test_a_real_process_prints_no_traceback(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "model.n_heads" in proc.stderr and "fix:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_trained_bpe_tokenizer_drives_a_run(tmp_path: Path, text_corpus: Path, capsys) -> None:
+    tok = tmp_path / "tok" / "tokenizer.json"
+    assert main(["tokenizer", "train", "--corpus", str(text_corpus), "--vocab-size", "300", "--out", str(tok)]) == 0
+    assert "data.tokenizer" in capsys.readouterr().out
+    run_dir = tmp_path / "bpe"
+    argv = ["train", "--run-dir", str(run_dir), "--no-progress"]
+    assert main([*argv, *sets(tiny_overrides(text_corpus, **{"data.tokenizer": str(tok), "train.steps": 3}))]) == 0
+    capsys.readouterr()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["config"]["model"]["vocab_size"] == 300  # the model follows the tokenizer
+    assert main(["generate", str(run_dir), "--prompt", "def f", "--tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("def f")
