@@ -100,3 +100,19 @@ def test_trained_bpe_tokenizer_drives_a_run(tmp_path: Path, text_corpus: Path, c
     assert summary["config"]["model"]["vocab_size"] == 300  # the model follows the tokenizer
     assert main(["generate", str(run_dir), "--prompt", "def f", "--tokens", "8"]) == 0
     assert capsys.readouterr().out.startswith("def f")
+
+
+def test_bad_layout_is_rejected_before_processes_start(tmp_path: Path, capsys) -> None:
+    argv = ["train", "--run-dir", str(tmp_path / "r"), "--nproc", "3", "--set", "parallel.tp=2"]
+    expect_error(argv, capsys, "3 processes", "parallel.tp x parallel.pp")
+    assert not (tmp_path / "r").exists()
+
+
+def test_nproc_launches_local_ranks(tmp_path: Path, text_corpus: Path, capsys) -> None:
+    run_dir = tmp_path / "ddp"
+    argv = ["train", "--run-dir", str(run_dir), "--nproc", "2"]
+    assert main([*argv, *sets(tiny_overrides(text_corpus, **{"train.steps": 3, "parallel.timeout_s": 60}))]) == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["comm_bytes_dp"] > 0 for r in records)
+    assert json.loads((run_dir / "summary.json").read_text())["config"]["parallel"]["timeout_s"] == 60

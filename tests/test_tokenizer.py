@@ -10,7 +10,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from loom.errors import LoomError
-from loom.train.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer as TokenizerProtocol, load_tokenizer, train_tokenizer
+from loom.train.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_tokenizer
+from loom.train.tokenizer import Tokenizer as TokenizerProtocol
 
 TEXT = "def grüße(x):\n    return 'héllo ✓ 日本 🐍' * x\n"
 

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
                        help="continue from the newest checkpoint of --run-dir, or from checkpoint PATH")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (plain log lines)")
+    train.add_argument("--nproc", type=int, default=1,
+                       help="start N local ranks (gloo on CPU, nccl on GPUs); under torchrun leave it out")
 
     gen = sub.add_parser("generate", help="sample text from a checkpoint",
                          description="Sample text from a checkpoint (a checkpoint folder, or a run folder: its newest).")
@@ -109,11 +111,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from loom.dist.context import env_world_size
+
+    world_size = env_world_size()
+    if world_size > 1 and args.run_dir is None:
+        raise LoomError("launched on several ranks without --run-dir.",
+                        "pass --run-dir DIR so every rank writes to the same run folder.")
+    run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    resume_from, config = _train_config(args, run_dir)
+    if args.nproc < 1:
+        raise LoomError(f"--nproc {args.nproc} must be at least 1.", "pass --nproc 1 or more.")
+    if args.nproc > 1 and world_size == 1:
+        return _launch(args, config, run_dir)
+    return _train_rank(args, config, run_dir, resume_from)
+
+
+def _train_config(args: argparse.Namespace, run_dir: Path):
+    """The checkpoint to resume from (or None) and the validated config."""
     from loom.config import apply_overrides, config_from_dict, load_config
     from loom.train.checkpoint import latest_checkpoint, load_checkpoint
-    from loom.train.trainer import Trainer
 
-    run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     resume_from = None
     if args.resume == "latest":
         resume_from = latest_checkpoint(run_dir)
@@ -128,14 +145,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resume_from is not None and args.config is None:
         # Resuming without a config file: the checkpoint's config, with --set on top.
         base = load_checkpoint(resume_from).meta["config"]
-        config = config_from_dict(apply_overrides(base, args.overrides))
-    else:
-        config = load_config(args.config, args.overrides)
+        return resume_from, config_from_dict(apply_overrides(base, args.overrides))
+    return resume_from, load_config(args.config, args.overrides)
 
+
+def _launch(args: argparse.Namespace, config, run_dir: Path) -> int:
+    """Validate the layout for --nproc ranks, then start them, each running this command."""
+    from loom.dist.launch import launch_local
+    from loom.dist.mesh import ParallelDims
+
+    dims = ParallelDims.resolve(config.parallel, args.nproc)
+    config.batch(dp=dims.dp)
+    argv = ["train", "--run-dir", str(run_dir), "--no-progress"]
+    if args.config is not None:
+        argv += ["--config", str(args.config)]
+    if args.resume:
+        argv += ["--resume", str(args.resume)]
+    for item in args.overrides:
+        argv += ["--set", item]
+    launch_local(args.nproc, argv)
+    return 0
+
+
+def _train_rank(args: argparse.Namespace, config, run_dir: Path, resume_from: Path | None) -> int:
+    from loom.dist.context import init_distributed
+    from loom.dist.watchdog import fail_loudly
+    from loom.train.trainer import Trainer
+
+    dist_ctx = init_distributed(config.parallel, config.train.device)
     console = _console()
-    trainer = Trainer(config, run_dir, resume_from=resume_from, console=console, live_progress=not args.no_progress)
-    summary = trainer.run()
-    _finish_run(trainer, summary, console)
+    with fail_loudly(dist_ctx.ledger, config.parallel.timeout_s, run_dir if dist_ctx.world_size > 1 else None):
+        trainer = Trainer(config, run_dir, resume_from=resume_from, console=console,
+                          live_progress=not args.no_progress, dist=dist_ctx)
+        summary = trainer.run()
+        if dist_ctx.is_main:
+            _finish_run(trainer, summary, console)
+    dist_ctx.shutdown()  # only on success: after a failure the peers may be gone
     return 0
 
 

@@ -179,6 +179,35 @@ class DataConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Process layout: ``dp * tp * pp == world size``; dp is derived when left out."""
+
+    dp: int | None = None
+    tp: int = 1
+    pp: int = 1
+    timeout_s: float = 300.0  # a collective waiting longer than this ends the run with a report
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo), gloo, nccl
+
+    def validate(self) -> None:
+        for name in ("tp", "pp"):
+            _check_positive(f"parallel.{name}", getattr(self, name))
+        if self.dp is not None:
+            _check_positive("parallel.dp", self.dp)
+        _check_positive("parallel.timeout_s", self.timeout_s)
+        _check_choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
+
+
+@dataclass
+class DDPConfig:
+    """Bucketed gradient all-reduce overlapped with backward."""
+
+    bucket_mb: float = 25.0  # gradient bytes per all-reduce message
+
+    def validate(self) -> None:
+        _check_positive("ddp.bucket_mb", self.bucket_mb)
+
+
+@dataclass
 class BatchShape:
     """The derived batch arithmetic: ``global_batch = micro_batch * grad_accum * dp``."""
 
@@ -196,17 +225,21 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
 
     def validate(self) -> None:
         self.model.validate()
         self.train.validate()
         self.data.validate()
+        self.parallel.validate()
+        self.ddp.validate()
         if self.train.seq_len > self.model.max_seq_len:
             raise LoomError(
                 f"train.seq_len = {self.train.seq_len} is longer than model.max_seq_len = {self.model.max_seq_len}.",
                 f"lower train.seq_len, or raise model.max_seq_len to at least {self.train.seq_len}.",
             )
-        self.batch(dp=1)
+        self.batch(dp=self.parallel.dp or 1)
 
     def batch(self, dp: int = 1) -> BatchShape:
         return derive_batch(self.train.micro_batch, self.train.global_batch, self.train.grad_accum, dp)
@@ -282,6 +315,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         model=_build(ModelConfig, "model", model_values),
         train=_build(TrainConfig, "train", raw.get("train", {})),
         data=_build(DataConfig, "data", raw.get("data", {})),
+        parallel=_build(ParallelConfig, "parallel", raw.get("parallel", {})),
+        ddp=_build(DDPConfig, "ddp", raw.get("ddp", {})),
     )
     config.validate()
     return config

@@ -9,19 +9,24 @@ gives the same gradient.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 from rich.console import Console
 
 from loom import __version__
 from loom.config import Config
+from loom.dist.context import DistContext
 from loom.errors import LoomError
+from loom.model.init import stream_seed
 from loom.model.transformer import Transformer
 from loom.optim.adamw import build_adamw
 from loom.optim.lr import lr_at
+from loom.parallel.data import DataParallel
 from loom.train.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -29,7 +34,7 @@ from loom.train.checkpoint import (
     save_checkpoint,
     set_aside_newer,
 )
-from loom.train.data import batch_offsets, batch_rows, get_batch, prepare_dataset
+from loom.train.data import TokenData, batch_offsets, batch_rows, get_batch, prepare_dataset
 from loom.train.metrics import MetricsWriter, TrainProgress, make_console, write_summary
 from loom.train.precision import Precision, resolve_device
 from loom.train.tokenizer import load_tokenizer
@@ -65,20 +70,28 @@ class Trainer:
         resume_from: Path | None = None,
         console: Console | None = None,
         live_progress: bool = True,
+        dist: DistContext | None = None,
     ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
+        self.dist = dist or DistContext.single(resolve_device(config.train.device))
+        self.device = self.dist.device
+        self.is_main = self.dist.is_main
         self.console = console or make_console()
-        self.log = self.console.print
+        self.log = self.console.print if self.is_main else (lambda *_: None)
         self.live_progress = live_progress
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = load_tokenizer(config.data.tokenizer)
         self._fit_vocab()
-        self.data = prepare_dataset(config.data, self.tokenizer, log=self.log)
-        self.device = resolve_device(config.train.device)
+        self.data = self._prepare_data()
         self.precision = Precision(config.train.precision, self.device)
-        self.batch = config.batch(dp=1)
+        self.batch = config.batch(dp=self.dist.dims.dp)
         self.model = Transformer(config.model, seed=config.train.seed, device=self.device)
+        # Every rank drew the same initial weights (layout-independent init): no broadcast needed.
+        self.ddp = None
+        if self.dist.dims.dp > 1:
+            self.ddp = DataParallel(self.model, self.dist.comm("dp"), config.ddp.bucket_mb)
         self.optimizer = build_adamw(self.model, config.train, self.device)
         self.state = RunState()
         if resume_from is not None:
@@ -94,14 +107,23 @@ class Trainer:
             group["lr"] = lr
         offsets = batch_offsets(len(self.data.train), train.seq_len, self.batch.global_batch, train.seed, step, TRAIN_STREAM)
         accum = self.batch.grad_accum
-        total_loss = 0.0
+        dp_rank = self.dist.coords.dp
+        # Dropout draws are a pure function of (seed, dp rank, step), like the data.
+        torch.manual_seed(stream_seed(train.seed, "dropout", dp_rank, step))
+        total = torch.zeros((), device=self.device)
         for k in range(accum):
-            rows = offsets[batch_rows(self.batch.micro_batch, accum, 0, k)]
+            rows = offsets[batch_rows(self.batch.micro_batch, accum, dp_rank, k)]
             x, y = get_batch(self.data.train, train.seq_len, rows, self.device)
-            with self.precision.autocast():
-                loss = self.model.loss(x, y) / accum
-            self.precision.scaler.scale(loss).backward()
-            total_loss += loss.item()
+            sync = self.ddp.no_sync() if self.ddp is not None and k < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with self.precision.autocast():
+                    loss = self.model.loss(x, y) / accum
+                self.precision.scaler.scale(loss).backward()
+            total += loss.detach().float()
+        if self.ddp is not None:
+            self.ddp.finish_gradient_sync()
+        self.dist.comm("dp").all_reduce(total, op="avg", tag="metrics")  # the global batch's mean loss
+        total_loss = total.item()
         if not math.isfinite(total_loss) and self.config.train.precision != "fp16":
             raise LoomError(
                 f"the training loss became {total_loss} at step {step + 1}.",
@@ -114,7 +136,10 @@ class Trainer:
         scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
         scaler.step(self.optimizer)
         scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.ddp is not None:
+            self.ddp.zero_grad()  # keeps .grad as views into the all-reduce buckets
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         skipped = scaler.is_enabled() and scaler.get_scale() < scale_before
         return StepResult(loss=total_loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
 
@@ -137,19 +162,26 @@ class Trainer:
     def run(self) -> dict:
         train = self.config.train
         tokens_per_step = self.batch.global_batch * train.seq_len
-        metrics = MetricsWriter(self.run_dir)
-        metrics.truncate_after(self.state.step)
+        metrics = MetricsWriter(self.run_dir) if self.is_main else None
+        if metrics is not None:
+            metrics.truncate_after(self.state.step)
         start_step = self.state.step
         self.log(
             f"model: {self.config.model.preset} ({self.config.model.family}), {self.model.num_params():,} parameters; "
             f"batch {self.batch.global_batch} x {train.seq_len} tokens "
-            f"(micro {self.batch.micro_batch} x accum {self.batch.grad_accum}); device {self.device}, {train.precision}"
+            f"(micro {self.batch.micro_batch} x accum {self.batch.grad_accum} x dp {self.batch.dp}); "
+            f"{self.dist.dims.describe()}, device {self.device}, {train.precision}"
         )
         if start_step:
             self.log(f"resuming at step {start_step} of {train.steps}")
         result = None
+        progress = (
+            TrainProgress(train.steps, start_step, self.console, live=self.live_progress)
+            if self.is_main else contextlib.nullcontext()
+        )
+        self.dist.ledger.take_step_totals()  # setup traffic is not a step's
         try:
-            with TrainProgress(train.steps, start_step, self.console, live=self.live_progress) as progress:
+            with progress:
                 for step in range(start_step, train.steps):
                     began = time.perf_counter()
                     result = self.train_step(step)
@@ -161,9 +193,12 @@ class Trainer:
                         "step": self.state.step, "loss": result.loss, "lr": result.lr,
                         "grad_norm": result.grad_norm, "tokens": self.state.tokens_seen,
                         "tokens_per_s": tokens_per_step / took, "elapsed_s": self.state.elapsed_s,
+                        **self.dist.ledger.take_step_totals(),
                     }
                     if result.skipped:
                         record["skipped"] = True
+                    if not self.is_main:
+                        continue
                     last = self.state.step == train.steps
                     if (train.eval_every and self.state.step % train.eval_every == 0) or last:
                         self.state.last_val_loss = record["val_loss"] = self.evaluate()
@@ -172,7 +207,8 @@ class Trainer:
                     if (train.ckpt_every and self.state.step % train.ckpt_every == 0) or last:
                         self.save()
         finally:
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
         summary = {
             "params": self.model.num_params(),
             "steps": self.state.step,
@@ -184,7 +220,8 @@ class Trainer:
             "config": self.config.to_dict(),
             "loom_version": __version__,
         }
-        write_summary(self.run_dir, summary)
+        if self.is_main:
+            write_summary(self.run_dir, summary)
         return summary
 
     # ------------------------------------------------------------------ checkpoints
@@ -218,7 +255,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.precision.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
-        aside = set_aside_newer(self.run_dir, checkpoint.step)
+        aside = set_aside_newer(self.run_dir, checkpoint.step) if self.is_main else None
         if aside is not None:
             self.log(f"resuming at step {checkpoint.step}: later checkpoints of this run moved to {aside}")
         run = state["run"]
@@ -228,6 +265,16 @@ class Trainer:
                 f"checkpoint {path} is at step {self.state.step}, and train.steps = {self.config.train.steps}.",
                 f"raise train.steps above {self.state.step} to train further.",
             )
+
+    def _prepare_data(self) -> TokenData:
+        """Rank 0 tokenises (or finds the cache) first; the others then read its cache."""
+        world = self.dist.comm("world")
+        if not self.is_main:
+            world.barrier()
+        data = prepare_dataset(self.config.data, self.tokenizer, log=self.log)
+        if self.is_main:
+            world.barrier()
+        return data
 
     def _fit_vocab(self) -> None:
         model = self.config.model

@@ -1,0 +1,1 @@
+"""Processes, groups and counted communication: mesh, context, comm, ring, launch, watchdog."""

@@ -1,0 +1,536 @@
+"""Counted collectives: every transfer goes through a :class:`Comm` and lands in a :class:`Ledger`.
+
+A ``Comm`` wraps one torch process group (``"dp"``, ``"tp"``, ``"pp"``, ``"world"``...)
+and behaves like ``torch.distributed`` on it: tensors are changed in place, ``src`` /
+``dst`` are ranks *within the group*, ``async_op=True`` returns a :class:`Handle`. Each
+call is recorded in the process's ``Ledger`` with the bytes this rank sends under the
+algorithm's cost model, so a run's communication volume can be checked against formulas.
+A group of size 1 moves nothing and records nothing.
+
+Byte model. ``S`` is the message size in bytes, ``numel * element_size`` of the full
+logical tensor (for reduce_scatter the input, for all_gather the output, for scatter and
+gather all ``n`` pieces together); ``n`` is the group size; ranks are group ranks.
+
+==============  ===========================================  ================================
+op              bytes this rank sends                        algorithm
+==============  ===========================================  ================================
+all_reduce      2(n-1)/n * S                                 ring: reduce-scatter + all-gather
+reduce_scatter  (n-1)/n * S                                  ring
+all_gather      (n-1)/n * S                                  ring
+all_to_all      (n-1)/n * S                                  direct, one piece to each peer
+broadcast       S, but 0 for the last rank of the chain      pipelined chain src, src+1, ...
+reduce          (n-1)/n * S on dst, (n-1)/n * S + S/n = S    ring reduce-scatter, then each
+                elsewhere                                    rank sends its piece to dst
+scatter         (n-1)/n * S on src, 0 elsewhere              src sends each peer its piece
+gather          S/n off dst, 0 on dst                        each peer sends dst its piece
+send            S                                            point to point
+recv            0
+barrier         0
+==============  ===========================================  ================================
+
+Arithmetic is exact: a value is an ``int`` when the formula gives a whole number of
+bytes (always so for reduce_scatter, all_gather, all_to_all, scatter and gather, whose
+``S`` is a multiple of ``n``) and a ``float`` otherwise (all_reduce of a tensor whose
+size is not a multiple of ``n``). Totals are summed as exact fractions and reported the
+same way, so ``2(n-1)/n * S`` summed over many calls has no rounding drift.
+
+Averaging is a sum followed by an in-place division by ``n`` (gloo has no reliable
+``AVG``). reduce_scatter and all_gather use the backend's fused single-tensor ops; where
+a backend lacks them, reduce_scatter runs as all_reduce on a copy and all_gather as the
+list form, the ledger still records the model's bytes, and the entry's ``note`` says so.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Comm", "Handle", "Ledger", "LedgerEntry", "model_bytes", "REDUCE_OPS"]
+
+REDUCE_OPS = ("sum", "max", "min", "avg")
+_TORCH_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
+              "avg": dist.ReduceOp.SUM}
+_STEP_GROUPS = ("dp", "tp", "pp")
+# torch 2.13 names the fused single-tensor ops *_single; older releases call them *_tensor.
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+_Exact = int | Fraction
+
+
+def _plain(value: _Exact) -> int | float:
+    if isinstance(value, int):
+        return value
+    return int(value) if value.denominator == 1 else float(value)
+
+
+def _ratio(numerator: int, denominator: int) -> _Exact:
+    """numerator / denominator, exactly; a plain int (fast) when it divides."""
+    return numerator // denominator if numerator % denominator == 0 else Fraction(numerator, denominator)
+
+
+def _exact_bytes(op: str, n: int, nbytes: int, rank: int, root: int) -> _Exact:
+    if n <= 1:
+        return 0
+    s = nbytes
+    if op == "all_reduce":
+        return _ratio(2 * (n - 1) * s, n)
+    if op in ("reduce_scatter", "all_gather", "all_to_all"):
+        return _ratio((n - 1) * s, n)
+    if op == "broadcast":
+        return 0 if (rank - root) % n == n - 1 else s
+    if op == "reduce":  # (n-1)/n * S, plus S/n off the destination: S in all
+        return _ratio((n - 1) * s, n) if rank == root else s
+    if op == "scatter":
+        return _ratio((n - 1) * s, n) if rank == root else 0
+    if op == "gather":
+        return 0 if rank == root else _ratio(s, n)
+    if op == "send":
+        return s
+    if op in ("recv", "barrier"):
+        return 0
+    raise ValueError(f"no byte model for op {op!r}")
+
+
+def model_bytes(op: str, n: int, nbytes: int, rank: int = 0, root: int = 0) -> int | float:
+    """Bytes group rank ``rank`` sends for ``op`` on ``n`` ranks with an ``nbytes`` message.
+
+    ``root`` is the src of broadcast/scatter and the dst of reduce/gather. See the table in
+    the module docstring; an ``int`` when whole, else a ``float``.
+    """
+    return _plain(_exact_bytes(op, n, nbytes, rank, root))
+
+
+# ----------------------------------------------------------------------------- ledger
+
+@dataclass
+class LedgerEntry:
+    """One collective or transfer as this rank saw it. ``finished`` is None while pending."""
+
+    seq: int
+    op: str
+    group: str
+    ranks: tuple[int, ...]
+    numel: int
+    dtype: str
+    bytes_sent: int | float
+    tag: str = ""
+    started: float = 0.0
+    finished: float | None = None
+    note: str = ""
+
+    def label(self) -> str:
+        return f"{self.op} #{self.seq} on {self.group} group {list(self.ranks)}"
+
+
+class Ledger:
+    """This process's record of communication: pending calls, recent history, byte totals.
+
+    Memory stays bounded: the last ``history`` entries are kept, older ones live on only
+    in the running totals. Thread-safe, so a watchdog thread may read it at any time; the
+    readers return copies.
+    """
+
+    def __init__(self, rank: int, history: int = 1000) -> None:
+        self.rank = rank
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._pending: dict[int, LedgerEntry] = {}
+        self._recent: deque[LedgerEntry] = deque(maxlen=history)
+        self._last: LedgerEntry | None = None
+        self._exact: dict[int, _Exact] = {}  # seq -> exact bytes of a pending entry
+        self._totals: dict[str, _Exact] = {}
+        self._step: dict[str, _Exact] = {}
+
+    def begin(self, op: str, group: str, ranks: Sequence[int], numel: int, dtype: str,
+              bytes_sent: int | float | Fraction, tag: str = "", note: str = "") -> LedgerEntry:
+        """Record the start of a call and return its (live) entry; pass it to :meth:`end`."""
+        exact = bytes_sent if isinstance(bytes_sent, (int, Fraction)) else Fraction(bytes_sent)
+        with self._lock:
+            self._seq += 1
+            entry = LedgerEntry(self._seq, op, group, tuple(ranks), numel, dtype, _plain(exact),
+                                tag, time.monotonic(), None, note)
+            self._pending[entry.seq] = entry
+            self._exact[entry.seq] = exact
+            self._recent.append(entry)
+            return entry
+
+    def end(self, entry: LedgerEntry) -> None:
+        """Mark ``entry`` complete and add its bytes to the totals (idempotent)."""
+        with self._lock:
+            if entry.finished is not None or entry.seq not in self._pending:
+                return
+            entry.finished = time.monotonic()
+            del self._pending[entry.seq]
+            exact = self._exact.pop(entry.seq)
+            self._totals[entry.group] = self._totals.get(entry.group, 0) + exact
+            self._step[entry.group] = self._step.get(entry.group, 0) + exact
+            self._last = entry
+
+    def pending(self) -> list[LedgerEntry]:
+        """Calls begun and not yet complete, oldest first (copies)."""
+        with self._lock:
+            return [replace(e) for e in sorted(self._pending.values(), key=lambda e: e.seq)]
+
+    def last_completed(self) -> LedgerEntry | None:
+        with self._lock:
+            return replace(self._last) if self._last is not None else None
+
+    def recent(self, n: int) -> list[LedgerEntry]:
+        """The last ``n`` calls begun (pending ones included), oldest first (copies)."""
+        with self._lock:
+            items = list(self._recent)[-n:] if n > 0 else []
+            return [replace(e) for e in items]
+
+    def totals(self) -> dict[str, int | float]:
+        """Bytes sent by this rank since the ledger was made, by group name."""
+        with self._lock:
+            return {g: _plain(v) for g, v in self._totals.items()}
+
+    def take_step_totals(self) -> dict[str, int | float]:
+        """``{"comm_bytes_<group>": bytes}`` since the previous call, then reset.
+
+        Always holds ``comm_bytes_dp``, ``_tp`` and ``_pp`` (zero when idle) and every other
+        group this ledger has seen, so metric records keep the same keys step to step.
+        """
+        with self._lock:
+            groups = list(_STEP_GROUPS) + [g for g in self._totals if g not in _STEP_GROUPS]
+            out = {f"comm_bytes_{g}": _plain(self._step.get(g, 0)) for g in groups}
+            self._step = {}
+            return out
+
+    def describe(self) -> str:
+        """One line: what this rank waits in and what it completed last.
+
+        e.g. ``rank 3: waiting in all_reduce #57 on dp group [1, 3] for 12.0 s; last
+        completed: reduce_scatter #56 on dp group [1, 3]``.
+        """
+        now = time.monotonic()
+        with self._lock:
+            waiting = sorted(self._pending.values(), key=lambda e: e.seq)
+            last = self._last
+            if waiting:
+                first = waiting[0]
+                head = f"waiting in {first.label()} for {now - first.started:.1f} s"
+                if len(waiting) > 1:
+                    head += f" ({len(waiting) - 1} more pending)"
+            else:
+                head = "not in a collective"
+            tail = last.label() if last is not None else "none"
+            return f"rank {self.rank}: {head}; last completed: {tail}"
+
+
+# ----------------------------------------------------------------------------- handles
+
+class Handle:
+    """An asynchronous call in flight; :meth:`wait` completes it and its ledger entry."""
+
+    def __init__(self, work, ledger: Ledger | None, entry: LedgerEntry | None,
+                 then: Callable[[], None] | None = None) -> None:
+        self._work = work
+        self._ledger = ledger
+        self._entry = entry
+        self._then = then
+        self._done = False
+
+    def wait(self) -> bool:
+        """Block until the call is complete; safe to call more than once. Returns True."""
+        if self._done:
+            return True
+        if self._work is not None:
+            self._work.wait()
+        if self._then is not None:
+            self._then()
+        if self._ledger is not None and self._entry is not None:
+            self._ledger.end(self._entry)
+        self._done = True
+        return True
+
+    def is_completed(self) -> bool:
+        """Whether :meth:`wait` has run (it still must be called to finish the bookkeeping)."""
+        return self._done
+
+
+_DONE = Handle(None, None, None)
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _unsupported(exc: Exception) -> bool:
+    """Whether a backend refused an op it does not implement (as opposed to failing in it)."""
+    text = str(exc).lower()
+    return isinstance(exc, NotImplementedError) or "not support" in text or "not implemented" in text
+
+
+# ----------------------------------------------------------------------------- comm
+
+class Comm:
+    """Counted collectives on one process group.
+
+    ``group`` is a torch ``ProcessGroup`` (None: the default world group) and ``ranks`` the
+    global ranks in group order. ``fallback=True`` makes reduce_scatter and all_gather use
+    their fallbacks even where the backend has the fused ops (it is switched on by itself
+    the first time a backend refuses one); results are the same.
+    """
+
+    def __init__(self, name: str, group, ranks: Sequence[int], ledger: Ledger,
+                 fallback: bool = False) -> None:
+        self.name = name
+        self.group = group
+        self.ranks = tuple(int(r) for r in ranks)
+        self.ledger = ledger
+        self.fallback = fallback
+        if len(set(self.ranks)) != len(self.ranks) or not self.ranks:
+            raise ValueError(f"{name} group ranks must be distinct and non-empty, got {list(self.ranks)}")
+        if ledger.rank not in self.ranks:
+            raise ValueError(f"rank {ledger.rank} is not in the {name} group {list(self.ranks)}")
+        self._rank = self.ranks.index(ledger.rank)
+        if len(self.ranks) > 1 and dist.is_initialized():
+            actual = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+            if list(actual) != list(self.ranks):
+                raise ValueError(f"{name} group: given ranks {list(self.ranks)} but the process "
+                                 f"group holds {list(actual)}")
+
+    @classmethod
+    def world(cls, ledger: Ledger, name: str = "world") -> Comm:
+        """The default process group (every rank), or a one-rank group when none is running."""
+        size = dist.get_world_size() if dist.is_initialized() else 1
+        ranks = range(size) if size > 1 else [ledger.rank]
+        return cls(name, None, ranks, ledger)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def rank(self) -> int:
+        """This process's index in the group."""
+        return self._rank
+
+    def __repr__(self) -> str:
+        return f"Comm({self.name!r}, ranks={list(self.ranks)}, rank={self._rank})"
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _check_op(self, op: str, t: torch.Tensor) -> None:
+        if op not in _TORCH_OPS:
+            raise ValueError(f"reduce op must be one of {REDUCE_OPS}, got {op!r}")
+        if op == "avg" and not (t.is_floating_point() or t.is_complex()):
+            raise TypeError(f"op='avg' needs a floating-point tensor, got {t.dtype}")
+
+    def _peer(self, group_rank: int, what: str) -> int:
+        if not 0 <= group_rank < self.size:
+            raise ValueError(f"{what}={group_rank} is not a rank of the {self.name} group (size {self.size})")
+        return self.ranks[group_rank]
+
+    def _begin(self, op: str, numel: int, t: torch.Tensor, tag: str, root: int = 0,
+               note: str = "") -> LedgerEntry:
+        exact = _exact_bytes(op, self.size, numel * t.element_size(), self._rank, root)
+        return self.ledger.begin(op, self.name, self.ranks, numel, _dtype_name(t), exact, tag, note)
+
+    def _finish(self, work, entry: LedgerEntry, async_op: bool,
+                then: Callable[[], None] | None = None) -> Handle | None:
+        if async_op:
+            return Handle(work, self.ledger, entry, then)
+        if work is not None:  # a fallback launched asynchronously
+            work.wait()
+        if then is not None:
+            then()
+        self.ledger.end(entry)
+        return None
+
+    def _local(self, async_op: bool, then: Callable[[], None] | None = None) -> Handle | None:
+        """A one-rank group: do the local copy torch would, record nothing."""
+        if then is not None:
+            then()
+        return _DONE if async_op else None
+
+    def _divider(self, t: torch.Tensor, op: str) -> Callable[[], None] | None:
+        if op != "avg":
+            return None
+        n = self.size
+        return lambda: t.div_(n)
+
+    # -- collectives ---------------------------------------------------------------------
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum", async_op: bool = False,
+                   tag: str = "") -> Handle | None:
+        """Reduce ``t`` over the group, in place on every rank. Sends 2(n-1)/n * S."""
+        self._check_op(op, t)
+        if self.size == 1:
+            return self._local(async_op)
+        entry = self._begin("all_reduce", t.numel(), t, tag)
+        work = dist.all_reduce(t, op=_TORCH_OPS[op], group=self.group, async_op=async_op)
+        return self._finish(work, entry, async_op, self._divider(t, op))
+
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: str = "sum",
+                       async_op: bool = False, tag: str = "") -> Handle | None:
+        """Reduce ``input`` (the concatenation of ``size`` chunks) and keep chunk ``rank`` in
+        ``output``. Sends (n-1)/n * S, S the input's bytes."""
+        self._check_op(op, input)
+        n = self.size
+        if input.numel() != n * output.numel():
+            raise ValueError(f"reduce_scatter input has {input.numel()} elements, expected "
+                             f"{n} x {output.numel()} (group size x output)")
+        if n == 1:
+            return self._local(async_op, lambda: output.copy_(input.reshape(output.shape)))
+        divide = self._divider(output, op)
+        if not self.fallback:
+            entry = self._begin("reduce_scatter", input.numel(), input, tag)
+            try:
+                work = _reduce_scatter_single(output, input, op=_TORCH_OPS[op],
+                                              group=self.group, async_op=async_op)
+            except (RuntimeError, NotImplementedError) as exc:
+                if not _unsupported(exc):
+                    raise
+                self.fallback = True
+                entry.note = "fallback: all_reduce"
+            else:
+                return self._finish(work, entry, async_op, divide)
+        else:
+            entry = self._begin("reduce_scatter", input.numel(), input, tag, note="fallback: all_reduce")
+        full = input.detach().clone()
+        work = dist.all_reduce(full, op=_TORCH_OPS[op], group=self.group, async_op=async_op)
+        m = output.numel()
+
+        def take_chunk() -> None:
+            output.copy_(full.reshape(-1)[self._rank * m:(self._rank + 1) * m].reshape(output.shape))
+            if divide is not None:
+                divide()
+
+        return self._finish(work, entry, async_op, take_chunk)
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False,
+                   tag: str = "") -> Handle | None:
+        """Concatenate every rank's ``input`` into ``output`` (group order). Sends (n-1)/n * S,
+        S the output's bytes."""
+        n = self.size
+        if output.numel() != n * input.numel():
+            raise ValueError(f"all_gather output has {output.numel()} elements, expected "
+                             f"{n} x {input.numel()} (group size x input)")
+        if n == 1:
+            return self._local(async_op, lambda: output.copy_(input.reshape(output.shape)))
+        if not self.fallback:
+            entry = self._begin("all_gather", output.numel(), output, tag)
+            try:
+                work = _all_gather_single(output, input, group=self.group, async_op=async_op)
+            except (RuntimeError, NotImplementedError) as exc:
+                if not _unsupported(exc):
+                    raise
+                self.fallback = True
+                entry.note = "fallback: all_gather (list)"
+            else:
+                return self._finish(work, entry, async_op)
+        else:
+            entry = self._begin("all_gather", output.numel(), output, tag, note="fallback: all_gather (list)")
+        pieces = [torch.empty_like(input) for _ in range(n)]
+        work = dist.all_gather(pieces, input.contiguous(), group=self.group, async_op=async_op)
+
+        def assemble() -> None:
+            output.copy_(torch.cat([p.reshape(-1) for p in pieces]).reshape(output.shape))
+
+        return self._finish(work, entry, async_op, assemble)
+
+    def broadcast(self, t: torch.Tensor, src: int, async_op: bool = False,
+                  tag: str = "") -> Handle | None:
+        """Copy group rank ``src``'s ``t`` to every rank. Sends S, 0 on the chain's last rank."""
+        source = self._peer(src, "src")
+        if self.size == 1:
+            return self._local(async_op)
+        entry = self._begin("broadcast", t.numel(), t, tag, root=src)
+        work = dist.broadcast(t, src=source, group=self.group, async_op=async_op)
+        return self._finish(work, entry, async_op)
+
+    def reduce(self, t: torch.Tensor, dst: int, op: str = "sum", async_op: bool = False,
+               tag: str = "") -> Handle | None:
+        """Reduce ``t`` onto group rank ``dst`` (other ranks' ``t`` is left as torch leaves it)."""
+        self._check_op(op, t)
+        target = self._peer(dst, "dst")
+        if self.size == 1:
+            return self._local(async_op)
+        entry = self._begin("reduce", t.numel(), t, tag, root=dst)
+        work = dist.reduce(t, dst=target, op=_TORCH_OPS[op], group=self.group, async_op=async_op)
+        divide = self._divider(t, op) if self._rank == dst else None
+        return self._finish(work, entry, async_op, divide)
+
+    def scatter(self, output: torch.Tensor, inputs: list[torch.Tensor] | None, src: int,
+                async_op: bool = False, tag: str = "") -> Handle | None:
+        """Group rank ``src`` sends ``inputs[i]`` to rank ``i``; ``inputs`` is None elsewhere."""
+        source = self._peer(src, "src")
+        if self._rank == src and (inputs is None or len(inputs) != self.size):
+            raise ValueError(f"scatter source needs {self.size} input tensors")
+        if self.size == 1:
+            return self._local(async_op, lambda: output.copy_(inputs[0]))
+        entry = self._begin("scatter", self.size * output.numel(), output, tag, root=src)
+        work = dist.scatter(output, inputs if self._rank == src else None, src=source,
+                            group=self.group, async_op=async_op)
+        return self._finish(work, entry, async_op)
+
+    def gather(self, t: torch.Tensor, outputs: list[torch.Tensor] | None, dst: int,
+               async_op: bool = False, tag: str = "") -> Handle | None:
+        """Group rank ``dst`` receives every rank's ``t`` into ``outputs``; None elsewhere."""
+        target = self._peer(dst, "dst")
+        if self._rank == dst and (outputs is None or len(outputs) != self.size):
+            raise ValueError(f"gather destination needs {self.size} output tensors")
+        if self.size == 1:
+            return self._local(async_op, lambda: outputs[0].copy_(t))
+        entry = self._begin("gather", self.size * t.numel(), t, tag, root=dst)
+        work = dist.gather(t, outputs if self._rank == dst else None, dst=target,
+                           group=self.group, async_op=async_op)
+        return self._finish(work, entry, async_op)
+
+    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False,
+                   tag: str = "") -> Handle | None:
+        """Rank i's piece j of ``input`` becomes rank j's piece i of ``output`` (equal splits)."""
+        if input.numel() != output.numel() or input.numel() % self.size:
+            raise ValueError(f"all_to_all needs equal input and output sizes divisible by "
+                             f"{self.size}, got {input.numel()} and {output.numel()}")
+        if self.size == 1:
+            return self._local(async_op, lambda: output.copy_(input))
+        entry = self._begin("all_to_all", input.numel(), input, tag)
+        work = dist.all_to_all_single(output, input, group=self.group, async_op=async_op)
+        return self._finish(work, entry, async_op)
+
+    def barrier(self) -> None:
+        """Wait for every rank of the group (recorded, 0 bytes)."""
+        if self.size == 1:
+            return
+        entry = self.ledger.begin("barrier", self.name, self.ranks, 0, "", 0)
+        dist.barrier(group=self.group)
+        self.ledger.end(entry)
+
+    # -- point to point ------------------------------------------------------------------
+
+    def _check_peer(self, peer: int, what: str) -> int:
+        target = self._peer(peer, what)
+        if peer == self._rank:
+            raise ValueError(f"{what}={peer} is this rank itself in the {self.name} group")
+        return target
+
+    def send(self, t: torch.Tensor, dst: int, tag: str = "") -> None:
+        """Send ``t`` to group rank ``dst``. Sends S."""
+        self.isend(t, dst, tag).wait()
+
+    def recv(self, t: torch.Tensor, src: int, tag: str = "") -> None:
+        """Receive into ``t`` from group rank ``src``. Sends 0."""
+        self.irecv(t, src, tag).wait()
+
+    def isend(self, t: torch.Tensor, dst: int, tag: str = "") -> Handle:
+        target = self._check_peer(dst, "dst")
+        entry = self._begin("send", t.numel(), t, tag)
+        return Handle(dist.isend(t, dst=target, group=self.group), self.ledger, entry)
+
+    def irecv(self, t: torch.Tensor, src: int, tag: str = "") -> Handle:
+        source = self._check_peer(src, "src")
+        entry = self._begin("recv", t.numel(), t, tag)
+        return Handle(dist.irecv(t, src=source, group=self.group), self.ledger, entry)

@@ -1,0 +1,1 @@
+"""Parallelisms applied around the plain model: data (DDP), later tensor, pipeline, ZeRO."""

@@ -1,0 +1,60 @@
+"""ParallelDims: the rank grid (pp, dp, tp) and layout validation before any process starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from loom.config import ParallelConfig, load_config
+from loom.dist.mesh import Coords, ParallelDims
+from loom.errors import LoomError
+
+
+def test_tp_is_innermost_then_dp_then_pp() -> None:
+    dims = ParallelDims(dp=2, tp=2, pp=2)
+    assert dims.coords(0) == Coords(pp=0, dp=0, tp=0)
+    assert dims.coords(1) == Coords(pp=0, dp=0, tp=1)
+    assert dims.coords(2) == Coords(pp=0, dp=1, tp=0)
+    assert dims.coords(4) == Coords(pp=1, dp=0, tp=0)
+    assert dims.group_ranks("tp", 5) == [4, 5]
+    assert dims.group_ranks("dp", 5) == [5, 7]
+    assert dims.group_ranks("pp", 5) == [1, 5]
+    for rank in range(8):
+        assert dims.rank_of(dims.coords(rank)) == rank
+
+
+@pytest.mark.parametrize("dim", ["dp", "tp", "pp"])
+def test_groups_partition_the_world(dim: str) -> None:
+    dims = ParallelDims(dp=3, tp=2, pp=2)
+    groups = dims.all_groups(dim)
+    assert sorted(r for g in groups for r in g) == list(range(12))
+    assert all(len(g) == getattr(dims, dim) for g in groups)
+
+
+def test_dp_is_derived_from_the_world_size() -> None:
+    assert ParallelDims.resolve(ParallelConfig(tp=2), 8) == ParallelDims(dp=4, tp=2, pp=1)
+    assert ParallelDims.resolve(ParallelConfig(), 3) == ParallelDims(dp=3)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "world", "words"),
+    [
+        (ParallelConfig(dp=2, tp=2), 6, ["2 x 2 x 1 = 4", "6 processes"]),
+        (ParallelConfig(tp=4), 6, ["parallel.tp x parallel.pp", "multiple of 4"]),
+        (ParallelConfig(tp=0), 4, ["parallel.tp = 0"]),
+        (ParallelConfig(dp=-1), 4, ["parallel.dp = -1"]),
+        (ParallelConfig(), 0, ["world size is 0"]),
+    ],
+)
+def test_invalid_layouts_are_rejected_with_the_numbers(cfg: ParallelConfig, world: int, words: list[str]) -> None:
+    with pytest.raises(LoomError) as err:
+        ParallelDims.resolve(cfg, world)
+    for word in words:
+        assert word in str(err.value)
+    assert err.value.fix
+
+
+def test_config_rejects_nonpositive_sizes() -> None:
+    with pytest.raises(LoomError, match="parallel.pp"):
+        load_config(None, ["parallel.pp=0"])
+    with pytest.raises(LoomError, match="ddp.bucket_mb"):
+        load_config(None, ["ddp.bucket_mb=-1"])

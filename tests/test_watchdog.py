@@ -1,0 +1,63 @@
+"""Never hang: a rank that raises, dies or stalls makes every survivor report and exit in time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from loom.config import ParallelConfig
+from loom.dist.comm import Ledger
+from loom.dist.context import init_distributed
+from loom.dist.spawn import RankFailure, run_ranks
+from loom.dist.watchdog import EXIT_HANG, fail_loudly, failure_report
+
+TIMEOUT_S = 4.0
+
+
+def _victim(mode: str, run_dir: str) -> str:
+    ctx = init_distributed(ParallelConfig(timeout_s=TIMEOUT_S))
+    with fail_loudly(ctx.ledger, TIMEOUT_S, Path(run_dir)):
+        for step in range(6):
+            if ctx.rank == 1 and step == 3:
+                if mode == "raise":
+                    raise RuntimeError("boom in the model code")
+                if mode == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(600)  # "hang": stuck outside any collective
+            ctx.comm("dp").all_reduce(torch.ones(1000), tag="grad")
+    return "finished"
+
+
+@pytest.mark.parametrize("mode", ["raise", "kill", "hang"])
+def test_survivors_report_and_exit_within_the_timeout(tmp_path: Path, mode: str) -> None:
+    began = time.monotonic()
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(_victim, 3, args=(mode, str(tmp_path)), timeout_s=40, collective_timeout_s=60)
+    took = time.monotonic() - began
+    assert took < 30, f"took {took:.1f} s"
+    assert "finished" not in str(failure.value)
+    for rank in (0, 2):  # the survivors each say where they were waiting
+        report = (tmp_path / f"failure_rank{rank}.txt").read_text()
+        assert f"rank {rank}: waiting in all_reduce #4 on dp group [0, 1, 2]" in report
+        assert "last completed: all_reduce #3" in report
+    if mode == "raise":
+        assert "boom in the model code" in (tmp_path / "failure_rank1.txt").read_text()
+    if mode == "hang":
+        assert f"exit code {EXIT_HANG}" in str(failure.value)  # the watchdog ended the survivors
+
+
+def test_report_names_the_wait_and_the_history() -> None:
+    ledger = Ledger(rank=3)
+    done = ledger.begin("reduce_scatter", "dp", [1, 3], 8, "float32", 16)
+    ledger.end(done)
+    ledger.begin("all_reduce", "dp", [1, 3], 8, "float32", 32, tag="grad")
+    report = failure_report(ledger, "testing")
+    assert report.startswith("rank 3: testing")
+    assert "rank 3: waiting in all_reduce #2 on dp group [1, 3]" in report
+    assert "last completed: reduce_scatter #1" in report
+    assert "#2 all_reduce on dp group [1, 3]: 8 x float32, 32 bytes sent, pending, tag grad" in report
