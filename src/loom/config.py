@@ -185,6 +185,7 @@ class ParallelConfig:
     dp: int | None = None
     tp: int = 1
     pp: int = 1
+    sequence_parallel: bool = False  # split activations along the sequence between tp regions
     timeout_s: float = 300.0  # a collective waiting longer than this ends the run with a report
     backend: str = "auto"  # auto (nccl with CUDA, else gloo), gloo, nccl
 
@@ -239,7 +240,44 @@ class Config:
                 f"train.seq_len = {self.train.seq_len} is longer than model.max_seq_len = {self.model.max_seq_len}.",
                 f"lower train.seq_len, or raise model.max_seq_len to at least {self.train.seq_len}.",
             )
+        self._validate_tensor_parallel()
         self.batch(dp=self.parallel.dp or 1)
+
+    def _validate_tensor_parallel(self) -> None:
+        """What the model's shapes must satisfy to be split tp ways."""
+        tp, model = self.parallel.tp, self.model
+        if tp == 1:
+            if self.parallel.sequence_parallel:
+                raise LoomError(
+                    "parallel.sequence_parallel = true with parallel.tp = 1.",
+                    "sequence parallelism splits activations across the tp group: set parallel.tp above 1, "
+                    "or turn sequence_parallel off.",
+                )
+            return
+        divisors = [d for d in range(2, model.n_heads + 1) if model.n_heads % d == 0]
+        if model.n_heads % tp:
+            raise LoomError(
+                f"model.n_heads = {model.n_heads} is not divisible by parallel.tp = {tp}.",
+                f"choose parallel.tp among {divisors}, or change model.n_heads.",
+            )
+        kv = model.kv_heads
+        if kv % tp and tp % kv:
+            raise LoomError(
+                f"model.n_kv_heads = {kv} and parallel.tp = {tp}: neither divides the other.",
+                "tp must divide the KV heads (each rank gets kv/tp of them) or be a multiple of them "
+                "(each KV head replicated on tp/kv ranks).",
+            )
+        if model.ffn_dim % tp:
+            raise LoomError(
+                f"the MLP width {model.ffn_dim} (model.d_ff) is not divisible by parallel.tp = {tp}.",
+                f"set model.d_ff to a multiple of {tp}.",
+            )
+        if self.parallel.sequence_parallel and self.train.seq_len % tp:
+            raise LoomError(
+                f"train.seq_len = {self.train.seq_len} is not divisible by parallel.tp = {tp}, "
+                "and sequence parallelism splits the sequence tp ways.",
+                f"choose train.seq_len as a multiple of {tp}, or turn parallel.sequence_parallel off.",
+            )
 
     def batch(self, dp: int = 1) -> BatchShape:
         return derive_batch(self.train.micro_batch, self.train.global_batch, self.train.grad_accum, dp)

@@ -77,12 +77,21 @@ def init_parameter(
     rows: slice = slice(None),
     cols: slice = slice(None),
 ) -> None:
-    """Fill ``param`` (possibly a shard ``[rows, cols]`` of ``full_shape``) in place."""
+    """Fill ``param`` (possibly a shard ``[rows, cols]`` of ``full_shape``) in place.
+
+    Rows past ``full_shape[0]`` are padding (a vocabulary padded to a multiple of the
+    tensor-parallel size): they are zero and carry no drawn values.
+    """
     kind, scale = init_rule(name, std, n_layers)
     if kind == "ones":
         param.fill_(1.0)
     elif kind == "zeros":
         param.zero_()
     else:
-        values = normal_slice(seed, name, tuple(full_shape or param.shape), scale, rows, cols)
-        param.copy_(values.to(param.dtype))
+        shape = tuple(full_shape or param.shape)
+        start, stop, _ = rows.indices(max(shape[0], rows.stop or 0))
+        real_stop = min(stop, shape[0])
+        param.zero_()
+        if real_stop > start:
+            values = normal_slice(seed, name, shape, scale, slice(start, real_stop), cols)
+            param[: real_stop - start].copy_(values.to(param.dtype))

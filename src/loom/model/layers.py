@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.config import ModelConfig
+from loom.parallel.tensor import ColumnParallelLinear, RowParallelLinear, TensorParallel, mark_sequence_parallel
 
 
 class RMSNorm(nn.Module):
@@ -23,10 +24,13 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    if cfg.family == "llama":
-        return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.use_bias)
+def make_norm(cfg: ModelConfig, tp: TensorParallel) -> nn.Module:
+    """LayerNorm (gpt2) or RMSNorm (llama), replicated; under SP it sees a sequence slice."""
+    norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.family == "llama" else nn.LayerNorm(
+        cfg.d_model, eps=cfg.norm_eps, bias=cfg.use_bias
+    )
+    mark_sequence_parallel(norm, tp)
+    return norm
 
 
 class RotaryEmbedding(nn.Module):
@@ -53,29 +57,35 @@ class RotaryEmbedding(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    """GPT-2 feed-forward: down(gelu_tanh(up(x)))."""
+    """GPT-2 feed-forward: down(gelu_tanh(up(x))); up column-, down row-parallel.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    The activation stays local to each tp rank: one entry, one exit per MLP.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.use_bias)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.use_bias)
+        self.tp = tp
+        self.up_proj = ColumnParallelLinear(cfg.d_model, cfg.ffn_dim, tp, bias=cfg.use_bias)
+        self.down_proj = RowParallelLinear(cfg.ffn_dim, cfg.d_model, tp, bias=cfg.use_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        return self.down_proj(F.gelu(self.up_proj(self.tp.enter(x)), approximate="tanh"))
 
 
 class SwiGLUMLP(nn.Module):
-    """Llama feed-forward: down(silu(gate(x)) * up(x))."""
+    """Llama feed-forward: down(silu(gate(x)) * up(x)); gate and up column-, down row-parallel."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.use_bias)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.use_bias)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.use_bias)
+        self.tp = tp
+        self.gate_proj = ColumnParallelLinear(cfg.d_model, cfg.ffn_dim, tp, bias=cfg.use_bias)
+        self.up_proj = ColumnParallelLinear(cfg.d_model, cfg.ffn_dim, tp, bias=cfg.use_bias)
+        self.down_proj = RowParallelLinear(cfg.ffn_dim, cfg.d_model, tp, bias=cfg.use_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.tp.enter(x)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def make_mlp(cfg: ModelConfig) -> nn.Module:
-    return SwiGLUMLP(cfg) if cfg.family == "llama" else GeluMLP(cfg)
+def make_mlp(cfg: ModelConfig, tp: TensorParallel) -> nn.Module:
+    return SwiGLUMLP(cfg, tp) if cfg.family == "llama" else GeluMLP(cfg, tp)

@@ -1,11 +1,18 @@
-"""The decoder-only transformer, one class for both families.
+"""The decoder-only transformer, one class for both families and every tensor-parallel size.
 
 GPT-2: LayerNorm, learned positions, GELU MLP, biases, tied embeddings.
 Llama: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, untied head.
 The family is a config field; nothing else differs.
+
+Under tensor parallelism (``tp`` of size t) the same code builds this rank's shard:
+vocabulary-parallel embedding and head, column/row-parallel attention and MLP. With
+sequence parallelism the residual stream between tp regions is (batch, seq/t, hidden).
+With t = 1 every mapping is the identity and the model is a plain module.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -15,69 +22,113 @@ from loom.config import ModelConfig
 from loom.model.attention import Attention
 from loom.model.init import init_parameter
 from loom.model.layers import RotaryEmbedding, make_mlp, make_norm
+from loom.parallel.random import ParallelRNG
+from loom.parallel.tensor import ColumnParallelLinear, TensorParallel, mark_sequence_parallel
+from loom.parallel.vocab import VocabParallelEmbedding, padded_vocab, vocab_parallel_cross_entropy
 
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
-        self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg)
-        self.mlp_norm = make_norm(cfg)
-        self.mlp = make_mlp(cfg)
+        self.tp = tp
+        self.attn_norm = make_norm(cfg, tp)
+        self.attn = Attention(cfg, tp)
+        self.mlp_norm = make_norm(cfg, tp)
+        self.mlp = make_mlp(cfg, tp)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, positions))
-        return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, positions: torch.Tensor,
+                rng: ParallelRNG | None) -> torch.Tensor:
+        x = x + self._dropout(self.attn(self.attn_norm(x), rope, positions, rng), rng)
+        return x + self._dropout(self.mlp(self.mlp_norm(x)), rng)
+
+    def _dropout(self, x: torch.Tensor, rng: ParallelRNG | None) -> torch.Tensor:
+        if not (self.training and self.resid_dropout.p):
+            return x
+        # replicated activations share one stream; a sequence slice (SP) is this rank's own
+        stream = rng.tp_stream() if rng is not None and self.tp.sequence_parallel else contextlib.nullcontext()
+        with stream:
+            return self.resid_dropout(x)
 
 
 class Transformer(nn.Module):
-    """Token ids (batch, seq) -> logits (batch, seq, vocab).
+    """Token ids (batch, seq) -> logits (batch, seq, vocab shard of this tp rank).
 
     With tied embeddings the output projection reuses ``tok_emb.weight`` (no separate
     ``lm_head`` parameter), so the state dict never holds two names for one tensor.
     """
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        tp: TensorParallel | None = None,
+        rng: ParallelRNG | None = None,
+    ) -> None:
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be set (the trainer fills it from the tokenizer)")
         self.cfg = cfg
+        self.tp = tp or TensorParallel.single()
+        self.rng = rng
         device = torch.device(device or "cpu")
         with device:  # parameters are created where they live; "meta" allocates nothing
-            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.tok_emb = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, self.tp)
             self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.family == "gpt2" else None
+            if self.pos_emb is not None:
+                mark_sequence_parallel(self.pos_emb, self.tp)  # each rank adds its slice's positions
             self.emb_dropout = nn.Dropout(cfg.dropout)
-            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-            self.final_norm = make_norm(cfg)
-            self.lm_head = None if cfg.tied else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            self.blocks = nn.ModuleList(Block(cfg, self.tp) for _ in range(cfg.n_layers))
+            self.final_norm = make_norm(cfg, self.tp)
+            self.lm_head = None
+            if not cfg.tied:
+                self.lm_head = ColumnParallelLinear(
+                    cfg.d_model, padded_vocab(cfg.vocab_size, self.tp.size), self.tp, bias=False
+                )
+                self.lm_head.shards["weight"] = ((cfg.vocab_size, cfg.d_model), self.lm_head.rows, slice(None))
             self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.family == "llama" else None
         if device.type != "meta":
             self.reset_parameters(seed)
 
     def reset_parameters(self, seed: int) -> None:
-        """Layout-independent init: every value is a function of (seed, name, index)."""
+        """Layout-independent init: every value is a function of (seed, name, full index)."""
+        shards = {}
+        for module_name, module in self.named_modules():
+            for param_name, info in getattr(module, "shards", {}).items():
+                shards[f"{module_name}.{param_name}" if module_name else param_name] = info
         for name, param in self.named_parameters():
-            init_parameter(param, name, seed, self.cfg.init_std, self.cfg.n_layers)
+            full_shape, rows, cols = shards.get(name, (None, slice(None), slice(None)))
+            init_parameter(param, name, seed, self.cfg.init_std, self.cfg.n_layers, full_shape, rows, cols)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(idx.shape[1], device=idx.device)
-        x = self.tok_emb(idx)
+        x = self.tok_emb(idx)  # replicated, or this rank's sequence slice under SP
         if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
-        x = self.emb_dropout(x)
+            x = x + self.pos_emb(self.tp.local_positions(positions))
+        x = self._emb_dropout(x)
         for block in self.blocks:
-            x = block(x, self.rope, positions)
-        x = self.final_norm(x)
+            x = block(x, self.rope, positions, self.rng)
+        x = self.tp.enter(self.final_norm(x))
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over all positions (fp32 logits)."""
+        """Mean next-token cross-entropy over all positions (fp32), never gathering the vocabulary."""
         logits = self(idx)
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+        if self.tp.size == 1 and logits.shape[-1] == self.cfg.vocab_size:
+            return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+        return vocab_parallel_cross_entropy(logits, targets, self.tp, self.tok_emb.vocab_start, self.cfg.vocab_size)
+
+    def _emb_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.emb_dropout.p):
+            return x
+        stream = self.rng.tp_stream() if self.rng is not None and self.tp.sequence_parallel else contextlib.nullcontext()
+        with stream:
+            return self.emb_dropout(x)
 
     def num_params(self) -> int:
+        """Parameters held by this rank (the whole model when tp = 1)."""
         return sum(p.numel() for p in self.parameters())

@@ -22,11 +22,21 @@ from loom import __version__
 from loom.config import Config
 from loom.dist.context import DistContext
 from loom.errors import LoomError
-from loom.model.init import stream_seed
+from loom.model.attention import sync_replicated_kv_grads
 from loom.model.transformer import Transformer
 from loom.optim.adamw import build_adamw
+from loom.optim.clip import clip_grad_norm
 from loom.optim.lr import lr_at
 from loom.parallel.data import DataParallel
+from loom.parallel.full_state import (
+    full_model_state,
+    full_optimizer_state,
+    load_full_optimizer_state,
+    local_model_state,
+)
+from loom.parallel.random import ParallelRNG
+from loom.parallel.tensor import TensorParallel
+from loom.plan.model import count_parameters
 from loom.train.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -87,8 +97,12 @@ class Trainer:
         self.data = self._prepare_data()
         self.precision = Precision(config.train.precision, self.device)
         self.batch = config.batch(dp=self.dist.dims.dp)
-        self.model = Transformer(config.model, seed=config.train.seed, device=self.device)
-        # Every rank drew the same initial weights (layout-independent init): no broadcast needed.
+        coords = self.dist.coords
+        self.tp = TensorParallel(self.dist.comm("tp"), config.parallel.sequence_parallel)
+        self.rng = ParallelRNG(self.device, dp_rank=coords.dp, tp_rank=coords.tp)
+        self.model = Transformer(config.model, seed=config.train.seed, device=self.device, tp=self.tp, rng=self.rng)
+        # Every rank drew its slice of the same initial weights (layout-independent init):
+        # no broadcast needed.
         self.ddp = None
         if self.dist.dims.dp > 1:
             self.ddp = DataParallel(self.model, self.dist.comm("dp"), config.ddp.bucket_mb)
@@ -108,8 +122,7 @@ class Trainer:
         offsets = batch_offsets(len(self.data.train), train.seq_len, self.batch.global_batch, train.seed, step, TRAIN_STREAM)
         accum = self.batch.grad_accum
         dp_rank = self.dist.coords.dp
-        # Dropout draws are a pure function of (seed, dp rank, step), like the data.
-        torch.manual_seed(stream_seed(train.seed, "dropout", dp_rank, step))
+        self.rng.reseed(train.seed, step)  # dropout is a pure function of (seed, step, ranks), like the data
         total = torch.zeros((), device=self.device)
         for k in range(accum):
             rows = offsets[batch_rows(self.batch.micro_batch, accum, dp_rank, k)]
@@ -122,6 +135,9 @@ class Trainer:
             total += loss.detach().float()
         if self.ddp is not None:
             self.ddp.finish_gradient_sync()
+        # after the dp sync: these write into the gradients the dp all-reduce just filled
+        self.tp.sync_sequence_parallel_grads(self.model)
+        sync_replicated_kv_grads(self.model, self.tp)
         self.dist.comm("dp").all_reduce(total, op="avg", tag="metrics")  # the global batch's mean loss
         total_loss = total.item()
         if not math.isfinite(total_loss) and self.config.train.precision != "fp16":
@@ -132,7 +148,7 @@ class Trainer:
         scaler = self.precision.scaler
         scaler.unscale_(self.optimizer)
         clip = train.grad_clip if train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        grad_norm = clip_grad_norm(self.model.parameters(), clip, self.tp.comm)
         scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
         scaler.step(self.optimizer)
         scaler.update()
@@ -167,7 +183,8 @@ class Trainer:
             metrics.truncate_after(self.state.step)
         start_step = self.state.step
         self.log(
-            f"model: {self.config.model.preset} ({self.config.model.family}), {self.model.num_params():,} parameters; "
+            f"model: {self.config.model.preset} ({self.config.model.family}), "
+            f"{count_parameters(self.config.model):,} parameters ({self.model.num_params():,} on this rank); "
             f"batch {self.batch.global_batch} x {train.seq_len} tokens "
             f"(micro {self.batch.micro_batch} x accum {self.batch.grad_accum} x dp {self.batch.dp}); "
             f"{self.dist.dims.describe()}, device {self.device}, {train.precision}"
@@ -197,20 +214,20 @@ class Trainer:
                     }
                     if result.skipped:
                         record["skipped"] = True
-                    if not self.is_main:
-                        continue
                     last = self.state.step == train.steps
                     if (train.eval_every and self.state.step % train.eval_every == 0) or last:
                         self.state.last_val_loss = record["val_loss"] = self.evaluate()
-                    metrics.log(record)
-                    progress.update(self.state.step, result.loss, record["tokens_per_s"], result.lr)
                     if (train.ckpt_every and self.state.step % train.ckpt_every == 0) or last:
                         self.save()
+                    self.dist.ledger.take_step_totals()  # evaluation and checkpoint traffic is not the step's
+                    if self.is_main:
+                        metrics.log(record)
+                        progress.update(self.state.step, result.loss, record["tokens_per_s"], result.lr)
         finally:
             if metrics is not None:
                 metrics.close()
         summary = {
-            "params": self.model.num_params(),
+            "params": count_parameters(self.config.model),
             "steps": self.state.step,
             "tokens": self.state.tokens_seen,
             "final_loss": result.loss if result else None,
@@ -226,9 +243,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Every rank helps assemble full tensors; rank 0 writes them (any layout can reload)."""
+        model_state = full_model_state(self.model, self.tp)
+        optimizer_state = full_optimizer_state(self.model, self.optimizer, self.tp)
+        if not self.is_main:
+            return None
         train_state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scaler": self.precision.scaler.state_dict(),
             "rng": capture_rng_state(),
             "run": {
@@ -236,23 +258,23 @@ class Trainer:
                 "last_val_loss": self.state.last_val_loss,
             },
         }
-        meta = {"tokenizer": self.tokenizer.fingerprint, "params": self.model.num_params(), "data": self.data.meta}
+        meta = {"tokenizer": self.tokenizer.fingerprint, "params": count_parameters(self.config.model), "data": self.data.meta}
         return save_checkpoint(
-            self.run_dir, self.state.step, self.model.state_dict(), train_state,
+            self.run_dir, self.state.step, model_state, train_state,
             {"config": self.config.to_dict(), **meta}, keep=self.config.train.keep_ckpts,
         )
 
     def _restore(self, path: Path) -> None:
         checkpoint = load_checkpoint(path)
         try:
-            self.model.load_state_dict(checkpoint.model_state)
+            self.model.load_state_dict(local_model_state(self.model, checkpoint.model_state))
         except RuntimeError as exc:
             raise LoomError(
                 f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}",
                 "resume with the same model settings the checkpoint was trained with (see its meta.json).",
             ) from None
         state = checkpoint.train_state
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.precision.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
         aside = set_aside_newer(self.run_dir, checkpoint.step) if self.is_main else None

@@ -1,0 +1,58 @@
+"""Random streams for dropout under tensor parallelism (Megatron's RNG tracker).
+
+Two streams per step, each a pure function of (seed, step, rank coordinates):
+
+- the *shared* stream (torch's default generator), the same on every tp rank of a dp
+  replica: dropout on replicated activations must drop the same elements everywhere;
+- the *tp* stream, different on each tp rank: dropout on what a rank holds alone
+  (its attention heads, its slice of the sequence under SP) must differ between ranks.
+
+So tp=2 equals tp=1 in distribution, and every run is reproducible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from loom.model.init import stream_seed
+
+
+class ParallelRNG:
+    def __init__(self, device: torch.device, dp_rank: int = 0, tp_rank: int = 0) -> None:
+        self.device = device
+        self.dp_rank = dp_rank
+        self.tp_rank = tp_rank
+        self._tp_state: torch.Tensor | None = None
+
+    def reseed(self, seed: int, step: int) -> None:
+        """Start step ``step``: both streams become functions of (seed, step, ranks)."""
+        torch.manual_seed(stream_seed(seed, "dropout", self.dp_rank, step))
+        with torch.random.fork_rng(devices=self._cuda()):
+            torch.manual_seed(stream_seed(seed, "dropout-tp", self.dp_rank, self.tp_rank, step))
+            self._tp_state = self._get()
+
+    @contextlib.contextmanager
+    def tp_stream(self) -> Iterator[None]:
+        """Draw from this tp rank's own stream inside the block."""
+        if self._tp_state is None:
+            yield
+            return
+        with torch.random.fork_rng(devices=self._cuda()):
+            self._set(self._tp_state)
+            yield
+            self._tp_state = self._get()
+
+    def _cuda(self) -> list:
+        return [self.device] if self.device.type == "cuda" else []
+
+    def _get(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
+
+    def _set(self, state: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)

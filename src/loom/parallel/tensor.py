@@ -1,0 +1,259 @@
+"""Tensor parallelism (Megatron-LM): region mappings and column/row-parallel linears.
+
+A tensor-parallel region is entered once and left once:
+
+    x ──enter──> [ColumnParallelLinear ... local math ... RowParallelLinear] ──exit──> y
+
+Without sequence parallelism activations outside the region are replicated:
+``enter`` is identity forward / all-reduce backward (Megatron's *f*), ``exit`` is
+all-reduce forward / identity backward (*g*). With sequence parallelism they are split
+along the sequence (dim 1 of (batch, seq, hidden)): ``enter`` all-gathers forward and
+reduce-scatters backward, ``exit`` reduce-scatters forward and all-gathers backward.
+Either way a transformer layer moves 4 * b*s*h elements per micro-batch through the tp
+group (2 forward, 2 backward), i.e. 8bsh(t-1)/t elements sent per rank under the ring
+model; SP swaps each all-reduce for an all-gather + reduce-scatter of the same volume.
+
+Every transfer goes through a :class:`loom.dist.comm.Comm` and is counted. With a group
+of size one every mapping is the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loom.dist.comm import Comm, Ledger
+
+SEQ_DIM = 1
+
+
+# ----------------------------------------------------------------------------- collectives on activations
+
+
+def _all_reduce(x: torch.Tensor, comm: Comm) -> torch.Tensor:
+    x = x.contiguous().clone()
+    comm.all_reduce(x, op="sum", tag="tp")
+    return x
+
+
+def _all_gather_seq(x: torch.Tensor, comm: Comm) -> torch.Tensor:
+    """(b, s/t, h) on each rank -> (b, s, h), rank order along the sequence."""
+    x = x.contiguous()
+    out = torch.empty((comm.size, *x.shape), dtype=x.dtype, device=x.device)
+    comm.all_gather(out.view(-1), x.view(-1), tag="tp-sp")
+    return torch.cat(out.unbind(0), dim=SEQ_DIM)
+
+
+def _reduce_scatter_seq(x: torch.Tensor, comm: Comm) -> torch.Tensor:
+    """(b, s, h) partial sums on each rank -> this rank's (b, s/t, h) slice of the sum."""
+    chunks = torch.stack(x.chunk(comm.size, dim=SEQ_DIM)).contiguous()
+    out = torch.empty_like(chunks[0])
+    comm.reduce_scatter(out.view(-1), chunks.view(-1), op="sum", tag="tp-sp")
+    return out
+
+
+def _split_seq(x: torch.Tensor, comm: Comm) -> torch.Tensor:
+    return x.chunk(comm.size, dim=SEQ_DIM)[comm.rank].contiguous()
+
+
+class _CopyToRegion(torch.autograd.Function):
+    """f: identity forward, all-reduce backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:
+        ctx.comm = comm
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_reduce(grad, ctx.comm), None
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    """g: all-reduce forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:
+        return _all_reduce(x, comm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _GatherSequence(torch.autograd.Function):
+    """SP entry: all-gather forward, reduce-scatter backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:
+        ctx.comm = comm
+        return _all_gather_seq(x, comm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _reduce_scatter_seq(grad, ctx.comm), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """SP exit: reduce-scatter forward, all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:
+        ctx.comm = comm
+        return _reduce_scatter_seq(x, comm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_gather_seq(grad, ctx.comm), None
+
+
+class _SplitSequence(torch.autograd.Function):
+    """Replicated -> sequence slice: keep this rank's chunk forward, all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:
+        ctx.comm = comm
+        return _split_seq(x, comm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_gather_seq(grad, ctx.comm), None
+
+
+# ----------------------------------------------------------------------------- the region
+
+
+class TensorParallel:
+    """The tp group and whether activations outside regions are sequence-split."""
+
+    def __init__(self, comm: Comm, sequence_parallel: bool = False) -> None:
+        self.comm = comm
+        self.sequence_parallel = sequence_parallel and comm.size > 1
+
+    @classmethod
+    def single(cls) -> TensorParallel:
+        """A tp group of one: every mapping is the identity."""
+        return cls(Comm("tp", None, [0], Ledger(0)))
+
+    @property
+    def size(self) -> int:
+        return self.comm.size
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """Into a tp region: (b, s/t, h) or replicated (b, s, h) -> replicated (b, s, h)."""
+        if self.comm.size == 1:
+            return x
+        if self.sequence_parallel:
+            return _GatherSequence.apply(x, self.comm)
+        return _CopyToRegion.apply(x, self.comm)
+
+    def exit(self, partial: torch.Tensor) -> torch.Tensor:
+        """Out of a tp region: partial sums (b, s, h) -> the sum, replicated or sequence-split."""
+        if self.comm.size == 1:
+            return partial
+        if self.sequence_parallel:
+            return _ReduceScatterSequence.apply(partial, self.comm)
+        return _ReduceFromRegion.apply(partial, self.comm)
+
+    def local_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """The positions of this rank's tokens: its slice of the sequence under SP."""
+        return positions.chunk(self.size)[self.rank] if self.sequence_parallel else positions
+
+    def scatter_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """Replicated (b, s, h) -> this rank's sequence slice when SP is on (else unchanged)."""
+        if not self.sequence_parallel:
+            return x
+        return _SplitSequence.apply(x, self.comm)
+
+    def sequence_parallel_params(self, module: nn.Module) -> list[nn.Parameter]:
+        """Replicated parameters that see only this rank's tokens under SP (marked at build)."""
+        return [p for p in module.parameters() if getattr(p, "sequence_parallel", False)]
+
+    def sync_sequence_parallel_grads(self, module: nn.Module) -> None:
+        """Sum over tp the gradients of norm weights and row-parallel biases (SP only).
+
+        Under SP each rank computes them from its own slice of the sequence; the full
+        gradient is the sum over the tp group. One flat all-reduce per step.
+        """
+        if not self.sequence_parallel:
+            return
+        grads = [p.grad for p in self.sequence_parallel_params(module) if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.comm.all_reduce(flat, op="sum", tag="sp-grads")
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def mark_sequence_parallel(module: nn.Module, tp: TensorParallel) -> None:
+    """Flag ``module``'s parameters as replicated-but-fed-split when SP is on."""
+    if tp.sequence_parallel:
+        for p in module.parameters():
+            p.sequence_parallel = True
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def shard_range(full: int, size: int, rank: int) -> slice:
+    """Rank ``rank``'s contiguous share of ``full`` items split ``size`` ways (``full % size == 0``)."""
+    if full % size:
+        raise ValueError(f"{full} is not divisible by tensor-parallel size {size}")
+    part = full // size
+    return slice(rank * part, (rank + 1) * part)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x W_local^T + b_local, W split by output features (rows of the (out, in) weight).
+
+    The input must already be inside the tp region (``TensorParallel.enter``); one entry
+    can feed several column layers (Q, K and V read the same gathered x). ``rows`` may
+    be given explicitly for shards that are not an even split (replicated KV heads).
+    """
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel, bias: bool,
+                 rows: slice | None = None) -> None:
+        super().__init__()
+        self.rows = rows or shard_range(out_features, tp.size, tp.rank)
+        local = self.rows.stop - self.rows.start
+        self.weight = nn.Parameter(torch.empty(local, in_features))
+        self.bias = nn.Parameter(torch.empty(local)) if bias else None
+        for p in self.parameters():
+            p.tp_sharded = True
+        self.shards = {"weight": ((out_features, in_features), self.rows, slice(None))}
+        if bias:
+            self.shards["bias"] = ((out_features,), self.rows, slice(None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = exit(x_local W_local^T) + b, W split by input features (columns), b replicated.
+
+    The bias is added after the reduction, so it is counted once, not t times; under SP
+    it meets sequence-split rows, so its gradient is summed over tp after backward.
+    """
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel, bias: bool) -> None:
+        super().__init__()
+        self.tp = tp
+        cols = shard_range(in_features, tp.size, tp.rank)
+        self.weight = nn.Parameter(torch.empty(out_features, cols.stop - cols.start))
+        self.weight.tp_sharded = True
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        if self.bias is not None and tp.sequence_parallel:
+            self.bias.sequence_parallel = True  # added to sequence-split output
+        self.shards = {"weight": ((out_features, in_features), slice(None), cols)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.tp.exit(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias

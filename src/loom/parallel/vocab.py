@@ -1,0 +1,173 @@
+"""Vocabulary parallelism: the embedding and the cross-entropy split by vocabulary across tp.
+
+The vocabulary ``V`` is padded to ``P = padded_vocab(V, t)``, the smallest multiple of
+``t``, and rank ``r`` owns the padded ids ``[r P/t, (r+1) P/t)``. Padding sits at the
+end, so only the last ranks hold padded rows; they are zero, never looked up, and their
+logit columns are masked to -inf in the loss, so every result equals the unpadded one.
+
+Embedding: each rank looks up the ids it owns (others give zero rows) and the partial
+embeddings are summed by ``TensorParallel.exit`` (all-reduce, or reduce-scatter along the
+sequence under SP). Cross-entropy: the logits stay split by vocabulary; per position the
+max, the sum of exp and the target's logit are each all-reduced over tp (3 all-reduces of
+N fp32 values, N the number of positions), so the full (N, V) logits never exist on a rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loom.parallel.tensor import TensorParallel, shard_range
+
+IGNORE_INDEX = -100
+
+
+def padded_vocab(vocab_size: int, tp_size: int) -> int:
+    """The smallest multiple of ``tp_size`` that is >= ``vocab_size``."""
+    if vocab_size < 1 or tp_size < 1:
+        raise ValueError(f"vocab_size and tp_size must be positive, got {vocab_size} and {tp_size}")
+    return -(-vocab_size // tp_size) * tp_size
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token ids -> embeddings with the (padded) vocabulary split by rows across tp.
+
+    Output: replicated (b, s, h) without SP, this rank's (b, s/t, h) slice with SP.
+
+    Layout-independent init. ``shards["weight"] = ((vocab_size, dim), rows, slice(None))``
+    names this rank's *real* rows ``rows = slice(vocab_start, vocab_end)`` of the full
+    unpadded (vocab_size, dim) tensor; they are the first ``vocab_end - vocab_start`` rows
+    of ``weight``, and the ``pad_rows`` rows after them are padding, zeroed here and to be
+    left zero. The model fills the real rows (see ``init_parameter``)::
+
+        full_shape, rows, cols = emb.shards["weight"]
+        n = emb.vocab_end - emb.vocab_start
+        with torch.no_grad():
+            init_parameter(emb.weight[:n], name, seed, std, n_layers, full_shape, rows, cols)
+            emb.weight[n:].zero_()
+
+    The same two lines serve every sharded parameter: n is the length of ``rows`` and
+    ``weight[n:]`` is empty when a shard has no padding.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, tp: TensorParallel) -> None:
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.padded_size = padded_vocab(vocab_size, tp.size)
+        owned = shard_range(self.padded_size, tp.size, tp.rank)
+        self.vocab_start = owned.start  # global id of local row 0 (also the first local logit column)
+        self.vocab_end = max(owned.start, min(owned.stop, vocab_size))  # end of the real ids owned
+        self.local_size = owned.stop - owned.start
+        self.pad_rows = owned.stop - self.vocab_end
+        self.weight = nn.Parameter(torch.empty(self.local_size, dim))
+        self.weight.tp_sharded = True
+        with torch.no_grad():
+            self.weight[self.local_size - self.pad_rows:].zero_()
+        self.shards = {"weight": ((vocab_size, dim), slice(self.vocab_start, self.vocab_end), slice(None))}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_start + self.local_size)
+        local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
+        partial = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.tp.exit(partial)
+
+    def extra_repr(self) -> str:
+        return (f"vocab={self.vocab_size} (padded {self.padded_size}), rows [{self.vocab_start}, "
+                f"{self.vocab_start + self.local_size}) of which {self.pad_rows} padding, dim={self.weight.shape[1]}")
+
+
+def padded_columns(n_local: int, vocab_start: int, vocab_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """Bool (n_local,): which local logit columns are padding (global index >= vocab_size)."""
+    return torch.arange(vocab_start, vocab_start + n_local, device=device) >= vocab_size
+
+
+def mask_padded_logits(logits_local: torch.Tensor, vocab_start: int, vocab_size: int) -> torch.Tensor:
+    """``logits_local`` (..., V_local) with padded columns set to -inf (out of place)."""
+    pad = padded_columns(logits_local.shape[-1], vocab_start, vocab_size, logits_local.device)
+    return logits_local.masked_fill(pad, float("-inf"))
+
+
+def gather_vocab_logits(logits_local: torch.Tensor, tp: TensorParallel, vocab_size: int) -> torch.Tensor:
+    """Full (..., vocab_size) logits on every rank from each rank's vocab shard (for generation).
+
+    One all-gather of the padded logits over tp (tag "tp-logits"); padding is dropped.
+    Not differentiable: training uses :func:`vocab_parallel_cross_entropy`.
+    """
+    if tp.size == 1:
+        return logits_local[..., :vocab_size]
+    local = logits_local.detach().contiguous()
+    out = torch.empty((tp.size, *local.shape), dtype=local.dtype, device=local.device)
+    tp.comm.all_gather(out.view(-1), local.view(-1), tag="tp-logits")
+    return torch.cat(out.unbind(0), dim=-1)[..., :vocab_size]
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """loss = mean over valid positions of log(sum_v exp(z_v)) - z_target, z split by vocab.
+
+    Forward all-reduces per position the max (op "max"), the sum of exp(z - max) and the
+    target logit (each "sum"); backward is local: dz = (softmax - onehot) * grad / N_valid.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_local: torch.Tensor, targets: torch.Tensor, tp: TensorParallel,
+                vocab_start: int, vocab_size: int, ignore_index: int) -> torch.Tensor:
+        n_local = logits_local.shape[-1]
+        z = logits_local.detach().reshape(-1, n_local).float()
+        if vocab_start + n_local > vocab_size:  # this shard holds padding
+            z = z.masked_fill(padded_columns(n_local, vocab_start, vocab_size, z.device), float("-inf"))
+        t = targets.reshape(-1)
+        if t.shape[0] != z.shape[0]:
+            raise ValueError(f"{t.shape[0]} targets for {z.shape[0]} positions of logits")
+        comm = tp.comm
+
+        zmax = z.max(dim=-1).values
+        comm.all_reduce(zmax, op="max", tag="tp-ce")
+        exp = torch.exp(z - zmax.unsqueeze(-1))  # padded columns: exp(-inf) = 0
+        sum_exp = exp.sum(dim=-1)
+        comm.all_reduce(sum_exp, op="sum", tag="tp-ce")
+
+        valid = t != ignore_index
+        local_t = t - vocab_start
+        owned = valid & (local_t >= 0) & (local_t < n_local)
+        index = local_t.masked_fill(~owned, 0).unsqueeze(-1)
+        target_z = z.gather(-1, index).squeeze(-1).masked_fill(~owned, 0.0)
+        comm.all_reduce(target_z, op="sum", tag="tp-ce")
+
+        n_valid = valid.sum()
+        per_position = (torch.log(sum_exp) + zmax - target_z).masked_fill(~valid, 0.0)
+        loss = per_position.sum() / n_valid
+
+        exp.div_(sum_exp.unsqueeze(-1))  # now the local slice of the softmax
+        ctx.save_for_backward(exp, index, owned, valid, n_valid)
+        ctx.logits_shape, ctx.logits_dtype = logits_local.shape, logits_local.dtype
+        ctx.used = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if ctx.used:  # the saved softmax became the gradient in place (no (N, V_local) copy)
+            raise RuntimeError("vocab_parallel_cross_entropy supports one backward per forward")
+        ctx.used = True
+        softmax, index, owned, valid, n_valid = ctx.saved_tensors
+        grad = softmax
+        grad.scatter_add_(-1, index, -owned.to(grad.dtype).unsqueeze(-1))
+        grad.mul_((valid.to(grad.dtype) * (grad_out.float() / n_valid)).unsqueeze(-1))
+        return grad.view(ctx.logits_shape).to(ctx.logits_dtype), None, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor, tp: TensorParallel,
+                                 vocab_start: int, vocab_size: int,
+                                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean cross-entropy (fp32) of logits split by vocabulary across ``tp``.
+
+    ``logits_local`` (..., V_local): columns [vocab_start, vocab_start + V_local) of the
+    logits over the padded vocabulary; columns >= ``vocab_size`` are padding and ignored.
+    ``targets`` (...): ids < ``vocab_size``; ``ignore_index`` ones are left out of the mean.
+    Sends 3 all-reduces of N fp32 values over ``tp.comm`` (tag "tp-ce"), N = targets.numel();
+    backward sends nothing. With ``tp.size == 1`` it equals ``F.cross_entropy``.
+    """
+    return _VocabParallelCrossEntropy.apply(logits_local, targets, tp, vocab_start, vocab_size, ignore_index)

@@ -1,0 +1,179 @@
+"""Tensor and sequence parallelism: parity with the single process, communication, memory.
+
+Every layout trains several optimizer steps with the trainer and must match the
+single-process run of the same config: per-step loss and gradient norm, then (after
+training) the logits, the loss and every parameter gradient of one more batch, and the
+parameters themselves. The byte vocabulary (257 tokens) is not divisible by 2 or 4, so
+the vocabulary padding is exercised everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from loom.config import load_config
+from loom.dist.comm import model_bytes
+from loom.dist.context import init_distributed
+from loom.dist.spawn import run_ranks
+from loom.model.attention import sync_replicated_kv_grads
+from loom.model.transformer import Transformer
+from loom.parallel.full_state import full_model_state, gather_tensor, shard_layouts
+from loom.parallel.tensor import TensorParallel
+from loom.parallel.vocab import gather_vocab_logits
+from loom.train.data import batch_offsets, get_batch
+from loom.train.metrics import read_metrics
+from loom.train.trainer import Trainer
+
+STEPS = 3
+LAYOUTS_2 = {
+    "gpt2 tp2": {"parallel.tp": 2},
+    "gpt2 tp2 sp": {"parallel.tp": 2, "parallel.sequence_parallel": True},
+    "llama gqa tp2 sp": {"model.family": "llama", "model.n_kv_heads": 2, "parallel.tp": 2,
+                         "parallel.sequence_parallel": True},
+}
+LAYOUTS_4 = {
+    "llama kv2 tp4 sp (replicated kv)": {"model.family": "llama", "model.n_kv_heads": 2, "parallel.tp": 4,
+                                         "parallel.sequence_parallel": True},
+    "gpt2 tp4": {"parallel.tp": 4},
+    "gpt2 dp2 x tp2 sp": {"parallel.tp": 2, "parallel.sequence_parallel": True},
+    "llama untied tp4": {"model.family": "llama", "parallel.tp": 4},
+}
+
+
+def layout_overrides(corpus: Path, extra: dict) -> list[str]:
+    common = {"train.steps": STEPS, "train.global_batch": 4, "train.micro_batch": 2, "train.eval_every": 0,
+              "train.ckpt_every": 0, "parallel.timeout_s": 60}
+    return tiny_overrides(corpus, **common, **extra)
+
+
+def probe(trainer: Trainer) -> dict:
+    """Logits, loss and full parameter gradients of one validation batch, plus full parameters."""
+    config = trainer.config
+    offsets = batch_offsets(len(trainer.data.val), config.train.seq_len, 2, config.train.seed, 0, stream=1)
+    x, y = get_batch(trainer.data.val, config.train.seq_len, offsets)
+    model, tp = trainer.model, trainer.tp
+    model.zero_grad(set_to_none=True)
+    loss = model.loss(x, y)
+    with trainer.ddp.no_sync() if trainer.ddp is not None else torch.enable_grad():
+        loss.backward()  # every dp replica probes the same batch: no dp averaging needed
+    tp.sync_sequence_parallel_grads(model)
+    sync_replicated_kv_grads(model, tp)
+    with torch.no_grad():
+        logits = gather_vocab_logits(model(x), tp, config.model.vocab_size)
+    layouts, grads = shard_layouts(model), {}
+    for name, p in model.named_parameters():
+        grads[name] = gather_tensor(p.grad, layouts[name], p, tp) if name in layouts and tp.size > 1 else p.grad
+    return {"loss": loss.item(), "logits": logits, "grads": grads, "params": full_model_state(model, tp)}
+
+
+def _train_layouts(layouts: dict[str, list[str]], root: str) -> dict:
+    out = {}
+    for name, overrides in layouts.items():
+        config = load_config(None, overrides)
+        ctx = init_distributed(config.parallel)
+        trainer = Trainer(config, Path(root) / name, dist=ctx)
+        trainer.run()
+        result = probe(trainer)
+        result["metrics"] = read_metrics(Path(root) / name) if ctx.is_main else None
+        out[name] = result if ctx.is_main else None
+    return out
+
+
+def single_process(corpus: Path, extra: dict, run_dir: Path) -> dict:
+    unsplit = {k: v for k, v in extra.items() if not k.startswith("parallel.")}
+    trainer = Trainer(load_config(None, layout_overrides(corpus, unsplit)), run_dir)
+    trainer.run()
+    result = probe(trainer)
+    result["metrics"] = read_metrics(run_dir)
+    return result
+
+
+def check_parity(name: str, got: dict, want: dict) -> None:
+    for a, b in zip(got["metrics"], want["metrics"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), name
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), name
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), name
+    torch.testing.assert_close(got["logits"], want["logits"], rtol=1e-5, atol=1e-5, msg=name)
+    for param, grad in want["grads"].items():
+        torch.testing.assert_close(got["grads"][param], grad, rtol=1e-4, atol=1e-6, msg=f"{name}: grad {param}")
+    for param, value in want["params"].items():
+        # Adam divides by sqrt(v): near-zero gradients turn round-off into ~1e-6 updates
+        torch.testing.assert_close(got["params"][param], value, rtol=1e-4, atol=1e-5, msg=f"{name}: {param}")
+
+
+@pytest.mark.parametrize(("world", "layouts"), [(2, LAYOUTS_2), (4, LAYOUTS_4)], ids=["2 ranks", "4 ranks"])
+def test_layouts_match_the_single_process(tmp_path: Path, text_corpus: Path, world: int, layouts: dict) -> None:
+    overrides = {name: layout_overrides(text_corpus, extra) for name, extra in layouts.items()}
+    results = run_ranks(_train_layouts, world, args=(overrides, str(tmp_path / "tp")), timeout_s=240)[0]
+    for name, extra in layouts.items():
+        check_parity(name, results[name], single_process(text_corpus, extra, tmp_path / "one" / name))
+
+
+# ----------------------------------------------------------------------------- communication and memory
+
+B, S, LAYERS = 2, 16, 2
+MEMORY_MODULES = (torch.nn.LayerNorm, torch.nn.Dropout)
+
+
+def _count_and_measure(sequence_parallel: bool) -> dict:
+    overrides = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64",
+                 "train.seq_len=16", "model.dropout=0.1", "parallel.tp=2",
+                 f"parallel.sequence_parallel={str(sequence_parallel).lower()}"]
+    config = load_config(None, overrides)
+    ctx = init_distributed(config.parallel)
+    tp = TensorParallel(ctx.comm("tp"), sequence_parallel)
+    model = Transformer(config.model, seed=0, tp=tp)
+    x = torch.randint(0, 64, (B, S), generator=torch.Generator().manual_seed(0))
+    saved = {"bytes": 0, "inside": 0}
+
+    def enter(*_):
+        saved["inside"] += 1
+
+    def leave(*_):
+        saved["inside"] -= 1
+
+    for module in model.modules():
+        if isinstance(module, MEMORY_MODULES):
+            module.register_forward_pre_hook(enter)
+            module.register_forward_hook(leave)
+
+    def pack(t: torch.Tensor):
+        if saved["inside"] and not isinstance(t, torch.nn.Parameter):
+            saved["bytes"] += t.numel() * t.element_size()
+        return t
+
+    ctx.ledger.take_step_totals()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model.loss(x, torch.roll(x, -1, 1))
+    loss.backward()
+    tp.sync_sequence_parallel_grads(model)
+    entries = [(e.op, e.tag, e.numel) for e in ctx.ledger.recent(1000) if e.tag in ("tp", "tp-sp")]
+    return {"entries": entries, "bytes": ctx.ledger.totals().get("tp", 0), "saved": saved["bytes"],
+            "tags": sorted({e.tag for e in ctx.ledger.recent(1000)})}
+
+
+def _both_modes() -> dict:
+    return {"plain": _count_and_measure(False), "sp": _count_and_measure(True)}
+
+
+def test_communication_and_activation_memory_per_layer() -> None:
+    plain, sp = (run_ranks(_both_modes, 2, timeout_s=90)[0][k] for k in ("plain", "sp"))
+    bsh, t = B * S * 32, 2
+    # per layer 2 all-reduces forward + 2 backward; plus the embedding's exit and the head's entry
+    regions = 4 * LAYERS + 2
+    assert [(op, n) for op, _, n in plain["entries"]] == [("all_reduce", bsh)] * regions
+    mapping_bytes = regions * model_bytes("all_reduce", t, 4 * bsh)  # = 8bsh(t-1)/t elements per layer
+    assert sum(model_bytes("all_reduce", t, 4 * n) for _, _, n in plain["entries"]) == mapping_bytes
+    # SP: each all-reduce becomes an all-gather plus a reduce-scatter of the same total volume
+    ops = [op for op, _, _ in sp["entries"]]
+    assert ops.count("all_gather") == regions and ops.count("reduce_scatter") == regions
+    assert len(ops) == 2 * regions
+    assert sum(model_bytes(op, t, 4 * n) for op, _, n in sp["entries"]) == mapping_bytes
+    # norms and dropout run on the local sequence slice: 1/t of their saved activations
+    assert plain["saved"] > 0
+    assert sp["saved"] * t == plain["saved"]
+    assert "sp-grads" in sp["tags"] and "sp-grads" not in plain["tags"]
