@@ -87,3 +87,26 @@ def test_bad_toml_file(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(LoomError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        (["parallel.tp=3"], ["model.n_heads = 4", "parallel.tp = 3", "[2, 4]"]),
+        (["model.preset=tiny-llama", "model.n_heads=8", "model.n_kv_heads=4", "parallel.tp=8",
+          "model.d_model=128"], []),  # tp a multiple of the KV heads: replicated, valid
+        (["model.preset=tiny-llama", "model.n_heads=12", "model.d_model=96", "model.n_kv_heads=4",
+          "parallel.tp=6"], ["model.n_kv_heads = 4", "parallel.tp = 6"]),
+        (["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=127"], ["train.seq_len = 127"]),
+        (["parallel.sequence_parallel=true"], ["parallel.tp = 1"]),
+        (["parallel.tp=2", "model.d_ff=513"], ["513", "model.d_ff"]),
+    ],
+)
+def test_tensor_parallel_layout_checks(override: list[str], words: list[str]) -> None:
+    if not words:
+        load_config(None, override)
+        return
+    with pytest.raises(LoomError) as err:
+        load_config(None, override)
+    for word in words:
+        assert word in str(err.value)

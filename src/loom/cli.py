@@ -185,7 +185,9 @@ def _train_rank(args: argparse.Namespace, config, run_dir: Path, resume_from: Pa
 
 
 def _finish_run(trainer, summary: dict, console) -> None:
-    from loom.train.generate import generate
+    """Rank 0 alone: plot, summary lines, and a sample from the final weights."""
+    from loom.train.checkpoint import latest_checkpoint
+    from loom.train.generate import generate, load_for_inference
     from loom.viz.plot import plot_loss
 
     plot_path = plot_loss(trainer.run_dir)
@@ -200,7 +202,10 @@ def _finish_run(trainer, summary: dict, console) -> None:
     train = trainer.config.train
     if train.sample_tokens:
         tok = trainer.tokenizer
-        ids = generate(trainer.model, tok.encode(train.sample_prompt), train.sample_tokens,
+        model = trainer.model
+        if trainer.tp.size > 1:  # a shard cannot run alone: sample from the full final checkpoint
+            model = load_for_inference(latest_checkpoint(trainer.run_dir), str(trainer.device))[0]
+        ids = generate(model, tok.encode(train.sample_prompt), train.sample_tokens,
                        trainer.config.model.max_seq_len, seed=train.seed)
         text = train.sample_prompt + tok.decode(ids)
         (trainer.run_dir / "sample.txt").write_text(text, encoding="utf-8")
