@@ -58,9 +58,9 @@ def test_init_depends_only_on_seed_and_names() -> None:
             assert not torch.equal(pa, pc), name
     # a deeper model shares its first layers' values: names are global, not positional
     deeper = Transformer(small_config("model.n_layers=3"), seed=3)
-    assert torch.equal(deeper.blocks[1].mlp.up_proj.weight, a.blocks[1].mlp.up_proj.weight)
+    assert torch.equal(deeper.blocks["1"].mlp.up_proj.weight, a.blocks["1"].mlp.up_proj.weight)
     # the residual projections are scaled by 1/sqrt(2 * n_layers)
-    assert deeper.blocks[0].attn.o_proj.weight.std() < deeper.blocks[0].attn.q_proj.weight.std()
+    assert deeper.blocks["0"].attn.o_proj.weight.std() < deeper.blocks["0"].attn.q_proj.weight.std()
 
 
 @pytest.mark.parametrize(

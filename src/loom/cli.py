@@ -21,6 +21,8 @@ EPILOG = """examples:
   loom plot runs/quick                         write runs/quick/loss.png
   loom convert --from-hf ./gpt2-folder --out runs/gpt2
   loom tokenizer train --corpus ./texts --vocab-size 4096 --out tok/tokenizer.json
+  loom train --nproc 4 --run-dir runs/pp --set parallel.pp=2 --set parallel.tp=2
+  loom schedule --schedule interleaved_1f1b --pp 4 --vp 2 --microbatches 8 --out chart.png
 """
 
 
@@ -82,6 +84,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(show)
 
     sub.add_parser("presets", help="list model presets", description="List model presets and their sizes.")
+
+    sched = sub.add_parser(
+        "schedule", help="simulate and draw a pipeline schedule (bubble, activations held)",
+        description="Simulate a pipeline schedule from its per-rank action lists and per-action costs, and draw "
+                    "its timeline, one row per device, like the Megatron-LM paper's figures. Costs are per chunk: "
+                    "with --vp 2 a chunk holds half the layers of a --vp 1 stage. With --from-run, draw a finished "
+                    "run's measured timeline instead, read from RUN_DIR/pipeline_timeline.json: "
+                    '{"ranks": [[{"kind": "F", "microbatch": 0, "chunk": 0, "start": 0.0, "end": 0.1}, ...], '
+                    '...]}, '
+                    "one list per pp rank, kind F/B/I/W, times in seconds.")
+    sched.add_argument("--schedule", metavar="NAME",
+                       help="gpipe, 1f1b, interleaved_1f1b or zero_bubble (default: 1f1b)")
+    sched.add_argument("--pp", type=int, metavar="N", help="pipeline ranks (default: 4)")
+    sched.add_argument("--vp", type=int, metavar="N",
+                       help="virtual chunks per rank, interleaved_1f1b only (default: 1)")
+    sched.add_argument("--microbatches", type=int, metavar="N", help="micro-batches per step (default: 8)")
+    sched.add_argument("--forward-cost", type=float, metavar="T", help="time of one forward of one chunk (default: 1)")
+    sched.add_argument("--backward-cost", type=float, metavar="T",
+                       help="time of one full backward of one chunk (default: 2)")
+    sched.add_argument("--weight-cost", type=float, metavar="T",
+                       help="the weight-gradient part of the backward, for zero_bubble (default: half of it)")
+    sched.add_argument("--transfer-cost", type=float, metavar="T",
+                       help="time from a send to the data's arrival (default: 0)")
+    sched.add_argument("--out", type=Path, metavar="PNG",
+                       help="PNG path (default: schedule_<name>_pp<P>_vp<V>_m<M>.png, "
+                            "or RUN_DIR/pipeline_timeline.png with --from-run)")
+    sched.add_argument("--json", action="store_true", help="print the numbers as JSON; draw only if --out is given")
+    sched.add_argument("--from-run", type=Path, metavar="RUN_DIR",
+                       help="draw the measured timeline of this pipeline run instead of a simulation")
     return parser
 
 
@@ -95,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {
         "train": cmd_train, "generate": cmd_generate, "convert": cmd_convert, "tokenizer": cmd_tokenizer,
-        "plot": cmd_plot, "config": cmd_config, "presets": cmd_presets,
+        "plot": cmd_plot, "config": cmd_config, "presets": cmd_presets, "schedule": cmd_schedule,
     }[args.command]
     try:
         return handler(args) or 0
@@ -280,6 +311,63 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(f"{name:<12} {cfg.family:<6} {cfg.n_layers:>6} {cfg.d_model:>7} {cfg.n_heads:>5} {cfg.kv_heads:>3} "
               f"{params / 1e6:>9.1f}M")
     return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    import json
+
+    from loom.viz.schedule import draw_timeline
+
+    simulation_flags = {"--schedule": args.schedule, "--pp": args.pp, "--vp": args.vp,
+                        "--microbatches": args.microbatches, "--forward-cost": args.forward_cost,
+                        "--backward-cost": args.backward_cost, "--weight-cost": args.weight_cost,
+                        "--transfer-cost": args.transfer_cost}
+    if args.from_run is not None:
+        from loom.parallel.pipeline.simulate import load_measured
+
+        given = [flag for flag, value in simulation_flags.items() if value is not None]
+        if given:
+            raise LoomError(f"--from-run draws a run's measured timeline; {', '.join(given)} only apply to a "
+                            "simulation.", "drop them to draw the run, or drop --from-run to simulate.")
+        timeline = load_measured(args.from_run)
+        numbers = {"source": "measured", "run_dir": str(args.from_run), **timeline.summary()}
+        title = (f"measured: {args.from_run.resolve().name} (pp={timeline.pp}, vp={timeline.vp}, "
+                 f"{timeline.microbatches} micro-batches)")
+        out = args.out or args.from_run / "pipeline_timeline.png"
+        line = f"measured {args.from_run}"
+    else:
+        from loom.parallel.pipeline.schedules import build_schedule
+        from loom.parallel.pipeline.simulate import Costs, bubble_formula, simulate
+
+        name, pp, vp, m = _or(args.schedule, "1f1b"), _or(args.pp, 4), _or(args.vp, 1), _or(args.microbatches, 8)
+        costs = Costs(forward=_or(args.forward_cost, 1.0), backward=_or(args.backward_cost, 2.0),
+                      weight=args.weight_cost, transfer=_or(args.transfer_cost, 0.0))
+        timeline = simulate(build_schedule(name, pp, m, vp), costs)
+        formula = bubble_formula(name, pp, m, vp, costs)
+        numbers = {"schedule": name, "pp": pp, "vp": vp, "microbatches": m, "makespan": timeline.makespan,
+                   "bubble_fraction": timeline.bubble_fraction,
+                   "bubble_formula": formula[0] if formula else None, "bubble_theory": formula[1] if formula else None,
+                   "peak_inflight": timeline.peak_inflight, "busy": timeline.busy, "idle": timeline.idle,
+                   "costs": {"forward": costs.forward, "backward": costs.backward, "weight": costs.weight_grad,
+                             "transfer": costs.transfer}}
+        title = f"{name}: pp={pp}" + (f", vp={vp}" if vp > 1 else "") + f", {m} micro-batches"
+        out = args.out or Path(f"schedule_{name}_pp{pp}_vp{vp}_m{m}.png")
+        line = f"{name} pp={pp} vp={vp} microbatches={m}"
+        if formula:
+            line += f" (theory {formula[0]} = {formula[1]:.1%})"
+    if args.json:
+        if args.out is not None:
+            numbers["chart"] = str(draw_timeline(timeline, args.out, title))
+        print(json.dumps(numbers, indent=2))
+        return 0
+    path = draw_timeline(timeline, out, title)
+    print(f"{line}: makespan {timeline.makespan:.4g}, bubble {timeline.bubble_fraction:.1%}, "
+          f"peak in-flight per rank {timeline.peak_inflight}\nchart: {path}")
+    return 0
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _toml_value(value) -> str:

@@ -25,6 +25,7 @@ from loom.model.presets import PRESETS, preset_fields
 
 FAMILIES = ("gpt2", "llama")
 PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 DEFAULT_MICRO_BATCH = 16
 
 
@@ -119,6 +120,7 @@ class TrainConfig:
     micro_batch: int | None = None
     global_batch: int | None = None
     grad_accum: int | None = None
+    microbatches: int | None = None  # pipeline name for grad_accum: micro-batches per step and dp rank
     lr: float = 2e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 20
@@ -140,7 +142,7 @@ class TrainConfig:
     def validate(self) -> None:
         for name in ("steps", "seq_len", "keep_ckpts", "eval_batches"):
             _check_positive(f"train.{name}", getattr(self, name))
-        for name in ("micro_batch", "global_batch", "grad_accum"):
+        for name in ("micro_batch", "global_batch", "grad_accum", "microbatches"):
             if getattr(self, name) is not None:
                 _check_positive(f"train.{name}", getattr(self, name))
         if self.lr <= 0:
@@ -185,13 +187,21 @@ class ParallelConfig:
     dp: int | None = None
     tp: int = 1
     pp: int = 1
+    vp: int = 1  # virtual pipeline chunks per rank (interleaved_1f1b)
+    schedule: str = "1f1b"  # gpipe, 1f1b, interleaved_1f1b, zero_bubble
     sequence_parallel: bool = False  # split activations along the sequence between tp regions
     timeout_s: float = 300.0  # a collective waiting longer than this ends the run with a report
     backend: str = "auto"  # auto (nccl with CUDA, else gloo), gloo, nccl
 
     def validate(self) -> None:
-        for name in ("tp", "pp"):
+        for name in ("tp", "pp", "vp"):
             _check_positive(f"parallel.{name}", getattr(self, name))
+        _check_choice("parallel.schedule", self.schedule, SCHEDULE_NAMES)
+        if self.vp > 1 and self.schedule != "interleaved_1f1b":
+            raise LoomError(
+                f"parallel.vp = {self.vp} with parallel.schedule = {self.schedule!r}.",
+                "virtual stages need parallel.schedule = \"interleaved_1f1b\", or set parallel.vp = 1.",
+            )
         if self.dp is not None:
             _check_positive("parallel.dp", self.dp)
         _check_positive("parallel.timeout_s", self.timeout_s)
@@ -241,7 +251,22 @@ class Config:
                 f"lower train.seq_len, or raise model.max_seq_len to at least {self.train.seq_len}.",
             )
         self._validate_tensor_parallel()
-        self.batch(dp=self.parallel.dp or 1)
+        shape = self.batch(dp=self.parallel.dp or 1)
+        self._validate_pipeline(shape)
+
+    def _validate_pipeline(self, shape: BatchShape) -> None:
+        from loom.parallel.pipeline.partition import split_layers
+
+        parallel = self.parallel
+        if parallel.pp * parallel.vp > 1:
+            split_layers(self.model.n_layers, parallel.pp * parallel.vp)
+        if parallel.schedule == "interleaved_1f1b" and shape.grad_accum % parallel.pp:
+            raise LoomError(
+                f"the interleaved schedule needs the micro-batch count (train.microbatches = {shape.grad_accum}) "
+                f"to be a multiple of parallel.pp = {parallel.pp}.",
+                f"use train.microbatches = {parallel.pp * max(1, shape.grad_accum // parallel.pp)} "
+                "(or another multiple of pp).",
+            )
 
     def _validate_tensor_parallel(self) -> None:
         """What the model's shapes must satisfy to be split tp ways."""
@@ -280,7 +305,13 @@ class Config:
             )
 
     def batch(self, dp: int = 1) -> BatchShape:
-        return derive_batch(self.train.micro_batch, self.train.global_batch, self.train.grad_accum, dp)
+        accum, micro = self.train.grad_accum, self.train.microbatches
+        if accum is not None and micro is not None and accum != micro:
+            raise LoomError(
+                f"train.grad_accum = {accum} and train.microbatches = {micro} name the same number differently.",
+                "set only one of them (microbatches is the pipeline name for grad_accum).",
+            )
+        return derive_batch(self.train.micro_batch, self.train.global_batch, accum or micro, dp)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

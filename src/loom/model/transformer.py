@@ -13,6 +13,7 @@ With t = 1 every mapping is the identity and the model is a plain module.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,9 @@ class Transformer(nn.Module):
         device: torch.device | str | None = None,
         tp: TensorParallel | None = None,
         rng: ParallelRNG | None = None,
+        layers: Sequence[int] | None = None,
+        embed: bool = True,
+        head: bool = True,
     ) -> None:
         super().__init__()
         if cfg.vocab_size is None:
@@ -74,17 +78,23 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tp = tp or TensorParallel.single()
         self.rng = rng
+        self.embed, self.head = embed, head
+        self.layers = range(cfg.n_layers) if layers is None else layers
         device = torch.device(device or "cpu")
         with device:  # parameters are created where they live; "meta" allocates nothing
-            self.tok_emb = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, self.tp)
-            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.family == "gpt2" else None
+            # A pipeline stage builds only its own parts; the tied head on the last stage
+            # keeps a copy of the embedding under the same name.
+            need_emb = embed or (head and cfg.tied)
+            self.tok_emb = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, self.tp) if need_emb else None
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if embed and cfg.family == "gpt2" else None
             if self.pos_emb is not None:
                 mark_sequence_parallel(self.pos_emb, self.tp)  # each rank adds its slice's positions
             self.emb_dropout = nn.Dropout(cfg.dropout)
-            self.blocks = nn.ModuleList(Block(cfg, self.tp) for _ in range(cfg.n_layers))
-            self.final_norm = make_norm(cfg, self.tp)
+            # keyed by the global layer index, so names (blocks.7.attn...) are the same in any layout
+            self.blocks = nn.ModuleDict({str(i): Block(cfg, self.tp) for i in self.layers})
+            self.final_norm = make_norm(cfg, self.tp) if head else None
             self.lm_head = None
-            if not cfg.tied:
+            if head and not cfg.tied:
                 self.lm_head = ColumnParallelLinear(
                     cfg.d_model, padded_vocab(cfg.vocab_size, self.tp.size), self.tp, bias=False
                 )
@@ -103,24 +113,53 @@ class Transformer(nn.Module):
             full_shape, rows, cols = shards.get(name, (None, slice(None), slice(None)))
             init_parameter(param, name, seed, self.cfg.init_std, self.cfg.n_layers, full_shape, rows, cols)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(idx.shape[1], device=idx.device)
-        x = self.tok_emb(idx)  # replicated, or this rank's sequence slice under SP
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(self.tp.local_positions(positions))
-        x = self._emb_dropout(x)
-        for block in self.blocks:
-            x = block(x, self.rope, positions, self.rng)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids -> logits (this rank's vocabulary shard), through every layer it holds."""
+        return self.run_stage(x, self.layers, self.embed, self.head)
+
+    def run_stage(self, x: torch.Tensor, layers: Sequence[int], embed: bool, head: bool) -> torch.Tensor:
+        """One pipeline stage: token ids (if ``embed``) or hidden states, through ``layers``,
+        then (if ``head``) the final norm and the output projection."""
+        seq = x.shape[1] * (self.tp.size if not embed and self.tp.sequence_parallel else 1)
+        positions = torch.arange(seq, device=x.device)
+        if embed:
+            x = self.tok_emb(x)  # replicated, or this rank's sequence slice under SP
+            if self.pos_emb is not None:
+                x = x + self.pos_emb(self.tp.local_positions(positions))
+            x = self._emb_dropout(x)
+        for i in layers:
+            x = self.blocks[str(i)](x, self.rope, positions, self.rng)
+        if not head:
+            return x
         x = self.tp.enter(self.final_norm(x))
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over all positions (fp32), never gathering the vocabulary."""
-        logits = self(idx)
+        return self.loss_from_logits(self(idx), targets)
+
+    def loss_from_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1 and logits.shape[-1] == self.cfg.vocab_size:
             return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
         return vocab_parallel_cross_entropy(logits, targets, self.tp, self.tok_emb.vocab_start, self.cfg.vocab_size)
+
+    def stage_parameters(self, layers: Sequence[int], embed: bool, head: bool) -> list[nn.Parameter]:
+        """The parameters one stage's forward uses (for its weight-gradient step)."""
+        modules: list[nn.Module] = [self.blocks[str(i)] for i in layers]
+        if embed:
+            modules += [m for m in (self.tok_emb, self.pos_emb) if m is not None]
+        if head:
+            modules += [m for m in (self.final_norm, self.lm_head) if m is not None]
+            if self.lm_head is None and not embed:
+                modules.append(self.tok_emb)
+        seen, params = set(), []
+        for module in modules:
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        return params
 
     def _emb_dropout(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.emb_dropout.p):

@@ -19,23 +19,29 @@ from loom.dist.comm import Comm
 
 
 def owns(param: torch.Tensor, comm: Comm) -> bool:
-    """Whether this rank counts ``param`` in the norm."""
+    """Whether this tp rank holds the copy of ``param`` that counts (its shard, or rank 0's replica)."""
     if hasattr(param, "tp_owner"):
         return param.tp_owner
     return getattr(param, "tp_sharded", False) or comm.rank == 0
 
 
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, comm: Comm) -> float:
-    """Clip in place to ``max_norm`` (inf: measure only); returns the global norm before clipping."""
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, comm: Comm, pp: Comm | None = None) -> float:
+    """Clip in place to ``max_norm`` (inf: measure only); returns the global norm before clipping.
+
+    ``comm`` is the tp group; ``pp`` the pipeline group, whose stages hold disjoint layers.
+    """
     params = [p for p in params if p.grad is not None]
-    if comm.size == 1:
+    if comm.size == 1 and (pp is None or pp.size == 1):
         return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    owned = [p.grad for p in params if owns(p, comm)]
+    # the tied embedding's copy on the last pipeline stage is counted on the first stage only
+    owned = [p.grad for p in params if owns(p, comm) and not getattr(p, "pp_duplicate", False)]
     device = params[0].grad.device
     squares = torch.zeros(1, dtype=torch.float32, device=device)
     if owned:
         squares += torch.stack([g.detach().float().pow(2).sum() for g in owned]).sum()
     comm.all_reduce(squares, op="sum", tag="grad-norm")
+    if pp is not None:
+        pp.all_reduce(squares, op="sum", tag="grad-norm")
     norm = squares.sqrt().item()
     if math.isfinite(max_norm):
         coef = min(1.0, max_norm / (norm + 1e-6))

@@ -12,9 +12,12 @@ owner only). Sharding: each rank cuts its slice out of the full tensor and pads.
 
 from __future__ import annotations
 
+import io
+
 import torch
 from torch import nn
 
+from loom.dist.comm import Comm
 from loom.optim.clip import owns
 from loom.parallel.tensor import TensorParallel
 
@@ -67,10 +70,11 @@ def full_model_state(model: nn.Module, tp: TensorParallel) -> dict[str, torch.Te
 
 
 def local_model_state(model: nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This rank's state dict cut from a full one."""
+    """This rank's state dict cut from a full one (a pipeline stage takes only its names)."""
     layouts = shard_layouts(model)
     own = model.state_dict()
-    return {name: shard_tensor(t, layouts[name], own[name]) if name in layouts else t for name, t in full.items()}
+    return {name: shard_tensor(full[name], layouts[name], own[name]) if name in layouts else full[name]
+            for name in own if name in full}
 
 
 def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -79,31 +83,76 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, tp: TensorParallel) -> dict:
-    """The optimizer state dict with per-parameter moments at full shape."""
-    state = optimizer.state_dict()
-    if tp.size == 1:
-        return state
+    """The optimizer state keyed by parameter name, per-parameter moments at full shape.
+
+    Names, not positions, so a checkpoint loads into any layout: another tp size, or a
+    pipeline stage that holds only some of the parameters.
+    """
+    local = optimizer.state_dict()
     names = _param_names(model, optimizer)
-    layouts = shard_layouts(model)
+    layouts = shard_layouts(model) if tp.size > 1 else {}
     params = dict(model.named_parameters())
-    for index, entry in state["state"].items():
+    state = {}
+    for index, entry in local["state"].items():
         name = names[index]
         if name in layouts:
-            for key, value in entry.items():
-                if torch.is_tensor(value) and value.shape == params[name].shape:
-                    entry[key] = gather_tensor(value, layouts[name], params[name], tp)
-    return state
+            entry = {key: gather_tensor(value, layouts[name], params[name], tp)
+                     if torch.is_tensor(value) and value.shape == params[name].shape else value
+                     for key, value in entry.items()}
+        state[name] = entry
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in local["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> None:
-    """Load a full optimizer state dict, cutting each sharded moment to this rank's slice."""
+    """Load a name-keyed full optimizer state, cutting each sharded moment to this rank's slice."""
     names = _param_names(model, optimizer)
     layouts = shard_layouts(model)
     params = dict(model.named_parameters())
-    for index, entry in full["state"].items():
-        name = names[int(index)]
+    state = {}
+    for index, name in enumerate(names):
+        if name not in full["state"]:
+            continue
+        entry = dict(full["state"][name])
         if name in layouts:
-            for key, value in entry.items():
-                if torch.is_tensor(value) and value.dim() > 0:
-                    entry[key] = shard_tensor(value, layouts[name], params[name])
-    optimizer.load_state_dict(full)
+            entry = {key: shard_tensor(value, layouts[name], params[name])
+                     if torch.is_tensor(value) and value.dim() > 0 else value for key, value in entry.items()}
+        state[index] = entry
+    local_groups = optimizer.state_dict()["param_groups"]
+    groups = [{**saved, "params": mine["params"]} for saved, mine in zip(full["param_groups"], local_groups, strict=True)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def merge_pipeline_states(states: dict, comm: Comm) -> dict | None:
+    """Collect every pipeline stage's name-keyed dicts on pp rank 0 (others get None).
+
+    ``states`` maps a part ("model", "optimizer") to a dict keyed by parameter name (the
+    optimizer's under "state"). Stages send theirs as one serialised message each;
+    names already present (the tied embedding's copy on the last stage) keep the
+    first stage's value.
+    """
+    if comm.size == 1:
+        return states
+    if comm.rank != 0:
+        payload = _to_bytes(states)
+        comm.send(torch.tensor([payload.numel()], dtype=torch.int64), 0, tag="checkpoint")
+        comm.send(payload, 0, tag="checkpoint")
+        return None
+    merged = states
+    for peer in range(1, comm.size):
+        size = torch.zeros(1, dtype=torch.int64)
+        comm.recv(size, peer, tag="checkpoint")
+        payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        comm.recv(payload, peer, tag="checkpoint")
+        other = torch.load(io.BytesIO(payload.numpy().tobytes()), weights_only=True)
+        for name, value in other["model"].items():
+            merged["model"].setdefault(name, value)
+        for name, value in other["optimizer"]["state"].items():
+            merged["optimizer"]["state"].setdefault(name, value)
+    return merged
+
+
+def _to_bytes(obj: dict) -> torch.Tensor:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)

@@ -10,6 +10,7 @@ gives the same gradient.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -33,7 +34,11 @@ from loom.parallel.full_state import (
     full_optimizer_state,
     load_full_optimizer_state,
     local_model_state,
+    merge_pipeline_states,
 )
+from loom.parallel.pipeline.partition import rank_stages
+from loom.parallel.pipeline.runtime import PipelineRuntime
+from loom.parallel.pipeline.schedules import build_schedule
 from loom.parallel.random import ParallelRNG
 from loom.parallel.tensor import TensorParallel
 from loom.plan.model import count_parameters
@@ -100,9 +105,16 @@ class Trainer:
         coords = self.dist.coords
         self.tp = TensorParallel(self.dist.comm("tp"), config.parallel.sequence_parallel)
         self.rng = ParallelRNG(self.device, dp_rank=coords.dp, tp_rank=coords.tp)
-        self.model = Transformer(config.model, seed=config.train.seed, device=self.device, tp=self.tp, rng=self.rng)
+        self.pp = self.dist.comm("pp")
+        self.plans = rank_stages(config.model.n_layers, self.pp.size, config.parallel.vp, coords.pp)
+        self.model = Transformer(
+            config.model, seed=config.train.seed, device=self.device, tp=self.tp, rng=self.rng,
+            layers=sorted(i for plan in self.plans for i in plan.layers),
+            embed=any(p.embed for p in self.plans), head=any(p.head for p in self.plans),
+        )
         # Every rank drew its slice of the same initial weights (layout-independent init):
         # no broadcast needed.
+        self.pipeline = self._build_pipeline() if len(self.plans) > 1 or self.pp.size > 1 else None
         self.ddp = None
         if self.dist.dims.dp > 1:
             self.ddp = DataParallel(self.model, self.dist.comm("dp"), config.ddp.bucket_mb)
@@ -123,21 +135,31 @@ class Trainer:
         accum = self.batch.grad_accum
         dp_rank = self.dist.coords.dp
         self.rng.reseed(train.seed, step)  # dropout is a pure function of (seed, step, ranks), like the data
-        total = torch.zeros((), device=self.device)
-        for k in range(accum):
-            rows = offsets[batch_rows(self.batch.micro_batch, accum, dp_rank, k)]
-            x, y = get_batch(self.data.train, train.seq_len, rows, self.device)
-            sync = self.ddp.no_sync() if self.ddp is not None and k < accum - 1 else contextlib.nullcontext()
-            with sync:
-                with self.precision.autocast():
-                    loss = self.model.loss(x, y) / accum
-                self.precision.scaler.scale(loss).backward()
-            total += loss.detach().float()
+        batches = [
+            get_batch(self.data.train, train.seq_len, offsets[batch_rows(self.batch.micro_batch, accum, dp_rank, k)],
+                      self.device)
+            for k in range(accum)
+        ]
+        if self.pipeline is not None:
+            # DDP syncs once after the whole schedule: backwards of micro-batches interleave
+            with self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext():
+                total, self.last_timing = self.pipeline.step(self.actions, batches, self.precision.scaler.scale)
+        else:
+            total = torch.zeros((), device=self.device)
+            for k, (x, y) in enumerate(batches):
+                sync = self.ddp.no_sync() if self.ddp is not None and k < accum - 1 else contextlib.nullcontext()
+                with sync:
+                    with self.precision.autocast():
+                        loss = self.model.loss(x, y) / accum
+                    self.precision.scaler.scale(loss).backward()
+                total += loss.detach().float()
         if self.ddp is not None:
             self.ddp.finish_gradient_sync()
         # after the dp sync: these write into the gradients the dp all-reduce just filled
         self.tp.sync_sequence_parallel_grads(self.model)
         sync_replicated_kv_grads(self.model, self.tp)
+        self._sync_tied_embedding()
+        self.pp.all_reduce(total, op="sum", tag="metrics")  # the loss lives on the last stage
         self.dist.comm("dp").all_reduce(total, op="avg", tag="metrics")  # the global batch's mean loss
         total_loss = total.item()
         if not math.isfinite(total_loss) and self.config.train.precision != "fp16":
@@ -148,7 +170,7 @@ class Trainer:
         scaler = self.precision.scaler
         scaler.unscale_(self.optimizer)
         clip = train.grad_clip if train.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm(self.model.parameters(), clip, self.tp.comm)
+        grad_norm = clip_grad_norm(self.model.parameters(), clip, self.tp.comm, self.pp)
         scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
         scaler.step(self.optimizer)
         scaler.update()
@@ -164,14 +186,65 @@ class Trainer:
         """Mean loss over ``eval_batches`` fixed validation micro-batches."""
         train = self.config.train
         self.model.eval()
-        losses = []
+        batches = []
         for i in range(train.eval_batches):
             offsets = batch_offsets(len(self.data.val), train.seq_len, self.batch.micro_batch, train.seed, i, VAL_STREAM)
-            x, y = get_batch(self.data.val, train.seq_len, offsets, self.device)
-            with self.precision.autocast():
-                losses.append(self.model.loss(x, y).item())
+            batches.append(get_batch(self.data.val, train.seq_len, offsets, self.device))
+        if self.pipeline is not None:
+            loss = self.pipeline.forward_only(batches, self.pp.size, self.dist.coords.pp)
+            self.pp.all_reduce(loss, op="sum", tag="eval")
+        else:
+            losses = []
+            for x, y in batches:
+                with self.precision.autocast():
+                    losses.append(self.model.loss(x, y).float())
+            loss = torch.stack(losses).mean()
         self.model.train()
-        return sum(losses) / len(losses)
+        return loss.item()
+
+    # ------------------------------------------------------------------ pipeline
+
+    def _build_pipeline(self) -> PipelineRuntime:
+        cfg, parallel = self.config, self.config.parallel
+        if cfg.model.tied and self.pp.size > 1 and not self.model.embed and self.model.head:
+            self.model.tok_emb.weight.pp_duplicate = True  # the first stage's copy counts
+        seq = cfg.train.seq_len // (self.tp.size if self.tp.sequence_parallel else 1)
+        self.actions = build_schedule(parallel.schedule, self.pp.size, self.batch.grad_accum, parallel.vp)[
+            self.dist.coords.pp
+        ]
+        self.last_timing = None
+        return PipelineRuntime(self.model, self.plans, self.pp, (self.batch.micro_batch, seq, cfg.model.d_model),
+                               torch.float32, self.device, self.precision.autocast)
+
+    def _write_timeline(self) -> None:
+        """The last step's measured per-action times of every stage, for ``loom schedule --from-run``."""
+        coords = self.dist.coords
+        if coords.dp != 0 or coords.tp != 0:
+            return
+        part = self.run_dir / f".pipeline_timeline_pp{coords.pp}.json"
+        part.write_text(json.dumps(self.last_timing.records))
+        self.pp.barrier()
+        if coords.pp == 0:
+            parts = [self.run_dir / f".pipeline_timeline_pp{r}.json" for r in range(self.pp.size)]
+            ranks = [json.loads(p.read_text()) for p in parts]
+            (self.run_dir / "pipeline_timeline.json").write_text(json.dumps({"ranks": ranks}))
+            for p in parts:
+                p.unlink()
+
+    def _sync_tied_embedding(self) -> None:
+        """Sum the tied embedding's gradient over its two copies (first and last stage)."""
+        if self.pipeline is None or self.pp.size == 1 or not self.config.model.tied:
+            return
+        if self.model.embed == self.model.head:  # holds both ends (or neither)
+            return
+        peer = self.pp.size - 1 if self.model.embed else 0
+        grad = self.model.tok_emb.weight.grad
+        mine = grad.detach().clone()
+        handle = self.pp.isend(mine, peer, tag="tied-emb")
+        theirs = torch.empty_like(mine)
+        self.pp.recv(theirs, peer, tag="tied-emb")
+        handle.wait()
+        grad.add_(theirs)
 
     # ------------------------------------------------------------------ the loop
 
@@ -214,6 +287,8 @@ class Trainer:
                     }
                     if result.skipped:
                         record["skipped"] = True
+                    if self.pipeline is not None:
+                        record["bubble_measured"] = self.last_timing.bubble
                     last = self.state.step == train.steps
                     if (train.eval_every and self.state.step % train.eval_every == 0) or last:
                         self.state.last_val_loss = record["val_loss"] = self.evaluate()
@@ -226,6 +301,8 @@ class Trainer:
         finally:
             if metrics is not None:
                 metrics.close()
+        if self.pipeline is not None and self.last_timing is not None:
+            self._write_timeline()
         summary = {
             "params": count_parameters(self.config.model),
             "steps": self.state.step,
@@ -245,10 +322,16 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Every rank helps assemble full tensors; rank 0 writes them (any layout can reload)."""
-        model_state = full_model_state(self.model, self.tp)
-        optimizer_state = full_optimizer_state(self.model, self.optimizer, self.tp)
+        states = {
+            "model": full_model_state(self.model, self.tp),
+            "optimizer": full_optimizer_state(self.model, self.optimizer, self.tp),
+        }
+        coords = self.dist.coords
+        if coords.dp == 0 and coords.tp == 0:  # one copy of each stage travels to pp rank 0
+            states = merge_pipeline_states(states, self.pp)
         if not self.is_main:
             return None
+        model_state, optimizer_state = states["model"], states["optimizer"]
         train_state = {
             "optimizer": optimizer_state,
             "scaler": self.precision.scaler.state_dict(),

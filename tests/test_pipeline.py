@@ -1,0 +1,97 @@
+"""Pipeline parallelism: every schedule, alone and with dp and tp, matches the single process.
+
+Each layout trains several optimizer steps with 4 micro-batches and must give the
+single-process run's per-step loss and gradient norm; its final checkpoint (stages
+merged on rank 0, full tensors) must hold the single-process parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from loom.config import load_config
+from loom.dist.context import init_distributed
+from loom.dist.spawn import run_ranks
+from loom.errors import LoomError
+from loom.parallel.pipeline.partition import rank_stages, split_layers
+from loom.train.checkpoint import load_checkpoint
+from loom.train.metrics import read_metrics
+from loom.train.trainer import Trainer
+
+LAYOUTS_2 = {
+    "gpt2 pp2 gpipe": {"parallel.pp": 2, "parallel.schedule": "gpipe"},
+    "gpt2 pp2 1f1b": {"parallel.pp": 2, "parallel.schedule": "1f1b"},
+    "llama pp2 zero_bubble": {"model.family": "llama", "parallel.pp": 2, "parallel.schedule": "zero_bubble"},
+    "gpt2 pp2 interleaved": {"parallel.pp": 2, "parallel.vp": 2, "parallel.schedule": "interleaved_1f1b"},
+}
+LAYOUTS_4 = {
+    "llama pp4 interleaved": {"model.family": "llama", "model.n_layers": 8, "parallel.pp": 4, "parallel.vp": 2,
+                              "parallel.schedule": "interleaved_1f1b"},
+    "gpt2 pp4 zero_bubble": {"parallel.pp": 4, "parallel.schedule": "zero_bubble"},
+    "gpt2 dp2 x pp2 1f1b": {"parallel.pp": 2},
+    "gpt2 tp2 sp x pp2 1f1b": {"parallel.pp": 2, "parallel.tp": 2, "parallel.sequence_parallel": True},
+}
+
+
+def layout_overrides(corpus: Path, extra: dict) -> list[str]:
+    common = {"model.n_layers": 4, "train.steps": 3, "train.global_batch": 8, "train.micro_batch": 2,
+              "train.eval_every": 3, "train.ckpt_every": 0, "parallel.timeout_s": 60}
+    return tiny_overrides(corpus, **{**common, **extra})
+
+
+def _train_layouts(layouts: dict[str, list[str]], root: str) -> dict:
+    out = {}
+    for name, overrides in layouts.items():
+        config = load_config(None, overrides)
+        ctx = init_distributed(config.parallel)
+        Trainer(config, Path(root) / name, dist=ctx).run()
+        out[name] = read_metrics(Path(root) / name) if ctx.is_main else None
+    return out
+
+
+@pytest.mark.parametrize(("world", "layouts"), [(2, LAYOUTS_2), (4, LAYOUTS_4)], ids=["2 ranks", "4 ranks"])
+def test_schedules_match_the_single_process(tmp_path: Path, text_corpus: Path, world: int, layouts: dict) -> None:
+    overrides = {name: layout_overrides(text_corpus, extra) for name, extra in layouts.items()}
+    got = run_ranks(_train_layouts, world, args=(overrides, str(tmp_path / "pp")), timeout_s=300)[0]
+    for name, extra in layouts.items():
+        model_only = {k: v for k, v in extra.items() if k.startswith("model.")}
+        single = Trainer(load_config(None, layout_overrides(text_corpus, model_only)), tmp_path / "one" / name)
+        single.run()
+        for a, b in zip(got[name], read_metrics(tmp_path / "one" / name), strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), name
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), name
+            assert "bubble_measured" in a and a["comm_bytes_pp"] > 0
+        assert got[name][-1]["val_loss"] == pytest.approx(read_metrics(tmp_path / "one" / name)[-1]["val_loss"],
+                                                          rel=1e-5)
+        merged = load_checkpoint(tmp_path / "pp" / name).model_state
+        want = single.model.state_dict()
+        assert merged.keys() == want.keys(), name
+        for param, value in want.items():
+            torch.testing.assert_close(merged[param], value, rtol=1e-4, atol=1e-5, msg=f"{name}: {param}")
+        timeline = json.loads((tmp_path / "pp" / name / "pipeline_timeline.json").read_text())
+        assert len(timeline["ranks"]) == int(extra["parallel.pp"])
+
+
+def test_partition_is_megatron_interleaving() -> None:
+    plans = [rank_stages(8, 2, 2, rank) for rank in range(2)]
+    assert [p.layers for p in plans[0]] == [range(0, 2), range(4, 6)]  # stages 0 and 2
+    assert [p.layers for p in plans[1]] == [range(2, 4), range(6, 8)]  # stages 1 and 3
+    assert plans[0][0].embed and plans[1][1].head and not plans[1][0].head
+    assert split_layers(5, 2, costs=[1, 1, 1, 1, 4]) == [range(0, 4), range(4, 5)]  # balanced by cost
+
+
+def test_pipeline_layouts_are_checked_up_front() -> None:
+    with pytest.raises(LoomError, match="n_layers = 4"):
+        load_config(None, ["parallel.pp=3"])
+    with pytest.raises(LoomError, match="multiple of parallel.pp"):
+        load_config(None, ["parallel.pp=2", "parallel.vp=2", "parallel.schedule=interleaved_1f1b",
+                           "model.n_layers=8", "train.microbatches=3"])
+    with pytest.raises(LoomError, match="interleaved_1f1b"):
+        load_config(None, ["parallel.pp=2", "parallel.vp=2"])
+    with pytest.raises(LoomError, match="parallel.schedule"):
+        load_config(None, ["parallel.schedule=pipedream"])
