@@ -102,6 +102,8 @@ class DataParallel:
             self._launch(bucket)
 
     def _launch(self, bucket: Bucket) -> None:
+        # divide before the sum, inside backward, so the mean costs nothing after it
+        bucket.buffer.div_(self.comm.size)
         bucket.handle = self.comm.all_reduce(bucket.buffer, op="sum", async_op=True, tag="grad")
         self._next_launch += 1
 
@@ -112,7 +114,6 @@ class DataParallel:
         for bucket in self.buckets:
             if bucket.handle is not None:
                 bucket.handle.wait()
-            bucket.buffer.div_(self.comm.size)
             bucket.ready = 0
             bucket.handle = None
         self._next_launch = 0
