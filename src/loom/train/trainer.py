@@ -10,7 +10,6 @@ gives the same gradient.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -37,8 +36,7 @@ from loom.parallel.full_state import (
     merge_pipeline_states,
 )
 from loom.parallel.pipeline.partition import rank_stages
-from loom.parallel.pipeline.runtime import PipelineRuntime
-from loom.parallel.pipeline.schedules import build_schedule
+from loom.parallel.pipeline.rank import PipelineRank
 from loom.parallel.random import ParallelRNG
 from loom.parallel.tensor import TensorParallel
 from loom.plan.model import count_parameters
@@ -143,7 +141,7 @@ class Trainer:
         if self.pipeline is not None:
             # DDP syncs once after the whole schedule: backwards of micro-batches interleave
             with self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext():
-                total, self.last_timing = self.pipeline.step(self.actions, batches, self.precision.scaler.scale)
+                total = self.pipeline.step(batches, self.precision.scaler.scale)
         else:
             total = torch.zeros((), device=self.device)
             for k, (x, y) in enumerate(batches):
@@ -158,8 +156,9 @@ class Trainer:
         # after the dp sync: these write into the gradients the dp all-reduce just filled
         self.tp.sync_sequence_parallel_grads(self.model)
         sync_replicated_kv_grads(self.model, self.tp)
-        self._sync_tied_embedding()
-        self.pp.all_reduce(total, op="sum", tag="metrics")  # the loss lives on the last stage
+        if self.pipeline is not None:
+            self.pipeline.sync_tied_embedding()
+            self.pipeline.share_loss(total)
         self.dist.comm("dp").all_reduce(total, op="avg", tag="metrics")  # the global batch's mean loss
         total_loss = total.item()
         if not math.isfinite(total_loss) and self.config.train.precision != "fp16":
@@ -191,8 +190,7 @@ class Trainer:
             offsets = batch_offsets(len(self.data.val), train.seq_len, self.batch.micro_batch, train.seed, i, VAL_STREAM)
             batches.append(get_batch(self.data.val, train.seq_len, offsets, self.device))
         if self.pipeline is not None:
-            loss = self.pipeline.forward_only(batches, self.pp.size, self.dist.coords.pp)
-            self.pp.all_reduce(loss, op="sum", tag="eval")
+            loss = self.pipeline.evaluate(batches)
         else:
             losses = []
             for x, y in batches:
@@ -204,47 +202,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ pipeline
 
-    def _build_pipeline(self) -> PipelineRuntime:
-        cfg, parallel = self.config, self.config.parallel
-        if cfg.model.tied and self.pp.size > 1 and not self.model.embed and self.model.head:
-            self.model.tok_emb.weight.pp_duplicate = True  # the first stage's copy counts
+    def _build_pipeline(self) -> PipelineRank:
+        cfg = self.config
         seq = cfg.train.seq_len // (self.tp.size if self.tp.sequence_parallel else 1)
-        self.actions = build_schedule(parallel.schedule, self.pp.size, self.batch.grad_accum, parallel.vp)[
-            self.dist.coords.pp
-        ]
-        self.last_timing = None
-        return PipelineRuntime(self.model, self.plans, self.pp, (self.batch.micro_batch, seq, cfg.model.d_model),
-                               torch.float32, self.device, self.precision.autocast)
-
-    def _write_timeline(self) -> None:
-        """The last step's measured per-action times of every stage, for ``loom schedule --from-run``."""
-        coords = self.dist.coords
-        if coords.dp != 0 or coords.tp != 0:
-            return
-        part = self.run_dir / f".pipeline_timeline_pp{coords.pp}.json"
-        part.write_text(json.dumps(self.last_timing.records))
-        self.pp.barrier()
-        if coords.pp == 0:
-            parts = [self.run_dir / f".pipeline_timeline_pp{r}.json" for r in range(self.pp.size)]
-            ranks = [json.loads(p.read_text()) for p in parts]
-            (self.run_dir / "pipeline_timeline.json").write_text(json.dumps({"ranks": ranks}))
-            for p in parts:
-                p.unlink()
-
-    def _sync_tied_embedding(self) -> None:
-        """Sum the tied embedding's gradient over its two copies (first and last stage)."""
-        if self.pipeline is None or self.pp.size == 1 or not self.config.model.tied:
-            return
-        if self.model.embed == self.model.head:  # holds both ends (or neither)
-            return
-        peer = self.pp.size - 1 if self.model.embed else 0
-        grad = self.model.tok_emb.weight.grad
-        mine = grad.detach().clone()
-        handle = self.pp.isend(mine, peer, tag="tied-emb")
-        theirs = torch.empty_like(mine)
-        self.pp.recv(theirs, peer, tag="tied-emb")
-        handle.wait()
-        grad.add_(theirs)
+        return PipelineRank(
+            self.model, self.plans, self.pp, cfg.parallel.schedule, self.batch.grad_accum,
+            (self.batch.micro_batch, seq, cfg.model.d_model), self.device, self.precision.autocast, cfg.model.tied,
+        )
 
     # ------------------------------------------------------------------ the loop
 
@@ -288,7 +252,7 @@ class Trainer:
                     if result.skipped:
                         record["skipped"] = True
                     if self.pipeline is not None:
-                        record["bubble_measured"] = self.last_timing.bubble
+                        record["bubble_measured"] = self.pipeline.last_timing.bubble
                     last = self.state.step == train.steps
                     if (train.eval_every and self.state.step % train.eval_every == 0) or last:
                         self.state.last_val_loss = record["val_loss"] = self.evaluate()
@@ -301,8 +265,9 @@ class Trainer:
         finally:
             if metrics is not None:
                 metrics.close()
-        if self.pipeline is not None and self.last_timing is not None:
-            self._write_timeline()
+        coords = self.dist.coords
+        if self.pipeline is not None and coords.dp == 0 and coords.tp == 0:
+            self.pipeline.write_timeline(self.run_dir)
         summary = {
             "params": count_parameters(self.config.model),
             "steps": self.state.step,
