@@ -1,7 +1,8 @@
 """Data parallelism: bucketed gradient all-reduce, overlapped with backward.
 
 Buckets hold parameters in reverse registration order (roughly the order backward
-produces their gradients), cut every ``bucket_mb`` megabytes. Each bucket owns one flat
+produces their gradients), each closed once it holds ``bucket_mb`` megabytes (so small
+biases and norms ride with the matrix before them instead of travelling alone). Each bucket owns one flat
 buffer and every parameter's ``.grad`` is a view into it, so gradients accumulate in
 place and a bucket is one message with no copies. A post-accumulate-grad hook counts the
 bucket's gradients; when the last one lands, the bucket's all-reduce (sum) starts
@@ -54,12 +55,15 @@ class DataParallel:
         groups: list[list[nn.Parameter]] = [[]]
         size = 0
         for p in params:
-            nbytes = p.numel() * p.element_size()
-            if groups[-1] and (size + nbytes > cap_bytes or p.dtype != groups[-1][0].dtype):
+            if groups[-1] and p.dtype != groups[-1][0].dtype:
                 groups.append([])
                 size = 0
             groups[-1].append(p)
-            size += nbytes
+            size += p.numel() * p.element_size()
+            if size >= cap_bytes:  # close a bucket once full (as torch's reducer does), not before
+                groups.append([])
+                size = 0
+        groups = [g for g in groups if g]
         buckets = []
         for group in groups:
             buffer = torch.zeros(sum(p.numel() for p in group), dtype=group[0].dtype, device=group[0].device)
