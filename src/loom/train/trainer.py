@@ -220,8 +220,7 @@ class Trainer:
             metrics.truncate_after(self.state.step)
         start_step = self.state.step
         self.log(
-            f"model: {self.config.model.preset} ({self.config.model.family}), "
-            f"{count_parameters(self.config.model):,} parameters ({self.model.num_params():,} on this rank); "
+            f"model: {self.config.model.preset} ({self.config.model.family}), {self._describe_params()}; "
             f"batch {self.batch.global_batch} x {train.seq_len} tokens "
             f"(micro {self.batch.micro_batch} x accum {self.batch.grad_accum} x dp {self.batch.dp}); "
             f"{self.dist.dims.describe()}, device {self.device}, {train.precision}"
@@ -335,6 +334,10 @@ class Trainer:
                 f"checkpoint {path} is at step {self.state.step}, and train.steps = {self.config.train.steps}.",
                 f"raise train.steps above {self.state.step} to train further.",
             )
+
+    def _describe_params(self) -> str:
+        total, here = count_parameters(self.config.model), self.model.num_params()
+        return f"{total:,} parameters" + (f" ({here:,} on this rank)" if here != total else "")
 
     def _prepare_data(self) -> TokenData:
         """Rank 0 tokenises (or finds the cache) first; the others then read its cache."""
