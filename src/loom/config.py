@@ -115,15 +115,15 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation and the training loop."""
 
-    steps: int = 300
+    steps: int = 1000
     seq_len: int = 128
     micro_batch: int | None = None
     global_batch: int | None = None
     grad_accum: int | None = None
     microbatches: int | None = None  # pipeline name for grad_accum: micro-batches per step and dp rank
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20
+    warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -131,9 +131,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 turns clipping off
     precision: str = "fp32"
     seed: int = 1337
-    ckpt_every: int = 100  # 0: save only at the end
+    ckpt_every: int = 250  # 0: save only at the end
     keep_ckpts: int = 3
-    eval_every: int = 50  # 0: evaluate only at the end
+    eval_every: int = 100  # 0: evaluate only at the end
     eval_batches: int = 8
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     sample_tokens: int = 256  # tokens generated at the end of a run (0: none)
