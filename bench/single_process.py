@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -54,6 +54,7 @@ from loom.train.trainer import TRAIN_STREAM, Trainer
 
 GOAL = 0.97  # loom / plain tokens/s at or above this: the trainer costs nothing measurable
 AGREE_TOL = 1e-5  # max |loss_loom - loss_plain| over all steps for "agree"
+NOISY_SPREAD = 0.05  # per-round ratios further apart than this: the machine was busy
 
 
 @dataclass
@@ -71,6 +72,11 @@ class Run:
     def loop_s(self, warmup: int) -> float:
         """Mean seconds per loop iteration in the timed window."""
         return (self.starts[-1] - self.starts[warmup]) / (len(self.starts) - 1 - warmup)
+
+    def median_loop_s(self, warmup: int) -> float:
+        """Median seconds per loop iteration in the timed window: robust to a burst of noise."""
+        window = self.starts[warmup:]
+        return statistics.median(b - a for a, b in zip(window, window[1:]))
 
     def step_only_s(self, warmup: int) -> float:
         """Mean seconds of the step itself in the timed window (loop minus bookkeeping)."""
@@ -118,11 +124,10 @@ def run_plain(config: Config, data: TokenData) -> Run:
     return Run(starts, losses, step_s)
 
 
-def run_loom(config: Config) -> tuple[Run, float]:
-    """``Trainer.run()`` in a temporary run folder, quiet; also its whole wall time (setup included)."""
+def run_loom(config: Config) -> Run:
+    """``Trainer.run()`` in a temporary run folder, quiet, with each ``train_step`` call timed."""
     starts, losses, step_s = [], [], []
     with tempfile.TemporaryDirectory(prefix="loom-bench-") as run_dir:
-        began_all = time.perf_counter()
         trainer = Trainer(config, Path(run_dir), console=Console(file=io.StringIO()), live_progress=False)
         inner = trainer.train_step
 
@@ -136,9 +141,8 @@ def run_loom(config: Config) -> tuple[Run, float]:
 
         trainer.train_step = timed_step
         trainer.run()
-        total = time.perf_counter() - began_all
         del trainer
-    return Run(starts, losses, step_s), total
+    return Run(starts, losses, step_s)
 
 
 def check_same_optimizer(config: Config) -> None:
@@ -147,11 +151,13 @@ def check_same_optimizer(config: Config) -> None:
     model = Transformer(config.model, seed=config.train.seed, device=device)
 
     def settings(opt: torch.optim.Optimizer) -> tuple:
-        groups = [([id(p) for p in g["params"]], {k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups]
+        groups = [([id(p) for p in g["params"]], {k: v for k, v in g.items() if k != "params"})
+                  for g in opt.param_groups]
         return groups, opt.defaults
 
     if settings(plain_adamw(model, config.train, device)) != settings(build_adamw(model, config.train, device)):
-        raise SystemExit("the plain loop's AdamW differs from loom.optim.adamw.build_adamw; update plain_adamw to match.")
+        raise SystemExit("the plain loop's AdamW differs from loom.optim.adamw.build_adamw; "
+                         "update plain_adamw to match.")
 
 
 # ----------------------------------------------------------------------------- report
@@ -170,7 +176,7 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def markdown(command: str, when: str, job: str, rows: list[tuple], summary: dict, note: str) -> str:
+def markdown(command: str, when: str, job: str, rows: list[tuple], summary: dict, note: str, noise: str) -> str:
     lines = [
         "# single process: loom Trainer vs a plain PyTorch loop",
         "",
@@ -182,15 +188,18 @@ def markdown(command: str, when: str, job: str, rows: list[tuple], summary: dict
         "",
         "| job | plain tokens/s | loom tokens/s | ratio (loom / plain) | loss max abs diff |",
         "| --- | ---: | ---: | ---: | ---: |",
-        f"| {job} | {summary['plain']:,.0f} | {summary['loom']:,.0f} | {summary['ratio']:.3f} | {summary['diff']:.1e} ({summary['verdict']}) |",
+        f"| {job} | {summary['plain']:,.0f} | {summary['loom']:,.0f} | {summary['ratio']:.3f} "
+        f"| {summary['diff']:.1e} ({summary['verdict']}) |",
         "",
         "Per round (medians above):",
         "",
         "| round | order | plain tokens/s | loom tokens/s | ratio | loom step-only ms | loom bookkeeping ms/step |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    lines += [f"| {r} | {o} | {p:,.0f} | {l:,.0f} | {q:.3f} | {s * 1e3:.2f} | {b * 1e3:.3f} |" for r, o, p, l, q, s, b in rows]
-    lines += ["", f"Timing: {TIMING}", "", note, ""]
+    for rnd, order, plain, loom, ratio, step_only, bookkeeping in rows:
+        lines.append(f"| {rnd} | {order} | {plain:,.0f} | {loom:,.0f} | {ratio:.3f} "
+                     f"| {step_only * 1e3:.2f} | {bookkeeping * 1e3:.3f} |")
+    lines += ["", f"Timing: {TIMING}", "", noise, "", note, ""]
     return "\n".join(lines)
 
 
@@ -219,7 +228,9 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--preset", default="tiny", help="model preset")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
@@ -237,9 +248,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@dataclass
+class Round:
+    order: str
+    plain: Run
+    loom: Run
+
+
+def run_rounds(config: Config, data: TokenData, repeats: int, tokens_per_step: int, warmup: int) -> list[Round]:
+    """Interleaved rounds; odd rounds run plain first, even rounds loom first."""
+    print(f"{'round':>5}  {'order':<11}  {'plain tok/s':>11}  {'loom tok/s':>10}  {'ratio':>6}  "
+          f"{'loom step ms':>12}  {'bookkeeping ms':>14}  {'loss diff':>9}")
+    rounds = []
+    for r in range(1, repeats + 1):
+        order = ("plain", "loom") if r % 2 else ("loom", "plain")
+        runs = {}
+        for side in order:
+            gc.collect()
+            runs[side] = run_plain(copy.deepcopy(config), data) if side == "plain" else run_loom(copy.deepcopy(config))
+        rnd = Round(", ".join(order), runs["plain"], runs["loom"])
+        rounds.append(rnd)
+        row = round_row(r, rnd, tokens_per_step, warmup)
+        print(f"{r:>5}  {row[1]:<11}  {row[2]:>11,.0f}  {row[3]:>10,.0f}  {row[4]:>6.3f}  "
+              f"{row[5] * 1e3:>12.2f}  {row[6] * 1e3:>14.3f}  {loss_diff(rnd):>9.1e}")
+    return rounds
+
+
+def round_row(r: int, rnd: Round, tokens_per_step: int, warmup: int) -> tuple:
+    """(round, order, plain tok/s, loom tok/s, ratio, loom step-only s, loom bookkeeping s/step)."""
+    plain, loom = rnd.plain.tokens_per_s(warmup, tokens_per_step), rnd.loom.tokens_per_s(warmup, tokens_per_step)
+    step_only = rnd.loom.step_only_s(warmup)
+    return r, rnd.order, plain, loom, loom / plain, step_only, rnd.loom.loop_s(warmup) - step_only
+
+
+def loss_diff(rnd: Round) -> float:
+    return max(abs(a - b) for a, b in zip(rnd.plain.losses, rnd.loom.losses, strict=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python bench/single_process.py" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
     torch.set_num_threads(args.threads)
     try:
         config = build_config(args)
@@ -251,68 +298,66 @@ def main(argv: list[str] | None = None) -> int:
     train = config.train
     tokens_per_step = train.micro_batch * train.seq_len
     params = Transformer(config.model, seed=train.seed).num_params()
-    timed = train.steps - args.warmup - 1
     job = (
-        f"{args.preset} ({config.model.family}, {params / 1e6:.2f}M params), batch {train.micro_batch} x {train.seq_len}, "
-        f"{train.steps} steps ({timed} timed), fp32, threads={args.threads}"
+        f"{args.preset} ({config.model.family}, {params / 1e6:.2f}M params), batch {train.micro_batch} x "
+        f"{train.seq_len}, {train.steps} steps ({train.steps - args.warmup - 1} timed), fp32, threads={args.threads}"
     )
-    print(f"job: {job}")
-    print(f"timing: {TIMING}\n")
+    print(f"job: {job}\ntiming: {TIMING}\n")
 
-    rows, plain_tps, loom_tps, diffs, loom_totals = [], [], [], [], []
-    print(f"{'round':>5}  {'order':<11}  {'plain tok/s':>11}  {'loom tok/s':>10}  {'ratio':>6}  "
-          f"{'loom step ms':>12}  {'bookkeeping ms':>14}  {'loss diff':>9}")
-    for r in range(1, args.repeats + 1):
-        order = ("plain", "loom") if r % 2 else ("loom", "plain")
-        runs = {}
-        for side in order:
-            gc.collect()
-            if side == "plain":
-                runs[side] = run_plain(copy.deepcopy(config), data)
-            else:
-                runs[side], total = run_loom(copy.deepcopy(config))
-                loom_totals.append(total)
-        plain, loom = runs["plain"], runs["loom"]
-        p_tps, l_tps = plain.tokens_per_s(args.warmup, tokens_per_step), loom.tokens_per_s(args.warmup, tokens_per_step)
-        step_only = loom.step_only_s(args.warmup)
-        bookkeeping = loom.loop_s(args.warmup) - step_only
-        diff = max(abs(a - b) for a, b in zip(plain.losses, loom.losses, strict=True))
-        plain_tps.append(p_tps)
-        loom_tps.append(l_tps)
-        diffs.append(diff)
-        rows.append((r, ", ".join(order), p_tps, l_tps, l_tps / p_tps, step_only, bookkeeping))
-        print(f"{r:>5}  {', '.join(order):<11}  {p_tps:>11,.0f}  {l_tps:>10,.0f}  {l_tps / p_tps:>6.3f}  "
-              f"{step_only * 1e3:>12.2f}  {bookkeeping * 1e3:>14.3f}  {diff:>9.1e}")
-
-    med_plain, med_loom = statistics.median(plain_tps), statistics.median(loom_tps)
+    load_start = os.getloadavg()[0]
+    rounds = run_rounds(config, data, args.repeats, tokens_per_step, args.warmup)
+    rows = [round_row(r, rnd, tokens_per_step, args.warmup) for r, rnd in enumerate(rounds, start=1)]
+    med_plain, med_loom = statistics.median(row[2] for row in rows), statistics.median(row[3] for row in rows)
     ratio = med_loom / med_plain
-    diff = max(diffs)
+    diff = max(loss_diff(rnd) for rnd in rounds)
     verdict = "agree" if diff < AGREE_TOL else "DIFFER"
     summary = {"plain": med_plain, "loom": med_loom, "ratio": ratio, "diff": diff, "verdict": verdict}
+
+    ratios = [row[4] for row in rows]
+    noisy = max(ratios) - min(ratios) > NOISY_SPREAD
+    median_ratio = (statistics.median(rnd.plain.median_loop_s(args.warmup) for rnd in rounds)
+                    / statistics.median(rnd.loom.median_loop_s(args.warmup) for rnd in rounds))
+    noise = (
+        f"Noise: 1-minute load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end "
+        f"({os.cpu_count()} cores); per-round ratios {min(ratios):.3f} to {max(ratios):.3f}; "
+        f"the ratio from each side's median step time instead of the sum: {median_ratio:.3f}."
+        + (f" WARNING: the rounds disagree by more than {NOISY_SPREAD}: the machine was busy; rerun on a quiet one."
+           if noisy else "")
+        + (" One round cannot show noise; use --repeats 3 or more." if len(rounds) == 1 else "")
+    )
     bookkeeping_ms = statistics.median(row[6] for row in rows) * 1e3
     loop_ms = tokens_per_step / med_loom * 1e3
+    goal = "meets" if ratio >= GOAL else "misses"
     note = (
-        f"Interpretation: loom runs at {ratio:.3f}x the plain loop's tokens/s "
-        f"({'meets' if ratio >= GOAL else 'misses'} the {GOAL} goal); its per-step bookkeeping "
-        f"(metrics.jsonl, TensorBoard, progress) takes {bookkeeping_ms:.2f} ms of a {loop_ms:.1f} ms step "
-        f"({bookkeeping_ms / loop_ms:.1%}), and the loss curves {'agree' if verdict == 'agree' else 'DIFFER'} "
-        f"(max abs diff {diff:.1e} over {train.steps} steps x {args.repeats} rounds)."
+        f"Interpretation: loom runs at {ratio:.3f}x the plain loop's tokens/s ({goal} the {GOAL} goal"
+        f"{'; noisy, see above' if noisy else ''}); its per-step bookkeeping (metrics.jsonl, TensorBoard, progress) "
+        f"takes {bookkeeping_ms:.2f} ms of a {loop_ms:.1f} ms step ({bookkeeping_ms / loop_ms:.1%}), and the loss "
+        f"curves {verdict} (max abs diff {diff:.1e} over {train.steps} steps in each of {args.repeats} rounds)."
     )
 
-    print()
-    print(f"{'job':<}  {job}")
+    print(f"\njob: {job}")
     print(f"plain tokens/s (median of {args.repeats}): {med_plain:,.0f}")
     print(f"loom  tokens/s (median of {args.repeats}): {med_loom:,.0f}")
     print(f"ratio loom / plain: {ratio:.3f}  (goal >= {GOAL})")
     print(f"loss max abs diff: {diff:.1e}  ({verdict}, tolerance {AGREE_TOL:g})")
-    print(f"loom run() wall time incl. setup, final eval and checkpoint: median {statistics.median(loom_totals):.2f} s")
+    print(noise)
     print(note)
     if args.out:
-        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(command, when, job, rows, summary, note), encoding="utf-8")
+        args.out.write_text(markdown(command_line(), when, job, rows, summary, note, noise), encoding="utf-8")
         print(f"wrote {args.out}")
     return 0 if verdict == "agree" else 1
+
+
+def command_line() -> str:
+    """The command as typed, with the interpreter as a path relative to here when it is inside."""
+    exe = Path(sys.executable)
+    try:
+        exe = exe.relative_to(Path.cwd())
+    except ValueError:
+        exe = Path("python")
+    return shlex.join([str(exe), *sys.argv])
 
 
 if __name__ == "__main__":
