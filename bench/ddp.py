@@ -43,23 +43,32 @@ import argparse
 import gc
 import json
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from common import (
+    bench_command,
+    busy_warning,
+    check_rounds,
+    checkout,
+    fmt_bytes,
+    fmt_ranks,
+    head_lines,
+    machine,
+    noise_head,
+    paired_ratio,
+    sizes,
+    write_result,
+)
 from torch.nn.parallel import DistributedDataParallel
 
-import loom
 from loom.config import Config, load_config
 from loom.dist.context import init_distributed
 from loom.dist.spawn import run_ranks
@@ -283,30 +292,9 @@ def rank_main(overrides: list[str], bucket_mb: float, repeats: int, torch_grad_v
 # ----------------------------------------------------------------------------- report
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}, Python {platform.python_version()}"
-
-
 def source() -> str:
     """Which loom was measured: the checkout's commit and its uncommitted changes under src/ (read-only git)."""
-    root = Path(__file__).resolve().parents[1]
-    package = Path(loom.__file__).resolve().parent
-    where = "" if package == root / "src" / "loom" else f" (but loom was imported from {package})"
-
-    def git(*cmd: str) -> str:
-        done = subprocess.run(["git", "--no-optional-locks", "-C", str(root), *cmd], capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = [line.split(maxsplit=1)[1] for line in git("status", "--porcelain", "--", "src").splitlines()]
+    commit, changed, where = checkout()
     ddp_code = ("src/loom/parallel/data.py", "src/loom/dist/")
     touched = [c for c in changed if c.startswith(ddp_code) or ddp_code[1].startswith(c)]
     if not changed:
@@ -359,11 +347,6 @@ class WorldResult:
         return len(self.grad_bytes) == 1 and Fraction(next(iter(self.grad_bytes))) == self.formula
 
 
-def paired_ratio(loom: Run, peer: Run, warmup: int) -> float:
-    """Median over timed steps of the peer's step time / loom's at the same step (run back to back)."""
-    return statistics.median(p / m for m, p in zip(loom.step_s[warmup:], peer.step_s[warmup:], strict=True))
-
-
 def bench_world(world: int, overrides: list[str], args: argparse.Namespace) -> WorldResult:
     began = time.perf_counter()
     # a generous bound: startup, then every step of every side and round at a pessimistic 2 s per rank pair
@@ -388,14 +371,6 @@ def bench_world(world: int, overrides: list[str], args: argparse.Namespace) -> W
     )
 
 
-def _bytes(value) -> str:
-    return f"{float(value):,.0f}" if float(value) == int(value) else f"{float(value):,.1f}"
-
-
-def _ranks(r: WorldResult) -> str:
-    return f"{r.world}{' (oversubscribed)' if r.world > (os.cpu_count() or 1) else ''}"
-
-
 def table_lines(results: list[WorldResult]) -> list[str]:
     lines = [
         "| ranks | loom tokens/s | torch DDP tokens/s | ratio (loom / torch) | no-sync tokens/s | "
@@ -404,14 +379,14 @@ def table_lines(results: list[WorldResult]) -> list[str]:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for r in results:
-        grads = ", ".join(_bytes(b) for b in sorted(r.grad_bytes))
-        loss = ", ".join(_bytes(b) for b in sorted(r.loss_bytes))
+        grads = ", ".join(fmt_bytes(b) for b in sorted(r.grad_bytes))
+        loss = ", ".join(fmt_bytes(b) for b in sorted(r.loss_bytes))
         verdict = "agree" if r.loss_diff < AGREE_TOL else "DIFFER"
         lines.append(
-            f"| {_ranks(r)} | {r.median_tps('loom'):,.0f} | {r.median_tps('torch'):,.0f} | {r.ratio:.3f} | "
+            f"| {fmt_ranks(r.world)} | {r.median_tps('loom'):,.0f} | {r.median_tps('torch'):,.0f} | {r.ratio:.3f} | "
             f"{r.median_tps('nosync'):,.0f} | {r.cost_ms('loom'):.1f} / {r.cost_ms('torch'):.1f} | "
             f"{'/'.join(map(str, sorted(r.buckets['loom'])))} / {'/'.join(map(str, sorted(r.buckets['torch'])))} | {grads} | "
-            f"{_bytes(r.formula)} | {'yes' if r.bytes_match else 'NO'} | {loss} | {r.loss_diff:.1e} ({verdict}) |"
+            f"{fmt_bytes(r.formula)} | {'yes' if r.bytes_match else 'NO'} | {loss} | {r.loss_diff:.1e} ({verdict}) |"
         )
     return lines
 
@@ -484,12 +459,7 @@ def markdown(command: str, when: str, job: str, results: list[WorldResult], nois
     lines = [
         "# DDP: loom DataParallel vs torch DistributedDataParallel",
         "",
-        f"Command: `{command}`",
-        "",
-        f"Date: {when}",
-        "",
-        f"Machine: {machine()}",
-        "",
+        *head_lines(command, when, machine()),
         f"Source: {source()}",
         "",
         f"Job: {job}",
@@ -543,22 +513,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--corpus", default="stdlib", help="data.corpus")
     p.add_argument("--out", type=Path, help="also write the result as markdown here")
     args = p.parse_args(argv)
-    if args.steps < args.warmup + 2:
-        p.error(f"--steps {args.steps} leaves fewer than 2 timed steps after --warmup {args.warmup}")
-    if args.repeats < 1:
-        p.error("--repeats must be at least 1")
-    try:
-        args.world_sizes = [int(w) for w in args.worlds.split(",")]
-    except ValueError:
-        p.error(f"--worlds {args.worlds!r} is not a comma-separated list of integers")
-    if any(w < 2 for w in args.world_sizes):
-        p.error("every world size in --worlds must be at least 2")
+    check_rounds(p, args)
+    args.world_sizes = sizes(p, "--worlds", args.worlds, "world size")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python bench/ddp.py" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
+    command = bench_command("ddp.py")
     overrides = build_overrides(args)
     try:
         config = load_config(None, overrides)
@@ -596,10 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [q for r in results for q in r.ratios]
     noisy = [r.world for r in results if max(r.ratios) - min(r.ratios) > NOISY_SPREAD]
     noise = (
-        f"Noise: 1-minute load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end "
-        f"({cores} cores); per-round ratios {min(ratios):.3f} to {max(ratios):.3f}"
-        + (f" -- WARNING: spread above {NOISY_SPREAD} at {', '.join(map(str, noisy))} ranks; the machine was busy, "
-           "rerun on a quiet one." if noisy else ".")
+        noise_head(load_start, cores, ratios)
+        + (busy_warning(NOISY_SPREAD, f"{', '.join(map(str, noisy))} ranks") if noisy else ".")
     )
     notes = interpretation(results, cores)
     print("\n".join(table_lines(results)))
@@ -607,11 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     print(noise)
     for line in notes:
         print(line)
-    if args.out:
-        when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(command, when, job, results, noise, notes), encoding="utf-8")
-        print(f"wrote {args.out}")
+    write_result(args.out, lambda when: markdown(command, when, job, results, noise, notes))
     ok = all(r.bytes_match and r.loss_diff < AGREE_TOL for r in results)
     return 0 if ok else 1
 

@@ -67,21 +67,28 @@ import argparse
 import gc
 import json
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from common import (
+    ONE_ROUND,
+    bench_command,
+    busy_warning,
+    check_rounds,
+    checkout,
+    head_lines,
+    machine,
+    noise_head,
+    sizes,
+    write_result,
+)
 from torch import nn
 from torch.distributed import pipelining
 
-import loom
 from loom.config import Config, load_config
 from loom.dist.context import init_distributed
 from loom.dist.spawn import run_ranks
@@ -479,30 +486,9 @@ def bench_pp(pp: int, overrides: list[str], args: argparse.Namespace) -> tuple[l
 # ----------------------------------------------------------------------------- report
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}, Python {platform.python_version()}"
-
-
 def source() -> str:
     """Which loom was measured: the checkout's commit and its uncommitted changes under src/ (read-only git)."""
-    root = Path(__file__).resolve().parents[1]
-    package = Path(loom.__file__).resolve().parent
-    where = "" if package == root / "src" / "loom" else f" (but loom was imported from {package})"
-
-    def git(*cmd: str) -> str:
-        done = subprocess.run(["git", "--no-optional-locks", "-C", str(root), *cmd], capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = [line.split(maxsplit=1)[1] for line in git("status", "--porcelain", "--", "src").splitlines()]
+    commit, changed, where = checkout()
     dirty = f"; uncommitted changes in {', '.join(changed)}" if changed else "; src/ as committed"
     return f"loom at commit {commit}{dirty}{where}"
 
@@ -650,7 +636,7 @@ def markdown(command: str, when: str, job: str, results: list[ScheduleResult], n
             "",
         ]
     lines += [
-        f"Command: `{command}`", "", f"Date: {when}", "", f"Machine: {machine()}", "", f"Source: {source()}", "",
+        *head_lines(command, when, machine()), f"Source: {source()}", "",
         f"Job: {job}", "", *table_lines(results), "", "Per round and per-action detail:", "",
         *detail_lines(results), "", "Per rank (loom's measured costs and bubble, medians over timed steps; "
         "memory from the extra step):", "", *rank_lines(results), "", f"Timing: {TIMING}", "", BUBBLE, "", MEMORY, "", noise, "",
@@ -694,16 +680,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="mark the result file as a smoke run (timings not a result)")
     p.add_argument("--out", type=Path, help="also write the result as markdown here")
     args = p.parse_args(argv)
-    if args.steps < args.warmup + 2:
-        p.error(f"--steps {args.steps} leaves fewer than 2 timed steps after --warmup {args.warmup}")
-    if args.repeats < 1:
-        p.error("--repeats must be at least 1")
-    try:
-        args.pp_sizes = [int(v) for v in args.pp.split(",")]
-    except ValueError:
-        p.error(f"--pp {args.pp!r} is not a comma-separated list of integers")
-    if any(v < 2 for v in args.pp_sizes):
-        p.error("every size in --pp must be at least 2")
+    check_rounds(p, args)
+    args.pp_sizes = sizes(p, "--pp", args.pp, "size")
     args.schedule_list = [s.strip() for s in args.schedules.split(",") if s.strip()]
     unknown = [s for s in args.schedule_list if s not in TORCH_SCHEDULES]
     if unknown or not args.schedule_list:
@@ -717,7 +695,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python bench/pipeline.py" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
+    command = bench_command("pipeline.py")
     try:
         for pp in args.pp_sizes:  # validate every layout before starting any rank
             config = load_config(None, build_overrides(args, pp))
@@ -762,11 +740,9 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [q for r in results for q in r.ratios]
     noisy = [f"pp {r.pp} {r.schedule}" for r in results if max(r.ratios) - min(r.ratios) > NOISY_SPREAD]
     noise = (
-        f"Noise: 1-minute load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end "
-        f"({cores} cores); per-round ratios {min(ratios):.3f} to {max(ratios):.3f}"
-        + (f" -- WARNING: spread above {NOISY_SPREAD} at {', '.join(noisy)}; the machine was busy, rerun on a "
-           "quiet one." if noisy else ".")
-        + (" One round cannot show noise; use --repeats 3 or more." if args.repeats == 1 else "")
+        noise_head(load_start, cores, ratios)
+        + (busy_warning(NOISY_SPREAD, ", ".join(noisy)) if noisy else ".")
+        + (ONE_ROUND if args.repeats == 1 else "")
     )
     notes = interpretation(results, cores)
     print("\n".join(table_lines(results)))
@@ -774,11 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     print(noise)
     for line in notes:
         print(line)
-    if args.out:
-        when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(command, when, job, results, noise, notes, args.smoke), encoding="utf-8")
-        print(f"wrote {args.out}")
+    write_result(args.out, lambda when: markdown(command, when, job, results, noise, notes, args.smoke))
     ok = all(r.loss0_diff < AGREE_TOL and r.same_order is not False for r in results)
     return 0 if ok else 1
 

@@ -28,18 +28,17 @@ import copy
 import gc
 import io
 import os
-import platform
 import shlex
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import ONE_ROUND, check_rounds, head_lines, machine, noise_head, write_result
 from rich.console import Console
 
 from loom.config import Config, TrainConfig, load_config
@@ -163,29 +162,11 @@ def check_same_optimizer(config: Config) -> None:
 # ----------------------------------------------------------------------------- report
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, Python {platform.python_version()}"
-
-
 def markdown(command: str, when: str, job: str, rows: list[tuple], summary: dict, note: str, noise: str) -> str:
     lines = [
         "# single process: loom Trainer vs a plain PyTorch loop",
         "",
-        f"Command: `{command}`",
-        "",
-        f"Date: {when}",
-        "",
-        f"Machine: {machine()}",
-        "",
+        *head_lines(command, when, machine(gpu=True)),
         "| job | plain tokens/s | loom tokens/s | ratio (loom / plain) | loss max abs diff |",
         "| --- | ---: | ---: | ---: | ---: |",
         f"| {job} | {summary['plain']:,.0f} | {summary['loom']:,.0f} | {summary['ratio']:.3f} "
@@ -241,10 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--corpus", default="stdlib", help="data.corpus")
     p.add_argument("--out", type=Path, help="also write the result as markdown here")
     args = p.parse_args(argv)
-    if args.steps < args.warmup + 3:
-        p.error(f"--steps {args.steps} leaves fewer than 2 timed steps after --warmup {args.warmup}")
-    if args.repeats < 1:
-        p.error("--repeats must be at least 1")
+    check_rounds(p, args, extra=3)
     return args
 
 
@@ -318,12 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     median_ratio = (statistics.median(rnd.plain.median_loop_s(args.warmup) for rnd in rounds)
                     / statistics.median(rnd.loom.median_loop_s(args.warmup) for rnd in rounds))
     noise = (
-        f"Noise: 1-minute load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end "
-        f"({os.cpu_count()} cores); per-round ratios {min(ratios):.3f} to {max(ratios):.3f}; "
+        noise_head(load_start, os.cpu_count(), ratios) + "; "
         f"the ratio from each side's median step time instead of the sum: {median_ratio:.3f}."
         + (f" WARNING: the rounds disagree by more than {NOISY_SPREAD}: the machine was busy; rerun on a quiet one."
            if noisy else "")
-        + (" One round cannot show noise; use --repeats 3 or more." if len(rounds) == 1 else "")
+        + (ONE_ROUND if len(rounds) == 1 else "")
     )
     bookkeeping_ms = statistics.median(row[6] for row in rows) * 1e3
     loop_ms = tokens_per_step / med_loom * 1e3
@@ -342,11 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loss max abs diff: {diff:.1e}  ({verdict}, tolerance {AGREE_TOL:g})")
     print(noise)
     print(note)
-    if args.out:
-        when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(command_line(), when, job, rows, summary, note, noise), encoding="utf-8")
-        print(f"wrote {args.out}")
+    write_result(args.out, lambda when: markdown(command_line(), when, job, rows, summary, note, noise))
     return 0 if verdict == "agree" else 1
 
 

@@ -68,18 +68,28 @@ import argparse
 import gc
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
 
 import torch
+from common import (
+    bench_command,
+    busy_warning,
+    check_rounds,
+    fmt_bytes,
+    fmt_ranks,
+    head_lines,
+    machine,
+    noise_head,
+    paired_ratio,
+    sizes,
+    write_result,
+)
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -447,18 +457,6 @@ def rank_main(overrides: list[str], repeats: int, warmup: int) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}, Python {platform.python_version()}"
-
-
 @dataclass
 class WorldResult:
     """One world size (= tp size): per-round medians of each side, losses, bytes and collective counts."""
@@ -532,11 +530,6 @@ class WorldResult:
         return max(self.step0.values()) < AGREE_TOL
 
 
-def paired_ratio(loom: Run, peer: Run, warmup: int) -> float:
-    """Median over timed steps of the peer's step time / loom's at the same step (run back to back)."""
-    return statistics.median(p / m for m, p in zip(loom.step_s[warmup:], peer.step_s[warmup:], strict=True))
-
-
 def bench_world(world: int, overrides: list[str], args: argparse.Namespace, config: Config) -> WorldResult:
     began = time.perf_counter()
     # a generous bound: startup, then every step of both sides and rounds at a pessimistic 3 s per rank pair
@@ -573,20 +566,12 @@ def bench_world(world: int, overrides: list[str], args: argparse.Namespace, conf
     )
 
 
-def _bytes(value) -> str:
-    return f"{float(value):,.0f}" if float(value) == int(value) else f"{float(value):,.1f}"
-
-
-def _ranks(r: WorldResult) -> str:
-    return f"{r.world}{' (oversubscribed)' if r.world > (os.cpu_count() or 1) else ''}"
-
-
 def _other_bytes(r: WorldResult) -> str:
     """The non-mapping tags of loom's per-step tp traffic, e.g. 'tp-ce 18,432'."""
     rec = r.bytes_record
     if rec is None:
         return "differ by rank/step"
-    parts = [f"{k} {_bytes(v)}" for k, v in sorted(rec.items()) if k not in (*MAPPING_TAGS, "total")]
+    parts = [f"{k} {fmt_bytes(v)}" for k, v in sorted(rec.items()) if k not in (*MAPPING_TAGS, "total")]
     return ", ".join(parts) or "none"
 
 
@@ -599,7 +584,7 @@ def table_lines(results: list[WorldResult]) -> list[str]:
     ]
     for r in results:
         lines.append(
-            f"| {_ranks(r)} | {r.median_tps('loom'):,.0f} | {r.median_tps('dtensor'):,.0f} | {r.ratio:.3f} | "
+            f"| {fmt_ranks(r.world)} | {r.median_tps('loom'):,.0f} | {r.median_tps('dtensor'):,.0f} | {r.ratio:.3f} | "
             f"{r.median_tps('nocomm'):,.0f} | {r.over_floor_ms('loom'):.1f} / {r.over_floor_ms('dtensor'):.1f} | "
             f"{statistics.median(r.comm_s) * 1e3:.1f} | {' / '.join(f'{r.cpu_ms(s):.1f}' for s in SIDES)} | "
             f"{r.cpu_ratio:.3f} |"
@@ -616,11 +601,11 @@ def bytes_lines(results: list[WorldResult]) -> list[str]:
     ]
     for r in results:
         rec = r.bytes_record
-        total = _bytes(rec["total"]) if rec is not None else "differ"
-        mapping = ", ".join(_bytes(b) for b in r.mapping_bytes())
+        total = fmt_bytes(rec["total"]) if rec is not None else "differ"
+        mapping = ", ".join(fmt_bytes(b) for b in r.mapping_bytes())
         verdict = "agree" if r.agree else "DIFFER"
         lines.append(
-            f"| {r.world} | {total} | {mapping} | {_bytes(r.formula)} | {'yes' if r.bytes_match else 'NO'} | "
+            f"| {r.world} | {total} | {mapping} | {fmt_bytes(r.formula)} | {'yes' if r.bytes_match else 'NO'} | "
             f"{_other_bytes(r)} | {' / '.join(f'{v:.1e}' for v in r.step0.values())} ({verdict}) | "
             f"{r.curve_diff:.1e} |"
         )
@@ -654,7 +639,7 @@ def count_lines(results: list[WorldResult]) -> list[str]:
     for r in results:
         (lc, lb), (dc, db) = r.counts["loom"], r.counts["dtensor"]
         fmt = lambda d: ", ".join(f"{k} x{n}" for k, n in sorted(d.items())) or "none"  # noqa: E731
-        lines.append(f"| {r.world} | {fmt(lc)} | {_bytes(lb)} | {fmt(dc)} | {_bytes(db)} |")
+        lines.append(f"| {r.world} | {fmt(lc)} | {fmt_bytes(lb)} | {fmt(dc)} | {fmt_bytes(db)} |")
     return lines
 
 
@@ -712,7 +697,7 @@ def interpretation(results: list[WorldResult], cores: int, config: Config, sp: b
             f"{lp['fwd']:.1f} vs {dp['fwd']:.1f} ms, backward {lp['bwd']:.1f} vs {dp['bwd']:.1f} ms, item + AdamW + "
             f"zero {lp['opt']:.1f} vs {dp['opt']:.1f} ms (loom vs DTensor). loom's mapping bytes "
             f"{'equal' if r.bytes_match else 'DIFFER from'} 8bsh(t-1)/t x 4 x (L + 1/2); its cross-entropy adds 3 "
-            f"all-reduces of b*s fp32 ({_bytes(r.ce_formula)} B)."
+            f"all-reduces of b*s fp32 ({fmt_bytes(r.ce_formula)} B)."
         )
     return out
 
@@ -721,12 +706,7 @@ def markdown(command: str, when: str, job: str, results: list[WorldResult], nois
     lines = [
         "# Tensor parallelism: loom vs PyTorch DTensor (parallelize_module)",
         "",
-        f"Command: `{command}`",
-        "",
-        f"Date: {when}",
-        "",
-        f"Machine: {machine()}",
-        "",
+        *head_lines(command, when, machine()),
         f"Job: {job}",
         "",
         *table_lines(results),
@@ -794,16 +774,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--corpus", default="stdlib", help="data.corpus")
     p.add_argument("--out", type=Path, help="also write the result as markdown here")
     args = p.parse_args(argv)
-    if args.steps < args.warmup + 2:
-        p.error(f"--steps {args.steps} leaves fewer than 2 timed steps after --warmup {args.warmup}")
-    if args.repeats < 1:
-        p.error("--repeats must be at least 1")
-    try:
-        args.world_sizes = [int(w) for w in args.worlds.split(",")]
-    except ValueError:
-        p.error(f"--worlds {args.worlds!r} is not a comma-separated list of integers")
-    if any(w < 2 for w in args.world_sizes):
-        p.error("every tp size in --worlds must be at least 2")
+    check_rounds(p, args)
+    args.world_sizes = sizes(p, "--worlds", args.worlds, "tp size")
     return args
 
 
@@ -821,7 +793,7 @@ def check_layout(config: Config, worlds: list[int], sequence_parallel: bool) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python bench/tensor_parallel.py" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
+    command = bench_command("tensor_parallel.py")
     overrides = build_overrides(args)
     try:
         for world in args.world_sizes:  # loom's own checks of each layout (heads, sequence vs tp)
@@ -863,10 +835,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [q for r in results for q in r.ratios]
     noisy = [r.world for r in results if max(r.ratios) - min(r.ratios) > NOISY_SPREAD]
     noise = (
-        f"Noise: 1-minute load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end "
-        f"({cores} cores); per-round ratios {min(ratios):.3f} to {max(ratios):.3f}"
-        + (f" -- WARNING: spread above {NOISY_SPREAD} at {', '.join(map(str, noisy))} ranks; the machine was busy, "
-           "rerun on a quiet one." if noisy else ".")
+        noise_head(load_start, cores, ratios)
+        + (busy_warning(NOISY_SPREAD, f"{', '.join(map(str, noisy))} ranks") if noisy else ".")
     )
     notes = interpretation(results, cores, config, args.sequence_parallel)
     print("\n".join(table_lines(results)))
@@ -878,11 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     print(noise)
     for line in notes:
         print(line)
-    if args.out:
-        when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(command, when, job, results, noise, notes), encoding="utf-8")
-        print(f"wrote {args.out}")
+    write_result(args.out, lambda when: markdown(command, when, job, results, noise, notes))
     ok = all(r.bytes_match and r.agree for r in results)
     return 0 if ok else 1
 

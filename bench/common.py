@@ -1,0 +1,119 @@
+"""Helpers shared by the benchmark scripts in bench/: machine and source lines, noise, result files.
+
+The scripts import these as ``from common import ...``, which works when run as ``python bench/X.py``
+(the script's folder is on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+import loom
+
+ONE_ROUND = " One round cannot show noise; use --repeats 3 or more."
+
+
+def machine(gpu: bool = False) -> str:
+    """CPU model (from /proc/cpuinfo), core count, optionally the GPU, and the torch and Python versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu_part = f", GPU {torch.cuda.get_device_name()}" if gpu and torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu_part}; torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def checkout() -> tuple[str, list[str], str]:
+    """Which loom is measured (read-only git): the short commit, the paths changed under src/, and a note
+    if loom was imported from somewhere other than this checkout's src/ (else "")."""
+    root = Path(__file__).resolve().parents[1]
+    package = Path(loom.__file__).resolve().parent
+    where = "" if package == root / "src" / "loom" else f" (but loom was imported from {package})"
+
+    def git(*cmd: str) -> str:
+        done = subprocess.run(["git", "--no-optional-locks", "-C", str(root), *cmd], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = [line.split(maxsplit=1)[1] for line in git("status", "--porcelain", "--", "src").splitlines()]
+    return commit, changed, where
+
+
+def bench_command(script: str) -> str:
+    """The command line as ``python bench/<script> <args>``."""
+    return f"python bench/{script}" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
+
+
+def head_lines(command: str, when: str, machine_line: str) -> list[str]:
+    """The Command / Date / Machine lines at the top of a result file."""
+    return [f"Command: `{command}`", "", f"Date: {when}", "", f"Machine: {machine_line}", ""]
+
+
+def noise_head(load_start: float, cores: int, ratios: list[float]) -> str:
+    """Start of the noise line: load average at start and now, and the spread of the per-round ratios."""
+    return (
+        f"Noise: 1-minute load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end "
+        f"({cores} cores); per-round ratios {min(ratios):.3f} to {max(ratios):.3f}"
+    )
+
+
+def busy_warning(spread: float, where: str) -> str:
+    """The noise line's ending when rounds disagree by more than ``spread`` at ``where``."""
+    return f" -- WARNING: spread above {spread} at {where}; the machine was busy, rerun on a quiet one."
+
+
+def paired_ratio(loom: object, peer: object, warmup: int) -> float:
+    """Median over timed steps of the peer's step time / loom's at the same step (run back to back)."""
+    return statistics.median(p / m for m, p in zip(loom.step_s[warmup:], peer.step_s[warmup:], strict=True))
+
+
+def fmt_bytes(value) -> str:
+    """A byte count with thousands separators; one decimal if it is not whole."""
+    return f"{float(value):,.0f}" if float(value) == int(value) else f"{float(value):,.1f}"
+
+
+def fmt_ranks(world: int) -> str:
+    """A rank count, marked when it exceeds the cores."""
+    return f"{world}{' (oversubscribed)' if world > (os.cpu_count() or 1) else ''}"
+
+
+def check_rounds(p: argparse.ArgumentParser, args: argparse.Namespace, extra: int = 2) -> None:
+    """Reject --steps below --warmup + extra and --repeats below 1."""
+    if args.steps < args.warmup + extra:
+        p.error(f"--steps {args.steps} leaves fewer than 2 timed steps after --warmup {args.warmup}")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+
+
+def sizes(p: argparse.ArgumentParser, flag: str, text: str, what: str) -> list[int]:
+    """Parse a comma-separated list of sizes, each at least 2 (``what`` names them in the error)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        p.error(f"{flag} {text!r} is not a comma-separated list of integers")
+    if any(v < 2 for v in values):
+        p.error(f"every {what} in {flag} must be at least 2")
+    return values
+
+
+def write_result(out: Path | None, render) -> None:
+    """If ``out`` is set, write ``render(when)`` there (``when``: now, UTC, to the minute) and say so."""
+    if out:
+        when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render(when), encoding="utf-8")
+        print(f"wrote {out}")
