@@ -16,7 +16,9 @@ checkpoint (after the last step starts).
 
 Noise. Rounds are interleaved, and the side that goes first alternates (plain, loom |
 loom, plain | ...); the table reports the median tokens/s of each side over the rounds
-and the ratio of the medians.
+and the ratio of the medians. When the per-round ratios differ by more than 0.05 the
+result is flagged as noise; the ratio of each side's median step time is printed as a
+cross-check that one slow burst cannot move.
 
     python bench/single_process.py --out bench/results/single_process.md
 """
