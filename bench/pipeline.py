@@ -97,6 +97,7 @@ from loom.model.transformer import Transformer
 from loom.optim.adamw import build_adamw
 from loom.optim.lr import lr_at
 from loom.parallel.pipeline.partition import StagePlan, rank_stages
+from loom.parallel.pipeline.rank import add_from_peer
 from loom.parallel.pipeline.runtime import PipelineRuntime
 from loom.parallel.pipeline.schedules import build_schedule, stage_of
 from loom.parallel.pipeline.simulate import Costs, bubble_formula, from_measurements, simulate
@@ -226,14 +227,7 @@ class Side:
         weight = self.tied_weight()
         if weight is None:
             return
-        peer = self.pp.size - 1 if self.first else 0
-        grad = weight.grad
-        mine = grad.detach().clone()
-        handle = self.pp.isend(mine, peer, tag="tied-emb")
-        theirs = torch.empty_like(mine)
-        self.pp.recv(theirs, peer, tag="tied-emb")
-        handle.wait()
-        grad.add_(theirs)
+        add_from_peer(self.pp, weight.grad, self.pp.size - 1 if self.first else 0)
 
     def step(self, step: int, x, y, micro, world) -> None:
         train = self.config.train

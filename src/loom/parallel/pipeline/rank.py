@@ -23,6 +23,16 @@ from loom.parallel.pipeline.schedules import build_schedule
 from loom.parallel.pipeline.simulate import TIMELINE_FILE
 
 
+def add_from_peer(pp: Comm, grad: torch.Tensor, peer: int, tag: str = "tied-emb") -> None:
+    """grad += the peer's grad, symmetric on both sides (non-blocking send, so no deadlock)."""
+    mine = grad.detach().clone()
+    handle = pp.isend(mine, peer, tag=tag)
+    theirs = torch.empty_like(mine)
+    pp.recv(theirs, peer, tag=tag)
+    handle.wait()
+    grad.add_(theirs)
+
+
 class PipelineRank:
     def __init__(
         self,
@@ -63,14 +73,7 @@ class PipelineRank:
         """Sum the tied embedding's gradient over its two copies (first and last stage)."""
         if not self.tied_copy:
             return
-        peer = self.pp.size - 1 if self.model.embed else 0
-        grad = self.model.tok_emb.weight.grad
-        mine = grad.detach().clone()
-        handle = self.pp.isend(mine, peer, tag="tied-emb")
-        theirs = torch.empty_like(mine)
-        self.pp.recv(theirs, peer, tag="tied-emb")
-        handle.wait()
-        grad.add_(theirs)
+        add_from_peer(self.pp, self.model.tok_emb.weight.grad, self.pp.size - 1 if self.model.embed else 0)
 
     def write_timeline(self, run_dir: Path) -> None:
         """Every stage's measured per-action times of the last step, gathered by pp rank 0 through files."""
