@@ -113,3 +113,36 @@ def test_trainer_on_dp_ranks_matches_one_process(tmp_path: Path, text_corpus: Pa
     for name, want in single.model.named_parameters():
         for _, params in results:
             torch.testing.assert_close(params[name], want.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _rank_unused_branch() -> dict:
+    """Step 1 uses both linears, step 2 only the first: the second's slot must read zero, not step 1."""
+    ctx = init_distributed(load_config(None, []).parallel)
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    model = torch.nn.ModuleList([first, second])
+    ddp = DataParallel(model, ctx.comm("dp"), bucket_mb=0.0001)
+    x = torch.full((2, 4), float(ctx.coords.dp + 1))
+    second(first(x)).sum().backward()
+    ddp.finish_gradient_sync()
+    step1 = {n: p.grad.clone() for n, p in model.named_parameters()}
+    ddp.zero_grad()
+    first(x).sum().backward()
+    ddp.finish_gradient_sync()
+    return {"step1": step1, "step2": {n: p.grad.clone() for n, p in model.named_parameters()}}
+
+
+def test_unused_parameters_get_zero_not_stale_gradients() -> None:
+    results = run_ranks(_rank_unused_branch, 2, timeout_s=60)
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    x = torch.cat([torch.full((2, 4), 1.0), torch.full((2, 4), 2.0)])
+    (second(first(x)).sum() / 2).backward()  # the mean over the 2 ranks' sums
+    first.zero_grad(set_to_none=True)
+    (first(x).sum() / 2).backward()
+    for result in results:
+        assert result["step1"]["1.weight"].abs().sum() > 0
+        torch.testing.assert_close(result["step2"]["0.weight"], first.weight.grad)
+        torch.testing.assert_close(result["step2"]["0.bias"], first.bias.grad)
+        assert torch.equal(result["step2"]["1.weight"], torch.zeros(4, 4))
+        assert torch.equal(result["step2"]["1.bias"], torch.zeros(4))
