@@ -77,7 +77,8 @@ from loom.model.transformer import Transformer
 from loom.optim.adamw import build_adamw
 from loom.optim.lr import lr_at
 from loom.parallel.data import DataParallel
-from loom.train.data import batch_offsets, batch_rows, get_batch, prepare_dataset
+from loom.train.batches import batch_offsets, batch_rows, get_batch
+from loom.train.data import prepare_dataset
 from loom.train.tokenizer import load_tokenizer
 from loom.train.trainer import TRAIN_STREAM
 

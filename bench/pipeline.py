@@ -101,7 +101,8 @@ from loom.parallel.pipeline.rank import add_from_peer
 from loom.parallel.pipeline.runtime import PipelineRuntime
 from loom.parallel.pipeline.schedules import build_schedule, stage_of
 from loom.parallel.pipeline.simulate import Costs, bubble_formula, from_measurements, simulate
-from loom.train.data import batch_offsets, batch_rows, get_batch, prepare_dataset
+from loom.train.batches import batch_offsets, batch_rows, get_batch
+from loom.train.data import prepare_dataset
 from loom.train.tokenizer import load_tokenizer
 from loom.train.trainer import TRAIN_STREAM
 

@@ -48,7 +48,8 @@ from loom.errors import LoomError
 from loom.model.transformer import Transformer
 from loom.optim.adamw import build_adamw
 from loom.optim.lr import lr_at
-from loom.train.data import TokenData, batch_offsets, get_batch, prepare_dataset
+from loom.train.batches import batch_offsets, get_batch
+from loom.train.data import TokenData, prepare_dataset
 from loom.train.precision import resolve_device
 from loom.train.tokenizer import load_tokenizer
 from loom.train.trainer import TRAIN_STREAM, Trainer

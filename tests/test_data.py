@@ -11,15 +11,9 @@ import torch
 
 from loom.config import DataConfig
 from loom.errors import LoomError
-from loom.train.data import (
-    TokenData,
-    batch_offsets,
-    batch_rows,
-    get_batch,
-    iter_documents,
-    prepare_dataset,
-    write_token_file,
-)
+from loom.train.batches import batch_offsets, batch_rows, get_batch
+from loom.train.corpus import iter_documents
+from loom.train.data import TokenData, prepare_dataset, write_token_file
 from loom.train.tokenizer import ByteTokenizer, train_tokenizer
 
 BYTE = ByteTokenizer()

@@ -24,7 +24,7 @@ from loom.model.transformer import Transformer
 from loom.parallel.full_state import full_model_state, gather_tensor, shard_layouts
 from loom.parallel.tensor import TensorParallel
 from loom.parallel.vocab import gather_vocab_logits
-from loom.train.data import batch_offsets, get_batch
+from loom.train.batches import batch_offsets, get_batch
 from loom.train.metrics import read_metrics
 from loom.train.trainer import Trainer
 

@@ -12,8 +12,8 @@ The key hashes everything the tokens depend on (corpus, source files with sizes 
 tokenizer fingerprint, split, byte limit, format version), so a cached folder is never
 stale, and it is published by one atomic rename, so a half-written one is never seen.
 
-Batches are a pure function of (seed, step, stream): a resumed run and every
-data-parallel layout see exactly the same rows.
+Which documents a corpus holds is :mod:`loom.train.corpus`; which windows a step
+trains on is :mod:`loom.train.batches`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
-import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -32,9 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from loom.errors import LoomError
+from loom.train.corpus import Source, documents_of, find_source, missing_corpus
 
 if TYPE_CHECKING:
     from loom.config import DataConfig
@@ -42,7 +40,6 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1  # bump when the cached files' layout or contents change
 TOKEN_FILE_FORMAT = "loom-tokens-v1"
-TEXT_SUFFIXES = (".txt", ".jsonl")
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # token files are little-endian
 ENCODE_CHUNK_CHARS = 8 << 20  # text handed to the tokenizer per encode_batch call
 LOG_EVERY_S = 5.0
@@ -65,129 +62,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return DTYPES["uint16"] if vocab_size <= 2**16 else DTYPES["uint32"]
 
 
-# ----------------------------------------------------------------------------- documents
-
-
-@dataclass(frozen=True)
-class _Source:
-    kind: str  # "stdlib" or "files"
-    root: Path
-    files: list[Path]
-    description: str
-
-
-def _source(corpus: str) -> _Source:
-    """The sorted files behind a text corpus spec; raises LoomError when there are none."""
-    if corpus == "stdlib":
-        root = Path(sysconfig.get_paths()["stdlib"])
-        files = _walk(root, (".py",), skip_dirs=("site-packages", "__pycache__"))
-        desc = f"Python {platform.python_version()} standard library at {root} ({len(files)} .py files)"
-        return _Source("stdlib", root, files, desc)
-    path = Path(corpus).expanduser()
-    if not path.exists():
-        raise _missing(corpus, path)
-    if path.is_file():
-        if path.suffix not in TEXT_SUFFIXES:
-            raise LoomError(
-                f"data.corpus = {corpus!r} is a {path.suffix or 'suffix-less'} file; loom reads .txt, .jsonl or prepared .bin files.",
-                "point data.corpus at a folder of .txt/.jsonl files, one such file, or a .bin token file with its .json metadata.",
-            )
-        return _Source("files", path.parent, [path], f"file {path}")
-    files = _walk(path, TEXT_SUFFIXES)
-    if not files:
-        raise LoomError(
-            f"data.corpus folder {path} holds no .txt or .jsonl files.",
-            "put UTF-8 .txt files (one document each) or .jsonl files (one {\"text\": ...} object per line) in it, or use data.corpus=stdlib.",
-        )
-    return _Source("files", path, files, f"folder {path} ({len(files)} .txt/.jsonl files)")
-
-
-def _walk(root: Path, suffixes: tuple[str, ...], skip_dirs: tuple[str, ...] = ()) -> list[Path]:
-    """Files under ``root`` with one of ``suffixes``, sorted by relative path.
-
-    os.walk with pruning, not rglob: the stdlib folder may hold a site-packages tree
-    ten times its own size.
-    """
-    found: list[tuple[str, Path]] = []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in skip_dirs]
-        rel = Path(folder).relative_to(root)
-        found += [((rel / n).as_posix(), Path(folder, n)) for n in names if n.endswith(suffixes)]
-    return [path for _, path in sorted(found)]
-
-
-def iter_documents(corpus: str, max_bytes: int = 0) -> Iterator[tuple[str, str]]:
-    """Yield ``(doc_id, text)`` for every non-empty document of a corpus, in a fixed order.
-
-    doc ids are paths relative to the corpus root (``file.jsonl:LINE`` for jsonl lines).
-    With ``max_bytes > 0`` the texts total at most ``max_bytes`` UTF-8 bytes: reading stops
-    there and the last document is cut at a character boundary, deterministically.
-    """
-    return _iter_documents(_source(corpus), max_bytes)
-
-
-def _iter_documents(source: _Source, max_bytes: int) -> Iterator[tuple[str, str]]:
-    budget = max_bytes if max_bytes > 0 else None
-    found = False
-    for doc_id, text in _documents(source):
-        if budget is not None:
-            data = text.encode("utf-8")
-            if len(data) > budget:
-                text = data[:budget].decode("utf-8", errors="ignore")
-            budget -= len(data)
-        if text:
-            found = True
-            yield doc_id, text
-        if budget is not None and budget <= 0:
-            return
-    if not found:
-        raise LoomError(
-            f"data.corpus {source.description} contains no text: every document is empty.",
-            "add UTF-8 text to the files, or point data.corpus at another folder (or stdlib).",
-        )
-
-
-def _documents(source: _Source) -> Iterator[tuple[str, str]]:
-    for path in source.files:
-        rel = path.relative_to(source.root).as_posix()
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise LoomError(f"cannot read corpus file {path}: {exc.strerror}.", "fix its permissions, or remove it from the corpus folder.") from None
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            if source.kind == "stdlib":
-                continue  # a few stdlib test files are deliberately in legacy encodings
-            raise LoomError(
-                f"corpus file {path} is not valid UTF-8 (byte {exc.start} is 0x{raw[exc.start]:02x}).",
-                f"re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} -o {path}.new && mv {path}.new {path}`, or remove it.",
-            ) from None
-        if path.suffix == ".jsonl":
-            yield from _jsonl_documents(path, rel, text)
-        else:
-            yield rel, text
-
-
-def _jsonl_documents(path: Path, rel: str, text: str) -> Iterator[tuple[str, str]]:
-    # split on "\n" only: str.splitlines would also cut at U+2028, which JSON strings may hold.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            record, why = None, f"is not valid JSON ({exc.msg} at column {exc.colno})"
-        else:
-            why = 'has no "text" string field'
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise LoomError(
-                f"{path}:{lineno} {why}.",
-                'each line of a .jsonl file must be one JSON object with a "text" string, e.g. {"text": "hello"}; fix or delete that line.',
-            )
-        yield f"{rel}:{lineno}", record["text"]
-
-
 # ----------------------------------------------------------------------------- preparation
 
 
@@ -206,7 +80,7 @@ def prepare_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, log: Log | None 
     say = log or (lambda _msg: None)
     if data_cfg.corpus.endswith(".bin"):
         return _open_token_file(data_cfg, tokenizer, say)
-    source = _source(data_cfg.corpus)
+    source = find_source(data_cfg.corpus)
     key = _cache_key(source, tokenizer, data_cfg)
     final = cache_root(data_cfg) / "datasets" / key
     if final.exists():
@@ -232,7 +106,7 @@ def prepare_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, log: Log | None 
     return data
 
 
-def _cache_key(source: _Source, tokenizer: Tokenizer, data_cfg: DataConfig) -> str:
+def _cache_key(source: Source, tokenizer: Tokenizer, data_cfg: DataConfig) -> str:
     stats = [(p.relative_to(source.root).as_posix(), *_size_mtime(p)) for p in source.files]
     spec = f"stdlib:{source.root}" if source.kind == "stdlib" else str(Path(data_cfg.corpus).expanduser().resolve())
     blob = json.dumps([FORMAT_VERSION, spec, stats, tokenizer.fingerprint, data_cfg.val_fraction, data_cfg.max_bytes])
@@ -249,7 +123,7 @@ def _in_val(doc_id: str, val_fraction: float) -> bool:
     return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64 < val_fraction
 
 
-def _tokenise(source: _Source, cfg: DataConfig, tokenizer: Tokenizer, out: Path, say: Log, key: str) -> None:
+def _tokenise(source: Source, cfg: DataConfig, tokenizer: Tokenizer, out: Path, say: Log, key: str) -> None:
     """Write train.bin, val.bin, meta.json into ``out``; each document is followed by eos."""
     dtype = token_dtype(tokenizer.vocab_size)
     eos = np.array([tokenizer.eos_id], dtype=dtype)
@@ -257,7 +131,7 @@ def _tokenise(source: _Source, cfg: DataConfig, tokenizer: Tokenizer, out: Path,
     start = last_log = time.monotonic()
     with open(out / "train.bin", "wb") as f_train, open(out / "val.bin", "wb") as f_val:
         files = {"train": f_train, "val": f_val}
-        for chunk in _chunks(_iter_documents(source, cfg.max_bytes)):
+        for chunk in _chunks(documents_of(source, cfg.max_bytes)):
             parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
             for (doc_id, _), ids in zip(chunk, tokenizer.encode_batch([text for _, text in chunk])):
                 split = "val" if _in_val(doc_id, cfg.val_fraction) else "train"
@@ -390,7 +264,7 @@ def _open_token_file(cfg: DataConfig, tokenizer: Tokenizer, say: Log) -> TokenDa
     meta_path = path.with_suffix(".json")
     rebuild = "rebuild it with loom.train.data.write_token_file(path, tokens, meta), which writes both files, or rerun the job that made it."
     if not path.is_file():
-        raise _missing(cfg.corpus, path)
+        raise missing_corpus(cfg.corpus, path)
     if not meta_path.is_file():
         raise LoomError(f"token file {path} has no metadata file {meta_path}.", f'create it with {{"dtype": "uint16", "n_tokens": N}}, or {rebuild}')
     try:
@@ -439,57 +313,9 @@ def _open_token_file(cfg: DataConfig, tokenizer: Tokenizer, say: Log) -> TokenDa
     return TokenData(tokens[: n - n_val], tokens[n - n_val :], meta, path)
 
 
-# ----------------------------------------------------------------------------- batches
-
-
-def batch_offsets(n_tokens: int, seq_len: int, global_batch: int, seed: int, step: int, stream: int = 0) -> np.ndarray:
-    """Start offsets (int64) of the ``global_batch`` windows of ``step``, in ``[0, n_tokens - seq_len - 1]``.
-
-    A pure function of (seed, stream, step): no state is carried between steps, so a
-    resumed run draws the same windows. Stream 0 is training, 1 validation.
-    """
-    _check_length(n_tokens, seq_len)
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, stream, step])))
-    return rng.integers(0, n_tokens - seq_len - 1, size=global_batch, endpoint=True, dtype=np.int64)
-
-
-def batch_rows(micro_batch: int, grad_accum: int, dp_rank: int, micro_step: int) -> slice:
-    """Rows of the global batch for micro-batch ``micro_step`` of data-parallel rank ``dp_rank``.
-
-    Rank-major: rank r owns rows ``[r*micro*accum, (r+1)*micro*accum)``, split in order into
-    its micro-batches, so every (dp, grad_accum) layout covers the global batch exactly once.
-    """
-    start = (dp_rank * grad_accum + micro_step) * micro_batch
-    return slice(start, start + micro_batch)
-
-
-def get_batch(tokens: np.ndarray, seq_len: int, offsets: np.ndarray, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs ``x[i] = tokens[o_i : o_i+seq_len]`` and targets ``y[i] = tokens[o_i+1 : o_i+seq_len+1]`` (int64)."""
-    _check_length(len(tokens), seq_len)
-    index = np.asarray(offsets, dtype=np.int64)[:, None] + np.arange(seq_len + 1)
-    windows = torch.from_numpy(np.asarray(tokens[index], dtype=np.int64))
-    x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
-    if torch.device(device).type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-def _check_length(n_tokens: int, seq_len: int) -> None:
-    if n_tokens < seq_len + 2:
-        raise LoomError(
-            f"the token stream has {n_tokens} tokens, too few for windows of train.seq_len = {seq_len} (needs at least {seq_len + 2}).",
-            "lower train.seq_len, or use more text: a larger corpus, data.max_bytes=0, or (for the val split) a larger data.val_fraction.",
-        )
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
-def _missing(corpus: str, path: Path) -> LoomError:
-    return LoomError(
-        f"data.corpus = {corpus!r}: {path} does not exist.",
-        "set data.corpus to stdlib, a folder of .txt/.jsonl files, or a prepared .bin token file (with its .json metadata).",
-    )
 
 
 def _dtype_name(dtype: np.dtype) -> str:

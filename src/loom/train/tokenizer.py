@@ -122,13 +122,13 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
 
 def train_tokenizer(corpus: str, vocab_size: int, out_path: Path, max_bytes: int = 0) -> HFTokenizer:
-    """Train a byte-level BPE on a corpus spec (see ``data.iter_documents``) and save it.
+    """Train a byte-level BPE on a corpus spec (see ``corpus.iter_documents``) and save it.
 
     The vocabulary is the 256 byte symbols, ``<|endoftext|>`` and ``vocab_size - 257``
     merges, so every string encodes (no unknown token) and decodes back unchanged. A
     corpus too small for that many merges yields a smaller vocabulary.
     """
-    from loom.train.data import iter_documents  # data imports this module for types
+    from loom.train.corpus import iter_documents
 
     floor = 256 + len(BPE_SPECIALS)
     if not floor < vocab_size <= MAX_VOCAB:

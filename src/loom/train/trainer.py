@@ -40,6 +40,7 @@ from loom.parallel.pipeline.rank import PipelineRank
 from loom.parallel.random import ParallelRNG
 from loom.parallel.tensor import TensorParallel
 from loom.plan.model import count_parameters
+from loom.train.batches import batch_offsets, batch_rows, get_batch
 from loom.train.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -47,7 +48,7 @@ from loom.train.checkpoint import (
     save_checkpoint,
     set_aside_newer,
 )
-from loom.train.data import TokenData, batch_offsets, batch_rows, get_batch, prepare_dataset
+from loom.train.data import TokenData, prepare_dataset
 from loom.train.metrics import MetricsWriter, TrainProgress, make_console, write_summary
 from loom.train.precision import Precision, resolve_device
 from loom.train.tokenizer import load_tokenizer
