@@ -73,7 +73,7 @@ def _reference(autocast: bool = False, clip: float | None = None) -> dict:
 
 # ----------------------------------------------------------------------------- per rank
 
-def _train(ctx, stage: int, model_args: list[str] = MODEL, accum: int = 1, use_no_sync: bool = True,
+def _train(ctx, stage: int, model_args: list[str] = MODEL, accum: int = 1, use_no_sync: bool | str = True,
            hooks_only: bool = False, inject_inf_at: int | None = None, clip: float | None = None,
            **options) -> dict:
     """STEPS steps on this rank's rows of each global batch; what the parent checks."""
@@ -102,7 +102,8 @@ def _train(ctx, stage: int, model_args: list[str] = MODEL, accum: int = 1, use_n
             loss = model.loss(x[start:start + micro], y[start:start + micro]) / accum
             out["params_after_forward"].append(zero.memory()["mem_params_bytes"])
             last = k == accum - 1
-            with zero.no_sync() if use_no_sync and not last else torch.enable_grad():
+            # use_no_sync="all": every micro-batch under no_sync, then one sync (as a pipeline does)
+            with zero.no_sync() if use_no_sync == "all" or (use_no_sync and not last) else torch.enable_grad():
                 if hooks_only:
                     zero.scale_loss(loss).backward()
                     mine = [e for e in ctx.ledger.recent(500) if e.seq > mark and e.tag == "zero-grad"]
@@ -189,6 +190,9 @@ def _rank_suite(checks: tuple[str, ...]) -> dict:
     if "accum" in checks:
         out["accum_no_sync_2"] = _strip(_train(ctx, 2, accum=2, bucket_mb=SMALL_BUCKETS))
         out["accum_no_sync_3"] = _strip(_train(ctx, 3, accum=2))
+        for stage in (1, 3):
+            out[f"accum_all_no_sync_{stage}"] = _strip(_train(ctx, stage, accum=2, use_no_sync="all",
+                                                              bucket_mb=SMALL_BUCKETS))
         for stage in range(4):  # syncing every micro-batch: reduced sums keep accumulating
             out[f"accum_sync_{stage}"] = _strip(_train(ctx, stage, accum=2, use_no_sync=False,
                                                        bucket_mb=SMALL_BUCKETS))
@@ -383,13 +387,14 @@ def test_stage2_and_3_release_full_buffers(two_ranks: list[dict]) -> None:
 
 
 def test_accumulation_equals_one_big_batch(two_ranks: list[dict], reference: dict) -> None:
-    for key in ("accum_no_sync_2", "accum_no_sync_3", "accum_sync_0", "accum_sync_1", "accum_sync_2",
-                "accum_sync_3"):
+    for key in ("accum_no_sync_2", "accum_no_sync_3", "accum_all_no_sync_1", "accum_all_no_sync_3",
+                "accum_sync_0", "accum_sync_1", "accum_sync_2", "accum_sync_3"):
         for result in two_ranks:
             _assert_params(result[key]["full"], reference["params"])
         assert _mean_losses(two_ranks, key) == pytest.approx(reference["losses"], rel=1e-6), key
     once = two_ranks[0]["stage2"]["bytes"]
     assert two_ranks[0]["accum_no_sync_2"]["bytes"] == once  # nothing sent inside no_sync
+    assert two_ranks[0]["accum_all_no_sync_1"]["bytes"] == two_ranks[0]["stage1"]["bytes"]  # one sync after
     extra = model_bytes("reduce_scatter", 2, 4 * two_ranks[0]["stage2"]["numel"])
     assert two_ranks[0]["accum_sync_2"]["bytes"] == [b + extra for b in once]  # a reduce-scatter per micro-batch
 

@@ -218,6 +218,58 @@ class DDPConfig:
         _check_positive("ddp.bucket_mb", self.bucket_mb)
 
 
+ZERO_OFFLOADS = ("none", "optimizer")
+
+
+@dataclass
+class ZeroConfig:
+    """ZeRO over the dp group (``loom.parallel.zero``); stage 0 is plain DDP + AdamW.
+
+    Stages 1-3 shard the optimizer states, then the gradients, then the parameters over
+    dp. They keep fp32 master weights and AdamW moments; ``train.precision`` is then the
+    dtype the model computes in (its parameters and, unless ``grad_dtype`` says fp32,
+    gradients). With one dp rank nothing is sharded, but the master weights and offload
+    still apply.
+    """
+
+    stage: int = 0
+    offload: str = "none"  # "optimizer": fp32 master weights and moments in host memory, updated there
+    grad_dtype: str | None = None  # None: train.precision's dtype; "fp32" keeps 16-bit runs' gradients in fp32
+
+    def validate(self, train: TrainConfig, parallel: ParallelConfig) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise LoomError(f"zero.stage = {self.stage} is not a ZeRO stage.",
+                            "set zero.stage to 0 (DDP), 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters).")
+        _check_choice("zero.offload", self.offload, ZERO_OFFLOADS)
+        if self.grad_dtype is not None:
+            _check_choice("zero.grad_dtype", self.grad_dtype, PRECISIONS)
+            if self.grad_dtype not in ("fp32", train.precision):
+                allowed = " or ".join(f'"{d}"' for d in dict.fromkeys((train.precision, "fp32")))
+                raise LoomError(
+                    f"zero.grad_dtype = {self.grad_dtype!r} with train.precision = {train.precision!r}.",
+                    f"gradients are kept in the compute dtype or in fp32: set zero.grad_dtype to {allowed}, "
+                    "or remove it.",
+                )
+        if self.stage == 0:
+            for name, value, default in (("offload", self.offload, "none"), ("grad_dtype", self.grad_dtype, None)):
+                if value != default:
+                    raise LoomError(f"zero.{name} = {value!r} with zero.stage = 0.",
+                                    f"zero.{name} needs ZeRO's optimizer: set zero.stage to 1, 2 or 3, "
+                                    f"or remove zero.{name}.")
+        if self.stage == 3 and parallel.schedule == "zero_bubble":
+            raise LoomError(
+                "zero.stage = 3 with parallel.schedule = \"zero_bubble\": ZeRO-3 frees a layer's parameters "
+                "after its backward, which zero-bubble splits in two parts run apart.",
+                "use parallel.schedule = \"1f1b\" with ZeRO-3, or zero.stage = 2 with zero_bubble.",
+            )
+        if self.stage == 3 and parallel.pp == 1 and parallel.vp > 1:
+            raise LoomError(
+                f"zero.stage = 3 with parallel.vp = {parallel.vp} and parallel.pp = 1: the one rank would hold "
+                "both the embedding's chunk and the head's, and ZeRO-3 gathers them as one unit.",
+                "use parallel.pp of 2 or more with virtual stages, or parallel.vp = 1, or zero.stage = 2.",
+            )
+
+
 @dataclass
 class BatchShape:
     """The derived batch arithmetic: ``global_batch = micro_batch * grad_accum * dp``."""
@@ -238,6 +290,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
 
     def validate(self) -> None:
         self.model.validate()
@@ -245,6 +298,7 @@ class Config:
         self.data.validate()
         self.parallel.validate()
         self.ddp.validate()
+        self.zero.validate(self.train, self.parallel)
         if self.train.seq_len > self.model.max_seq_len:
             raise LoomError(
                 f"train.seq_len = {self.train.seq_len} is longer than model.max_seq_len = {self.model.max_seq_len}.",
@@ -386,6 +440,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         data=_build(DataConfig, "data", raw.get("data", {})),
         parallel=_build(ParallelConfig, "parallel", raw.get("parallel", {})),
         ddp=_build(DDPConfig, "ddp", raw.get("ddp", {})),
+        zero=_build(ZeroConfig, "zero", raw.get("zero", {})),
     )
     config.validate()
     return config

@@ -63,7 +63,13 @@ class DynamicLossScaler:
     def state_dict(self) -> dict:
         return {"scale": self.scale, "clean_steps": self.clean_steps, "skipped_steps": self.skipped_steps}
 
+    def grad_scaler_state(self) -> dict:
+        """The state in ``torch.amp.GradScaler``'s layout (what the trainer's checkpoints hold)."""
+        return {"scale": self.scale, "growth_factor": self.growth_factor, "backoff_factor": self.backoff_factor,
+                "growth_interval": self.growth_interval, "_growth_tracker": self.clean_steps}
+
     def load_state_dict(self, state: dict) -> None:
+        """Either layout: this class's, or ``torch.amp.GradScaler``'s (``_growth_tracker``)."""
         self.scale = float(state["scale"])
-        self.clean_steps = int(state["clean_steps"])
+        self.clean_steps = int(state["clean_steps"] if "clean_steps" in state else state["_growth_tracker"])
         self.skipped_steps = int(state.get("skipped_steps", 0))

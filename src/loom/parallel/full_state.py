@@ -77,6 +77,29 @@ def local_model_state(model: nn.Module, full: dict[str, torch.Tensor]) -> dict[s
             for name in own if name in full}
 
 
+def full_tensors(model: nn.Module, local: dict[str, torch.Tensor], tp: TensorParallel) -> dict[str, torch.Tensor]:
+    """Per-parameter tensors of this rank (``local``: name -> tensor of the parameter's local
+    shape, e.g. ZeRO's fp32 master weights or moments) at full shape, on every rank."""
+    if tp.size == 1:
+        return dict(local)
+    layouts, params = shard_layouts(model), dict(model.named_parameters())
+    return {name: gather_tensor(value.to(params[name].device), layouts[name], params[name], tp)
+            if name in layouts else value for name, value in local.items()}
+
+
+def local_tensors(model: nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's slice, in fp32, of each of ``model``'s parameters that ``full`` names
+    (the inverse of :func:`full_tensors`; a pipeline stage takes only its own names)."""
+    layouts = shard_layouts(model)
+    out = {}
+    for name, param in model.named_parameters():
+        if name in full:
+            value = full[name].float()
+            like = torch.empty(param.shape, dtype=torch.float32)
+            out[name] = shard_tensor(value, layouts[name], like) if name in layouts else value
+    return out
+
+
 def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     by_id = {id(p): n for n, p in model.named_parameters()}
     return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
@@ -119,7 +142,9 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
                      if torch.is_tensor(value) and value.dim() > 0 else value for key, value in entry.items()}
         state[index] = entry
     local_groups = optimizer.state_dict()["param_groups"]
-    groups = [{**saved, "params": mine["params"]} for saved, mine in zip(full["param_groups"], local_groups, strict=True)]
+    # this optimizer's own settings (e.g. fused) where the saved groups name fewer (ZeRO's checkpoints)
+    groups = [{**mine, **saved, "params": mine["params"]}
+              for saved, mine in zip(full["param_groups"], local_groups, strict=True)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

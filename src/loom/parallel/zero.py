@@ -24,7 +24,10 @@ asynchronously, groups launching in index order on every rank (as in
 oldest (and, at stages 2-3, frees its full-size buffer). Reduced gradients are kept as
 *sums* over the ranks; :meth:`step` divides by N and the fp16 loss scale as it converts
 the slice to fp32. Inside :meth:`no_sync` gradients only accumulate in the full-size
-buffers, which then outlive the backward (as in FSDP). Stage 3 gathering lives in
+buffers, which then outlive the backward (as in FSDP); :meth:`finish_gradient_sync`
+then reduces them all (a pipeline runs its whole schedule so, then syncs once). Until it
+does, :meth:`local_grad` is a parameter's local gradient, full size (to combine copies of
+one parameter held by other ranks first, such as a pipeline's tied embedding). Stage 3 gathering lives in
 :mod:`loom.parallel.zero_flat`; its groups are units (default: each of ``model.blocks``)
 plus a root group holding the rest.
 
@@ -37,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 
 import torch
@@ -72,7 +75,7 @@ class ZeroOptimizer:
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  param_dtype: str = "fp32", grad_dtype: str | None = None, offload: str | None = None,
                  bucket_mb: float = 25.0, units: Sequence[nn.Module] | None = None,
-                 scaler: DynamicLossScaler | None = None) -> None:
+                 scaler: DynamicLossScaler | None = None, root_hooks: bool = True) -> None:
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"zero stage must be 0, 1, 2 or 3, got {stage}")
         if offload not in (None, "optimizer"):
@@ -101,7 +104,7 @@ class ZeroOptimizer:
         self._slot = {id(p): (g, o) for g in self.groups for p, o in zip(g.params, g.offsets)}
         for _, p in named:
             p.register_post_accumulate_grad_hook(self._on_grad)
-        self.gatherer = self._unit_gather(units) if stage == 3 else None
+        self.gatherer = self._unit_gather(units, root_hooks) if stage == 3 else None
         self._next = 0
         self._in_flight: deque[tuple[FlatGroup, Handle, torch.Tensor | None]] = deque()
         self._sync_open = False
@@ -123,8 +126,12 @@ class ZeroOptimizer:
             group.grad_shard = torch.zeros(group.hi - group.lo, dtype=self.grad_dtype, device=self.device)
         return group
 
-    def _unit_gather(self, units: Sequence[nn.Module]) -> UnitGather:
-        """Stage 3: each unit module with the group it owns; the root group (if any) is the last."""
+    def _unit_gather(self, units: Sequence[nn.Module], root_hooks: bool) -> UnitGather:
+        """Stage 3: each unit module with the group it owns; the root group (if any) is the last.
+
+        ``root_hooks=False``: the model's forward is not hooked for the root; the caller
+        brackets the root's uses with ``gatherer.enter``/``leave``.
+        """
         group_of = {id(p): g for g in self.groups for p in g.params}
         pairs: list[tuple[nn.Module, Unit]] = []
         for module in units:
@@ -132,7 +139,8 @@ class ZeroOptimizer:
             if owned and all(owned[0].unit is not u for _, u in pairs):
                 pairs.append((module, owned[0].unit))
         has_root = len(pairs) < len(self.groups)
-        return UnitGather(self.comm, pairs, (self.model, self.groups[-1].unit) if has_root else None)
+        root = (self.model if root_hooks else None, self.groups[-1].unit)
+        return UnitGather(self.comm, pairs, root if has_root else None)
 
     # -- gradients -----------------------------------------------------------------------
 
@@ -171,8 +179,9 @@ class ZeroOptimizer:
         group.seen = 0
         if self.gatherer is not None:
             self.gatherer.release(group.unit)
+        self._sync_open = True  # also under no_sync: the next finish_gradient_sync reduces it
         if self.sync_enabled:
-            group.pending, self._sync_open = True, True
+            group.pending = True
             self._launch_ready()
 
     def _reopen(self, group: FlatGroup) -> None:
@@ -231,6 +240,20 @@ class ZeroOptimizer:
         if self.gatherer is not None:
             self.gatherer.release_all()
 
+    def local_grad(self, param: nn.Parameter) -> torch.Tensor:
+        """``param``'s local gradient, full size, accumulated under :meth:`no_sync` and not yet
+        reduced (a view into its group's buffer: changing it changes what is reduced)."""
+        group, offset = self._slot[id(param)]
+        if group.grad_full is None:
+            group.grad_full = torch.zeros(group.padded, dtype=self.grad_dtype, device=self.device)
+        return group.grad_full[offset:offset + param.numel()].view(param.shape)
+
+    def grad_shard_views(self, select: Callable[[nn.Parameter], bool]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """After the sync: ``(param, view)`` for the part of each selected parameter's reduced
+        gradient this rank owns, in layout order (ranks with equal layouts list equal ranges)."""
+        return [(p, g.grad_shard[start:stop]) for g in self.groups for p, start, stop in g.owned_ranges()
+                if select(p)]
+
     def zero_grad(self) -> None:
         for group in self.groups:
             if self.stage <= 1:
@@ -245,15 +268,28 @@ class ZeroOptimizer:
         """Reduced sums -> mean gradient: 1 / (N * loss scale)."""
         return 1.0 / (self.comm.size * (self.scaler.scale if self.scaler is not None else 1.0))
 
-    def clip_grad_norm(self, max_norm: float) -> float:
+    def clip_grad_norm(self, max_norm: float, counts: Callable[[nn.Parameter], bool] | None = None,
+                       comms: Sequence[Comm] = ()) -> float:
         """Global L2 norm of the mean gradient (shards' squares summed over dp); the next
-        :meth:`step` scales by min(1, max_norm / (norm + 1e-6)). ``inf``: measure only."""
+        :meth:`step` scales by min(1, max_norm / (norm + 1e-6)). ``inf``: measure only.
+
+        A model split further (tensor, pipeline parallel): ``counts(param)`` says whether
+        this rank's copy of a parameter counts (a replica counts once), and the squares
+        are summed over ``comms`` (the tp and pp groups) as well.
+        """
         self.finish_gradient_sync()
         squares = torch.zeros(1, dtype=torch.float32, device=self.device)
         for group in self.groups:
-            squares += group.grad_shard.float().pow(2).sum()
+            if counts is None:
+                squares += group.grad_shard.float().pow(2).sum()
+                continue
+            for param, start, stop in group.owned_ranges():
+                if counts(param):
+                    squares += group.grad_shard[start:stop].float().pow(2).sum()
         if self.stage >= 1:
             self.comm.all_reduce(squares, op="sum", tag="zero-grad-norm")
+        for comm in comms:
+            comm.all_reduce(squares, op="sum", tag="zero-grad-norm")
         norm = squares.sqrt().item() * self._unscale()
         if math.isfinite(max_norm):
             self._clip_coef = min(1.0, max_norm / (norm + 1e-6))

@@ -86,6 +86,16 @@ class FlatGroup:
     pending: bool = False  # complete and waiting for its turn to launch
     reduced: bool = False  # stages 0-1: the buffer holds reduced sums since the last zero_grad
 
+    def owned_ranges(self) -> list[tuple[nn.Parameter, int, int]]:
+        """``(param, start, stop)``: the part of each parameter inside the owned slice,
+        as positions in that slice (parameters outside it are left out)."""
+        ranges = []
+        for p, o in zip(self.params, self.offsets):
+            start, stop = max(o, self.lo), min(o + p.numel(), self.hi)
+            if start < stop:
+                ranges.append((p, start - self.lo, stop - self.lo))
+        return ranges
+
     def decay_segments(self, weight_decay: float) -> list[Segment]:
         """The ranges of the owned slice that hold matrices (dim >= 2), which decay."""
         segments = []
@@ -134,11 +144,18 @@ class Unit:
 
 class UnitGather:
     """Hooks each ``(module, unit)`` of ``blocks`` (in forward order) and the ``root`` pair
-    (the whole model with the parameters no block owns; None when there are none)."""
+    (the whole model with the parameters no block owns; None when there are none).
+
+    A root pair without a module gets no hooks: the caller brackets each use of the root's
+    parameters with :meth:`enter` and :meth:`leave` (a pipeline stage runs the model
+    through another method than ``forward``).
+    """
 
     def __init__(self, comm: Comm, blocks: Sequence[tuple[nn.Module, Unit]],
-                 root: tuple[nn.Module, Unit] | None) -> None:
+                 root: tuple[nn.Module | None, Unit] | None) -> None:
         self.comm = comm
+        self.root = root[1] if root is not None else None
+        self.held = False
         pairs = ([root] if root is not None else []) + list(blocks)
         self.units = [unit for _, unit in pairs]
         for unit, following in zip(self.units, self.units[1:] + [None]):
@@ -149,6 +166,8 @@ class UnitGather:
         if root is not None:  # the root's backward starts first (the head), ends last (embeddings)
             root[1].bwd_next = forward[-1] if forward else None
         for module, unit in pairs:
+            if module is None:
+                continue
             module.register_forward_pre_hook(lambda m, args, u=unit: self._before_forward(u))
             module.register_forward_hook(lambda m, args, out, u=unit: self._after_forward(u, out))
         for unit in self.units:
@@ -161,13 +180,31 @@ class UnitGather:
         self.gather(unit.fwd_next, wait=False)
 
     def _after_forward(self, unit: Unit, output) -> None:
-        if unit.in_backward:
+        if unit.in_backward or self.held:
             return
         self.free(unit)
         outputs = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
         if outputs and torch.is_grad_enabled():
             torch.autograd.graph.register_multi_grad_hook(outputs, lambda _, u=unit: self._before_backward(u),
                                                           mode="any")
+
+    def enter(self, unit: Unit) -> None:
+        """Before a use of ``unit`` that no forward hook sees: gather it (as a forward pre-hook)."""
+        self._before_forward(unit)
+
+    def leave(self, unit: Unit, output) -> None:
+        """After that use: free ``unit`` and gather it again when ``output``'s gradient arrives."""
+        self._after_forward(unit, output)
+
+    def hold(self) -> None:
+        """Gather every unit and keep them all (hooks then free nothing), so the model runs
+        alone, as one rank sampling after training does. Every rank of the group calls it;
+        later optimizer steps do not reach the held copies."""
+        for unit in self.units:
+            self.gather(unit, wait=False)
+        for unit in self.units:
+            self.gather(unit, wait=True)
+        self.held = True
 
     def _before_backward(self, unit: Unit) -> None:
         unit.in_backward = True
@@ -187,6 +224,8 @@ class UnitGather:
             unit.handle, unit.state = None, "ready"
 
     def free(self, unit: Unit) -> None:
+        if self.held:
+            return
         if unit.state == "gathering":  # never free storage a collective is writing
             unit.handle.wait()
             unit.handle = None

@@ -52,6 +52,7 @@ from loom.train.data import TokenData, prepare_dataset
 from loom.train.metrics import MetricsWriter, TrainProgress, make_console, write_summary
 from loom.train.precision import Precision, resolve_device
 from loom.train.tokenizer import load_tokenizer
+from loom.train.zero_step import ZeroStep
 
 TRAIN_STREAM, VAL_STREAM = 0, 1
 
@@ -114,10 +115,13 @@ class Trainer:
         # Every rank drew its slice of the same initial weights (layout-independent init):
         # no broadcast needed.
         self.pipeline = self._build_pipeline() if len(self.plans) > 1 or self.pp.size > 1 else None
-        self.ddp = None
-        if self.dist.dims.dp > 1:
-            self.ddp = DataParallel(self.model, self.dist.comm("dp"), config.ddp.bucket_mb)
-        self.optimizer = build_adamw(self.model, config.train, self.device)
+        self.ddp = self.zero = self.optimizer = None
+        if config.zero.stage > 0:  # ZeRO's optimizer and gradient sync instead of DDP + AdamW
+            self.zero = ZeroStep(self.model, config, self.dist, self.tp, self.pipeline)
+        else:
+            if self.dist.dims.dp > 1:
+                self.ddp = DataParallel(self.model, self.dist.comm("dp"), config.ddp.bucket_mb)
+            self.optimizer = build_adamw(self.model, config.train, self.device)
         self.state = RunState()
         if resume_from is not None:
             self._restore(resume_from)
@@ -128,8 +132,9 @@ class Trainer:
         """Forward/backward over the step's micro-batches, clip, and update."""
         train = self.config.train
         lr = lr_at(step, train.lr, train.warmup_steps, train.steps, train.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        if self.optimizer is not None:  # ZeRO takes the lr in its step
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         offsets = batch_offsets(len(self.data.train), train.seq_len, self.batch.global_batch, train.seed, step, TRAIN_STREAM)
         accum = self.batch.grad_accum
         dp_rank = self.dist.coords.dp
@@ -139,26 +144,24 @@ class Trainer:
                       self.device)
             for k in range(accum)
         ]
+        scale = self.zero.scale_loss if self.zero is not None else self.precision.scaler.scale
         if self.pipeline is not None:
-            # DDP syncs once after the whole schedule: backwards of micro-batches interleave
-            with self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext():
-                total = self.pipeline.step(batches, self.precision.scaler.scale)
+            # gradients sync once after the whole schedule: backwards of micro-batches interleave
+            with self._no_sync():
+                total = self.pipeline.step(batches, scale)
         else:
             total = torch.zeros((), device=self.device)
             for k, (x, y) in enumerate(batches):
-                sync = self.ddp.no_sync() if self.ddp is not None and k < accum - 1 else contextlib.nullcontext()
-                with sync:
+                with self._no_sync() if k < accum - 1 else contextlib.nullcontext():
                     with self.precision.autocast():
                         loss = self.model.loss(x, y) / accum
-                    self.precision.scaler.scale(loss).backward()
+                    scale(loss).backward()
                 total += loss.detach().float()
-        if self.ddp is not None:
-            self.ddp.finish_gradient_sync()
-        # after the dp sync: these write into the gradients the dp all-reduce just filled
-        self.tp.sync_sequence_parallel_grads(self.model)
-        sync_replicated_kv_grads(self.model, self.tp)
+        if self.zero is not None:
+            self.zero.sync_gradients()  # tied embedding, dp reduction, tp sums: on ZeRO's flat buffers
+        else:
+            self._sync_gradients()
         if self.pipeline is not None:
-            self.pipeline.sync_tied_embedding()
             self.pipeline.share_loss(total)
         self.dist.comm("dp").all_reduce(total, op="avg", tag="metrics")  # the global batch's mean loss
         total_loss = total.item()
@@ -167,19 +170,42 @@ class Trainer:
                 f"the training loss became {total_loss} at step {step + 1}.",
                 "lower train.lr, raise train.warmup_steps, or turn on train.grad_clip (e.g. 1.0).",
             )
+        clip = train.grad_clip if train.grad_clip > 0 else float("inf")
+        if self.zero is not None:
+            grad_norm = self.zero.clip_grad_norm(clip)
+            skipped = not self.zero.step(lr)
+        else:
+            grad_norm, skipped = self._clip_and_step(clip)
+        return StepResult(loss=total_loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
+
+    def _no_sync(self) -> contextlib.AbstractContextManager:
+        """Accumulate without the dp sync (DDP's or ZeRO's); nothing to hold back without dp."""
+        owner = self.zero or self.ddp
+        return owner.no_sync() if owner is not None else contextlib.nullcontext()
+
+    def _sync_gradients(self) -> None:
+        """DDP's dp sync, then the tp and pp chores, on ``.grad``."""
+        if self.ddp is not None:
+            self.ddp.finish_gradient_sync()
+        # after the dp sync: these write into the gradients the dp all-reduce just filled
+        self.tp.sync_sequence_parallel_grads(self.model)
+        sync_replicated_kv_grads(self.model, self.tp)
+        if self.pipeline is not None:
+            self.pipeline.sync_tied_embedding()
+
+    def _clip_and_step(self, clip: float) -> tuple[float, bool]:
+        """Unscale (fp16), clip over tp and pp, step AdamW: (grad norm, whether fp16 skipped the step)."""
         scaler = self.precision.scaler
         scaler.unscale_(self.optimizer)
-        clip = train.grad_clip if train.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(self.model.parameters(), clip, self.tp.comm, self.pp)
         scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
         scaler.step(self.optimizer)
         scaler.update()
         if self.ddp is not None:
-            self.ddp.zero_grad()  # keeps .grad as views into the all-reduce buckets
+            self.ddp.zero_grad()  # drops .grad; the next backward refills the all-reduce buckets
         else:
             self.optimizer.zero_grad(set_to_none=True)
-        skipped = scaler.is_enabled() and scaler.get_scale() < scale_before
-        return StepResult(loss=total_loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
+        return grad_norm, scaler.is_enabled() and scaler.get_scale() < scale_before
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -226,6 +252,8 @@ class Trainer:
             f"(micro {self.batch.micro_batch} x accum {self.batch.grad_accum} x dp {self.batch.dp}); "
             f"{self.dist.dims.describe()}, device {self.device}, {train.precision}"
         )
+        if self.zero is not None:
+            self.log(self.zero.describe())
         if start_step:
             self.log(f"resuming at step {start_step} of {train.steps}")
         result = None
@@ -253,6 +281,8 @@ class Trainer:
                         record["skipped"] = True
                     if self.pipeline is not None:
                         record["bubble_measured"] = self.pipeline.last_timing.bubble
+                    if self.zero is not None:
+                        record.update(self.zero.memory())
                     last = self.state.step == train.steps
                     if (train.eval_every and self.state.step % train.eval_every == 0) or last:
                         self.state.last_val_loss = record["val_loss"] = self.evaluate()
@@ -268,6 +298,8 @@ class Trainer:
         coords = self.dist.coords
         if self.pipeline is not None and coords.dp == 0 and coords.tp == 0:
             self.pipeline.write_timeline(self.run_dir)
+        if self.zero is not None:
+            self.zero.finish_run()  # ZeRO-3: parameters stay gathered, so rank 0 can sample alone
         summary = {
             "params": count_parameters(self.config.model),
             "steps": self.state.step,
@@ -287,7 +319,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Every rank helps assemble full tensors; rank 0 writes them (any layout can reload)."""
-        states = {
+        states = self.zero.full_state() if self.zero is not None else {
             "model": full_model_state(self.model, self.tp),
             "optimizer": full_optimizer_state(self.model, self.optimizer, self.tp),
         }
@@ -299,7 +331,7 @@ class Trainer:
         model_state, optimizer_state = states["model"], states["optimizer"]
         train_state = {
             "optimizer": optimizer_state,
-            "scaler": self.precision.scaler.state_dict(),
+            "scaler": self.zero.scaler_state() if self.zero is not None else self.precision.scaler.state_dict(),
             "rng": capture_rng_state(),
             "run": {
                 "step": self.state.step, "tokens_seen": self.state.tokens_seen, "elapsed_s": self.state.elapsed_s,
@@ -314,16 +346,19 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         checkpoint = load_checkpoint(path)
-        try:
-            self.model.load_state_dict(local_model_state(self.model, checkpoint.model_state))
-        except RuntimeError as exc:
-            raise LoomError(
-                f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}",
-                "resume with the same model settings the checkpoint was trained with (see its meta.json).",
-            ) from None
         state = checkpoint.train_state
-        load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        self.precision.scaler.load_state_dict(state["scaler"])
+        if self.zero is not None:
+            self.zero.load(checkpoint.model_state, state["optimizer"], state["scaler"], path)
+        else:
+            try:
+                self.model.load_state_dict(local_model_state(self.model, checkpoint.model_state))
+            except RuntimeError as exc:
+                raise LoomError(
+                    f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}",
+                    "resume with the same model settings the checkpoint was trained with (see its meta.json).",
+                ) from None
+            load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            self.precision.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
         aside = set_aside_newer(self.run_dir, checkpoint.step) if self.is_main else None
         if aside is not None:

@@ -75,6 +75,17 @@ class PipelineRank:
             return
         add_from_peer(self.pp, self.model.tok_emb.weight.grad, self.pp.size - 1 if self.model.embed else 0)
 
+    def sync_tied_gradient(self, grad_of: Callable[[nn.Parameter], torch.Tensor]) -> None:
+        """:meth:`sync_tied_embedding` for gradients kept outside ``.grad``: ``grad_of(param)``
+        is this stage's local gradient (ZeRO's, before it reduces it over dp)."""
+        if self.tied_copy:
+            add_from_peer(self.pp, grad_of(self.model.tok_emb.weight), self.pp.size - 1 if self.model.embed else 0)
+
+    def use_activation_dtype(self, dtype: torch.dtype) -> None:
+        """Activations and their gradients cross stages in ``dtype`` (fp32 unless the model's
+        parameters are 16-bit, as ZeRO's are in mixed precision)."""
+        self.runtime.dtype = dtype
+
     def write_timeline(self, run_dir: Path) -> None:
         """Every stage's measured per-action times of the last step, gathered by pp rank 0 through files."""
         if self.last_timing is None:

@@ -1,0 +1,238 @@
+"""ZeRO in the training loop: gradient sync, clipping, update and state when ``zero.stage >= 1``.
+
+:class:`ZeroStep` holds a :class:`~loom.parallel.zero.ZeroOptimizer` over the dp group and
+does what the plain path (DDP, AdamW, the tp and pp chores on ``.grad``) does, on ZeRO's
+flat gradient buffers instead:
+
+1. Backward. Micro-batches but the last accumulate under ``no_sync``; the last one's
+   gradients are reduced (reduce-scattered from stage 1 on) while backward produces them.
+   A pipeline runs its whole schedule under ``no_sync``, then syncs once.
+2. Before the dp reduction (pipeline): the tied embedding's copies on the first and last
+   stage add each other's local, full-size gradient, as the plain path does after its sync.
+3. After it, on the reduced shards: the tp sums (sequence-parallel parameters over the tp
+   group, replicated K/V heads over their replicas). Sums over tp and over dp commute, and
+   the tp ranks of one dp rank have the same flat layout (equal parameter shapes, equal dp
+   slices; checked at start), so their shards cover the same elements.
+4. Clipping: squares of the owned shard, every parameter once (a tp replica on its owner,
+   the pipeline's tied copy on the first stage), summed over dp, tp and pp.
+5. Update: an fp16 overflow anywhere skips the step everywhere (the scaler's flag is
+   all-reduced over dp, tp and pp), AdamW on the fp32 master slice with decay on matrices
+   (dim >= 2) only, as :func:`loom.optim.adamw.build_adamw`, then the parameters published.
+
+Precision: the model's parameters (and gradients, unless ``zero.grad_dtype = "fp32"``)
+take ``train.precision``'s dtype, master weights and moments stay fp32; forward still runs
+under autocast. Checkpoints hold what the plain path's hold (name-keyed full fp32
+parameters, AdamW moments in torch's layout, the loss scale in GradScaler's), so each path
+resumes the other's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from loom.config import Config
+from loom.dist.context import DistContext
+from loom.errors import LoomError
+from loom.model.transformer import Transformer
+from loom.optim.clip import owns
+from loom.optim.scaler import DynamicLossScaler
+from loom.parallel.full_state import full_tensors, local_tensors
+from loom.parallel.pipeline.rank import PipelineRank
+from loom.parallel.tensor import TensorParallel
+from loom.parallel.zero import ZeroOptimizer
+from loom.parallel.zero_flat import UnitGather
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+MEMORY_KEYS = ("mem_params_bytes", "mem_grads_bytes", "mem_optim_bytes")
+
+
+class ZeroStep:
+    """The trainer's ZeRO: built from ``config.zero`` over this rank's (tp/pp-local) model."""
+
+    def __init__(self, model: Transformer, config: Config, dist: DistContext, tp: TensorParallel,
+                 pipeline: PipelineRank | None) -> None:
+        train, cfg = config.train, config.zero
+        self.model, self.tp, self.pipeline = model, tp, pipeline
+        self.pp = dist.comm("pp")
+        dp = dist.comm("dp")
+        scaler = DynamicLossScaler([dp, tp.comm, self.pp]) if train.precision == "fp16" else None
+        self.zero = ZeroOptimizer(
+            model, dp, cfg.stage, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps,
+            weight_decay=train.weight_decay, param_dtype=train.precision, grad_dtype=cfg.grad_dtype,
+            offload=None if cfg.offload == "none" else cfg.offload, bucket_mb=config.ddp.bucket_mb,
+            scaler=scaler, root_hooks=False,
+        )
+        # torch AdamW's two groups as build_adamw makes them, for checkpoints the plain path loads
+        hyper = {"lr": train.lr, "betas": (train.beta1, train.beta2), "eps": train.eps}
+        self.param_groups = [{**hyper, "weight_decay": train.weight_decay}, {**hyper, "weight_decay": 0.0}]
+        gatherer = self.zero.gatherer
+        if gatherer is not None and gatherer.root is not None:
+            self._gather_root_in_run_stage(gatherer)
+        if pipeline is not None:
+            pipeline.use_activation_dtype(self.zero.param_dtype)
+        self._check_tp_layout()
+
+    def _gather_root_in_run_stage(self, gatherer: UnitGather) -> None:
+        """Stage 3: the root unit (embeddings, final norm, head: what no block owns) is gathered
+        around each ``run_stage`` that uses it, the method both ``forward`` and the pipeline call."""
+        run_stage, root = self.model.run_stage, gatherer.root
+
+        def gathered(x: torch.Tensor, layers, embed: bool, head: bool) -> torch.Tensor:
+            if not (embed or head):  # a chunk of blocks only (interleaved pipeline)
+                return run_stage(x, layers, embed, head)
+            gatherer.enter(root)
+            out = run_stage(x, layers, embed, head)
+            gatherer.leave(root, out)
+            return out
+
+        self.model.run_stage = gathered
+
+    def _check_tp_layout(self) -> None:
+        """The tp sums on shards need equal flat layouts on the tp ranks: fail loudly if not."""
+        comm = self.tp.comm
+        if comm.size == 1:
+            return
+        device = self.zero.device
+        count = torch.tensor([len(self.zero.groups), -len(self.zero.groups)], dtype=torch.float64, device=device)
+        comm.all_reduce(count, op="max", tag="zero-layout")
+        layout = torch.tensor([v for g in self.zero.groups for v in (g.numel, g.padded, g.lo)],
+                              dtype=torch.float64, device=device)
+        both = torch.cat([layout, -layout])
+        if count[0] == -count[1]:
+            comm.all_reduce(both, op="max", tag="zero-layout")
+        if count[0] != -count[1] or not torch.equal(both, torch.cat([layout, -layout])):
+            raise RuntimeError("ZeRO's flat layout differs between the ranks of a tp group; the tp gradient "
+                               "sums on shards need it equal (equal parameter shapes on every tp rank)")
+
+    # ------------------------------------------------------------------ one step
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return self.zero.no_sync()
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """fp16: the loss times the scale, before backward (its gradients land in ZeRO's buffers)."""
+        return self.zero.scale_loss(loss)
+
+    def sync_gradients(self) -> None:
+        """Tied-embedding exchange on local gradients, the dp reduction, then the tp sums."""
+        if self.pipeline is not None:
+            self.pipeline.sync_tied_gradient(self.zero.local_grad)
+        self.zero.finish_gradient_sync()
+        if self.tp.sequence_parallel:
+            self._sum_over_tp(lambda p: getattr(p, "sequence_parallel", False), "sp-grads")
+        self._sum_kv_replicas()
+
+    def _sum_over_tp(self, select, tag: str) -> None:
+        views = [v for _, v in self.zero.grad_shard_views(select)]
+        if not views:  # the same on every tp rank: equal layouts
+            return
+        flat = torch.cat(views)
+        self.tp.comm.all_reduce(flat, op="sum", tag=tag)
+        offset = 0
+        for view in views:
+            view.copy_(flat[offset:offset + view.numel()])
+            offset += view.numel()
+
+    def _sum_kv_replicas(self) -> None:
+        """Replicated K/V heads (tp > n_kv_heads): each head's gradient summed over its replicas.
+
+        One all-reduce over tp of a (heads, shard part) buffer, each rank writing its head's row.
+        """
+        pairs = self.zero.grad_shard_views(lambda p: getattr(p, "tp_replicas", 1) > 1)
+        if not pairs:
+            return
+        replicas = pairs[0][0].tp_replicas
+        views = [v for _, v in pairs]
+        rows = torch.zeros(self.tp.size // replicas, sum(v.numel() for v in views), dtype=views[0].dtype,
+                           device=views[0].device)
+        head = self.tp.rank // replicas
+        torch.cat(views, out=rows[head])
+        self.tp.comm.all_reduce(rows, op="sum", tag="tp-kv-grads")
+        offset = 0
+        for view in views:
+            view.copy_(rows[head, offset:offset + view.numel()])
+            offset += view.numel()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """The global norm of the mean gradient before clipping (``inf``: measure only)."""
+        comms = [c for c in (self.tp.comm, self.pp) if c.size > 1]
+        if not comms:
+            return self.zero.clip_grad_norm(max_norm)
+
+        def counts(param: torch.nn.Parameter) -> bool:
+            return owns(param, self.tp.comm) and not getattr(param, "pp_duplicate", False)
+
+        return self.zero.clip_grad_norm(max_norm, counts, comms)
+
+    def step(self, lr: float) -> bool:
+        """Update and clear the gradients; False when an fp16 overflow skipped the step."""
+        stepped = self.zero.step(lr)
+        self.zero.zero_grad()
+        return stepped
+
+    def finish_run(self) -> None:
+        """Stage 3: keep every unit gathered, so one rank can run the model alone (a sample)."""
+        if self.zero.gatherer is not None:
+            self.zero.gatherer.hold()
+
+    # ------------------------------------------------------------------ reports
+
+    def memory(self) -> dict:
+        """This rank's model-state bytes for a metrics record (live tensors, padding included)."""
+        mem = self.zero.memory()
+        return {**{key: mem[key] for key in MEMORY_KEYS}, "mem_padding_bytes": mem["padding_bytes"]}
+
+    def describe(self) -> str:
+        mem, zero = self.zero.memory(), self.zero
+        where = "host" if mem["optim_device"] == "cpu" and zero.device.type != "cpu" else mem["optim_device"]
+        return (f"ZeRO-{zero.stage} over dp={zero.comm.size}, per rank: parameters {_mib(mem['mem_params_bytes'])} "
+                f"{mem['params_dtype']}, gradients {_mib(mem['mem_grads_bytes'])} {mem['grads_dtype']}, "
+                f"optimizer {_mib(mem['mem_optim_bytes'])} (fp32 master + AdamW, {where}); "
+                f"padding {mem['padding_bytes']:,} B")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def full_state(self) -> dict:
+        """``{"model", "optimizer"}`` name-keyed at full shape (tp gathered), on every rank of
+        this stage: the layout of ``full_model_state`` / ``full_optimizer_state``."""
+        full = self.zero.full_state()
+        entries = full["optimizer"]["state"]
+        moments = {key: full_tensors(self.model, {n: e[key] for n, e in entries.items()}, self.tp) for key in MOMENTS}
+        params = full_tensors(self.model, full["model"], self.tp)
+        names = [n for n, _ in self.model.named_parameters()]
+        state = {n: {"step": entries[n]["step"], **{key: moments[key][n] for key in MOMENTS}} for n in names}
+        return {"model": {n: params[n] for n in names},
+                "optimizer": {"state": state, "param_groups": [dict(g) for g in self.param_groups]}}
+
+    def scaler_state(self) -> dict:
+        """The loss scale in torch GradScaler's layout; {} without one (as a disabled GradScaler)."""
+        return self.zero.scaler.grad_scaler_state() if self.zero.scaler is not None else {}
+
+    def load(self, model_state: dict, optimizer_state: dict, scaler_state: dict, path) -> None:
+        """Cut this rank's slices from a checkpoint of any layout, with or without ZeRO."""
+        params = dict(self.model.named_parameters())
+        missing = [n for n in params if n not in model_state]
+        try:
+            if missing:
+                raise RuntimeError(f"it has no {missing[0]!r}")
+            local = local_tensors(self.model, model_state)
+            for name, value in local.items():
+                if value.shape != params[name].shape:
+                    raise RuntimeError(f"{name!r} is {tuple(value.shape)} there, {tuple(params[name].shape)} here")
+            saved = {n: e for n, e in optimizer_state["state"].items() if n in params}
+            moments = {key: local_tensors(self.model, {n: e[key] for n, e in saved.items()}) for key in MOMENTS}
+        except RuntimeError as exc:
+            raise LoomError(
+                f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}",
+                "resume with the same model settings the checkpoint was trained with (see its meta.json).",
+            ) from None
+        entries = {n: {"step": e["step"], **{key: moments[key][n] for key in MOMENTS}} for n, e in saved.items()}
+        self.zero.load_full_state({"model": local, "optimizer": {"state": entries}})
+        if self.zero.scaler is not None and scaler_state:
+            self.zero.scaler.load_state_dict(scaler_state)
+
+
+def _mib(nbytes: int | float) -> str:
+    return f"{nbytes / 2**20:.2f} MiB"
