@@ -142,7 +142,10 @@ class Transformer(nn.Module):
     def loss_from_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1 and logits.shape[-1] == self.cfg.vocab_size:
             return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
-        return vocab_parallel_cross_entropy(logits, targets, self.tp, self.tok_emb.vocab_start, self.cfg.vocab_size)
+        # rank r's logit columns are padded ids [r * P/t, (r+1) * P/t), whichever module made them
+        # (an untied head on a last pipeline stage has no embedding to ask)
+        vocab_start = self.tp.rank * logits.shape[-1]
+        return vocab_parallel_cross_entropy(logits, targets, self.tp, vocab_start, self.cfg.vocab_size)
 
     def stage_parameters(self, layers: Sequence[int], embed: bool, head: bool) -> list[nn.Parameter]:
         """The parameters one stage's forward uses (for its weight-gradient step)."""
