@@ -12,7 +12,9 @@ import pytest
 from conftest import tiny_overrides
 
 from loom.cli import main
+from loom.train.checkpoint import latest_checkpoint
 from loom.train.data import write_token_file
+from loom.train.generate import generate, load_for_inference
 
 
 def sets(items: list[str]) -> list[str]:
@@ -116,3 +118,14 @@ def test_nproc_launches_local_ranks(tmp_path: Path, text_corpus: Path, capsys) -
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["comm_bytes_dp"] > 0 for r in records)
     assert json.loads((run_dir / "summary.json").read_text())["config"]["parallel"]["timeout_s"] == 60
+
+
+def test_pipelined_run_samples_from_its_final_checkpoint(tmp_path: Path, text_corpus: Path) -> None:
+    # rank 0 holds the first stage only: the sample needs the merged checkpoint
+    run_dir = tmp_path / "pp"
+    overrides = tiny_overrides(text_corpus, **{"train.steps": 2, "train.sample_tokens": 8, "parallel.pp": 2,
+                                               "parallel.timeout_s": 60})
+    assert main(["train", "--run-dir", str(run_dir), "--nproc", "2", *sets(overrides)]) == 0
+    model, config, tokenizer = load_for_inference(latest_checkpoint(run_dir), "cpu")
+    ids = generate(model, tokenizer.encode("def "), 8, config.model.max_seq_len, seed=config.train.seed)
+    assert (run_dir / "sample.txt").read_text(encoding="utf-8") == "def " + tokenizer.decode(ids)

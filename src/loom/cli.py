@@ -234,7 +234,8 @@ def _finish_run(trainer, summary: dict, console) -> None:
     if train.sample_tokens:
         tok = trainer.tokenizer
         model = trainer.model
-        if trainer.tp.size > 1:  # a shard cannot run alone: sample from the full final checkpoint
+        if trainer.tp.size > 1 or trainer.pp.size > 1:  # a shard or a stage cannot run alone:
+            # sample from the full final checkpoint (always written at the last step)
             model = load_for_inference(latest_checkpoint(trainer.run_dir), str(trainer.device))[0]
         ids = generate(model, tok.encode(train.sample_prompt), train.sample_tokens,
                        trainer.config.model.max_seq_len, seed=train.seed)
