@@ -94,3 +94,10 @@ def test_generation_is_seeded() -> None:
     assert one == two and len(one) == 20
     greedy = generate(model, [1, 2, 3], 40, max_seq_len=32, temperature=0)  # longer than the context
     assert len(greedy) == 40 and all(0 <= t < 50 for t in greedy)
+
+
+def test_generate_refuses_a_pipeline_stage() -> None:
+    cfg = load_config(None, ["model.vocab_size=64", "model.d_model=32", "model.n_heads=4", "model.n_layers=2"]).model
+    first_stage = Transformer(cfg, seed=0, layers=[0], head=False)  # its output is hidden states, not logits
+    with pytest.raises(ValueError, match="pipeline stage"):
+        generate(first_stage, [1, 2], 3, 64)

@@ -31,6 +31,8 @@ def generate(
     The context fed to the model is the last ``max_seq_len`` tokens. Sampling uses its own
     generator seeded by ``seed``, so the same call gives the same text.
     """
+    if not getattr(model, "head", True) or not getattr(model, "embed", True):
+        raise ValueError("generate needs the whole model; this one is a pipeline stage (load the full checkpoint)")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
