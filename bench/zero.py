@@ -251,7 +251,8 @@ class LoomSide(Side):
         if probe:
             memory = self.zero.memory()
             self.run.state = {k: memory[f"mem_{k}_bytes"] for k in STATE}
-            self.run.state |= {"padding": memory["padding_bytes"], "padding_elements": memory["padding_elements"]}
+            self.run.state |= {"padding": memory["padding_bytes"], "padding_elements": memory["padding_elements"],
+                               "k": memory["optim_bytes_per_element"]}
         total = loss.detach().float().clone()
         self.comm.all_reduce(total, op="avg", tag="metrics")
         value = total.item()
@@ -571,7 +572,8 @@ def bench_world(world: int, overrides: list[str], names: list[str], args: argpar
         stage, state = int(s[-1]), main["state"][s]
         psi = params + state["padding_elements"]  # the padded elements travel too
         formula[s] = dp_bytes_per_step(stage, psi, n, param_bytes=width, grad_bytes=width)
-        state_formula[s] = model_state_bytes(stage, params, n, param_bytes=width, grad_bytes=width)["total"] \
+        state_formula[s] = model_state_bytes(stage, params, n, param_bytes=width, grad_bytes=width,
+                                             k=state["k"])["total"] \
             + state["padding"]
         dp_bytes[s] = {b for r in results for b in r["dp_bytes"][s]}
     totals = {s: [sum(r["state"][s][k] for k in STATE) for r in results] for s in sides}
@@ -713,9 +715,9 @@ def interpretation(results: list[WorldResult], cores: int, precision: str) -> li
     if precision == "fp32" and any(r.state.get("loom3") and r.state.get("fsdp2") for r in results):
         out.append(
             "State in fp32: loom keeps the compute parameters (a full buffer at stages 1-2, this rank's slice at "
-            "stage 3) and, apart from them, fp32 master weights and two moments (12 bytes per element it owns), as "
-            "in mixed precision; FSDP2 in fp32 steps torch's AdamW on the parameter shards themselves (no "
-            "separate master copy); DeepSpeed keeps an fp32 partition apart from its parameters like loom. loom's "
+            "stage 3), which are their own master weights, and two moments (8 bytes per element it owns); FSDP2 "
+            "in fp32 likewise steps torch's AdamW on the parameter shards themselves; DeepSpeed keeps an fp32 "
+            "partition apart from its parameters (12 bytes per element with the moments). loom's "
             "stage 1 keeps full-size gradients (the paper's P_os: only optimizer states are partitioned); "
             "DeepSpeed's stage 1 reduces gradients into partitions as its stage 2 does."
         )

@@ -363,9 +363,13 @@ def test_memory_matches_the_zero_formulas(request, world: int) -> None:
                     [padded["params"], padded["grads"], padded["optim"]]
                 assert mem["grads_dtype"] == grads and mem["params_dtype"] == "bf16"
                 assert (mem["padding_elements"] > 0) == (stage > 0)  # d_model 27: odd groups get padded
-    fp32 = results[0]["stage2"]["memory"]  # 4-byte parameters: K = 12 still, params/grads double
-    psi = results[0]["stage2"]["numel"]
-    assert fp32["mem_params_bytes"] + fp32["mem_grads_bytes"] == 4 * psi + 4 * psi // world
+    for stage in range(4):  # fp32 parameters are their own master weights: K = 8, params/grads double
+        fp32 = results[0][f"stage{stage}"]["memory"]
+        psi = results[0][f"stage{stage}"]["numel"] + fp32["padding_elements"]
+        want = model_state_bytes(stage, psi, world, param_bytes=4, grad_bytes=4, k=8)
+        assert fp32["optim_bytes_per_element"] == 8
+        assert [fp32["mem_params_bytes"], fp32["mem_grads_bytes"], fp32["mem_optim_bytes"]] == \
+            [want["params"], want["grads"], want["optim"]]
 
 
 def test_stage2_and_3_release_full_buffers(two_ranks: list[dict]) -> None:

@@ -1,7 +1,8 @@
 """Mixed-precision AdamW on flat fp32 shards: master weights and moments, one vector each.
 
 ZeRO keeps, per rank, one contiguous fp32 slice of the master weights and of both Adam
-moments (K = 12 bytes per parameter), on the device or, for ZeRO-Offload, in host memory.
+moments (K = 12 bytes per parameter; 8 when fp32 parameters are their own master), on the
+device or, for ZeRO-Offload, in host memory.
 The update is torch.optim.AdamW's single-tensor formula, written with the same in-place
 ops in the same order, so on equal fp32 inputs the results are bit-identical to torch's::
 
@@ -47,13 +48,16 @@ class FlatAdamW:
 
     ``master`` is taken as is (its device is where the optimizer lives: the compute device,
     or the CPU for offload); ``segments`` name the ranges that decay and by how much.
+    ``holds_master=False``: ``master`` is the fp32 parameters' own storage (fp32 training
+    needs no second copy), so the optimizer's state is the moments alone, K = 8 bytes.
     """
 
     def __init__(self, master: torch.Tensor, segments: Sequence[Segment], lr: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, holds_master: bool = True) -> None:
         if master.dtype != torch.float32 or master.dim() != 1:
             raise ValueError(f"master weights must be a flat fp32 tensor, got {master.dtype} {tuple(master.shape)}")
         self.master = master
+        self.holds_master = holds_master
         self.exp_avg = torch.zeros_like(master)
         self.exp_avg_sq = torch.zeros_like(master)
         self.segments = list(segments)
@@ -67,9 +71,15 @@ class FlatAdamW:
                      self.lr if lr is None else lr, self.betas, self.eps, self.segments)
 
     @property
+    def bytes_per_element(self) -> int:
+        """K: 12 (master weights and both moments), or 8 when the master is the parameters."""
+        return 12 if self.holds_master else 8
+
+    @property
     def nbytes(self) -> int:
-        """Bytes held: master weights and both moments (12 per element)."""
-        return sum(t.numel() * t.element_size() for t in (self.master, self.exp_avg, self.exp_avg_sq))
+        """Bytes this optimizer holds: K per element of its shard."""
+        held = (self.master, self.exp_avg, self.exp_avg_sq) if self.holds_master else (self.exp_avg, self.exp_avg_sq)
+        return sum(t.numel() * t.element_size() for t in held)
 
     def state_dict(self) -> dict:
         return {"step": self.step_count, "master": self.master.clone(),

@@ -5,7 +5,8 @@ the dp size N so that rank r owns the equal slice ``[lo, hi)``; parameters becom
 into them, so each collective is one large message. Compute parameters and gradients are
 ``param_dtype`` / ``grad_dtype`` on the device; fp32 master weights and Adam moments
 (:class:`~loom.optim.adam.FlatAdamW`) exist for this rank's slice only (the whole buffer
-at stage 0), in host memory with ``offload="optimizer"``.
+at stage 0), in host memory with ``offload="optimizer"``. fp32 parameters on the device
+are their own master weights (the optimizer updates the slice in place): K = 8, not 12.
 
 =======  ==================================  ======================================  ========
 stage    gradients (synced during backward)  parameters                              per step
@@ -115,10 +116,16 @@ class ZeroOptimizer:
     def _make_group(self, members) -> FlatGroup:
         group, full32 = flatten(members, self.shards, self.comm.rank if self.shards > 1 else 0, self.param_dtype)
         lr, betas, eps = self._hyper
-        master = full32[group.lo:group.hi].to(self.optim_device, copy=True)
-        group.optim = FlatAdamW(master, group.decay_segments(self.weight_decay), lr, betas, eps)
         if self.stage == 3:
             group.unit = Unit(group.flat, group.flat[group.lo:group.hi].clone())
+        # fp32 parameters where the optimizer lives are their own master weights: no second copy
+        alias = self.param_dtype == torch.float32 and self.optim_device == self.device
+        if alias:
+            master = group.unit.shard if self.stage == 3 else group.flat[group.lo:group.hi]
+        else:
+            master = full32[group.lo:group.hi].to(self.optim_device, copy=True)
+        group.optim = FlatAdamW(master, group.decay_segments(self.weight_decay), lr, betas, eps,
+                                holds_master=not alias)
         if self.stage <= 1:
             group.grad_full = torch.zeros(group.padded, dtype=self.grad_dtype, device=self.device)
             group.grad_shard = group.grad_full[group.lo:group.hi]
@@ -324,13 +331,13 @@ class ZeroOptimizer:
         """Master slice -> compute parameters (all-gathered at stages 1-2; stage 3 keeps its slice)."""
         master = group.optim.master
         if self.stage == 0:
-            group.flat.copy_(master)
+            _copy_unless_same(group.flat, master)
             return None
         if self.stage == 3:
-            group.unit.shard.copy_(master)
+            _copy_unless_same(group.unit.shard, master)
             return None
         owned = group.flat[group.lo:group.hi]
-        owned.copy_(master)
+        _copy_unless_same(owned, master)
         return self.comm.all_gather(group.flat, owned, async_op=True, tag="zero-param")
 
     # -- reports and state ---------------------------------------------------------------
@@ -339,11 +346,13 @@ class ZeroOptimizer:
         """Bytes of model states this rank holds now (live tensors), and the padding's share.
 
         ``padding_bytes`` is what the padded elements add: whole at full-size buffers, 1/N
-        at slices, so ``params + grads + optim == formula(Ψ) + padding_bytes`` exactly.
+        at slices, so ``params + grads + optim == formula(Ψ) + padding_bytes`` exactly, with
+        the formula's K = ``optim_bytes_per_element`` (12, or 8 for fp32 parameters as master).
         """
         params = grads = optim = 0
         padding = Fraction(0)
-        per_elem = (self.param_dtype.itemsize, self.grad_dtype.itemsize, 12)
+        k = self.groups[0].optim.bytes_per_element
+        per_elem = (self.param_dtype.itemsize, self.grad_dtype.itemsize, k)
         for g in self.groups:
             params += g.flat.untyped_storage().nbytes()
             if g.unit is not None:
@@ -360,6 +369,7 @@ class ZeroOptimizer:
                 "padding_bytes": int(padding) if padding.denominator == 1 else float(padding),
                 "padding_elements": sum(g.padded - g.numel for g in self.groups),
                 "params_dtype": DTYPE_NAMES[self.param_dtype], "grads_dtype": DTYPE_NAMES[self.grad_dtype],
+                "optim_bytes_per_element": k,
                 "optim_device": str(self.optim_device)}
 
     def _gather_full(self, group: FlatGroup, shard: torch.Tensor) -> torch.Tensor:
@@ -437,3 +447,9 @@ class ZeroOptimizer:
         for handle in handles:
             if handle is not None:
                 handle.wait()
+
+
+def _copy_unless_same(target: torch.Tensor, source: torch.Tensor) -> None:
+    """``target.copy_(source)``, skipped when they are one tensor (fp32 parameters as master)."""
+    if target.data_ptr() != source.data_ptr():
+        target.copy_(source)

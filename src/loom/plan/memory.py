@@ -14,7 +14,9 @@ stage  partitioned        params                    grads               optimize
 3      + parameters       2Ψ/N                      2Ψ/N                KΨ/N    = 16Ψ/N
 =====  =================  ========================  ==================  ================
 
-Keeping gradients in fp32 (``grad_bytes=4``) doubles the gradient column.
+Keeping gradients in fp32 (``grad_bytes=4``) doubles the gradient column. Training in fp32
+(``param_bytes = grad_bytes = 4``) the parameters are their own master weights, so K = 8
+(the moments) and the totals are again 16Ψ, 8Ψ + 8Ψ/N, 4Ψ + 12Ψ/N, 16Ψ/N.
 
 Traffic per step (ring model): stages 0-2 move 2Ψ elements (DDP all-reduces the
 gradients, 2(n-1)/n Ψ; stages 1-2 reduce-scatter them and all-gather the updated

@@ -187,9 +187,10 @@ class ZeroStep:
     def describe(self) -> str:
         mem, zero = self.zero.memory(), self.zero
         where = "host" if mem["optim_device"] == "cpu" and zero.device.type != "cpu" else mem["optim_device"]
+        master = "fp32 master + " if mem["optim_bytes_per_element"] == 12 else ""  # else the parameters are
         return (f"ZeRO-{zero.stage} over dp={zero.comm.size}, per rank: parameters {_mib(mem['mem_params_bytes'])} "
                 f"{mem['params_dtype']}, gradients {_mib(mem['mem_grads_bytes'])} {mem['grads_dtype']}, "
-                f"optimizer {_mib(mem['mem_optim_bytes'])} (fp32 master + AdamW, {where}); "
+                f"optimizer {_mib(mem['mem_optim_bytes'])} ({master}AdamW moments, {where}); "
                 f"padding {mem['padding_bytes']:,} B")
 
     # ------------------------------------------------------------------ checkpoints
