@@ -45,7 +45,8 @@ of a whole step (the collectives couple the tp ranks every step); its tokens/s i
 of one step (micro_batch x seq_len: every tp rank works on the same batch) over its median
 step time after ``--warmup`` steps. The table gives the median over rounds of each side and
 the ratio of the medians. loom's wall time inside its tp collectives comes from its ledger
-entries' start and end times.
+entries' start and end times (for the backward's asynchronous reductions, launch to wait: the
+weight-gradient compute they overlap is inside).
 
 Bytes. loom's ledger gives ``comm_bytes_tp`` per step per rank, split by tag: the region
 mappings ("tp", "tp-sp"), the vocab-parallel cross-entropy ("tp-ce"), the SP gradient sum
@@ -105,7 +106,7 @@ from torch.distributed.tensor.parallel import (
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from loom.config import Config, load_config
-from loom.dist.comm import model_bytes
+from loom.dist.comm import Handle, model_bytes
 from loom.dist.context import init_distributed
 from loom.dist.spawn import run_ranks
 from loom.errors import LoomError
@@ -231,7 +232,8 @@ class LocalComm:
 
     all_reduce leaves the tensor as it is; all_gather and reduce_scatter do the local copy
     (this rank's piece into every slot / this rank's chunk out), so shapes, and the work
-    around the collectives, are loom's own.
+    around the collectives, are loom's own. With ``async_op`` each returns a handle that is
+    already done, as ``Comm``'s do.
     """
 
     name = "tp"
@@ -239,15 +241,21 @@ class LocalComm:
     def __init__(self, size: int, rank: int) -> None:
         self.size, self.rank = size, rank
 
-    def all_reduce(self, t: torch.Tensor, op: str = "sum", async_op: bool = False, tag: str = "") -> None:
-        return None
+    def all_reduce(self, t: torch.Tensor, op: str = "sum", async_op: bool = False, tag: str = "") -> Handle | None:
+        return DONE if async_op else None
 
-    def all_gather(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False, tag: str = "") -> None:
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False,
+                   tag: str = "") -> Handle | None:
         output.view(self.size, -1).copy_(input.reshape(1, -1))
+        return DONE if async_op else None
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: str = "sum", async_op: bool = False,
-                       tag: str = "") -> None:
+                       tag: str = "") -> Handle | None:
         output.copy_(input.reshape(self.size, -1)[self.rank].view_as(output))
+        return DONE if async_op else None
+
+
+DONE = Handle(None, None, None)  # a finished call, for LocalComm's async_op
 
 
 class NoCommSide(LoomSide):
@@ -474,7 +482,7 @@ class WorldResult:
     single_loss: float
     tp_bytes: set  # distinct per-step {tag: bytes} records over ranks, rounds and steps (as sorted tuples)
     formula: Fraction  # 8bsh(t-1)/t x 4 x (layers + 1/2)
-    ce_formula: Fraction  # 3 all-reduces of b*s fp32
+    ce_formula: Fraction  # all-reduces of 3 x b*s fp32 (the max, then sum-exp and target logit together)
     counts: dict[str, tuple[dict[str, int], int | float]]  # side -> (collectives by op, bytes) of one step
     wall_s: float
 
@@ -652,7 +660,8 @@ TIMING = (
     "shards of each rank with every tp collective skipped (all-reduce: nothing; all-gather / reduce-scatter: the "
     "local copy): what remains is the compute both sides must do, and 'over the floor' = a side's median step "
     "time minus the floor's is what communication and the implementation add. loom in tp collectives = wall time "
-    "inside its ledger's tp calls per step (transfer plus waiting for the peers). CPU ms/step = rank 0's process "
+    "inside its ledger's tp calls per step (transfer plus waiting for the peers; an asynchronous call counts from "
+    "launch to wait, the compute it overlaps included). CPU ms/step = rank 0's process "
     "CPU time per step (all its threads, gloo's included): the work done, insensitive to waiting for a core. A step "
     "is lr, forward + loss, backward (loom: + its tp gradient syncs), loss .item(), AdamW step, zero grads; batches "
     "are cut before timing. Phase columns are per-round medians in ms: fwd (forward + loss), bwd (backward), opt "
@@ -697,8 +706,8 @@ def interpretation(results: list[WorldResult], cores: int, config: Config, sp: b
             f"floor's tokens/s over DTensor's; {r.cpu_ms('dtensor') / r.cpu_ms('nocomm'):.3f} in CPU time). Forward "
             f"{lp['fwd']:.1f} vs {dp['fwd']:.1f} ms, backward {lp['bwd']:.1f} vs {dp['bwd']:.1f} ms, item + AdamW + "
             f"zero {lp['opt']:.1f} vs {dp['opt']:.1f} ms (loom vs DTensor). loom's mapping bytes "
-            f"{'equal' if r.bytes_match else 'DIFFER from'} 8bsh(t-1)/t x 4 x (L + 1/2); its cross-entropy adds 3 "
-            f"all-reduces of b*s fp32 ({fmt_bytes(r.ce_formula)} B)."
+            f"{'equal' if r.bytes_match else 'DIFFER from'} 8bsh(t-1)/t x 4 x (L + 1/2); its cross-entropy adds 2 "
+            f"all-reduces of b*s and 2 x b*s fp32 ({fmt_bytes(r.ce_formula)} B)."
         )
     return out
 
@@ -719,7 +728,7 @@ def markdown(command: str, when: str, job: str, results: list[WorldResult], nois
         "mappings only: per layer 2 all-reduces forward + 2 backward of b*s*h fp32 (8bsh(t-1)/t elements sent "
         "under the ring model; with SP all-gathers + reduce-scatters of the same volume), plus the embedding's "
         "exit (forward) and the head's entry (backward), one all-reduce each = 1/2 layer. The rest is the "
-        "vocab-parallel cross-entropy (tp-ce: 3 all-reduces of b*s fp32) and, with SP, the norm/bias gradient sum "
+        "vocab-parallel cross-entropy (tp-ce: all-reduces of b*s fp32 (the max) and 2 x b*s (sum of exp, target logit)) and, with SP, the norm/bias gradient sum "
         "(sp-grads).",
         "",
         "Collectives in one step (an extra step after the timed rounds; bytes sent per rank under the ring model "

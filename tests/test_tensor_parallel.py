@@ -10,6 +10,7 @@ the vocabulary padding is exercised everywhere.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from loom.dist.context import init_distributed
 from loom.dist.spawn import run_ranks
 from loom.model.attention import sync_replicated_kv_grads
 from loom.model.transformer import Transformer
+from loom.parallel import tensor as tensor_module
 from loom.parallel.full_state import full_model_state, gather_tensor, shard_layouts
 from loom.parallel.tensor import TensorParallel
 from loom.parallel.vocab import gather_vocab_logits
@@ -177,6 +179,81 @@ def test_communication_and_activation_memory_per_layer() -> None:
     assert plain["saved"] > 0
     assert sp["saved"] * t == plain["saved"]
     assert "sp-grads" in sp["tags"] and "sp-grads" not in plain["tags"]
+
+
+class _RecordingComm:
+    """A tp group of two seen from rank 0 that moves nothing (the peer's share is zero, or a
+    copy of ours for all-gather) and records, in order, each call and each wait."""
+
+    name, size, rank = "tp", 2, 0
+
+    def __init__(self, events: list) -> None:
+        self.events = events
+
+    def _done(self, op: str, tag: str, numel: int, async_op: bool):
+        self.events.append((op, tag, numel, async_op))
+        return SimpleNamespace(wait=lambda: self.events.append("wait")) if async_op else None
+
+    def all_reduce(self, t, op="sum", async_op=False, tag=""):
+        return self._done("all_reduce", tag, t.numel(), async_op)
+
+    def all_gather(self, output, input, async_op=False, tag=""):
+        output.view(2, -1).copy_(input.reshape(1, -1))
+        return self._done("all_gather", tag, output.numel(), async_op)
+
+    def reduce_scatter(self, output, input, op="sum", async_op=False, tag=""):
+        output.copy_(input.reshape(2, -1)[0].view_as(output))
+        return self._done("reduce_scatter", tag, input.numel(), async_op)
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["plain", "sp"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16 autocast"])
+def test_entering_with_the_column_linears_reduces_dx_once_behind_the_weight_gradients(
+        monkeypatch: pytest.MonkeyPatch, sequence_parallel: bool, autocast: bool) -> None:
+    events: list = []
+    tp = TensorParallel(_RecordingComm(events), sequence_parallel)
+    real = tensor_module._weight_grads
+
+    def weight_grads(*args):
+        events.append("dW")
+        return real(*args)
+
+    monkeypatch.setattr(tensor_module, "_weight_grads", weight_grads)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 8, 16, generator=g, requires_grad=True)
+    weights = [torch.randn(6, 16, generator=g, requires_grad=True) for _ in range(3)]
+    biases = [torch.randn(6, generator=g, requires_grad=True), None, torch.randn(6, generator=g, requires_grad=True)]
+    leaves = [x0, *weights, biases[0], biases[2]]
+
+    def run(entry):
+        for leaf in leaves:
+            leaf.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            outs = entry(x0 * 1.0)  # not a leaf, as a norm's output is not
+        sum((o.float() * (i + 1)).sin().sum() for i, o in enumerate(outs)).backward()
+        return [o.detach() for o in outs], [leaf.grad for leaf in leaves]
+
+    def reference(x):
+        # under SP the fake all-gather repeats x and the fake reduce-scatter keeps the first
+        # chunk of dX: only the first copy carries gradient back to x
+        full = torch.cat([x, x.detach()], dim=1) if sequence_parallel else x
+        return [torch.nn.functional.linear(full, w, b) for w, b in zip(weights, biases)]
+
+    want_outs, want_grads = run(reference)
+    events.clear()
+    got_outs, got_grads = run(lambda x: tp.enter_linear(x, weights, biases))
+    for got, want in zip(got_outs, want_outs):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        assert got.dtype == want.dtype and got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # forward: the entry alone; backward: one reduction of the summed dX (b*s*h), launched
+    # before the three weight gradients and waited for after them
+    reduce = ("reduce_scatter", "tp-sp") if sequence_parallel else ("all_reduce", "tp")
+    n = 2 * 8 * 16 * (2 if sequence_parallel else 1)
+    forward = [("all_gather", "tp-sp", n, False)] if sequence_parallel else []
+    assert events == [*forward, (*reduce, n, True), "dW", "dW", "dW", "wait"]
 
 
 # ----------------------------------------------------------------------------- dropout and checkpoints

@@ -1,6 +1,7 @@
 """Vocabulary parallelism: the embedding and the cross-entropy split by vocabulary over tp ranks
 equal the single process, including vocabularies tp does not divide (padded), with and without
-sequence parallelism; the cross-entropy sends exactly 3 all-reduces of N fp32 values forward.
+sequence parallelism; the cross-entropy sends exactly 2 all-reduces forward (the max of N
+fp32 values, then the sums of exp and the target logits, 2N): 3N values, as 3 separate ones would.
 """
 
 from __future__ import annotations
@@ -208,9 +209,10 @@ def test_vocab_parallel_on_2_and_4_ranks_equals_one_process() -> None:
                     torch.testing.assert_close(got["loss"], want_loss, rtol=1e-6, atol=0)
                     torch.testing.assert_close(got["grad"], 3.0 * want_grad[..., rank * per : (rank + 1) * per],
                                                rtol=1e-6, atol=1e-9)
-                    # max, sum of exp, target logit: 3 ring all-reduces of N fp32 values; backward is local
-                    one = model_bytes("all_reduce", t, 4 * n)
-                    assert got["calls"] == [("all_reduce", group, "tp-ce", n, "float32", one)] * 3
+                    # the max, then the sum of exp and the target logit together: ring all-reduces of
+                    # N and 2N fp32 values; backward is local
+                    assert got["calls"] == [("all_reduce", group, "tp-ce", k * n, "float32",
+                                             model_bytes("all_reduce", t, 4 * k * n)) for k in (1, 2)]
                     assert got["backward_calls"] == 0
             for result in results:
                 assert torch.equal(result[(t, vocab, "gather")], logits[..., :vocab])

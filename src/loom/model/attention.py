@@ -47,11 +47,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, positions: torch.Tensor,
                 rng: ParallelRNG | None = None) -> torch.Tensor:
-        x = self.tp.enter(x)
-        batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self.tp.enter_columns(x, self.q_proj, self.k_proj, self.v_proj)
+        batch, seq, _ = q.shape
+        q = q.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = rope(q, positions), rope(k, positions)
         dropout = self.dropout if self.training else 0.0

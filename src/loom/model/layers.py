@@ -69,7 +69,8 @@ class GeluMLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.ffn_dim, cfg.d_model, tp, bias=cfg.use_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.up_proj(self.tp.enter(x)), approximate="tanh"))
+        (up,) = self.tp.enter_columns(x, self.up_proj)
+        return self.down_proj(F.gelu(up, approximate="tanh"))
 
 
 class SwiGLUMLP(nn.Module):
@@ -83,8 +84,8 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.ffn_dim, cfg.d_model, tp, bias=cfg.use_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.tp.enter(x)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.tp.enter_columns(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 def make_mlp(cfg: ModelConfig, tp: TensorParallel) -> nn.Module:

@@ -131,9 +131,9 @@ class Transformer(nn.Module):
             x = self.blocks[str(i)](x, self.rope, positions, self.rng)
         if not head:
             return x
-        x = self.tp.enter(self.final_norm(x))
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight)
+        (logits,) = self.tp.enter_linear(self.final_norm(x), [weight])
+        return logits
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over all positions (fp32), never gathering the vocabulary."""

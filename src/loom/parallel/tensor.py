@@ -13,17 +13,25 @@ Either way a transformer layer moves 4 * b*s*h elements per micro-batch through 
 group (2 forward, 2 backward), i.e. 8bsh(t-1)/t elements sent per rank under the ring
 model; SP swaps each all-reduce for an all-gather + reduce-scatter of the same volume.
 
+The column-parallel linears that read one input enter the region together
+(:meth:`TensorParallel.enter_linear`): one autograd node sums their input gradients
+locally and reduces the sum once, launched asynchronously so the weight gradients are
+computed while it is in flight (Megatron-LM's overlap); the volume is that of ``enter``.
+
 Every transfer goes through a :class:`loom.dist.comm.Comm` and is counted. With a group
 of size one every mapping is the identity.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.dist.comm import Comm, Ledger
+from loom.dist.comm import Comm, Handle, Ledger
+from loom.parallel.pipeline.weight_grad import deferrable, linear
 
 SEQ_DIM = 1
 
@@ -47,10 +55,16 @@ def _all_gather_seq(x: torch.Tensor, comm: Comm) -> torch.Tensor:
 
 def _reduce_scatter_seq(x: torch.Tensor, comm: Comm) -> torch.Tensor:
     """(b, s, h) partial sums on each rank -> this rank's (b, s/t, h) slice of the sum."""
-    chunks = torch.stack(x.chunk(comm.size, dim=SEQ_DIM)).contiguous()
-    out = torch.empty_like(chunks[0])
-    comm.reduce_scatter(out.view(-1), chunks.view(-1), op="sum", tag="tp-sp")
+    out, handle = _reduce_seq_async(x, comm)
+    handle.wait()
     return out
+
+
+def _reduce_seq_async(x: torch.Tensor, comm: Comm) -> tuple[torch.Tensor, Handle]:
+    """Start :func:`_reduce_scatter_seq`: the (b, s/t, h) output, valid once the handle is waited."""
+    chunks = torch.stack(x.chunk(comm.size, dim=SEQ_DIM))
+    out = torch.empty_like(chunks[0])
+    return out, comm.reduce_scatter(out.view(-1), chunks.view(-1), op="sum", async_op=True, tag="tp-sp")
 
 
 def _split_seq(x: torch.Tensor, comm: Comm) -> torch.Tensor:
@@ -71,11 +85,19 @@ class _CopyToRegion(torch.autograd.Function):
 
 
 class _ReduceFromRegion(torch.autograd.Function):
-    """g: all-reduce forward, identity backward."""
+    """g: all-reduce forward, identity backward.
+
+    The partial sum is reduced in place (no copy): ``exit`` takes a fresh tensor that
+    nothing else reads, and ``mark_dirty`` makes autograd refuse it if something had saved it.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:
-        return _all_reduce(x, comm)
+        if not x.is_contiguous():
+            return _all_reduce(x, comm)
+        ctx.mark_dirty(x)
+        comm.all_reduce(x, op="sum", tag="tp")
+        return x
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -121,6 +143,78 @@ class _SplitSequence(torch.autograd.Function):
         return _all_gather_seq(grad, ctx.comm), None
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear would compute in here: autocast's when it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _input_grad(grads: tuple[torch.Tensor, ...], weights: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """dX = sum_i dY_i W_i: the input gradient of linears sharing one input, summed locally in ``dtype``."""
+    out = torch.matmul(grads[0], weights[0]).to(dtype)
+    for grad, weight in zip(grads[1:], weights[1:]):
+        out.add_(torch.matmul(grad, weight))
+    return out
+
+
+def _weight_grads(grad: torch.Tensor, x: torch.Tensor, need_weight: bool,
+                  need_bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """dW = dY^T X and db = sum of dY over all positions, for one linear y = x W^T + b.
+
+    dW comes out contiguous, laid out as the weight, so autograd keeps it as ``.grad``
+    without the copy its own linear backward's transposed (X^T dY)^T costs.
+    """
+    grad2d = grad.reshape(-1, grad.shape[-1])
+    weight = grad2d.t().mm(x.reshape(-1, x.shape[-1])) if need_weight else None
+    bias = grad2d.sum(0) if need_bias else None
+    return weight, bias
+
+
+class _EnterLinears(torch.autograd.Function):
+    """``enter`` followed by y_i = x W_i^T + b_i for every linear that reads the entered x.
+
+    Forward: x -> replicated x (identity, or all-gather along the sequence under SP), then
+    the linears. Backward: dX = sum_i dY_i W_i (:func:`_input_grad`); its reduction over tp
+    (all-reduce, or reduce-scatter along the sequence under SP) is started asynchronously and
+    the weight gradients (:func:`_weight_grads`) are computed while it is in flight; then it
+    is waited for. Gradients an autograd pass does not need are not computed.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm, sequence_parallel: bool, n: int,
+                *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        weights, biases = params[:n], params[n:]
+        dtype = _compute_dtype(x)
+        full = (_all_gather_seq(x, comm) if sequence_parallel else x).to(dtype)
+        weights = [w.to(dtype) for w in weights]
+        outs = tuple(F.linear(full, w, None if b is None else b.to(dtype)) for w, b in zip(weights, biases))
+        ctx.save_for_backward(full, *weights)
+        ctx.comm, ctx.sequence_parallel, ctx.n = comm, sequence_parallel, n
+        ctx.dtypes = (x.dtype, [p.dtype if p is not None else None for p in params])
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        full, *weights = ctx.saved_tensors
+        x_dtype, param_dtypes = ctx.dtypes
+        needs = ctx.needs_input_grad[4:]
+        grad_x, handle = None, None
+        if ctx.needs_input_grad[0]:
+            grad_x = _input_grad(grads, weights, x_dtype)
+            if ctx.sequence_parallel:
+                grad_x, handle = _reduce_seq_async(grad_x, ctx.comm)
+            else:
+                handle = ctx.comm.all_reduce(grad_x, op="sum", async_op=True, tag="tp")
+        param_grads: list[torch.Tensor | None] = [None] * (2 * ctx.n)
+        for i, grad in enumerate(grads):
+            dw, db = _weight_grads(grad, full, needs[i], needs[ctx.n + i])
+            param_grads[i] = None if dw is None else dw.to(param_dtypes[i])
+            param_grads[ctx.n + i] = None if db is None else db.to(param_dtypes[ctx.n + i])
+        if handle is not None:
+            handle.wait()
+        return (grad_x, None, None, None, *param_grads)
+
+
 # ----------------------------------------------------------------------------- the region
 
 
@@ -151,6 +245,28 @@ class TensorParallel:
         if self.sequence_parallel:
             return _GatherSequence.apply(x, self.comm)
         return _CopyToRegion.apply(x, self.comm)
+
+    def enter_linear(self, x: torch.Tensor, weights: Sequence[torch.Tensor],
+                     biases: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, ...]:
+        """``enter(x)``, then ``F.linear(x, w_i, b_i)`` for each column-parallel weight, as one node.
+
+        The input gradients of all the linears are summed locally and reduced once (the same
+        single b*s*h transfer as ``enter``'s), asynchronously, overlapping the weight gradients.
+        """
+        biases = list(biases) if biases is not None else [None] * len(weights)
+        if self.comm.size == 1 or deferrable(weights[0]):  # zero-bubble: each dW waits for its W
+            x = self.enter(x)
+            return tuple(linear(x, w, b) for w, b in zip(weights, biases))
+        return _EnterLinears.apply(x, self.comm, self.sequence_parallel, len(weights), *weights, *biases)
+
+    def enter_columns(self, x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
+        """``enter(x)``, then each :class:`ColumnParallelLinear` of ``layers`` (see :meth:`enter_linear`).
+
+        With a group of one the layers are simply called.
+        """
+        if self.comm.size == 1:
+            return tuple(layer(x) for layer in layers)
+        return self.enter_linear(x, [layer.weight for layer in layers], [layer.bias for layer in layers])
 
     def exit(self, partial: torch.Tensor) -> torch.Tensor:
         """Out of a tp region: partial sums (b, s, h) -> the sum, replicated or sequence-split."""
@@ -214,8 +330,10 @@ def shard_range(full: int, size: int, rank: int) -> slice:
 class ColumnParallelLinear(nn.Module):
     """y_local = x W_local^T + b_local, W split by output features (rows of the (out, in) weight).
 
-    The input must already be inside the tp region (``TensorParallel.enter``); one entry
-    can feed several column layers (Q, K and V read the same gathered x). ``rows`` may
+    Called on an input already inside the tp region (``TensorParallel.enter``); the
+    model instead enters with all the column layers that read one x together
+    (``TensorParallel.enter_columns``: Q, K and V read the same gathered x), which
+    overlaps the input gradient's reduction with their weight gradients. ``rows`` may
     be given explicitly for shards that are not an even split (replicated KV heads).
     """
 
@@ -233,7 +351,7 @@ class ColumnParallelLinear(nn.Module):
             self.shards["bias"] = ((out_features,), self.rows, slice(None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -255,5 +373,5 @@ class RowParallelLinear(nn.Module):
         self.shards = {"weight": ((out_features, in_features), slice(None), cols)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.exit(F.linear(x, self.weight))
+        out = self.tp.exit(linear(x, self.weight))
         return out if self.bias is None else out + self.bias

@@ -8,8 +8,9 @@ logit columns are masked to -inf in the loss, so every result equals the unpadde
 Embedding: each rank looks up the ids it owns (others give zero rows) and the partial
 embeddings are summed by ``TensorParallel.exit`` (all-reduce, or reduce-scatter along the
 sequence under SP). Cross-entropy: the logits stay split by vocabulary; per position the
-max, the sum of exp and the target's logit are each all-reduced over tp (3 all-reduces of
-N fp32 values, N the number of positions), so the full (N, V) logits never exist on a rank.
+max is all-reduced over tp, then the sum of exp and the target's logit together (2
+all-reduces, of N and 2N fp32 values, N the number of positions), so the full (N, V)
+logits never exist on a rank.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class VocabParallelEmbedding(nn.Module):
             return F.embedding(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_start + self.local_size)
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
-        partial = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        partial = F.embedding(local_ids, self.weight).masked_fill_(outside.unsqueeze(-1), 0.0)
         return self.tp.exit(partial)
 
     def extra_repr(self) -> str:
@@ -108,8 +109,9 @@ def gather_vocab_logits(logits_local: torch.Tensor, tp: TensorParallel, vocab_si
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """loss = mean over valid positions of log(sum_v exp(z_v)) - z_target, z split by vocab.
 
-    Forward all-reduces per position the max (op "max"), the sum of exp(z - max) and the
-    target logit (each "sum"); backward is local: dz = (softmax - onehot) * grad / N_valid.
+    Forward all-reduces per position the max (op "max"), then the sum of exp(z - max) and
+    the target logit stacked in one (2, N) tensor ("sum": the sum needs the max, the target
+    logit does not, so it rides along); backward is local: dz = (softmax - onehot) * grad / N_valid.
     """
 
     @staticmethod
@@ -127,15 +129,16 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         zmax = z.max(dim=-1).values
         comm.all_reduce(zmax, op="max", tag="tp-ce")
         exp = torch.exp(z - zmax.unsqueeze(-1))  # padded columns: exp(-inf) = 0
-        sum_exp = exp.sum(dim=-1)
-        comm.all_reduce(sum_exp, op="sum", tag="tp-ce")
-
         valid = t != ignore_index
         local_t = t - vocab_start
         owned = valid & (local_t >= 0) & (local_t < n_local)
         index = local_t.masked_fill(~owned, 0).unsqueeze(-1)
-        target_z = z.gather(-1, index).squeeze(-1).masked_fill(~owned, 0.0)
-        comm.all_reduce(target_z, op="sum", tag="tp-ce")
+        sums = torch.empty((2, z.shape[0]), dtype=z.dtype, device=z.device)
+        torch.sum(exp, dim=-1, out=sums[0])
+        torch.gather(z, -1, index, out=sums[1].unsqueeze(-1))
+        sums[1].masked_fill_(~owned, 0.0)
+        comm.all_reduce(sums, op="sum", tag="tp-ce")
+        sum_exp, target_z = sums.unbind(0)
 
         n_valid = valid.sum()
         per_position = (torch.log(sum_exp) + zmax - target_z).masked_fill(~valid, 0.0)
@@ -167,7 +170,7 @@ def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tens
     ``logits_local`` (..., V_local): columns [vocab_start, vocab_start + V_local) of the
     logits over the padded vocabulary; columns >= ``vocab_size`` are padding and ignored.
     ``targets`` (...): ids < ``vocab_size``; ``ignore_index`` ones are left out of the mean.
-    Sends 3 all-reduces of N fp32 values over ``tp.comm`` (tag "tp-ce"), N = targets.numel();
-    backward sends nothing. With ``tp.size == 1`` it equals ``F.cross_entropy``.
+    Sends 2 all-reduces over ``tp.comm`` (tag "tp-ce"), of N then 2N fp32 values,
+    N = targets.numel(); backward sends nothing. With ``tp.size == 1`` it equals ``F.cross_entropy``.
     """
     return _VocabParallelCrossEntropy.apply(logits_local, targets, tp, vocab_start, vocab_size, ignore_index)
