@@ -613,9 +613,11 @@ def interpretation(results: list[ScheduleResult], cores: int) -> list[str]:
                    f"I + W = {(i_ms + w_ms) / b_ms:.2f} x B" if b_ms else "")
         out.append(
             f"{r.schedule} at pp {r.pp}, {'rank 1' if r.pp == 2 else f'ranks 1..{r.pp - 1}'}: loom's I takes {i_ms:.2f} ms and W {w_ms:.2f} ms"
-            f"{against}. loom's W calls backward from the stage output again restricted to the parameters, so it "
-            "re-walks the whole retained graph (every input-gradient node on the way back); torch's "
-            "stage_backward_weight starts from the gradients captured at the parameter-adjacent nodes during I."
+            f"{against}. loom's I is the backward without the linears' dW (their weights enter autograd detached); "
+            "W is those dW = dY^T X matmuls from the recorded X and the dY captured in I, then one autograd pass "
+            "that accumulates every gradient of the micro-batch (weight_grad.py). torch's stage_backward_weight "
+            "runs one autograd pass per parameter group from the gradients captured at the parameter-adjacent "
+            "nodes during I, on the graph I retained."
         )
     return out
 

@@ -1,4 +1,5 @@
-"""Pipeline parallelism: every schedule, alone and with dp and tp, matches the single process.
+"""Pipeline parallelism: every schedule, alone and with dp and tp, matches the single process,
+and zero-bubble's split backward (I, then W) does each gradient once.
 
 Each layout trains several optimizer steps with 4 micro-batches and must give the
 single-process run's per-step loss and gradient norm; its final checkpoint (stages
@@ -13,12 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_overrides
+from torch.utils.flop_counter import FlopCounterMode
 
-from loom.config import load_config
+from loom.config import ModelConfig, load_config
+from loom.dist.comm import Comm, Ledger
 from loom.dist.context import init_distributed
 from loom.dist.spawn import run_ranks
 from loom.errors import LoomError
+from loom.model.transformer import Transformer
+from loom.parallel.data import DataParallel
 from loom.parallel.pipeline.partition import rank_stages, split_layers
+from loom.parallel.pipeline.runtime import RECEIVES, _Receives
+from loom.parallel.pipeline.schedules import build_schedule
+from loom.parallel.pipeline.weight_grad import WeightGradStore, backward_input
 from loom.train.checkpoint import load_checkpoint
 from loom.train.metrics import read_metrics
 from loom.train.trainer import Trainer
@@ -37,6 +45,8 @@ LAYOUTS_4 = {
     # llama: an untied head on the last stage, whose loss has no embedding to ask for its vocab range
     "llama gqa tp2 sp x pp2 1f1b": {"model.family": "llama", "model.n_kv_heads": 2, "parallel.pp": 2, "parallel.tp": 2,
                                     "parallel.sequence_parallel": True},
+    "gpt2 tp2 sp x pp2 zero_bubble": {"parallel.pp": 2, "parallel.tp": 2, "parallel.sequence_parallel": True,
+                                      "parallel.schedule": "zero_bubble"},
 }
 
 
@@ -77,6 +87,85 @@ def test_schedules_match_the_single_process(tmp_path: Path, text_corpus: Path, w
             torch.testing.assert_close(merged[param], value, rtol=1e-4, atol=1e-5, msg=f"{name}: {param}")
         timeline = json.loads((tmp_path / "pp" / name / "pipeline_timeline.json").read_text())
         assert len(timeline["ranks"]) == int(extra["parallel.pp"])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("head", [False, True], ids=["middle stage", "last stage"])
+def test_zero_bubble_w_does_the_weight_gradient_work_once(family: str, head: bool) -> None:
+    """Zero-bubble's I gives the input gradient and touches no ``.grad``; W does the linears'
+    dW matmuls (the FLOPs I skipped: I + W = one backward) and hands every parameter the plain
+    backward's gradient, DDP's hook firing once per parameter."""
+    cfg = ModelConfig(family=family, n_layers=4, d_model=32, n_heads=4, max_seq_len=16, vocab_size=61)
+    layers = range(2, 4)
+    plain, split = (Transformer(cfg, layers=layers, embed=False, head=head) for _ in range(2))  # same init
+    x0, y = torch.randn(2, 16, 32), torch.randint(0, 61, (2, 16))
+    dout = None if head else torch.randn(2, 16, 32)
+
+    def forward(model: Transformer, x: torch.Tensor) -> torch.Tensor:
+        out = model.run_stage(x, layers, False, head)
+        return model.loss_from_logits(out, y) if head else out
+
+    x = x0.clone().requires_grad_()
+    out = forward(plain, x)
+    with FlopCounterMode(display=False) as backward_flops:
+        out.backward(dout)
+
+    ddp = DataParallel(split, Comm("dp", None, [0], Ledger(0)))  # .grad: views into its buckets
+    fired = {id(p): 0 for p in split.parameters()}
+    for p in split.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: fired.__setitem__(id(p), fired[id(p)] + 1))
+    store = WeightGradStore()
+    store.attach(split)
+    xs = x0.clone().requires_grad_()
+    with store.recording() as recorded:
+        out = forward(split, xs)
+    linears = 6 * len(layers) + head if family == "gpt2" else 7 * len(layers) + head  # q k v o + mlp (+ head)
+    assert len(recorded) == linears
+    with FlopCounterMode(display=False) as i_flops:
+        dx, w = backward_input(out, dout, xs, list(split.parameters()), recorded)
+    torch.testing.assert_close(dx, x.grad)
+    assert not any(fired.values()) and all(b.ready == 0 for b in ddp.buckets)
+    assert all(not p.grad.any() for p in split.parameters())  # the buckets are still zero
+
+    dw_flops = sum(2 * dy.numel() * weight.shape[1] for dy, *_, weight in w.linears)  # 2 N out in each
+    with FlopCounterMode(display=False) as w_flops:
+        w.run()
+    assert w_flops.get_total_flops() == dw_flops > 0
+    assert i_flops.get_total_flops() + dw_flops == backward_flops.get_total_flops()
+    assert set(fired.values()) == {1}
+    assert all(b.ready == len(b.params) for b in ddp.buckets)  # every bucket launched, once
+    for (name, p), q in zip(split.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_receives_are_posted_ahead_in_the_order_of_the_actions() -> None:
+    """gloo: each receive is posted two receives before its action (so its data lands during
+    compute), in action order, so messages match as with blocking receives."""
+    events = []
+
+    class Posted:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def wait(self) -> None:
+            events.append(("wait", self.n))
+
+    class FakeComm:
+        def irecv(self, buffer: torch.Tensor, src: int, tag: str) -> Posted:
+            events.append(("post", len([e for e in events if e[0] == "post"])))
+            return Posted(events[-1][1])
+
+    actions = build_schedule("zero_bubble", 3, 4)[1]  # the middle rank receives activations and gradients
+    wanted = [a for a in actions if a.kind in RECEIVES]
+    receives = _Receives(actions, FakeComm(), lambda: torch.empty(1), ahead=2)
+    assert events == [("post", 0), ("post", 1)]
+    for i, action in enumerate(wanted):
+        receives.take(action)
+        posted = [n for kind, n in events if kind == "post"]
+        assert posted == list(range(min(i + 3, len(wanted))))  # this one and two more
+        assert events[-1] == ("wait", i)
+    with pytest.raises(RuntimeError, match="out of order"):
+        _Receives(actions, FakeComm(), lambda: torch.empty(1), ahead=0).take(wanted[1])
 
 
 def test_partition_is_megatron_interleaving() -> None:

@@ -7,13 +7,17 @@ The schedule (``schedules.py``) says what to do and in which order; this file do
   the summed gradient equals the single process's over the same micro-batches.
 - B: backward from the loss (last stage) or from the received output gradient.
 - I / W (zero-bubble): input gradient first (so the previous stage can go on), weight
-  gradient later. W walks the retained graph again restricted to the parameters.
+  gradient later, each computed once (``weight_grad.py``): F records the linears, I is
+  the backward without their dW = dY^T X, W computes those and hands every gradient of
+  the micro-batch to ``.grad``. The first stage sends no input gradient, so nothing
+  waits for its I: there I does nothing and W is the whole (unsplit) backward.
 - SEND_*: posted without blocking (isend) and waited at the end of the step; RECV_*:
-  block until the data is there. Shapes are known up front, so there is no handshake.
+  block until the data is there, the receive having been posted a couple of receives
+  ahead on gloo (:class:`_Receives`). Shapes are known up front, so there is no handshake.
   With non-blocking sends a schedule that is a valid order of its dependencies cannot
   deadlock, and nothing relies on ``batch_isend_irecv``.
 
-A micro-batch's activations are freed as soon as its backward (or W) is done. Every
+A micro-batch's activations are freed as soon as its backward (or I) is done. Every
 compute action is timed, so the step reports busy and idle time per rank.
 """
 
@@ -21,17 +25,22 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from loom.dist.comm import Comm, Handle
 from loom.parallel.pipeline.partition import StagePlan
 from loom.parallel.pipeline.schedules import Action
+from loom.parallel.pipeline.weight_grad import Recorded, WeightGrad, WeightGradStore, backward_input
 
 COMPUTE = ("F", "B", "I", "W")
+RECEIVES = {"RECV_ACT": "pp-act", "RECV_GRAD": "pp-grad"}  # kind -> ledger tag
+RECEIVE_AHEAD = 2  # receives posted before the one being waited for (gloo only, see _Receives)
 
 
 @dataclass
@@ -61,12 +70,15 @@ class PipelineRuntime:
     ) -> None:
         self.model = model
         self.plans = plans
-        self.chunk_params = [model.stage_parameters(p.layers, p.embed, p.head) for p in plans]
         self.comm = comm
         self.activation_shape = activation_shape
         self.dtype = dtype
         self.device = device
         self.autocast = autocast
+        self.weight_grads = WeightGradStore()
+        self.split_backward = False  # set by the first step with I/W actions
+        gloo = dist.is_available() and dist.is_initialized() and dist.get_backend(comm.group) == "gloo"
+        self.receive_ahead = RECEIVE_AHEAD if gloo else 0
 
     def step(
         self,
@@ -75,21 +87,32 @@ class PipelineRuntime:
         scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
     ) -> tuple[torch.Tensor, StepTiming]:
         """Run ``actions``; returns (sum over micro-batches of loss / m on the last stage, else 0; timing)."""
+        if not self.split_backward and any(action.kind == "I" for action in actions):
+            if any(action.kind == "B" for action in actions):  # a split forward's B would miss the linears' dW
+                raise ValueError("a pipeline schedule mixes whole backwards (B) with split ones (I, W)")
+            self.weight_grads.attach(self.model)  # the linears' dW may now wait for W
+            self.split_backward = True
+        params = [p for p in self.model.parameters() if p.requires_grad] if self.split_backward else []
         m = len(batches)
         inputs: dict[tuple[int, int], torch.Tensor] = {}
         outputs: dict[tuple[int, int], torch.Tensor] = {}
         out_grads: dict[tuple[int, int], torch.Tensor] = {}
+        recorded: dict[tuple[int, int], Recorded] = {}  # F's linears, for I
+        weight_grads: dict[tuple[int, int], WeightGrad] = {}  # I's leftovers, for W
         sends: list[tuple[Handle, torch.Tensor]] = []
         total = torch.zeros((), device=self.device)
         timing = StepTiming()
         began = time.perf_counter()
+        receives = _Receives(actions, self.comm, self._buffer, self.receive_ahead)
         for action in actions:
             key = (action.microbatch, action.chunk)
             plan = self.plans[action.chunk]
             start = time.perf_counter()
             if action.kind == "F":
                 x, y = batches[action.microbatch]
-                with self.autocast():
+                split = self.split_backward and not plan.embed
+                record = self.weight_grads.recording() if split else contextlib.nullcontext()
+                with self.autocast(), record as recorded[key]:
                     out = self.model.run_stage(x if plan.embed else inputs[key], plan.layers, plan.embed, plan.head)
                     if plan.head:
                         out = self.model.loss_from_logits(out, y) / m
@@ -99,29 +122,26 @@ class PipelineRuntime:
             elif action.kind == "B":
                 self._backward(outputs.pop(key), out_grads.pop(key, None), plan, scale)
             elif action.kind == "I":
-                if not plan.embed:  # the first stage has no input gradient to send
-                    out = outputs[key]
-                    grad = out_grads.get(key)
-                    torch.autograd.backward(scale(out) if plan.head else out, grad, inputs=[inputs[key]],
-                                            retain_graph=True)
+                if not plan.embed:  # the first stage has no input gradient to send: its W is the whole backward
+                    x = inputs[key]
+                    out = outputs.pop(key)
+                    x.grad, weight_grads[key] = backward_input(scale(out) if plan.head else out,
+                                                               out_grads.pop(key, None), x, params, recorded.pop(key))
             elif action.kind == "W":
-                out = outputs.pop(key)
-                torch.autograd.backward(scale(out) if plan.head else out, out_grads.pop(key, None),
-                                        inputs=self.chunk_params[action.chunk])
+                if plan.embed:
+                    self._backward(outputs.pop(key), out_grads.pop(key, None), plan, scale)
+                else:
+                    weight_grads.pop(key).run()
             elif action.kind == "SEND_ACT":
                 tensor = outputs[key].detach().contiguous()
                 sends.append((self.comm.isend(tensor, action.peer, tag="pp-act"), tensor))
             elif action.kind == "RECV_ACT":
-                buffer = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
-                self.comm.recv(buffer, action.peer, tag="pp-act")
-                inputs[key] = buffer.requires_grad_()
+                inputs[key] = receives.take(action).requires_grad_()
             elif action.kind == "SEND_GRAD":
                 grad = inputs.pop(key).grad.contiguous()
                 sends.append((self.comm.isend(grad, action.peer, tag="pp-grad"), grad))
             elif action.kind == "RECV_GRAD":
-                buffer = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
-                self.comm.recv(buffer, action.peer, tag="pp-grad")
-                out_grads[key] = buffer
+                out_grads[key] = receives.take(action)
             else:
                 raise ValueError(f"unknown pipeline action {action}")
             if action.kind in COMPUTE:
@@ -135,6 +155,9 @@ class PipelineRuntime:
             handle.wait()
         timing.wall_s = time.perf_counter() - began
         return total, timing
+
+    def _buffer(self) -> torch.Tensor:
+        return torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
 
     def _backward(self, out: torch.Tensor, grad: torch.Tensor | None, plan: StagePlan,
                   scale: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -167,3 +190,37 @@ class PipelineRuntime:
         for handle, _ in sends:
             handle.wait()
         return total / len(batches)
+
+
+class _Receives:
+    """A step's receives in action order, each posted ``ahead`` receives before its own action.
+
+    gloo moves a message once both sides have posted it: a receive posted only at its action
+    pays a round trip through the sender's transport thread (~0.3 ms, and ms on a busy
+    machine) even when the data was sent long before; posted ahead, the data lands while
+    this rank computes. Not with NCCL (``ahead`` 0): it runs a peer pair's sends and
+    receives in one stream in call order, so a receive posted before a send that the peer
+    is waiting for would deadlock. The order of posting is the order of the actions, so
+    messages match as with blocking receives.
+    """
+
+    def __init__(self, actions: list[Action], comm: Comm, buffer: Callable[[], torch.Tensor], ahead: int) -> None:
+        self.todo = deque(a for a in actions if a.kind in RECEIVES)
+        self.posted: deque[tuple[Action, Handle, torch.Tensor]] = deque()
+        self.comm, self.buffer, self.ahead = comm, buffer, ahead
+        self._post(ahead)
+
+    def _post(self, n: int) -> None:
+        while len(self.posted) < n and self.todo:
+            action = self.todo.popleft()
+            buffer = self.buffer()
+            self.posted.append((action, self.comm.irecv(buffer, action.peer, tag=RECEIVES[action.kind]), buffer))
+
+    def take(self, action: Action) -> torch.Tensor:
+        """Wait for ``action``'s data (posting the next receives first)."""
+        self._post(1 + self.ahead)
+        posted, handle, buffer = self.posted.popleft()
+        if posted is not action:
+            raise RuntimeError(f"pipeline receive out of order: {action} while {posted} was next")
+        handle.wait()
+        return buffer
