@@ -166,7 +166,7 @@ class LoomSide(Side):
         self._begin(self.optimizer, step)
         loss = self.model.loss(x, y)
         t1 = time.perf_counter()
-        loss.backward()
+        self.ddp.scale_loss(loss).backward()  # loss / n, as the trainer does: no division pass
         t2 = time.perf_counter()
         self.ddp.finish_gradient_sync()
         t3 = time.perf_counter()
@@ -419,8 +419,8 @@ TIMING = (
     "threads, gloo's included: work done, insensitive to waiting for the cores). A step is lr, forward, backward, gradient sync, loss "
     "all-reduce + item, clip, AdamW step, zero grads (batches are cut before timing). Phase columns are "
     "per-round medians in ms: fwd (forward + loss), bwd (backward; torch's bucket all-reduces, their final "
-    "wait and copy-back run inside it), sync (loom's finish_gradient_sync: wait for in-flight buckets, divide "
-    "by n; torch: 0), loss (the loss all-reduce and .item()), opt (clip, AdamW, zero grads)."
+    "wait and copy-back run inside it), sync (loom's finish_gradient_sync: wait for in-flight buckets; the "
+    "loss went through ddp.scale_loss, loss / n, so no bucket divides; torch: 0), loss (the loss all-reduce and .item()), opt (clip, AdamW, zero grads)."
 )
 
 

@@ -146,3 +146,24 @@ def test_unused_parameters_get_zero_not_stale_gradients() -> None:
         torch.testing.assert_close(result["step2"]["0.bias"], first.bias.grad)
         assert torch.equal(result["step2"]["1.weight"], torch.zeros(4, 4))
         assert torch.equal(result["step2"]["1.bias"], torch.zeros(4))
+
+
+def _rank_scaled_loss() -> dict:
+    config = load_config(None, MODEL)
+    ctx = init_distributed(config.parallel)
+    model = Transformer(config.model, seed=3)
+    ddp = DataParallel(model, ctx.comm("dp"), bucket_mb=0.002)
+    x, y = _batch()
+    rows = GLOBAL_BATCH // ctx.dims.dp
+    start = ctx.coords.dp * rows
+    ddp.scale_loss(model.loss(x[start:start + rows], y[start:start + rows])).backward()
+    ddp.finish_gradient_sync()
+    return {"grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+
+
+def test_scale_loss_divides_once() -> None:
+    """loss / n through scale_loss: the buckets skip their division, the mean is unchanged."""
+    want = _single_process_grads()
+    for result in run_ranks(_rank_scaled_loss, 2, timeout_s=60):
+        for name, grad in want.items():
+            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)

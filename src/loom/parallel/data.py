@@ -3,17 +3,16 @@
 Buckets hold parameters in reverse registration order (roughly the order backward
 produces their gradients), each closed once it holds ``bucket_mb`` megabytes (so small
 biases and norms ride with the matrix before them instead of travelling alone). Each bucket owns one flat
-buffer and after a step's first backward every parameter's ``.grad`` is a view into it,
-so later micro-batches accumulate in place and a bucket is one message with no copies.
+buffer and every parameter's ``.grad`` is a view into it, so gradients accumulate in
+place and a bucket is one message with no copies. A post-accumulate-grad hook counts the
+bucket's gradients; when the last one lands, the bucket's all-reduce (sum) starts
+asynchronously while backward carries on with earlier layers. Buckets are launched in
+index order on every rank (a ready bucket waits for its predecessors), so the
+collectives match across ranks whatever order the hooks fire in.
 
-A post-accumulate-grad hook moves each gradient into its slot. :meth:`zero_grad` only
-drops ``.grad`` (nothing is written), so the first gradient of a step arrives as a fresh
-tensor and is copied into the slot -- divided by n on the way when it is the one to be
-sent, so the mean costs no extra pass over the buffer (as torch's reducer does); an
-accumulated slot is divided in place. When a bucket's last gradient lands its
-all-reduce (sum) starts asynchronously while backward carries on with earlier layers.
-Buckets are launched in index order on every rank (a ready bucket waits for its
-predecessors), so the collectives match across ranks whatever order the hooks fire in.
+The mean needs a division by n. A bucket divides its buffer before sending, unless the
+step's losses went through :meth:`scale_loss` (loss / n, a scalar): backward then yields
+gradients already divided, and the pass over every gradient is saved.
 
 Invariant: after :meth:`finish_gradient_sync` each rank's gradients equal the mean of the
 dp ranks' local gradients; per step every rank sends 2(n-1)/n * (parameter bytes) (ring).
@@ -39,10 +38,6 @@ class Bucket:
     ready: int = 0
     handle: object | None = None
     offsets: list[int] = field(default_factory=list)
-    divided: list[bool] = field(default_factory=list)  # slot i already holds its share (grad / n)
-
-    def slot(self, i: int) -> torch.Tensor:
-        return self.buffer[self.offsets[i] : self.offsets[i] + self.params[i].numel()]
 
 
 class DataParallel:
@@ -55,7 +50,8 @@ class DataParallel:
         params = [p for p in model.parameters() if p.requires_grad]
         self.buckets = self._make_buckets(list(reversed(params)), int(bucket_mb * 2**20))
         self._next_launch = 0
-        self._slot_of = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
+        self._loss_divided = False  # this step's losses went through scale_loss
+        self._slot_of = {id(p): (b, o) for b in self.buckets for p, o in zip(b.params, b.offsets)}
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
@@ -72,20 +68,17 @@ class DataParallel:
             if size >= cap_bytes:  # close a bucket once full (as torch's reducer does), not before
                 groups.append([])
                 size = 0
+        groups = [g for g in groups if g]
         buckets = []
-        for group in (g for g in groups if g):
+        for group in groups:
             buffer = torch.zeros(sum(p.numel() for p in group), dtype=group[0].dtype, device=group[0].device)
-            bucket = Bucket(group, buffer, divided=[False] * len(group))
+            bucket = Bucket(group, buffer)
             offset = 0
             for p in group:
                 bucket.offsets.append(offset)
+                p.grad = buffer[offset : offset + p.numel()].view_as(p)
                 offset += p.numel()
             buckets.append(bucket)
-        for bucket in buckets:
-            for i, p in enumerate(bucket.params):
-                if p.grad is not None:  # gradients already there are kept (as the slot's content)
-                    bucket.slot(i).copy_(p.grad.reshape(-1))
-                p.grad = bucket.slot(i).view_as(p)
         return buckets
 
     @property
@@ -101,22 +94,21 @@ class DataParallel:
         finally:
             self.sync_enabled = previous
 
-    @torch.no_grad()
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss / n`` for backward: its gradients come out divided, so buckets skip that pass.
+
+        Use it for every backward of a step or for none (the buckets then divide), and only
+        where every gradient of this rank comes from such a loss: a pipeline stage fed
+        gradients by the next stage gets them already divided there, and must not skip.
+        """
+        self._loss_divided = True
+        return loss / self.comm.size
+
     def _on_grad_ready(self, param: nn.Parameter) -> None:
-        bucket, i = self._slot_of[id(param)]
-        slot = bucket.slot(i)
-        fresh = param.grad.data_ptr() != slot.data_ptr()  # first gradient of the step (or replaced)
+        bucket, offset = self._slot_of[id(param)]
+        self._keep_in_bucket(param, bucket.buffer[offset : offset + param.numel()])
         if not self.sync_enabled:
-            if fresh:
-                slot.copy_(param.grad.reshape(-1))
-                param.grad = slot.view_as(param)
             return
-        if fresh:
-            torch.div(param.grad.reshape(-1), self.comm.size, out=slot)
-            param.grad = slot.view_as(param)
-        else:
-            slot.div_(self.comm.size)
-        bucket.divided[i] = True
         bucket.ready += 1
         if bucket.ready == len(bucket.params):
             self._launch_ready()
@@ -129,40 +121,40 @@ class DataParallel:
             self._launch(bucket)
 
     def _launch(self, bucket: Bucket) -> None:
+        if not self._loss_divided:  # divide before the sum, inside backward, so the mean costs nothing after it
+            bucket.buffer.div_(self.comm.size)
         bucket.handle = self.comm.all_reduce(bucket.buffer, op="sum", async_op=True, tag="grad")
         self._next_launch += 1
 
-    @torch.no_grad()
-    def _complete_shares(self, bucket: Bucket) -> None:
-        """Before a late launch: slots no sync-time hook divided get their share (zero if no gradient)."""
-        for i, p in enumerate(bucket.params):
-            if bucket.divided[i]:
-                continue
-            slot = bucket.slot(i)
-            if p.grad is None:
-                slot.zero_()
-            else:
-                if p.grad.data_ptr() != slot.data_ptr():
-                    slot.copy_(p.grad.reshape(-1))
-                slot.div_(self.comm.size)
-            p.grad = slot.view_as(p)
-
     def finish_gradient_sync(self) -> None:
-        """Wait for every bucket (launching any not yet complete, e.g. unused parameters, or
-        all of them after a backward under :meth:`no_sync`); gradients are then the mean."""
+        """Wait for every bucket (launching any whose parameters got no gradient) and average."""
         for bucket in self.buckets[self._next_launch :]:
-            self._complete_shares(bucket)
             self._launch(bucket)
         for bucket in self.buckets:
             if bucket.handle is not None:
                 bucket.handle.wait()
             bucket.ready = 0
             bucket.handle = None
-            bucket.divided = [False] * len(bucket.params)
         self._next_launch = 0
+        self._loss_divided = False
+        self._restore_views()
 
     def zero_grad(self) -> None:
-        """Drop ``.grad`` (writes nothing): the next backward's first gradient lands in the slot."""
+        """Zero the bucket buffers in place, keeping ``.grad`` as views into them."""
         for bucket in self.buckets:
-            for p in bucket.params:
-                p.grad = None
+            bucket.buffer.zero_()
+        self._restore_views()
+
+    @staticmethod
+    def _keep_in_bucket(param: nn.Parameter, slot: torch.Tensor) -> None:
+        """Autograd accumulates into the view in place; should it ever replace it, copy back."""
+        if param.grad.data_ptr() != slot.data_ptr():
+            slot.copy_(param.grad.reshape(-1))
+            param.grad = slot.view_as(param)
+
+    def _restore_views(self) -> None:
+        for bucket in self.buckets:
+            for p, offset in zip(bucket.params, bucket.offsets):
+                slot = bucket.buffer[offset : offset + p.numel()]
+                if p.grad is None or p.grad.data_ptr() != slot.data_ptr():
+                    p.grad = slot.view_as(p)

@@ -144,7 +144,7 @@ class Trainer:
                       self.device)
             for k in range(accum)
         ]
-        scale = self.zero.scale_loss if self.zero is not None else self.precision.scaler.scale
+        scale = self.zero.scale_loss if self.zero is not None else self._scale_for_backward
         if self.pipeline is not None:
             # gradients sync once after the whole schedule: backwards of micro-batches interleave
             with self._no_sync():
@@ -178,6 +178,16 @@ class Trainer:
             grad_norm, skipped = self._clip_and_step(clip)
         return StepResult(loss=total_loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
 
+    def _scale_for_backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """fp16's loss scale, and under DDP loss / dp, so gradients come out divided for the mean.
+
+        Not with a pipeline: the loss lives on the last stage, but its 1/dp would reach every
+        stage's gradients, and the earlier stages' buckets would divide again.
+        """
+        if self.ddp is not None and self.pipeline is None:
+            loss = self.ddp.scale_loss(loss)
+        return self.precision.scaler.scale(loss)
+
     def _no_sync(self) -> contextlib.AbstractContextManager:
         """Accumulate without the dp sync (DDP's or ZeRO's); nothing to hold back without dp."""
         owner = self.zero or self.ddp
@@ -202,7 +212,7 @@ class Trainer:
         scaler.step(self.optimizer)
         scaler.update()
         if self.ddp is not None:
-            self.ddp.zero_grad()  # drops .grad; the next backward refills the all-reduce buckets
+            self.ddp.zero_grad()  # keeps .grad as views into the all-reduce buckets
         else:
             self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, scaler.is_enabled() and scaler.get_scale() < scale_before
