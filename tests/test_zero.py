@@ -49,7 +49,7 @@ def _torch_adamw(model: torch.nn.Module) -> torch.optim.AdamW:
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": HYPER["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"])
+    return torch.optim.AdamW(groups, lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"], fused=True)
 
 
 def _reference(autocast: bool = False, clip: float | None = None) -> dict:
@@ -255,16 +255,26 @@ def test_flat_adamw_equals_torch_adamw_bit_for_bit() -> None:
     torch.manual_seed(0)
     matrix, bias = torch.randn(6, 5), torch.randn(7)
     params = [matrix.clone().requires_grad_(), bias.clone().requires_grad_()]
-    torch_opt = torch.optim.AdamW([{"params": [params[0]], "weight_decay": 0.1},
-                                   {"params": [params[1]], "weight_decay": 0.0}], lr=1e-2, betas=(0.8, 0.9), eps=1e-6)
-    flat = FlatAdamW(torch.cat([matrix.reshape(-1), bias]), [(0, 30, 0.1)], lr=1e-2, betas=(0.8, 0.9), eps=1e-6)
+    loops = [p.detach().clone().requires_grad_() for p in params]
+    groups = [{"params": [params[0]], "weight_decay": 0.1}, {"params": [params[1]], "weight_decay": 0.0}]
+    hyper = {"lr": 1e-2, "betas": (0.8, 0.9), "eps": 1e-6}
+    torch_fused = torch.optim.AdamW(groups, **hyper, fused=True)
+    torch_loop = torch.optim.AdamW([{"params": [loops[0]], "weight_decay": 0.1},
+                                    {"params": [loops[1]], "weight_decay": 0.0}], **hyper, foreach=False)
+    flat = FlatAdamW(torch.cat([matrix.reshape(-1), bias]), [(0, 30, 0.1)], **hyper)
+    formula = FlatAdamW(torch.cat([matrix.reshape(-1), bias]), [(0, 30, 0.1)], **hyper)
+    formula.fused = False  # the fallback: torch's single-tensor formula
+    assert flat.fused  # the CPU has the fused kernel
     for _ in range(4):
         grads = [torch.randn(6, 5), torch.randn(7)]
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        torch_opt.step()
+        for p, q, g in zip(params, loops, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        torch_fused.step()
+        torch_loop.step()
         flat.step(torch.cat([g.reshape(-1) for g in grads]))
+        formula.step(torch.cat([g.reshape(-1) for g in grads]))
     assert torch.equal(flat.master, torch.cat([params[0].detach().reshape(-1), params[1].detach()]))
+    assert torch.equal(formula.master, torch.cat([loops[0].detach().reshape(-1), loops[1].detach()]))
     assert flat.nbytes == 12 * 37 and flat.step_count == 4
     state = flat.state_dict()
     clone = FlatAdamW(torch.zeros(37), [], lr=1e-2)

@@ -3,8 +3,11 @@
 ZeRO keeps, per rank, one contiguous fp32 slice of the master weights and of both Adam
 moments (K = 12 bytes per parameter; 8 when fp32 parameters are their own master), on the
 device or, for ZeRO-Offload, in host memory.
-The update is torch.optim.AdamW's single-tensor formula, written with the same in-place
-ops in the same order, so on equal fp32 inputs the results are bit-identical to torch's::
+The update is torch's fused AdamW kernel (``torch._fused_adamw_``: one pass over the
+shard, bit-identical to ``torch.optim.AdamW(fused=True)``, which the plain path uses),
+with the decoupled decay applied first to the ranges that decay; where the kernel is not
+available it is torch.optim.AdamW's single-tensor formula (:func:`adamw_update`, the same
+in-place ops in the same order, bit-identical to torch's for-loop AdamW)::
 
     p   <- p * (1 - lr * wd)                          decoupled weight decay
     m   <- lerp(m, g, 1 - beta1)
@@ -13,8 +16,8 @@ ops in the same order, so on equal fp32 inputs the results are bit-identical to 
 
 Weight decay differs by parameter (matrices decay, norms and biases do not), so a shard
 carries ``segments``: the ``(start, stop, weight_decay)`` ranges that decay (the rest of
-the shard does not). The update is a handful of vectorised passes over the whole shard,
-whatever it holds, so it runs as fast on the CPU as memory bandwidth allows.
+the shard does not). Either way the update is vectorised over the whole shard, whatever
+it holds, so it runs as fast on the CPU as memory bandwidth allows.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 Segment = tuple[int, int, float]
+FUSED_DEVICES = ("cpu", "cuda", "mps")  # where torch ships the fused AdamW kernel
 
 
 def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -63,12 +67,24 @@ class FlatAdamW:
         self.segments = list(segments)
         self.lr, self.betas, self.eps = lr, betas, eps
         self.step_count = 0
+        self.fused = master.device.type in FUSED_DEVICES and hasattr(torch, "_fused_adamw_")
+        self._step_tensor = torch.zeros((), dtype=torch.float32, device=master.device)
 
     def step(self, grad: torch.Tensor, lr: float | None = None) -> None:
         """Update the master weights from ``grad`` (fp32, same length, on the same device)."""
         self.step_count += 1
-        adamw_update(self.master, grad, self.exp_avg, self.exp_avg_sq, self.step_count,
-                     self.lr if lr is None else lr, self.betas, self.eps, self.segments)
+        lr = self.lr if lr is None else lr
+        if not self.fused:
+            adamw_update(self.master, grad, self.exp_avg, self.exp_avg_sq, self.step_count,
+                         lr, self.betas, self.eps, self.segments)
+            return
+        for start, stop, weight_decay in self.segments:  # the kernel's own decay is one value for all
+            if weight_decay:
+                self.master[start:stop].mul_(1 - lr * weight_decay)
+        self._step_tensor.fill_(self.step_count)
+        torch._fused_adamw_([self.master], [grad], [self.exp_avg], [self.exp_avg_sq], [], [self._step_tensor],
+                            lr=lr, beta1=self.betas[0], beta2=self.betas[1], weight_decay=0.0, eps=self.eps,
+                            amsgrad=False, maximize=False)
 
     @property
     def bytes_per_element(self) -> int:
