@@ -55,6 +55,7 @@ from loom.parallel.zero_flat import FlatGroup, Unit, UnitGather, bucket_layout, 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_IN_FLIGHT = 2  # gradient collectives outstanding at once
+GATHER_BATCH_BYTES = 64 * 2**20  # stages 1-2: updated slices all-gathered in batches of about this size
 
 
 class ZeroOptimizer:
@@ -315,16 +316,12 @@ class ZeroOptimizer:
                 self._clip_coef = 1.0
                 return False
         factor, self._clip_coef = self._clip_coef * self._unscale(), 1.0
-        handles = []
         for group in self.groups:
             grad = group.grad_shard.to(self.optim_device, torch.float32, copy=True)
             if factor != 1.0:
                 grad.mul_(factor)
             group.optim.step(grad, lr)
-            handles.append(self._publish(group))
-        for handle in handles:
-            if handle is not None:
-                handle.wait()
+        self._publish_all()
         return True
 
     def _publish(self, group: FlatGroup) -> Handle | None:
@@ -443,10 +440,46 @@ class ZeroOptimizer:
         self._publish_all()
 
     def _publish_all(self) -> None:
-        handles = [self._publish(g) for g in self.groups]
-        for handle in handles:
-            if handle is not None:
-                handle.wait()
+        """Every group's master slice to its compute parameters (stages 1-2: all-gathered)."""
+        if self.stage in (1, 2) and self.shards > 1:
+            for batch in self._gather_batches():
+                self._gather_batch(batch)
+            return
+        for group in self.groups:
+            self._publish(group)
+
+    def _gather_batches(self) -> list[list[FlatGroup]]:
+        """Consecutive groups, each batch about GATHER_BATCH_BYTES of parameters (at least one group)."""
+        batches: list[list[FlatGroup]] = [[]]
+        size = 0
+        for group in self.groups:
+            nbytes = group.padded * group.flat.element_size()
+            if batches[-1] and size + nbytes > GATHER_BATCH_BYTES:
+                batches.append([])
+                size = 0
+            batches[-1].append(group)
+            size += nbytes
+        return batches
+
+    @torch.no_grad()
+    def _gather_batch(self, groups: list[FlatGroup]) -> None:
+        """One all-gather for several groups: this rank's slices side by side, gathered, copied out.
+
+        The bytes are those of one all-gather per group ((n-1)/n of the padded sizes), in one
+        message instead of many: on gloo, and on shared cores, far fewer waits for peers.
+        """
+        n = self.comm.size
+        owned = [g.flat[g.lo:g.hi] for g in groups]
+        for group, slice_ in zip(groups, owned):
+            _copy_unless_same(slice_, group.optim.master)
+        send = torch.cat(owned)
+        rows = torch.empty(n * send.numel(), dtype=send.dtype, device=send.device)
+        self.comm.all_gather(rows, send, tag="zero-param")
+        rows = rows.view(n, send.numel())
+        offset = 0
+        for group, slice_ in zip(groups, owned):
+            group.flat.view(n, slice_.numel()).copy_(rows[:, offset:offset + slice_.numel()])
+            offset += slice_.numel()
 
 
 def _copy_unless_same(target: torch.Tensor, source: torch.Tensor) -> None:
