@@ -728,7 +728,8 @@ def markdown(command: str, when: str, job: str, results: list[WorldResult], nois
         "mappings only: per layer 2 all-reduces forward + 2 backward of b*s*h fp32 (8bsh(t-1)/t elements sent "
         "under the ring model; with SP all-gathers + reduce-scatters of the same volume), plus the embedding's "
         "exit (forward) and the head's entry (backward), one all-reduce each = 1/2 layer. The rest is the "
-        "vocab-parallel cross-entropy (tp-ce: all-reduces of b*s fp32 (the max) and 2 x b*s (sum of exp, target logit)) and, with SP, the norm/bias gradient sum "
+        "vocab-parallel cross-entropy (tp-ce: one all-gather of each rank's max, sum of exp and target logit, "
+        "3 x b*s fp32 per rank) and, with SP, the norm/bias gradient sum "
         "(sp-grads).",
         "",
         "Collectives in one step (an extra step after the timed rounds; bytes sent per rank under the ring model "

@@ -109,9 +109,12 @@ def gather_vocab_logits(logits_local: torch.Tensor, tp: TensorParallel, vocab_si
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """loss = mean over valid positions of log(sum_v exp(z_v)) - z_target, z split by vocab.
 
-    Forward all-reduces per position the max (op "max"), then the sum of exp(z - max) and
-    the target logit stacked in one (2, N) tensor ("sum": the sum needs the max, the target
-    logit does not, so it rides along); backward is local: dz = (softmax - onehot) * grad / N_valid.
+    One collective: each rank r finds per position its local max m_r, its local sum
+    s_r = sum exp(z - m_r) and its part of the target logit t_r (0 unless it owns the
+    target), and one all-gather hands every rank all (m_r, s_r, t_r). Then with M = max_r m_r:
+    sum_v exp(z_v - M) = sum_r s_r exp(m_r - M), and the target logit is sum_r t_r. The
+    softmax's local slice is exp(z - m_r) * exp(m_r - M) / S; backward is local:
+    dz = (softmax - onehot) * grad / N_valid.
     """
 
     @staticmethod
@@ -124,27 +127,33 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         t = targets.reshape(-1)
         if t.shape[0] != z.shape[0]:
             raise ValueError(f"{t.shape[0]} targets for {z.shape[0]} positions of logits")
-        comm = tp.comm
+        comm, n = tp.comm, z.shape[0]
 
-        zmax = z.max(dim=-1).values
-        comm.all_reduce(zmax, op="max", tag="tp-ce")
-        exp = torch.exp(z - zmax.unsqueeze(-1))  # padded columns: exp(-inf) = 0
+        local = torch.empty((3, n), dtype=z.dtype, device=z.device)  # rows: max, sum of exp, target logit
+        torch.amax(z, dim=-1, out=local[0])
+        local[0].masked_fill_(torch.isinf(local[0]), 0.0)  # a shard of padding only: any finite shift
+        exp = torch.exp(z - local[0].unsqueeze(-1))  # padded columns: exp(-inf) = 0
+        torch.sum(exp, dim=-1, out=local[1])
         valid = t != ignore_index
         local_t = t - vocab_start
         owned = valid & (local_t >= 0) & (local_t < n_local)
         index = local_t.masked_fill(~owned, 0).unsqueeze(-1)
-        sums = torch.empty((2, z.shape[0]), dtype=z.dtype, device=z.device)
-        torch.sum(exp, dim=-1, out=sums[0])
-        torch.gather(z, -1, index, out=sums[1].unsqueeze(-1))
-        sums[1].masked_fill_(~owned, 0.0)
-        comm.all_reduce(sums, op="sum", tag="tp-ce")
-        sum_exp, target_z = sums.unbind(0)
+        torch.gather(z, -1, index, out=local[2].unsqueeze(-1))
+        local[2].masked_fill_(~owned, 0.0)
+        if comm.size == 1:
+            every = local.unsqueeze(0)
+        else:
+            every = torch.empty((comm.size, 3, n), dtype=z.dtype, device=z.device)
+            comm.all_gather(every.view(-1), local.view(-1), tag="tp-ce")
+        zmax = every[:, 0].amax(dim=0)
+        sum_exp = (every[:, 1] * torch.exp(every[:, 0] - zmax)).sum(dim=0)
+        target_z = every[:, 2].sum(dim=0)
 
         n_valid = valid.sum()
         per_position = (torch.log(sum_exp) + zmax - target_z).masked_fill(~valid, 0.0)
         loss = per_position.sum() / n_valid
 
-        exp.div_(sum_exp.unsqueeze(-1))  # now the local slice of the softmax
+        exp.mul_((torch.exp(local[0] - zmax) / sum_exp).unsqueeze(-1))  # now the local slice of the softmax
         ctx.save_for_backward(exp, index, owned, valid, n_valid)
         ctx.logits_shape, ctx.logits_dtype = logits_local.shape, logits_local.dtype
         ctx.used = False
@@ -170,7 +179,9 @@ def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tens
     ``logits_local`` (..., V_local): columns [vocab_start, vocab_start + V_local) of the
     logits over the padded vocabulary; columns >= ``vocab_size`` are padding and ignored.
     ``targets`` (...): ids < ``vocab_size``; ``ignore_index`` ones are left out of the mean.
-    Sends 2 all-reduces over ``tp.comm`` (tag "tp-ce"), of N then 2N fp32 values,
-    N = targets.numel(); backward sends nothing. With ``tp.size == 1`` it equals ``F.cross_entropy``.
+    Sends one all-gather over ``tp.comm`` (tag "tp-ce") of 3N fp32 values per rank,
+    N = targets.numel() (one blocking call where max-then-sum needs two; the bytes, (t-1) 3N
+    values per rank, equal two all-reduces' at t = 2 and are small next to a layer's b*s*h);
+    backward sends nothing. With ``tp.size == 1`` it equals ``F.cross_entropy``.
     """
     return _VocabParallelCrossEntropy.apply(logits_local, targets, tp, vocab_start, vocab_size, ignore_index)
