@@ -40,7 +40,22 @@ class Bucket:
     offsets: list[int] = field(default_factory=list)
 
 
-class DataParallel:
+class GradientSync:
+    """What DDP and ZeRO share: ``sync_enabled``, off inside :meth:`no_sync`."""
+
+    sync_enabled: bool = True
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally (earlier micro-batches of a step): nothing is sent."""
+        previous, self.sync_enabled = self.sync_enabled, False
+        try:
+            yield
+        finally:
+            self.sync_enabled = previous
+
+
+class DataParallel(GradientSync):
     """Wraps ``model``'s gradients (not its forward): call backward as usual, then sync."""
 
     def __init__(self, model: nn.Module, comm: Comm, bucket_mb: float = 25.0) -> None:
@@ -84,15 +99,6 @@ class DataParallel:
     @property
     def parameter_bytes(self) -> int:
         return sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets)
-
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Accumulate gradients locally (earlier micro-batches of a step): nothing is sent."""
-        previous, self.sync_enabled = self.sync_enabled, False
-        try:
-            yield
-        finally:
-            self.sync_enabled = previous
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss / n`` for backward: its gradients come out divided, so buckets skip that pass.

@@ -38,10 +38,9 @@ Collectives go through the counted :class:`~loom.dist.comm.Comm`, tagged "zero-g
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 import torch
@@ -50,6 +49,7 @@ from torch import nn
 from loom.dist.comm import Comm, Handle
 from loom.optim.adam import FlatAdamW
 from loom.optim.scaler import DynamicLossScaler
+from loom.parallel.data import GradientSync
 from loom.parallel.zero_flat import FlatGroup, Unit, UnitGather, bucket_layout, flatten, unit_layout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,7 +58,7 @@ MAX_IN_FLIGHT = 2  # gradient collectives outstanding at once
 GATHER_BATCH_BYTES = 64 * 2**20  # stages 1-2: updated slices all-gathered in batches of about this size
 
 
-class ZeroOptimizer:
+class ZeroOptimizer(GradientSync):
     """Shards ``model``'s states over ``comm`` (the dp group) and steps AdamW on them.
 
     Weight decay applies to parameters with dim >= 2, as in :mod:`loom.optim.adamw`. Use::
@@ -151,15 +151,6 @@ class ZeroOptimizer:
         return UnitGather(self.comm, pairs, root if has_root else None)
 
     # -- gradients -----------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Accumulate gradients locally (earlier micro-batches of a step): nothing is sent."""
-        previous, self.sync_enabled = self.sync_enabled, False
-        try:
-            yield
-        finally:
-            self.sync_enabled = previous
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale_loss(loss) if self.scaler is not None else loss
