@@ -9,7 +9,9 @@ optimizer (``build_adamw``: torch's AdamW, fused on CPU), the same lr schedule
 takes the same cap). Each step does what loom's trainer does with DDP: forward, backward
 (bucket all-reduces overlapping it), sync, an all-reduce of the loss for the metrics
 (the global batch's mean loss; torch DDP does not average the loss, so the torch side does
-it by hand with one ``dist.all_reduce``), ``.item()``, clip, optimizer step, zero grads.
+it by hand with one ``dist.all_reduce``, where loom's trainer carries it in the last gradient
+bucket), ``.item()``, clip (loom: by the norm its sync measured, bucket by bucket as each
+all-reduce landed; torch: ``clip_grad_norm_``), optimizer step, zero grads.
 The torch side keeps torch's defaults otherwise (``gradient_as_bucket_view=False`` and
 ``zero_grad(set_to_none=True)``; ``--torch-grad-view`` switches to bucket views as loom
 keeps them); buffers are not broadcast each forward (the model has none, and loom does not
@@ -30,9 +32,10 @@ gradient-ready order after its first step). The table gives the median over roun
 side and the ratio of the medians; the per-round table adds the paired ratio, the median
 over steps of torch's / loom's time at the same step.
 
-Bytes. loom's ledger gives the dp bytes each rank sends per step, split into the gradient
-all-reduces and the loss scalar; the gradient part is checked against 2(n-1)/n x Psi x 4
-bytes (ring all-reduce, Psi parameters, fp32).
+Bytes. loom's ledger gives the dp bytes each rank sends per step, split into the sync (the
+gradient all-reduces, the last of which carries the loss for the metrics) and any separate
+loss all-reduce (none when the loss rode along); the sync is checked against
+2(n-1)/n x (Psi + 1) x 4 bytes (ring all-reduce, Psi parameters and the loss, fp32).
 
     python bench/ddp.py --out bench/results/ddp.md
 """
@@ -154,7 +157,8 @@ class LoomSide(Side):
         super().__init__(config, ctx)
         self.ledger = ctx.ledger
         self.comm = ctx.comm("dp")
-        self.ddp = DataParallel(self.model, self.comm, bucket_mb)
+        # as the trainer builds it for pure dp in fp32: the norm is measured during the sync
+        self.ddp = DataParallel(self.model, self.comm, bucket_mb, measure_norm=True)
         self.optimizer = build_adamw(self.model, config.train, ctx.device)
 
     def bucket_count(self) -> int:
@@ -165,17 +169,20 @@ class LoomSide(Side):
         c0, t0 = time.process_time(), time.perf_counter()
         self._begin(self.optimizer, step)
         loss = self.model.loss(x, y)
+        total = loss.detach().clone()
+        carried = self.ddp.carry(total)  # the loss rides in the last gradient bucket, as in the trainer
         t1 = time.perf_counter()
         self.ddp.scale_loss(loss).backward()  # loss / n, as the trainer does: no division pass
         t2 = time.perf_counter()
         self.ddp.finish_gradient_sync()
         t3 = time.perf_counter()
         grad_bytes = self.ledger.take_step_totals()["comm_bytes_dp"]
-        total = loss.detach().clone()
-        self.comm.all_reduce(total, op="avg", tag="metrics")
+        if not carried:
+            self.comm.all_reduce(total, op="avg", tag="metrics")
         self.run.losses.append(total.item())
         t4 = time.perf_counter()
-        self._clip()
+        clip = self.config.train.grad_clip
+        self.ddp.clip_grad_norm(clip if clip > 0 else float("inf"))  # by the norm measured in the sync
         self.optimizer.step()
         self.ddp.zero_grad()
         t5 = time.perf_counter()
@@ -368,15 +375,15 @@ def bench_world(world: int, overrides: list[str], args: argparse.Namespace) -> W
         [paired_ratio(rd["loom"], rd["torch"], args.warmup) for rd in rounds],
         diff, grad_bytes, {b for rd in rounds for b in rd["loom"].loss_bytes},
         {s: {rd[s].buckets for rd in rounds} for s in ("loom", "torch")},
-        Fraction(2 * (world - 1), world) * params * 4, wall,
+        Fraction(2 * (world - 1), world) * (params + 1) * 4, wall,
     )
 
 
 def table_lines(results: list[WorldResult]) -> list[str]:
     lines = [
         "| ranks | loom tokens/s | torch DDP tokens/s | ratio (loom / torch) | no-sync tokens/s | "
-        "DDP cost ms/step (loom / torch) | buckets (loom / torch) | loom dp bytes/step/rank: grads | 2(n-1)/n x Psi x 4 | grads = formula | "
-        "+ loss scalar | loss max abs diff |",
+        "DDP cost ms/step (loom / torch) | buckets (loom / torch) | loom dp bytes/step/rank: sync | 2(n-1)/n x (Psi + 1) x 4 | sync = formula | "
+        "separate loss all-reduce | loss max abs diff |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for r in results:
@@ -419,8 +426,9 @@ TIMING = (
     "threads, gloo's included: work done, insensitive to waiting for the cores). A step is lr, forward, backward, gradient sync, loss "
     "all-reduce + item, clip, AdamW step, zero grads (batches are cut before timing). Phase columns are "
     "per-round medians in ms: fwd (forward + loss), bwd (backward; torch's bucket all-reduces, their final "
-    "wait and copy-back run inside it), sync (loom's finish_gradient_sync: wait for in-flight buckets; the "
-    "loss went through ddp.scale_loss, loss / n, so no bucket divides; torch: 0), loss (the loss all-reduce and .item()), opt (clip, AdamW, zero grads)."
+    "wait and copy-back run inside it), sync (loom's finish_gradient_sync: wait for in-flight buckets, taking each one's norm as it lands; the "
+    "loss went through ddp.scale_loss, loss / n, so no bucket divides; torch: 0), loss (.item(); torch's loss "
+    "all-reduce, loom's loss rode in its last bucket), opt (clip, AdamW, zero grads)."
 )
 
 
@@ -444,9 +452,9 @@ def interpretation(results: list[WorldResult], cores: int) -> list[str]:
             f"torch {r.cost_ms('torch'):.1f} ms; rank 0 CPU per step "
             f"{' / '.join(f'{statistics.median(r.cpu_s[s]) * 1e3:.1f}' for s in SIDES)} ms (loom / torch / no-sync). "
             f"Backward + sync {lp['bwd'] + lp['sync']:.1f} ms (loom, "
-            f"{lp['sync']:.1f} of it in finish_gradient_sync) vs {tp['bwd']:.1f} ms (torch); loss all-reduce "
+            f"{lp['sync']:.1f} of it in finish_gradient_sync) vs {tp['bwd']:.1f} ms (torch); loss "
             f"{lp['loss']:.2f} vs {tp['loss']:.2f} ms; clip + AdamW + zero {lp['opt']:.1f} vs {tp['opt']:.1f} ms. "
-            f"Gradient bytes {'equal' if r.bytes_match else 'DIFFER from'} 2(n-1)/n x Psi x 4, in "
+            f"Sync bytes {'equal' if r.bytes_match else 'DIFFER from'} 2(n-1)/n x (Psi + 1) x 4, in "
             f"{'/'.join(map(str, sorted(r.buckets['loom'])))} all-reduces per step for loom and "
             f"{'/'.join(map(str, sorted(r.buckets['torch'])))} for torch. Signs over the {len(r.paired)} rounds, "
             f"steadier than the medians on a busy machine: loom used more CPU per step than torch in "

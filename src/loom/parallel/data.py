@@ -14,14 +14,25 @@ The mean needs a division by n. A bucket divides its buffer before sending, unle
 step's losses went through :meth:`scale_loss` (loss / n, a scalar): backward then yields
 gradients already divided, and the pass over every gradient is saved.
 
+Two things ride along, so that the step after backward waits on nothing it could have
+had earlier:
+
+* :meth:`carry` puts a scalar (the step's loss, for the metrics) into one slot past the
+  gradients of the bucket launched last, so its dp mean costs no collective of its own;
+* with ``measure_norm``, :meth:`finish_gradient_sync` takes each bucket's L2 norm as soon
+  as that bucket's all-reduce completes, while the later ones are still in flight, and
+  :meth:`take_grad_norm` returns the global norm sqrt(sum_p ||g_p||^2) for clipping.
+
 Invariant: after :meth:`finish_gradient_sync` each rank's gradients equal the mean of the
-dp ranks' local gradients; per step every rank sends 2(n-1)/n * (parameter bytes) (ring).
-Inside :meth:`no_sync` (gradient accumulation) nothing is sent.
+dp ranks' local gradients; per step every rank sends 2(n-1)/n * (parameter bytes) (ring),
+plus 2(n-1)/n * 4 bytes for a carried fp32 scalar. Inside :meth:`no_sync` (gradient
+accumulation) nothing is sent.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -33,11 +44,22 @@ from loom.dist.comm import Comm
 
 @dataclass
 class Bucket:
+    """One all-reduce: ``buffer[:numel]`` holds its parameters' gradients back to back.
+
+    The bucket launched last has one more element, the slot a carried scalar travels in.
+    """
+
     params: list[nn.Parameter]
     buffer: torch.Tensor
+    numel: int
     ready: int = 0
     handle: object | None = None
     offsets: list[int] = field(default_factory=list)
+
+    @property
+    def grads(self) -> torch.Tensor:
+        """The gradients alone (a view: without the carry slot)."""
+        return self.buffer[: self.numel]
 
 
 class GradientSync:
@@ -56,17 +78,27 @@ class GradientSync:
 
 
 class DataParallel(GradientSync):
-    """Wraps ``model``'s gradients (not its forward): call backward as usual, then sync."""
+    """Wraps ``model``'s gradients (not its forward): call backward as usual, then sync.
 
-    def __init__(self, model: nn.Module, comm: Comm, bucket_mb: float = 25.0) -> None:
+    ``measure_norm``: take the gradients' global L2 norm during the sync (for clipping);
+    only meaningful where this rank's gradients are the whole model's, each once (no tp
+    shards, no pipeline stages) and nothing rescales them after the sync (no fp16 unscale).
+    """
+
+    def __init__(self, model: nn.Module, comm: Comm, bucket_mb: float = 25.0, measure_norm: bool = False) -> None:
         self.model = model
         self.comm = comm
         self.sync_enabled = True
+        self.measure_norm = measure_norm
         params = [p for p in model.parameters() if p.requires_grad]
         self.buckets = self._make_buckets(list(reversed(params)), int(bucket_mb * 2**20))
         self._next_launch = 0
         self._loss_divided = False  # this step's losses went through scale_loss
-        self._slot_of = {id(p): (b, o) for b in self.buckets for p, o in zip(b.params, b.offsets)}
+        self._carried: torch.Tensor | None = None
+        self._grad_norm: torch.Tensor | None = None
+        # (param, bucket, offset, data_ptr of its slot): the hooks compare pointers, they build no views
+        self._slots = [(p, b, o, b.buffer[o:].data_ptr()) for b in self.buckets for p, o in zip(b.params, b.offsets)]
+        self._slot_of = {id(p): (b, o, ptr) for p, b, o, ptr in self._slots}
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
@@ -85,9 +117,11 @@ class DataParallel(GradientSync):
                 size = 0
         groups = [g for g in groups if g]
         buckets = []
-        for group in groups:
-            buffer = torch.zeros(sum(p.numel() for p in group), dtype=group[0].dtype, device=group[0].device)
-            bucket = Bucket(group, buffer)
+        for i, group in enumerate(groups):
+            numel = sum(p.numel() for p in group)
+            slot = 1 if i == len(groups) - 1 else 0  # the carry slot, in the bucket launched last
+            buffer = torch.zeros(numel + slot, dtype=group[0].dtype, device=group[0].device)
+            bucket = Bucket(group, buffer, numel)
             offset = 0
             for p in group:
                 bucket.offsets.append(offset)
@@ -98,7 +132,7 @@ class DataParallel(GradientSync):
 
     @property
     def parameter_bytes(self) -> int:
-        return sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets)
+        return sum(b.numel * b.buffer.element_size() for b in self.buckets)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss / n`` for backward: its gradients come out divided, so buckets skip that pass.
@@ -110,9 +144,27 @@ class DataParallel(GradientSync):
         self._loss_divided = True
         return loss / self.comm.size
 
+    def carry(self, value: torch.Tensor) -> bool:
+        """Average the one-element ``value`` over dp with this step's gradients, in place.
+
+        Call before the step's last backward. The value travels in the last bucket's
+        message (sum, then / n as ``Comm.all_reduce(op="avg")`` does), so it costs no
+        collective of its own; after :meth:`finish_gradient_sync` it holds the dp mean.
+        Returns False, carrying nothing, where the slot could not hold it exactly (a
+        16-bit gradient bucket): then average it yourself.
+        """
+        if value.numel() != 1:
+            raise ValueError(f"carry takes a one-element tensor, got shape {tuple(value.shape)}")
+        slot_dtype = self.buckets[-1].buffer.dtype
+        if slot_dtype != torch.float32 or value.dtype != torch.float32:
+            return False
+        self._carried = value
+        return True
+
     def _on_grad_ready(self, param: nn.Parameter) -> None:
-        bucket, offset = self._slot_of[id(param)]
-        self._keep_in_bucket(param, bucket.buffer[offset : offset + param.numel()])
+        bucket, offset, ptr = self._slot_of[id(param)]
+        if param.grad.data_ptr() != ptr:
+            self._keep_in_bucket(param, bucket.buffer[offset : offset + param.numel()])
         if not self.sync_enabled:
             return
         bucket.ready += 1
@@ -127,40 +179,81 @@ class DataParallel(GradientSync):
             self._launch(bucket)
 
     def _launch(self, bucket: Bucket) -> None:
+        grads = bucket.grads
         if not self._loss_divided:  # divide before the sum, inside backward, so the mean costs nothing after it
-            bucket.buffer.div_(self.comm.size)
-        bucket.handle = self.comm.all_reduce(bucket.buffer, op="sum", async_op=True, tag="grad")
+            grads.div_(self.comm.size)
+        message = grads
+        if self._carried is not None and bucket is self.buckets[-1]:
+            bucket.buffer[-1:].copy_(self._carried.reshape(1))
+            message = bucket.buffer
+        bucket.handle = self.comm.all_reduce(message, op="sum", async_op=True, tag="grad")
         self._next_launch += 1
 
     def finish_gradient_sync(self) -> None:
-        """Wait for every bucket (launching any whose parameters got no gradient) and average."""
+        """Wait for every bucket (launching any whose parameters got no gradient) and average.
+
+        With ``measure_norm`` each bucket's norm is taken as soon as its own all-reduce is
+        done, while later buckets are still on the wire.
+        """
         for bucket in self.buckets[self._next_launch :]:
             self._launch(bucket)
+        norms = []
         for bucket in self.buckets:
             if bucket.handle is not None:
                 bucket.handle.wait()
+            if self.measure_norm:  # per parameter, as clip_grad_norm_ does (one long vector_norm rounds worse)
+                norms += torch._foreach_norm([p.grad for p in bucket.params])
             bucket.ready = 0
             bucket.handle = None
+        if self._carried is not None:
+            self._carried.copy_(self.buckets[-1].buffer[-1:].reshape(self._carried.shape) / self.comm.size)
+            self._carried = None
+        # buckets run in reverse registration order: reversed, the norms are in clip_grad_norm_'s order
+        self._grad_norm = torch.linalg.vector_norm(torch.stack(norms[::-1])) if norms else None
         self._next_launch = 0
         self._loss_divided = False
         self._restore_views()
+
+    def take_grad_norm(self) -> torch.Tensor | None:
+        """The global L2 norm of the gradients the last sync produced (``measure_norm``), once.
+
+        None when not measured, or already taken: it describes the gradients as the sync
+        left them, so take it before anything else changes them.
+        """
+        norm, self._grad_norm = self._grad_norm, None
+        return norm
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip in place to ``max_norm`` (inf: measure only) by the norm the sync measured.
+
+        The same norm as ``torch.nn.utils.clip_grad_norm_`` on the synced gradients (the same
+        per-parameter norms, combined in the same order), without its pass to measure them:
+        that ran during the sync. Returns the norm before clipping.
+        """
+        norm = self.take_grad_norm()
+        if norm is None:
+            raise RuntimeError("no gradient norm was measured: build DataParallel with measure_norm=True "
+                               "and call finish_gradient_sync first")
+        if math.isfinite(max_norm):
+            coef = max_norm / (norm + 1e-6)  # in the norm's dtype, as clip_grad_norm_ computes it
+            if coef.item() < 1.0:  # (times 1.0 would change nothing)
+                torch._foreach_mul_([b.grads for b in self.buckets], coef)
+        return norm.item()
 
     def zero_grad(self) -> None:
         """Zero the bucket buffers in place, keeping ``.grad`` as views into them."""
         for bucket in self.buckets:
             bucket.buffer.zero_()
         self._restore_views()
+        self._grad_norm = None
 
     @staticmethod
     def _keep_in_bucket(param: nn.Parameter, slot: torch.Tensor) -> None:
         """Autograd accumulates into the view in place; should it ever replace it, copy back."""
-        if param.grad.data_ptr() != slot.data_ptr():
-            slot.copy_(param.grad.reshape(-1))
-            param.grad = slot.view_as(param)
+        slot.copy_(param.grad.reshape(-1))
+        param.grad = slot.view_as(param)
 
     def _restore_views(self) -> None:
-        for bucket in self.buckets:
-            for p, offset in zip(bucket.params, bucket.offsets):
-                slot = bucket.buffer[offset : offset + p.numel()]
-                if p.grad is None or p.grad.data_ptr() != slot.data_ptr():
-                    p.grad = slot.view_as(p)
+        for p, bucket, offset, ptr in self._slots:
+            if p.grad is None or p.grad.data_ptr() != ptr:
+                p.grad = bucket.buffer[offset : offset + p.numel()].view_as(p)

@@ -120,7 +120,10 @@ class Trainer:
             self.zero = ZeroStep(self.model, config, self.dist, self.tp, self.pipeline)
         else:
             if self.dist.dims.dp > 1:
-                self.ddp = DataParallel(self.model, self.dist.comm("dp"), config.ddp.bucket_mb)
+                # the norm is taken during the sync where this rank's .grad is the whole model, each
+                # parameter once, and stays as synced (no tp shards, no stages, no fp16 unscale)
+                whole = self.tp.comm.size == 1 and self.pipeline is None and not self.precision.scaler.is_enabled()
+                self.ddp = DataParallel(self.model, self.dist.comm("dp"), config.ddp.bucket_mb, measure_norm=whole)
             self.optimizer = build_adamw(self.model, config.train, self.device)
         self.state = RunState()
         if resume_from is not None:
@@ -145,6 +148,7 @@ class Trainer:
             for k in range(accum)
         ]
         scale = self.zero.scale_loss if self.zero is not None else self._scale_for_backward
+        carried = False
         if self.pipeline is not None:
             # gradients sync once after the whole schedule: backwards of micro-batches interleave
             with self._no_sync():
@@ -152,18 +156,22 @@ class Trainer:
         else:
             total = torch.zeros((), device=self.device)
             for k, (x, y) in enumerate(batches):
-                with self._no_sync() if k < accum - 1 else contextlib.nullcontext():
+                last = k == accum - 1
+                with contextlib.nullcontext() if last else self._no_sync():
                     with self.precision.autocast():
                         loss = self.model.loss(x, y) / accum
+                    total += loss.detach().float()
+                    # the global batch's mean loss rides in DDP's last gradient bucket
+                    carried = last and self.ddp is not None and self.ddp.carry(total)
                     scale(loss).backward()
-                total += loss.detach().float()
         if self.zero is not None:
             self.zero.sync_gradients()  # tied embedding, dp reduction, tp sums: on ZeRO's flat buffers
         else:
             self._sync_gradients()
         if self.pipeline is not None:
             self.pipeline.share_loss(total)
-        self.dist.comm("dp").all_reduce(total, op="avg", tag="metrics")  # the global batch's mean loss
+        if not carried:
+            self.dist.comm("dp").all_reduce(total, op="avg", tag="metrics")  # the global batch's mean loss
         total_loss = total.item()
         if not math.isfinite(total_loss) and self.config.train.precision != "fp16":
             raise LoomError(
@@ -207,7 +215,10 @@ class Trainer:
         """Unscale (fp16), clip over tp and pp, step AdamW: (grad norm, whether fp16 skipped the step)."""
         scaler = self.precision.scaler
         scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm(self.model.parameters(), clip, self.tp.comm, self.pp)
+        if self.ddp is not None and self.ddp.measure_norm:
+            grad_norm = self.ddp.clip_grad_norm(clip)  # measured while the last buckets were in flight
+        else:
+            grad_norm = clip_grad_norm(self.model.parameters(), clip, self.tp.comm, self.pp)
         scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
         scaler.step(self.optimizer)
         scaler.update()
