@@ -512,10 +512,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=0, help="model.n_heads (0: the preset's)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--micro-batch", type=int, default=2, help="sequences per rank per step (global batch = this x ranks)")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps per side per round")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per side per round")
     p.add_argument("--warmup", type=int, default=4, help="first steps left out of the timing")
     p.add_argument("--bucket-mb", type=float, default=1.0, help="loom ddp.bucket_mb = torch bucket_cap_mb")
-    p.add_argument("--repeats", type=int, default=3, help="rounds per world size, each with fresh models")
+    p.add_argument("--repeats", type=int, default=5, help="rounds per world size, each with fresh models")
     p.add_argument("--worlds", default="2,4", help="comma-separated rank counts, one run_ranks each")
     p.add_argument("--torch-grad-view", action="store_true",
                    help="torch DDP with gradient_as_bucket_view=True (grads as bucket views, as loom keeps them)")
