@@ -25,7 +25,7 @@ def test_warmup_then_cosine_to_the_floor() -> None:
 
 def test_no_weight_decay_on_norms_and_biases(tmp_path: Path, text_corpus: Path) -> None:
     trainer = Trainer(load_config(None, tiny_overrides(text_corpus)), tmp_path / "r")
-    decay, no_decay = trainer.optimizer.param_groups
+    decay, no_decay = trainer.update.optimizer.param_groups
     assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
 

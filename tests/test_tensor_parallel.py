@@ -60,7 +60,7 @@ def probe(trainer: Trainer) -> dict:
     model, tp = trainer.model, trainer.tp
     model.zero_grad(set_to_none=True)
     loss = model.loss(x, y)
-    with trainer.ddp.no_sync() if trainer.ddp is not None else torch.enable_grad():
+    with trainer.update.no_sync():
         loss.backward()  # every dp replica probes the same batch: no dp averaging needed
     tp.sync_sequence_parallel_grads(model)
     sync_replicated_kv_grads(model, tp)

@@ -22,17 +22,9 @@ from loom import __version__
 from loom.config import Config
 from loom.dist.context import DistContext
 from loom.errors import LoomError
-from loom.model.attention import sync_replicated_kv_grads
 from loom.model.transformer import Transformer
-from loom.optim.adamw import build_adamw
-from loom.optim.clip import clip_grad_norm
 from loom.optim.lr import lr_at
-from loom.parallel.data import DataParallel
 from loom.parallel.full_state import (
-    full_model_state,
-    full_optimizer_state,
-    load_full_optimizer_state,
-    local_model_state,
     merge_pipeline_states,
 )
 from loom.parallel.pipeline.partition import rank_stages
@@ -50,6 +42,7 @@ from loom.train.checkpoint import (
 )
 from loom.train.data import TokenData, prepare_dataset
 from loom.train.metrics import MetricsWriter, TrainProgress, make_console, write_summary
+from loom.train.plain_step import PlainStep
 from loom.train.precision import Precision, resolve_device
 from loom.train.tokenizer import load_tokenizer
 from loom.train.zero_step import ZeroStep
@@ -115,16 +108,11 @@ class Trainer:
         # Every rank drew its slice of the same initial weights (layout-independent init):
         # no broadcast needed.
         self.pipeline = self._build_pipeline() if len(self.plans) > 1 or self.pp.size > 1 else None
-        self.ddp = self.zero = self.optimizer = None
-        if config.zero.stage > 0:  # ZeRO's optimizer and gradient sync instead of DDP + AdamW
-            self.zero = ZeroStep(self.model, config, self.dist, self.tp, self.pipeline)
-        else:
-            if self.dist.dims.dp > 1:
-                # the norm is taken during the sync where this rank's .grad is the whole model, each
-                # parameter once, and stays as synced (no tp shards, no stages, no fp16 unscale)
-                whole = self.tp.comm.size == 1 and self.pipeline is None and not self.precision.scaler.is_enabled()
-                self.ddp = DataParallel(self.model, self.dist.comm("dp"), config.ddp.bucket_mb, measure_norm=whole)
-            self.optimizer = build_adamw(self.model, config.train, self.device)
+        # gradient sync, clipping, update and their state: ZeRO's on flat buffers, or DDP + AdamW on .grad
+        self.update: ZeroStep | PlainStep = (
+            ZeroStep(self.model, config, self.dist, self.tp, self.pipeline) if config.zero.stage > 0
+            else PlainStep(self.model, config, self.dist, self.tp, self.pipeline, self.precision)
+        )
         self.state = RunState()
         if resume_from is not None:
             self._restore(resume_from)
@@ -135,9 +123,6 @@ class Trainer:
         """Forward/backward over the step's micro-batches, clip, and update."""
         train = self.config.train
         lr = lr_at(step, train.lr, train.warmup_steps, train.steps, train.min_lr_ratio)
-        if self.optimizer is not None:  # ZeRO takes the lr in its step
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
         offsets = batch_offsets(len(self.data.train), train.seq_len, self.batch.global_batch, train.seed, step, TRAIN_STREAM)
         accum = self.batch.grad_accum
         dp_rank = self.dist.coords.dp
@@ -147,27 +132,23 @@ class Trainer:
                       self.device)
             for k in range(accum)
         ]
-        scale = self.zero.scale_loss if self.zero is not None else self._scale_for_backward
+        update = self.update
         carried = False
         if self.pipeline is not None:
             # gradients sync once after the whole schedule: backwards of micro-batches interleave
-            with self._no_sync():
-                total = self.pipeline.step(batches, scale)
+            with update.no_sync():
+                total = self.pipeline.step(batches, update.scale_loss)
         else:
             total = torch.zeros((), device=self.device)
             for k, (x, y) in enumerate(batches):
                 last = k == accum - 1
-                with contextlib.nullcontext() if last else self._no_sync():
+                with contextlib.nullcontext() if last else update.no_sync():
                     with self.precision.autocast():
                         loss = self.model.loss(x, y) / accum
                     total += loss.detach().float()
-                    # the global batch's mean loss rides in DDP's last gradient bucket
-                    carried = last and self.ddp is not None and self.ddp.carry(total)
-                    scale(loss).backward()
-        if self.zero is not None:
-            self.zero.sync_gradients()  # tied embedding, dp reduction, tp sums: on ZeRO's flat buffers
-        else:
-            self._sync_gradients()
+                    carried = last and update.carry(total)  # the mean loss rides in DDP's last bucket
+                    update.scale_loss(loss).backward()
+        update.sync_gradients()  # the dp reduction, then the tp sums and the tied embedding
         if self.pipeline is not None:
             self.pipeline.share_loss(total)
         if not carried:
@@ -178,55 +159,9 @@ class Trainer:
                 f"the training loss became {total_loss} at step {step + 1}.",
                 "lower train.lr, raise train.warmup_steps, or turn on train.grad_clip (e.g. 1.0).",
             )
-        clip = train.grad_clip if train.grad_clip > 0 else float("inf")
-        if self.zero is not None:
-            grad_norm = self.zero.clip_grad_norm(clip)
-            skipped = not self.zero.step(lr)
-        else:
-            grad_norm, skipped = self._clip_and_step(clip)
+        grad_norm = update.clip_grad_norm(train.grad_clip if train.grad_clip > 0 else float("inf"))
+        skipped = not update.step(lr)
         return StepResult(loss=total_loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
-
-    def _scale_for_backward(self, loss: torch.Tensor) -> torch.Tensor:
-        """fp16's loss scale, and under DDP loss / dp, so gradients come out divided for the mean.
-
-        Not with a pipeline: the loss lives on the last stage, but its 1/dp would reach every
-        stage's gradients, and the earlier stages' buckets would divide again.
-        """
-        if self.ddp is not None and self.pipeline is None:
-            loss = self.ddp.scale_loss(loss)
-        return self.precision.scaler.scale(loss)
-
-    def _no_sync(self) -> contextlib.AbstractContextManager:
-        """Accumulate without the dp sync (DDP's or ZeRO's); nothing to hold back without dp."""
-        owner = self.zero or self.ddp
-        return owner.no_sync() if owner is not None else contextlib.nullcontext()
-
-    def _sync_gradients(self) -> None:
-        """DDP's dp sync, then the tp and pp chores, on ``.grad``."""
-        if self.ddp is not None:
-            self.ddp.finish_gradient_sync()
-        # after the dp sync: these write into the gradients the dp all-reduce just filled
-        self.tp.sync_sequence_parallel_grads(self.model)
-        sync_replicated_kv_grads(self.model, self.tp)
-        if self.pipeline is not None:
-            self.pipeline.sync_tied_embedding()
-
-    def _clip_and_step(self, clip: float) -> tuple[float, bool]:
-        """Unscale (fp16), clip over tp and pp, step AdamW: (grad norm, whether fp16 skipped the step)."""
-        scaler = self.precision.scaler
-        scaler.unscale_(self.optimizer)
-        if self.ddp is not None and self.ddp.measure_norm:
-            grad_norm = self.ddp.clip_grad_norm(clip)  # measured while the last buckets were in flight
-        else:
-            grad_norm = clip_grad_norm(self.model.parameters(), clip, self.tp.comm, self.pp)
-        scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
-        scaler.step(self.optimizer)
-        scaler.update()
-        if self.ddp is not None:
-            self.ddp.zero_grad()  # keeps .grad as views into the all-reduce buckets
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, scaler.is_enabled() and scaler.get_scale() < scale_before
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -273,8 +208,8 @@ class Trainer:
             f"(micro {self.batch.micro_batch} x accum {self.batch.grad_accum} x dp {self.batch.dp}); "
             f"{self.dist.dims.describe()}, device {self.device}, {train.precision}"
         )
-        if self.zero is not None:
-            self.log(self.zero.describe())
+        if (described := self.update.describe()) is not None:
+            self.log(described)
         if start_step:
             self.log(f"resuming at step {start_step} of {train.steps}")
         result = None
@@ -302,8 +237,7 @@ class Trainer:
                         record["skipped"] = True
                     if self.pipeline is not None:
                         record["bubble_measured"] = self.pipeline.last_timing.bubble
-                    if self.zero is not None:
-                        record.update(self.zero.memory())
+                    record.update(self.update.memory())  # ZeRO's model-state bytes
                     last = self.state.step == train.steps
                     if (train.eval_every and self.state.step % train.eval_every == 0) or last:
                         self.state.last_val_loss = record["val_loss"] = self.evaluate()
@@ -319,8 +253,7 @@ class Trainer:
         coords = self.dist.coords
         if self.pipeline is not None and coords.dp == 0 and coords.tp == 0:
             self.pipeline.write_timeline(self.run_dir)
-        if self.zero is not None:
-            self.zero.finish_run()  # ZeRO-3: parameters stay gathered, so rank 0 can sample alone
+        self.update.finish_run()  # ZeRO-3: parameters stay gathered, so rank 0 can sample alone
         summary = {
             "params": count_parameters(self.config.model),
             "steps": self.state.step,
@@ -340,10 +273,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Every rank helps assemble full tensors; rank 0 writes them (any layout can reload)."""
-        states = self.zero.full_state() if self.zero is not None else {
-            "model": full_model_state(self.model, self.tp),
-            "optimizer": full_optimizer_state(self.model, self.optimizer, self.tp),
-        }
+        states = self.update.full_state()
         coords = self.dist.coords
         if coords.dp == 0 and coords.tp == 0:  # one copy of each stage travels to pp rank 0
             states = merge_pipeline_states(states, self.pp)
@@ -352,7 +282,7 @@ class Trainer:
         model_state, optimizer_state = states["model"], states["optimizer"]
         train_state = {
             "optimizer": optimizer_state,
-            "scaler": self.zero.scaler_state() if self.zero is not None else self.precision.scaler.state_dict(),
+            "scaler": self.update.scaler_state(),
             "rng": capture_rng_state(),
             "run": {
                 "step": self.state.step, "tokens_seen": self.state.tokens_seen, "elapsed_s": self.state.elapsed_s,
@@ -368,18 +298,7 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         checkpoint = load_checkpoint(path)
         state = checkpoint.train_state
-        if self.zero is not None:
-            self.zero.load(checkpoint.model_state, state["optimizer"], state["scaler"], path)
-        else:
-            try:
-                self.model.load_state_dict(local_model_state(self.model, checkpoint.model_state))
-            except RuntimeError as exc:
-                raise LoomError(
-                    f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}",
-                    "resume with the same model settings the checkpoint was trained with (see its meta.json).",
-                ) from None
-            load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
-            self.precision.scaler.load_state_dict(state["scaler"])
+        self.update.load(checkpoint.model_state, state["optimizer"], state["scaler"], path)
         restore_rng_state(state["rng"])
         aside = set_aside_newer(self.run_dir, checkpoint.step) if self.is_main else None
         if aside is not None:

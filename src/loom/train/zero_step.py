@@ -115,6 +115,11 @@ class ZeroStep:
         """fp16: the loss times the scale, before backward (its gradients land in ZeRO's buffers)."""
         return self.zero.scale_loss(loss)
 
+    def carry(self, total: torch.Tensor) -> bool:
+        """The loss does not ride with ZeRO's reductions (they leave each rank a shard): False,
+        so the trainer averages it with its own all-reduce."""
+        return False
+
     def sync_gradients(self) -> None:
         """Tied-embedding exchange on local gradients, the dp reduction, then the tp sums."""
         if self.pipeline is not None:

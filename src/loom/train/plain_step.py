@@ -1,0 +1,147 @@
+"""The update without ZeRO: AdamW on ``.grad``, DDP's bucketed all-reduce over dp, tp and pp chores.
+
+:class:`PlainStep` is what the trainer drives when ``zero.stage = 0``; it has the interface
+of :class:`~loom.train.zero_step.ZeroStep`, which does the same on ZeRO's flat buffers:
+
+1. Backward. ``scale_loss`` applies fp16's loss scale and, under DDP without a pipeline,
+   1/dp (the buckets then skip their division pass). Micro-batches but the last accumulate
+   under ``no_sync``; the last one's buckets all-reduce while backward produces them, with
+   the step's loss riding in the last bucket (``carry``). A pipeline runs its whole
+   schedule under ``no_sync`` and syncs once.
+2. ``sync_gradients``: wait for the buckets, then, on the synced ``.grad``, the tp sums
+   (sequence-parallel parameters, replicated K/V heads) and the pipeline's tied embedding.
+3. ``clip_grad_norm``: unscale (fp16), then clip by the global norm over tp and pp, or, for
+   pure dp, by the norm DDP measured while its last buckets were in flight.
+4. ``step``: AdamW (through the fp16 scaler, which may skip it), then zero the gradients
+   (DDP keeps ``.grad`` as views into its buckets, so it zeroes them in place).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from loom.config import Config
+from loom.dist.context import DistContext
+from loom.errors import LoomError
+from loom.model.attention import sync_replicated_kv_grads
+from loom.model.transformer import Transformer
+from loom.optim.adamw import build_adamw
+from loom.optim.clip import clip_grad_norm
+from loom.parallel.data import DataParallel
+from loom.parallel.full_state import (
+    full_model_state,
+    full_optimizer_state,
+    load_full_optimizer_state,
+    local_model_state,
+)
+from loom.parallel.pipeline.rank import PipelineRank
+from loom.parallel.tensor import TensorParallel
+from loom.train.precision import Precision
+
+
+class PlainStep:
+    """AdamW and, with dp > 1, DDP over this rank's (tp/pp-local) model."""
+
+    def __init__(self, model: Transformer, config: Config, dist: DistContext, tp: TensorParallel,
+                 pipeline: PipelineRank | None, precision: Precision) -> None:
+        self.model, self.tp, self.pipeline, self.precision = model, tp, pipeline, precision
+        self.pp = dist.comm("pp")
+        self.ddp: DataParallel | None = None
+        if dist.dims.dp > 1:
+            # the norm is taken during the sync where this rank's .grad is the whole model, each
+            # parameter once, and stays as synced (no tp shards, no stages, no fp16 unscale)
+            whole = tp.comm.size == 1 and pipeline is None and not precision.scaler.is_enabled()
+            self.ddp = DataParallel(model, dist.comm("dp"), config.ddp.bucket_mb, measure_norm=whole)
+        self.optimizer = build_adamw(model, config.train, dist.device)
+
+    # ------------------------------------------------------------------ one step
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Accumulate without DDP's sync; nothing to hold back without dp."""
+        return self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """fp16's loss scale, and under DDP loss / dp, so gradients come out divided for the mean.
+
+        Not with a pipeline: the loss lives on the last stage, but its 1/dp would reach every
+        stage's gradients, and the earlier stages' buckets would divide again.
+        """
+        if self.ddp is not None and self.pipeline is None:
+            loss = self.ddp.scale_loss(loss)
+        return self.precision.scaler.scale(loss)
+
+    def carry(self, total: torch.Tensor) -> bool:
+        """Average the step's loss over dp in DDP's last bucket (call before the last backward).
+
+        False when it cannot ride along (no DDP, a pipeline, a 16-bit bucket): average it then.
+        """
+        return self.ddp is not None and self.pipeline is None and self.ddp.carry(total)
+
+    def sync_gradients(self) -> None:
+        """DDP's dp sync, then the tp and pp chores, on ``.grad``."""
+        if self.ddp is not None:
+            self.ddp.finish_gradient_sync()
+        # after the dp sync: these write into the gradients the dp all-reduce just filled
+        self.tp.sync_sequence_parallel_grads(self.model)
+        sync_replicated_kv_grads(self.model, self.tp)
+        if self.pipeline is not None:
+            self.pipeline.sync_tied_embedding()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Unscale (fp16) and clip over tp and pp (``inf``: measure only); the norm before clipping."""
+        self.precision.scaler.unscale_(self.optimizer)
+        if self.ddp is not None and self.ddp.measure_norm:
+            return self.ddp.clip_grad_norm(max_norm)  # measured while the last buckets were in flight
+        return clip_grad_norm(self.model.parameters(), max_norm, self.tp.comm, self.pp)
+
+    def step(self, lr: float) -> bool:
+        """Update and clear the gradients; False when an fp16 overflow skipped the step."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        scaler = self.precision.scaler
+        scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
+        scaler.step(self.optimizer)
+        scaler.update()
+        if self.ddp is not None:
+            self.ddp.zero_grad()  # keeps .grad as views into the all-reduce buckets
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        return not (scaler.is_enabled() and scaler.get_scale() < scale_before)
+
+    def finish_run(self) -> None:
+        """Nothing to gather: every rank holds its whole (tp/pp-local) model."""
+
+    # ------------------------------------------------------------------ reports
+
+    def memory(self) -> dict:
+        """No per-step memory report without ZeRO (its formulas are ZeRO's)."""
+        return {}
+
+    def describe(self) -> str | None:
+        return None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def full_state(self) -> dict:
+        """``{"model", "optimizer"}`` name-keyed at full shape (tp gathered), on every rank of this stage."""
+        return {
+            "model": full_model_state(self.model, self.tp),
+            "optimizer": full_optimizer_state(self.model, self.optimizer, self.tp),
+        }
+
+    def scaler_state(self) -> dict:
+        return self.precision.scaler.state_dict()
+
+    def load(self, model_state: dict, optimizer_state: dict, scaler_state: dict, path) -> None:
+        """Cut this rank's slices from a checkpoint of any layout, with or without ZeRO."""
+        try:
+            self.model.load_state_dict(local_model_state(self.model, model_state))
+        except RuntimeError as exc:
+            raise LoomError(
+                f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}",
+                "resume with the same model settings the checkpoint was trained with (see its meta.json).",
+            ) from None
+        load_full_optimizer_state(self.model, self.optimizer, optimizer_state)
+        self.precision.scaler.load_state_dict(scaler_state)
