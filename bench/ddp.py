@@ -515,7 +515,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per side per round")
     p.add_argument("--warmup", type=int, default=4, help="first steps left out of the timing")
     p.add_argument("--bucket-mb", type=float, default=1.0, help="loom ddp.bucket_mb = torch bucket_cap_mb")
-    p.add_argument("--repeats", type=int, default=5, help="rounds per world size, each with fresh models")
+    p.add_argument("--repeats", type=int, default=8, help="rounds per world size, each with fresh models")
     p.add_argument("--worlds", default="2,4", help="comma-separated rank counts, one run_ranks each")
     p.add_argument("--torch-grad-view", action="store_true",
                    help="torch DDP with gradient_as_bucket_view=True (grads as bucket views, as loom keeps them)")
