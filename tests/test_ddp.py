@@ -232,3 +232,23 @@ def _rank_bf16_carry() -> bool:
 def test_carry_refuses_a_16_bit_bucket() -> None:
     """A bf16 slot would round the value: carry says no, and the caller averages it itself."""
     assert run_ranks(_rank_bf16_carry, 2, timeout_s=60) == [False, False]
+
+
+def _rank_late_carry() -> str:
+    ctx = init_distributed(load_config(None, []).parallel)
+    model = torch.nn.Linear(4, 4)
+    ddp = DataParallel(model, ctx.comm("dp"))
+    model(torch.ones(2, 4)).sum().backward()  # the only bucket is on the wire now
+    try:
+        ddp.carry(torch.tensor(1.0))
+    except RuntimeError as exc:
+        return str(exc)
+    finally:
+        ddp.finish_gradient_sync()
+    return "no error"
+
+
+def test_carry_after_the_last_bucket_left_is_an_error() -> None:
+    """A value carried too late would read back whatever the slot held: refuse it."""
+    for message in run_ranks(_rank_late_carry, 2, timeout_s=60):
+        assert "before the step's last backward" in message

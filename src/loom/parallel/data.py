@@ -155,6 +155,8 @@ class DataParallel(GradientSync):
         """
         if value.numel() != 1:
             raise ValueError(f"carry takes a one-element tensor, got shape {tuple(value.shape)}")
+        if self.buckets[-1].handle is not None:
+            raise RuntimeError("carry came after the last bucket left: call it before the step's last backward")
         slot_dtype = self.buckets[-1].buffer.dtype
         if slot_dtype != torch.float32 or value.dtype != torch.float32:
             return False
