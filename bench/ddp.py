@@ -17,10 +17,13 @@ The torch side keeps torch's defaults otherwise (``gradient_as_bucket_view=False
 keeps them); buffers are not broadcast each forward (the model has none, and loom does not
 sync them either).
 
-A third side, "no sync", runs the same step with no communication at all (each rank trains
-on its own rows, its loss not averaged): the floor under both, so ``DDP cost`` = a side's
-step time minus the no-sync step time is what each implementation adds per step
-(exposed communication plus its own bookkeeping).
+loom runs twice: as the trainer runs it (``ddp.transport = auto``: on one host the buckets
+travel through shared memory, ``loom.dist.shm``), and "loom over gloo" (``ddp.transport =
+backend``: the same gloo group torch's side uses, so the two DDP implementations meet on
+equal transport). A fourth side, "no sync", runs the same step with no communication at
+all (each rank trains on its own rows, its loss not averaged): the floor under all, so
+``DDP cost`` = a side's step time minus the no-sync step time is what each implementation
+adds per step (exposed communication plus its own bookkeeping).
 
 Timing. Ranks start once per world size (``run_ranks``, gloo, one thread per rank). Each
 round builds all sides afresh and runs their steps interleaved: step k of every side back
@@ -89,7 +92,7 @@ GOAL = 1.0  # loom / torch DDP tokens/s at or above this
 AGREE_TOL = 1e-5  # max |loss_loom - loss_torch| over all steps for "agree"
 NOISY_SPREAD = 0.05  # per-round ratios further apart than this: the machine was busy
 PHASES = ("fwd", "bwd", "sync", "loss", "opt")  # sync: loom's finish_gradient_sync (torch: inside bwd)
-SIDES = ("loom", "torch", "nosync")
+SIDES = ("loom", "loom_gloo", "torch", "nosync")  # loom_gloo: loom with ddp.transport = backend
 
 
 @dataclass
@@ -103,6 +106,7 @@ class Run:
     grad_bytes: list[int | float] = field(default_factory=list)  # loom only: ledger, gradient all-reduces
     loss_bytes: list[int | float] = field(default_factory=list)  # loom only: ledger, the loss scalar
     buckets: int = 0  # gradient all-reduces per step (torch: after its bucket rebuild; 0 without DDP)
+    transport: str = ""  # loom: what carried its buckets (shm or backend)
 
     def record(self, cpu_s: float, *t: float) -> None:
         """One step: its CPU seconds, then its phase boundaries (the start, then the end of each of PHASES)."""
@@ -149,17 +153,23 @@ class Side:
 
 
 class LoomSide(Side):
-    """loom's DataParallel driven as the trainer drives it (fp32, no accumulation)."""
+    """loom's DataParallel driven as the trainer drives it (fp32, no accumulation).
 
-    name = "loom"
+    ``transport="auto"`` is the trainer's default (shared memory where the ranks share a
+    host); ``"backend"`` sends the buckets through the gloo group torch's side uses.
+    """
 
-    def __init__(self, config: Config, ctx, bucket_mb: float) -> None:
+    def __init__(self, config: Config, ctx, bucket_mb: float, transport: str) -> None:
         super().__init__(config, ctx)
+        self.name = "loom" if transport == "auto" else "loom_gloo"
         self.ledger = ctx.ledger
         self.comm = ctx.comm("dp")
         # as the trainer builds it for pure dp in fp32: the norm is measured during the sync
-        self.ddp = DataParallel(self.model, self.comm, bucket_mb, measure_norm=True)
+        self.ddp = DataParallel(self.model, self.comm, bucket_mb, measure_norm=True, transport=transport)
         self.optimizer = build_adamw(self.model, config.train, ctx.device)
+
+    def close(self) -> None:
+        self.ddp.close()
 
     def bucket_count(self) -> int:
         return len(self.ddp.buckets)
@@ -278,8 +288,8 @@ def rank_main(overrides: list[str], bucket_mb: float, repeats: int, torch_grad_v
     world = ctx.comm("world")
     rounds = []
     for r in range(repeats):
-        sides = [LoomSide(config, ctx, bucket_mb), TorchSide(config, ctx, bucket_mb, torch_grad_view),
-                 NoSyncSide(config, ctx)]
+        sides = [LoomSide(config, ctx, bucket_mb, "auto"), LoomSide(config, ctx, bucket_mb, "backend"),
+                 TorchSide(config, ctx, bucket_mb, torch_grad_view), NoSyncSide(config, ctx)]
         gc.collect()
         world.barrier()
         for step, (x, y) in enumerate(batches):
@@ -289,6 +299,9 @@ def rank_main(overrides: list[str], bucket_mb: float, repeats: int, torch_grad_v
         world.barrier()
         for side in sides:
             side.run.buckets = side.bucket_count()
+            if isinstance(side, LoomSide):
+                side.run.transport = side.ddp.transport
+                side.close()
         rounds.append({side.name: side.run for side in sides})
     params = Transformer(config.model, seed=train.seed).num_params()
     if ctx.is_main:
@@ -325,6 +338,8 @@ class WorldResult:
     cpu_s: dict[str, list[float]]  # side -> per-round median CPU seconds per step (rank 0, all threads)
     phases: dict[str, list[dict[str, float]]]  # side -> per-round median phase ms
     paired: list[float]  # per round: median over timed steps of torch step time / loom step time
+    paired_gloo: list[float]  # the same for loom over gloo
+    transport: set  # what carried loom's (auto) buckets
     loss_diff: float
     grad_bytes: set
     loss_bytes: set
@@ -342,13 +357,11 @@ class WorldResult:
         """Median over rounds of (side's median step - no-sync median step), in ms."""
         return statistics.median(s - n for s, n in zip(self.step_s[side], self.step_s["nosync"])) * 1e3
 
-    @property
-    def ratio(self) -> float:
-        return self.median_tps("loom") / self.median_tps("torch")
+    def ratio(self, side: str = "loom") -> float:
+        return self.median_tps(side) / self.median_tps("torch")
 
-    @property
-    def ratios(self) -> list[float]:
-        return [a / b for a, b in zip(self.tps("loom"), self.tps("torch"))]
+    def ratios(self, side: str = "loom") -> list[float]:
+        return [a / b for a, b in zip(self.tps(side), self.tps("torch"))]
 
     @property
     def bytes_match(self) -> bool:
@@ -363,7 +376,8 @@ def bench_world(world: int, overrides: list[str], args: argparse.Namespace) -> W
                         timeout_s=timeout)
     wall = time.perf_counter() - began
     rounds, params = results[0]["rounds"], results[0]["params"]
-    diff = max(abs(a - b) for rd in rounds for a, b in zip(rd["loom"].losses, rd["torch"].losses, strict=True))
+    diff = max(abs(a - b) for rd in rounds for side in ("loom", "loom_gloo")
+               for a, b in zip(rd[side].losses, rd["torch"].losses, strict=True))
     grad_bytes = {b for rd in rounds for b in rd["loom"].grad_bytes}
     for other in results[1:]:
         grad_bytes |= set(other["grad_bytes"])
@@ -373,6 +387,8 @@ def bench_world(world: int, overrides: list[str], args: argparse.Namespace) -> W
         {s: [rd[s].median_cpu_s(args.warmup) for rd in rounds] for s in SIDES},
         {s: [rd[s].median_phase_ms(args.warmup) for rd in rounds] for s in SIDES},
         [paired_ratio(rd["loom"], rd["torch"], args.warmup) for rd in rounds],
+        [paired_ratio(rd["loom_gloo"], rd["torch"], args.warmup) for rd in rounds],
+        {rd["loom"].transport for rd in rounds},
         diff, grad_bytes, {b for rd in rounds for b in rd["loom"].loss_bytes},
         {s: {rd[s].buckets for rd in rounds} for s in ("loom", "torch")},
         Fraction(2 * (world - 1), world) * (params + 1) * 4, wall,
@@ -381,18 +397,20 @@ def bench_world(world: int, overrides: list[str], args: argparse.Namespace) -> W
 
 def table_lines(results: list[WorldResult]) -> list[str]:
     lines = [
-        "| ranks | loom tokens/s | torch DDP tokens/s | ratio (loom / torch) | no-sync tokens/s | "
-        "DDP cost ms/step (loom / torch) | buckets (loom / torch) | loom dp bytes/step/rank: sync | 2(n-1)/n x (Psi + 1) x 4 | sync = formula | "
-        "separate loss all-reduce | loss max abs diff |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| ranks | loom tokens/s (transport) | torch DDP tokens/s | ratio (loom / torch) | loom over gloo tokens/s | "
+        "ratio (loom over gloo / torch) | no-sync tokens/s | "
+        "DDP cost ms/step (loom / loom over gloo / torch) | buckets (loom / torch) | loom dp bytes/step/rank: sync | "
+        "2(n-1)/n x (Psi + 1) x 4 | sync = formula | separate loss all-reduce | loss max abs diff |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for r in results:
         grads = ", ".join(fmt_bytes(b) for b in sorted(r.grad_bytes))
         loss = ", ".join(fmt_bytes(b) for b in sorted(r.loss_bytes))
         verdict = "agree" if r.loss_diff < AGREE_TOL else "DIFFER"
         lines.append(
-            f"| {fmt_ranks(r.world)} | {r.median_tps('loom'):,.0f} | {r.median_tps('torch'):,.0f} | {r.ratio:.3f} | "
-            f"{r.median_tps('nosync'):,.0f} | {r.cost_ms('loom'):.1f} / {r.cost_ms('torch'):.1f} | "
+            f"| {fmt_ranks(r.world)} | {r.median_tps('loom'):,.0f} ({'/'.join(sorted(r.transport))}) | "
+            f"{r.median_tps('torch'):,.0f} | {r.ratio():.3f} | {r.median_tps('loom_gloo'):,.0f} | {r.ratio('loom_gloo'):.3f} | "
+            f"{r.median_tps('nosync'):,.0f} | {r.cost_ms('loom'):.1f} / {r.cost_ms('loom_gloo'):.1f} / {r.cost_ms('torch'):.1f} | "
             f"{'/'.join(map(str, sorted(r.buckets['loom'])))} / {'/'.join(map(str, sorted(r.buckets['torch'])))} | {grads} | "
             f"{fmt_bytes(r.formula)} | {'yes' if r.bytes_match else 'NO'} | {loss} | {r.loss_diff:.1e} ({verdict}) |"
         )
@@ -402,16 +420,17 @@ def table_lines(results: list[WorldResult]) -> list[str]:
 def round_lines(results: list[WorldResult]) -> list[str]:
     phases = "/".join(PHASES)
     lines = [
-        f"| ranks | round | loom tokens/s | torch tokens/s | ratio | paired ratio | no-sync tokens/s | "
-        f"CPU ms/step loom / torch / no-sync | loom ms {phases} | torch ms {phases} |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
+        f"| ranks | round | loom tokens/s | torch tokens/s | ratio | paired ratio | loom over gloo: ratio, paired | "
+        f"no-sync tokens/s | CPU ms/step loom / loom over gloo / torch / no-sync | loom ms {phases} | torch ms {phases} |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | --- | --- |",
     ]
     for r in results:
         cpu = zip(*(r.cpu_s[s] for s in SIDES))
-        rows = zip(r.tps("loom"), r.tps("torch"), r.tps("nosync"), r.paired, cpu, r.phases["loom"], r.phases["torch"])
-        for i, (lt, tt, nt, pr, c, lp, tp) in enumerate(rows, 1):
+        rows = zip(r.tps("loom"), r.tps("torch"), r.tps("nosync"), r.paired, r.ratios("loom_gloo"), r.paired_gloo, cpu,
+                   r.phases["loom"], r.phases["torch"])
+        for i, (lt, tt, nt, pr, gr, gp, c, lp, tp) in enumerate(rows, 1):
             lines.append(
-                f"| {r.world} | {i} | {lt:,.0f} | {tt:,.0f} | {lt / tt:.3f} | {pr:.3f} | {nt:,.0f} | "
+                f"| {r.world} | {i} | {lt:,.0f} | {tt:,.0f} | {lt / tt:.3f} | {pr:.3f} | {gr:.3f}, {gp:.3f} | {nt:,.0f} | "
                 f"{' / '.join(f'{v * 1e3:.1f}' for v in c)} | "
                 f"{' / '.join(f'{lp[p]:.1f}' for p in PHASES)} | {' / '.join(f'{tp[p]:.1f}' for p in PHASES)} |"
             )
@@ -419,8 +438,9 @@ def round_lines(results: list[WorldResult]) -> list[str]:
 
 
 TIMING = (
-    "in each round loom, torch and no-sync start from fresh models and run their steps interleaved, the order "
-    "rotating step by step; tokens/s = global tokens per step / median of rank 0's whole-step wall time after "
+    "in each round loom (ddp.transport = auto, the trainer's default: shared memory when the ranks share a host), "
+    "loom over gloo (ddp.transport = backend: the gloo group torch's side uses), torch and no-sync start from fresh "
+    "models and run their steps interleaved, the order rotating step by step; tokens/s = global tokens per step / median of rank 0's whole-step wall time after "
     "the warm-up steps; paired ratio = median over timed steps of torch's step time / loom's at the same step; "
     "DDP cost = median step time minus no-sync's; CPU ms/step = rank 0's process CPU time per step (all its "
     "threads, gloo's included: work done, insensitive to waiting for the cores). A step is lr, forward, backward, gradient sync, loss "
@@ -446,11 +466,14 @@ def interpretation(results: list[WorldResult], cores: int) -> list[str]:
         lp = {p: statistics.median(d[p] for d in r.phases["loom"]) for p in PHASES}
         tp = {p: statistics.median(d[p] for d in r.phases["torch"]) for p in PHASES}
         out.append(
-            f"{r.world} ranks: loom runs at {r.ratio:.3f}x torch DDP's tokens/s "
-            f"({'meets' if r.ratio >= GOAL else 'misses'} the {GOAL:.1f} goal; paired per-step ratio "
-            f"{statistics.median(r.paired):.3f}); over the no-sync step loom adds {r.cost_ms('loom'):.1f} ms and "
-            f"torch {r.cost_ms('torch'):.1f} ms; rank 0 CPU per step "
-            f"{' / '.join(f'{statistics.median(r.cpu_s[s]) * 1e3:.1f}' for s in SIDES)} ms (loom / torch / no-sync). "
+            f"{r.world} ranks: loom ({'/'.join(sorted(r.transport))}) runs at {r.ratio():.3f}x torch DDP's tokens/s "
+            f"({'meets' if r.ratio() >= GOAL else 'misses'} the {GOAL:.1f} goal; paired per-step ratio "
+            f"{statistics.median(r.paired):.3f}, above 1 in {sum(q > 1 for q in r.paired)} of {len(r.paired)} rounds); "
+            f"loom over the same gloo group as torch runs at {r.ratio('loom_gloo'):.3f}x (paired "
+            f"{statistics.median(r.paired_gloo):.3f}). Over the no-sync step loom adds {r.cost_ms('loom'):.1f} ms, "
+            f"loom over gloo {r.cost_ms('loom_gloo'):.1f} ms and torch {r.cost_ms('torch'):.1f} ms; rank 0 CPU per step "
+            f"{' / '.join(f'{statistics.median(r.cpu_s[s]) * 1e3:.1f}' for s in SIDES)} ms "
+            "(loom / loom over gloo / torch / no-sync). "
             f"Backward + sync {lp['bwd'] + lp['sync']:.1f} ms (loom, "
             f"{lp['sync']:.1f} of it in finish_gradient_sync) vs {tp['bwd']:.1f} ms (torch); loss "
             f"{lp['loss']:.2f} vs {tp['loss']:.2f} ms; clip + AdamW + zero {lp['opt']:.1f} vs {tp['opt']:.1f} ms. "
@@ -558,14 +581,14 @@ def main(argv: list[str] | None = None) -> int:
     for world in args.world_sizes:
         result = bench_world(world, overrides, args)
         results.append(result)
-        rows = zip(result.tps("loom"), result.tps("torch"), result.tps("nosync"), result.paired)
-        for i, (lt, tt, nt, pr) in enumerate(rows, 1):
+        rows = zip(result.tps("loom"), result.tps("torch"), result.tps("nosync"), result.paired, result.ratios("loom_gloo"))
+        for i, (lt, tt, nt, pr, gr) in enumerate(rows, 1):
             print(f"{world} ranks, round {i}: loom {lt:,.0f} tok/s, torch {tt:,.0f} tok/s, ratio {lt / tt:.3f}, "
-                  f"paired {pr:.3f}; no-sync {nt:,.0f} tok/s")
+                  f"paired {pr:.3f}; loom over gloo ratio {gr:.3f}; no-sync {nt:,.0f} tok/s")
         print(f"{world} ranks: {result.wall_s:.0f} s wall\n")
 
-    ratios = [q for r in results for q in r.ratios]
-    noisy = [r.world for r in results if max(r.ratios) - min(r.ratios) > NOISY_SPREAD]
+    ratios = [q for r in results for q in r.ratios()]
+    noisy = [r.world for r in results if max(r.ratios()) - min(r.ratios()) > NOISY_SPREAD]
     noise = (
         noise_head(load_start, cores, ratios)
         + (busy_warning(NOISY_SPREAD, f"{', '.join(map(str, noisy))} ranks") if noisy else ".")

@@ -23,7 +23,7 @@ from loom.train.metrics import read_metrics
 from loom.train.trainer import Trainer
 
 MODEL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64", "train.seq_len=16"]
-GLOBAL_BATCH = 8
+GLOBAL_BATCH = 24  # divisible by 2, 3 and 4 ranks, and by 2 micro-batches on each
 # Parameters whose exact gradient is zero: a key bias adds q.b to every score of a query's
 # row, and softmax ignores a shift shared by the row. Their gradient is rounding noise, which
 # Adam (noise / sqrt(noise^2) ~ 1) turns into lr-sized steps of whatever sign the rounding
@@ -44,12 +44,12 @@ def _single_process_grads() -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _rank_grads(bucket_mb: float, accum: int) -> dict:
+def _rank_grads(bucket_mb: float, accum: int, transport: str = "backend") -> dict:
     """Each rank: its rows of the global batch in ``accum`` micro-batches, then DDP sync."""
     config = load_config(None, MODEL)
     ctx = init_distributed(config.parallel)
     model = Transformer(config.model, seed=3)
-    ddp = DataParallel(model, ctx.comm("dp"), bucket_mb=bucket_mb)
+    ddp = DataParallel(model, ctx.comm("dp"), bucket_mb=bucket_mb, transport=transport)
     x, y = _batch()
     dp, rank = ctx.dims.dp, ctx.coords.dp
     rows = GLOBAL_BATCH // dp
@@ -65,6 +65,7 @@ def _rank_grads(bucket_mb: float, accum: int) -> dict:
         "bytes": ctx.ledger.take_step_totals()["comm_bytes_dp"],
         "param_bytes": ddp.parameter_bytes,
         "buckets": len(ddp.buckets),
+        "transport": ddp.transport,
         "grad_is_view": all(p.grad.data_ptr() >= b.buffer.data_ptr() for b in ddp.buckets for p in b.params),
     }
 
@@ -79,36 +80,59 @@ def _check_grads(results: list[dict], n: int) -> None:
         assert Fraction(result["bytes"]) == Fraction(2 * (n - 1), n) * result["param_bytes"]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_ddp_gradients_equal_the_single_process(world: int) -> None:
+@pytest.mark.parametrize("transport", ["backend", "shm"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ddp_gradients_equal_the_single_process(world: int, transport: str) -> None:
     # a tiny bucket cap makes many buckets, so ordering and partial readiness are exercised
-    results = run_ranks(_rank_grads, world, args=(0.002, 1), timeout_s=90)
-    assert results[0]["buckets"] > 5
+    results = run_ranks(_rank_grads, world, args=(0.002, 1, transport), timeout_s=90)
+    assert results[0]["buckets"] > 5 and results[0]["transport"] == transport
     _check_grads(results, world)
+    if transport == "shm":  # each chunk is summed by one rank: every rank holds the same bits
+        for result in results[1:]:
+            for name, grad in result["grads"].items():
+                assert torch.equal(grad, results[0]["grads"][name]), name
 
 
-def test_ddp_with_accumulation_syncs_once() -> None:
-    results = run_ranks(_rank_grads, 2, args=(25.0, 2), timeout_s=90)
+@pytest.mark.parametrize("transport", ["backend", "shm"])
+def test_ddp_with_accumulation_syncs_once(transport: str) -> None:
+    results = run_ranks(_rank_grads, 2, args=(25.0, 2, transport), timeout_s=90)
     assert results[0]["buckets"] == 1
     _check_grads(results, 2)  # the bytes of one all-reduce: nothing sent inside no_sync
+
+
+def assert_adam_params_close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Parameters after a few AdamW steps: every element within 2e-5, all but 0.1% within rel 1e-5 / abs 1e-6.
+
+    Where an element's gradient is at rounding level, Adam's m / sqrt(v) turns the rounding
+    of a different summation order into a step of its own: a rare element drifts by a few
+    1e-6 while its neighbours agree to 1e-7.
+    """
+    diff = (got - want).abs()
+    loose = diff > 1e-6 + 1e-5 * want.abs()
+    assert diff.max() <= 2e-5, f"{name}: max difference {diff.max():.2e}"
+    assert loose.float().mean() <= 1e-3, f"{name}: {int(loose.sum())} of {loose.numel()} elements differ"
 
 
 def _rank_train(overrides: list[str], run_dir: str) -> list[dict]:
     config = load_config(None, overrides)
     ctx = init_distributed(config.parallel)
     trainer = Trainer(config, Path(run_dir), dist=ctx)
+    transport = trainer.update.ddp.transport
     trainer.run()
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    return [read_metrics(Path(run_dir)) if ctx.is_main else None, params]
+    return [read_metrics(Path(run_dir)) if ctx.is_main else None, params, transport]
 
 
-@pytest.mark.parametrize(("world", "micro", "accum"), [(2, 2, 2), (4, 2, 1)])
-def test_trainer_on_dp_ranks_matches_one_process(tmp_path: Path, text_corpus: Path, world: int, micro: int, accum: int) -> None:
+@pytest.mark.parametrize(("world", "micro", "accum", "transport"),
+                         [(2, 2, 2, "auto"), (4, 2, 1, "auto"), (2, 4, 1, "backend")])
+def test_trainer_on_dp_ranks_matches_one_process(tmp_path: Path, text_corpus: Path, world: int, micro: int, accum: int,
+                                                  transport: str) -> None:
     common = {"train.global_batch": 8, "train.steps": 4, "train.eval_every": 0, "train.ckpt_every": 0}
     single = Trainer(load_config(None, tiny_overrides(text_corpus, **common, **{"train.micro_batch": 2})), tmp_path / "one")
     single.run()  # dp=1 x accum 4
-    overrides = tiny_overrides(text_corpus, **common, **{"train.micro_batch": micro})
+    overrides = tiny_overrides(text_corpus, **common, **{"train.micro_batch": micro, "ddp.transport": transport})
     results = run_ranks(_rank_train, world, args=(overrides, str(tmp_path / "dp")), timeout_s=120)
+    assert {r[2] for r in results} == {"shm" if transport == "auto" else "backend"}  # one host: auto takes shm
     records = results[0][0]
     param_bytes = 4 * single.model.num_params()
     for one, many in zip(read_metrics(tmp_path / "one"), records, strict=True):
@@ -118,12 +142,12 @@ def test_trainer_on_dp_ranks_matches_one_process(tmp_path: Path, text_corpus: Pa
         assert many["comm_bytes_dp"] == model_bytes("all_reduce", world, param_bytes) + model_bytes("all_reduce", world, 4)
     lr_sum = sum(r["lr"] for r in read_metrics(tmp_path / "one"))
     for name, want in single.model.named_parameters():
-        for _, params in results:
+        for _, params, _ in results:
             if name.endswith(NOISE_ONLY):
                 # its exact gradient is zero, so both runs step it by lr-sized moves of rounding noise
                 assert params[name].abs().max() <= 3 * lr_sum and want.abs().max() <= 3 * lr_sum, name
                 continue
-            torch.testing.assert_close(params[name], want.detach(), rtol=1e-5, atol=1e-6, msg=name)
+            assert_adam_params_close(params[name], want.detach(), name)
 
 
 def _rank_unused_branch() -> dict:
@@ -252,3 +276,32 @@ def test_carry_after_the_last_bucket_left_is_an_error() -> None:
     """A value carried too late would read back whatever the slot held: refuse it."""
     for message in run_ranks(_rank_late_carry, 2, timeout_s=60):
         assert "before the step's last backward" in message
+
+
+def _rank_without_shm() -> dict:
+    """/dev/shm missing: auto falls back to the backend, shm refuses with the reason and the fix."""
+    from loom.dist import shm
+    from loom.errors import LoomError
+
+    ctx = init_distributed(load_config(None, []).parallel)
+    shm.SHM_DIR = Path("/nonexistent-shm")
+    auto = DataParallel(torch.nn.Linear(4, 4), ctx.comm("dp"), transport="auto").transport
+    try:
+        DataParallel(torch.nn.Linear(4, 4), ctx.comm("dp"), transport="shm")
+    except LoomError as exc:
+        return {"auto": auto, "error": str(exc)}
+    return {"auto": auto, "error": ""}
+
+
+def test_transport_falls_back_or_refuses_without_shared_memory() -> None:
+    for result in run_ranks(_rank_without_shm, 2, timeout_s=60):
+        assert result["auto"] == "backend"
+        assert "ddp.transport = 'shm'" in result["error"] and "/nonexistent-shm does not exist" in result["error"]
+        assert "set ddp.transport = 'auto'" in result["error"]
+
+
+def test_transport_must_be_known() -> None:
+    from loom.errors import LoomError
+
+    with pytest.raises(LoomError, match="ddp.transport"):
+        load_config(None, ["ddp.transport=\"tcp\""]).validate()

@@ -61,3 +61,31 @@ def test_report_names_the_wait_and_the_history() -> None:
     assert "rank 3: waiting in all_reduce #2 on dp group [1, 3]" in report
     assert "last completed: reduce_scatter #1" in report
     assert "#2 all_reduce on dp group [1, 3]: 8 x float32, 32 bytes sent, pending, tag grad" in report
+
+
+def _shm_victim(run_dir: str) -> str:
+    """DDP over shared memory; rank 1 stalls before the third step's backward."""
+    from loom.parallel.data import DataParallel
+
+    ctx = init_distributed(ParallelConfig(timeout_s=TIMEOUT_S))
+    model = torch.nn.Linear(64, 64)
+    ddp = DataParallel(model, ctx.comm("dp"), bucket_mb=0.001, transport="shm", timeout_s=TIMEOUT_S + 30)
+    with fail_loudly(ctx.ledger, TIMEOUT_S, Path(run_dir)):
+        for step in range(6):
+            if ctx.rank == 1 and step == 2:
+                time.sleep(600)  # no socket closes, no peer raises: only the watchdog can end rank 0's wait
+            model(torch.ones(4, 64)).sum().backward()
+            ddp.finish_gradient_sync()
+            ddp.zero_grad()
+    return "finished"
+
+
+def test_a_stalled_peer_in_a_shared_memory_all_reduce_is_reported(tmp_path: Path) -> None:
+    began = time.monotonic()
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(_shm_victim, 2, args=(str(tmp_path),), timeout_s=40, collective_timeout_s=60)
+    assert time.monotonic() - began < 30
+    assert f"exit code {EXIT_HANG}" in str(failure.value)
+    report = (tmp_path / "failure_rank0.txt").read_text()
+    assert "rank 0: waiting in all_reduce" in report and "on dp group [0, 1]" in report
+    assert "pending, tag grad (shm)" in report  # the bucket stuck in shared memory, named as such

@@ -213,9 +213,13 @@ class DDPConfig:
     """Bucketed gradient all-reduce overlapped with backward."""
 
     bucket_mb: float = 25.0  # gradient bytes per all-reduce message
+    # what carries the buckets: auto = shared memory where the dp ranks share a host and the
+    # gradients are on the CPU, else the process group's backend; shm insists; backend never uses shm
+    transport: str = "auto"
 
     def validate(self) -> None:
         _check_positive("ddp.bucket_mb", self.bucket_mb)
+        _check_choice("ddp.transport", self.transport, ("auto", "shm", "backend"))
 
 
 ZERO_OFFLOADS = ("none", "optimizer")

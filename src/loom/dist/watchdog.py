@@ -39,6 +39,7 @@ def failure_report(ledger: Ledger, reason: str) -> str:
         lines.append(
             f"  #{entry.seq} {entry.op} on {entry.group} group {list(entry.ranks)}: {entry.numel} x {entry.dtype}, "
             f"{entry.bytes_sent} bytes sent, {state}" + (f", tag {entry.tag}" if entry.tag else "")
+            + (f" ({entry.note})" if entry.note else "")
         )
     return "\n".join(lines)
 

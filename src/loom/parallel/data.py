@@ -39,7 +39,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from loom.dist import shm
 from loom.dist.comm import Comm
+from loom.dist.shm import ShmAllReduce
+from loom.errors import LoomError
+
+TRANSPORTS = ("auto", "shm", "backend")
 
 
 @dataclass
@@ -52,6 +57,7 @@ class Bucket:
     params: list[nn.Parameter]
     buffer: torch.Tensor
     numel: int
+    start: int = 0  # where ``buffer`` begins in the transport's flat buffer (shm)
     ready: int = 0
     handle: object | None = None
     offsets: list[int] = field(default_factory=list)
@@ -83,15 +89,22 @@ class DataParallel(GradientSync):
     ``measure_norm``: take the gradients' global L2 norm during the sync (for clipping);
     only meaningful where this rank's gradients are the whole model's, each once (no tp
     shards, no pipeline stages) and nothing rescales them after the sync (no fp16 unscale).
+
+    ``transport``: ``"backend"`` all-reduces through the process group (gloo, nccl);
+    ``"shm"`` through shared memory (:mod:`loom.dist.shm`: CPU ranks of one host), an error
+    where it cannot; ``"auto"`` takes shm where it can, else the backend. ``timeout_s``
+    bounds a shared-memory wait for a peer.
     """
 
-    def __init__(self, model: nn.Module, comm: Comm, bucket_mb: float = 25.0, measure_norm: bool = False) -> None:
+    def __init__(self, model: nn.Module, comm: Comm, bucket_mb: float = 25.0, measure_norm: bool = False,
+                 transport: str = "backend", timeout_s: float = 300.0) -> None:
         self.model = model
         self.comm = comm
         self.sync_enabled = True
         self.measure_norm = measure_norm
         params = [p for p in model.parameters() if p.requires_grad]
-        self.buckets = self._make_buckets(list(reversed(params)), int(bucket_mb * 2**20))
+        groups = self._group(list(reversed(params)), int(bucket_mb * 2**20))
+        self.buckets = self._make_buckets(groups, transport, timeout_s)
         self._next_launch = 0
         self._loss_divided = False  # this step's losses went through scale_loss
         self._carried: torch.Tensor | None = None
@@ -103,7 +116,8 @@ class DataParallel(GradientSync):
             p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
     @staticmethod
-    def _make_buckets(params: list[nn.Parameter], cap_bytes: int) -> list[Bucket]:
+    def _group(params: list[nn.Parameter], cap_bytes: int) -> list[list[nn.Parameter]]:
+        """Consecutive parameters of one dtype, cut once a group holds ``cap_bytes``."""
         groups: list[list[nn.Parameter]] = [[]]
         size = 0
         for p in params:
@@ -115,13 +129,22 @@ class DataParallel(GradientSync):
             if size >= cap_bytes:  # close a bucket once full (as torch's reducer does), not before
                 groups.append([])
                 size = 0
-        groups = [g for g in groups if g]
+        return [g for g in groups if g]
+
+    def _make_buckets(self, groups: list[list[nn.Parameter]], transport: str, timeout_s: float) -> list[Bucket]:
+        """One flat zeroed buffer per bucket, carved from shared memory when the transport is shm."""
+        sizes = [sum(p.numel() for p in g) for g in groups]
+        sizes[-1] += 1  # the carry slot, in the bucket launched last
+        self.shm = self._shared_memory(groups, sum(sizes), transport, timeout_s)
+        if self.shm is not None:
+            buffers = list(self.shm.buffer.split(sizes))
+        else:
+            buffers = [torch.zeros(n, dtype=g[0].dtype, device=g[0].device) for g, n in zip(groups, sizes)]
         buckets = []
-        for i, group in enumerate(groups):
-            numel = sum(p.numel() for p in group)
-            slot = 1 if i == len(groups) - 1 else 0  # the carry slot, in the bucket launched last
-            buffer = torch.zeros(numel + slot, dtype=group[0].dtype, device=group[0].device)
-            bucket = Bucket(group, buffer, numel)
+        start = 0
+        for group, buffer in zip(groups, buffers):
+            bucket = Bucket(group, buffer, sum(p.numel() for p in group), start=start)
+            start += buffer.numel()
             offset = 0
             for p in group:
                 bucket.offsets.append(offset)
@@ -129,6 +152,29 @@ class DataParallel(GradientSync):
                 offset += p.numel()
             buckets.append(bucket)
         return buckets
+
+    def _shared_memory(self, groups: list[list[nn.Parameter]], numel: int, transport: str,
+                       timeout_s: float) -> ShmAllReduce | None:
+        if transport not in TRANSPORTS:
+            raise LoomError(f"ddp.transport = {transport!r} is not one of {', '.join(TRANSPORTS)}.",
+                            "use auto (shared memory where the ranks share a host), shm or backend.")
+        if transport == "backend" or self.comm.size == 1:
+            return None
+        first = groups[0][0]
+        dtypes = {p.dtype for g in groups for p in g}
+        reason = (f"the gradients mix {len(dtypes)} dtypes" if len(dtypes) > 1
+                  else shm.unavailable(self.comm, first.device, numel * first.element_size()))
+        if reason is None:
+            return ShmAllReduce(self.comm, numel, first.dtype, timeout_s)
+        if transport == "shm":
+            raise LoomError(f"ddp.transport = 'shm' cannot serve the {self.comm.name} group: {reason}.",
+                            "set ddp.transport = 'auto' (shared memory where it can) or 'backend'.")
+        return None
+
+    @property
+    def transport(self) -> str:
+        """What carries the buckets: ``"shm"`` or ``"backend"``."""
+        return "shm" if self.shm is not None else "backend"
 
     @property
     def parameter_bytes(self) -> int:
@@ -188,7 +234,10 @@ class DataParallel(GradientSync):
         if self._carried is not None and bucket is self.buckets[-1]:
             bucket.buffer[-1:].copy_(self._carried.reshape(1))
             message = bucket.buffer
-        bucket.handle = self.comm.all_reduce(message, op="sum", async_op=True, tag="grad")
+        if self.shm is not None:
+            bucket.handle = self.shm.all_reduce(bucket.start, message.numel(), tag="grad")
+        else:
+            bucket.handle = self.comm.all_reduce(message, op="sum", async_op=True, tag="grad")
         self._next_launch += 1
 
     def finish_gradient_sync(self) -> None:
@@ -207,6 +256,8 @@ class DataParallel(GradientSync):
                 norms += torch._foreach_norm([p.grad for p in bucket.params])
             bucket.ready = 0
             bucket.handle = None
+        if self.shm is not None:
+            self.shm.quiesce()  # peers are done reading this rank's buckets: they may change again
         if self._carried is not None:
             self._carried.copy_(self.buckets[-1].buffer[-1:].reshape(self._carried.shape) / self.comm.size)
             self._carried = None
@@ -241,6 +292,11 @@ class DataParallel(GradientSync):
             if coef.item() < 1.0:  # (times 1.0 would change nothing)
                 torch._foreach_mul_([b.grads for b in self.buckets], coef)
         return norm.item()
+
+    def close(self) -> None:
+        """Stop the shared-memory worker, if any (the buffers stay usable as plain memory)."""
+        if self.shm is not None:
+            self.shm.close()
 
     def zero_grad(self) -> None:
         """Zero the bucket buffers in place, keeping ``.grad`` as views into them."""

@@ -23,7 +23,7 @@ import contextlib
 import torch
 
 from loom.config import Config
-from loom.dist.context import DistContext
+from loom.dist.context import BACKSTOP_S, DistContext
 from loom.errors import LoomError
 from loom.model.attention import sync_replicated_kv_grads
 from loom.model.transformer import Transformer
@@ -53,7 +53,8 @@ class PlainStep:
             # the norm is taken during the sync where this rank's .grad is the whole model, each
             # parameter once, and stays as synced (no tp shards, no stages, no fp16 unscale)
             whole = tp.comm.size == 1 and pipeline is None and not precision.scaler.is_enabled()
-            self.ddp = DataParallel(model, dist.comm("dp"), config.ddp.bucket_mb, measure_norm=whole)
+            self.ddp = DataParallel(model, dist.comm("dp"), config.ddp.bucket_mb, measure_norm=whole,
+                                    transport=config.ddp.transport, timeout_s=config.parallel.timeout_s + BACKSTOP_S)
         self.optimizer = build_adamw(model, config.train, dist.device)
 
     # ------------------------------------------------------------------ one step
@@ -111,7 +112,9 @@ class PlainStep:
         return not (scaler.is_enabled() and scaler.get_scale() < scale_before)
 
     def finish_run(self) -> None:
-        """Nothing to gather: every rank holds its whole (tp/pp-local) model."""
+        """Stop DDP's shared-memory worker; nothing to gather (every rank holds its whole local model)."""
+        if self.ddp is not None:
+            self.ddp.close()
 
     # ------------------------------------------------------------------ reports
 
@@ -120,7 +123,13 @@ class PlainStep:
         return {}
 
     def describe(self) -> str | None:
-        return None
+        """DDP's layout for the run's first lines (None without DDP)."""
+        if self.ddp is None:
+            return None
+        ddp = self.ddp
+        via = "shared memory (ddp.transport)" if ddp.transport == "shm" else "the process group's backend"
+        return (f"DDP over dp={ddp.comm.size}: {len(ddp.buckets)} gradient buckets, "
+                f"{ddp.parameter_bytes / 2**20:.2f} MiB per step through {via}")
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -253,7 +253,7 @@ class Trainer:
         coords = self.dist.coords
         if self.pipeline is not None and coords.dp == 0 and coords.tp == 0:
             self.pipeline.write_timeline(self.run_dir)
-        self.update.finish_run()  # ZeRO-3: parameters stay gathered, so rank 0 can sample alone
+        self.update.finish_run()  # ZeRO-3 keeps parameters gathered (rank 0 samples alone); DDP stops its shm worker
         summary = {
             "params": count_parameters(self.config.model),
             "steps": self.state.step,
