@@ -128,7 +128,8 @@ class PlainStep:
             return None
         ddp = self.ddp
         via = "shared memory (ddp.transport)" if ddp.transport == "shm" else "the process group's backend"
-        return (f"DDP over dp={ddp.comm.size}: {len(ddp.buckets)} gradient buckets, "
+        buckets = f"{len(ddp.buckets)} gradient bucket" + ("s" if len(ddp.buckets) > 1 else "")
+        return (f"DDP over dp={ddp.comm.size}: {buckets}, "
                 f"{ddp.parameter_bytes / 2**20:.2f} MiB per step through {via}")
 
     # ------------------------------------------------------------------ checkpoints
