@@ -23,6 +23,11 @@ had earlier:
   as that bucket's all-reduce completes, while the later ones are still in flight, and
   :meth:`take_grad_norm` returns the global norm sqrt(sum_p ||g_p||^2) for clipping.
 
+Transport: the buckets travel through the process group's backend (gloo, nccl), or, for
+CPU ranks of one host, through shared memory (:mod:`loom.dist.shm`): the buckets then live
+in ``/dev/shm`` and each rank sums its chunk of every peer's bucket in place, with no socket
+in the way. ``transport="auto"`` picks shared memory where it can serve the group.
+
 Invariant: after :meth:`finish_gradient_sync` each rank's gradients equal the mean of the
 dp ranks' local gradients; per step every rank sends 2(n-1)/n * (parameter bytes) (ring),
 plus 2(n-1)/n * 4 bytes for a carried fp32 scalar. Inside :meth:`no_sync` (gradient
