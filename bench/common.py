@@ -7,6 +7,7 @@ The scripts import these as ``from common import ...``, which works when run as 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -89,6 +90,37 @@ def fmt_bytes(value) -> str:
 def fmt_ranks(world: int) -> str:
     """A rank count, marked when it exceeds the cores."""
     return f"{world}{' (oversubscribed)' if world > (os.cpu_count() or 1) else ''}"
+
+
+def add_model_args(p: argparse.ArgumentParser, layers: int = 0, d_model: int = 0, layers_help: str = "") -> None:
+    """The job's model flags: --preset, --layers, --d-model, --heads (0: the preset's), --seq-len."""
+    p.add_argument("--preset", default="tiny", help="model preset")
+    p.add_argument("--layers", type=int, default=layers, help="model.n_layers (0: the preset's)" + layers_help)
+    p.add_argument("--d-model", type=int, default=d_model, help="model.d_model (0: the preset's)")
+    p.add_argument("--heads", type=int, default=0, help="model.n_heads (0: the preset's)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+
+
+def job_overrides(args: argparse.Namespace, *extra: str) -> list[str]:
+    """``--set`` items of a bench job: its preset, steps, sequence and micro-batch, fp32 on the
+    CPU, its corpus, ``extra``, then whichever of --layers, --d-model, --heads is not 0."""
+    items = [
+        f"model.preset={args.preset}", f"train.steps={args.steps}", f"train.seq_len={args.seq_len}",
+        f"train.micro_batch={args.micro_batch}", "train.precision=fp32", "train.device=cpu",
+        f"data.corpus={json.dumps(args.corpus)}", *extra,
+    ]
+    for key, value in (("n_layers", args.layers), ("d_model", args.d_model), ("n_heads", args.heads)):
+        if value:
+            items.append(f"model.{key}={value}")
+    return items
+
+
+def closing_lines(timing: str, noise: str, notes: list[str], *paragraphs: str) -> list[str]:
+    """A result file's end: the timing method, any further ``paragraphs``, the noise line, the notes."""
+    lines = [f"Timing: {timing}", ""]
+    for text in (*paragraphs, noise, *notes):
+        lines += [text, ""]
+    return lines
 
 
 def check_rounds(p: argparse.ArgumentParser, args: argparse.Namespace, extra: int = 2) -> None:

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -76,11 +75,14 @@ from pathlib import Path
 import torch
 from common import (
     ONE_ROUND,
+    add_model_args,
     bench_command,
     busy_warning,
     check_rounds,
     checkout,
+    closing_lines,
     head_lines,
+    job_overrides,
     machine,
     noise_head,
     sizes,
@@ -636,10 +638,8 @@ def markdown(command: str, when: str, job: str, results: list[ScheduleResult], n
         *head_lines(command, when, machine()), f"Source: {source()}", "",
         f"Job: {job}", "", *table_lines(results), "", "Per round and per-action detail:", "",
         *detail_lines(results), "", "Per rank (loom's measured costs and bubble, medians over timed steps; "
-        "memory from the extra step):", "", *rank_lines(results), "", f"Timing: {TIMING}", "", BUBBLE, "", MEMORY, "", noise, "",
+        "memory from the extra step):", "", *rank_lines(results), "", *closing_lines(TIMING, noise, notes, BUBBLE, MEMORY),
     ]
-    for line in notes:
-        lines += [line, ""]
     return "\n".join(lines)
 
 
@@ -647,24 +647,12 @@ def markdown(command: str, when: str, job: str, results: list[ScheduleResult], n
 
 
 def build_overrides(args: argparse.Namespace, pp: int) -> list[str]:
-    items = [
-        f"model.preset={args.preset}", f"train.steps={args.steps}", f"train.seq_len={args.seq_len}",
-        f"train.micro_batch={args.micro_batch}", f"train.microbatches={args.microbatches}", "train.precision=fp32",
-        "train.device=cpu", f"parallel.pp={pp}", f"data.corpus={json.dumps(args.corpus)}",
-    ]
-    for key, value in (("n_layers", args.layers), ("d_model", args.d_model), ("n_heads", args.heads)):
-        if value:
-            items.append(f"model.{key}={value}")
-    return items
+    return job_overrides(args, f"train.microbatches={args.microbatches}", f"parallel.pp={pp}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="model preset")
-    p.add_argument("--layers", type=int, default=8, help="model.n_layers (0: the preset's); a multiple of pp x vp")
-    p.add_argument("--d-model", type=int, default=0, help="model.d_model (0: the preset's)")
-    p.add_argument("--heads", type=int, default=0, help="model.n_heads (0: the preset's)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    add_model_args(p, layers=8, layers_help="; a multiple of pp x vp")
     p.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch")
     p.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (a multiple of every pp)")
     p.add_argument("--vp", type=int, default=2, help="chunks per rank for interleaved_1f1b")

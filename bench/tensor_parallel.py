@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -79,12 +78,15 @@ from pathlib import Path
 
 import torch
 from common import (
+    add_model_args,
     bench_command,
     busy_warning,
     check_rounds,
+    closing_lines,
     fmt_bytes,
     fmt_ranks,
     head_lines,
+    job_overrides,
     machine,
     noise_head,
     paired_ratio,
@@ -741,13 +743,8 @@ def markdown(command: str, when: str, job: str, results: list[WorldResult], nois
         "",
         *round_lines(results),
         "",
-        f"Timing: {TIMING}",
-        "",
-        noise,
-        "",
+        *closing_lines(TIMING, noise, notes),
     ]
-    for line in notes:
-        lines += [line, ""]
     return "\n".join(lines)
 
 
@@ -755,27 +752,15 @@ def markdown(command: str, when: str, job: str, results: list[WorldResult], nois
 
 
 def build_overrides(args: argparse.Namespace) -> list[str]:
-    items = [
-        f"model.preset={args.preset}", f"train.steps={args.steps}", f"train.seq_len={args.seq_len}",
-        f"train.micro_batch={args.micro_batch}", "train.grad_accum=1", "train.precision=fp32",
-        "train.device=cpu", "train.grad_clip=0", f"data.corpus={json.dumps(args.corpus)}",
-        f"parallel.sequence_parallel={'true' if args.sequence_parallel else 'false'}",
-    ]
-    for key, value in (("n_layers", args.layers), ("d_model", args.d_model), ("n_heads", args.heads)):
-        if value is not None:
-            items.append(f"model.{key}={value}")
-    return items
+    return job_overrides(args, "train.grad_accum=1", "train.grad_clip=0",
+                         f"parallel.sequence_parallel={'true' if args.sequence_parallel else 'false'}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--preset", default="tiny", help="model preset")
-    p.add_argument("--layers", type=int, default=4, help="model.n_layers")
-    p.add_argument("--d-model", type=int, default=256, help="model.d_model")
-    p.add_argument("--heads", type=int, help="model.n_heads (None: the preset's)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    add_model_args(p, layers=4, d_model=256)
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per step (the same on every tp rank)")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per side per round")
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")

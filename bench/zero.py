@@ -68,7 +68,6 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import json
 import logging
 import os
 import statistics
@@ -82,13 +81,16 @@ import torch
 import torch.distributed as dist
 from common import (
     ONE_ROUND,
+    add_model_args,
     bench_command,
     busy_warning,
     check_rounds,
     checkout,
+    closing_lines,
     fmt_bytes,
     fmt_ranks,
     head_lines,
+    job_overrides,
     machine,
     noise_head,
     paired_ratio,
@@ -763,13 +765,8 @@ def markdown(command: str, when: str, job: str, results: list[WorldResult], ds_l
         "",
         *round_lines(results),
         "",
-        f"Timing: {TIMING}",
-        "",
-        noise,
-        "",
+        *closing_lines(TIMING, noise, notes),
     ]
-    for line in notes:
-        lines += [line, ""]
     return "\n".join(lines)
 
 
@@ -777,24 +774,12 @@ def markdown(command: str, when: str, job: str, results: list[WorldResult], ds_l
 
 
 def build_overrides(args: argparse.Namespace) -> list[str]:
-    items = [
-        f"model.preset={args.preset}", f"train.steps={args.steps}", f"train.seq_len={args.seq_len}",
-        f"train.micro_batch={args.micro_batch}", "train.grad_accum=1", "train.precision=fp32",
-        "train.device=cpu", f"data.corpus={json.dumps(args.corpus)}",
-    ]
-    for key, value in (("n_layers", args.layers), ("d_model", args.d_model), ("n_heads", args.heads)):
-        if value:
-            items.append(f"model.{key}={value}")
-    return items
+    return job_overrides(args, "train.grad_accum=1")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="model preset")
-    p.add_argument("--layers", type=int, default=0, help="model.n_layers (0: the preset's)")
-    p.add_argument("--d-model", type=int, default=256, help="model.d_model (0: the preset's)")
-    p.add_argument("--heads", type=int, default=0, help="model.n_heads (0: the preset's)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    add_model_args(p, d_model=256)
     p.add_argument("--micro-batch", type=int, default=2, help="sequences per rank per step (global batch = this x ranks)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per side per round")
     p.add_argument("--warmup", type=int, default=4, help="first steps left out of the timing")
