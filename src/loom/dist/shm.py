@@ -189,22 +189,18 @@ class ShmAllReduce:
 
     def _reduce(self, offset: int, numel: int) -> None:
         n, r = self.size, self.rank
-        bounds = [offset + numel * c // n for c in range(n + 1)]
-
-        def chunk(rank: int, c: int) -> torch.Tensor:
-            return self._data[rank][bounds[c]:bounds[c + 1]]
-
+        # chunks[q][c]: chunk c of rank q's region, split as the ring algorithms split (loom.dist.ring)
+        chunks = [torch.tensor_split(data[offset:offset + numel], n) for data in self._data]
         self._say()  # 1: my region is final
         self._wait_for(self._said)
-        mine = chunk(r, r)
         for q in range(n):  # 2: chunk r of every peer into mine
             if q != r:
-                mine.add_(chunk(q, r))
+                chunks[r][r].add_(chunks[q][r])
         self._say()  # 3: my chunk is the sum
         self._wait_for(self._said)
         for c in range(n):  # 4: the other chunks from their owners
             if c != r:
-                chunk(r, c).copy_(chunk(c, c))
+                chunks[r][c].copy_(chunks[c][c])
         self._say()  # 5: done with my peers' data
 
     def _say(self) -> None:

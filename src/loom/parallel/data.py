@@ -305,9 +305,8 @@ class DataParallel(GradientSync):
 
     def zero_grad(self) -> None:
         """Zero the bucket buffers in place, keeping ``.grad`` as views into them."""
-        for bucket in self.buckets:
+        for bucket in self.buckets:  # .grad stays a view: finish_gradient_sync restored any replaced one
             bucket.buffer.zero_()
-        self._restore_views()
         self._grad_norm = None
 
     @staticmethod
