@@ -14,12 +14,16 @@ import shlex
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 import loom
+from loom.config import Config, load_config
+from loom.train.tokenizer import Tokenizer, load_tokenizer
 
 ONE_ROUND = " One round cannot show noise; use --repeats 3 or more."
 
@@ -90,6 +94,43 @@ def fmt_bytes(value) -> str:
 def fmt_ranks(world: int) -> str:
     """A rank count, marked when it exceeds the cores."""
     return f"{world}{' (oversubscribed)' if world > (os.cpu_count() or 1) else ''}"
+
+
+def job_config(overrides: list[str]) -> tuple[Config, Tokenizer]:
+    """The job's config with the tokenizer's vocabulary filled in, and that tokenizer (not validated)."""
+    config = load_config(None, overrides)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    config.model.vocab_size = tokenizer.vocab_size
+    return config, tokenizer
+
+
+@dataclass
+class StepRecord:
+    """One side's per-step record for one round, as one rank saw it: each step's wall and
+    process CPU seconds (all threads, the backend's too), the time of each of ``phases`` (set
+    by the subclass) and the loss."""
+
+    phases: ClassVar[tuple[str, ...]] = ()
+    step_s: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
+    phase_s: dict[str, list[float]] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+
+    def record(self, cpu_s: float, *t: float) -> None:
+        """One step: its CPU seconds, then its phase boundaries (the start, then the end of each phase)."""
+        self.cpu_s.append(cpu_s)
+        self.step_s.append(t[-1] - t[0])
+        for name, a, b in zip(self.phases, t[:-1], t[1:], strict=True):
+            self.phase_s.setdefault(name, []).append(b - a)
+
+    def median_step_s(self, warmup: int) -> float:
+        return statistics.median(self.step_s[warmup:])
+
+    def median_cpu_s(self, warmup: int) -> float:
+        return statistics.median(self.cpu_s[warmup:])
+
+    def median_phase_ms(self, warmup: int) -> dict[str, float]:
+        return {p: statistics.median(v[warmup:]) * 1e3 for p, v in self.phase_s.items()}
 
 
 def add_model_args(p: argparse.ArgumentParser, layers: int = 0, d_model: int = 0, layers_help: str = "") -> None:

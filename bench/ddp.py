@@ -54,11 +54,13 @@ import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from common import (
+    StepRecord,
     add_model_args,
     bench_command,
     busy_warning,
@@ -68,6 +70,7 @@ from common import (
     fmt_bytes,
     fmt_ranks,
     head_lines,
+    job_config,
     job_overrides,
     machine,
     noise_head,
@@ -77,7 +80,7 @@ from common import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
-from loom.config import Config, load_config
+from loom.config import Config
 from loom.dist.context import init_distributed
 from loom.dist.spawn import run_ranks
 from loom.errors import LoomError
@@ -87,7 +90,6 @@ from loom.optim.lr import lr_at
 from loom.parallel.data import DataParallel
 from loom.train.batches import batch_offsets, batch_rows, get_batch
 from loom.train.data import prepare_dataset
-from loom.train.tokenizer import load_tokenizer
 from loom.train.trainer import TRAIN_STREAM
 
 GOAL = 1.0  # loom / torch DDP tokens/s at or above this
@@ -98,33 +100,14 @@ SIDES = ("loom", "loom_gloo", "torch", "nosync")  # loom_gloo: loom with ddp.tra
 
 
 @dataclass
-class Run:
-    """One side's per-step record for one round, as one rank saw it."""
+class Run(StepRecord):
+    """One side's per-step record for one round, as one rank saw it (and what only this bench keeps)."""
 
-    step_s: list[float] = field(default_factory=list)
-    cpu_s: list[float] = field(default_factory=list)  # process CPU time of the step, all threads (gloo's too)
-    phase_s: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
-    losses: list[float] = field(default_factory=list)
+    phases: ClassVar[tuple[str, ...]] = PHASES
     grad_bytes: list[int | float] = field(default_factory=list)  # loom only: ledger, gradient all-reduces
     loss_bytes: list[int | float] = field(default_factory=list)  # loom only: ledger, the loss scalar
     buckets: int = 0  # gradient all-reduces per step (torch: after its bucket rebuild; 0 without DDP)
     transport: str = ""  # loom: what carried its buckets (shm or backend)
-
-    def record(self, cpu_s: float, *t: float) -> None:
-        """One step: its CPU seconds, then its phase boundaries (the start, then the end of each of PHASES)."""
-        self.cpu_s.append(cpu_s)
-        self.step_s.append(t[-1] - t[0])
-        for name, a, b in zip(PHASES, t[:-1], t[1:]):
-            self.phase_s[name].append(b - a)
-
-    def median_step_s(self, warmup: int) -> float:
-        return statistics.median(self.step_s[warmup:])
-
-    def median_cpu_s(self, warmup: int) -> float:
-        return statistics.median(self.cpu_s[warmup:])
-
-    def median_phase_ms(self, warmup: int) -> dict[str, float]:
-        return {p: statistics.median(v[warmup:]) * 1e3 for p, v in self.phase_s.items()}
 
 
 # ----------------------------------------------------------------------------- one rank
@@ -276,9 +259,7 @@ class NoSyncSide(Side):
 
 def rank_main(overrides: list[str], bucket_mb: float, repeats: int, torch_grad_view: bool) -> dict:
     """Per rank: its rows of each step's global batch; per round fresh sides, their steps interleaved."""
-    config = load_config(None, overrides)
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    config.model.vocab_size = tokenizer.vocab_size
+    config, tokenizer = job_config(overrides)
     ctx = init_distributed(config.parallel)
     data = prepare_dataset(config.data, tokenizer)  # the parent tokenised it: a cache hit
     train, dp, rank = config.train, ctx.dims.dp, ctx.coords.dp
@@ -540,9 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     command = bench_command("ddp.py")
     overrides = build_overrides(args)
     try:
-        config = load_config(None, overrides)
-        tokenizer = load_tokenizer(config.data.tokenizer)
-        config.model.vocab_size = tokenizer.vocab_size
+        config, tokenizer = job_config(overrides)
         config.validate()
         prepare_dataset(config.data, tokenizer, log=print)  # tokenise once here; the ranks hit the cache
     except LoomError as exc:

@@ -82,6 +82,7 @@ from common import (
     checkout,
     closing_lines,
     head_lines,
+    job_config,
     job_overrides,
     machine,
     noise_head,
@@ -91,7 +92,7 @@ from common import (
 from torch import nn
 from torch.distributed import pipelining
 
-from loom.config import Config, load_config
+from loom.config import Config
 from loom.dist.context import init_distributed
 from loom.dist.spawn import run_ranks
 from loom.errors import LoomError
@@ -105,7 +106,6 @@ from loom.parallel.pipeline.schedules import build_schedule, stage_of
 from loom.parallel.pipeline.simulate import Costs, bubble_formula, from_measurements, simulate
 from loom.train.batches import batch_offsets, batch_rows, get_batch
 from loom.train.data import prepare_dataset
-from loom.train.tokenizer import load_tokenizer
 from loom.train.trainer import TRAIN_STREAM
 
 GOAL = 1.0  # loom / torch tokens/s at or above this, for every schedule
@@ -343,9 +343,7 @@ class TorchSide(Side):
 
 def rank_main(overrides: list[str], schedules: list[str], vp: int, repeats: int) -> dict:
     """Per rank: every step's global batch; per round fresh sides for every schedule, steps interleaved."""
-    config = load_config(None, overrides)
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    config.model.vocab_size = tokenizer.vocab_size
+    config, tokenizer = job_config(overrides)
     ctx = init_distributed(config.parallel)
     data = prepare_dataset(config.data, tokenizer)  # the parent tokenised it: a cache hit
     train, m = config.train, config.train.microbatches
@@ -683,9 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     command = bench_command("pipeline.py")
     try:
         for pp in args.pp_sizes:  # validate every layout before starting any rank
-            config = load_config(None, build_overrides(args, pp))
-            tokenizer = load_tokenizer(config.data.tokenizer)
-            config.model.vocab_size = tokenizer.vocab_size
+            config, tokenizer = job_config(build_overrides(args, pp))
             config.validate()
             for s in args.schedule_list:
                 vp = args.vp if s == "interleaved_1f1b" else 1

@@ -75,9 +75,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from common import (
+    StepRecord,
     add_model_args,
     bench_command,
     busy_warning,
@@ -86,6 +88,7 @@ from common import (
     fmt_bytes,
     fmt_ranks,
     head_lines,
+    job_config,
     job_overrides,
     machine,
     noise_head,
@@ -107,7 +110,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from loom.config import Config, load_config
+from loom.config import Config
 from loom.dist.comm import Handle, model_bytes
 from loom.dist.context import init_distributed
 from loom.dist.spawn import run_ranks
@@ -119,7 +122,6 @@ from loom.optim.lr import lr_at
 from loom.parallel.tensor import TensorParallel
 from loom.train.batches import batch_offsets, get_batch
 from loom.train.data import prepare_dataset
-from loom.train.tokenizer import load_tokenizer
 from loom.train.trainer import TRAIN_STREAM
 
 GOAL = 1.3  # loom / DTensor tokens/s at or above this
@@ -132,31 +134,12 @@ LEDGER_WINDOW = 1000  # ledger entries looked back at after a step (a step makes
 
 
 @dataclass
-class Run:
-    """One side's per-step record for one round, as one rank saw it."""
+class Run(StepRecord):
+    """One side's per-step record for one round, as one rank saw it (and what only this bench keeps)."""
 
-    step_s: list[float] = field(default_factory=list)
-    cpu_s: list[float] = field(default_factory=list)  # process CPU time of the step, all threads (gloo's too)
-    phase_s: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
-    losses: list[float] = field(default_factory=list)
+    phases: ClassVar[tuple[str, ...]] = PHASES
     tp_bytes: list[dict[str, int | float]] = field(default_factory=list)  # loom only: ledger bytes by tag
     comm_s: list[float] = field(default_factory=list)  # loom only: wall time inside tp collectives (ledger)
-
-    def record(self, cpu_s: float, *t: float) -> None:
-        """One step: its CPU seconds, then its phase boundaries (the start, then the end of each of PHASES)."""
-        self.cpu_s.append(cpu_s)
-        self.step_s.append(t[-1] - t[0])
-        for name, a, b in zip(PHASES, t[:-1], t[1:]):
-            self.phase_s[name].append(b - a)
-
-    def median_step_s(self, warmup: int) -> float:
-        return statistics.median(self.step_s[warmup:])
-
-    def median_cpu_s(self, warmup: int) -> float:
-        return statistics.median(self.cpu_s[warmup:])
-
-    def median_phase_ms(self, warmup: int) -> dict[str, float]:
-        return {p: statistics.median(v[warmup:]) * 1e3 for p, v in self.phase_s.items()}
 
     def median_comm_s(self, warmup: int) -> float:
         return statistics.median(self.comm_s[warmup:]) if self.comm_s else 0.0
@@ -430,9 +413,7 @@ class CollectiveCounter(TorchDispatchMode):
 
 def rank_main(overrides: list[str], repeats: int, warmup: int) -> dict:
     """Per rank: the same batches as every other tp rank; per round fresh sides, their steps interleaved."""
-    config = load_config(None, overrides)
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    config.model.vocab_size = tokenizer.vocab_size
+    config, tokenizer = job_config(overrides)
     ctx = init_distributed(config.parallel)
     data = prepare_dataset(config.data, tokenizer)  # the parent tokenised it: a cache hit
     train = config.train
@@ -793,9 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = build_overrides(args)
     try:
         for world in args.world_sizes:  # loom's own checks of each layout (heads, sequence vs tp)
-            config = load_config(None, [*overrides, f"parallel.tp={world}"])
-            tokenizer = load_tokenizer(config.data.tokenizer)
-            config.model.vocab_size = tokenizer.vocab_size
+            config, tokenizer = job_config([*overrides, f"parallel.tp={world}"])
             config.validate()
         prepare_dataset(config.data, tokenizer, log=print)  # tokenise once here; the ranks hit the cache
     except LoomError as exc:

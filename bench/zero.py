@@ -76,11 +76,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 from common import (
     ONE_ROUND,
+    StepRecord,
     add_model_args,
     bench_command,
     busy_warning,
@@ -90,6 +92,7 @@ from common import (
     fmt_bytes,
     fmt_ranks,
     head_lines,
+    job_config,
     job_overrides,
     machine,
     noise_head,
@@ -98,7 +101,7 @@ from common import (
     write_result,
 )
 
-from loom.config import Config, load_config
+from loom.config import Config
 from loom.dist.context import init_distributed
 from loom.dist.spawn import run_ranks
 from loom.errors import LoomError
@@ -109,7 +112,6 @@ from loom.parallel.zero import ZeroOptimizer
 from loom.plan.memory import dp_bytes_per_step, model_state_bytes
 from loom.train.batches import batch_offsets, batch_rows, get_batch
 from loom.train.data import prepare_dataset
-from loom.train.tokenizer import load_tokenizer
 from loom.train.trainer import TRAIN_STREAM
 
 SIDES = ("loom1", "loom2", "loom3", "fsdp2", "ds1", "ds2", "ds3")
@@ -124,31 +126,12 @@ ZERO_TAGS = ("zero-grad", "zero-param")
 
 
 @dataclass
-class Run:
-    """One side's per-step record for one round, as one rank saw it."""
+class Run(StepRecord):
+    """One side's per-step record for one round, as one rank saw it (and what only this bench keeps)."""
 
-    step_s: list[float] = field(default_factory=list)
-    cpu_s: list[float] = field(default_factory=list)
-    phase_s: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
-    losses: list[float] = field(default_factory=list)
+    phases: ClassVar[tuple[str, ...]] = PHASES
     dp_bytes: list[int | float] = field(default_factory=list)  # loom only: ledger, ZeRO's collectives
     state: dict[str, int] = field(default_factory=dict)  # bytes per category, from the probe step
-
-    def record(self, cpu_s: float, *t: float) -> None:
-        """One step: its CPU seconds, then its phase boundaries (the start, then the end of each of PHASES)."""
-        self.cpu_s.append(cpu_s)
-        self.step_s.append(t[-1] - t[0])
-        for name, a, b in zip(PHASES, t[:-1], t[1:]):
-            self.phase_s[name].append(b - a)
-
-    def median_step_s(self, warmup: int) -> float:
-        return statistics.median(self.step_s[warmup:])
-
-    def median_cpu_s(self, warmup: int) -> float:
-        return statistics.median(self.cpu_s[warmup:])
-
-    def median_phase_ms(self, warmup: int) -> dict[str, float]:
-        return {p: statistics.median(v[warmup:]) * 1e3 for p, v in self.phase_s.items()}
 
 
 # ----------------------------------------------------------------------------- state bytes
@@ -441,9 +424,7 @@ def rank_main(overrides: list[str], names: list[str], repeats: int, args: dict) 
     """Per rank: its rows of each step's global batch; per round fresh sides, their steps interleaved."""
     if any(name.startswith("ds") for name in names):
         _quiet_deepspeed()
-    config = load_config(None, overrides)
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    config.model.vocab_size = tokenizer.vocab_size
+    config, tokenizer = job_config(overrides)
     ctx = init_distributed(config.parallel)
     data = prepare_dataset(config.data, tokenizer)  # the parent tokenised it: a cache hit
     train, dp, rank = config.train, ctx.dims.dp, ctx.coords.dp
@@ -808,9 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     command = bench_command("zero.py")
     overrides = build_overrides(args)
     try:
-        config = load_config(None, overrides)
-        tokenizer = load_tokenizer(config.data.tokenizer)
-        config.model.vocab_size = tokenizer.vocab_size
+        config, tokenizer = job_config(overrides)
         config.validate()
         prepare_dataset(config.data, tokenizer, log=print)  # tokenise once here; the ranks hit the cache
     except LoomError as exc:
