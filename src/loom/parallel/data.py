@@ -46,7 +46,6 @@ from torch import nn
 
 from loom.dist import shm
 from loom.dist.comm import Comm
-from loom.dist.shm import ShmAllReduce
 from loom.errors import LoomError
 
 TRANSPORTS = ("auto", "shm", "backend")
@@ -138,6 +137,9 @@ class DataParallel(GradientSync):
 
     def _make_buckets(self, groups: list[list[nn.Parameter]], transport: str, timeout_s: float) -> list[Bucket]:
         """One flat zeroed buffer per bucket, carved from shared memory when the transport is shm."""
+        self.shm = None
+        if not groups:  # nothing trainable on this rank
+            return []
         sizes = [sum(p.numel() for p in g) for g in groups]
         sizes[-1] += 1  # the carry slot, in the bucket launched last
         self.shm = self._shared_memory(groups, sum(sizes), transport, timeout_s)
@@ -159,7 +161,7 @@ class DataParallel(GradientSync):
         return buckets
 
     def _shared_memory(self, groups: list[list[nn.Parameter]], numel: int, transport: str,
-                       timeout_s: float) -> ShmAllReduce | None:
+                       timeout_s: float) -> shm.ShmAllReduce | None:
         if transport not in TRANSPORTS:
             raise LoomError(f"ddp.transport = {transport!r} is not one of {', '.join(TRANSPORTS)}.",
                             "use auto (shared memory where the ranks share a host), shm or backend.")
@@ -170,7 +172,7 @@ class DataParallel(GradientSync):
         reason = (f"the gradients mix {len(dtypes)} dtypes" if len(dtypes) > 1
                   else shm.unavailable(self.comm, first.device, numel * first.element_size()))
         if reason is None:
-            return ShmAllReduce(self.comm, numel, first.dtype, timeout_s)
+            return shm.ShmAllReduce(self.comm, numel, first.dtype, timeout_s)
         if transport == "shm":
             raise LoomError(f"ddp.transport = 'shm' cannot serve the {self.comm.name} group: {reason}.",
                             "set ddp.transport = 'auto' (shared memory where it can) or 'backend'.")
@@ -206,6 +208,8 @@ class DataParallel(GradientSync):
         """
         if value.numel() != 1:
             raise ValueError(f"carry takes a one-element tensor, got shape {tuple(value.shape)}")
+        if not self.buckets:
+            return False
         if self.buckets[-1].handle is not None:
             raise RuntimeError("carry came after the last bucket left: call it before the step's last backward")
         slot_dtype = self.buckets[-1].buffer.dtype
