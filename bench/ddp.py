@@ -18,7 +18,7 @@ keeps them); buffers are not broadcast each forward (the model has none, and loo
 sync them either).
 
 loom runs twice: as the trainer runs it (``ddp.transport = auto``: on one host the buckets
-travel through shared memory, ``loom.dist.shm``), and "loom over gloo" (``ddp.transport =
+travel through shared memory, ``loom.distributed.shm``), and "loom over gloo" (``ddp.transport =
 backend``: the same gloo group torch's side uses, so the two DDP implementations meet on
 equal transport). A fourth side, "no sync", runs the same step with no communication at
 all (each rank trains on its own rows, its loss not averaged): the floor under all, so
@@ -81,8 +81,8 @@ from common import (
 from torch.nn.parallel import DistributedDataParallel
 
 from loom.config import Config
-from loom.dist.context import init_distributed
-from loom.dist.spawn import run_ranks
+from loom.distributed.context import init_distributed
+from loom.distributed.spawn import run_ranks
 from loom.errors import LoomError
 from loom.model.transformer import Transformer
 from loom.optim.adamw import build_adamw
@@ -299,7 +299,7 @@ def rank_main(overrides: list[str], bucket_mb: float, repeats: int, torch_grad_v
 def source() -> str:
     """Which loom was measured: the checkout's commit and its uncommitted changes under src/ (read-only git)."""
     commit, changed, where = checkout()
-    ddp_code = ("src/loom/parallel/data.py", "src/loom/dist/")
+    ddp_code = ("src/loom/parallel/data.py", "src/loom/distributed/")
     touched = [c for c in changed if c.startswith(ddp_code) or ddp_code[1].startswith(c)]
     if not changed:
         state = "src/ as committed"

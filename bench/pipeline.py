@@ -93,8 +93,8 @@ from torch import nn
 from torch.distributed import pipelining
 
 from loom.config import Config
-from loom.dist.context import init_distributed
-from loom.dist.spawn import run_ranks
+from loom.distributed.context import init_distributed
+from loom.distributed.spawn import run_ranks
 from loom.errors import LoomError
 from loom.model.transformer import Transformer
 from loom.optim.adamw import build_adamw

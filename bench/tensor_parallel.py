@@ -58,7 +58,7 @@ volume each); the embedding's exit (forward) and the head's entry (backward) are
 all-reduce each, half a layer. In one extra step after the timed rounds both sides' collectives
 are counted and sized: loom's from its ledger, DTensor's by a dispatch mode that sees the
 functional collectives DTensor issues (as torch's ``CommDebugMode`` does) and prices each with
-loom's ring cost model (``loom.dist.comm.model_bytes``).
+loom's ring cost model (``loom.distributed.comm.model_bytes``).
 
     python bench/tensor_parallel.py --out bench/results/tensor_parallel.md
 """
@@ -111,9 +111,9 @@ from torch.distributed.tensor.parallel import (
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from loom.config import Config
-from loom.dist.comm import Handle, model_bytes
-from loom.dist.context import init_distributed
-from loom.dist.spawn import run_ranks
+from loom.distributed.comm import Handle, model_bytes
+from loom.distributed.context import init_distributed
+from loom.distributed.spawn import run_ranks
 from loom.errors import LoomError
 from loom.model.attention import sync_replicated_kv_grads
 from loom.model.transformer import Transformer
@@ -716,7 +716,7 @@ def markdown(command: str, when: str, job: str, results: list[WorldResult], nois
         "(sp-grads).",
         "",
         "Collectives in one step (an extra step after the timed rounds; bytes sent per rank under the ring model "
-        "of `loom.dist.comm`):",
+        "of `loom.distributed.comm`):",
         "",
         *count_lines(results),
         "",

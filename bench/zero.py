@@ -102,8 +102,8 @@ from common import (
 )
 
 from loom.config import Config
-from loom.dist.context import init_distributed
-from loom.dist.spawn import run_ranks
+from loom.distributed.context import init_distributed
+from loom.distributed.spawn import run_ranks
 from loom.errors import LoomError
 from loom.model.transformer import Block, Transformer
 from loom.optim.adamw import build_adamw
@@ -467,8 +467,8 @@ def source() -> str:
     """Which loom was measured: the checkout's commit and its uncommitted changes under src/ (read-only git)."""
     commit, changed, where = checkout()
     zero_code = ("src/loom/parallel/zero.py", "src/loom/parallel/zero_flat.py", "src/loom/optim/adam.py",
-                 "src/loom/dist/")
-    touched = [c for c in changed if c.startswith(zero_code) or "src/loom/dist/".startswith(c)]
+                 "src/loom/distributed/")
+    touched = [c for c in changed if c.startswith(zero_code) or "src/loom/distributed/".startswith(c)]
     if not changed:
         state = "src/ as committed"
     else:

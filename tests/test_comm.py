@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import loom.dist.comm as comm_module
-from loom.dist.comm import Comm, Ledger, model_bytes
-from loom.dist.spawn import run_ranks
+import loom.distributed.comm as comm_module
+from loom.distributed.comm import Comm, Ledger, model_bytes
+from loom.distributed.spawn import run_ranks
 
 SUM, MAX, MIN = dist.ReduceOp.SUM, dist.ReduceOp.MAX, dist.ReduceOp.MIN
 TORCH_OP = {"sum": SUM, "max": MAX, "min": MIN, "avg": SUM}

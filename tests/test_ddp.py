@@ -14,9 +14,9 @@ import torch
 from conftest import tiny_overrides
 
 from loom.config import load_config
-from loom.dist.comm import model_bytes
-from loom.dist.context import init_distributed
-from loom.dist.spawn import run_ranks
+from loom.distributed.comm import model_bytes
+from loom.distributed.context import init_distributed
+from loom.distributed.spawn import run_ranks
 from loom.model.transformer import Transformer
 from loom.parallel.data import DataParallel
 from loom.train.metrics import read_metrics
@@ -280,7 +280,7 @@ def test_carry_after_the_last_bucket_left_is_an_error() -> None:
 
 def _rank_without_shm() -> dict:
     """/dev/shm missing: auto falls back to the backend, shm refuses with the reason and the fix."""
-    from loom.dist import shm
+    from loom.distributed import shm
     from loom.errors import LoomError
 
     ctx = init_distributed(load_config(None, []).parallel)

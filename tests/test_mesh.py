@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loom.config import ParallelConfig, load_config
-from loom.dist.mesh import Coords, ParallelDims
+from loom.distributed.mesh import Coords, ParallelDims
 from loom.errors import LoomError
 
 

@@ -17,9 +17,9 @@ from conftest import tiny_overrides
 from torch.utils.flop_counter import FlopCounterMode
 
 from loom.config import ModelConfig, load_config
-from loom.dist.comm import Comm, Ledger
-from loom.dist.context import init_distributed
-from loom.dist.spawn import run_ranks
+from loom.distributed.comm import Comm, Ledger
+from loom.distributed.context import init_distributed
+from loom.distributed.spawn import run_ranks
 from loom.errors import LoomError
 from loom.model.transformer import Transformer
 from loom.parallel.data import DataParallel

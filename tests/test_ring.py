@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from loom.dist.comm import Comm, Ledger
-from loom.dist.ring import (
+from loom.distributed.comm import Comm, Ledger
+from loom.distributed.ring import (
     ring_all_gather,
     ring_all_gather_time,
     ring_all_reduce,
@@ -16,7 +16,7 @@ from loom.dist.ring import (
     ring_reduce_scatter,
     ring_reduce_scatter_time,
 )
-from loom.dist.spawn import run_ranks
+from loom.distributed.spawn import run_ranks
 
 LENGTHS = (1, 7, 13, 1001, 60)  # 60: a multiple of every group size 2..5
 # Subgroups of the 5-rank world, so one spawn covers ring sizes 2..5 with non-trivial rank maps.

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from loom.dist.spawn import RankFailure, run_ranks
+from loom.distributed.spawn import RankFailure, run_ranks
 
 
 def _descendants() -> set[int]:

@@ -17,9 +17,9 @@ import torch
 from conftest import tiny_overrides
 
 from loom.config import load_config
-from loom.dist.comm import model_bytes
-from loom.dist.context import init_distributed
-from loom.dist.spawn import run_ranks
+from loom.distributed.comm import model_bytes
+from loom.distributed.context import init_distributed
+from loom.distributed.spawn import run_ranks
 from loom.model.attention import sync_replicated_kv_grads
 from loom.model.transformer import Transformer
 from loom.parallel import tensor as tensor_module

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from loom.config import ParallelConfig
-from loom.dist.comm import Comm, Ledger, model_bytes
-from loom.dist.context import init_distributed
-from loom.dist.spawn import run_ranks
+from loom.distributed.comm import Comm, Ledger, model_bytes
+from loom.distributed.context import init_distributed
+from loom.distributed.spawn import run_ranks
 from loom.model.init import init_parameter, normal_slice
 from loom.parallel.tensor import TensorParallel
 from loom.parallel.vocab import (

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from loom.config import ParallelConfig
-from loom.dist.comm import Ledger
-from loom.dist.context import init_distributed
-from loom.dist.spawn import RankFailure, run_ranks
-from loom.dist.watchdog import EXIT_HANG, fail_loudly, failure_report
+from loom.distributed.comm import Ledger
+from loom.distributed.context import init_distributed
+from loom.distributed.spawn import RankFailure, run_ranks
+from loom.distributed.watchdog import EXIT_HANG, fail_loudly, failure_report
 
 TIMEOUT_S = 4.0
 

@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from loom.config import load_config
-from loom.dist.comm import Comm, Ledger, model_bytes
-from loom.dist.context import init_distributed
-from loom.dist.spawn import run_ranks
+from loom.distributed.comm import Comm, Ledger, model_bytes
+from loom.distributed.context import init_distributed
+from loom.distributed.spawn import run_ranks
 from loom.model.transformer import Transformer
 from loom.optim.adam import FlatAdamW, adamw_update
 from loom.optim.scaler import DynamicLossScaler

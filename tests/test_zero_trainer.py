@@ -22,8 +22,8 @@ import torch
 from conftest import tiny_overrides
 
 from loom.config import load_config
-from loom.dist.context import init_distributed
-from loom.dist.spawn import run_ranks
+from loom.distributed.context import init_distributed
+from loom.distributed.spawn import run_ranks
 from loom.errors import LoomError
 from loom.plan.memory import dp_bytes_per_step, zero_memory_bytes
 from loom.train.checkpoint import load_checkpoint

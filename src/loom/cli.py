@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from loom.dist.context import env_world_size
+    from loom.distributed.context import env_world_size
 
     world_size = env_world_size()
     if world_size > 1 and args.run_dir is None:
@@ -182,8 +182,8 @@ def _train_config(args: argparse.Namespace, run_dir: Path):
 
 def _launch(args: argparse.Namespace, config, run_dir: Path) -> int:
     """Validate the layout for --nproc ranks, then start them, each running this command."""
-    from loom.dist.launch import launch_local
-    from loom.dist.mesh import ParallelDims
+    from loom.distributed.launch import launch_local
+    from loom.distributed.mesh import ParallelDims
 
     dims = ParallelDims.resolve(config.parallel, args.nproc)
     config.batch(dp=dims.dp)
@@ -199,8 +199,8 @@ def _launch(args: argparse.Namespace, config, run_dir: Path) -> int:
 
 
 def _train_rank(args: argparse.Namespace, config, run_dir: Path, resume_from: Path | None) -> int:
-    from loom.dist.context import init_distributed
-    from loom.dist.watchdog import fail_loudly
+    from loom.distributed.context import init_distributed
+    from loom.distributed.watchdog import fail_loudly
     from loom.train.trainer import Trainer
 
     dist_ctx = init_distributed(config.parallel, config.train.device)

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import torch
 
-from loom.dist.comm import Comm
+from loom.distributed.comm import Comm
 
 
 def owns(param: torch.Tensor, comm: Comm) -> bool:

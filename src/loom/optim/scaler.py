@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from loom.dist.comm import Comm
+from loom.distributed.comm import Comm
 
 
 class DynamicLossScaler:

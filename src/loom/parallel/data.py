@@ -24,7 +24,7 @@ had earlier:
   :meth:`take_grad_norm` returns the global norm sqrt(sum_p ||g_p||^2) for clipping.
 
 Transport: the buckets travel through the process group's backend (gloo, nccl), or, for
-CPU ranks of one host, through shared memory (:mod:`loom.dist.shm`): the buckets then live
+CPU ranks of one host, through shared memory (:mod:`loom.distributed.shm`): the buckets then live
 in ``/dev/shm`` and each rank sums its chunk of every peer's bucket in place, with no socket
 in the way. ``transport="auto"`` picks shared memory where it can serve the group.
 
@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from loom.dist import shm
-from loom.dist.comm import Comm
+from loom.distributed import shm
+from loom.distributed.comm import Comm
 from loom.errors import LoomError
 
 TRANSPORTS = ("auto", "shm", "backend")
@@ -95,7 +95,7 @@ class DataParallel(GradientSync):
     shards, no pipeline stages) and nothing rescales them after the sync (no fp16 unscale).
 
     ``transport``: ``"backend"`` all-reduces through the process group (gloo, nccl);
-    ``"shm"`` through shared memory (:mod:`loom.dist.shm`: CPU ranks of one host), an error
+    ``"shm"`` through shared memory (:mod:`loom.distributed.shm`: CPU ranks of one host), an error
     where it cannot; ``"auto"`` takes shm where it can, else the backend. ``timeout_s``
     bounds a shared-memory wait for a peer.
     """

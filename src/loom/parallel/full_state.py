@@ -17,7 +17,7 @@ import io
 import torch
 from torch import nn
 
-from loom.dist.comm import Comm
+from loom.distributed.comm import Comm
 from loom.optim.clip import owns
 from loom.parallel.tensor import TensorParallel
 

@@ -18,7 +18,7 @@ The column-parallel linears that read one input enter the region together
 locally and reduces the sum once, launched asynchronously so the weight gradients are
 computed while it is in flight (Megatron-LM's overlap); the volume is that of ``enter``.
 
-Every transfer goes through a :class:`loom.dist.comm.Comm` and is counted. With a group
+Every transfer goes through a :class:`loom.distributed.comm.Comm` and is counted. With a group
 of size one every mapping is the identity.
 """
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.dist.comm import Comm, Handle, Ledger
+from loom.distributed.comm import Comm, Handle, Ledger
 from loom.parallel.pipeline.weight_grad import deferrable, linear
 
 SEQ_DIM = 1

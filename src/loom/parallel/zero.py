@@ -32,7 +32,7 @@ one parameter held by other ranks first, such as a pipeline's tied embedding). S
 :mod:`loom.parallel.zero_flat`; its groups are units (default: each of ``model.blocks``)
 plus a root group holding the rest.
 
-Collectives go through the counted :class:`~loom.dist.comm.Comm`, tagged "zero-grad" and
+Collectives go through the counted :class:`~loom.distributed.comm.Comm`, tagged "zero-grad" and
 "zero-param"; :mod:`loom.plan.memory` holds the byte and memory formulas they meet.
 """
 
@@ -46,7 +46,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from loom.dist.comm import Comm, Handle
+from loom.distributed.comm import Comm, Handle
 from loom.optim.adam import FlatAdamW
 from loom.optim.scaler import DynamicLossScaler
 from loom.parallel.data import GradientSync

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from loom.dist.comm import Comm, Handle
+from loom.distributed.comm import Comm, Handle
 from loom.optim.adam import FlatAdamW, Segment
 
 Named = list[tuple[str, nn.Parameter]]

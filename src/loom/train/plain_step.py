@@ -23,7 +23,7 @@ import contextlib
 import torch
 
 from loom.config import Config
-from loom.dist.context import BACKSTOP_S, DistContext
+from loom.distributed.context import BACKSTOP_S, DistContext
 from loom.errors import LoomError
 from loom.model.attention import sync_replicated_kv_grads
 from loom.model.transformer import Transformer

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from loom import __version__
 from loom.config import Config
-from loom.dist.context import DistContext
+from loom.distributed.context import DistContext
 from loom.errors import LoomError
 from loom.model.transformer import Transformer
 from loom.optim.lr import lr_at

@@ -33,7 +33,7 @@ import contextlib
 import torch
 
 from loom.config import Config
-from loom.dist.context import DistContext
+from loom.distributed.context import DistContext
 from loom.errors import LoomError
 from loom.model.transformer import Transformer
 from loom.optim.clip import owns

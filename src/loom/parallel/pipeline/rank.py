@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loom.dist.comm import Comm
+from loom.distributed.comm import Comm
 from loom.parallel.pipeline.partition import StagePlan
 from loom.parallel.pipeline.runtime import PipelineRuntime, StepTiming
 from loom.parallel.pipeline.schedules import build_schedule

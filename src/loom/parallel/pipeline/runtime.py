@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from loom.dist.comm import Comm, Handle
+from loom.distributed.comm import Comm, Handle
 from loom.parallel.pipeline.partition import StagePlan
 from loom.parallel.pipeline.schedules import Action
 from loom.parallel.pipeline.weight_grad import Recorded, WeightGrad, WeightGradStore, backward_input

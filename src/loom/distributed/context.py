@@ -17,9 +17,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from loom.config import ParallelConfig
-from loom.dist.comm import Comm, Ledger
-from loom.dist.mesh import DIM_ORDER, Coords, ParallelDims
-
+from loom.distributed.comm import Comm, Ledger
+from loom.distributed.mesh import DIM_ORDER, Coords, ParallelDims
 
 BACKSTOP_S = 30.0  # the backend's timeout lags the watchdog's, so the watchdog reports first
 
@@ -73,7 +72,7 @@ def init_distributed(cfg: ParallelConfig, device_spec: str = "auto") -> DistCont
 
     Backend: nccl when this rank drives a CUDA device, else gloo (``parallel.backend``
     overrides). A collective pending past ``parallel.timeout_s`` is caught by the
-    watchdog (``loom.dist.watchdog``), which reports it; the backend's own timeout is set
+    watchdog (``loom.distributed.watchdog``), which reports it; the backend's own timeout is set
     a little later as a backstop.
     """
     world_size = env_world_size()

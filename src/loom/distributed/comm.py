@@ -7,7 +7,7 @@ call is recorded in the process's ``Ledger`` with the bytes this rank sends unde
 algorithm's cost model, so a run's communication volume can be checked against formulas.
 A group of size 1 moves nothing and records nothing.
 
-The byte model and the ledger live in :mod:`loom.dist.ledger`.
+The byte model and the ledger live in :mod:`loom.distributed.ledger`.
 
 Averaging is a sum followed by an in-place division by ``n`` (gloo has no reliable
 ``AVG``). reduce_scatter and all_gather use the backend's fused single-tensor ops; where
@@ -17,12 +17,12 @@ list form, the ledger still records the model's bytes, and the entry's ``note`` 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-from loom.dist.ledger import Ledger, LedgerEntry, exact_bytes, model_bytes
+from loom.distributed.ledger import Ledger, LedgerEntry, exact_bytes, model_bytes
 
 __all__ = ["Comm", "Handle", "Ledger", "LedgerEntry", "model_bytes", "REDUCE_OPS"]
 

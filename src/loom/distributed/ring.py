@@ -13,7 +13,7 @@ its right neighbour ``r + 1`` and receiving from its left ``r - 1``.
 
 Each step posts the send (``isend``), then blocks in ``recv``, then waits for the send:
 every rank can always make progress, so the ring cannot deadlock on gloo, and nothing
-relies on ``batch_isend_irecv``. All traffic goes through the :class:`~loom.dist.comm.Comm`,
+relies on ``batch_isend_irecv``. All traffic goes through the :class:`~loom.distributed.comm.Comm`,
 so the ledger counts it (tag ``"ring"``). Empty chunks (length < n) are skipped by both
 ends of a transfer, which agree on every chunk's size.
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from loom.dist.comm import Comm, model_bytes
+from loom.distributed.comm import Comm, model_bytes
 
 __all__ = [
     "ring_all_gather",

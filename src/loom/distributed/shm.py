@@ -49,8 +49,8 @@ from pathlib import Path
 
 import torch
 
-from loom.dist.comm import Comm, Handle
-from loom.dist.ledger import exact_bytes
+from loom.distributed.comm import Comm, Handle
+from loom.distributed.ledger import exact_bytes
 
 SHM_DIR = Path("/dev/shm")
 CONTROL_BYTES = 64  # one int64 counter, padded to a cache line so the data stays aligned
@@ -189,7 +189,7 @@ class ShmAllReduce:
 
     def _reduce(self, offset: int, numel: int) -> None:
         n, r = self.size, self.rank
-        # chunks[q][c]: chunk c of rank q's region, split as the ring algorithms split (loom.dist.ring)
+        # chunks[q][c]: chunk c of rank q's region, split as the ring algorithms split (loom.distributed.ring)
         chunks = [torch.tensor_split(data[offset:offset + numel], n) for data in self._data]
         self._say()  # 1: my region is final
         self._wait_for(self._said)

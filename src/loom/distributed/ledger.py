@@ -37,9 +37,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from typing import Sequence
 
 __all__ = ["Ledger", "LedgerEntry", "model_bytes"]
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from loom.dist.comm import Ledger
+from loom.distributed.comm import Ledger
 from loom.errors import LoomError
 
 EXIT_HANG = 3  # the watchdog's exit status: a collective waited past the timeout

@@ -31,7 +31,7 @@ test module imports in them), return something picklable, and assert in the pare
 
     import torch
     import torch.distributed as dist
-    from loom.dist.spawn import run_ranks
+    from loom.distributed.spawn import run_ranks
 
     def _sum_of_ranks(scale):
         t = torch.tensor([float(dist.get_rank())])
@@ -61,8 +61,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing import connection, get_context
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["RankFailure", "run_ranks", "free_port"]
 
