@@ -1,6 +1,6 @@
 # Two entry points, each working on a fresh machine from nothing:
 #   make demo   set up .venv, then train the tiny GPT on the Python standard library
-#   make test   set up .venv, then run the whole test suite
+#   make test   set up .venv, then lint (ruff check, ruff format --check) and run the whole test suite
 #
 # torch is installed pinned (TORCH_VERSION) unless the venv already has a torch: users with
 # GPUs create .venv and install their CUDA build of torch first, and this keeps it.
@@ -24,6 +24,8 @@ demo: setup
 	$(BIN)/loom train --config configs/demo.toml
 
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -146,9 +146,14 @@ def job_overrides(args: argparse.Namespace, *extra: str) -> list[str]:
     """``--set`` items of a bench job: its preset, steps, sequence and micro-batch, fp32 on the
     CPU, its corpus, ``extra``, then whichever of --layers, --d-model, --heads is not 0."""
     items = [
-        f"model.preset={args.preset}", f"train.steps={args.steps}", f"train.seq_len={args.seq_len}",
-        f"train.micro_batch={args.micro_batch}", "train.precision=fp32", "train.device=cpu",
-        f"data.corpus={json.dumps(args.corpus)}", *extra,
+        f"model.preset={args.preset}",
+        f"train.steps={args.steps}",
+        f"train.seq_len={args.seq_len}",
+        f"train.micro_batch={args.micro_batch}",
+        "train.precision=fp32",
+        "train.device=cpu",
+        f"data.corpus={json.dumps(args.corpus)}",
+        *extra,
     ]
     for key, value in (("n_layers", args.layers), ("d_model", args.d_model), ("n_heads", args.heads)):
         if value:

@@ -197,7 +197,10 @@ class TorchSide(Side):
         self.group = ctx.comm("dp").group
         self.world = ctx.comm("dp").size
         self.ddp = DistributedDataParallel(
-            self.model, process_group=self.group, bucket_cap_mb=bucket_mb, forward_sync_buffers=False,
+            self.model,
+            process_group=self.group,
+            bucket_cap_mb=bucket_mb,
+            forward_sync_buffers=False,
             gradient_as_bucket_view=grad_view,
         )
         self.set_to_none = not grad_view  # set_to_none would drop the views gradient_as_bucket_view makes
@@ -271,8 +274,12 @@ def rank_main(overrides: list[str], bucket_mb: float, repeats: int, torch_grad_v
     world = ctx.comm("world")
     rounds = []
     for r in range(repeats):
-        sides = [LoomSide(config, ctx, bucket_mb, "auto"), LoomSide(config, ctx, bucket_mb, "backend"),
-                 TorchSide(config, ctx, bucket_mb, torch_grad_view), NoSyncSide(config, ctx)]
+        sides = [
+            LoomSide(config, ctx, bucket_mb, "auto"),
+            LoomSide(config, ctx, bucket_mb, "backend"),
+            TorchSide(config, ctx, bucket_mb, torch_grad_view),
+            NoSyncSide(config, ctx),
+        ]
         gc.collect()
         world.barrier()
         for step, (x, y) in enumerate(batches):
@@ -304,8 +311,11 @@ def source() -> str:
     if not changed:
         state = "src/ as committed"
     else:
-        ddp_state = (f"uncommitted changes to the DDP code: {', '.join(touched)}" if touched
-                     else "the DDP code (parallel/data.py, dist/) as committed")
+        ddp_state = (
+            f"uncommitted changes to the DDP code: {', '.join(touched)}"
+            if touched
+            else "the DDP code (parallel/data.py, dist/) as committed"
+        )
         others = ", ".join(c for c in changed if c not in touched) or "none"
         state = f"{ddp_state}; other uncommitted changes under src/: {others}"
     return f"loom at commit {commit}; {state}{where}"
@@ -355,26 +365,35 @@ def bench_world(world: int, overrides: list[str], args: argparse.Namespace) -> W
     began = time.perf_counter()
     # a generous bound: startup, then every step of every side and round at a pessimistic 2 s per rank pair
     timeout = 120 + 2.0 * len(SIDES) * args.repeats * args.steps * max(1, world // 2)
-    results = run_ranks(rank_main, world, args=(overrides, args.bucket_mb, args.repeats, args.torch_grad_view),
-                        timeout_s=timeout)
+    results = run_ranks(
+        rank_main, world, args=(overrides, args.bucket_mb, args.repeats, args.torch_grad_view), timeout_s=timeout
+    )
     wall = time.perf_counter() - began
     rounds, params = results[0]["rounds"], results[0]["params"]
-    diff = max(abs(a - b) for rd in rounds for side in ("loom", "loom_gloo")
-               for a, b in zip(rd[side].losses, rd["torch"].losses, strict=True))
+    diff = max(
+        abs(a - b)
+        for rd in rounds
+        for side in ("loom", "loom_gloo")
+        for a, b in zip(rd[side].losses, rd["torch"].losses, strict=True)
+    )
     grad_bytes = {b for rd in rounds for b in rd["loom"].grad_bytes}
     for other in results[1:]:
         grad_bytes |= set(other["grad_bytes"])
     return WorldResult(
-        world, args.micro_batch * world * args.seq_len,
+        world,
+        args.micro_batch * world * args.seq_len,
         {s: [rd[s].median_step_s(args.warmup) for rd in rounds] for s in SIDES},
         {s: [rd[s].median_cpu_s(args.warmup) for rd in rounds] for s in SIDES},
         {s: [rd[s].median_phase_ms(args.warmup) for rd in rounds] for s in SIDES},
         [paired_ratio(rd["loom"], rd["torch"], args.warmup) for rd in rounds],
         [paired_ratio(rd["loom_gloo"], rd["torch"], args.warmup) for rd in rounds],
         {rd["loom"].transport for rd in rounds},
-        diff, grad_bytes, {b for rd in rounds for b in rd["loom"].loss_bytes},
+        diff,
+        grad_bytes,
+        {b for rd in rounds for b in rd["loom"].loss_bytes},
         {s: {rd[s].buckets for rd in rounds} for s in ("loom", "torch")},
-        Fraction(2 * (world - 1), world) * (params + 1) * 4, wall,
+        Fraction(2 * (world - 1), world) * (params + 1) * 4,
+        wall,
     )
 
 
@@ -409,8 +428,17 @@ def round_lines(results: list[WorldResult]) -> list[str]:
     ]
     for r in results:
         cpu = zip(*(r.cpu_s[s] for s in SIDES))
-        rows = zip(r.tps("loom"), r.tps("torch"), r.tps("nosync"), r.paired, r.ratios("loom_gloo"), r.paired_gloo, cpu,
-                   r.phases["loom"], r.phases["torch"])
+        rows = zip(
+            r.tps("loom"),
+            r.tps("torch"),
+            r.tps("nosync"),
+            r.paired,
+            r.ratios("loom_gloo"),
+            r.paired_gloo,
+            cpu,
+            r.phases["loom"],
+            r.phases["torch"],
+        )
         for i, (lt, tt, nt, pr, gr, gp, c, lp, tp) in enumerate(rows, 1):
             lines.append(
                 f"| {r.world} | {i} | {lt:,.0f} | {tt:,.0f} | {lt / tt:.3f} | {pr:.3f} | {gr:.3f}, {gp:.3f} | {nt:,.0f} | "
@@ -498,16 +526,23 @@ def build_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_model_args(p, d_model=256)
-    p.add_argument("--micro-batch", type=int, default=2, help="sequences per rank per step (global batch = this x ranks)")
+    p.add_argument(
+        "--micro-batch", type=int, default=2, help="sequences per rank per step (global batch = this x ranks)"
+    )
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per side per round")
     p.add_argument("--warmup", type=int, default=4, help="first steps left out of the timing")
     p.add_argument("--bucket-mb", type=float, default=1.0, help="loom ddp.bucket_mb = torch bucket_cap_mb")
     p.add_argument("--repeats", type=int, default=8, help="rounds per world size, each with fresh models")
     p.add_argument("--worlds", default="2,4", help="comma-separated rank counts, one run_ranks each")
-    p.add_argument("--torch-grad-view", action="store_true",
-                   help="torch DDP with gradient_as_bucket_view=True (grads as bucket views, as loom keeps them)")
+    p.add_argument(
+        "--torch-grad-view",
+        action="store_true",
+        help="torch DDP with gradient_as_bucket_view=True (grads as bucket views, as loom keeps them)",
+    )
     p.add_argument("--corpus", default="stdlib", help="data.corpus")
     p.add_argument("--out", type=Path, help="also write the result as markdown here")
     args = p.parse_args(argv)
@@ -535,8 +570,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{params * 4 / 2**20:.2f} MiB of fp32 gradients), {args.micro_batch} x {args.seq_len} tokens per rank per step, "
         f"bucket {args.bucket_mb:g} MiB, {args.steps} steps ({args.steps - args.warmup} timed) x {args.repeats} rounds "
         f"per side, fp32, gloo, 1 thread per rank; torch DDP "
-        + ("with gradient_as_bucket_view=True, zero_grad(set_to_none=False)" if args.torch_grad_view
-           else "defaults (gradient_as_bucket_view=False, zero_grad(set_to_none=True))")
+        + (
+            "with gradient_as_bucket_view=True, zero_grad(set_to_none=False)"
+            if args.torch_grad_view
+            else "defaults (gradient_as_bucket_view=False, zero_grad(set_to_none=True))"
+        )
     )
     print(f"job: {job}")
     print(f"timing: {TIMING}\n")
@@ -545,17 +583,20 @@ def main(argv: list[str] | None = None) -> int:
     for world in args.world_sizes:
         result = bench_world(world, overrides, args)
         results.append(result)
-        rows = zip(result.tps("loom"), result.tps("torch"), result.tps("nosync"), result.paired, result.ratios("loom_gloo"))
+        rows = zip(
+            result.tps("loom"), result.tps("torch"), result.tps("nosync"), result.paired, result.ratios("loom_gloo")
+        )
         for i, (lt, tt, nt, pr, gr) in enumerate(rows, 1):
-            print(f"{world} ranks, round {i}: loom {lt:,.0f} tok/s, torch {tt:,.0f} tok/s, ratio {lt / tt:.3f}, "
-                  f"paired {pr:.3f}; loom over gloo ratio {gr:.3f}; no-sync {nt:,.0f} tok/s")
+            print(
+                f"{world} ranks, round {i}: loom {lt:,.0f} tok/s, torch {tt:,.0f} tok/s, ratio {lt / tt:.3f}, "
+                f"paired {pr:.3f}; loom over gloo ratio {gr:.3f}; no-sync {nt:,.0f} tok/s"
+            )
         print(f"{world} ranks: {result.wall_s:.0f} s wall\n")
 
     ratios = [q for r in results for q in r.ratios()]
     noisy = [r.world for r in results if max(r.ratios()) - min(r.ratios()) > NOISY_SPREAD]
-    noise = (
-        noise_head(load_start, cores, ratios)
-        + (busy_warning(NOISY_SPREAD, f"{', '.join(map(str, noisy))} ranks") if noisy else ".")
+    noise = noise_head(load_start, cores, ratios) + (
+        busy_warning(NOISY_SPREAD, f"{', '.join(map(str, noisy))} ranks") if noisy else "."
     )
     notes = interpretation(results, cores)
     print("\n".join(table_lines(results)))

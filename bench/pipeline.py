@@ -212,7 +212,9 @@ class Side:
     def modules(self) -> list[nn.Module]:
         raise NotImplementedError
 
-    def pipeline(self, x: torch.Tensor, y: torch.Tensor, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
+    def pipeline(
+        self, x: torch.Tensor, y: torch.Tensor, micro: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> float | None:
         raise NotImplementedError
 
     def tied_weight(self) -> nn.Parameter | None:
@@ -269,12 +271,22 @@ class LoomSide(Side):
         super().__init__(config, ctx, schedule, vp)
         train = config.train
         self.model = Transformer(
-            config.model, seed=train.seed, device=self.device,
-            layers=sorted(i for plan in self.plans for i in plan.layers), embed=self.first, head=self.last,
+            config.model,
+            seed=train.seed,
+            device=self.device,
+            layers=sorted(i for plan in self.plans for i in plan.layers),
+            embed=self.first,
+            head=self.last,
         )
         self.actions = build_schedule(schedule, self.pp.size, self.m, vp)[self.rank]
-        self.runtime = PipelineRuntime(self.model, self.plans, self.pp, (train.micro_batch, train.seq_len,
-                                       config.model.d_model), torch.float32, self.device)
+        self.runtime = PipelineRuntime(
+            self.model,
+            self.plans,
+            self.pp,
+            (train.micro_batch, train.seq_len, config.model.d_model),
+            torch.float32,
+            self.device,
+        )
         self.optimizer = build_adamw(self.model, train, self.device)
         self.last_timing = None
 
@@ -297,8 +309,14 @@ class StageModule(nn.Module):
     def __init__(self, config: Config, plan: StagePlan, device: torch.device) -> None:
         super().__init__()
         self.plan = plan
-        self.model = Transformer(config.model, seed=config.train.seed, device=device, layers=list(plan.layers),
-                                 embed=plan.embed, head=plan.head)
+        self.model = Transformer(
+            config.model,
+            seed=config.train.seed,
+            device=device,
+            layers=list(plan.layers),
+            embed=plan.embed,
+            head=plan.head,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.run_stage(x, self.plan.layers, self.plan.embed, self.plan.head)
@@ -324,8 +342,11 @@ class TorchSide(Side):
         # the runtime schedules execute their pipeline_order; GPipe and 1F1B run a hand-coded loop and their
         # pipeline_order is only a description (torch 2.13's 1F1B one misnumbers the last rank's micro-batches)
         order = {} if single else self.torch_schedule.pipeline_order
-        self.compute_order = [(a.stage_index, a.computation_type.value, a.microbatch_index)
-                              for a in order.get(self.rank, []) if a is not None and a.computation_type.value in KINDS]
+        self.compute_order = [
+            (a.stage_index, a.computation_type.value, a.microbatch_index)
+            for a in order.get(self.rank, [])
+            if a is not None and a.computation_type.value in KINDS
+        ]
         self.optimizer = build_adamw(nn.ModuleList(self.stage_modules), config.train, self.device)
 
     def modules(self) -> list[nn.Module]:
@@ -351,15 +372,21 @@ def rank_main(overrides: list[str], schedules: list[str], vp: int, repeats: int)
     for step in range(train.steps):
         offsets = batch_offsets(len(data.train), train.seq_len, train.micro_batch * m, train.seed, step, TRAIN_STREAM)
         x, y = get_batch(data.train, train.seq_len, offsets, ctx.device)
-        micro = [(x[batch_rows(train.micro_batch, m, 0, k)], y[batch_rows(train.micro_batch, m, 0, k)])
-                 for k in range(m)]
+        micro = [
+            (x[batch_rows(train.micro_batch, m, 0, k)], y[batch_rows(train.micro_batch, m, 0, k)]) for k in range(m)
+        ]
         steps.append((x, y, micro))
     world = ctx.comm("world")
     rounds = []
     peaks: dict[str, dict[str, int]] = {}
     for r in range(repeats):
-        sides = {s: (LoomSide(config, ctx, s, vp if s == "interleaved_1f1b" else 1),
-                     TorchSide(config, ctx, s, vp if s == "interleaved_1f1b" else 1)) for s in schedules}
+        sides = {
+            s: (
+                LoomSide(config, ctx, s, vp if s == "interleaved_1f1b" else 1),
+                TorchSide(config, ctx, s, vp if s == "interleaved_1f1b" else 1),
+            )
+            for s in schedules
+        }
         gc.collect()
         for step, (x, y, micro) in enumerate(steps):
             for name in schedules:
@@ -374,8 +401,11 @@ def rank_main(overrides: list[str], schedules: list[str], vp: int, repeats: int)
         rounds.append({name: {side.name: side.run for side in pair} for name, pair in sides.items()})
     same_order = {}
     for name, (loom_side, torch_side) in sides.items():
-        mine = [(stage_of(ctx.coords.pp, a.chunk, ctx.dims.pp), a.kind, a.microbatch) for a in loom_side.actions
-                if a.kind in KINDS]
+        mine = [
+            (stage_of(ctx.coords.pp, a.chunk, ctx.dims.pp), a.kind, a.microbatch)
+            for a in loom_side.actions
+            if a.kind in KINDS
+        ]
         same_order[name] = None if not torch_side.compute_order else mine == torch_side.compute_order
     return {"rank": ctx.coords.pp, "rounds": rounds, "peaks": peaks, "same_order": same_order}
 
@@ -448,8 +478,11 @@ def collect(pp: int, schedule: str, vp: int, results: list[dict], args: argparse
     rank_costs = [{k: statistics.fmean(v) for k, v in ds.items() if v} for ds in durations]
     orders = [res["same_order"][schedule] for res in by_rank]
     split = "I" in costs
-    sim_costs = Costs(forward=costs["F"], backward=costs["I"] + costs["W"] if split else costs["B"],
-                      weight=costs["W"] if split else None)
+    sim_costs = Costs(
+        forward=costs["F"],
+        backward=costs["I"] + costs["W"] if split else costs["B"],
+        weight=costs["W"] if split else None,
+    )
     sim = simulate(build_schedule(schedule, pp, args.microbatches, vp), sim_costs)
     sim_bubble = []
     for spans, busy in zip(sim.ranks, sim.busy):
@@ -458,10 +491,24 @@ def collect(pp: int, schedule: str, vp: int, results: list[dict], args: argparse
     pairs = [(a, b) for rd in last for a, b in zip(rd[schedule]["loom"].losses, rd[schedule]["torch"].losses)]
     loss0 = max(abs(rd[schedule]["loom"].losses[0] - rd[schedule]["torch"].losses[0]) for rd in last)
     return ScheduleResult(
-        pp, schedule, vp, args.microbatches, args.micro_batch * args.microbatches * args.seq_len, step_s, pipe_s, bubble, costs,
-        sim_costs, sim_bubble, sim.bubble_fraction, sim.peak_inflight, statistics.median(timeline),
+        pp,
+        schedule,
+        vp,
+        args.microbatches,
+        args.micro_batch * args.microbatches * args.seq_len,
+        step_s,
+        pipe_s,
+        bubble,
+        costs,
+        sim_costs,
+        sim_bubble,
+        sim.bubble_fraction,
+        sim.peak_inflight,
+        statistics.median(timeline),
         {s: [res["peaks"][schedule][s] for res in by_rank] for s in SIDES},
-        loss0, max(abs(a - b) for a, b in pairs), rank_costs,
+        loss0,
+        max(abs(a - b) for a, b in pairs),
+        rank_costs,
         None if None in orders else all(orders),
     )
 
@@ -471,8 +518,7 @@ def bench_pp(pp: int, overrides: list[str], args: argparse.Namespace) -> tuple[l
     sides = 2 * len(args.schedule_list)
     # a generous bound: startup, then every step of every side and round at a pessimistic 2 s per rank pair
     timeout = 180 + 2.0 * sides * args.repeats * (args.steps + 1) * max(1, pp // 2)
-    results = run_ranks(rank_main, pp, args=(overrides, args.schedule_list, args.vp, args.repeats),
-                        timeout_s=timeout)
+    results = run_ranks(rank_main, pp, args=(overrides, args.schedule_list, args.vp, args.repeats), timeout_s=timeout)
     wall = time.perf_counter() - began
     out = [collect(pp, s, args.vp if s == "interleaved_1f1b" else 1, results, args) for s in args.schedule_list]
     return out, wall
@@ -555,7 +601,9 @@ def detail_lines(results: list[ScheduleResult]) -> list[str]:
         costs = " / ".join(f"{r.costs[k] * 1e3:.2f}" if k in r.costs else "-" for k in KINDS)
         formula = bubble_formula(r.schedule, r.pp, r.microbatches, r.vp, r.sim_costs)
         textbook = f"{formula[0]} = {formula[1]:.3f}" if formula else "-"
-        for i, (lt, tt, lp, tp) in enumerate(zip(r.tps("loom"), r.tps("torch"), r.pipe_s["loom"], r.pipe_s["torch"]), 1):
+        for i, (lt, tt, lp, tp) in enumerate(
+            zip(r.tps("loom"), r.tps("torch"), r.pipe_s["loom"], r.pipe_s["torch"]), 1
+        ):
             lines.append(
                 f"| {r.pp} | {r.schedule} | {i} | {lt:,.0f} | {tt:,.0f} | {lt / tt:.3f} | "
                 f"{lp * 1e3:.1f} / {tp * 1e3:.1f} | {costs} | {textbook} | "
@@ -599,8 +647,11 @@ def interpretation(results: list[ScheduleResult], cores: int) -> list[str]:
     missed = [r for r in results if r.ratio < GOAL]
     out.append(
         f"Goal (loom at least {GOAL:.1f}x torch for every schedule): "
-        + ("met for every row." if not missed else
-           "missed for " + ", ".join(f"{r.schedule} at pp {r.pp} ({r.ratio:.3f})" for r in missed) + ".")
+        + (
+            "met for every row."
+            if not missed
+            else "missed for " + ", ".join(f"{r.schedule} at pp {r.pp} ({r.ratio:.3f})" for r in missed) + "."
+        )
     )
     for r in results:
         if "W" not in r.costs or r.pp < 2:
@@ -609,8 +660,12 @@ def interpretation(results: list[ScheduleResult], cores: int) -> list[str]:
         i_ms, w_ms = (statistics.fmean(c[k] for c in later) * 1e3 for k in ("I", "W"))
         ref = next((q for q in results if q.pp == r.pp and q.schedule == "1f1b"), None)
         b_ms = statistics.fmean(c["B"] for c in ref.rank_costs[1:]) * 1e3 if ref else None
-        against = (f", against a full backward B of {b_ms:.2f} ms on the same ranks under 1f1b: W = {w_ms / b_ms:.2f} x B, "
-                   f"I + W = {(i_ms + w_ms) / b_ms:.2f} x B" if b_ms else "")
+        against = (
+            f", against a full backward B of {b_ms:.2f} ms on the same ranks under 1f1b: W = {w_ms / b_ms:.2f} x B, "
+            f"I + W = {(i_ms + w_ms) / b_ms:.2f} x B"
+            if b_ms
+            else ""
+        )
         out.append(
             f"{r.schedule} at pp {r.pp}, {'rank 1' if r.pp == 2 else f'ranks 1..{r.pp - 1}'}: loom's I takes {i_ms:.2f} ms and W {w_ms:.2f} ms"
             f"{against}. loom's I is the backward without the linears' dW (their weights enter autograd detached); "
@@ -622,8 +677,9 @@ def interpretation(results: list[ScheduleResult], cores: int) -> list[str]:
     return out
 
 
-def markdown(command: str, when: str, job: str, results: list[ScheduleResult], noise: str, notes: list[str],
-             smoke: bool) -> str:
+def markdown(
+    command: str, when: str, job: str, results: list[ScheduleResult], noise: str, notes: list[str], smoke: bool
+) -> str:
     lines = ["# Pipeline: loom schedules vs torch.distributed.pipelining", ""]
     if smoke:
         lines += [
@@ -633,10 +689,22 @@ def markdown(command: str, when: str, job: str, results: list[ScheduleResult], n
             "",
         ]
     lines += [
-        *head_lines(command, when, machine()), f"Source: {source()}", "",
-        f"Job: {job}", "", *table_lines(results), "", "Per round and per-action detail:", "",
-        *detail_lines(results), "", "Per rank (loom's measured costs and bubble, medians over timed steps; "
-        "memory from the extra step):", "", *rank_lines(results), "", *closing_lines(TIMING, noise, notes, BUBBLE, MEMORY),
+        *head_lines(command, when, machine()),
+        f"Source: {source()}",
+        "",
+        f"Job: {job}",
+        "",
+        *table_lines(results),
+        "",
+        "Per round and per-action detail:",
+        "",
+        *detail_lines(results),
+        "",
+        "Per rank (loom's measured costs and bubble, medians over timed steps; memory from the extra step):",
+        "",
+        *rank_lines(results),
+        "",
+        *closing_lines(TIMING, noise, notes, BUBBLE, MEMORY),
     ]
     return "\n".join(lines)
 
@@ -649,7 +717,9 @@ def build_overrides(args: argparse.Namespace, pp: int) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_model_args(p, layers=8, layers_help="; a multiple of pp x vp")
     p.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch")
     p.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (a multiple of every pp)")
@@ -671,8 +741,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--schedules {args.schedules!r}: use some of {', '.join(TORCH_SCHEDULES)}")
     for pp in args.pp_sizes:
         if args.microbatches < pp or args.microbatches % pp:
-            p.error(f"--microbatches {args.microbatches} must be a multiple of every pp (torch's 1F1B needs at "
-                    f"least pp, loom's interleaved a multiple); pp {pp} fails")
+            p.error(
+                f"--microbatches {args.microbatches} must be a multiple of every pp (torch's 1F1B needs at "
+                f"least pp, loom's interleaved a multiple); pp {pp} fails"
+            )
     return args
 
 
@@ -712,10 +784,12 @@ def main(argv: list[str] | None = None) -> int:
         results += rows
         for r in rows:
             per_round = ", ".join(f"{q:.3f}" for q in r.ratios)
-            print(f"pp {pp} {r.schedule}: loom {r.median_tps('loom'):,.0f} tok/s, torch {r.median_tps('torch'):,.0f} "
-                  f"tok/s, ratio {r.ratio:.3f} (rounds {per_round}); bubble loom r0 {r.bubble[0]:.3f} max "
-                  f"{max(r.bubble):.3f}, simulated r0 {r.sim_bubble[0]:.3f} max {max(r.sim_bubble):.3f}; "
-                  f"loss step 0 diff {r.loss0_diff:.1e}")
+            print(
+                f"pp {pp} {r.schedule}: loom {r.median_tps('loom'):,.0f} tok/s, torch {r.median_tps('torch'):,.0f} "
+                f"tok/s, ratio {r.ratio:.3f} (rounds {per_round}); bubble loom r0 {r.bubble[0]:.3f} max "
+                f"{max(r.bubble):.3f}, simulated r0 {r.sim_bubble[0]:.3f} max {max(r.sim_bubble):.3f}; "
+                f"loss step 0 diff {r.loss0_diff:.1e}"
+            )
         print(f"pp {pp}: {wall:.0f} s wall\n")
 
     ratios = [q for r in results for q in r.ratios]

@@ -94,7 +94,10 @@ def plain_adamw(model: torch.nn.Module, train: TrainConfig, device: torch.device
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps, fused=device.type in ("cuda", "cpu"),
+        lr=train.lr,
+        betas=(train.beta1, train.beta2),
+        eps=train.eps,
+        fused=device.type in ("cuda", "cpu"),
     )
 
 
@@ -153,13 +156,15 @@ def check_same_optimizer(config: Config) -> None:
     model = Transformer(config.model, seed=config.train.seed, device=device)
 
     def settings(opt: torch.optim.Optimizer) -> tuple:
-        groups = [([id(p) for p in g["params"]], {k: v for k, v in g.items() if k != "params"})
-                  for g in opt.param_groups]
+        groups = [
+            ([id(p) for p in g["params"]], {k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups
+        ]
         return groups, opt.defaults
 
     if settings(plain_adamw(model, config.train, device)) != settings(build_adamw(model, config.train, device)):
-        raise SystemExit("the plain loop's AdamW differs from loom.optim.adamw.build_adamw; "
-                         "update plain_adamw to match.")
+        raise SystemExit(
+            "the plain loop's AdamW differs from loom.optim.adamw.build_adamw; update plain_adamw to match."
+        )
 
 
 # ----------------------------------------------------------------------------- report
@@ -181,8 +186,10 @@ def markdown(command: str, when: str, job: str, rows: list[tuple], summary: dict
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for rnd, order, plain, loom, ratio, step_only, bookkeeping in rows:
-        lines.append(f"| {rnd} | {order} | {plain:,.0f} | {loom:,.0f} | {ratio:.3f} "
-                     f"| {step_only * 1e3:.2f} | {bookkeeping * 1e3:.3f} |")
+        lines.append(
+            f"| {rnd} | {order} | {plain:,.0f} | {loom:,.0f} | {ratio:.3f} "
+            f"| {step_only * 1e3:.2f} | {bookkeeping * 1e3:.3f} |"
+        )
     lines += ["", f"Timing: {TIMING}", "", noise, "", note, ""]
     return "\n".join(lines)
 
@@ -199,9 +206,15 @@ TIMING = (
 
 def build_config(args: argparse.Namespace) -> Config:
     overrides = [
-        f"model.preset={args.preset}", f"train.steps={args.steps}", f"train.seq_len={args.seq_len}",
-        f"train.micro_batch={args.micro_batch}", "train.grad_accum=1", "train.precision=fp32",
-        "train.ckpt_every=0", "train.eval_every=0", "train.sample_tokens=0",
+        f"model.preset={args.preset}",
+        f"train.steps={args.steps}",
+        f"train.seq_len={args.seq_len}",
+        f"train.micro_batch={args.micro_batch}",
+        "train.grad_accum=1",
+        "train.precision=fp32",
+        "train.ckpt_every=0",
+        "train.eval_every=0",
+        "train.sample_tokens=0",
         f"data.corpus={args.corpus}",
     ]
     config = load_config(None, overrides)
@@ -238,8 +251,10 @@ class Round:
 
 def run_rounds(config: Config, data: TokenData, repeats: int, tokens_per_step: int, warmup: int) -> list[Round]:
     """Interleaved rounds; odd rounds run plain first, even rounds loom first."""
-    print(f"{'round':>5}  {'order':<11}  {'plain tok/s':>11}  {'loom tok/s':>10}  {'ratio':>6}  "
-          f"{'loom step ms':>12}  {'bookkeeping ms':>14}  {'loss diff':>9}")
+    print(
+        f"{'round':>5}  {'order':<11}  {'plain tok/s':>11}  {'loom tok/s':>10}  {'ratio':>6}  "
+        f"{'loom step ms':>12}  {'bookkeeping ms':>14}  {'loss diff':>9}"
+    )
     rounds = []
     for r in range(1, repeats + 1):
         order = ("plain", "loom") if r % 2 else ("loom", "plain")
@@ -250,8 +265,10 @@ def run_rounds(config: Config, data: TokenData, repeats: int, tokens_per_step: i
         rnd = Round(", ".join(order), runs["plain"], runs["loom"])
         rounds.append(rnd)
         row = round_row(r, rnd, tokens_per_step, warmup)
-        print(f"{r:>5}  {row[1]:<11}  {row[2]:>11,.0f}  {row[3]:>10,.0f}  {row[4]:>6.3f}  "
-              f"{row[5] * 1e3:>12.2f}  {row[6] * 1e3:>14.3f}  {loss_diff(rnd):>9.1e}")
+        print(
+            f"{r:>5}  {row[1]:<11}  {row[2]:>11,.0f}  {row[3]:>10,.0f}  {row[4]:>6.3f}  "
+            f"{row[5] * 1e3:>12.2f}  {row[6] * 1e3:>14.3f}  {loss_diff(rnd):>9.1e}"
+        )
     return rounds
 
 
@@ -296,13 +313,17 @@ def main(argv: list[str] | None = None) -> int:
 
     ratios = [row[4] for row in rows]
     noisy = max(ratios) - min(ratios) > NOISY_SPREAD
-    median_ratio = (statistics.median(rnd.plain.median_loop_s(args.warmup) for rnd in rounds)
-                    / statistics.median(rnd.loom.median_loop_s(args.warmup) for rnd in rounds))
+    median_ratio = statistics.median(rnd.plain.median_loop_s(args.warmup) for rnd in rounds) / statistics.median(
+        rnd.loom.median_loop_s(args.warmup) for rnd in rounds
+    )
     noise = (
         noise_head(load_start, os.cpu_count(), ratios) + "; "
         f"the ratio from each side's median step time instead of the sum: {median_ratio:.3f}."
-        + (f" WARNING: the rounds disagree by more than {NOISY_SPREAD}: the machine was busy; rerun on a quiet one."
-           if noisy else "")
+        + (
+            f" WARNING: the rounds disagree by more than {NOISY_SPREAD}: the machine was busy; rerun on a quiet one."
+            if noisy
+            else ""
+        )
         + (ONE_ROUND if len(rounds) == 1 else "")
     )
     bookkeeping_ms = statistics.median(row[6] for row in rows) * 1e3

@@ -229,13 +229,15 @@ class LocalComm:
     def all_reduce(self, t: torch.Tensor, op: str = "sum", async_op: bool = False, tag: str = "") -> Handle | None:
         return DONE if async_op else None
 
-    def all_gather(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False,
-                   tag: str = "") -> Handle | None:
+    def all_gather(
+        self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False, tag: str = ""
+    ) -> Handle | None:
         output.view(self.size, -1).copy_(input.reshape(1, -1))
         return DONE if async_op else None
 
-    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: str = "sum", async_op: bool = False,
-                       tag: str = "") -> Handle | None:
+    def reduce_scatter(
+        self, output: torch.Tensor, input: torch.Tensor, op: str = "sum", async_op: bool = False, tag: str = ""
+    ) -> Handle | None:
         output.copy_(input.reshape(self.size, -1)[self.rank].view_as(output))
         return DONE if async_op else None
 
@@ -302,7 +304,8 @@ def dtensor_plan(model: Transformer, sequence_parallel: bool) -> dict[str, objec
         # one Replicate DTensor input shared by Q, K, V (gate, up), as torchtitan's plan does: their input
         # gradients are summed locally and all-reduced once (else each projection all-reduces its own)
         plan[f"{prefix}.attn"] = PrepareModuleInput(
-            input_layouts=(seq_out, None, None, None), desired_input_layouts=(Replicate(), None, None, None),
+            input_layouts=(seq_out, None, None, None),
+            desired_input_layouts=(Replicate(), None, None, None),
             use_local_output=False,
         )
         plan[f"{prefix}.mlp"] = PrepareModuleInput(
@@ -347,9 +350,15 @@ class DTensorSide:
         parallelize_module(self.model, mesh, dtensor_plan(self.model, sp))
         # the head multiplies the final norm's output by the Shard(0) vocabulary weight: make it a
         # Replicate DTensor (all-gathered along the sequence under SP) so the logits come out Shard(-1)
-        parallelize_module(self.model.final_norm, mesh, PrepareModuleOutput(
-            output_layouts=Shard(1) if sp else Replicate(), desired_output_layouts=Replicate(), use_local_output=False,
-        ))
+        parallelize_module(
+            self.model.final_norm,
+            mesh,
+            PrepareModuleOutput(
+                output_layouts=Shard(1) if sp else Replicate(),
+                desired_output_layouts=Replicate(),
+                use_local_output=False,
+            ),
+        )
         self.optimizer = dtensor_adamw(self.model, config, ctx.device)
         self.run = Run()
 
@@ -385,8 +394,12 @@ class CollectiveCounter(TorchDispatchMode):
     """
 
     # functional op -> loom's cost-model op; the message size S is the input's bytes, x size for all-gather
-    OPS = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
-           "reduce_scatter_tensor": "reduce_scatter", "all_to_all_single": "all_to_all"}
+    OPS = {
+        "all_reduce": "all_reduce",
+        "all_gather_into_tensor": "all_gather",
+        "reduce_scatter_tensor": "reduce_scatter",
+        "all_to_all_single": "all_to_all",
+    }
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -548,13 +561,21 @@ def bench_world(world: int, overrides: list[str], args: argparse.Namespace, conf
     formula = Fraction(8 * m * s * h * (world - 1), world) * 4 * (Fraction(layers) + Fraction(1, 2))
     ce_formula = 3 * Fraction(2 * (world - 1), world) * m * s * 4
     return WorldResult(
-        world, m * s,
+        world,
+        m * s,
         {side: [rd[side].median_step_s(args.warmup) for rd in rounds] for side in SIDES},
         {side: [rd[side].median_cpu_s(args.warmup) for rd in rounds] for side in SIDES},
         {side: [rd[side].median_phase_ms(args.warmup) for rd in rounds] for side in SIDES},
         [paired_ratio(rd["loom"], rd["dtensor"], args.warmup) for rd in rounds],
         [rd["loom"].median_comm_s(args.warmup) for rd in rounds],
-        step0, curve, singles[0], tp_bytes, formula, ce_formula, main["counts"], wall,
+        step0,
+        curve,
+        singles[0],
+        tp_bytes,
+        formula,
+        ce_formula,
+        main["counts"],
+        wall,
     )
 
 
@@ -613,8 +634,16 @@ def round_lines(results: list[WorldResult]) -> list[str]:
     ]
     for r in results:
         cpu = zip(*(r.cpu_s[s] for s in SIDES))
-        rows = zip(r.tps("loom"), r.tps("dtensor"), r.paired, r.tps("nocomm"), r.comm_s, cpu,
-                   r.phases["loom"], r.phases["dtensor"])
+        rows = zip(
+            r.tps("loom"),
+            r.tps("dtensor"),
+            r.paired,
+            r.tps("nocomm"),
+            r.comm_s,
+            cpu,
+            r.phases["loom"],
+            r.phases["dtensor"],
+        )
         for i, (lt, dt, pr, nt, cs, c, lp, dp) in enumerate(rows, 1):
             lines.append(
                 f"| {r.world} | {i} | {lt:,.0f} | {dt:,.0f} | {lt / dt:.3f} | {pr:.3f} | {nt:,.0f} | {cs * 1e3:.1f} | "
@@ -625,9 +654,11 @@ def round_lines(results: list[WorldResult]) -> list[str]:
 
 
 def count_lines(results: list[WorldResult]) -> list[str]:
-    lines = ["| ranks | loom collectives per step (ledger: op (tag)) | loom tp bytes/rank | "
-             "DTensor collectives per step (functional ops) | DTensor bytes/rank (same cost model) |",
-             "| ---: | --- | ---: | --- | ---: |"]
+    lines = [
+        "| ranks | loom collectives per step (ledger: op (tag)) | loom tp bytes/rank | "
+        "DTensor collectives per step (functional ops) | DTensor bytes/rank (same cost model) |",
+        "| ---: | --- | ---: | --- | ---: |",
+    ]
     for r in results:
         (lc, lb), (dc, db) = r.counts["loom"], r.counts["dtensor"]
         fmt = lambda d: ", ".join(f"{k} x{n}" for k, n in sorted(d.items())) or "none"  # noqa: E731
@@ -664,12 +695,16 @@ def interpretation(results: list[WorldResult], cores: int, config: Config, sp: b
         )
     out.append(
         "What each side shards: both split attention heads and the MLP (column then row), the vocabulary of the "
-        "embedding (masked lookup + all-reduce) and of the " + ("tied " if config.model.tied else "")
+        "embedding (masked lookup + all-reduce) and of the "
+        + ("tied " if config.model.tied else "")
         + "head, and compute the cross-entropy on vocabulary-sharded logits (loom: its vocab-parallel loss; "
         "DTensor: loss_parallel), so both do the same arithmetic per rank. loom pads the vocabulary to a multiple "
         "of t; DTensor shards it unevenly. "
-        + ("With sequence parallelism the norms run on sequence slices on both sides (DTensor: SequenceParallel)."
-           if sp else "Norms, position embeddings and row-parallel biases are replicated on both sides.")
+        + (
+            "With sequence parallelism the norms run on sequence slices on both sides (DTensor: SequenceParallel)."
+            if sp
+            else "Norms, position embeddings and row-parallel biases are replicated on both sides."
+        )
     )
     for r in results:
         lp = {p: statistics.median(d[p] for d in r.phases["loom"]) for p in PHASES}
@@ -733,8 +768,12 @@ def markdown(command: str, when: str, job: str, results: list[WorldResult], nois
 
 
 def build_overrides(args: argparse.Namespace) -> list[str]:
-    return job_overrides(args, "train.grad_accum=1", "train.grad_clip=0",
-                         f"parallel.sequence_parallel={'true' if args.sequence_parallel else 'false'}")
+    return job_overrides(
+        args,
+        "train.grad_accum=1",
+        "train.grad_clip=0",
+        f"parallel.sequence_parallel={'true' if args.sequence_parallel else 'false'}",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -761,8 +800,10 @@ def check_layout(config: Config, worlds: list[int], sequence_parallel: bool) -> 
     model = config.model
     for t in worlds:
         if model.n_heads % t or model.kv_heads % t:
-            return (f"tp={t} must divide model.n_heads={model.n_heads} and the K/V heads ({model.kv_heads}) for the "
-                    f"DTensor side (it splits K/V columns evenly); choose --heads or --worlds accordingly.")
+            return (
+                f"tp={t} must divide model.n_heads={model.n_heads} and the K/V heads ({model.kv_heads}) for the "
+                f"DTensor side (it splits K/V columns evenly); choose --heads or --worlds accordingly."
+            )
         if sequence_parallel and config.train.seq_len % t:
             return f"--seq-len {config.train.seq_len} is not divisible by tp={t} (sequence parallelism splits it)."
     return None
@@ -803,15 +844,16 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         rows = zip(result.tps("loom"), result.tps("dtensor"), result.paired, result.tps("nocomm"))
         for i, (lt, dt, pr, nt) in enumerate(rows, 1):
-            print(f"{world} ranks, round {i}: loom {lt:,.0f} tok/s, DTensor {dt:,.0f} tok/s, ratio {lt / dt:.3f}, "
-                  f"paired {pr:.3f}; no-comm floor {nt:,.0f} tok/s")
+            print(
+                f"{world} ranks, round {i}: loom {lt:,.0f} tok/s, DTensor {dt:,.0f} tok/s, ratio {lt / dt:.3f}, "
+                f"paired {pr:.3f}; no-comm floor {nt:,.0f} tok/s"
+            )
         print(f"{world} ranks: {result.wall_s:.0f} s wall\n")
 
     ratios = [q for r in results for q in r.ratios]
     noisy = [r.world for r in results if max(r.ratios) - min(r.ratios) > NOISY_SPREAD]
-    noise = (
-        noise_head(load_start, cores, ratios)
-        + (busy_warning(NOISY_SPREAD, f"{', '.join(map(str, noisy))} ranks") if noisy else ".")
+    noise = noise_head(load_start, cores, ratios) + (
+        busy_warning(NOISY_SPREAD, f"{', '.join(map(str, noisy))} ranks") if noisy else "."
     )
     notes = interpretation(results, cores, config, args.sequence_parallel)
     print("\n".join(table_lines(results)))

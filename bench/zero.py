@@ -116,8 +116,15 @@ from loom.train.trainer import TRAIN_STREAM
 
 SIDES = ("loom1", "loom2", "loom3", "fsdp2", "ds1", "ds2", "ds3")
 PAIRS = (("loom3", "fsdp2", 1.1), ("loom1", "ds1", 1.0), ("loom2", "ds2", 1.0), ("loom3", "ds3", 1.0))
-LABEL = {"loom1": "loom ZeRO-1", "loom2": "loom ZeRO-2", "loom3": "loom ZeRO-3", "fsdp2": "FSDP2 (fully_shard)",
-         "ds1": "DeepSpeed ZeRO-1", "ds2": "DeepSpeed ZeRO-2", "ds3": "DeepSpeed ZeRO-3"}
+LABEL = {
+    "loom1": "loom ZeRO-1",
+    "loom2": "loom ZeRO-2",
+    "loom3": "loom ZeRO-3",
+    "fsdp2": "FSDP2 (fully_shard)",
+    "ds1": "DeepSpeed ZeRO-1",
+    "ds2": "DeepSpeed ZeRO-2",
+    "ds3": "DeepSpeed ZeRO-3",
+}
 AGREE_TOL = 1e-5  # fp32: max |loss - loom's loss| over all steps for "agree" (bf16 runs: shown, not checked)
 NOISY_SPREAD = 0.05  # per-round ratios further apart than this: the machine was busy
 PHASES = ("fwd", "bwd", "sync", "loss", "opt")  # sync: loom's finish_gradient_sync (peers: inside bwd)
@@ -219,9 +226,17 @@ class LoomSide(Side):
         train = config.train
         self.name = f"loom{stage}"
         self.ledger, self.comm = ctx.ledger, ctx.comm("dp")
-        self.zero = ZeroOptimizer(self.model, self.comm, stage, train.lr, betas=(train.beta1, train.beta2),
-                                  eps=train.eps, weight_decay=train.weight_decay, param_dtype=precision,
-                                  bucket_mb=bucket_mb)
+        self.zero = ZeroOptimizer(
+            self.model,
+            self.comm,
+            stage,
+            train.lr,
+            betas=(train.beta1, train.beta2),
+            eps=train.eps,
+            weight_decay=train.weight_decay,
+            param_dtype=precision,
+            bucket_mb=bucket_mb,
+        )
 
     def step(self, step: int, x: torch.Tensor, y: torch.Tensor, probe: bool = False) -> None:
         mark = max((e.seq for e in self.ledger.recent(1)), default=0)
@@ -236,8 +251,11 @@ class LoomSide(Side):
         if probe:
             memory = self.zero.memory()
             self.run.state = {k: memory[f"mem_{k}_bytes"] for k in STATE}
-            self.run.state |= {"padding": memory["padding_bytes"], "padding_elements": memory["padding_elements"],
-                               "k": memory["optim_bytes_per_element"]}
+            self.run.state |= {
+                "padding": memory["padding_bytes"],
+                "padding_elements": memory["padding_elements"],
+                "k": memory["optim_bytes_per_element"],
+            }
         total = loss.detach().float().clone()
         self.comm.all_reduce(total, op="avg", tag="metrics")
         value = total.item()
@@ -266,8 +284,11 @@ class FsdpSide(Side):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         super().__init__(config, ctx)
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16) \
-            if precision == "bf16" else MixedPrecisionPolicy()
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+            if precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
         for block in self.model.blocks.values():
             fully_shard(block, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
         fully_shard(self.model, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
@@ -319,22 +340,31 @@ class DeepSpeedSide(Side):
         elements = int(bucket_mb * 2**20) // (2 if precision == "bf16" else 4)
         # memory_efficient_linear (on by default) makes the ZeRO-3 engine replace torch.nn.functional.linear
         # process-wide with its own autograd function, which every other side here would then run too
-        zero = {"stage": stage, "reduce_bucket_size": elements, "allgather_bucket_size": elements,
-                "memory_efficient_linear": False}
+        zero = {
+            "stage": stage,
+            "reduce_bucket_size": elements,
+            "allgather_bucket_size": elements,
+            "memory_efficient_linear": False,
+        }
         if stage == 3:
             zero.update(stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0)
             set_z3_leaf_modules(self.model, [Block])  # a block's parameters are gathered together
             # the tied head reads tok_emb.weight in the root's forward, outside tok_emb's own
             deepspeed.zero.register_external_parameter(self.model, self.model.tok_emb.weight)
         ds_config = {
-            "train_micro_batch_size_per_gpu": train.micro_batch, "gradient_accumulation_steps": 1,
-            "zero_optimization": zero, "zero_allow_untested_optimizer": True,
-            "gradient_clipping": train.grad_clip, "steps_per_print": 2**31, "wall_clock_breakdown": False,
+            "train_micro_batch_size_per_gpu": train.micro_batch,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,
+            "gradient_clipping": train.grad_clip,
+            "steps_per_print": 2**31,
+            "wall_clock_breakdown": False,
             "bf16": {"enabled": precision == "bf16"},
         }
         optimizer = build_adamw(self.model, train, ctx.device)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
-                                                                 config=ds_config, dist_init_required=False)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, config=ds_config, dist_init_required=False
+        )
 
     def step(self, step: int, x: torch.Tensor, y: torch.Tensor, probe: bool = False) -> None:
         c0, t0 = time.process_time(), time.perf_counter()
@@ -377,13 +407,19 @@ def _quiet_deepspeed() -> None:
     logger.setLevel(logging.ERROR)
 
 
-_GLOBALS = ((torch.nn.functional, ("linear", "embedding")), (torch, ("zeros", "empty", "tensor")),
-            (torch.Tensor, ("__new__",)), (torch.nn.Module, ("apply",)))
+_GLOBALS = (
+    (torch.nn.functional, ("linear", "embedding")),
+    (torch, ("zeros", "empty", "tensor")),
+    (torch.Tensor, ("__new__",)),
+    (torch.nn.Module, ("apply",)),
+)
 
 
 def _torch_globals() -> dict[str, object]:
     """torch functions DeepSpeed is known to swap process-wide (ZeRO-3's Init and memory-efficient linear)."""
-    return {f"{owner.__name__}.{name}": inspect.getattr_static(owner, name) for owner, names in _GLOBALS for name in names}
+    return {
+        f"{owner.__name__}.{name}": inspect.getattr_static(owner, name) for owner, names in _GLOBALS for name in names
+    }
 
 
 def _restore_torch_globals(saved: dict[str, object]) -> None:
@@ -452,9 +488,14 @@ def rank_main(overrides: list[str], names: list[str], repeats: int, args: dict) 
         rounds.append({side.name: side.run for side in sides})
         del sides
     params = Transformer(config.model, seed=train.seed).num_params()
-    out = {"params": params, "ds_error": ds_error[0] if ds_error else "",
-           "dp_bytes": {s: sorted({b for rd in rounds for b in rd[s].dp_bytes}) for s in rounds[0] if s.startswith("loom")},
-           "state": {s: rounds[-1][s].state for s in rounds[0]}}
+    out = {
+        "params": params,
+        "ds_error": ds_error[0] if ds_error else "",
+        "dp_bytes": {
+            s: sorted({b for rd in rounds for b in rd[s].dp_bytes}) for s in rounds[0] if s.startswith("loom")
+        },
+        "state": {s: rounds[-1][s].state for s in rounds[0]},
+    }
     if ctx.is_main:
         out["rounds"] = rounds
     return out
@@ -466,14 +507,21 @@ def rank_main(overrides: list[str], names: list[str], repeats: int, args: dict) 
 def source() -> str:
     """Which loom was measured: the checkout's commit and its uncommitted changes under src/ (read-only git)."""
     commit, changed, where = checkout()
-    zero_code = ("src/loom/parallel/zero.py", "src/loom/parallel/zero_flat.py", "src/loom/optim/adam.py",
-                 "src/loom/distributed/")
+    zero_code = (
+        "src/loom/parallel/zero.py",
+        "src/loom/parallel/zero_flat.py",
+        "src/loom/optim/adam.py",
+        "src/loom/distributed/",
+    )
     touched = [c for c in changed if c.startswith(zero_code) or "src/loom/distributed/".startswith(c)]
     if not changed:
         state = "src/ as committed"
     else:
-        zero_state = (f"uncommitted changes to the ZeRO code: {', '.join(touched)}" if touched
-                      else "the ZeRO code (parallel/zero*.py, optim/adam.py, dist/) as committed")
+        zero_state = (
+            f"uncommitted changes to the ZeRO code: {', '.join(touched)}"
+            if touched
+            else "the ZeRO code (parallel/zero*.py, optim/adam.py, dist/) as committed"
+        )
         others = ", ".join(c for c in changed if c not in touched) or "none"
         state = f"{zero_state}; other uncommitted changes under src/: {others}"
     return f"loom at commit {commit}; {state}{where}"
@@ -540,39 +588,58 @@ def bench_world(world: int, overrides: list[str], names: list[str], args: argpar
     per_step = 2.0 if args.precision == "fp32" else 30.0
     timeout = 180 + per_step * len(names) * args.repeats * (args.steps + 1) * max(1, world // 2)
     options = {"bucket_mb": args.bucket_mb, "precision": args.precision}
-    results = run_ranks(rank_main, world, args=(overrides, names, args.repeats, options), timeout_s=timeout,
-                        env={"DS_ACCELERATOR": "cpu"})
+    results = run_ranks(
+        rank_main,
+        world,
+        args=(overrides, names, args.repeats, options),
+        timeout_s=timeout,
+        env={"DS_ACCELERATOR": "cpu"},
+    )
     wall = time.perf_counter() - began
     main = results[0]
     rounds, params = main["rounds"], main["params"]
     sides = [s for s in names if s in rounds[0]]
     tokens = args.micro_batch * world * args.seq_len
-    loss_diff = {s: max(abs(a - b) for rd in rounds for a, b in zip(rd[s].losses, rd[reference(s)].losses, strict=True))
-                 for s in sides if reference(s) in sides}
+    loss_diff = {
+        s: max(abs(a - b) for rd in rounds for a, b in zip(rd[s].losses, rd[reference(s)].losses, strict=True))
+        for s in sides
+        if reference(s) in sides
+    }
     n, width = world, 2 if args.precision == "bf16" else 4
     formula, state_formula, dp_bytes = {}, {}, {}
     for s in (s for s in sides if s.startswith("loom")):
         stage, state = int(s[-1]), main["state"][s]
         psi = params + state["padding_elements"]  # the padded elements travel too
         formula[s] = dp_bytes_per_step(stage, psi, n, param_bytes=width, grad_bytes=width)
-        state_formula[s] = model_state_bytes(stage, params, n, param_bytes=width, grad_bytes=width,
-                                             k=state["k"])["total"] \
+        state_formula[s] = (
+            model_state_bytes(stage, params, n, param_bytes=width, grad_bytes=width, k=state["k"])["total"]
             + state["padding"]
+        )
         dp_bytes[s] = {b for r in results for b in r["dp_bytes"][s]}
     totals = {s: [sum(r["state"][s][k] for k in STATE) for r in results] for s in sides}
     state_range = {s: (min(t), max(t)) for s, t in totals.items()}
     return WorldResult(
-        world, tokens, sides,
+        world,
+        tokens,
+        sides,
         {s: [rd[s].median_step_s(args.warmup) for rd in rounds] for s in sides},
         {s: [rd[s].median_cpu_s(args.warmup) for rd in rounds] for s in sides},
         {s: [rd[s].median_phase_ms(args.warmup) for rd in rounds] for s in sides},
-        {(a, b): [paired_ratio(rd[a], rd[b], args.warmup) for rd in rounds] for a, b, _ in PAIRS
-         if a in sides and b in sides},
-        {s: rounds[0][s].losses[0] for s in sides}, loss_diff,
-        {s: main["state"][s] for s in sides}, state_range, dp_bytes, formula, state_formula,
-        main["ds_error"], wall,
+        {
+            (a, b): [paired_ratio(rd[a], rd[b], args.warmup) for rd in rounds]
+            for a, b, _ in PAIRS
+            if a in sides and b in sides
+        },
+        {s: rounds[0][s].losses[0] for s in sides},
+        loss_diff,
+        {s: main["state"][s] for s in sides},
+        state_range,
+        dp_bytes,
+        formula,
+        state_formula,
+        main["ds_error"],
+        wall,
     )
-
 
 
 def pair_lines(results: list[WorldResult]) -> list[str]:
@@ -639,16 +706,22 @@ def ledger_lines(results: list[WorldResult]) -> list[str]:
 def round_lines(results: list[WorldResult]) -> list[str]:
     sides = [s for s in SIDES if any(s in r.sides for r in results)]
     pairs = [(a, b) for a, b, _ in PAIRS if a in sides and b in sides]
-    head = ["ranks", "round", *(f"{s} tok/s" for s in sides), *(f"{a}/{b} ratio, paired" for a, b in pairs),
-            "CPU ms/step " + " / ".join(sides)]
+    head = [
+        "ranks",
+        "round",
+        *(f"{s} tok/s" for s in sides),
+        *(f"{a}/{b} ratio, paired" for a, b in pairs),
+        "CPU ms/step " + " / ".join(sides),
+    ]
     align = ["---:", "---:", *("---:" for _ in sides), *("---" for _ in pairs), "---"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
     for r in results:
         for i in range(len(r.step_s[r.sides[0]])):
             cells = [str(r.world), str(i + 1)]
             cells += [f"{r.tps(s)[i]:,.0f}" if s in r.sides else "-" for s in sides]
-            cells += [f"{r.ratios(a, b)[i]:.3f}, {r.paired[a, b][i]:.3f}" if (a, b) in r.paired else "-"
-                      for a, b in pairs]
+            cells += [
+                f"{r.ratios(a, b)[i]:.3f}, {r.paired[a, b][i]:.3f}" if (a, b) in r.paired else "-" for a, b in pairs
+            ]
             cells.append(" / ".join(f"{r.cpu_s[s][i] * 1e3:.1f}" if s in r.sides else "-" for s in sides))
             lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -713,15 +786,28 @@ def deepspeed_line(results: list[WorldResult], names: list[str], precision: str)
         return "DeepSpeed: not run (--sides leaves it out)."
     errors = {r.world: r.ds_error for r in results if r.ds_error}
     if not errors:
-        return (f"DeepSpeed: {peer_version()} ran on its CPU accelerator (DS_ACCELERATOR=cpu; no oneCCL bindings, "
-                f"so its collectives are torch.distributed with gloo), {precision} ZeRO with torch's AdamW as the "
-                "client optimizer.")
-    return "DeepSpeed: DID NOT RUN, so the ds sides are missing: " + "; ".join(
-        f"{w} ranks: `{e}`" for w, e in errors.items()) + f" ({peer_version()})."
+        return (
+            f"DeepSpeed: {peer_version()} ran on its CPU accelerator (DS_ACCELERATOR=cpu; no oneCCL bindings, "
+            f"so its collectives are torch.distributed with gloo), {precision} ZeRO with torch's AdamW as the "
+            "client optimizer."
+        )
+    return (
+        "DeepSpeed: DID NOT RUN, so the ds sides are missing: "
+        + "; ".join(f"{w} ranks: `{e}`" for w, e in errors.items())
+        + f" ({peer_version()})."
+    )
 
 
-def markdown(command: str, when: str, job: str, results: list[WorldResult], ds_line: str, noise: str,
-             notes: list[str], checked: bool) -> str:
+def markdown(
+    command: str,
+    when: str,
+    job: str,
+    results: list[WorldResult],
+    ds_line: str,
+    noise: str,
+    notes: list[str],
+    checked: bool,
+) -> str:
     lines = [
         "# ZeRO: loom ZeroOptimizer vs PyTorch FSDP2 and DeepSpeed ZeRO",
         "",
@@ -759,16 +845,28 @@ def build_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_model_args(p, d_model=256)
-    p.add_argument("--micro-batch", type=int, default=2, help="sequences per rank per step (global batch = this x ranks)")
+    p.add_argument(
+        "--micro-batch", type=int, default=2, help="sequences per rank per step (global batch = this x ranks)"
+    )
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per side per round")
     p.add_argument("--warmup", type=int, default=4, help="first steps left out of the timing")
-    p.add_argument("--bucket-mb", type=float, default=1.0,
-                   help="loom's stage 1-2 bucket = DeepSpeed's reduce and all-gather bucket (stage 3: one unit per block)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="fp32, or bf16 parameters and gradients with fp32 master weights on every side "
-                   "(bf16 matmuls are ~15x slower than fp32 on CPUs without native bf16)")
+    p.add_argument(
+        "--bucket-mb",
+        type=float,
+        default=1.0,
+        help="loom's stage 1-2 bucket = DeepSpeed's reduce and all-gather bucket (stage 3: one unit per block)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="fp32, or bf16 parameters and gradients with fp32 master weights on every side "
+        "(bf16 matmuls are ~15x slower than fp32 on CPUs without native bf16)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="rounds per world size, each with fresh models")
     p.add_argument("--worlds", default="2,4", help="comma-separated rank counts, one run_ranks each")
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
@@ -818,16 +916,25 @@ def main(argv: list[str] | None = None) -> int:
         if result.ds_error:
             print(f"{world} ranks: DeepSpeed did not run: {result.ds_error}")
         for i in range(args.repeats):
-            print(f"{world} ranks, round {i + 1}: " + ", ".join(f"{s} {result.tps(s)[i]:,.0f}" for s in result.sides)
-                  + " tok/s; " + ", ".join(f"{a}/{b} {result.ratios(a, b)[i]:.3f}" for a, b, _ in result.pairs()))
+            print(
+                f"{world} ranks, round {i + 1}: "
+                + ", ".join(f"{s} {result.tps(s)[i]:,.0f}" for s in result.sides)
+                + " tok/s; "
+                + ", ".join(f"{a}/{b} {result.ratios(a, b)[i]:.3f}" for a, b, _ in result.pairs())
+            )
         print(f"{world} ranks: {result.wall_s:.0f} s wall\n")
 
     ratios = [q for r in results for a, b, _ in r.pairs() for q in r.ratios(a, b)]
-    noisy = [f"{r.world} ranks {a}/{b}" for r in results for a, b, _ in r.pairs()
-             if max(r.ratios(a, b)) - min(r.ratios(a, b)) > NOISY_SPREAD]
+    noisy = [
+        f"{r.world} ranks {a}/{b}"
+        for r in results
+        for a, b, _ in r.pairs()
+        if max(r.ratios(a, b)) - min(r.ratios(a, b)) > NOISY_SPREAD
+    ]
     if ratios:
         noise = noise_head(load_start, cores, ratios) + (
-            busy_warning(NOISY_SPREAD, ", ".join(noisy)) if noisy else "." + (ONE_ROUND if args.repeats == 1 else ""))
+            busy_warning(NOISY_SPREAD, ", ".join(noisy)) if noisy else "." + (ONE_ROUND if args.repeats == 1 else "")
+        )
     else:
         noise = f"Noise: 1-minute load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end."
     checked = args.precision == "fp32"
@@ -841,8 +948,9 @@ def main(argv: list[str] | None = None) -> int:
     for line in notes:
         print(line)
     write_result(args.out, lambda when: markdown(command, when, job, results, ds_line, noise, notes, checked))
-    ok = all(r.bytes_match(s) for r in results for s in r.formula) and (not checked or all(
-        d < AGREE_TOL for r in results for d in r.loss_diff.values()))
+    ok = all(r.bytes_match(s) for r in results for s in r.formula) and (
+        not checked or all(d < AGREE_TOL for r in results for d in r.loss_diff.values())
+    )
     return 0 if ok else 1
 
 

@@ -29,10 +29,22 @@ from loom.train.metrics import read_metrics
 from loom.train.trainer import Trainer
 
 COMMON = {
-    "model.n_layers": 4, "model.d_model": 32, "model.n_heads": 4, "model.max_seq_len": 64, "model.dropout": 0.1,
-    "train.seq_len": 32, "train.micro_batch": 2, "train.global_batch": 8, "train.steps": 3,
-    "train.warmup_steps": 1, "train.grad_clip": 0.5, "train.eval_every": 0, "train.eval_batches": 2,
-    "train.ckpt_every": 0, "train.sample_tokens": 0, "parallel.timeout_s": 60,
+    "model.n_layers": 4,
+    "model.d_model": 32,
+    "model.n_heads": 4,
+    "model.max_seq_len": 64,
+    "model.dropout": 0.1,
+    "train.seq_len": 32,
+    "train.micro_batch": 2,
+    "train.global_batch": 8,
+    "train.steps": 3,
+    "train.warmup_steps": 1,
+    "train.grad_clip": 0.5,
+    "train.eval_every": 0,
+    "train.eval_batches": 2,
+    "train.ckpt_every": 0,
+    "train.sample_tokens": 0,
+    "parallel.timeout_s": 60,
 }
 LLAMA = {"model.family": "llama", "model.n_kv_heads": 2}
 KV1 = {"model.family": "llama", "model.n_kv_heads": 1}
@@ -63,12 +75,19 @@ LAYOUTS = {
     4: {
         "dp2 tp2 sp": {"parallel.tp": 2, "parallel.sequence_parallel": True},
         "dp2 pp2 1f1b": {"parallel.pp": 2},
-        "tp2 pp2 zero_bubble llama": {**LLAMA, "parallel.tp": 2, "parallel.pp": 2,
-                                      "parallel.schedule": "zero_bubble"},
-        "pp4 interleaved": {"parallel.pp": 4, "parallel.vp": 1, "parallel.schedule": "interleaved_1f1b",
-                            "train.global_batch": 8},
-        "zero3 tp2 sp fp16": {"zero.stage": 3, "parallel.tp": 2, "parallel.sequence_parallel": True,
-                              "train.precision": "fp16"},
+        "tp2 pp2 zero_bubble llama": {**LLAMA, "parallel.tp": 2, "parallel.pp": 2, "parallel.schedule": "zero_bubble"},
+        "pp4 interleaved": {
+            "parallel.pp": 4,
+            "parallel.vp": 1,
+            "parallel.schedule": "interleaved_1f1b",
+            "train.global_batch": 8,
+        },
+        "zero3 tp2 sp fp16": {
+            "zero.stage": 3,
+            "parallel.tp": 2,
+            "parallel.sequence_parallel": True,
+            "train.precision": "fp16",
+        },
         "zero2 tp2 sp llama kv1": {**KV1, "zero.stage": 2, "parallel.tp": 2, "parallel.sequence_parallel": True},
         "zero1 pp2 zero_bubble": {"zero.stage": 1, "parallel.pp": 2, "parallel.schedule": "zero_bubble"},
         "zero3 pp2 1f1b": {"zero.stage": 3, "parallel.pp": 2},
@@ -78,8 +97,10 @@ LAYOUTS = {
 
 def _items(corpus: str, extra: dict) -> list[str]:
     values = {**COMMON, "data.corpus": corpus, **extra}
-    return [f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
-            for k, v in values.items()]
+    return [
+        f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
+        for k, v in values.items()
+    ]
 
 
 def _run(layouts: dict, corpus: str, root: str) -> dict:
@@ -97,24 +118,30 @@ def _run(layouts: dict, corpus: str, root: str) -> dict:
             for key in sorted(state):
                 digest.update(key.encode())
                 digest.update(state[key].contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
-            out[name] = {"loss": [float(r["loss"]).hex() for r in records],
-                         "grad_norm": [float(r["grad_norm"]).hex() for r in records],
-                         "val_loss": float(records[-1]["val_loss"]).hex(), "weights": digest.hexdigest()[:16]}
+            out[name] = {
+                "loss": [float(r["loss"]).hex() for r in records],
+                "grad_norm": [float(r["grad_norm"]).hex() for r in records],
+                "val_loss": float(records[-1]["val_loss"]).hex(),
+                "weights": digest.hexdigest()[:16],
+            }
     return out
 
 
 def _corpus(folder: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(40):
-        (folder / f"doc{i:02d}.txt").write_text("".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n"
-                                                        for j in range(40)), encoding="utf-8")
+        (folder / f"doc{i:02d}.txt").write_text(
+            "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(40)), encoding="utf-8"
+        )
     return str(folder)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the fingerprints here (JSON)")
-    parser.add_argument("--compare", type=Path, help="compare with fingerprints written earlier; exit 1 on a difference")
+    parser.add_argument(
+        "--compare", type=Path, help="compare with fingerprints written earlier; exit 1 on a difference"
+    )
     parser.add_argument("--only", help="comma-separated layout names")
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else None
@@ -125,8 +152,11 @@ def main() -> int:
             chosen = {n: e for n, e in layouts.items() if only is None or n in only}
             if not chosen:
                 continue
-            results.update(run_ranks(_run, world, args=(chosen, corpus, str(Path(tmp) / f"w{world}")),
-                                     timeout_s=900, init=False)[0])
+            results.update(
+                run_ranks(_run, world, args=(chosen, corpus, str(Path(tmp) / f"w{world}")), timeout_s=900, init=False)[
+                    0
+                ]
+            )
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
     if args.compare is None:

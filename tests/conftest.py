@@ -32,9 +32,18 @@ def text_corpus(tmp_path: Path) -> Path:
 def tiny_overrides(corpus: Path, **extra: object) -> list[str]:
     """``--set`` items for a 2-layer model that trains in well under a second per step."""
     items = {
-        "model.n_layers": 2, "model.d_model": 32, "model.n_heads": 4, "model.max_seq_len": 64,
-        "train.seq_len": 32, "train.micro_batch": 4, "train.steps": 6, "train.warmup_steps": 2,
-        "train.eval_every": 3, "train.eval_batches": 2, "train.ckpt_every": 3, "train.sample_tokens": 0,
+        "model.n_layers": 2,
+        "model.d_model": 32,
+        "model.n_heads": 4,
+        "model.max_seq_len": 64,
+        "train.seq_len": 32,
+        "train.micro_batch": 4,
+        "train.steps": 6,
+        "train.warmup_steps": 2,
+        "train.eval_every": 3,
+        "train.eval_batches": 2,
+        "train.ckpt_every": 3,
+        "train.sample_tokens": 0,
         "data.corpus": str(corpus),
     }
     items.update(extra)

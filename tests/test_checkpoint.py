@@ -44,14 +44,18 @@ def _trained() -> tuple[Tied, torch.optim.Optimizer]:
 
 
 def _save(run: Path, step: int, keep: int = 3) -> Path:
-    return save_checkpoint(run, step, {"w": torch.full((3,), float(step))}, {"data_pos": step}, {"config": {}}, keep=keep)
+    return save_checkpoint(
+        run, step, {"w": torch.full((3,), float(step))}, {"data_pos": step}, {"config": {}}, keep=keep
+    )
 
 
 def test_round_trip_restores_model_optimizer_and_rng(tmp_path: Path) -> None:
     model, opt = _trained()
     rng = capture_rng_state()
     meta = {"config": {"train": {"lr": 0.01}}, "note": "hi"}
-    path = save_checkpoint(tmp_path, 7, model.state_dict(), {"optimizer": opt.state_dict(), "rng": rng, "data_pos": 40}, meta, keep=2)
+    path = save_checkpoint(
+        tmp_path, 7, model.state_dict(), {"optimizer": opt.state_dict(), "rng": rng, "data_pos": 40}, meta, keep=2
+    )
     assert path == tmp_path / "checkpoints" / "step_000007"
     expected = [random.random(), np.random.rand(), torch.rand(3)]
 

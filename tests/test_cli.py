@@ -21,7 +21,9 @@ def sets(items: list[str]) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["generate"], ["convert"], ["tokenizer", "train"], ["plot"], ["config"]])
+@pytest.mark.parametrize(
+    "command", [[], ["train"], ["generate"], ["convert"], ["tokenizer", "train"], ["plot"], ["config"]]
+)
 def test_help_is_useful(command: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
@@ -84,7 +86,9 @@ def test_damaged_checkpoints(tmp_path: Path, text_corpus: Path, capsys) -> None:
 def test_a_real_process_prints_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "loom.cli", "train", "--run-dir", str(tmp_path / "r"), "--set", "model.n_heads=5"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "model.n_heads" in proc.stderr and "fix:" in proc.stderr and "Traceback" not in proc.stderr
@@ -123,8 +127,9 @@ def test_nproc_launches_local_ranks(tmp_path: Path, text_corpus: Path, capsys) -
 def test_pipelined_run_samples_from_its_final_checkpoint(tmp_path: Path, text_corpus: Path) -> None:
     # rank 0 holds the first stage only: the sample needs the merged checkpoint
     run_dir = tmp_path / "pp"
-    overrides = tiny_overrides(text_corpus, **{"train.steps": 2, "train.sample_tokens": 8, "parallel.pp": 2,
-                                               "parallel.timeout_s": 60})
+    overrides = tiny_overrides(
+        text_corpus, **{"train.steps": 2, "train.sample_tokens": 8, "parallel.pp": 2, "parallel.timeout_s": 60}
+    )
     assert main(["train", "--run-dir", str(run_dir), "--nproc", "2", *sets(overrides)]) == 0
     model, config, tokenizer = load_for_inference(latest_checkpoint(run_dir), "cpu")
     ids = generate(model, tokenizer.encode("def "), 8, config.model.max_seq_len, seed=config.train.seed)

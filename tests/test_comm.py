@@ -29,6 +29,7 @@ def _same(value: int | float, expected: int | float) -> bool:
 
 # ---------------------------------------------------------------- per-rank bodies
 
+
 def _check_comm(comm: Comm, group, ledger: Ledger) -> int:
     """Every wrapped primitive against torch on clones, with its ledger entry; returns #checks."""
     n, r = comm.size, comm.rank
@@ -124,8 +125,7 @@ def _check_comm(comm: Comm, group, ledger: Ledger) -> int:
         pieces = [rnd(m) for _ in range(n)] if r == root else None
         out, out_ref = torch.zeros(m), torch.zeros(m)
         comm.scatter(out, pieces, src=root)
-        dist.scatter(out_ref, [p.clone() for p in pieces] if pieces else None,
-                     src=comm.ranks[root], group=group)
+        dist.scatter(out_ref, [p.clone() for p in pieces] if pieces else None, src=comm.ranks[root], group=group)
         assert torch.equal(out, out_ref)
         last("scatter", (n - 1) * m * 4 if r == root else 0)
 
@@ -252,8 +252,7 @@ def _primitives() -> dict:
     waiting = ledger.describe()
     handle.wait()
     idle = ledger.describe()
-    return {"checks": checks, "waiting": waiting, "idle": idle, "seq": seq,
-            "step": step, "totals": ledger.totals()}
+    return {"checks": checks, "waiting": waiting, "idle": idle, "seq": seq, "step": step, "totals": ledger.totals()}
 
 
 def _describe_expectations(results: list, world_size: int) -> None:
@@ -263,8 +262,9 @@ def _describe_expectations(results: list, world_size: int) -> None:
         seq = res["seq"]
         assert res["waiting"].startswith(f"rank {rank}: waiting in all_reduce #{seq} on world group {ranks} for ")
         assert re.search(rf" for \d+\.\d s; last completed: \w+ #{seq - 1} on \w+ group \[", res["waiting"])
-        assert res["idle"] == (f"rank {rank}: not in a collective; last completed: "
-                               f"all_reduce #{seq} on world group {ranks}")
+        assert res["idle"] == (
+            f"rank {rank}: not in a collective; last completed: all_reduce #{seq} on world group {ranks}"
+        )
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
@@ -276,6 +276,7 @@ def test_primitives_equal_torch_and_ledger_matches_model(world_size: int) -> Non
 
 
 # ---------------------------------------------------------------- in-process: no ranks needed
+
 
 def test_model_bytes_table() -> None:
     s = 1200
@@ -356,8 +357,10 @@ def test_ledger_totals_step_and_describe() -> None:
     ar = ledger.begin("all_reduce", "dp", [1, 3], 8, "float32", 32)
     ar.started -= 12.0  # as if it had been waiting 12 s
     text = ledger.describe()
-    assert text == (f"rank 3: waiting in all_reduce #{ar.seq} on dp group [1, 3] for 12.0 s; "
-                    f"last completed: reduce_scatter #{rs.seq} on dp group [1, 3]")
+    assert text == (
+        f"rank 3: waiting in all_reduce #{ar.seq} on dp group [1, 3] for 12.0 s; "
+        f"last completed: reduce_scatter #{rs.seq} on dp group [1, 3]"
+    )
     assert [e.seq for e in ledger.pending()] == [ar.seq]
     assert ledger.last_completed().seq == rs.seq
     ledger.begin("all_gather", "dp", [1, 3], 8, "float32", 16)

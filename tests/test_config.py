@@ -93,10 +93,14 @@ def test_bad_toml_file(tmp_path: Path) -> None:
     ("override", "words"),
     [
         (["parallel.tp=3"], ["model.n_heads = 4", "parallel.tp = 3", "[2, 4]"]),
-        (["model.preset=tiny-llama", "model.n_heads=8", "model.n_kv_heads=4", "parallel.tp=8",
-          "model.d_model=128"], []),  # tp a multiple of the KV heads: replicated, valid
-        (["model.preset=tiny-llama", "model.n_heads=12", "model.d_model=96", "model.n_kv_heads=4",
-          "parallel.tp=6"], ["model.n_kv_heads = 4", "parallel.tp = 6"]),
+        (
+            ["model.preset=tiny-llama", "model.n_heads=8", "model.n_kv_heads=4", "parallel.tp=8", "model.d_model=128"],
+            [],
+        ),  # tp a multiple of the KV heads: replicated, valid
+        (
+            ["model.preset=tiny-llama", "model.n_heads=12", "model.d_model=96", "model.n_kv_heads=4", "parallel.tp=6"],
+            ["model.n_kv_heads = 4", "parallel.tp = 6"],
+        ),
         (["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=127"], ["train.seq_len = 127"]),
         (["parallel.sequence_parallel=true"], ["parallel.tp = 1"]),
         (["parallel.tp=2", "model.d_ff=513"], ["513", "model.d_ff"]),

@@ -123,12 +123,16 @@ def _rank_train(overrides: list[str], run_dir: str) -> list[dict]:
     return [read_metrics(Path(run_dir)) if ctx.is_main else None, params, transport]
 
 
-@pytest.mark.parametrize(("world", "micro", "accum", "transport"),
-                         [(2, 2, 2, "auto"), (4, 2, 1, "auto"), (2, 4, 1, "backend")])
-def test_trainer_on_dp_ranks_matches_one_process(tmp_path: Path, text_corpus: Path, world: int, micro: int, accum: int,
-                                                  transport: str) -> None:
+@pytest.mark.parametrize(
+    ("world", "micro", "accum", "transport"), [(2, 2, 2, "auto"), (4, 2, 1, "auto"), (2, 4, 1, "backend")]
+)
+def test_trainer_on_dp_ranks_matches_one_process(
+    tmp_path: Path, text_corpus: Path, world: int, micro: int, accum: int, transport: str
+) -> None:
     common = {"train.global_batch": 8, "train.steps": 4, "train.eval_every": 0, "train.ckpt_every": 0}
-    single = Trainer(load_config(None, tiny_overrides(text_corpus, **common, **{"train.micro_batch": 2})), tmp_path / "one")
+    single = Trainer(
+        load_config(None, tiny_overrides(text_corpus, **common, **{"train.micro_batch": 2})), tmp_path / "one"
+    )
     single.run()  # dp=1 x accum 4
     overrides = tiny_overrides(text_corpus, **common, **{"train.micro_batch": micro, "ddp.transport": transport})
     results = run_ranks(_rank_train, world, args=(overrides, str(tmp_path / "dp")), timeout_s=120)
@@ -139,7 +143,9 @@ def test_trainer_on_dp_ranks_matches_one_process(tmp_path: Path, text_corpus: Pa
         assert many["loss"] == pytest.approx(one["loss"], rel=1e-5)
         assert many["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
         # gradients plus the 4-byte loss scalar, both ring all-reduces
-        assert many["comm_bytes_dp"] == model_bytes("all_reduce", world, param_bytes) + model_bytes("all_reduce", world, 4)
+        assert many["comm_bytes_dp"] == model_bytes("all_reduce", world, param_bytes) + model_bytes(
+            "all_reduce", world, 4
+        )
     lr_sum = sum(r["lr"] for r in read_metrics(tmp_path / "one"))
     for name, want in single.model.named_parameters():
         for _, params, _ in results:
@@ -191,7 +197,7 @@ def _rank_scaled_loss() -> dict:
     x, y = _batch()
     rows = GLOBAL_BATCH // ctx.dims.dp
     start = ctx.coords.dp * rows
-    ddp.scale_loss(model.loss(x[start:start + rows], y[start:start + rows])).backward()
+    ddp.scale_loss(model.loss(x[start : start + rows], y[start : start + rows])).backward()
     ddp.finish_gradient_sync()
     return {"grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
 
@@ -219,14 +225,18 @@ def _rank_carry_and_norm(clip: float) -> dict:
         start = ctx.coords.dp * rows + k * (rows // 2)
         with ddp.no_sync() if k == 0 else torch.enable_grad():
             assert k == 0 or ddp.carry(value)
-            ddp.scale_loss(model.loss(x[start:start + rows // 2], y[start:start + rows // 2]) / 2).backward()
+            ddp.scale_loss(model.loss(x[start : start + rows // 2], y[start : start + rows // 2]) / 2).backward()
     ddp.finish_gradient_sync()
     norm = ddp.clip_grad_norm(clip)
     return {
-        "value": value.item(), "norm": norm, "again": ddp.take_grad_norm(),
+        "value": value.item(),
+        "norm": norm,
+        "again": ddp.take_grad_norm(),
         "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
-        "calls": len(ctx.ledger.recent(10_000)) - calls_before, "buckets": len(ddp.buckets),
-        "bytes": ctx.ledger.take_step_totals()["comm_bytes_dp"], "param_bytes": ddp.parameter_bytes,
+        "calls": len(ctx.ledger.recent(10_000)) - calls_before,
+        "buckets": len(ddp.buckets),
+        "bytes": ctx.ledger.take_step_totals()["comm_bytes_dp"],
+        "param_bytes": ddp.parameter_bytes,
     }
 
 
@@ -304,4 +314,4 @@ def test_transport_must_be_known() -> None:
     from loom.errors import LoomError
 
     with pytest.raises(LoomError, match="ddp.transport"):
-        load_config(None, ["ddp.transport=\"tcp\""]).validate()
+        load_config(None, ['ddp.transport="tcp"']).validate()

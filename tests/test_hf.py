@@ -22,19 +22,43 @@ VOCAB = 100
 
 
 def gpt2(tied: bool = True):
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64, activation_function="gelu_new",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0,
-    ))
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            n_layer=2,
+            n_embd=64,
+            n_head=4,
+            vocab_size=VOCAB,
+            n_positions=64,
+            activation_function="gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=tied,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
 
 
 def llama(tied: bool, kv_heads: int = 2, bias: bool = False):
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=kv_heads,
-        intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-6,
-        rope_theta=500000.0, tie_word_embeddings=tied, attention_bias=bias, mlp_bias=bias,
-        bos_token_id=0, eos_token_id=1,
-    ))
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=kv_heads,
+            intermediate_size=96,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            rms_norm_eps=1e-6,
+            rope_theta=500000.0,
+            tie_word_embeddings=tied,
+            attention_bias=bias,
+            mlp_bias=bias,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+    )
 
 
 MODELS = {
@@ -109,7 +133,10 @@ def test_mapping_ignores_hf_buffers_and_keeps_dtype() -> None:
     model = gpt2()
     cfg = config_from_hf(model.config.to_dict())
     hf_state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    buffers = {"transformer.h.0.attn.bias": torch.ones(1, 1, 64, 64), "transformer.h.1.attn.masked_bias": torch.tensor(-1e4)}
+    buffers = {
+        "transformer.h.0.attn.bias": torch.ones(1, 1, 64, 64),
+        "transformer.h.1.attn.masked_bias": torch.tensor(-1e4),
+    }
     with_buffers = {**hf_state, **buffers}
     loom = state_dict_from_hf(with_buffers, cfg)
     assert all(t.dtype == torch.bfloat16 for t in loom.values())
@@ -158,8 +185,14 @@ def test_rejects_unsupported_model_type(tmp_path: Path) -> None:
 
 
 def test_rejects_rope_scaling_and_odd_head_dim() -> None:
-    base = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-            "intermediate_size": 96, "vocab_size": VOCAB}
+    base = {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "intermediate_size": 96,
+        "vocab_size": VOCAB,
+    }
     assert config_from_hf(base).rope_theta == 10000.0
     with pytest.raises(LoomError, match="llama3"):
         config_from_hf({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}})
@@ -193,10 +226,13 @@ def test_export_rejects_gpt2_without_bias(tmp_path: Path) -> None:
     from loom.config import ModelConfig
     from loom.train.checkpoint import save_checkpoint
 
-    cfg = ModelConfig(preset="custom", family="gpt2", n_layers=1, d_model=32, n_heads=2, vocab_size=VOCAB,
-                      max_seq_len=64, bias=False)
+    cfg = ModelConfig(
+        preset="custom", family="gpt2", n_layers=1, d_model=32, n_heads=2, vocab_size=VOCAB, max_seq_len=64, bias=False
+    )
     state = Transformer(cfg).state_dict()
-    save_checkpoint(tmp_path / "run", 1, state, {}, {"config": {"model": asdict(cfg), "train": {"seq_len": 64}}}, keep=1)
+    save_checkpoint(
+        tmp_path / "run", 1, state, {}, {"config": {"model": asdict(cfg), "train": {"seq_len": 64}}}, keep=1
+    )
     with pytest.raises(LoomError, match="bias"):
         export_hf(tmp_path / "run", tmp_path / "out")
 

@@ -11,7 +11,14 @@ from loom.model.transformer import Transformer
 from loom.plan.model import count_parameters
 from loom.train.generate import generate
 
-SMALL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.max_seq_len=32", "model.vocab_size=50", "train.seq_len=32"]
+SMALL = [
+    "model.n_layers=2",
+    "model.d_model=32",
+    "model.n_heads=4",
+    "model.max_seq_len=32",
+    "model.vocab_size=50",
+    "train.seq_len=32",
+]
 
 
 def small_config(*extra: str):

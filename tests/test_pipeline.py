@@ -38,21 +38,42 @@ LAYOUTS_2 = {
     "gpt2 pp2 interleaved": {"parallel.pp": 2, "parallel.vp": 2, "parallel.schedule": "interleaved_1f1b"},
 }
 LAYOUTS_4 = {
-    "llama pp4 interleaved": {"model.family": "llama", "model.n_layers": 8, "parallel.pp": 4, "parallel.vp": 2,
-                              "parallel.schedule": "interleaved_1f1b"},
+    "llama pp4 interleaved": {
+        "model.family": "llama",
+        "model.n_layers": 8,
+        "parallel.pp": 4,
+        "parallel.vp": 2,
+        "parallel.schedule": "interleaved_1f1b",
+    },
     "gpt2 pp4 zero_bubble": {"parallel.pp": 4, "parallel.schedule": "zero_bubble"},
     "gpt2 dp2 x pp2 1f1b": {"parallel.pp": 2},
     # llama: an untied head on the last stage, whose loss has no embedding to ask for its vocab range
-    "llama gqa tp2 sp x pp2 1f1b": {"model.family": "llama", "model.n_kv_heads": 2, "parallel.pp": 2, "parallel.tp": 2,
-                                    "parallel.sequence_parallel": True},
-    "gpt2 tp2 sp x pp2 zero_bubble": {"parallel.pp": 2, "parallel.tp": 2, "parallel.sequence_parallel": True,
-                                      "parallel.schedule": "zero_bubble"},
+    "llama gqa tp2 sp x pp2 1f1b": {
+        "model.family": "llama",
+        "model.n_kv_heads": 2,
+        "parallel.pp": 2,
+        "parallel.tp": 2,
+        "parallel.sequence_parallel": True,
+    },
+    "gpt2 tp2 sp x pp2 zero_bubble": {
+        "parallel.pp": 2,
+        "parallel.tp": 2,
+        "parallel.sequence_parallel": True,
+        "parallel.schedule": "zero_bubble",
+    },
 }
 
 
 def layout_overrides(corpus: Path, extra: dict) -> list[str]:
-    common = {"model.n_layers": 4, "train.steps": 3, "train.global_batch": 8, "train.micro_batch": 2,
-              "train.eval_every": 3, "train.ckpt_every": 0, "parallel.timeout_s": 60}
+    common = {
+        "model.n_layers": 4,
+        "train.steps": 3,
+        "train.global_batch": 8,
+        "train.micro_batch": 2,
+        "train.eval_every": 3,
+        "train.ckpt_every": 0,
+        "parallel.timeout_s": 60,
+    }
     return tiny_overrides(corpus, **{**common, **extra})
 
 
@@ -78,8 +99,9 @@ def test_schedules_match_the_single_process(tmp_path: Path, text_corpus: Path, w
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), name
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), name
             assert "bubble_measured" in a and a["comm_bytes_pp"] > 0
-        assert got[name][-1]["val_loss"] == pytest.approx(read_metrics(tmp_path / "one" / name)[-1]["val_loss"],
-                                                          rel=1e-5)
+        assert got[name][-1]["val_loss"] == pytest.approx(
+            read_metrics(tmp_path / "one" / name)[-1]["val_loss"], rel=1e-5
+        )
         merged = load_checkpoint(tmp_path / "pp" / name).model_state
         want = single.model.state_dict()
         assert merged.keys() == want.keys(), name
@@ -180,8 +202,16 @@ def test_pipeline_layouts_are_checked_up_front() -> None:
     with pytest.raises(LoomError, match="n_layers = 4"):
         load_config(None, ["parallel.pp=3"])
     with pytest.raises(LoomError, match="multiple of parallel.pp"):
-        load_config(None, ["parallel.pp=2", "parallel.vp=2", "parallel.schedule=interleaved_1f1b",
-                           "model.n_layers=8", "train.microbatches=3"])
+        load_config(
+            None,
+            [
+                "parallel.pp=2",
+                "parallel.vp=2",
+                "parallel.schedule=interleaved_1f1b",
+                "model.n_layers=8",
+                "train.microbatches=3",
+            ],
+        )
     with pytest.raises(LoomError, match="interleaved_1f1b"):
         load_config(None, ["parallel.pp=2", "parallel.vp=2"])
     with pytest.raises(LoomError, match="parallel.schedule"):

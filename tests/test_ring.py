@@ -141,7 +141,8 @@ def test_cost_model() -> None:
     # all-reduce = reduce-scatter + all-gather, for any n
     for k in (2, 3, 8, 64):
         assert ring_all_reduce_time(k, s, alpha, beta, gamma) == pytest.approx(
-            ring_reduce_scatter_time(k, s, alpha, beta, gamma) + ring_all_gather_time(k, s, alpha, beta))
+            ring_reduce_scatter_time(k, s, alpha, beta, gamma) + ring_all_gather_time(k, s, alpha, beta)
+        )
     # bandwidth term tends to 2 S beta as n grows; latency term grows linearly
     assert ring_all_reduce_time(1024, s, 0, beta, 0) == pytest.approx(2 * s * beta, rel=1e-2)
     assert ring_all_reduce_time(1, s, alpha, beta, gamma) == 0.0

@@ -43,7 +43,7 @@ def grid():
     for name in SCHEDULES:
         for p in (1, 2, 3, 4):
             for m in (1, 2, 3, 4, 5, 8):
-                for vp in ((1, 2, 3) if name == "interleaved_1f1b" else (1,)):
+                for vp in (1, 2, 3) if name == "interleaved_1f1b" else (1,):
                     if vp > 1 and (p < 2 or m % p):
                         continue
                     yield name, p, m, vp
@@ -59,8 +59,9 @@ def test_gpipe_and_1f1b_bubble_is_p_minus_1_over_m(name: str, p: int, m: int) ->
     assert bubble_formula(name, p, m) == ("(p-1)/m", (p - 1) / m)
 
 
-@pytest.mark.parametrize("p,vp,m", [(2, 2, 4), (2, 2, 8), (4, 2, 4), (4, 2, 8), (4, 2, 16), (2, 3, 4), (4, 3, 8),
-                                    (3, 2, 6)])
+@pytest.mark.parametrize(
+    "p,vp,m", [(2, 2, 4), (2, 2, 8), (4, 2, 4), (4, 2, 8), (4, 2, 16), (2, 3, 4), (4, 3, 8), (3, 2, 6)]
+)
 def test_interleaved_bubble_is_p_minus_1_over_vp_m(p: int, vp: int, m: int) -> None:
     assert exact_bubble("interleaved_1f1b", p, m, vp) == Fraction(p - 1, vp * m)
     assert bubble_formula("interleaved_1f1b", p, m, vp)[1] == pytest.approx((p - 1) / (vp * m))
@@ -133,10 +134,26 @@ def test_every_schedule_is_consistent(name: str, p: int, m: int, vp: int) -> Non
 def test_action_lists_are_the_documented_data() -> None:
     F, B = "F", "B"
     assert one_f_one_b(2, 2) == [
-        [Action(F, 0), Action("SEND_ACT", 0, peer=1), Action(F, 1), Action("SEND_ACT", 1, peer=1),
-         Action("RECV_GRAD", 0, peer=1), Action(B, 0), Action("RECV_GRAD", 1, peer=1), Action(B, 1)],
-        [Action("RECV_ACT", 0, peer=0), Action(F, 0), Action(B, 0), Action("SEND_GRAD", 0, peer=0),
-         Action("RECV_ACT", 1, peer=0), Action(F, 1), Action(B, 1), Action("SEND_GRAD", 1, peer=0)],
+        [
+            Action(F, 0),
+            Action("SEND_ACT", 0, peer=1),
+            Action(F, 1),
+            Action("SEND_ACT", 1, peer=1),
+            Action("RECV_GRAD", 0, peer=1),
+            Action(B, 0),
+            Action("RECV_GRAD", 1, peer=1),
+            Action(B, 1),
+        ],
+        [
+            Action("RECV_ACT", 0, peer=0),
+            Action(F, 0),
+            Action(B, 0),
+            Action("SEND_GRAD", 0, peer=0),
+            Action("RECV_ACT", 1, peer=0),
+            Action(F, 1),
+            Action(B, 1),
+            Action("SEND_GRAD", 1, peer=0),
+        ],
     ]
     assert gpipe(1, 2) == [[Action(F, 0), Action(F, 1), Action(B, 0), Action(B, 1)]]
     # interleaved: rank 1 chunk 0 (stage 1) feeds rank 0 chunk 1 (stage 2)
@@ -184,10 +201,26 @@ def test_deadlock_is_reported_with_what_each_rank_waits_for() -> None:
     # consistent lists, but rank 0 waits for gradient 0 before sending activation 1,
     # while rank 1 runs both forwards before its first backward
     F, B = "F", "B"
-    rank0 = [Action(F, 0), Action("SEND_ACT", 0, peer=1), Action("RECV_GRAD", 0, peer=1), Action(B, 0),
-             Action(F, 1), Action("SEND_ACT", 1, peer=1), Action("RECV_GRAD", 1, peer=1), Action(B, 1)]
-    rank1 = [Action("RECV_ACT", 0, peer=0), Action(F, 0), Action("RECV_ACT", 1, peer=0), Action(F, 1),
-             Action(B, 0), Action("SEND_GRAD", 0, peer=0), Action(B, 1), Action("SEND_GRAD", 1, peer=0)]
+    rank0 = [
+        Action(F, 0),
+        Action("SEND_ACT", 0, peer=1),
+        Action("RECV_GRAD", 0, peer=1),
+        Action(B, 0),
+        Action(F, 1),
+        Action("SEND_ACT", 1, peer=1),
+        Action("RECV_GRAD", 1, peer=1),
+        Action(B, 1),
+    ]
+    rank1 = [
+        Action("RECV_ACT", 0, peer=0),
+        Action(F, 0),
+        Action("RECV_ACT", 1, peer=0),
+        Action(F, 1),
+        Action(B, 0),
+        Action("SEND_GRAD", 0, peer=0),
+        Action(B, 1),
+        Action("SEND_GRAD", 1, peer=0),
+    ]
     with pytest.raises(ValueError, match=r"deadlock: rank 0 waits at action 2 RECV_GRAD\(mb 0.*rank 1 waits"):
         check_schedule([rank0, rank1], 2, 2)
 
@@ -197,8 +230,16 @@ def test_other_mistakes_are_rejected() -> None:
     cases = [
         (broken(good, 0, lambda a: a + [Action("F", 0)]), "appears twice"),
         (broken(good, 0, lambda a: [x for x in a if x != Action("B", 1)]), "no complete backward"),
-        (broken(good, 1, lambda a: [Action("SEND_GRAD", 0, peer=1) if x.kind == "SEND_GRAD" and x.microbatch == 0
-                                    else x for x in a]), "wait on itself"),
+        (
+            broken(
+                good,
+                1,
+                lambda a: [
+                    Action("SEND_GRAD", 0, peer=1) if x.kind == "SEND_GRAD" and x.microbatch == 0 else x for x in a
+                ],
+            ),
+            "wait on itself",
+        ),
         (broken(good, 0, lambda a: [Action("F", 0, peer=1)] + a[1:]), "take no peer"),
         (broken(good, 0, lambda a: [Action("F", 5)] + a[1:]), "out of range"),
         (good[:1], "1 rank lists"),
@@ -234,8 +275,18 @@ def test_schedules_and_simulator_import_nothing_that_starts_processes(module) ->
     tree = ast.parse(Path(module.__file__).read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    allowed = {"__future__", "collections", "collections.abc", "dataclasses", "json", "pathlib", "typing",
-               "loom.errors", "loom.parallel.pipeline.schedules", "loom.parallel.pipeline.simulate"}
+    allowed = {
+        "__future__",
+        "collections",
+        "collections.abc",
+        "dataclasses",
+        "json",
+        "pathlib",
+        "typing",
+        "loom.errors",
+        "loom.parallel.pipeline.schedules",
+        "loom.parallel.pipeline.simulate",
+    }
     assert imported <= allowed, imported - allowed
 
 
@@ -243,8 +294,19 @@ def test_schedules_and_simulator_import_nothing_that_starts_processes(module) ->
 
 
 def records_of(timeline, origin: float = 0.0) -> list[list[dict]]:
-    return [[{"kind": s.action.kind, "microbatch": s.action.microbatch, "chunk": s.action.chunk,
-              "start": origin + s.start, "end": origin + s.end} for s in spans] for spans in timeline.ranks]
+    return [
+        [
+            {
+                "kind": s.action.kind,
+                "microbatch": s.action.microbatch,
+                "chunk": s.action.chunk,
+                "start": origin + s.start,
+                "end": origin + s.end,
+            }
+            for s in spans
+        ]
+        for spans in timeline.ranks
+    ]
 
 
 def test_measurements_give_the_same_timeline() -> None:
@@ -281,8 +343,24 @@ def test_draw_timeline_writes_a_png(tmp_path: Path) -> None:
 
 def test_cli_draws_a_chart(tmp_path: Path, capsys) -> None:
     out = tmp_path / "chart.png"
-    assert main(["schedule", "--schedule", "interleaved_1f1b", "--pp", "4", "--vp", "2", "--microbatches", "8",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "schedule",
+                "--schedule",
+                "interleaved_1f1b",
+                "--pp",
+                "4",
+                "--vp",
+                "2",
+                "--microbatches",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.read_bytes()[:8] == PNG_HEADER
     printed = capsys.readouterr().out
     assert "bubble 18.8%" in printed and str(out) in printed
@@ -297,9 +375,31 @@ def test_cli_json_gives_the_numbers(tmp_path: Path, capsys) -> None:
     assert not list(tmp_path.iterdir())  # --json alone draws nothing
 
     out = tmp_path / "zb.png"
-    assert main(["schedule", "--schedule", "zero_bubble", "--pp", "2", "--microbatches", "4", "--weight-cost", "0.5",
-                 "--forward-cost", "1", "--backward-cost", "2", "--transfer-cost", "0", "--json",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "schedule",
+                "--schedule",
+                "zero_bubble",
+                "--pp",
+                "2",
+                "--microbatches",
+                "4",
+                "--weight-cost",
+                "0.5",
+                "--forward-cost",
+                "1",
+                "--backward-cost",
+                "2",
+                "--transfer-cost",
+                "0",
+                "--json",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     numbers = json.loads(capsys.readouterr().out)
     assert numbers["costs"]["weight"] == 0.5 and numbers["chart"] == str(out)
     assert numbers["bubble_fraction"] == pytest.approx(numbers["bubble_theory"])
@@ -329,8 +429,12 @@ def expect_error(argv: list[str], capsys, *words: str) -> None:
 
 
 def test_cli_errors(tmp_path: Path, capsys) -> None:
-    expect_error(["schedule", "--schedule", "interleaved_1f1b", "--pp", "4", "--vp", "2", "--microbatches", "6"],
-                 capsys, "multiple of pp", "e.g. 8")
+    expect_error(
+        ["schedule", "--schedule", "interleaved_1f1b", "--pp", "4", "--vp", "2", "--microbatches", "6"],
+        capsys,
+        "multiple of pp",
+        "e.g. 8",
+    )
     expect_error(["schedule", "--schedule", "gpipe", "--vp", "2"], capsys, "vp = 2")
     expect_error(["schedule", "--schedule", "zigzag"], capsys, "zigzag", "zero_bubble")
     expect_error(["schedule", "--from-run", str(tmp_path)], capsys, "pipeline_timeline.json")

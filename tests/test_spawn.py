@@ -27,7 +27,7 @@ def _descendants() -> set[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = stat[stat.rfind(")") + 2 :].split()
         if fields[0] == "Z" or b"resource_tracker" in cmdline:
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
@@ -49,14 +49,18 @@ def _alive(pid: int) -> bool:
 
 # ---------------------------------------------------------------- rank bodies (module level)
 
+
 def _report(tag: str) -> dict:
     t = torch.tensor([float(dist.get_rank() + 1)])
     dist.all_reduce(t)
     return {
-        "tag": tag, "rank": dist.get_rank(), "world": dist.get_world_size(), "sum": t.item(),
-        "env": (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"],
-                os.environ["MASTER_ADDR"]),
-        "extra": os.environ.get("LOOM_TEST_EXTRA"), "threads": torch.get_num_threads(),
+        "tag": tag,
+        "rank": dist.get_rank(),
+        "world": dist.get_world_size(),
+        "sum": t.item(),
+        "env": (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"]),
+        "extra": os.environ.get("LOOM_TEST_EXTRA"),
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -98,6 +102,7 @@ def _unpicklable_result() -> object:
 
 
 # ---------------------------------------------------------------- tests
+
 
 def test_results_in_rank_order_env_and_init() -> None:
     before = _descendants()

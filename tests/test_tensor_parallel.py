@@ -34,12 +34,20 @@ STEPS = 3
 LAYOUTS_2 = {
     "gpt2 tp2": {"parallel.tp": 2},
     "gpt2 tp2 sp": {"parallel.tp": 2, "parallel.sequence_parallel": True},
-    "llama gqa tp2 sp": {"model.family": "llama", "model.n_kv_heads": 2, "parallel.tp": 2,
-                         "parallel.sequence_parallel": True},
+    "llama gqa tp2 sp": {
+        "model.family": "llama",
+        "model.n_kv_heads": 2,
+        "parallel.tp": 2,
+        "parallel.sequence_parallel": True,
+    },
 }
 LAYOUTS_4 = {
-    "llama kv2 tp4 sp (replicated kv)": {"model.family": "llama", "model.n_kv_heads": 2, "parallel.tp": 4,
-                                         "parallel.sequence_parallel": True},
+    "llama kv2 tp4 sp (replicated kv)": {
+        "model.family": "llama",
+        "model.n_kv_heads": 2,
+        "parallel.tp": 4,
+        "parallel.sequence_parallel": True,
+    },
     "gpt2 tp4": {"parallel.tp": 4},
     "gpt2 dp2 x tp2 sp": {"parallel.tp": 2, "parallel.sequence_parallel": True},
     "llama untied tp4": {"model.family": "llama", "parallel.tp": 4},
@@ -47,8 +55,14 @@ LAYOUTS_4 = {
 
 
 def layout_overrides(corpus: Path, extra: dict) -> list[str]:
-    common = {"train.steps": STEPS, "train.global_batch": 4, "train.micro_batch": 2, "train.eval_every": 0,
-              "train.ckpt_every": 0, "parallel.timeout_s": 60}
+    common = {
+        "train.steps": STEPS,
+        "train.global_batch": 4,
+        "train.micro_batch": 2,
+        "train.eval_every": 0,
+        "train.ckpt_every": 0,
+        "parallel.timeout_s": 60,
+    }
     return tiny_overrides(corpus, **{**common, **extra})
 
 
@@ -122,9 +136,16 @@ MEMORY_MODULES = (torch.nn.LayerNorm, torch.nn.Dropout)
 
 
 def _count_and_measure(sequence_parallel: bool) -> dict:
-    overrides = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64",
-                 "train.seq_len=16", "model.dropout=0.1", "parallel.tp=2",
-                 f"parallel.sequence_parallel={str(sequence_parallel).lower()}"]
+    overrides = [
+        "model.n_layers=2",
+        "model.d_model=32",
+        "model.n_heads=4",
+        "model.vocab_size=64",
+        "train.seq_len=16",
+        "model.dropout=0.1",
+        "parallel.tp=2",
+        f"parallel.sequence_parallel={str(sequence_parallel).lower()}",
+    ]
     config = load_config(None, overrides)
     ctx = init_distributed(config.parallel)
     tp = TensorParallel(ctx.comm("tp"), sequence_parallel)
@@ -154,8 +175,12 @@ def _count_and_measure(sequence_parallel: bool) -> dict:
     loss.backward()
     tp.sync_sequence_parallel_grads(model)
     entries = [(e.op, e.tag, e.numel) for e in ctx.ledger.recent(1000) if e.tag in ("tp", "tp-sp")]
-    return {"entries": entries, "bytes": ctx.ledger.totals().get("tp", 0), "saved": saved["bytes"],
-            "tags": sorted({e.tag for e in ctx.ledger.recent(1000)})}
+    return {
+        "entries": entries,
+        "bytes": ctx.ledger.totals().get("tp", 0),
+        "saved": saved["bytes"],
+        "tags": sorted({e.tag for e in ctx.ledger.recent(1000)}),
+    }
 
 
 def _both_modes() -> dict:
@@ -209,7 +234,8 @@ class _RecordingComm:
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["plain", "sp"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16 autocast"])
 def test_entering_with_the_column_linears_reduces_dx_once_behind_the_weight_gradients(
-        monkeypatch: pytest.MonkeyPatch, sequence_parallel: bool, autocast: bool) -> None:
+    monkeypatch: pytest.MonkeyPatch, sequence_parallel: bool, autocast: bool
+) -> None:
     events: list = []
     tp = TensorParallel(_RecordingComm(events), sequence_parallel)
     real = tensor_module._weight_grads
@@ -283,14 +309,17 @@ def test_dropout_streams_and_checkpoints_across_tp_layouts(tmp_path: Path, text_
     single.run()
     want = read_metrics(tmp_path / "single")
     halfway = tmp_path / "single" / "checkpoints" / "step_000003"
-    got = run_ranks(_dropout_and_checkpoints, 2, args=(str(text_corpus), str(tmp_path), str(halfway)),
-                    timeout_s=180)[0]
+    got = run_ranks(_dropout_and_checkpoints, 2, args=(str(text_corpus), str(tmp_path), str(halfway)), timeout_s=180)[0]
 
     # dropout: reproducible run to run, and tp=2 behaves like tp=1 in distribution
-    assert got["dropout_a"] == [{**r, **{k: got["dropout_a"][i][k] for k in ("tokens_per_s", "elapsed_s")}}
-                                for i, r in enumerate(got["dropout_b"])]
-    one = Trainer(load_config(None, layout_overrides(text_corpus, {"model.dropout": 0.2, "train.steps": 3})),
-                  tmp_path / "dropout_one")
+    assert got["dropout_a"] == [
+        {**r, **{k: got["dropout_a"][i][k] for k in ("tokens_per_s", "elapsed_s")}}
+        for i, r in enumerate(got["dropout_b"])
+    ]
+    one = Trainer(
+        load_config(None, layout_overrides(text_corpus, {"model.dropout": 0.2, "train.steps": 3})),
+        tmp_path / "dropout_one",
+    )
     one.run()
     for a, b in zip(got["dropout_a"], read_metrics(tmp_path / "dropout_one"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=0.03)
@@ -299,8 +328,11 @@ def test_dropout_streams_and_checkpoints_across_tp_layouts(tmp_path: Path, text_
     # a tp=1 checkpoint resumes at tp=2, and a tp=2 checkpoint at tp=1, continuing exactly
     for a, b in zip(got["resumed_from_tp1"], want[3:], strict=True):
         assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    back = Trainer(load_config(None, layout_overrides(text_corpus, six)), tmp_path / "back",
-                   resume_from=tmp_path / "tp2_full" / "checkpoints" / "step_000003")
+    back = Trainer(
+        load_config(None, layout_overrides(text_corpus, six)),
+        tmp_path / "back",
+        resume_from=tmp_path / "tp2_full" / "checkpoints" / "step_000003",
+    )
     back.run()
     for a, b in zip(read_metrics(tmp_path / "back"), want[3:], strict=True):
         assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)

@@ -20,7 +20,9 @@ def _small_corpus(folder: Path) -> Path:
     """A few KB of varied text: enough pairs for a few hundred BPE merges."""
     folder.mkdir()
     for i in range(4):
-        lines = [f"def function_{i}_{j}(value, other):\n    return value * {j} + other - {i}  # naïve ✓\n" for j in range(60)]
+        lines = [
+            f"def function_{i}_{j}(value, other):\n    return value * {j} + other - {i}  # naïve ✓\n" for j in range(60)
+        ]
         (folder / f"part{i}.txt").write_text("".join(lines), encoding="utf-8")
     return folder
 

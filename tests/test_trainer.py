@@ -44,7 +44,11 @@ def test_resume_from_an_earlier_checkpoint_of_the_same_run(tmp_path: Path, text_
     first = read_metrics(tmp_path / "run")
     run(tmp_path, "run", text_corpus, resume=tmp_path / "run" / "checkpoints" / "step_000003")
     assert read_metrics(tmp_path / "run") == [
-        {**r, "elapsed_s": pytest.approx(r["elapsed_s"], abs=10), "tokens_per_s": pytest.approx(r["tokens_per_s"], rel=10)}
+        {
+            **r,
+            "elapsed_s": pytest.approx(r["elapsed_s"], abs=10),
+            "tokens_per_s": pytest.approx(r["tokens_per_s"], rel=10),
+        }
         for r in first
     ]  # one record per step, the same losses
     aside = list(tmp_path.glob("run/checkpoints-abandoned-*/step_000006"))

@@ -207,12 +207,21 @@ def test_vocab_parallel_on_2_and_4_ranks_equals_one_process() -> None:
                 for result in results:
                     rank, got = result[(t, "rank")], result[(t, vocab, ignore, "ce")]
                     torch.testing.assert_close(got["loss"], want_loss, rtol=1e-6, atol=0)
-                    torch.testing.assert_close(got["grad"], 3.0 * want_grad[..., rank * per : (rank + 1) * per],
-                                               rtol=1e-6, atol=1e-9)
+                    torch.testing.assert_close(
+                        got["grad"], 3.0 * want_grad[..., rank * per : (rank + 1) * per], rtol=1e-6, atol=1e-9
+                    )
                     # each rank's (max, sum of exp, target logit) per position: one all-gather of
                     # 3N fp32 values from each rank; backward is local
-                    assert got["calls"] == [("all_gather", group, "tp-ce", t * 3 * n, "float32",
-                                             model_bytes("all_gather", t, 4 * t * 3 * n))]
+                    assert got["calls"] == [
+                        (
+                            "all_gather",
+                            group,
+                            "tp-ce",
+                            t * 3 * n,
+                            "float32",
+                            model_bytes("all_gather", t, 4 * t * 3 * n),
+                        )
+                    ]
                     assert got["backward_calls"] == 0
             for result in results:
                 assert torch.equal(result[(t, vocab, "gather")], logits[..., :vocab])

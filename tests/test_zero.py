@@ -47,8 +47,10 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _torch_adamw(model: torch.nn.Module) -> torch.optim.AdamW:
     params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": HYPER["weight_decay"]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": HYPER["weight_decay"]},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"], fused=True)
 
 
@@ -67,15 +69,27 @@ def _reference(autocast: bool = False, clip: float | None = None) -> dict:
         optimizer.step()
         losses.append(loss.item())
     moments = {n: optimizer.state[p]["exp_avg"] for n, p in model.named_parameters()}
-    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "losses": losses,
-            "exp_avg": moments}
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "losses": losses,
+        "exp_avg": moments,
+    }
 
 
 # ----------------------------------------------------------------------------- per rank
 
-def _train(ctx, stage: int, model_args: list[str] = MODEL, accum: int = 1, use_no_sync: bool | str = True,
-           hooks_only: bool = False, inject_inf_at: int | None = None, clip: float | None = None,
-           **options) -> dict:
+
+def _train(
+    ctx,
+    stage: int,
+    model_args: list[str] = MODEL,
+    accum: int = 1,
+    use_no_sync: bool | str = True,
+    hooks_only: bool = False,
+    inject_inf_at: int | None = None,
+    clip: float | None = None,
+    **options,
+) -> dict:
     """STEPS steps on this rank's rows of each global batch; what the parent checks."""
     dp, rank = ctx.dims.dp, ctx.coords.dp
     model = Transformer(load_config(None, model_args).model, seed=3)
@@ -84,8 +98,18 @@ def _train(ctx, stage: int, model_args: list[str] = MODEL, accum: int = 1, use_n
     if stage == 3:
         for block in model.blocks.values():
             block.register_forward_pre_hook(lambda *_: gathered.append([u.state for u in zero.gatherer.units]))
-    out = {"losses": [], "bytes": [], "stepped": [], "scale": [], "params": [], "local_overflow": [],
-           "launched_in_backward": [], "params_after_forward": [], "grads_after_backward": [], "norms": []}
+    out = {
+        "losses": [],
+        "bytes": [],
+        "stepped": [],
+        "scale": [],
+        "params": [],
+        "local_overflow": [],
+        "launched_in_backward": [],
+        "params_after_forward": [],
+        "grads_after_backward": [],
+        "norms": [],
+    }
     rows = GLOBAL_BATCH // dp
     micro = rows // accum
     for step in range(STEPS):
@@ -99,7 +123,7 @@ def _train(ctx, stage: int, model_args: list[str] = MODEL, accum: int = 1, use_n
         losses, mark = [], max((e.seq for e in ctx.ledger.recent(1)), default=0)
         for k in range(accum):
             start = rank * rows + k * micro
-            loss = model.loss(x[start:start + micro], y[start:start + micro]) / accum
+            loss = model.loss(x[start : start + micro], y[start : start + micro]) / accum
             out["params_after_forward"].append(zero.memory()["mem_params_bytes"])
             last = k == accum - 1
             # use_no_sync="all": every micro-batch under no_sync, then one sync (as a pipeline does)
@@ -147,14 +171,15 @@ def _ddp_with_adamw(ctx) -> dict:
     for step in range(STEPS):
         x, y = _batch(step)
         ddp.zero_grad()
-        loss = model.loss(x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows])
+        loss = model.loss(x[rank * rows : (rank + 1) * rows], y[rank * rows : (rank + 1) * rows])
         loss.backward()
         ddp.finish_gradient_sync()
         with torch.no_grad():
             for p, (m, v) in moments.items():
                 decay = [(0, p.numel(), HYPER["weight_decay"])] if p.dim() >= 2 else []
-                adamw_update(p.view(-1), p.grad.view(-1), m, v, step + 1, HYPER["lr"], HYPER["betas"],
-                             HYPER["eps"], decay)
+                adamw_update(
+                    p.view(-1), p.grad.view(-1), m, v, step + 1, HYPER["lr"], HYPER["betas"], HYPER["eps"], decay
+                )
         losses.append(loss.item())
     return {"full": {n: p.detach().clone() for n, p in model.named_parameters()}, "losses": losses}
 
@@ -172,11 +197,16 @@ def _state_round_trip(ctx) -> dict:
     other = ZeroOptimizer(model, ctx.comm("dp"), 1, **HYPER, bucket_mb=SMALL_BUCKETS)
     other.load_full_state(full)
     same = other.full_parameters()
-    reloaded = ZeroOptimizer(Transformer(load_config(None, MODEL).model, seed=5), ctx.comm("dp"), 1, **HYPER,
-                             bucket_mb=SMALL_BUCKETS)
+    reloaded = ZeroOptimizer(
+        Transformer(load_config(None, MODEL).model, seed=5), ctx.comm("dp"), 1, **HYPER, bucket_mb=SMALL_BUCKETS
+    )
     reloaded.load_state_dict(other.state_dict())
-    return {"full": full, "loaded": same, "reloaded": reloaded.full_parameters(),
-            "step": [g.optim.step_count for g in reloaded.groups]}
+    return {
+        "full": full,
+        "loaded": same,
+        "reloaded": reloaded.full_parameters(),
+        "step": [g.optim.step_count for g in reloaded.groups],
+    }
 
 
 def _rank_suite(checks: tuple[str, ...]) -> dict:
@@ -191,11 +221,11 @@ def _rank_suite(checks: tuple[str, ...]) -> dict:
         out["accum_no_sync_2"] = _strip(_train(ctx, 2, accum=2, bucket_mb=SMALL_BUCKETS))
         out["accum_no_sync_3"] = _strip(_train(ctx, 3, accum=2))
         for stage in (1, 3):
-            out[f"accum_all_no_sync_{stage}"] = _strip(_train(ctx, stage, accum=2, use_no_sync="all",
-                                                              bucket_mb=SMALL_BUCKETS))
+            out[f"accum_all_no_sync_{stage}"] = _strip(
+                _train(ctx, stage, accum=2, use_no_sync="all", bucket_mb=SMALL_BUCKETS)
+            )
         for stage in range(4):  # syncing every micro-batch: reduced sums keep accumulating
-            out[f"accum_sync_{stage}"] = _strip(_train(ctx, stage, accum=2, use_no_sync=False,
-                                                       bucket_mb=SMALL_BUCKETS))
+            out[f"accum_sync_{stage}"] = _strip(_train(ctx, stage, accum=2, use_no_sync=False, bucket_mb=SMALL_BUCKETS))
     if "offload" in checks:
         for stage in (2, 3):
             out[f"offload{stage}"] = _strip(_train(ctx, stage, offload="optimizer", bucket_mb=SMALL_BUCKETS))
@@ -208,8 +238,9 @@ def _rank_suite(checks: tuple[str, ...]) -> dict:
     if "memory" in checks:
         for stage in range(4):
             for grads in ("bf16", "fp32"):
-                out[f"mem{stage}_{grads}"] = _strip(_train(ctx, stage, model_args=ODD, param_dtype="bf16",
-                                                           grad_dtype=grads, bucket_mb=SMALL_BUCKETS))
+                out[f"mem{stage}_{grads}"] = _strip(
+                    _train(ctx, stage, model_args=ODD, param_dtype="bf16", grad_dtype=grads, bucket_mb=SMALL_BUCKETS)
+                )
     if "state" in checks:
         out["state"] = _state_round_trip(ctx)
     if "clip" in checks:
@@ -219,6 +250,7 @@ def _rank_suite(checks: tuple[str, ...]) -> dict:
 
 
 # ----------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
@@ -251,6 +283,7 @@ def _mean_losses(results: list[dict], key: str) -> list[float]:
 
 # ----------------------------------------------------------------------------- single process
 
+
 def test_flat_adamw_equals_torch_adamw_bit_for_bit() -> None:
     torch.manual_seed(0)
     matrix, bias = torch.randn(6, 5), torch.randn(7)
@@ -259,8 +292,11 @@ def test_flat_adamw_equals_torch_adamw_bit_for_bit() -> None:
     groups = [{"params": [params[0]], "weight_decay": 0.1}, {"params": [params[1]], "weight_decay": 0.0}]
     hyper = {"lr": 1e-2, "betas": (0.8, 0.9), "eps": 1e-6}
     torch_fused = torch.optim.AdamW(groups, **hyper, fused=True)
-    torch_loop = torch.optim.AdamW([{"params": [loops[0]], "weight_decay": 0.1},
-                                    {"params": [loops[1]], "weight_decay": 0.0}], **hyper, foreach=False)
+    torch_loop = torch.optim.AdamW(
+        [{"params": [loops[0]], "weight_decay": 0.1}, {"params": [loops[1]], "weight_decay": 0.0}],
+        **hyper,
+        foreach=False,
+    )
     flat = FlatAdamW(torch.cat([matrix.reshape(-1), bias]), [(0, 30, 0.1)], **hyper)
     formula = FlatAdamW(torch.cat([matrix.reshape(-1), bias]), [(0, 30, 0.1)], **hyper)
     formula.fused = False  # the fallback: torch's single-tensor formula
@@ -330,6 +366,7 @@ def test_one_rank_is_bitwise_torch_adamw(reference: dict, stage: int) -> None:
 
 # ----------------------------------------------------------------------------- two and four ranks
 
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_stages_match_one_process_adamw(request, reference: dict, world: int) -> None:
     results = request.getfixturevalue("two_ranks" if world == 2 else "four_ranks")
@@ -366,11 +403,15 @@ def test_memory_matches_the_zero_formulas(request, world: int) -> None:
                 mem = result[f"mem{stage}_{grads}"]["memory"]
                 psi = result[f"mem{stage}_{grads}"]["numel"]
                 measured = mem["mem_params_bytes"] + mem["mem_grads_bytes"] + mem["mem_optim_bytes"]
-                assert measured == pytest.approx(zero_memory_bytes(stage, psi, world, grad_bytes=width)
-                                                 + mem["padding_bytes"], rel=1e-12)
+                assert measured == pytest.approx(
+                    zero_memory_bytes(stage, psi, world, grad_bytes=width) + mem["padding_bytes"], rel=1e-12
+                )
                 padded = model_state_bytes(stage, psi + mem["padding_elements"], world, grad_bytes=width)
-                assert [mem["mem_params_bytes"], mem["mem_grads_bytes"], mem["mem_optim_bytes"]] == \
-                    [padded["params"], padded["grads"], padded["optim"]]
+                assert [mem["mem_params_bytes"], mem["mem_grads_bytes"], mem["mem_optim_bytes"]] == [
+                    padded["params"],
+                    padded["grads"],
+                    padded["optim"],
+                ]
                 assert mem["grads_dtype"] == grads and mem["params_dtype"] == "bf16"
                 assert (mem["padding_elements"] > 0) == (stage > 0)  # d_model 27: odd groups get padded
     for stage in range(4):  # fp32 parameters are their own master weights: K = 8, params/grads double
@@ -378,8 +419,11 @@ def test_memory_matches_the_zero_formulas(request, world: int) -> None:
         psi = results[0][f"stage{stage}"]["numel"] + fp32["padding_elements"]
         want = model_state_bytes(stage, psi, world, param_bytes=4, grad_bytes=4, k=8)
         assert fp32["optim_bytes_per_element"] == 8
-        assert [fp32["mem_params_bytes"], fp32["mem_grads_bytes"], fp32["mem_optim_bytes"]] == \
-            [want["params"], want["grads"], want["optim"]]
+        assert [fp32["mem_params_bytes"], fp32["mem_grads_bytes"], fp32["mem_optim_bytes"]] == [
+            want["params"],
+            want["grads"],
+            want["optim"],
+        ]
 
 
 def test_stage2_and_3_release_full_buffers(two_ranks: list[dict]) -> None:
@@ -401,8 +445,16 @@ def test_stage2_and_3_release_full_buffers(two_ranks: list[dict]) -> None:
 
 
 def test_accumulation_equals_one_big_batch(two_ranks: list[dict], reference: dict) -> None:
-    for key in ("accum_no_sync_2", "accum_no_sync_3", "accum_all_no_sync_1", "accum_all_no_sync_3",
-                "accum_sync_0", "accum_sync_1", "accum_sync_2", "accum_sync_3"):
+    for key in (
+        "accum_no_sync_2",
+        "accum_no_sync_3",
+        "accum_all_no_sync_1",
+        "accum_all_no_sync_3",
+        "accum_sync_0",
+        "accum_sync_1",
+        "accum_sync_2",
+        "accum_sync_3",
+    ):
         for result in two_ranks:
             _assert_params(result[key]["full"], reference["params"])
         assert _mean_losses(two_ranks, key) == pytest.approx(reference["losses"], rel=1e-6), key
@@ -428,7 +480,7 @@ def test_fp16_overflow_on_one_rank_skips_the_step_everywhere(two_ranks: list[dic
     assert sorted(r["local_overflow"][1] for r in runs) == [False, True]  # the inf sits in one rank's slice
     for run in runs:
         assert run["stepped"] == [True, False, True]
-        assert run["scale"] == [2.0 ** 16, 2.0 ** 15, 2.0 ** 15]
+        assert run["scale"] == [2.0**16, 2.0**15, 2.0**15]
         for name, value in run["params"][0].items():
             assert torch.equal(run["params"][1][name], value), name  # the skipped step changed nothing
             assert torch.isfinite(run["params"][2][name]).all()
@@ -458,8 +510,13 @@ def test_full_state_loads_into_another_layout(two_ranks: list[dict], reference: 
         assert state["step"] and set(state["step"]) == {STEPS}
         for name, moment in reference["exp_avg"].items():
             # the dp gradient's round-off again; the key bias's moments are pure noise (~1e-12)
-            torch.testing.assert_close(state["full"]["optimizer"]["state"][name]["exp_avg"], moment,
-                                       rtol=1e-5, atol=1e-6 * moment.abs().max().item() + 1e-11, msg=name)
+            torch.testing.assert_close(
+                state["full"]["optimizer"]["state"][name]["exp_avg"],
+                moment,
+                rtol=1e-5,
+                atol=1e-6 * moment.abs().max().item() + 1e-11,
+                msg=name,
+            )
 
 
 def test_clip_grad_norm_matches_torch(two_ranks: list[dict]) -> None:

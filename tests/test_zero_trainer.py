@@ -46,16 +46,30 @@ LAYOUTS_4 = {  # dp = 2 x (tp = 2 or pp = 2)
     "zero2 pp2 zero_bubble": {"zero.stage": 2, "parallel.pp": 2, "parallel.schedule": "zero_bubble"},
     "zero3 pp2 1f1b": {"zero.stage": 3, "parallel.pp": 2},
     # 16-bit: the loss scale agrees over dp, tp and pp; activations cross stages in bf16
-    "zero3 tp2 sp fp16": {"zero.stage": 3, "parallel.tp": 2, "parallel.sequence_parallel": True,
-                          "train.precision": "fp16"},
-    "zero2 pp2 bf16 grads fp32": {"zero.stage": 2, "parallel.pp": 2, "train.precision": "bf16",
-                                  "zero.grad_dtype": "fp32"},
+    "zero3 tp2 sp fp16": {
+        "zero.stage": 3,
+        "parallel.tp": 2,
+        "parallel.sequence_parallel": True,
+        "train.precision": "fp16",
+    },
+    "zero2 pp2 bf16 grads fp32": {
+        "zero.stage": 2,
+        "parallel.pp": 2,
+        "train.precision": "bf16",
+        "zero.grad_dtype": "fp32",
+    },
 }
 
 
 def overrides(corpus: Path, extra: dict, steps: int) -> list[str]:
-    common = {"train.steps": steps, "train.global_batch": 8, "train.micro_batch": 2, "train.eval_every": 0,
-              "train.ckpt_every": 2, "parallel.timeout_s": 60}
+    common = {
+        "train.steps": steps,
+        "train.global_batch": 8,
+        "train.micro_batch": 2,
+        "train.eval_every": 0,
+        "train.ckpt_every": 2,
+        "parallel.timeout_s": 60,
+    }
     return tiny_overrides(corpus, **{**common, **extra})
 
 
@@ -64,8 +78,7 @@ def _train_layouts(layouts: dict[str, list[str]], root: str, resume: dict[str, s
     for name, items in layouts.items():
         config = load_config(None, items)
         ctx = init_distributed(config.parallel)
-        Trainer(config, Path(root) / name, resume_from=Path(resume[name]) if name in resume else None,
-                dist=ctx).run()
+        Trainer(config, Path(root) / name, resume_from=Path(resume[name]) if name in resume else None, dist=ctx).run()
         out[name] = read_metrics(Path(root) / name) if ctx.is_main else None
     return out
 
@@ -73,8 +86,9 @@ def _train_layouts(layouts: dict[str, list[str]], root: str, resume: dict[str, s
 def single(corpus: Path, root: Path, extra: dict, steps: int, resume: Path | None = None) -> list[dict]:
     """The plain single-process run (no ZeRO, no split) of the same model."""
     model_only = {k: v for k, v in extra.items() if k.startswith("model.")}
-    Trainer(load_config(None, overrides(corpus, model_only, steps)), root, resume_from=resume,
-            live_progress=False).run()
+    Trainer(
+        load_config(None, overrides(corpus, model_only, steps)), root, resume_from=resume, live_progress=False
+    ).run()
     return read_metrics(root)
 
 
@@ -93,6 +107,7 @@ def assert_same_run(name: str, got: list[dict], want: list[dict], got_dir: Path,
 
 # ----------------------------------------------------------------------------- dp = 2
 
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Stages 1-3 and offload on dp = 2, plus checkpoints crossing between ZeRO and plain runs."""
@@ -100,8 +115,9 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict:
     corpus = root / "corpus"
     corpus.mkdir()
     for i in range(40):  # the text_corpus fixture's documents (that fixture is function-scoped)
-        (corpus / f"doc{i:02d}.txt").write_text("".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n"
-                                                         for j in range(40)), encoding="utf-8")
+        (corpus / f"doc{i:02d}.txt").write_text(
+            "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(40)), encoding="utf-8"
+        )
     want = single(corpus, root / "one", {}, steps=4)
     layouts = {name: overrides(corpus, extra, steps=4) for name, extra in LAYOUTS_2.items()}
     # a plain single-process checkpoint resumed under ZeRO-3 on two ranks
@@ -129,7 +145,10 @@ def test_offload_equals_the_device_run(two_ranks: dict) -> None:
 
 def test_checkpoints_cross_between_zero_and_plain_layouts(two_ranks: dict) -> None:
     want = two_ranks["want"][2:]
-    for name, got in (("zero3 from plain", two_ranks["got"]["zero3 from plain"]), ("plain from zero2", two_ranks["back"])):
+    for name, got in (
+        ("zero3 from plain", two_ranks["got"]["zero3 from plain"]),
+        ("plain from zero2", two_ranks["back"]),
+    ):
         assert [r["step"] for r in got] == [3, 4], name
         for a, b in zip(got, want, strict=True):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), name
@@ -151,8 +170,9 @@ def test_metrics_hold_memory_and_traffic_of_the_formulas(two_ranks: dict, stage:
     pad_bytes_per_elem = (4 if stage < 3 else 2) + (4 if stage < 2 else 2) + 4
     for record in records:
         measured = record["mem_params_bytes"] + record["mem_grads_bytes"] + record["mem_optim_bytes"]
-        assert measured == zero_memory_bytes(stage, psi, 2, param_bytes=4, grad_bytes=4, k=8) \
-            + record["mem_padding_bytes"]
+        assert (
+            measured == zero_memory_bytes(stage, psi, 2, param_bytes=4, grad_bytes=4, k=8) + record["mem_padding_bytes"]
+        )
         padded = psi + round(record["mem_padding_bytes"] / pad_bytes_per_elem)
         # 2Ψ or 3Ψ (ring), plus the loss and the norm's squares (4 bytes each); ZeRO-3 gathers
         # the parameters for each micro-batch's forward and backward: 2Ψ more per extra one
@@ -163,6 +183,7 @@ def test_metrics_hold_memory_and_traffic_of_the_formulas(two_ranks: dict, stage:
 
 
 # ----------------------------------------------------------------------------- dp = 2 x (tp | pp) = 4 ranks
+
 
 def test_zero_with_tp_and_pp_matches_the_single_process(tmp_path: Path, text_corpus: Path) -> None:
     layouts = {name: overrides(text_corpus, extra, steps=3) for name, extra in LAYOUTS_4.items()}
@@ -189,15 +210,19 @@ def test_zero_with_tp_and_pp_matches_the_single_process(tmp_path: Path, text_cor
 
 # ----------------------------------------------------------------------------- config
 
-@pytest.mark.parametrize(("items", "match"), [
-    (["zero.stage=4"], "zero.stage = 4"),
-    (["zero.stage=2", "zero.offload=\"cpu\""], "zero.offload = 'cpu'"),
-    (["zero.offload=\"optimizer\""], "zero.stage to 1, 2 or 3"),
-    (["zero.stage=1", "zero.grad_dtype=\"bf16\""], "zero.grad_dtype = 'bf16' with train.precision = 'fp32'"),
-    (["zero.stage=3", "parallel.pp=2", "parallel.schedule=\"zero_bubble\""], "zero_bubble"),
-    (["zero.stage=3", "parallel.vp=2", "parallel.schedule=\"interleaved_1f1b\""], "parallel.vp = 2"),
-    (["zero.stages=2"], "did you mean zero.stage"),
-])
+
+@pytest.mark.parametrize(
+    ("items", "match"),
+    [
+        (["zero.stage=4"], "zero.stage = 4"),
+        (["zero.stage=2", 'zero.offload="cpu"'], "zero.offload = 'cpu'"),
+        (['zero.offload="optimizer"'], "zero.stage to 1, 2 or 3"),
+        (["zero.stage=1", 'zero.grad_dtype="bf16"'], "zero.grad_dtype = 'bf16' with train.precision = 'fp32'"),
+        (["zero.stage=3", "parallel.pp=2", 'parallel.schedule="zero_bubble"'], "zero_bubble"),
+        (["zero.stage=3", "parallel.vp=2", 'parallel.schedule="interleaved_1f1b"'], "parallel.vp = 2"),
+        (["zero.stages=2"], "did you mean zero.stage"),
+    ],
+)
 def test_bad_zero_settings_name_the_field_and_the_fix(items: list[str], match: str) -> None:
     with pytest.raises(LoomError, match=match) as info:
         load_config(None, items)
@@ -205,7 +230,8 @@ def test_bad_zero_settings_name_the_field_and_the_fix(items: list[str], match: s
 
 
 def test_zero_settings_load() -> None:
-    config = load_config(None, ["zero.stage=3", "zero.offload=\"optimizer\"", "train.precision=\"bf16\"",
-                                "zero.grad_dtype=\"fp32\""])
+    config = load_config(
+        None, ["zero.stage=3", 'zero.offload="optimizer"', 'train.precision="bf16"', 'zero.grad_dtype="fp32"']
+    )
     assert (config.zero.stage, config.zero.offload, config.zero.grad_dtype) == (3, "optimizer", "fp32")
     assert load_config(None, []).zero.stage == 0  # DDP, as before

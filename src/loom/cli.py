@@ -35,31 +35,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    train = sub.add_parser("train", help="train a model (default: tiny GPT on the Python standard library)",
-                           description="Train a model. With no arguments: the tiny demo GPT on the Python "
-                                       "standard library source of this machine, a few minutes on 2 CPU cores.")
+    train = sub.add_parser(
+        "train",
+        help="train a model (default: tiny GPT on the Python standard library)",
+        description="Train a model. With no arguments: the tiny demo GPT on the Python "
+        "standard library source of this machine, a few minutes on 2 CPU cores.",
+    )
     _add_config_args(train)
     train.add_argument("--run-dir", type=Path, help="folder for metrics, checkpoints, plots (default: runs/<time>)")
-    train.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
-                       help="continue from the newest checkpoint of --run-dir, or from checkpoint PATH")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="PATH",
+        help="continue from the newest checkpoint of --run-dir, or from checkpoint PATH",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar (plain log lines)")
-    train.add_argument("--nproc", type=int, default=1,
-                       help="start N local ranks (gloo on CPU, nccl on GPUs); under torchrun leave it out")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="start N local ranks (gloo on CPU, nccl on GPUs); under torchrun leave it out",
+    )
 
-    gen = sub.add_parser("generate", help="sample text from a checkpoint",
-                         description="Sample text from a checkpoint (a checkpoint folder, or a run folder: its newest).")
+    gen = sub.add_parser(
+        "generate",
+        help="sample text from a checkpoint",
+        description="Sample text from a checkpoint (a checkpoint folder, or a run folder: its newest).",
+    )
     gen.add_argument("checkpoint", type=Path, help="checkpoint folder or run folder")
     gen.add_argument("--prompt", default="def ", help="text to continue (default: %(default)r)")
     gen.add_argument("--tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
     gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: %(default)s)")
-    gen.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest, 0 for all (default: %(default)s)")
+    gen.add_argument(
+        "--top-k", type=int, default=40, help="sample among the k likeliest, 0 for all (default: %(default)s)"
+    )
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
     gen.add_argument("--tokenizer", help="byte or a tokenizer.json (default: the one the checkpoint names)")
 
-    conv = sub.add_parser("convert", help="import or export Hugging Face checkpoints",
-                          description="Convert between a local Hugging Face folder (config.json + safetensors) "
-                                      "and a loom checkpoint. GPT-2 and Llama families.")
+    conv = sub.add_parser(
+        "convert",
+        help="import or export Hugging Face checkpoints",
+        description="Convert between a local Hugging Face folder (config.json + safetensors) "
+        "and a loom checkpoint. GPT-2 and Llama families.",
+    )
     way = conv.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-hf", type=Path, metavar="DIR", help="Hugging Face folder to import")
     way.add_argument("--to-hf", type=Path, metavar="CKPT", help="loom checkpoint or run folder to export")
@@ -67,10 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     tok = sub.add_parser("tokenizer", help="train a BPE tokenizer", description="Tokenizer tools.")
     tok_sub = tok.add_subparsers(dest="tok_command", metavar="ACTION", required=True)
-    tok_train = tok_sub.add_parser("train", help="train a byte-level BPE tokenizer on a corpus",
-                                   description="Train a byte-level BPE tokenizer (Hugging Face tokenizers) on a "
-                                               "corpus; use it with --set data.tokenizer=PATH.")
-    tok_train.add_argument("--corpus", default="stdlib", help="stdlib or a folder of .txt/.jsonl (default: %(default)s)")
+    tok_train = tok_sub.add_parser(
+        "train",
+        help="train a byte-level BPE tokenizer on a corpus",
+        description="Train a byte-level BPE tokenizer (Hugging Face tokenizers) on a "
+        "corpus; use it with --set data.tokenizer=PATH.",
+    )
+    tok_train.add_argument(
+        "--corpus", default="stdlib", help="stdlib or a folder of .txt/.jsonl (default: %(default)s)"
+    )
     tok_train.add_argument("--vocab-size", type=int, default=4096, help="(default: %(default)s)")
     tok_train.add_argument("--max-bytes", type=int, default=0, help="read at most this much text, 0 for all")
     tok_train.add_argument("--out", type=Path, required=True, help="where to write tokenizer.json")
@@ -79,54 +104,87 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", type=Path)
     plot.add_argument("--out", type=Path, help="PNG path (default: RUN_DIR/loss.png)")
 
-    show = sub.add_parser("config", help="print the resolved config as TOML",
-                          description="Print the config that `loom train` would use, every field resolved.")
+    show = sub.add_parser(
+        "config",
+        help="print the resolved config as TOML",
+        description="Print the config that `loom train` would use, every field resolved.",
+    )
     _add_config_args(show)
 
     sub.add_parser("presets", help="list model presets", description="List model presets and their sizes.")
 
     sched = sub.add_parser(
-        "schedule", help="simulate and draw a pipeline schedule (bubble, activations held)",
+        "schedule",
+        help="simulate and draw a pipeline schedule (bubble, activations held)",
         description="Simulate a pipeline schedule from its per-rank action lists and per-action costs, and draw "
-                    "its timeline, one row per device, like the Megatron-LM paper's figures. Costs are per chunk: "
-                    "with --vp 2 a chunk holds half the layers of a --vp 1 stage. With --from-run, draw a finished "
-                    "run's measured timeline instead, read from RUN_DIR/pipeline_timeline.json: "
-                    '{"ranks": [[{"kind": "F", "microbatch": 0, "chunk": 0, "start": 0.0, "end": 0.1}, ...], '
-                    '...]}, '
-                    "one list per pp rank, kind F/B/I/W, times in seconds.")
-    sched.add_argument("--schedule", metavar="NAME",
-                       help="gpipe, 1f1b, interleaved_1f1b or zero_bubble (default: 1f1b)")
+        "its timeline, one row per device, like the Megatron-LM paper's figures. Costs are per chunk: "
+        "with --vp 2 a chunk holds half the layers of a --vp 1 stage. With --from-run, draw a finished "
+        "run's measured timeline instead, read from RUN_DIR/pipeline_timeline.json: "
+        '{"ranks": [[{"kind": "F", "microbatch": 0, "chunk": 0, "start": 0.0, "end": 0.1}, ...], '
+        "...]}, "
+        "one list per pp rank, kind F/B/I/W, times in seconds.",
+    )
+    sched.add_argument(
+        "--schedule", metavar="NAME", help="gpipe, 1f1b, interleaved_1f1b or zero_bubble (default: 1f1b)"
+    )
     sched.add_argument("--pp", type=int, metavar="N", help="pipeline ranks (default: 4)")
-    sched.add_argument("--vp", type=int, metavar="N",
-                       help="virtual chunks per rank, interleaved_1f1b only (default: 1)")
+    sched.add_argument(
+        "--vp", type=int, metavar="N", help="virtual chunks per rank, interleaved_1f1b only (default: 1)"
+    )
     sched.add_argument("--microbatches", type=int, metavar="N", help="micro-batches per step (default: 8)")
     sched.add_argument("--forward-cost", type=float, metavar="T", help="time of one forward of one chunk (default: 1)")
-    sched.add_argument("--backward-cost", type=float, metavar="T",
-                       help="time of one full backward of one chunk (default: 2)")
-    sched.add_argument("--weight-cost", type=float, metavar="T",
-                       help="the weight-gradient part of the backward, for zero_bubble (default: half of it)")
-    sched.add_argument("--transfer-cost", type=float, metavar="T",
-                       help="time from a send to the data's arrival (default: 0)")
-    sched.add_argument("--out", type=Path, metavar="PNG",
-                       help="PNG path (default: schedule_<name>_pp<P>_vp<V>_m<M>.png, "
-                            "or RUN_DIR/pipeline_timeline.png with --from-run)")
+    sched.add_argument(
+        "--backward-cost", type=float, metavar="T", help="time of one full backward of one chunk (default: 2)"
+    )
+    sched.add_argument(
+        "--weight-cost",
+        type=float,
+        metavar="T",
+        help="the weight-gradient part of the backward, for zero_bubble (default: half of it)",
+    )
+    sched.add_argument(
+        "--transfer-cost", type=float, metavar="T", help="time from a send to the data's arrival (default: 0)"
+    )
+    sched.add_argument(
+        "--out",
+        type=Path,
+        metavar="PNG",
+        help="PNG path (default: schedule_<name>_pp<P>_vp<V>_m<M>.png, "
+        "or RUN_DIR/pipeline_timeline.png with --from-run)",
+    )
     sched.add_argument("--json", action="store_true", help="print the numbers as JSON; draw only if --out is given")
-    sched.add_argument("--from-run", type=Path, metavar="RUN_DIR",
-                       help="draw the measured timeline of this pipeline run instead of a simulation")
+    sched.add_argument(
+        "--from-run",
+        type=Path,
+        metavar="RUN_DIR",
+        help="draw the measured timeline of this pipeline run instead of a simulation",
+    )
     return parser
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML config file (sections [model], [train], [data])")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one field, e.g. --set train.lr=3e-4 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set train.lr=3e-4 (repeatable)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {
-        "train": cmd_train, "generate": cmd_generate, "convert": cmd_convert, "tokenizer": cmd_tokenizer,
-        "plot": cmd_plot, "config": cmd_config, "presets": cmd_presets, "schedule": cmd_schedule,
+        "train": cmd_train,
+        "generate": cmd_generate,
+        "convert": cmd_convert,
+        "tokenizer": cmd_tokenizer,
+        "plot": cmd_plot,
+        "config": cmd_config,
+        "presets": cmd_presets,
+        "schedule": cmd_schedule,
     }[args.command]
     try:
         return handler(args) or 0
@@ -146,8 +204,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     world_size = env_world_size()
     if world_size > 1 and args.run_dir is None:
-        raise LoomError("launched on several ranks without --run-dir.",
-                        "pass --run-dir DIR so every rank writes to the same run folder.")
+        raise LoomError(
+            "launched on several ranks without --run-dir.",
+            "pass --run-dir DIR so every rank writes to the same run folder.",
+        )
     run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     resume_from, config = _train_config(args, run_dir)
     if args.nproc < 1:
@@ -166,13 +226,17 @@ def _train_config(args: argparse.Namespace, run_dir: Path):
     if args.resume == "latest":
         resume_from = latest_checkpoint(run_dir)
         if resume_from is None:
-            raise LoomError(f"--resume was given but {run_dir} holds no complete checkpoint.",
-                            "drop --resume to start fresh, or pass --resume PATH of a checkpoint.")
+            raise LoomError(
+                f"--resume was given but {run_dir} holds no complete checkpoint.",
+                "drop --resume to start fresh, or pass --resume PATH of a checkpoint.",
+            )
     elif args.resume:
         resume_from = Path(args.resume)
     elif latest_checkpoint(run_dir) is not None:
-        raise LoomError(f"{run_dir} already holds checkpoints of an earlier run.",
-                        "pass --resume to continue it, or choose a new --run-dir.")
+        raise LoomError(
+            f"{run_dir} already holds checkpoints of an earlier run.",
+            "pass --resume to continue it, or choose a new --run-dir.",
+        )
     if resume_from is not None and args.config is None:
         # Resuming without a config file: the checkpoint's config, with --set on top.
         base = load_checkpoint(resume_from).meta["config"]
@@ -206,8 +270,9 @@ def _train_rank(args: argparse.Namespace, config, run_dir: Path, resume_from: Pa
     dist_ctx = init_distributed(config.parallel, config.train.device)
     console = _console()
     with fail_loudly(dist_ctx.ledger, config.parallel.timeout_s, run_dir if dist_ctx.world_size > 1 else None):
-        trainer = Trainer(config, run_dir, resume_from=resume_from, console=console,
-                          live_progress=not args.no_progress, dist=dist_ctx)
+        trainer = Trainer(
+            config, run_dir, resume_from=resume_from, console=console, live_progress=not args.no_progress, dist=dist_ctx
+        )
         summary = trainer.run()
         if dist_ctx.is_main:
             _finish_run(trainer, summary, console)
@@ -237,8 +302,13 @@ def _finish_run(trainer, summary: dict, console) -> None:
         if trainer.tp.size > 1 or trainer.pp.size > 1:  # a shard or a stage cannot run alone:
             # sample from the full final checkpoint (always written at the last step)
             model = load_for_inference(latest_checkpoint(trainer.run_dir), str(trainer.device))[0]
-        ids = generate(model, tok.encode(train.sample_prompt), train.sample_tokens,
-                       trainer.config.model.max_seq_len, seed=train.seed)
+        ids = generate(
+            model,
+            tok.encode(train.sample_prompt),
+            train.sample_tokens,
+            trainer.config.model.max_seq_len,
+            seed=train.seed,
+        )
         text = train.sample_prompt + tok.decode(ids)
         (trainer.run_dir / "sample.txt").write_text(text, encoding="utf-8")
         console.rule("sample")
@@ -250,8 +320,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from loom.train.generate import generate, load_for_inference
 
     model, config, tokenizer = load_for_inference(args.checkpoint, args.device, args.tokenizer)
-    ids = generate(model, tokenizer.encode(args.prompt), args.tokens, config.model.max_seq_len,
-                   temperature=args.temperature, top_k=args.top_k, seed=args.seed, stop_id=tokenizer.eos_id)
+    ids = generate(
+        model,
+        tokenizer.encode(args.prompt),
+        args.tokens,
+        config.model.max_seq_len,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop_id=tokenizer.eos_id,
+    )
     print(args.prompt + tokenizer.decode(ids))
     return 0
 
@@ -309,8 +387,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
             continue
         cfg = config_from_dict({"model": {"preset": name}}).model
         params = count_parameters(cfg, vocab_size=cfg.vocab_size or 257)
-        print(f"{name:<12} {cfg.family:<6} {cfg.n_layers:>6} {cfg.d_model:>7} {cfg.n_heads:>5} {cfg.kv_heads:>3} "
-              f"{params / 1e6:>9.1f}M")
+        print(
+            f"{name:<12} {cfg.family:<6} {cfg.n_layers:>6} {cfg.d_model:>7} {cfg.n_heads:>5} {cfg.kv_heads:>3} "
+            f"{params / 1e6:>9.1f}M"
+        )
     return 0
 
 
@@ -319,21 +399,31 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
     from loom.viz.schedule import draw_timeline
 
-    simulation_flags = {"--schedule": args.schedule, "--pp": args.pp, "--vp": args.vp,
-                        "--microbatches": args.microbatches, "--forward-cost": args.forward_cost,
-                        "--backward-cost": args.backward_cost, "--weight-cost": args.weight_cost,
-                        "--transfer-cost": args.transfer_cost}
+    simulation_flags = {
+        "--schedule": args.schedule,
+        "--pp": args.pp,
+        "--vp": args.vp,
+        "--microbatches": args.microbatches,
+        "--forward-cost": args.forward_cost,
+        "--backward-cost": args.backward_cost,
+        "--weight-cost": args.weight_cost,
+        "--transfer-cost": args.transfer_cost,
+    }
     if args.from_run is not None:
         from loom.parallel.pipeline.simulate import load_measured
 
         given = [flag for flag, value in simulation_flags.items() if value is not None]
         if given:
-            raise LoomError(f"--from-run draws a run's measured timeline; {', '.join(given)} only apply to a "
-                            "simulation.", "drop them to draw the run, or drop --from-run to simulate.")
+            raise LoomError(
+                f"--from-run draws a run's measured timeline; {', '.join(given)} only apply to a simulation.",
+                "drop them to draw the run, or drop --from-run to simulate.",
+            )
         timeline = load_measured(args.from_run)
         numbers = {"source": "measured", "run_dir": str(args.from_run), **timeline.summary()}
-        title = (f"measured: {args.from_run.resolve().name} (pp={timeline.pp}, vp={timeline.vp}, "
-                 f"{timeline.microbatches} micro-batches)")
+        title = (
+            f"measured: {args.from_run.resolve().name} (pp={timeline.pp}, vp={timeline.vp}, "
+            f"{timeline.microbatches} micro-batches)"
+        )
         out = args.out or args.from_run / "pipeline_timeline.png"
         line = f"measured {args.from_run}"
     else:
@@ -341,16 +431,33 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         from loom.parallel.pipeline.simulate import Costs, bubble_formula, simulate
 
         name, pp, vp, m = _or(args.schedule, "1f1b"), _or(args.pp, 4), _or(args.vp, 1), _or(args.microbatches, 8)
-        costs = Costs(forward=_or(args.forward_cost, 1.0), backward=_or(args.backward_cost, 2.0),
-                      weight=args.weight_cost, transfer=_or(args.transfer_cost, 0.0))
+        costs = Costs(
+            forward=_or(args.forward_cost, 1.0),
+            backward=_or(args.backward_cost, 2.0),
+            weight=args.weight_cost,
+            transfer=_or(args.transfer_cost, 0.0),
+        )
         timeline = simulate(build_schedule(name, pp, m, vp), costs)
         formula = bubble_formula(name, pp, m, vp, costs)
-        numbers = {"schedule": name, "pp": pp, "vp": vp, "microbatches": m, "makespan": timeline.makespan,
-                   "bubble_fraction": timeline.bubble_fraction,
-                   "bubble_formula": formula[0] if formula else None, "bubble_theory": formula[1] if formula else None,
-                   "peak_inflight": timeline.peak_inflight, "busy": timeline.busy, "idle": timeline.idle,
-                   "costs": {"forward": costs.forward, "backward": costs.backward, "weight": costs.weight_grad,
-                             "transfer": costs.transfer}}
+        numbers = {
+            "schedule": name,
+            "pp": pp,
+            "vp": vp,
+            "microbatches": m,
+            "makespan": timeline.makespan,
+            "bubble_fraction": timeline.bubble_fraction,
+            "bubble_formula": formula[0] if formula else None,
+            "bubble_theory": formula[1] if formula else None,
+            "peak_inflight": timeline.peak_inflight,
+            "busy": timeline.busy,
+            "idle": timeline.idle,
+            "costs": {
+                "forward": costs.forward,
+                "backward": costs.backward,
+                "weight": costs.weight_grad,
+                "transfer": costs.transfer,
+            },
+        }
         title = f"{name}: pp={pp}" + (f", vp={vp}" if vp > 1 else "") + f", {m} micro-batches"
         out = args.out or Path(f"schedule_{name}_pp{pp}_vp{vp}_m{m}.png")
         line = f"{name} pp={pp} vp={vp} microbatches={m}"
@@ -362,8 +469,10 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         print(json.dumps(numbers, indent=2))
         return 0
     path = draw_timeline(timeline, out, title)
-    print(f"{line}: makespan {timeline.makespan:.4g}, bubble {timeline.bubble_fraction:.1%}, "
-          f"peak in-flight per rank {timeline.peak_inflight}\nchart: {path}")
+    print(
+        f"{line}: makespan {timeline.makespan:.4g}, bubble {timeline.bubble_fraction:.1%}, "
+        f"peak in-flight per rank {timeline.peak_inflight}\nchart: {path}"
+    )
     return 0
 
 

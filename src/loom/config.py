@@ -105,7 +105,9 @@ class ModelConfig:
         if self.vocab_size is not None:
             _check_positive("model.vocab_size", self.vocab_size)
         if not 0.0 <= self.dropout < 1.0:
-            raise LoomError(f"model.dropout = {self.dropout} is outside [0, 1).", "use a probability such as 0.1, or 0 for none.")
+            raise LoomError(
+                f"model.dropout = {self.dropout} is outside [0, 1).", "use a probability such as 0.1, or 0 for none."
+            )
         _check_positive("model.norm_eps", self.norm_eps)
         _check_positive("model.rope_theta", self.rope_theta)
         _check_positive("model.init_std", self.init_std)
@@ -148,18 +150,25 @@ class TrainConfig:
         if self.lr <= 0:
             raise LoomError(f"train.lr = {self.lr} must be positive.", "set a learning rate such as train.lr=3e-4.")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise LoomError(f"train.min_lr_ratio = {self.min_lr_ratio} is outside [0, 1].", "use e.g. 0.1 (decay to a tenth of train.lr).")
+            raise LoomError(
+                f"train.min_lr_ratio = {self.min_lr_ratio} is outside [0, 1].",
+                "use e.g. 0.1 (decay to a tenth of train.lr).",
+            )
         for name in ("warmup_steps", "ckpt_every", "eval_every", "sample_tokens", "seed"):
             _check_non_negative(f"train.{name}", getattr(self, name))
         for name in ("weight_decay", "grad_clip"):
             _check_non_negative(f"train.{name}", getattr(self, name))
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise LoomError(f"train.{name} = {getattr(self, name)} is outside [0, 1).", "use e.g. beta1=0.9, beta2=0.95.")
+                raise LoomError(
+                    f"train.{name} = {getattr(self, name)} is outside [0, 1).", "use e.g. beta1=0.9, beta2=0.95."
+                )
         _check_positive("train.eps", self.eps)
         _check_choice("train.precision", self.precision, PRECISIONS)
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
-            raise LoomError(f"train.device = {self.device!r} is not a device loom knows.", "use auto, cpu, cuda or cuda:N.")
+            raise LoomError(
+                f"train.device = {self.device!r} is not a device loom knows.", "use auto, cpu, cuda or cuda:N."
+            )
 
 
 @dataclass
@@ -174,9 +183,14 @@ class DataConfig:
 
     def validate(self) -> None:
         if not self.corpus:
-            raise LoomError("data.corpus is empty.", "set data.corpus=stdlib, a folder of .txt/.jsonl files, or a token file.")
+            raise LoomError(
+                "data.corpus is empty.", "set data.corpus=stdlib, a folder of .txt/.jsonl files, or a token file."
+            )
         if not 0.0 < self.val_fraction < 0.5:
-            raise LoomError(f"data.val_fraction = {self.val_fraction} is outside (0, 0.5).", "use e.g. 0.05 (5% of documents held out).")
+            raise LoomError(
+                f"data.val_fraction = {self.val_fraction} is outside (0, 0.5).",
+                "use e.g. 0.05 (5% of documents held out).",
+            )
         _check_non_negative("data.max_bytes", self.max_bytes)
 
 
@@ -200,7 +214,7 @@ class ParallelConfig:
         if self.vp > 1 and self.schedule != "interleaved_1f1b":
             raise LoomError(
                 f"parallel.vp = {self.vp} with parallel.schedule = {self.schedule!r}.",
-                "virtual stages need parallel.schedule = \"interleaved_1f1b\", or set parallel.vp = 1.",
+                'virtual stages need parallel.schedule = "interleaved_1f1b", or set parallel.vp = 1.',
             )
         if self.dp is not None:
             _check_positive("parallel.dp", self.dp)
@@ -242,8 +256,10 @@ class ZeroConfig:
 
     def validate(self, train: TrainConfig, parallel: ParallelConfig) -> None:
         if self.stage not in (0, 1, 2, 3):
-            raise LoomError(f"zero.stage = {self.stage} is not a ZeRO stage.",
-                            "set zero.stage to 0 (DDP), 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters).")
+            raise LoomError(
+                f"zero.stage = {self.stage} is not a ZeRO stage.",
+                "set zero.stage to 0 (DDP), 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters).",
+            )
         _check_choice("zero.offload", self.offload, ZERO_OFFLOADS)
         if self.grad_dtype is not None:
             _check_choice("zero.grad_dtype", self.grad_dtype, PRECISIONS)
@@ -257,14 +273,15 @@ class ZeroConfig:
         if self.stage == 0:
             for name, value, default in (("offload", self.offload, "none"), ("grad_dtype", self.grad_dtype, None)):
                 if value != default:
-                    raise LoomError(f"zero.{name} = {value!r} with zero.stage = 0.",
-                                    f"zero.{name} needs ZeRO's optimizer: set zero.stage to 1, 2 or 3, "
-                                    f"or remove zero.{name}.")
+                    raise LoomError(
+                        f"zero.{name} = {value!r} with zero.stage = 0.",
+                        f"zero.{name} needs ZeRO's optimizer: set zero.stage to 1, 2 or 3, or remove zero.{name}.",
+                    )
         if self.stage == 3 and parallel.schedule == "zero_bubble":
             raise LoomError(
-                "zero.stage = 3 with parallel.schedule = \"zero_bubble\": ZeRO-3 frees a layer's parameters "
+                'zero.stage = 3 with parallel.schedule = "zero_bubble": ZeRO-3 frees a layer\'s parameters '
                 "after its backward, which zero-bubble splits in two parts run apart.",
-                "use parallel.schedule = \"1f1b\" with ZeRO-3, or zero.stage = 2 with zero_bubble.",
+                'use parallel.schedule = "1f1b" with ZeRO-3, or zero.stage = 2 with zero_bubble.',
             )
         if self.stage == 3 and parallel.pp == 1 and parallel.vp > 1:
             raise LoomError(
@@ -420,7 +437,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
         section, key, value = parse_override(item)
         target = merged.setdefault(section, {})
         if not isinstance(target, dict):
-            raise LoomError(f"[{section}] is not a table, so {item!r} cannot set a key in it.", f"write [{section}] as a table.")
+            raise LoomError(
+                f"[{section}] is not a table, so {item!r} cannot set a key in it.", f"write [{section}] as a table."
+            )
         target[key] = value
     return merged
 
@@ -432,7 +451,10 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         if section not in sections:
             raise _unknown("section", section, list(sections))
         if not isinstance(values, dict):
-            raise LoomError(f"[{section}] must be a table of keys, got {values!r}.", f"write it as [{section}] followed by key = value lines.")
+            raise LoomError(
+                f"[{section}] must be a table of keys, got {values!r}.",
+                f"write it as [{section}] followed by key = value lines.",
+            )
     model_raw = dict(raw.get("model", {}))
     preset = model_raw.get("preset", ModelConfig.preset)
     if preset not in PRESETS:
@@ -479,11 +501,15 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise LoomError(f"config file {path} does not exist.", "pass the path of a TOML file, e.g. --config configs/demo.toml.")
+        raise LoomError(
+            f"config file {path} does not exist.", "pass the path of a TOML file, e.g. --config configs/demo.toml."
+        )
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise LoomError(f"config file {path} is not valid TOML: {exc}.", "fix the syntax at the position named.") from None
+        raise LoomError(
+            f"config file {path} is not valid TOML: {exc}.", "fix the syntax at the position named."
+        ) from None
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
@@ -518,4 +544,6 @@ def _check_non_negative(name: str, value: float) -> None:
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise LoomError(f"{name} = {value!r} is not one of {', '.join(choices)}.", f"set {name} to one of {', '.join(choices)}.")
+        raise LoomError(
+            f"{name} = {value!r} is not one of {', '.join(choices)}.", f"set {name} to one of {', '.join(choices)}."
+        )

@@ -27,8 +27,7 @@ from loom.distributed.ledger import Ledger, LedgerEntry, exact_bytes, model_byte
 __all__ = ["Comm", "Handle", "Ledger", "LedgerEntry", "model_bytes", "REDUCE_OPS"]
 
 REDUCE_OPS = ("sum", "max", "min", "avg")
-_TORCH_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN,
-              "avg": dist.ReduceOp.SUM}
+_TORCH_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "avg": dist.ReduceOp.SUM}
 # torch 2.13 names the fused single-tensor ops *_single; older releases call them *_tensor.
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -37,8 +36,9 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 class Handle:
     """An asynchronous call in flight; :meth:`wait` completes it and its ledger entry."""
 
-    def __init__(self, work, ledger: Ledger | None, entry: LedgerEntry | None,
-                 then: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, work, ledger: Ledger | None, entry: LedgerEntry | None, then: Callable[[], None] | None = None
+    ) -> None:
         self._work = work
         self._ledger = ledger
         self._entry = entry
@@ -78,6 +78,7 @@ def _unsupported(exc: Exception) -> bool:
 
 # ----------------------------------------------------------------------------- comm
 
+
 class Comm:
     """Counted collectives on one process group.
 
@@ -87,8 +88,7 @@ class Comm:
     the first time a backend refuses one); results are the same.
     """
 
-    def __init__(self, name: str, group, ranks: Sequence[int], ledger: Ledger,
-                 fallback: bool = False) -> None:
+    def __init__(self, name: str, group, ranks: Sequence[int], ledger: Ledger, fallback: bool = False) -> None:
         self.name = name
         self.group = group
         self.ranks = tuple(int(r) for r in ranks)
@@ -102,8 +102,9 @@ class Comm:
         if len(self.ranks) > 1 and dist.is_initialized():
             actual = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
             if list(actual) != list(self.ranks):
-                raise ValueError(f"{name} group: given ranks {list(self.ranks)} but the process "
-                                 f"group holds {list(actual)}")
+                raise ValueError(
+                    f"{name} group: given ranks {list(self.ranks)} but the process group holds {list(actual)}"
+                )
 
     @classmethod
     def world(cls, ledger: Ledger, name: str = "world") -> Comm:
@@ -137,13 +138,13 @@ class Comm:
             raise ValueError(f"{what}={group_rank} is not a rank of the {self.name} group (size {self.size})")
         return self.ranks[group_rank]
 
-    def _begin(self, op: str, numel: int, t: torch.Tensor, tag: str, root: int = 0,
-               note: str = "") -> LedgerEntry:
+    def _begin(self, op: str, numel: int, t: torch.Tensor, tag: str, root: int = 0, note: str = "") -> LedgerEntry:
         exact = exact_bytes(op, self.size, numel * t.element_size(), self._rank, root)
         return self.ledger.begin(op, self.name, self.ranks, numel, _dtype_name(t), exact, tag, note)
 
-    def _finish(self, work, entry: LedgerEntry, async_op: bool,
-                then: Callable[[], None] | None = None) -> Handle | None:
+    def _finish(
+        self, work, entry: LedgerEntry, async_op: bool, then: Callable[[], None] | None = None
+    ) -> Handle | None:
         if async_op:
             return Handle(work, self.ledger, entry, then)
         if work is not None:  # a fallback launched asynchronously
@@ -167,8 +168,7 @@ class Comm:
 
     # -- collectives ---------------------------------------------------------------------
 
-    def all_reduce(self, t: torch.Tensor, op: str = "sum", async_op: bool = False,
-                   tag: str = "") -> Handle | None:
+    def all_reduce(self, t: torch.Tensor, op: str = "sum", async_op: bool = False, tag: str = "") -> Handle | None:
         """Reduce ``t`` over the group, in place on every rank. Sends 2(n-1)/n * S."""
         self._check_op(op, t)
         if self.size == 1:
@@ -177,23 +177,25 @@ class Comm:
         work = dist.all_reduce(t, op=_TORCH_OPS[op], group=self.group, async_op=async_op)
         return self._finish(work, entry, async_op, self._divider(t, op))
 
-    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: str = "sum",
-                       async_op: bool = False, tag: str = "") -> Handle | None:
+    def reduce_scatter(
+        self, output: torch.Tensor, input: torch.Tensor, op: str = "sum", async_op: bool = False, tag: str = ""
+    ) -> Handle | None:
         """Reduce ``input`` (the concatenation of ``size`` chunks) and keep chunk ``rank`` in
         ``output``. Sends (n-1)/n * S, S the input's bytes."""
         self._check_op(op, input)
         n = self.size
         if input.numel() != n * output.numel():
-            raise ValueError(f"reduce_scatter input has {input.numel()} elements, expected "
-                             f"{n} x {output.numel()} (group size x output)")
+            raise ValueError(
+                f"reduce_scatter input has {input.numel()} elements, expected "
+                f"{n} x {output.numel()} (group size x output)"
+            )
         if n == 1:
             return self._local(async_op, lambda: output.copy_(input.reshape(output.shape)))
         divide = self._divider(output, op)
         if not self.fallback:
             entry = self._begin("reduce_scatter", input.numel(), input, tag)
             try:
-                work = _reduce_scatter_single(output, input, op=_TORCH_OPS[op],
-                                              group=self.group, async_op=async_op)
+                work = _reduce_scatter_single(output, input, op=_TORCH_OPS[op], group=self.group, async_op=async_op)
             except (RuntimeError, NotImplementedError) as exc:
                 if not _unsupported(exc):
                     raise
@@ -208,20 +210,22 @@ class Comm:
         m = output.numel()
 
         def take_chunk() -> None:
-            output.copy_(full.reshape(-1)[self._rank * m:(self._rank + 1) * m].reshape(output.shape))
+            output.copy_(full.reshape(-1)[self._rank * m : (self._rank + 1) * m].reshape(output.shape))
             if divide is not None:
                 divide()
 
         return self._finish(work, entry, async_op, take_chunk)
 
-    def all_gather(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False,
-                   tag: str = "") -> Handle | None:
+    def all_gather(
+        self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False, tag: str = ""
+    ) -> Handle | None:
         """Concatenate every rank's ``input`` into ``output`` (group order). Sends (n-1)/n * S,
         S the output's bytes."""
         n = self.size
         if output.numel() != n * input.numel():
-            raise ValueError(f"all_gather output has {output.numel()} elements, expected "
-                             f"{n} x {input.numel()} (group size x input)")
+            raise ValueError(
+                f"all_gather output has {output.numel()} elements, expected {n} x {input.numel()} (group size x input)"
+            )
         if n == 1:
             return self._local(async_op, lambda: output.copy_(input.reshape(output.shape)))
         if not self.fallback:
@@ -245,8 +249,7 @@ class Comm:
 
         return self._finish(work, entry, async_op, assemble)
 
-    def broadcast(self, t: torch.Tensor, src: int, async_op: bool = False,
-                  tag: str = "") -> Handle | None:
+    def broadcast(self, t: torch.Tensor, src: int, async_op: bool = False, tag: str = "") -> Handle | None:
         """Copy group rank ``src``'s ``t`` to every rank. Sends S, 0 on the chain's last rank."""
         source = self._peer(src, "src")
         if self.size == 1:
@@ -255,8 +258,9 @@ class Comm:
         work = dist.broadcast(t, src=source, group=self.group, async_op=async_op)
         return self._finish(work, entry, async_op)
 
-    def reduce(self, t: torch.Tensor, dst: int, op: str = "sum", async_op: bool = False,
-               tag: str = "") -> Handle | None:
+    def reduce(
+        self, t: torch.Tensor, dst: int, op: str = "sum", async_op: bool = False, tag: str = ""
+    ) -> Handle | None:
         """Reduce ``t`` onto group rank ``dst`` (other ranks' ``t`` is left as torch leaves it)."""
         self._check_op(op, t)
         target = self._peer(dst, "dst")
@@ -267,8 +271,9 @@ class Comm:
         divide = self._divider(t, op) if self._rank == dst else None
         return self._finish(work, entry, async_op, divide)
 
-    def scatter(self, output: torch.Tensor, inputs: list[torch.Tensor] | None, src: int,
-                async_op: bool = False, tag: str = "") -> Handle | None:
+    def scatter(
+        self, output: torch.Tensor, inputs: list[torch.Tensor] | None, src: int, async_op: bool = False, tag: str = ""
+    ) -> Handle | None:
         """Group rank ``src`` sends ``inputs[i]`` to rank ``i``; ``inputs`` is None elsewhere."""
         source = self._peer(src, "src")
         if self._rank == src and (inputs is None or len(inputs) != self.size):
@@ -276,12 +281,14 @@ class Comm:
         if self.size == 1:
             return self._local(async_op, lambda: output.copy_(inputs[0]))
         entry = self._begin("scatter", self.size * output.numel(), output, tag, root=src)
-        work = dist.scatter(output, inputs if self._rank == src else None, src=source,
-                            group=self.group, async_op=async_op)
+        work = dist.scatter(
+            output, inputs if self._rank == src else None, src=source, group=self.group, async_op=async_op
+        )
         return self._finish(work, entry, async_op)
 
-    def gather(self, t: torch.Tensor, outputs: list[torch.Tensor] | None, dst: int,
-               async_op: bool = False, tag: str = "") -> Handle | None:
+    def gather(
+        self, t: torch.Tensor, outputs: list[torch.Tensor] | None, dst: int, async_op: bool = False, tag: str = ""
+    ) -> Handle | None:
         """Group rank ``dst`` receives every rank's ``t`` into ``outputs``; None elsewhere."""
         target = self._peer(dst, "dst")
         if self._rank == dst and (outputs is None or len(outputs) != self.size):
@@ -289,16 +296,18 @@ class Comm:
         if self.size == 1:
             return self._local(async_op, lambda: outputs[0].copy_(t))
         entry = self._begin("gather", self.size * t.numel(), t, tag, root=dst)
-        work = dist.gather(t, outputs if self._rank == dst else None, dst=target,
-                           group=self.group, async_op=async_op)
+        work = dist.gather(t, outputs if self._rank == dst else None, dst=target, group=self.group, async_op=async_op)
         return self._finish(work, entry, async_op)
 
-    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False,
-                   tag: str = "") -> Handle | None:
+    def all_to_all(
+        self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False, tag: str = ""
+    ) -> Handle | None:
         """Rank i's piece j of ``input`` becomes rank j's piece i of ``output`` (equal splits)."""
         if input.numel() != output.numel() or input.numel() % self.size:
-            raise ValueError(f"all_to_all needs equal input and output sizes divisible by "
-                             f"{self.size}, got {input.numel()} and {output.numel()}")
+            raise ValueError(
+                f"all_to_all needs equal input and output sizes divisible by "
+                f"{self.size}, got {input.numel()} and {output.numel()}"
+            )
         if self.size == 1:
             return self._local(async_op, lambda: output.copy_(input))
         entry = self._begin("all_to_all", input.numel(), input, tag)

@@ -80,7 +80,11 @@ def init_distributed(cfg: ParallelConfig, device_spec: str = "auto") -> DistCont
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dims = ParallelDims.resolve(cfg, world_size)
     use_cuda = torch.cuda.is_available() and device_spec in ("auto", "cuda")
-    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu" if device_spec == "auto" else device_spec)
+    device = (
+        torch.device(f"cuda:{local_rank}")
+        if use_cuda
+        else torch.device("cpu" if device_spec == "auto" else device_spec)
+    )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size == 1:

@@ -94,6 +94,7 @@ def model_bytes(op: str, n: int, nbytes: int, rank: int = 0, root: int = 0) -> i
 
 # ----------------------------------------------------------------------------- ledger
 
+
 @dataclass
 class LedgerEntry:
     """One collective or transfer as this rank saw it. ``finished`` is None while pending."""
@@ -133,14 +134,24 @@ class Ledger:
         self._totals: dict[str, _Exact] = {}
         self._step: dict[str, _Exact] = {}
 
-    def begin(self, op: str, group: str, ranks: Sequence[int], numel: int, dtype: str,
-              bytes_sent: int | float | Fraction, tag: str = "", note: str = "") -> LedgerEntry:
+    def begin(
+        self,
+        op: str,
+        group: str,
+        ranks: Sequence[int],
+        numel: int,
+        dtype: str,
+        bytes_sent: int | float | Fraction,
+        tag: str = "",
+        note: str = "",
+    ) -> LedgerEntry:
         """Record the start of a call and return its (live) entry; pass it to :meth:`end`."""
         exact = bytes_sent if isinstance(bytes_sent, (int, Fraction)) else Fraction(bytes_sent)
         with self._lock:
             self._seq += 1
-            entry = LedgerEntry(self._seq, op, group, tuple(ranks), numel, dtype, _plain(exact),
-                                tag, time.monotonic(), None, note)
+            entry = LedgerEntry(
+                self._seq, op, group, tuple(ranks), numel, dtype, _plain(exact), tag, time.monotonic(), None, note
+            )
             self._pending[entry.seq] = entry
             self._exact[entry.seq] = exact
             self._recent.append(entry)

@@ -39,7 +39,9 @@ class ParallelDims:
             raise LoomError(f"the world size is {world_size}.", "start at least one process (--nproc 1 or more).")
         for name in ("tp", "pp"):
             if getattr(cfg, name) < 1:
-                raise LoomError(f"parallel.{name} = {getattr(cfg, name)} must be at least 1.", f"set parallel.{name} to 1 or more.")
+                raise LoomError(
+                    f"parallel.{name} = {getattr(cfg, name)} must be at least 1.", f"set parallel.{name} to 1 or more."
+                )
         model_parallel = cfg.tp * cfg.pp
         dp = cfg.dp
         if dp is None:

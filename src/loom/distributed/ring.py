@@ -129,6 +129,7 @@ def ring_all_reduce(tensor: torch.Tensor, comm: Comm, op: str = "sum") -> torch.
 
 # ----------------------------------------------------------------------------- cost model
 
+
 def ring_all_reduce_time(n: int, nbytes: float, alpha: float, beta: float, gamma: float) -> float:
     """Ring all-reduce time: ``2(n-1)·alpha + 2(n-1)/n·S·beta + (n-1)/n·S·gamma``.
 

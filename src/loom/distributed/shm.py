@@ -71,7 +71,9 @@ def unavailable(comm: Comm, device: torch.device, nbytes: int) -> str | None:
     elif not SHM_DIR.is_dir():
         reason = f"{SHM_DIR} does not exist"
     elif (free := shutil.disk_usage(SHM_DIR).free) < 2 * comm.size * (nbytes + CONTROL_BYTES):  # with room to spare
-        reason = f"{SHM_DIR} has {free / 2**20:.0f} MiB free, the segments need {2 * comm.size * nbytes / 2**20:.0f} MiB"
+        reason = (
+            f"{SHM_DIR} has {free / 2**20:.0f} MiB free, the segments need {2 * comm.size * nbytes / 2**20:.0f} MiB"
+        )
     digest = hashlib.sha256(f"{socket.gethostname()}:{_boot_id()}".encode()).digest()
     host = int.from_bytes(digest[:7], "little")
     votes = torch.tensor([host, -host, int(reason is not None)], dtype=torch.int64)
@@ -155,9 +157,16 @@ class ShmAllReduce:
         if self._closed:
             raise RuntimeError("this shared-memory all-reduce was closed")
         nbytes = numel * self.element_size
-        entry = self.comm.ledger.begin("all_reduce", self.comm.name, self.comm.ranks, numel,
-                                       str(self.buffer.dtype).removeprefix("torch."),
-                                       exact_bytes("all_reduce", self.size, nbytes, self.rank, 0), tag, note="shm")
+        entry = self.comm.ledger.begin(
+            "all_reduce",
+            self.comm.name,
+            self.comm.ranks,
+            numel,
+            str(self.buffer.dtype).removeprefix("torch."),
+            exact_bytes("all_reduce", self.size, nbytes, self.rank, 0),
+            tag,
+            note="shm",
+        )
         work = _Work()
         self._queue.put((offset, numel, work))
         return Handle(work, self.comm.ledger, entry)
@@ -190,7 +199,7 @@ class ShmAllReduce:
     def _reduce(self, offset: int, numel: int) -> None:
         n, r = self.size, self.rank
         # chunks[q][c]: chunk c of rank q's region, split as the ring algorithms split (loom.distributed.ring)
-        chunks = [torch.tensor_split(data[offset:offset + numel], n) for data in self._data]
+        chunks = [torch.tensor_split(data[offset : offset + numel], n) for data in self._data]
         self._say()  # 1: my region is final
         self._wait_for(self._said)
         for q in range(n):  # 2: chunk r of every peer into mine
@@ -233,11 +242,11 @@ class ShmAllReduce:
             if now > deadline:
                 raise TimeoutError(
                     f"shared-memory all_reduce on the {self.comm.name} group: rank {self.comm.ranks[behind[0]]} did "
-                    f"not reach step {value} within {self.timeout_s:.0f} s (it died or is stuck)")
+                    f"not reach step {value} within {self.timeout_s:.0f} s (it died or is stuck)"
+                )
             readable, _, _ = select.select([self._inbox], [], [], min(deadline - now, 1.0))
             if readable:
                 try:
                     os.read(self._inbox, 4096)
                 except BlockingIOError:
                     pass
-

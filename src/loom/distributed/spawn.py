@@ -134,8 +134,18 @@ def run_ranks(
             reader, writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(
                 target=_rank_main,
-                args=(rank, world_size, payload, backend, port, dict(env or {}), init,
-                      collective_timeout_s, os.path.join(stack_dir, f"rank{rank}.stack"), writer),
+                args=(
+                    rank,
+                    world_size,
+                    payload,
+                    backend,
+                    port,
+                    dict(env or {}),
+                    init,
+                    collective_timeout_s,
+                    os.path.join(stack_dir, f"rank{rank}.stack"),
+                    writer,
+                ),
                 name=f"loom-rank-{rank}",
             )
             proc.start()
@@ -151,8 +161,7 @@ def run_ranks(
         shutil.rmtree(stack_dir, ignore_errors=True)
 
     if failures or unfinished:
-        raise RankFailure(_failure_message(world_size, timeout_s, failures, unfinished),
-                          failures, unfinished)
+        raise RankFailure(_failure_message(world_size, timeout_s, failures, unfinished), failures, unfinished)
     return results
 
 
@@ -206,8 +215,7 @@ def _collect(procs: list, readers: list, deadline: float, stack_dir: str):
     return results, failures, running
 
 
-def _receive(rank: int, reader, results: list, failures: dict[int, str],
-             reported: set[int], closed: set[int]) -> None:
+def _receive(rank: int, reader, results: list, failures: dict[int, str], reported: set[int], closed: set[int]) -> None:
     """Read one message from a rank, if any; mark the pipe closed at end of file."""
     if not reader.poll():
         return
@@ -252,11 +260,12 @@ def _read_stack(stack_dir: str, rank: int) -> str:
         return ""
 
 
-def _failure_message(world_size: int, timeout_s: float, failures: dict[int, str],
-                     unfinished: list[int]) -> str:
+def _failure_message(world_size: int, timeout_s: float, failures: dict[int, str], unfinished: list[int]) -> str:
     if unfinished:
-        head = (f"{len(unfinished)} of {world_size} ranks had not finished after the hard "
-                f"timeout of {timeout_s:g} s: ranks {unfinished}")
+        head = (
+            f"{len(unfinished)} of {world_size} ranks had not finished after the hard "
+            f"timeout of {timeout_s:g} s: ranks {unfinished}"
+        )
     else:
         head = f"{len(failures)} of {world_size} ranks failed (first failure first)"
     parts = [head]
@@ -266,6 +275,7 @@ def _failure_message(world_size: int, timeout_s: float, failures: dict[int, str]
 
 
 # ----------------------------------------------------------------------------- cleanup
+
 
 def _descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (Linux /proc; empty elsewhere)."""
@@ -283,7 +293,7 @@ def _descendants(pid: int) -> list[int]:
         except OSError:
             continue
         # The command name is parenthesised and may hold spaces: parse after the last ')'.
-        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
         children.setdefault(ppid, []).append(int(entry))
     found, stack = [], [pid]
     while stack:
@@ -324,6 +334,7 @@ def _kill_tree(proc) -> None:
 
 # ----------------------------------------------------------------------------- child side
 
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL this rank if the parent dies, so a killed pytest leaves no orphans."""
     if not sys.platform.startswith("linux"):
@@ -338,9 +349,18 @@ def _die_with_parent() -> None:
         pass
 
 
-def _rank_main(rank: int, world_size: int, payload: bytes, backend: str, port: int,
-               env: dict[str, str], init: bool, collective_timeout_s: float,
-               stack_path: str, writer) -> None:
+def _rank_main(
+    rank: int,
+    world_size: int,
+    payload: bytes,
+    backend: str,
+    port: int,
+    env: dict[str, str],
+    init: bool,
+    collective_timeout_s: float,
+    stack_path: str,
+    writer,
+) -> None:
     try:
         os.setpgid(0, 0)
     except OSError:
@@ -350,11 +370,16 @@ def _rank_main(rank: int, world_size: int, payload: bytes, backend: str, port: i
     faulthandler.enable(file=stack_file, all_threads=True)
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
 
-    os.environ.update({
-        "RANK": str(rank), "WORLD_SIZE": str(world_size),
-        "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size),
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-    })
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     os.environ.update(env)
     try:
         import torch
@@ -364,7 +389,10 @@ def _rank_main(rank: int, world_size: int, payload: bytes, backend: str, port: i
         fn, args = pickle.loads(payload)
         if init:
             dist.init_process_group(
-                backend, init_method="env://", rank=rank, world_size=world_size,
+                backend,
+                init_method="env://",
+                rank=rank,
+                world_size=world_size,
                 timeout=datetime.timedelta(seconds=collective_timeout_s),
             )
         result = fn(*args)
@@ -376,8 +404,11 @@ def _rank_main(rank: int, world_size: int, payload: bytes, backend: str, port: i
             # pass tensors as shared-memory handles that die with this process.
             writer.send_bytes(pickle.dumps(("ok", result)))
         except Exception:  # noqa: BLE001 - an unpicklable result is the rank's failure
-            writer.send_bytes(pickle.dumps(("error", "the rank's return value could not be sent to the parent:\n"
-                                            + traceback.format_exc())))
+            writer.send_bytes(
+                pickle.dumps(
+                    ("error", "the rank's return value could not be sent to the parent:\n" + traceback.format_exc())
+                )
+            )
     except BaseException:  # noqa: BLE001 - every failure goes to the parent as text
         try:
             writer.send_bytes(pickle.dumps(("error", traceback.format_exc())))

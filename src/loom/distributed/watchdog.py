@@ -38,7 +38,8 @@ def failure_report(ledger: Ledger, reason: str) -> str:
         state = "pending" if entry.finished is None else f"{entry.finished - entry.started:.3f} s"
         lines.append(
             f"  #{entry.seq} {entry.op} on {entry.group} group {list(entry.ranks)}: {entry.numel} x {entry.dtype}, "
-            f"{entry.bytes_sent} bytes sent, {state}" + (f", tag {entry.tag}" if entry.tag else "")
+            f"{entry.bytes_sent} bytes sent, {state}"
+            + (f", tag {entry.tag}" if entry.tag else "")
             + (f" ({entry.note})" if entry.note else "")
         )
     return "\n".join(lines)

@@ -45,8 +45,9 @@ class Attention(nn.Module):
                 p.tp_replicas = self.kv_replicas
                 p.tp_owner = tp.rank % self.kv_replicas == 0  # counted once in the grad norm
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, positions: torch.Tensor,
-                rng: ParallelRNG | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: RotaryEmbedding | None, positions: torch.Tensor, rng: ParallelRNG | None = None
+    ) -> torch.Tensor:
         q, k, v = self.tp.enter_columns(x, self.q_proj, self.k_proj, self.v_proj)
         batch, seq, _ = q.shape
         q = q.view(batch, seq, -1, self.head_dim).transpose(1, 2)

@@ -74,16 +74,31 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
 def _gpt2_config(hf: dict[str, Any]) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
     _refuse(act not in _TANH_GELUS, f"activation_function = {act!r}", "loom's GPT-2 MLP uses tanh-approximate GELU")
-    _refuse(not hf.get("scale_attn_weights", True), "scale_attn_weights = false", "loom scales scores by 1/sqrt(head_dim)")
-    _refuse(hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx", "loom scales all layers alike")
+    _refuse(
+        not hf.get("scale_attn_weights", True), "scale_attn_weights = false", "loom scales scores by 1/sqrt(head_dim)"
+    )
+    _refuse(
+        hf.get("scale_attn_by_inverse_layer_idx", False),
+        "scale_attn_by_inverse_layer_idx",
+        "loom scales all layers alike",
+    )
     _refuse(hf.get("add_cross_attention", False), "add_cross_attention = true", "loom models are decoder-only")
     d_model = _need(hf, "n_embd")
     return ModelConfig(
-        preset="custom", family="gpt2", n_layers=_need(hf, "n_layer"), d_model=d_model, n_heads=_need(hf, "n_head"),
-        n_kv_heads=None, d_ff=hf.get("n_inner") or 4 * d_model, vocab_size=_need(hf, "vocab_size"),
-        max_seq_len=_need(hf, "n_positions"), dropout=float(hf.get("resid_pdrop", 0.1)),
-        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), rope_theta=10000.0,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", True)), bias=True,
+        preset="custom",
+        family="gpt2",
+        n_layers=_need(hf, "n_layer"),
+        d_model=d_model,
+        n_heads=_need(hf, "n_head"),
+        n_kv_heads=None,
+        d_ff=hf.get("n_inner") or 4 * d_model,
+        vocab_size=_need(hf, "vocab_size"),
+        max_seq_len=_need(hf, "n_positions"),
+        dropout=float(hf.get("resid_pdrop", 0.1)),
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        rope_theta=10000.0,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        bias=True,
         init_std=float(hf.get("initializer_range", 0.02)),
     )
 
@@ -92,22 +107,34 @@ def _llama_config(hf: dict[str, Any]) -> ModelConfig:
     d_model, n_heads = _need(hf, "hidden_size"), _need(hf, "num_attention_heads")
     act, head_dim = hf.get("hidden_act", "silu"), hf.get("head_dim")
     _refuse(act != "silu", f"hidden_act = {act!r}", "loom's Llama MLP is SwiGLU (silu)")
-    _refuse(head_dim is not None and head_dim * n_heads != d_model,
-            f"head_dim = {head_dim} with hidden_size = {d_model} and num_attention_heads = {n_heads}",
-            "loom's head dimension is always hidden_size / num_attention_heads")
+    _refuse(
+        head_dim is not None and head_dim * n_heads != d_model,
+        f"head_dim = {head_dim} with hidden_size = {d_model} and num_attention_heads = {n_heads}",
+        "loom's head dimension is always hidden_size / num_attention_heads",
+    )
     attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
-    _refuse(attn_bias != mlp_bias, f"attention_bias = {attn_bias} with mlp_bias = {mlp_bias}", "loom has one bias switch")
+    _refuse(
+        attn_bias != mlp_bias, f"attention_bias = {attn_bias} with mlp_bias = {mlp_bias}", "loom has one bias switch"
+    )
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     _refuse(rope_type != "default", f"rope scaling {rope_type!r}", "loom implements plain RoPE only")
     _refuse(rope.get("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor", "loom rotates the whole head")
     return ModelConfig(
-        preset="custom", family="llama", n_layers=_need(hf, "num_hidden_layers"), d_model=d_model, n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads, d_ff=_need(hf, "intermediate_size"),
-        vocab_size=_need(hf, "vocab_size"), max_seq_len=hf.get("max_position_embeddings", 2048),
-        dropout=float(hf.get("attention_dropout", 0.0)), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        preset="custom",
+        family="llama",
+        n_layers=_need(hf, "num_hidden_layers"),
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        d_ff=_need(hf, "intermediate_size"),
+        vocab_size=_need(hf, "vocab_size"),
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        dropout=float(hf.get("attention_dropout", 0.0)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), bias=attn_bias,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bias=attn_bias,
         init_std=float(hf.get("initializer_range", 0.02)),
     )
 
@@ -116,28 +143,56 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The HF config.json dict (``transformers.AutoConfig.for_model(**d)`` accepts it) for ``cfg``."""
     common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tied, "initializer_range": cfg.init_std}
     if cfg.family == "gpt2":
-        _refuse(not cfg.use_bias, "a gpt2-family model with bias = false", "Hugging Face GPT-2 always has biases",
-                where="export", fix="train with model.bias = true, or use family = 'llama'")
+        _refuse(
+            not cfg.use_bias,
+            "a gpt2-family model with bias = false",
+            "Hugging Face GPT-2 always has biases",
+            where="export",
+            fix="train with model.bias = true, or use family = 'llama'",
+        )
         return {
-            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": cfg.n_layers, "n_embd": cfg.d_model,
-            "n_head": cfg.n_heads, "n_inner": cfg.ffn_dim, "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len,
-            "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new", "resid_pdrop": cfg.dropout,
-            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, **common,
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "n_layer": cfg.n_layers,
+            "n_embd": cfg.d_model,
+            "n_head": cfg.n_heads,
+            "n_inner": cfg.ffn_dim,
+            "n_positions": cfg.max_seq_len,
+            "n_ctx": cfg.max_seq_len,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "activation_function": "gelu_new",
+            "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout,
+            "attn_pdrop": cfg.dropout,
+            **common,
         }
     return {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": cfg.n_layers,
-        "hidden_size": cfg.d_model, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim, "intermediate_size": cfg.ffn_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "num_hidden_layers": cfg.n_layers,
+        "hidden_size": cfg.d_model,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.ffn_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
         # rope_theta for transformers 4.x, rope_parameters for 5.x.
-        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "max_position_embeddings": cfg.max_seq_len, "attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias,
-        "attention_dropout": cfg.dropout, **common,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "max_position_embeddings": cfg.max_seq_len,
+        "attention_bias": cfg.use_bias,
+        "mlp_bias": cfg.use_bias,
+        "attention_dropout": cfg.dropout,
+        **common,
     }
 
 
 def _need(hf: dict[str, Any], key: str) -> Any:
     if hf.get(key) is None:
-        raise LoomError(f"the Hugging Face config has no {key!r}.", "use the config.json save_pretrained wrote with the weights.")
+        raise LoomError(
+            f"the Hugging Face config has no {key!r}.", "use the config.json save_pretrained wrote with the weights."
+        )
     return hf[key]
 
 
@@ -157,8 +212,13 @@ def _name_table(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
     if cfg.family == "gpt2":
         table |= {"tok_emb.weight": ("wte.weight", False), "pos_emb.weight": ("wpe.weight", False)}
         # (loom module, HF module, is a Conv1D whose weight is stored transposed)
-        modules = [("attn_norm", "ln_1", False), ("attn.o_proj", "attn.c_proj", True), ("mlp_norm", "ln_2", False),
-                   ("mlp.up_proj", "mlp.c_fc", True), ("mlp.down_proj", "mlp.c_proj", True)]
+        modules = [
+            ("attn_norm", "ln_1", False),
+            ("attn.o_proj", "attn.c_proj", True),
+            ("mlp_norm", "ln_2", False),
+            ("mlp.up_proj", "mlp.c_fc", True),
+            ("mlp.down_proj", "mlp.c_proj", True),
+        ]
         for i in range(cfg.n_layers):
             for loom, hf, conv1d in modules:
                 table |= {f"blocks.{i}.{loom}.{s}": (f"h.{i}.{hf}.{s}", conv1d and s == "weight") for s in suffixes}
@@ -183,8 +243,11 @@ def _fused_qkv(cfg: ModelConfig) -> list[tuple[str, list[str]]]:
     if cfg.family != "gpt2":
         return []
     suffixes = ("weight", "bias") if cfg.use_bias else ("weight",)
-    return [(f"h.{i}.attn.c_attn.{s}", [f"blocks.{i}.attn.{p}_proj.{s}" for p in "qkv"])
-            for i in range(cfg.n_layers) for s in suffixes]
+    return [
+        (f"h.{i}.attn.c_attn.{s}", [f"blocks.{i}.attn.{p}_proj.{s}" for p in "qkv"])
+        for i in range(cfg.n_layers)
+        for s in suffixes
+    ]
 
 
 def _hf_key(name: str, cfg: ModelConfig) -> str:
@@ -217,15 +280,20 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> d
 
 def _take(hf: dict[str, torch.Tensor], name: str, used: set[str]) -> torch.Tensor:
     if name not in hf:
-        raise LoomError(f"the Hugging Face weights lack {name!r}.", "check that the weights and config.json belong to the same model.")
+        raise LoomError(
+            f"the Hugging Face weights lack {name!r}.",
+            "check that the weights and config.json belong to the same model.",
+        )
     used.add(name)
     return hf[name]
 
 
 def state_dict_to_hf(loom_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF tensors, named as ``*ForCausalLM.save_pretrained`` names them; exact inverse of state_dict_from_hf."""
-    out = {_hf_key(name, cfg): (loom_state[loom].t().contiguous() if transposed else loom_state[loom])
-           for loom, (name, transposed) in _name_table(cfg).items()}
+    out = {
+        _hf_key(name, cfg): (loom_state[loom].t().contiguous() if transposed else loom_state[loom])
+        for loom, (name, transposed) in _name_table(cfg).items()
+    }
     for name, qkv in _fused_qkv(cfg):
         parts = [loom_state[k] for k in qkv]
         out[_hf_key(name, cfg)] = torch.cat([p.t() for p in parts], dim=1) if parts[0].dim() == 2 else torch.cat(parts)
@@ -237,7 +305,10 @@ def _check_loads(state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
         # on the meta device nothing is allocated or drawn: this checks names and shapes only
         Transformer(cfg, device="meta").load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise LoomError(f"the weights do not fit a loom model with this config: {exc}", "check that weights and config belong together.") from None
+        raise LoomError(
+            f"the weights do not fit a loom model with this config: {exc}",
+            "check that weights and config belong together.",
+        ) from None
 
 
 # ----------------------------------------------------------------------------- folders
@@ -250,32 +321,46 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
-        raise LoomError(f"Hugging Face folder {hf_dir} does not exist.", "pass a local folder written by save_pretrained.")
+        raise LoomError(
+            f"Hugging Face folder {hf_dir} does not exist.", "pass a local folder written by save_pretrained."
+        )
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
-        raise LoomError(f"{hf_dir} has no config.json.", "pass the folder save_pretrained wrote (config.json next to the weights).")
+        raise LoomError(
+            f"{hf_dir} has no config.json.", "pass the folder save_pretrained wrote (config.json next to the weights)."
+        )
     try:
         hf_config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LoomError(f"{config_file} is not valid JSON ({exc}).", "re-save the model with save_pretrained.") from None
+        raise LoomError(
+            f"{config_file} is not valid JSON ({exc}).", "re-save the model with save_pretrained."
+        ) from None
     if not isinstance(hf_config, dict):
         raise LoomError(f"{config_file} is not a JSON object.", "re-save the model with save_pretrained.")
     cfg = config_from_hf(hf_config)
     state = state_dict_from_hf(_read_weights(hf_dir), cfg)
     _check_loads(state, cfg)
     if [p for p in list_checkpoints(out_dir) if p.name != "step_000000"]:
-        raise LoomError(f"{out_dir} already holds training checkpoints, which importing (keep=1) would delete.",
-                        "import into a new, empty folder.")
+        raise LoomError(
+            f"{out_dir} already holds training checkpoints, which importing (keep=1) would delete.",
+            "import into a new, empty folder.",
+        )
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    source: dict[str, Any] = {"format": "huggingface", "path": str(hf_dir.resolve()), "model_type": hf_config["model_type"],
-                              "architectures": hf_config.get("architectures")}
+    source: dict[str, Any] = {
+        "format": "huggingface",
+        "path": str(hf_dir.resolve()),
+        "model_type": hf_config["model_type"],
+        "architectures": hf_config.get("architectures"),
+    }
     if (hf_dir / "tokenizer.json").is_file():
         tokenizer = str((out_dir / "tokenizer.json").resolve())
         shutil.copyfile(hf_dir / "tokenizer.json", tokenizer)
     else:
         tokenizer = "byte"
-        source["note"] = "no tokenizer.json in the Hugging Face folder; data.tokenizer is byte, whose ids differ from the model's."
+        source["note"] = (
+            "no tokenizer.json in the Hugging Face folder; data.tokenizer is byte, whose ids differ from the model's."
+        )
     loom_config: dict[str, Any] = {"model": asdict(cfg), "data": {"tokenizer": tokenizer}}
     if cfg.max_seq_len < TrainConfig.seq_len:
         loom_config["train"] = {"seq_len": cfg.max_seq_len}
@@ -290,20 +375,30 @@ def _read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         files = [hf_dir / "model.safetensors"]
     elif index.is_file():
         try:
-            files = [hf_dir / f for f in sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))]
+            files = [
+                hf_dir / f for f in sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            ]
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise LoomError(f"{index} is not a shard index ({exc!r}).", "re-save the model with save_pretrained.") from None
+            raise LoomError(
+                f"{index} is not a shard index ({exc!r}).", "re-save the model with save_pretrained."
+            ) from None
     elif pickles := sorted(p.name for p in hf_dir.glob("pytorch_model*.bin")):
         raise LoomError(
             f"{hf_dir} holds only pickled weights ({', '.join(pickles)}); loom never unpickles weights (that can run code).",
             "re-save the model in a Python session you trust: model.save_pretrained(dir, safe_serialization=True).",
         )
     else:
-        raise LoomError(f"{hf_dir} has no model.safetensors or model.safetensors.index.json.", "pass the folder save_pretrained wrote.")
+        raise LoomError(
+            f"{hf_dir} has no model.safetensors or model.safetensors.index.json.",
+            "pass the folder save_pretrained wrote.",
+        )
     state: dict[str, torch.Tensor] = {}
     for file in files:
         if not file.is_file():
-            raise LoomError(f"weight shard {file} named by {index.name} is missing.", "download or copy every shard into the folder.")
+            raise LoomError(
+                f"weight shard {file} named by {index.name} is missing.",
+                "download or copy every shard into the folder.",
+            )
         try:
             state |= safetensors.torch.load_file(file)
         except (SafetensorError, OSError) as exc:
@@ -318,7 +413,10 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
 
     ckpt = load_checkpoint(Path(checkpoint))
     if not isinstance(ckpt.meta.get("config"), dict):
-        raise LoomError(f"checkpoint {ckpt.path} has no run config in meta.json.", "export a checkpoint loom train or import_hf wrote.")
+        raise LoomError(
+            f"checkpoint {ckpt.path} has no run config in meta.json.",
+            "export a checkpoint loom train or import_hf wrote.",
+        )
     config = config_from_dict(ckpt.meta["config"])
     cfg = config.model
     hf_config = config_to_hf(cfg)
@@ -326,8 +424,12 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
     hf_state = state_dict_to_hf(ckpt.model_state, cfg)
     tokenizer = load_tokenizer(config.data.tokenizer)
     eos = tokenizer.eos_id if tokenizer.eos_id < cfg.vocab_size else None
-    hf_config |= {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": None,
-                  "dtype": str(ckpt.model_state["tok_emb.weight"].dtype).removeprefix("torch.")}
+    hf_config |= {
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "pad_token_id": None,
+        "dtype": str(ckpt.model_state["tok_emb.weight"].dtype).removeprefix("torch."),
+    }
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,10 @@ class RMSNorm(nn.Module):
 
 def make_norm(cfg: ModelConfig, tp: TensorParallel) -> nn.Module:
     """LayerNorm (gpt2) or RMSNorm (llama), replicated; under SP it sees a sequence slice."""
-    norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.family == "llama" else nn.LayerNorm(
-        cfg.d_model, eps=cfg.norm_eps, bias=cfg.use_bias
+    norm = (
+        RMSNorm(cfg.d_model, cfg.norm_eps)
+        if cfg.family == "llama"
+        else nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.use_bias)
     )
     mark_sequence_parallel(norm, tp)
     return norm

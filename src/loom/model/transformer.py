@@ -40,8 +40,9 @@ class Block(nn.Module):
         self.mlp = make_mlp(cfg, tp)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding | None, positions: torch.Tensor,
-                rng: ParallelRNG | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: RotaryEmbedding | None, positions: torch.Tensor, rng: ParallelRNG | None
+    ) -> torch.Tensor:
         x = x + self._dropout(self.attn(self.attn_norm(x), rope, positions, rng), rng)
         return x + self._dropout(self.mlp(self.mlp_norm(x)), rng)
 
@@ -99,7 +100,9 @@ class Transformer(nn.Module):
                     cfg.d_model, padded_vocab(cfg.vocab_size, self.tp.size), self.tp, bias=False
                 )
                 self.lm_head.shards["weight"] = ((cfg.vocab_size, cfg.d_model), self.lm_head.rows, slice(None))
-            self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.family == "llama" else None
+            self.rope = (
+                RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.family == "llama" else None
+            )
         if device.type != "meta":
             self.reset_parameters(seed)
 
@@ -167,7 +170,9 @@ class Transformer(nn.Module):
     def _emb_dropout(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.emb_dropout.p):
             return x
-        stream = self.rng.tp_stream() if self.rng is not None and self.tp.sequence_parallel else contextlib.nullcontext()
+        stream = (
+            self.rng.tp_stream() if self.rng is not None and self.tp.sequence_parallel else contextlib.nullcontext()
+        )
         with stream:
             return self.emb_dropout(x)
 

@@ -31,9 +31,17 @@ Segment = tuple[int, int, float]
 FUSED_DEVICES = ("cpu", "cuda", "mps")  # where torch ships the fused AdamW kernel
 
 
-def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                 step: int, lr: float, betas: tuple[float, float], eps: float,
-                 segments: Sequence[Segment]) -> None:
+def adamw_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    segments: Sequence[Segment],
+) -> None:
     """One AdamW step in place on flat fp32 tensors (``step`` counts from 1)."""
     beta1, beta2 = betas
     for start, stop, weight_decay in segments:
@@ -41,8 +49,8 @@ def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
             param[start:stop].mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    step_size = lr / (1 - beta1 ** step)
-    bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+    step_size = lr / (1 - beta1**step)
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     param.addcdiv_(exp_avg, denom, value=-step_size)
 
@@ -56,8 +64,15 @@ class FlatAdamW:
     needs no second copy), so the optimizer's state is the moments alone, K = 8 bytes.
     """
 
-    def __init__(self, master: torch.Tensor, segments: Sequence[Segment], lr: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, holds_master: bool = True) -> None:
+    def __init__(
+        self,
+        master: torch.Tensor,
+        segments: Sequence[Segment],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        holds_master: bool = True,
+    ) -> None:
         if master.dtype != torch.float32 or master.dim() != 1:
             raise ValueError(f"master weights must be a flat fp32 tensor, got {master.dtype} {tuple(master.shape)}")
         self.master = master
@@ -75,16 +90,37 @@ class FlatAdamW:
         self.step_count += 1
         lr = self.lr if lr is None else lr
         if not self.fused:
-            adamw_update(self.master, grad, self.exp_avg, self.exp_avg_sq, self.step_count,
-                         lr, self.betas, self.eps, self.segments)
+            adamw_update(
+                self.master,
+                grad,
+                self.exp_avg,
+                self.exp_avg_sq,
+                self.step_count,
+                lr,
+                self.betas,
+                self.eps,
+                self.segments,
+            )
             return
         for start, stop, weight_decay in self.segments:  # the kernel's own decay is one value for all
             if weight_decay:
                 self.master[start:stop].mul_(1 - lr * weight_decay)
         self._step_tensor.fill_(self.step_count)
-        torch._fused_adamw_([self.master], [grad], [self.exp_avg], [self.exp_avg_sq], [], [self._step_tensor],
-                            lr=lr, beta1=self.betas[0], beta2=self.betas[1], weight_decay=0.0, eps=self.eps,
-                            amsgrad=False, maximize=False)
+        torch._fused_adamw_(
+            [self.master],
+            [grad],
+            [self.exp_avg],
+            [self.exp_avg_sq],
+            [],
+            [self._step_tensor],
+            lr=lr,
+            beta1=self.betas[0],
+            beta2=self.betas[1],
+            weight_decay=0.0,
+            eps=self.eps,
+            amsgrad=False,
+            maximize=False,
+        )
 
     @property
     def bytes_per_element(self) -> int:
@@ -98,8 +134,12 @@ class FlatAdamW:
         return sum(t.numel() * t.element_size() for t in held)
 
     def state_dict(self) -> dict:
-        return {"step": self.step_count, "master": self.master.clone(),
-                "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone()}
+        return {
+            "step": self.step_count,
+            "master": self.master.clone(),
+            "exp_avg": self.exp_avg.clone(),
+            "exp_avg_sq": self.exp_avg_sq.clone(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("master", "exp_avg", "exp_avg_sq"):

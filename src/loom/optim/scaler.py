@@ -21,8 +21,15 @@ from loom.distributed.comm import Comm
 class DynamicLossScaler:
     """``comms``: the groups whose ranks must agree on skipping (dp, and tp/pp when used)."""
 
-    def __init__(self, comms: Sequence[Comm] = (), init_scale: float = 2.0 ** 16, growth_factor: float = 2.0,
-                 backoff_factor: float = 0.5, growth_interval: int = 2000, min_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        comms: Sequence[Comm] = (),
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        min_scale: float = 1.0,
+    ) -> None:
         if not (growth_factor > 1.0 and 0.0 < backoff_factor < 1.0 and growth_interval >= 1):
             raise ValueError("need growth_factor > 1, 0 < backoff_factor < 1 and growth_interval >= 1")
         self.comms = list(comms)
@@ -65,8 +72,13 @@ class DynamicLossScaler:
 
     def grad_scaler_state(self) -> dict:
         """The state in ``torch.amp.GradScaler``'s layout (what the trainer's checkpoints hold)."""
-        return {"scale": self.scale, "growth_factor": self.growth_factor, "backoff_factor": self.backoff_factor,
-                "growth_interval": self.growth_interval, "_growth_tracker": self.clean_steps}
+        return {
+            "scale": self.scale,
+            "growth_factor": self.growth_factor,
+            "backoff_factor": self.backoff_factor,
+            "growth_interval": self.growth_interval,
+            "_growth_tracker": self.clean_steps,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Either layout: this class's, or ``torch.amp.GradScaler``'s (``_growth_tracker``)."""

@@ -100,8 +100,15 @@ class DataParallel(GradientSync):
     bounds a shared-memory wait for a peer.
     """
 
-    def __init__(self, model: nn.Module, comm: Comm, bucket_mb: float = 25.0, measure_norm: bool = False,
-                 transport: str = "backend", timeout_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        comm: Comm,
+        bucket_mb: float = 25.0,
+        measure_norm: bool = False,
+        transport: str = "backend",
+        timeout_s: float = 300.0,
+    ) -> None:
         self.model = model
         self.comm = comm
         self.sync_enabled = True
@@ -160,22 +167,30 @@ class DataParallel(GradientSync):
             buckets.append(bucket)
         return buckets
 
-    def _shared_memory(self, groups: list[list[nn.Parameter]], numel: int, transport: str,
-                       timeout_s: float) -> shm.ShmAllReduce | None:
+    def _shared_memory(
+        self, groups: list[list[nn.Parameter]], numel: int, transport: str, timeout_s: float
+    ) -> shm.ShmAllReduce | None:
         if transport not in TRANSPORTS:
-            raise LoomError(f"ddp.transport = {transport!r} is not one of {', '.join(TRANSPORTS)}.",
-                            "use auto (shared memory where the ranks share a host), shm or backend.")
+            raise LoomError(
+                f"ddp.transport = {transport!r} is not one of {', '.join(TRANSPORTS)}.",
+                "use auto (shared memory where the ranks share a host), shm or backend.",
+            )
         if transport == "backend" or self.comm.size == 1:
             return None
         first = groups[0][0]
         dtypes = {p.dtype for g in groups for p in g}
-        reason = (f"the gradients mix {len(dtypes)} dtypes" if len(dtypes) > 1
-                  else shm.unavailable(self.comm, first.device, numel * first.element_size()))
+        reason = (
+            f"the gradients mix {len(dtypes)} dtypes"
+            if len(dtypes) > 1
+            else shm.unavailable(self.comm, first.device, numel * first.element_size())
+        )
         if reason is None:
             return shm.ShmAllReduce(self.comm, numel, first.dtype, timeout_s)
         if transport == "shm":
-            raise LoomError(f"ddp.transport = 'shm' cannot serve the {self.comm.name} group: {reason}.",
-                            "set ddp.transport = 'auto' (shared memory where it can) or 'backend'.")
+            raise LoomError(
+                f"ddp.transport = 'shm' cannot serve the {self.comm.name} group: {reason}.",
+                "set ddp.transport = 'auto' (shared memory where it can) or 'backend'.",
+            )
         return None
 
     @property
@@ -294,8 +309,10 @@ class DataParallel(GradientSync):
         """
         norm = self.take_grad_norm()
         if norm is None:
-            raise RuntimeError("no gradient norm was measured: build DataParallel with measure_norm=True "
-                               "and call finish_gradient_sync first")
+            raise RuntimeError(
+                "no gradient norm was measured: build DataParallel with measure_norm=True "
+                "and call finish_gradient_sync first"
+            )
         if math.isfinite(max_norm):
             coef = max_norm / (norm + 1e-6)  # in the norm's dtype, as clip_grad_norm_ computes it
             if coef.item() < 1.0:  # (times 1.0 would change nothing)

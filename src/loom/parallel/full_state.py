@@ -73,8 +73,11 @@ def local_model_state(model: nn.Module, full: dict[str, torch.Tensor]) -> dict[s
     """This rank's state dict cut from a full one (a pipeline stage takes only its names)."""
     layouts = shard_layouts(model)
     own = model.state_dict()
-    return {name: shard_tensor(full[name], layouts[name], own[name]) if name in layouts else full[name]
-            for name in own if name in full}
+    return {
+        name: shard_tensor(full[name], layouts[name], own[name]) if name in layouts else full[name]
+        for name in own
+        if name in full
+    }
 
 
 def full_tensors(model: nn.Module, local: dict[str, torch.Tensor], tp: TensorParallel) -> dict[str, torch.Tensor]:
@@ -83,8 +86,12 @@ def full_tensors(model: nn.Module, local: dict[str, torch.Tensor], tp: TensorPar
     if tp.size == 1:
         return dict(local)
     layouts, params = shard_layouts(model), dict(model.named_parameters())
-    return {name: gather_tensor(value.to(params[name].device), layouts[name], params[name], tp)
-            if name in layouts else value for name, value in local.items()}
+    return {
+        name: gather_tensor(value.to(params[name].device), layouts[name], params[name], tp)
+        if name in layouts
+        else value
+        for name, value in local.items()
+    }
 
 
 def local_tensors(model: nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -119,9 +126,12 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, tp:
     for index, entry in local["state"].items():
         name = names[index]
         if name in layouts:
-            entry = {key: gather_tensor(value, layouts[name], params[name], tp)
-                     if torch.is_tensor(value) and value.shape == params[name].shape else value
-                     for key, value in entry.items()}
+            entry = {
+                key: gather_tensor(value, layouts[name], params[name], tp)
+                if torch.is_tensor(value) and value.shape == params[name].shape
+                else value
+                for key, value in entry.items()
+            }
         state[name] = entry
     groups = [{k: v for k, v in group.items() if k != "params"} for group in local["param_groups"]]
     return {"state": state, "param_groups": groups}
@@ -138,13 +148,19 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
             continue
         entry = dict(full["state"][name])
         if name in layouts:
-            entry = {key: shard_tensor(value, layouts[name], params[name])
-                     if torch.is_tensor(value) and value.dim() > 0 else value for key, value in entry.items()}
+            entry = {
+                key: shard_tensor(value, layouts[name], params[name])
+                if torch.is_tensor(value) and value.dim() > 0
+                else value
+                for key, value in entry.items()
+            }
         state[index] = entry
     local_groups = optimizer.state_dict()["param_groups"]
     # this optimizer's own settings (e.g. fused) where the saved groups name fewer (ZeRO's checkpoints)
-    groups = [{**mine, **saved, "params": mine["params"]}
-              for saved, mine in zip(full["param_groups"], local_groups, strict=True)]
+    groups = [
+        {**mine, **saved, "params": mine["params"]}
+        for saved, mine in zip(full["param_groups"], local_groups, strict=True)
+    ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -157,8 +157,9 @@ def _input_grad(grads: tuple[torch.Tensor, ...], weights: list[torch.Tensor], dt
     return out
 
 
-def _weight_grads(grad: torch.Tensor, x: torch.Tensor, need_weight: bool,
-                  need_bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _weight_grads(
+    grad: torch.Tensor, x: torch.Tensor, need_weight: bool, need_bias: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """dW = dY^T X and db = sum of dY over all positions, for one linear y = x W^T + b.
 
     dW comes out contiguous, laid out as the weight, so autograd keeps it as ``.grad``
@@ -181,8 +182,9 @@ class _EnterLinears(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, comm: Comm, sequence_parallel: bool, n: int,
-                *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    def forward(
+        ctx, x: torch.Tensor, comm: Comm, sequence_parallel: bool, n: int, *params: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:
         weights, biases = params[:n], params[n:]
         dtype = _compute_dtype(x)
         full = (_all_gather_seq(x, comm) if sequence_parallel else x).to(dtype)
@@ -246,8 +248,9 @@ class TensorParallel:
             return _GatherSequence.apply(x, self.comm)
         return _CopyToRegion.apply(x, self.comm)
 
-    def enter_linear(self, x: torch.Tensor, weights: Sequence[torch.Tensor],
-                     biases: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, ...]:
+    def enter_linear(
+        self, x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """``enter(x)``, then ``F.linear(x, w_i, b_i)`` for each column-parallel weight, as one node.
 
         The input gradients of all the linears are summed locally and reduced once (the same
@@ -337,8 +340,9 @@ class ColumnParallelLinear(nn.Module):
     be given explicitly for shards that are not an even split (replicated KV heads).
     """
 
-    def __init__(self, in_features: int, out_features: int, tp: TensorParallel, bias: bool,
-                 rows: slice | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, tp: TensorParallel, bias: bool, rows: slice | None = None
+    ) -> None:
         super().__init__()
         self.rows = rows or shard_range(out_features, tp.size, tp.rank)
         local = self.rows.stop - self.rows.start

@@ -65,7 +65,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.local_size, dim))
         self.weight.tp_sharded = True
         with torch.no_grad():
-            self.weight[self.local_size - self.pad_rows:].zero_()
+            self.weight[self.local_size - self.pad_rows :].zero_()
         self.shards = {"weight": ((vocab_size, dim), slice(self.vocab_start, self.vocab_end), slice(None))}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -77,8 +77,10 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.exit(partial)
 
     def extra_repr(self) -> str:
-        return (f"vocab={self.vocab_size} (padded {self.padded_size}), rows [{self.vocab_start}, "
-                f"{self.vocab_start + self.local_size}) of which {self.pad_rows} padding, dim={self.weight.shape[1]}")
+        return (
+            f"vocab={self.vocab_size} (padded {self.padded_size}), rows [{self.vocab_start}, "
+            f"{self.vocab_start + self.local_size}) of which {self.pad_rows} padding, dim={self.weight.shape[1]}"
+        )
 
 
 def padded_columns(n_local: int, vocab_start: int, vocab_size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -118,8 +120,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits_local: torch.Tensor, targets: torch.Tensor, tp: TensorParallel,
-                vocab_start: int, vocab_size: int, ignore_index: int) -> torch.Tensor:
+    def forward(
+        ctx,
+        logits_local: torch.Tensor,
+        targets: torch.Tensor,
+        tp: TensorParallel,
+        vocab_start: int,
+        vocab_size: int,
+        ignore_index: int,
+    ) -> torch.Tensor:
         n_local = logits_local.shape[-1]
         z = logits_local.detach().reshape(-1, n_local).float()
         if vocab_start + n_local > vocab_size:  # this shard holds padding
@@ -171,9 +180,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.view(ctx.logits_shape).to(ctx.logits_dtype), None, None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor, tp: TensorParallel,
-                                 vocab_start: int, vocab_size: int,
-                                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits_local: torch.Tensor,
+    targets: torch.Tensor,
+    tp: TensorParallel,
+    vocab_start: int,
+    vocab_size: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """Mean cross-entropy (fp32) of logits split by vocabulary across ``tp``.
 
     ``logits_local`` (..., V_local): columns [vocab_start, vocab_start + V_local) of the

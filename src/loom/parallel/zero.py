@@ -73,11 +73,23 @@ class ZeroOptimizer(GradientSync):
     hooks do the same and :meth:`step` finishes the sync.
     """
 
-    def __init__(self, model: nn.Module, comm: Comm, stage: int, lr: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 param_dtype: str = "fp32", grad_dtype: str | None = None, offload: str | None = None,
-                 bucket_mb: float = 25.0, units: Sequence[nn.Module] | None = None,
-                 scaler: DynamicLossScaler | None = None, root_hooks: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        comm: Comm,
+        stage: int,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        param_dtype: str = "fp32",
+        grad_dtype: str | None = None,
+        offload: str | None = None,
+        bucket_mb: float = 25.0,
+        units: Sequence[nn.Module] | None = None,
+        scaler: DynamicLossScaler | None = None,
+        root_hooks: bool = True,
+    ) -> None:
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"zero stage must be 0, 1, 2 or 3, got {stage}")
         if offload not in (None, "optimizer"):
@@ -118,18 +130,17 @@ class ZeroOptimizer(GradientSync):
         group, full32 = flatten(members, self.shards, self.comm.rank if self.shards > 1 else 0, self.param_dtype)
         lr, betas, eps = self._hyper
         if self.stage == 3:
-            group.unit = Unit(group.flat, group.flat[group.lo:group.hi].clone())
+            group.unit = Unit(group.flat, group.flat[group.lo : group.hi].clone())
         # fp32 parameters where the optimizer lives are their own master weights: no second copy
         alias = self.param_dtype == torch.float32 and self.optim_device == self.device
         if alias:
-            master = group.unit.shard if self.stage == 3 else group.flat[group.lo:group.hi]
+            master = group.unit.shard if self.stage == 3 else group.flat[group.lo : group.hi]
         else:
-            master = full32[group.lo:group.hi].to(self.optim_device, copy=True)
-        group.optim = FlatAdamW(master, group.decay_segments(self.weight_decay), lr, betas, eps,
-                                holds_master=not alias)
+            master = full32[group.lo : group.hi].to(self.optim_device, copy=True)
+        group.optim = FlatAdamW(master, group.decay_segments(self.weight_decay), lr, betas, eps, holds_master=not alias)
         if self.stage <= 1:
             group.grad_full = torch.zeros(group.padded, dtype=self.grad_dtype, device=self.device)
-            group.grad_shard = group.grad_full[group.lo:group.hi]
+            group.grad_shard = group.grad_full[group.lo : group.hi]
         else:
             group.grad_shard = torch.zeros(group.hi - group.lo, dtype=self.grad_dtype, device=self.device)
         return group
@@ -171,7 +182,7 @@ class ZeroOptimizer(GradientSync):
                 group.grad_full = torch.zeros(group.padded, dtype=self.grad_dtype, device=self.device)
             elif group.reduced:
                 self._reopen(group)
-            group.grad_full[offset:offset + param.numel()].add_(grad.reshape(-1))
+            group.grad_full[offset : offset + param.numel()].add_(grad.reshape(-1))
         group.seen += 1
         if group.seen < len(group.params):
             return
@@ -192,8 +203,8 @@ class ZeroOptimizer(GradientSync):
         if self.stage == 0:
             group.grad_full.div_(self.comm.size)
         else:
-            group.grad_full[:group.lo].zero_()
-            group.grad_full[group.hi:].zero_()
+            group.grad_full[: group.lo].zero_()
+            group.grad_full[group.hi :].zero_()
         group.reduced = False
 
     def _launch_ready(self) -> None:
@@ -224,7 +235,7 @@ class ZeroOptimizer(GradientSync):
     def finish_gradient_sync(self) -> None:
         """Launch what is left (groups that got no gradient too) and complete every collective."""
         if self._sync_open:
-            for group in self.groups[self._next:]:
+            for group in self.groups[self._next :]:
                 if group.grad_full is None:
                     group.grad_full = torch.zeros(group.padded, dtype=self.grad_dtype, device=self.device)
                 self._launch(group)
@@ -245,13 +256,12 @@ class ZeroOptimizer(GradientSync):
         group, offset = self._slot[id(param)]
         if group.grad_full is None:
             group.grad_full = torch.zeros(group.padded, dtype=self.grad_dtype, device=self.device)
-        return group.grad_full[offset:offset + param.numel()].view(param.shape)
+        return group.grad_full[offset : offset + param.numel()].view(param.shape)
 
     def grad_shard_views(self, select: Callable[[nn.Parameter], bool]) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """After the sync: ``(param, view)`` for the part of each selected parameter's reduced
         gradient this rank owns, in layout order (ranks with equal layouts list equal ranges)."""
-        return [(p, g.grad_shard[start:stop]) for g in self.groups for p, start, stop in g.owned_ranges()
-                if select(p)]
+        return [(p, g.grad_shard[start:stop]) for g in self.groups for p, start, stop in g.owned_ranges() if select(p)]
 
     def zero_grad(self) -> None:
         for group in self.groups:
@@ -267,8 +277,9 @@ class ZeroOptimizer(GradientSync):
         """Reduced sums -> mean gradient: 1 / (N * loss scale)."""
         return 1.0 / (self.comm.size * (self.scaler.scale if self.scaler is not None else 1.0))
 
-    def clip_grad_norm(self, max_norm: float, counts: Callable[[nn.Parameter], bool] | None = None,
-                       comms: Sequence[Comm] = ()) -> float:
+    def clip_grad_norm(
+        self, max_norm: float, counts: Callable[[nn.Parameter], bool] | None = None, comms: Sequence[Comm] = ()
+    ) -> float:
         """Global L2 norm of the mean gradient (shards' squares summed over dp); the next
         :meth:`step` scales by min(1, max_norm / (norm + 1e-6)). ``inf``: measure only.
 
@@ -324,7 +335,7 @@ class ZeroOptimizer(GradientSync):
         if self.stage == 3:
             _copy_unless_same(group.unit.shard, master)
             return None
-        owned = group.flat[group.lo:group.hi]
+        owned = group.flat[group.lo : group.hi]
         _copy_unless_same(owned, master)
         return self.comm.all_gather(group.flat, owned, async_op=True, tag="zero-param")
 
@@ -353,12 +364,17 @@ class ZeroOptimizer(GradientSync):
             pad = g.padded - g.numel
             for first_sharded, size in zip((3, 2, 1), per_elem):
                 padding += Fraction(pad * size, self.shards if self.stage >= first_sharded else 1)
-        return {"mem_params_bytes": params, "mem_grads_bytes": grads, "mem_optim_bytes": optim,
-                "padding_bytes": int(padding) if padding.denominator == 1 else float(padding),
-                "padding_elements": sum(g.padded - g.numel for g in self.groups),
-                "params_dtype": DTYPE_NAMES[self.param_dtype], "grads_dtype": DTYPE_NAMES[self.grad_dtype],
-                "optim_bytes_per_element": k,
-                "optim_device": str(self.optim_device)}
+        return {
+            "mem_params_bytes": params,
+            "mem_grads_bytes": grads,
+            "mem_optim_bytes": optim,
+            "padding_bytes": int(padding) if padding.denominator == 1 else float(padding),
+            "padding_elements": sum(g.padded - g.numel for g in self.groups),
+            "params_dtype": DTYPE_NAMES[self.param_dtype],
+            "grads_dtype": DTYPE_NAMES[self.grad_dtype],
+            "optim_bytes_per_element": k,
+            "optim_device": str(self.optim_device),
+        }
 
     def _gather_full(self, group: FlatGroup, shard: torch.Tensor) -> torch.Tensor:
         """This group's full fp32 vector from every rank's slice ``shard`` (CPU)."""
@@ -369,8 +385,10 @@ class ZeroOptimizer(GradientSync):
         return full.cpu()
 
     def _by_name(self, group: FlatGroup, full: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: full[o:o + p.numel()].view(p.shape).clone()
-                for n, p, o in zip(group.names, group.params, group.offsets)}
+        return {
+            n: full[o : o + p.numel()].view(p.shape).clone()
+            for n, p, o in zip(group.names, group.params, group.offsets)
+        }
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Every parameter at full size in fp32 (the master weights), on every rank."""
@@ -383,13 +401,17 @@ class ZeroOptimizer(GradientSync):
         """Name-keyed full fp32 parameters and AdamW state (torch's layout), on every rank."""
         state = {}
         for group in self.groups:
-            moments = [self._by_name(group, self._gather_full(group, t))
-                       for t in (group.optim.exp_avg, group.optim.exp_avg_sq)]
+            moments = [
+                self._by_name(group, self._gather_full(group, t)) for t in (group.optim.exp_avg, group.optim.exp_avg_sq)
+            ]
             step = torch.tensor(float(group.optim.step_count))
             for name in group.names:
                 state[name] = {"step": step.clone(), "exp_avg": moments[0][name], "exp_avg_sq": moments[1][name]}
-        return {"model": self.full_parameters(), "optimizer": {"state": state},
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        return {
+            "model": self.full_parameters(),
+            "optimizer": {"state": state},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
 
     @torch.no_grad()
     def load_full_state(self, full: dict) -> None:
@@ -403,8 +425,8 @@ class ZeroOptimizer(GradientSync):
                 group.optim.step_count = int(entries[0]["step"])
             for key, tensors in pieces.items():
                 flat = torch.zeros(group.padded, dtype=torch.float32)
-                flat[:group.numel] = torch.cat([t.reshape(-1).float().cpu() for t in tensors])
-                getattr(group.optim, key).copy_(flat[group.lo:group.hi])
+                flat[: group.numel] = torch.cat([t.reshape(-1).float().cpu() for t in tensors])
+                getattr(group.optim, key).copy_(flat[group.lo : group.hi])
         if self.scaler is not None and full.get("scaler"):
             self.scaler.load_state_dict(full["scaler"])
         self._publish_all()
@@ -414,16 +436,21 @@ class ZeroOptimizer(GradientSync):
 
     def state_dict(self) -> dict:
         """This rank's slices (loads back only into the same layout: stage, N, buckets)."""
-        return {**self._layout(), "groups": [g.optim.state_dict() for g in self.groups],
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        return {
+            **self._layout(),
+            "groups": [g.optim.state_dict() for g in self.groups],
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         mine = self._layout()
         for key in mine:
             if state[key] != mine[key]:
-                raise ValueError(f"ZeRO state {key} differs: saved {state[key]!r}, this run {mine[key]!r}; "
-                                 "use full_state()/load_full_state() to change the layout")
+                raise ValueError(
+                    f"ZeRO state {key} differs: saved {state[key]!r}, this run {mine[key]!r}; "
+                    "use full_state()/load_full_state() to change the layout"
+                )
         for group, saved in zip(self.groups, state["groups"]):
             group.optim.load_state_dict(saved)
         if self.scaler is not None and state.get("scaler"):
@@ -460,7 +487,7 @@ class ZeroOptimizer(GradientSync):
         message instead of many: on gloo, and on shared cores, far fewer waits for peers.
         """
         n = self.comm.size
-        owned = [g.flat[g.lo:g.hi] for g in groups]
+        owned = [g.flat[g.lo : g.hi] for g in groups]
         for group, slice_ in zip(groups, owned):
             _copy_unless_same(slice_, group.optim.master)
         send = torch.cat(owned)
@@ -469,7 +496,7 @@ class ZeroOptimizer(GradientSync):
         rows = rows.view(n, send.numel())
         offset = 0
         for group, slice_ in zip(groups, owned):
-            group.flat.view(n, slice_.numel()).copy_(rows[:, offset:offset + slice_.numel()])
+            group.flat.view(n, slice_.numel()).copy_(rows[:, offset : offset + slice_.numel()])
             offset += slice_.numel()
 
 

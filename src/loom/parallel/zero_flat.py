@@ -119,13 +119,14 @@ def flatten(members: Named, shards: int, rank: int, dtype: torch.dtype) -> tuple
     lo = rank * padded // shards
     full32 = torch.zeros(padded, dtype=torch.float32, device=members[0][1].device)
     for (_, p), o in zip(members, offsets):
-        full32[o:o + p.numel()] = p.detach().reshape(-1)
+        full32[o : o + p.numel()] = p.detach().reshape(-1)
     flat = full32.to(dtype)
     with torch.no_grad():
         for (_, p), o in zip(members, offsets):
-            p.data = flat[o:o + p.numel()].view_as(p)
-    group = FlatGroup([n for n, _ in members], [p for _, p in members], offsets, total, padded,
-                      lo, lo + padded // shards, flat)
+            p.data = flat[o : o + p.numel()].view_as(p)
+    group = FlatGroup(
+        [n for n, _ in members], [p for _, p in members], offsets, total, padded, lo, lo + padded // shards, flat
+    )
     return group, full32
 
 
@@ -151,8 +152,9 @@ class UnitGather:
     through another method than ``forward``).
     """
 
-    def __init__(self, comm: Comm, blocks: Sequence[tuple[nn.Module, Unit]],
-                 root: tuple[nn.Module | None, Unit] | None) -> None:
+    def __init__(
+        self, comm: Comm, blocks: Sequence[tuple[nn.Module, Unit]], root: tuple[nn.Module | None, Unit] | None
+    ) -> None:
         self.comm = comm
         self.root = root[1] if root is not None else None
         self.held = False
@@ -185,8 +187,9 @@ class UnitGather:
         self.free(unit)
         outputs = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
         if outputs and torch.is_grad_enabled():
-            torch.autograd.graph.register_multi_grad_hook(outputs, lambda _, u=unit: self._before_backward(u),
-                                                          mode="any")
+            torch.autograd.graph.register_multi_grad_hook(
+                outputs, lambda _, u=unit: self._before_backward(u), mode="any"
+            )
 
     def enter(self, unit: Unit) -> None:
         """Before a use of ``unit`` that no forward hook sees: gather it (as a forward pre-hook)."""

@@ -44,8 +44,9 @@ def _check(stage: int, psi: int, n: int) -> None:
         raise ValueError(f"need psi >= 0 and n >= 1, got psi={psi}, n={n}")
 
 
-def model_state_bytes(stage: int, psi: int, n: int, param_bytes: int = 2, grad_bytes: int = 2,
-                      k: int = 12) -> dict[str, int | float]:
+def model_state_bytes(
+    stage: int, psi: int, n: int, param_bytes: int = 2, grad_bytes: int = 2, k: int = 12
+) -> dict[str, int | float]:
     """Bytes per rank by category: ``{"params", "grads", "optim", "total"}`` (table above)."""
     _check(stage, psi, n)
     share = Fraction(psi, n)
@@ -57,8 +58,9 @@ def model_state_bytes(stage: int, psi: int, n: int, param_bytes: int = 2, grad_b
     return {key: _plain(value) for key, value in parts.items()}
 
 
-def zero_memory_bytes(stage: int, psi: int, n: int, param_bytes: int = 2, grad_bytes: int = 2,
-                      k: int = 12) -> int | float:
+def zero_memory_bytes(
+    stage: int, psi: int, n: int, param_bytes: int = 2, grad_bytes: int = 2, k: int = 12
+) -> int | float:
     """Total model-state bytes per rank: 16Ψ, 4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N, 16Ψ/N in mixed precision."""
     return model_state_bytes(stage, psi, n, param_bytes, grad_bytes, k)["total"]
 
@@ -69,8 +71,7 @@ def dp_elements_per_step(stage: int, psi: int) -> int:
     return 3 * psi if stage == 3 else 2 * psi
 
 
-def dp_bytes_per_step(stage: int, psi: int, n: int, param_bytes: int = 2,
-                      grad_bytes: int = 2) -> int | float:
+def dp_bytes_per_step(stage: int, psi: int, n: int, param_bytes: int = 2, grad_bytes: int = 2) -> int | float:
     """Bytes each rank sends in the dp group per step (ring model, see the module docstring)."""
     _check(stage, psi, n)
     ring = Fraction(n - 1, n) * psi

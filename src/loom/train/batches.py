@@ -33,7 +33,9 @@ def batch_rows(micro_batch: int, grad_accum: int, dp_rank: int, micro_step: int)
     return slice(start, start + micro_batch)
 
 
-def get_batch(tokens: np.ndarray, seq_len: int, offsets: np.ndarray, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def get_batch(
+    tokens: np.ndarray, seq_len: int, offsets: np.ndarray, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs ``x[i] = tokens[o_i : o_i+seq_len]`` and targets ``y[i] = tokens[o_i+1 : o_i+seq_len+1]`` (int64)."""
     _check_length(len(tokens), seq_len)
     index = np.asarray(offsets, dtype=np.int64)[:, None] + np.arange(seq_len + 1)

@@ -325,7 +325,9 @@ def _verify(path: Path, name: str, want: dict[str, Any]) -> None:
         raise _damaged(path, f"{name} is missing")
     size = file.stat().st_size
     if size != want.get("size"):
-        raise _damaged(path, f"{name} has {size} bytes but {META_FILE} records {want.get('size')} (truncated or replaced)")
+        raise _damaged(
+            path, f"{name} has {size} bytes but {META_FILE} records {want.get('size')} (truncated or replaced)"
+        )
     if _sha256(file) != want.get("sha256"):
         raise _damaged(path, f"{name} does not match the sha256 in {META_FILE} (corrupted or modified)")
 

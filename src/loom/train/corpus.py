@@ -51,7 +51,7 @@ def find_source(corpus: str) -> Source:
     if not files:
         raise LoomError(
             f"data.corpus folder {path} holds no .txt or .jsonl files.",
-            "put UTF-8 .txt files (one document each) or .jsonl files (one {\"text\": ...} object per line) in it, or use data.corpus=stdlib.",
+            'put UTF-8 .txt files (one document each) or .jsonl files (one {"text": ...} object per line) in it, or use data.corpus=stdlib.',
         )
     return Source("files", path, files, f"folder {path} ({len(files)} .txt/.jsonl files)")
 
@@ -107,7 +107,10 @@ def _documents(source: Source) -> Iterator[tuple[str, str]]:
         try:
             raw = path.read_bytes()
         except OSError as exc:
-            raise LoomError(f"cannot read corpus file {path}: {exc.strerror}.", "fix its permissions, or remove it from the corpus folder.") from None
+            raise LoomError(
+                f"cannot read corpus file {path}: {exc.strerror}.",
+                "fix its permissions, or remove it from the corpus folder.",
+            ) from None
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:

@@ -86,7 +86,9 @@ def prepare_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, log: Log | None 
     if final.exists():
         cached = _open_cached(final)
         if cached is not None:
-            say(f"using cached tokens {final} ({_fmt(cached.train.size)} train, {_fmt(cached.val.size)} val); not re-tokenising")
+            say(
+                f"using cached tokens {final} ({_fmt(cached.train.size)} train, {_fmt(cached.val.size)} val); not re-tokenising"
+            )
             return cached
         say(f"cached tokens {final} are incomplete; rebuilding them")
         shutil.rmtree(final, ignore_errors=True)
@@ -148,7 +150,9 @@ def _tokenise(source: Source, cfg: DataConfig, tokenizer: Tokenizer, out: Path, 
     split_rule = f"document: sha256(doc_id) fraction < {cfg.val_fraction} goes to val"
     if not tokens["train"] or not tokens["val"]:
         tokens = _split_tail(out, dtype, cfg.val_fraction)
-        split_rule = f"token tail: the last {cfg.val_fraction} of the token stream (the documents all hashed to one side)"
+        split_rule = (
+            f"token tail: the last {cfg.val_fraction} of the token stream (the documents all hashed to one side)"
+        )
     n_docs, n_tokens = sum(docs.values()), sum(tokens.values())
     say(
         f"tokenised {n_docs} documents, {_fmt(n_tokens)} tokens in {time.monotonic() - start:.1f}s "
@@ -266,7 +270,10 @@ def _open_token_file(cfg: DataConfig, tokenizer: Tokenizer, say: Log) -> TokenDa
     if not path.is_file():
         raise missing_corpus(cfg.corpus, path)
     if not meta_path.is_file():
-        raise LoomError(f"token file {path} has no metadata file {meta_path}.", f'create it with {{"dtype": "uint16", "n_tokens": N}}, or {rebuild}')
+        raise LoomError(
+            f"token file {path} has no metadata file {meta_path}.",
+            f'create it with {{"dtype": "uint16", "n_tokens": N}}, or {rebuild}',
+        )
     try:
         meta = json.loads(meta_path.read_text("utf-8"))
         dtype, n = DTYPES[meta["dtype"]], meta["n_tokens"]
@@ -284,7 +291,10 @@ def _open_token_file(cfg: DataConfig, tokenizer: Tokenizer, say: Log) -> TokenDa
             rebuild,
         )
     if n < 2:
-        raise LoomError(f"token file {path} holds {n} tokens; training needs a train and a val part.", f"use a larger corpus; {rebuild}")
+        raise LoomError(
+            f"token file {path} holds {n} tokens; training needs a train and a val part.",
+            f"use a larger corpus; {rebuild}",
+        )
     tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
     top = int(tokens.max())
     if top >= tokenizer.vocab_size:
@@ -314,8 +324,6 @@ def _open_token_file(cfg: DataConfig, tokenizer: Tokenizer, say: Log) -> TokenDa
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
 
 
 def _dtype_name(dtype: np.dtype) -> str:

@@ -52,7 +52,7 @@ def generate(
         if stop_id is not None and next_id.item() == stop_id:
             break
     model.train(was_training)
-    return ids[0, len(prompt):].tolist()
+    return ids[0, len(prompt) :].tolist()
 
 
 def load_for_inference(

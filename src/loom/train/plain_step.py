@@ -44,8 +44,15 @@ from loom.train.precision import Precision
 class PlainStep:
     """AdamW and, with dp > 1, DDP over this rank's (tp/pp-local) model."""
 
-    def __init__(self, model: Transformer, config: Config, dist: DistContext, tp: TensorParallel,
-                 pipeline: PipelineRank | None, precision: Precision) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        config: Config,
+        dist: DistContext,
+        tp: TensorParallel,
+        pipeline: PipelineRank | None,
+        precision: Precision,
+    ) -> None:
         self.model, self.tp, self.pipeline, self.precision = model, tp, pipeline, precision
         self.pp = dist.comm("pp")
         self.ddp: DataParallel | None = None
@@ -53,8 +60,14 @@ class PlainStep:
             # the norm is taken during the sync where this rank's .grad is the whole model, each
             # parameter once, and stays as synced (no tp shards, no stages, no fp16 unscale)
             whole = tp.comm.size == 1 and pipeline is None and not precision.scaler.is_enabled()
-            self.ddp = DataParallel(model, dist.comm("dp"), config.ddp.bucket_mb, measure_norm=whole,
-                                    transport=config.ddp.transport, timeout_s=config.parallel.timeout_s + BACKSTOP_S)
+            self.ddp = DataParallel(
+                model,
+                dist.comm("dp"),
+                config.ddp.bucket_mb,
+                measure_norm=whole,
+                transport=config.ddp.transport,
+                timeout_s=config.parallel.timeout_s + BACKSTOP_S,
+            )
         self.optimizer = build_adamw(model, config.train, dist.device)
 
     # ------------------------------------------------------------------ one step
@@ -129,8 +142,7 @@ class PlainStep:
         ddp = self.ddp
         via = "shared memory (ddp.transport)" if ddp.transport == "shm" else "the process group's backend"
         buckets = f"{len(ddp.buckets)} gradient bucket" + ("s" if len(ddp.buckets) > 1 else "")
-        return (f"DDP over dp={ddp.comm.size}: {buckets}, "
-                f"{ddp.parameter_bytes / 2**20:.2f} MiB per step through {via}")
+        return f"DDP over dp={ddp.comm.size}: {buckets}, {ddp.parameter_bytes / 2**20:.2f} MiB per step through {via}"
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -101,16 +101,22 @@ class Trainer:
         self.pp = self.dist.comm("pp")
         self.plans = rank_stages(config.model.n_layers, self.pp.size, config.parallel.vp, coords.pp)
         self.model = Transformer(
-            config.model, seed=config.train.seed, device=self.device, tp=self.tp, rng=self.rng,
+            config.model,
+            seed=config.train.seed,
+            device=self.device,
+            tp=self.tp,
+            rng=self.rng,
             layers=sorted(i for plan in self.plans for i in plan.layers),
-            embed=any(p.embed for p in self.plans), head=any(p.head for p in self.plans),
+            embed=any(p.embed for p in self.plans),
+            head=any(p.head for p in self.plans),
         )
         # Every rank drew its slice of the same initial weights (layout-independent init):
         # no broadcast needed.
         self.pipeline = self._build_pipeline() if len(self.plans) > 1 or self.pp.size > 1 else None
         # gradient sync, clipping, update and their state: ZeRO's on flat buffers, or DDP + AdamW on .grad
         self.update: ZeroStep | PlainStep = (
-            ZeroStep(self.model, config, self.dist, self.tp, self.pipeline) if config.zero.stage > 0
+            ZeroStep(self.model, config, self.dist, self.tp, self.pipeline)
+            if config.zero.stage > 0
             else PlainStep(self.model, config, self.dist, self.tp, self.pipeline, self.precision)
         )
         self.state = RunState()
@@ -123,13 +129,19 @@ class Trainer:
         """Forward/backward over the step's micro-batches, clip, and update."""
         train = self.config.train
         lr = lr_at(step, train.lr, train.warmup_steps, train.steps, train.min_lr_ratio)
-        offsets = batch_offsets(len(self.data.train), train.seq_len, self.batch.global_batch, train.seed, step, TRAIN_STREAM)
+        offsets = batch_offsets(
+            len(self.data.train), train.seq_len, self.batch.global_batch, train.seed, step, TRAIN_STREAM
+        )
         accum = self.batch.grad_accum
         dp_rank = self.dist.coords.dp
         self.rng.reseed(train.seed, step)  # dropout is a pure function of (seed, step, ranks), like the data
         batches = [
-            get_batch(self.data.train, train.seq_len, offsets[batch_rows(self.batch.micro_batch, accum, dp_rank, k)],
-                      self.device)
+            get_batch(
+                self.data.train,
+                train.seq_len,
+                offsets[batch_rows(self.batch.micro_batch, accum, dp_rank, k)],
+                self.device,
+            )
             for k in range(accum)
         ]
         update = self.update
@@ -170,7 +182,9 @@ class Trainer:
         self.model.eval()
         batches = []
         for i in range(train.eval_batches):
-            offsets = batch_offsets(len(self.data.val), train.seq_len, self.batch.micro_batch, train.seed, i, VAL_STREAM)
+            offsets = batch_offsets(
+                len(self.data.val), train.seq_len, self.batch.micro_batch, train.seed, i, VAL_STREAM
+            )
             batches.append(get_batch(self.data.val, train.seq_len, offsets, self.device))
         if self.pipeline is not None:
             loss = self.pipeline.evaluate(batches)
@@ -189,8 +203,15 @@ class Trainer:
         cfg = self.config
         seq = cfg.train.seq_len // (self.tp.size if self.tp.sequence_parallel else 1)
         return PipelineRank(
-            self.model, self.plans, self.pp, cfg.parallel.schedule, self.batch.grad_accum,
-            (self.batch.micro_batch, seq, cfg.model.d_model), self.device, self.precision.autocast, cfg.model.tied,
+            self.model,
+            self.plans,
+            self.pp,
+            cfg.parallel.schedule,
+            self.batch.grad_accum,
+            (self.batch.micro_batch, seq, cfg.model.d_model),
+            self.device,
+            self.precision.autocast,
+            cfg.model.tied,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -215,7 +236,8 @@ class Trainer:
         result = None
         progress = (
             TrainProgress(train.steps, start_step, self.console, live=self.live_progress)
-            if self.is_main else contextlib.nullcontext()
+            if self.is_main
+            else contextlib.nullcontext()
         )
         self.dist.ledger.take_step_totals()  # setup traffic is not a step's
         try:
@@ -228,9 +250,13 @@ class Trainer:
                     self.state.tokens_seen += tokens_per_step
                     self.state.elapsed_s += took
                     record = {
-                        "step": self.state.step, "loss": result.loss, "lr": result.lr,
-                        "grad_norm": result.grad_norm, "tokens": self.state.tokens_seen,
-                        "tokens_per_s": tokens_per_step / took, "elapsed_s": self.state.elapsed_s,
+                        "step": self.state.step,
+                        "loss": result.loss,
+                        "lr": result.lr,
+                        "grad_norm": result.grad_norm,
+                        "tokens": self.state.tokens_seen,
+                        "tokens_per_s": tokens_per_step / took,
+                        "elapsed_s": self.state.elapsed_s,
                         **self.dist.ledger.take_step_totals(),
                     }
                     if result.skipped:
@@ -285,14 +311,24 @@ class Trainer:
             "scaler": self.update.scaler_state(),
             "rng": capture_rng_state(),
             "run": {
-                "step": self.state.step, "tokens_seen": self.state.tokens_seen, "elapsed_s": self.state.elapsed_s,
+                "step": self.state.step,
+                "tokens_seen": self.state.tokens_seen,
+                "elapsed_s": self.state.elapsed_s,
                 "last_val_loss": self.state.last_val_loss,
             },
         }
-        meta = {"tokenizer": self.tokenizer.fingerprint, "params": count_parameters(self.config.model), "data": self.data.meta}
+        meta = {
+            "tokenizer": self.tokenizer.fingerprint,
+            "params": count_parameters(self.config.model),
+            "data": self.data.meta,
+        }
         return save_checkpoint(
-            self.run_dir, self.state.step, model_state, train_state,
-            {"config": self.config.to_dict(), **meta}, keep=self.config.train.keep_ckpts,
+            self.run_dir,
+            self.state.step,
+            model_state,
+            train_state,
+            {"config": self.config.to_dict(), **meta},
+            keep=self.config.train.keep_ckpts,
         )
 
     def _restore(self, path: Path) -> None:

@@ -51,18 +51,28 @@ MEMORY_KEYS = ("mem_params_bytes", "mem_grads_bytes", "mem_optim_bytes")
 class ZeroStep:
     """The trainer's ZeRO: built from ``config.zero`` over this rank's (tp/pp-local) model."""
 
-    def __init__(self, model: Transformer, config: Config, dist: DistContext, tp: TensorParallel,
-                 pipeline: PipelineRank | None) -> None:
+    def __init__(
+        self, model: Transformer, config: Config, dist: DistContext, tp: TensorParallel, pipeline: PipelineRank | None
+    ) -> None:
         train, cfg = config.train, config.zero
         self.model, self.tp, self.pipeline = model, tp, pipeline
         self.pp = dist.comm("pp")
         dp = dist.comm("dp")
         scaler = DynamicLossScaler([dp, tp.comm, self.pp]) if train.precision == "fp16" else None
         self.zero = ZeroOptimizer(
-            model, dp, cfg.stage, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps,
-            weight_decay=train.weight_decay, param_dtype=train.precision, grad_dtype=cfg.grad_dtype,
-            offload=None if cfg.offload == "none" else cfg.offload, bucket_mb=config.ddp.bucket_mb,
-            scaler=scaler, root_hooks=False,
+            model,
+            dp,
+            cfg.stage,
+            lr=train.lr,
+            betas=(train.beta1, train.beta2),
+            eps=train.eps,
+            weight_decay=train.weight_decay,
+            param_dtype=train.precision,
+            grad_dtype=cfg.grad_dtype,
+            offload=None if cfg.offload == "none" else cfg.offload,
+            bucket_mb=config.ddp.bucket_mb,
+            scaler=scaler,
+            root_hooks=False,
         )
         # torch AdamW's two groups as build_adamw makes them, for checkpoints the plain path loads
         hyper = {"lr": train.lr, "betas": (train.beta1, train.beta2), "eps": train.eps}
@@ -97,14 +107,17 @@ class ZeroStep:
         device = self.zero.device
         count = torch.tensor([len(self.zero.groups), -len(self.zero.groups)], dtype=torch.float64, device=device)
         comm.all_reduce(count, op="max", tag="zero-layout")
-        layout = torch.tensor([v for g in self.zero.groups for v in (g.numel, g.padded, g.lo)],
-                              dtype=torch.float64, device=device)
+        layout = torch.tensor(
+            [v for g in self.zero.groups for v in (g.numel, g.padded, g.lo)], dtype=torch.float64, device=device
+        )
         both = torch.cat([layout, -layout])
         if count[0] == -count[1]:
             comm.all_reduce(both, op="max", tag="zero-layout")
         if count[0] != -count[1] or not torch.equal(both, torch.cat([layout, -layout])):
-            raise RuntimeError("ZeRO's flat layout differs between the ranks of a tp group; the tp gradient "
-                               "sums on shards need it equal (equal parameter shapes on every tp rank)")
+            raise RuntimeError(
+                "ZeRO's flat layout differs between the ranks of a tp group; the tp gradient "
+                "sums on shards need it equal (equal parameter shapes on every tp rank)"
+            )
 
     # ------------------------------------------------------------------ one step
 
@@ -137,7 +150,7 @@ class ZeroStep:
         self.tp.comm.all_reduce(flat, op="sum", tag=tag)
         offset = 0
         for view in views:
-            view.copy_(flat[offset:offset + view.numel()])
+            view.copy_(flat[offset : offset + view.numel()])
             offset += view.numel()
 
     def _sum_kv_replicas(self) -> None:
@@ -150,14 +163,15 @@ class ZeroStep:
             return
         replicas = pairs[0][0].tp_replicas
         views = [v for _, v in pairs]
-        rows = torch.zeros(self.tp.size // replicas, sum(v.numel() for v in views), dtype=views[0].dtype,
-                           device=views[0].device)
+        rows = torch.zeros(
+            self.tp.size // replicas, sum(v.numel() for v in views), dtype=views[0].dtype, device=views[0].device
+        )
         head = self.tp.rank // replicas
         torch.cat(views, out=rows[head])
         self.tp.comm.all_reduce(rows, op="sum", tag="tp-kv-grads")
         offset = 0
         for view in views:
-            view.copy_(rows[head, offset:offset + view.numel()])
+            view.copy_(rows[head, offset : offset + view.numel()])
             offset += view.numel()
 
     def clip_grad_norm(self, max_norm: float) -> float:
@@ -193,10 +207,12 @@ class ZeroStep:
         mem, zero = self.zero.memory(), self.zero
         where = "host" if mem["optim_device"] == "cpu" and zero.device.type != "cpu" else mem["optim_device"]
         master = "fp32 master + " if mem["optim_bytes_per_element"] == 12 else ""  # else the parameters are
-        return (f"ZeRO-{zero.stage} over dp={zero.comm.size}, per rank: parameters {_mib(mem['mem_params_bytes'])} "
-                f"{mem['params_dtype']}, gradients {_mib(mem['mem_grads_bytes'])} {mem['grads_dtype']}, "
-                f"optimizer {_mib(mem['mem_optim_bytes'])} ({master}AdamW moments, {where}); "
-                f"padding {mem['padding_bytes']:,} B")
+        return (
+            f"ZeRO-{zero.stage} over dp={zero.comm.size}, per rank: parameters {_mib(mem['mem_params_bytes'])} "
+            f"{mem['params_dtype']}, gradients {_mib(mem['mem_grads_bytes'])} {mem['grads_dtype']}, "
+            f"optimizer {_mib(mem['mem_optim_bytes'])} ({master}AdamW moments, {where}); "
+            f"padding {mem['padding_bytes']:,} B"
+        )
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -209,8 +225,10 @@ class ZeroStep:
         params = full_tensors(self.model, full["model"], self.tp)
         names = [n for n, _ in self.model.named_parameters()]
         state = {n: {"step": entries[n]["step"], **{key: moments[key][n] for key in MOMENTS}} for n in names}
-        return {"model": {n: params[n] for n in names},
-                "optimizer": {"state": state, "param_groups": [dict(g) for g in self.param_groups]}}
+        return {
+            "model": {n: params[n] for n in names},
+            "optimizer": {"state": state, "param_groups": [dict(g) for g in self.param_groups]},
+        }
 
     def scaler_state(self) -> dict:
         """The loss scale in torch GradScaler's layout; {} without one (as a disabled GradScaler)."""

@@ -35,8 +35,7 @@ def draw_timeline(timeline: Timeline, out: Path, title: str | None = None) -> Pa
     p, vp = timeline.pp, timeline.vp
     makespan = timeline.makespan or 1.0
     durations = [s.end - s.start for spans in timeline.ranks for s in spans if s.end > s.start]
-    forwards = [s.end - s.start for spans in timeline.ranks for s in spans
-                if s.action.kind == "F" and s.end > s.start]
+    forwards = [s.end - s.start for spans in timeline.ranks for s in spans if s.action.kind == "F" and s.end > s.start]
     unit = median(forwards or durations or [makespan])
     width = min(max(7.0, MARGIN_IN + 0.34 * makespan / unit), 60.0)
     height = 1.7 + 0.5 * p
@@ -51,13 +50,28 @@ def draw_timeline(timeline: Timeline, out: Path, title: str | None = None) -> Pa
         ax.add_patch(Rectangle((0, y - ROW_HEIGHT / 2), makespan, ROW_HEIGHT, facecolor=IDLE_COLOUR, linewidth=0))
         for span in spans:
             colour = _shade(KIND_COLOURS[span.action.kind], span.action.chunk, vp)
-            ax.add_patch(Rectangle((span.start, y - ROW_HEIGHT / 2), span.end - span.start, ROW_HEIGHT,
-                                   facecolor=colour, edgecolor="white", linewidth=0.6))
+            ax.add_patch(
+                Rectangle(
+                    (span.start, y - ROW_HEIGHT / 2),
+                    span.end - span.start,
+                    ROW_HEIGHT,
+                    facecolor=colour,
+                    edgecolor="white",
+                    linewidth=0.6,
+                )
+            )
             label = str(span.action.microbatch)
             size = min(9.0, (span.end - span.start) * points_per_unit * 0.85 / (0.62 * len(label)))
             if size >= 4.5:
-                ax.text((span.start + span.end) / 2, y, label, ha="center", va="center", fontsize=size,
-                        color="white" if _dark(colour) else "black")
+                ax.text(
+                    (span.start + span.end) / 2,
+                    y,
+                    label,
+                    ha="center",
+                    va="center",
+                    fontsize=size,
+                    color="white" if _dark(colour) else "black",
+                )
         share = idle[r] / timeline.makespan if timeline.makespan else 0.0
         ax.text(makespan * 1.005, y, f"idle {share:.0%}", va="center", ha="left", fontsize=8, color="#555555")
 
@@ -76,14 +90,26 @@ def draw_timeline(timeline: Timeline, out: Path, title: str | None = None) -> Pa
     if vp > 1:
         handles += [Patch(facecolor=_shade("#555555", c, vp), label=f"chunk {c}") for c in range(vp)]
     handles.append(Patch(facecolor=IDLE_COLOUR, label="idle"))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.48 / (height - 1.65)),
-              ncol=len(handles), fontsize=8, frameon=False, handlelength=1.4, columnspacing=1.2)
+    ax.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.48 / (height - 1.65)),
+        ncol=len(handles),
+        fontsize=8,
+        frameon=False,
+        handlelength=1.4,
+        columnspacing=1.2,
+    )
 
     source = "measured" if timeline.measured else "simulated"
     heading = title or f"pipeline timeline ({source})"
-    fig.suptitle(f"{heading}\nbubble {timeline.bubble_fraction:.1%} of busy time, makespan {timeline.makespan:.4g}, "
-                 f"peak activations held per device {peaks} (micro-batch{' chunks' if vp > 1 else 'es'})",
-                 fontsize=10, y=1 - 0.12 / height, va="top")
+    fig.suptitle(
+        f"{heading}\nbubble {timeline.bubble_fraction:.1%} of busy time, makespan {timeline.makespan:.4g}, "
+        f"peak activations held per device {peaks} (micro-batch{' chunks' if vp > 1 else 'es'})",
+        fontsize=10,
+        y=1 - 0.12 / height,
+        va="top",
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")

@@ -125,8 +125,9 @@ class PipelineRuntime:
                 if not plan.embed:  # the first stage has no input gradient to send: its W is the whole backward
                     x = inputs[key]
                     out = outputs.pop(key)
-                    x.grad, weight_grads[key] = backward_input(scale(out) if plan.head else out,
-                                                               out_grads.pop(key, None), x, params, recorded.pop(key))
+                    x.grad, weight_grads[key] = backward_input(
+                        scale(out) if plan.head else out, out_grads.pop(key, None), x, params, recorded.pop(key)
+                    )
             elif action.kind == "W":
                 if plan.embed:
                     self._backward(outputs.pop(key), out_grads.pop(key, None), plan, scale)
@@ -149,8 +150,15 @@ class PipelineRuntime:
                 timing.busy_s += end - start
                 # wall-clock times, so the records of all ranks share one clock for the chart
                 now = time.time()
-                timing.records.append({"kind": action.kind, "microbatch": action.microbatch, "chunk": action.chunk,
-                                       "start": now - (end - start), "end": now})
+                timing.records.append(
+                    {
+                        "kind": action.kind,
+                        "microbatch": action.microbatch,
+                        "chunk": action.chunk,
+                        "start": now - (end - start),
+                        "end": now,
+                    }
+                )
         for handle, _ in sends:
             handle.wait()
         timing.wall_s = time.perf_counter() - began
@@ -159,8 +167,13 @@ class PipelineRuntime:
     def _buffer(self) -> torch.Tensor:
         return torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
 
-    def _backward(self, out: torch.Tensor, grad: torch.Tensor | None, plan: StagePlan,
-                  scale: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def _backward(
+        self,
+        out: torch.Tensor,
+        grad: torch.Tensor | None,
+        plan: StagePlan,
+        scale: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
         if plan.head:
             scale(out).backward()
         else:

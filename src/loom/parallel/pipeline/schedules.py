@@ -130,7 +130,7 @@ def interleaved_1f1b(p: int, m: int, vp: int = 2) -> Schedule:
         order = fwd[:warm]
         for k in range(total - warm):
             order += [fwd[warm + k], bwd[k]]
-        order += bwd[total - warm:]
+        order += bwd[total - warm :]
         orders.append(order)
     return _with_transfers(orders, p, vp)
 
@@ -183,23 +183,30 @@ def build_schedule(name: str, p: int, m: int, vp: int = 1) -> Schedule:
         return interleaved_1f1b(p, m, vp)
     _check_sizes(p, m, vp)
     if vp != 1:
-        raise LoomError(f"vp = {vp} virtual chunks per rank, but schedule {name!r} runs one chunk per rank.",
-                        "set vp to 1, or use the interleaved_1f1b schedule for virtual stages.")
+        raise LoomError(
+            f"vp = {vp} virtual chunks per rank, but schedule {name!r} runs one chunk per rank.",
+            "set vp to 1, or use the interleaved_1f1b schedule for virtual stages.",
+        )
     return SCHEDULES[name](p, m)
 
 
 def _check_sizes(p: int, m: int, vp: int, interleaved: bool = False) -> None:
     for label, value in (("pp", p), ("micro-batch count", m), ("vp", vp)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise LoomError(f"pipeline {label} = {value!r} must be a whole number of at least 1.",
-                            f"pass a {label} of 1 or more.")
+            raise LoomError(
+                f"pipeline {label} = {value!r} must be a whole number of at least 1.", f"pass a {label} of 1 or more."
+            )
     if interleaved and vp > 1:
         if p < 2:
-            raise LoomError(f"interleaved_1f1b with vp = {vp} needs pp >= 2; with pp = 1 there is no pipeline "
-                            "to interleave.", "set vp to 1, or pp to 2 or more.")
+            raise LoomError(
+                f"interleaved_1f1b with vp = {vp} needs pp >= 2; with pp = 1 there is no pipeline to interleave.",
+                "set vp to 1, or pp to 2 or more.",
+            )
         if m % p:
-            raise LoomError(f"interleaved_1f1b needs a micro-batch count that is a multiple of pp = {p}; got {m}.",
-                            f"use a micro-batch count that is a multiple of pp, e.g. {-(-m // p) * p}.")
+            raise LoomError(
+                f"interleaved_1f1b needs a micro-batch count that is a multiple of pp = {p}; got {m}.",
+                f"use a micro-batch count that is a multiple of pp, e.g. {-(-m // p) * p}.",
+            )
 
 
 def _with_transfers(orders: list[list[Action]], p: int, vp: int) -> Schedule:
@@ -328,8 +335,7 @@ def _check_complete(seen: dict, r: int, p: int, m: int, vp: int) -> None:
                 raise ValueError(f"{what} has both B and I/W")
             if BACKWARD not in has and not {INPUT_GRAD, WEIGHT_GRAD} <= has:
                 raise ValueError(f"{what} has no complete backward (B, or I and W)")
-            for kind, needed in ((RECV_ACT, s > 0), (SEND_ACT, s < last), (RECV_GRAD, s < last),
-                                 (SEND_GRAD, s > 0)):
+            for kind, needed in ((RECV_ACT, s > 0), (SEND_ACT, s < last), (RECV_GRAD, s < last), (SEND_GRAD, s > 0)):
                 if needed and kind not in has:
                     raise ValueError(f"{what} has no {kind}")
 
@@ -354,6 +360,7 @@ def _check_channels(schedule: Schedule, p: int) -> None:
                 raise ValueError(
                     f"{fam} channel rank {src} -> rank {dst}: send #{n} (rank {src}, action {sent[1]}) carries "
                     f"micro-batch {sent[0][0]} for chunk {sent[0][1]}, but receive #{n} (rank {dst}, action "
-                    f"{got[1]}) expects micro-batch {got[0][0]} for chunk {got[0][1]}: sends out of order")
+                    f"{got[1]}) expects micro-batch {got[0][0]} for chunk {got[0][1]}: sends out of order"
+                )
         if len(out) != len(into):
             raise ValueError(f"{fam} channel rank {src} -> rank {dst}: {len(out)} sends but {len(into)} receives")

@@ -58,12 +58,15 @@ class Costs:
     def __post_init__(self) -> None:
         for name in ("forward", "backward", "transfer"):
             if not getattr(self, name) >= 0:  # also rejects NaN
-                raise LoomError(f"pipeline {name} cost {getattr(self, name)!r} is negative or not a number.",
-                                f"pass a {name} cost of 0 or more.")
+                raise LoomError(
+                    f"pipeline {name} cost {getattr(self, name)!r} is negative or not a number.",
+                    f"pass a {name} cost of 0 or more.",
+                )
         if self.weight is not None and not 0 <= self.weight <= self.backward:
-            raise LoomError(f"weight-gradient cost {self.weight!r} is outside 0..backward cost {self.backward!r}.",
-                            "the weight gradient is part of the backward: pass a weight cost between 0 and "
-                            "the backward cost.")
+            raise LoomError(
+                f"weight-gradient cost {self.weight!r} is outside 0..backward cost {self.backward!r}.",
+                "the weight gradient is part of the backward: pass a weight cost between 0 and the backward cost.",
+            )
 
     @property
     def weight_grad(self) -> float:
@@ -71,8 +74,12 @@ class Costs:
 
     def of(self, kind: str) -> float:
         """Duration of a compute action of ``kind`` (F, B, I or W)."""
-        return {FORWARD: self.forward, BACKWARD: self.backward, INPUT_GRAD: self.backward - self.weight_grad,
-                WEIGHT_GRAD: self.weight_grad}[kind]
+        return {
+            FORWARD: self.forward,
+            BACKWARD: self.backward,
+            INPUT_GRAD: self.backward - self.weight_grad,
+            WEIGHT_GRAD: self.weight_grad,
+        }[kind]
 
 
 class Span(NamedTuple):
@@ -141,9 +148,16 @@ class Timeline:
 
     def summary(self) -> dict:
         """The numbers, JSON-ready."""
-        return {"pp": self.pp, "vp": self.vp, "microbatches": self.microbatches, "makespan": self.makespan,
-                "bubble_fraction": self.bubble_fraction, "peak_inflight": self.peak_inflight,
-                "busy": self.busy, "idle": self.idle}
+        return {
+            "pp": self.pp,
+            "vp": self.vp,
+            "microbatches": self.microbatches,
+            "makespan": self.makespan,
+            "bubble_fraction": self.bubble_fraction,
+            "peak_inflight": self.peak_inflight,
+            "busy": self.busy,
+            "idle": self.idle,
+        }
 
 
 def simulate(schedule: Schedule, costs: Costs | None = None) -> Timeline:
@@ -181,8 +195,10 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> Timeline:
                         break
                     mb, chunk, posted = queue.popleft()
                     if (mb, chunk) != (a.microbatch, a.chunk):
-                        raise ValueError(f"rank {r}, action {pos[r]} {a}: the next {family(a.kind)} message from "
-                                         f"rank {a.peer} is micro-batch {mb} for chunk {chunk} (sends out of order)")
+                        raise ValueError(
+                            f"rank {r}, action {pos[r]} {a}: the next {family(a.kind)} message from "
+                            f"rank {a.peer} is micro-batch {mb} for chunk {chunk} (sends out of order)"
+                        )
                     clock[r] = max(clock[r], posted + costs.transfer)
                 else:
                     raise ValueError(f"rank {r}, action {pos[r]}: unknown kind {a.kind!r}")
@@ -194,8 +210,9 @@ def simulate(schedule: Schedule, costs: Costs | None = None) -> Timeline:
     for (src, dst, fam), queue in channels.items():
         if queue:
             mb, chunk, _ = queue[0]
-            raise ValueError(f"rank {src} sends {fam} of micro-batch {mb} for chunk {chunk} to rank {dst}, "
-                             "which never receives it")
+            raise ValueError(
+                f"rank {src} sends {fam} of micro-batch {mb} for chunk {chunk} to rank {dst}, which never receives it"
+            )
     return Timeline(spans, max(clock, default=0.0))
 
 
@@ -251,16 +268,21 @@ def load_measured(run_dir: Path) -> Timeline:
     """The measured timeline of a finished run: ``RUN_DIR/pipeline_timeline.json``, holding
     ``{"ranks": [[record, ...], ...]}`` with records as in :func:`from_measurements`."""
     path = Path(run_dir) / TIMELINE_FILE
-    fix = (f"pass the folder of a pipeline-parallel run (pp > 1); it writes {TIMELINE_FILE} as "
-           '{"ranks": [[{"kind", "microbatch", "chunk", "start", "end"}, ...], ...]}.')
+    fix = (
+        f"pass the folder of a pipeline-parallel run (pp > 1); it writes {TIMELINE_FILE} as "
+        '{"ranks": [[{"kind", "microbatch", "chunk", "start", "end"}, ...], ...]}.'
+    )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LoomError(f"{path} does not exist.", fix) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LoomError(f"{path} cannot be read as JSON: {err}.", fix) from None
-    if not isinstance(data, dict) or not isinstance(data.get("ranks"), list) \
-            or not all(isinstance(row, list) for row in data["ranks"]):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("ranks"), list)
+        or not all(isinstance(row, list) for row in data["ranks"])
+    ):
         raise LoomError(f"{path} has no 'ranks' list of per-rank record lists.", fix)
     try:
         timeline = from_measurements(data["ranks"])

@@ -99,8 +99,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = F.linear(x, w, bias)
     hooks = _saved_tensors_hooks(False)
     saved, unpack = (x, None) if hooks is None else (hooks[0](x), hooks[1])
-    weight.weight_grad_store._recording.append((GradientEdge(y.grad_fn, y.output_nr), saved, unpack, x._version,
-                                                weight))
+    weight.weight_grad_store._recording.append(
+        (GradientEdge(y.grad_fn, y.output_nr), saved, unpack, x._version, weight)
+    )
     return y
 
 
@@ -108,8 +109,11 @@ class WeightGrad:
     """The W half of one micro-batch's backward on one chunk: the parameters' gradients
     from I, and dY with the recorded X of each linear."""
 
-    def __init__(self, param_grads: list[tuple[torch.Tensor, torch.Tensor]],
-                 linears: list[tuple[torch.Tensor, object, Callable | None, int, torch.Tensor]]) -> None:
+    def __init__(
+        self,
+        param_grads: list[tuple[torch.Tensor, torch.Tensor]],
+        linears: list[tuple[torch.Tensor, object, Callable | None, int, torch.Tensor]],
+    ) -> None:
         self.param_grads = param_grads
         self.linears = linears
 
@@ -125,12 +129,18 @@ class WeightGrad:
             grads.append(dy.reshape(-1, dy.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])).to(weight.dtype))
         self.param_grads, self.linears = [], []
         if params:  # roots at the parameters themselves: their AccumulateGrad nodes, hooks and all
-            _engine_run_backward(tuple(params), tuple(grads), False, False, (),
-                                 allow_unreachable=True, accumulate_grad=True)
+            _engine_run_backward(
+                tuple(params), tuple(grads), False, False, (), allow_unreachable=True, accumulate_grad=True
+            )
 
 
-def backward_input(output: torch.Tensor, grad: torch.Tensor | None, stage_input: torch.Tensor | None,
-                   params: Sequence[torch.Tensor], recorded: Recorded) -> tuple[torch.Tensor | None, WeightGrad]:
+def backward_input(
+    output: torch.Tensor,
+    grad: torch.Tensor | None,
+    stage_input: torch.Tensor | None,
+    params: Sequence[torch.Tensor],
+    recorded: Recorded,
+) -> tuple[torch.Tensor | None, WeightGrad]:
     """I: the gradient of ``stage_input`` (a leaf; None on the first stage) from ``output``
     (upstream gradient ``grad``, None for a scalar loss), and the :class:`WeightGrad` that
     finishes the backward. ``params``: every parameter the pass may reach (others are skipped)."""
@@ -138,8 +148,10 @@ def backward_input(output: torch.Tensor, grad: torch.Tensor | None, stage_input:
     first = [] if stage_input is None else [stage_input]
     inputs = (*first, *params, *(record[0] for record in recorded))
     grad = torch.ones_like(output) if grad is None else grad
-    grads = _engine_run_backward((output,), (grad,), False, False, inputs, allow_unreachable=True, accumulate_grad=False)
-    param_grads = [(p, g) for p, g in zip(params, grads[len(first):]) if g is not None]
-    dys = grads[len(first) + len(params):]
+    grads = _engine_run_backward(
+        (output,), (grad,), False, False, inputs, allow_unreachable=True, accumulate_grad=False
+    )
+    param_grads = [(p, g) for p, g in zip(params, grads[len(first) :]) if g is not None]
+    dys = grads[len(first) + len(params) :]
     linears = [(dy, *record[1:]) for record, dy in zip(recorded, dys) if dy is not None]
     return (grads[0] if first else None), WeightGrad(param_grads, linears)
