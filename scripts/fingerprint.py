@@ -91,6 +91,8 @@ LAYOUTS = {
         "zero2 tp2 sp llama kv1": {**KV1, "zero.stage": 2, "parallel.tp": 2, "parallel.sequence_parallel": True},
         "zero1 pp2 zero_bubble": {"zero.stage": 1, "parallel.pp": 2, "parallel.schedule": "zero_bubble"},
         "zero3 pp2 1f1b": {"zero.stage": 3, "parallel.pp": 2},
+        "tp4 sp llama kv2": {**LLAMA, "parallel.tp": 4, "parallel.sequence_parallel": True},
+        "zero1 tp4 llama kv2": {**LLAMA, "zero.stage": 1, "parallel.tp": 4},
     },
 }
 

@@ -8,7 +8,7 @@ import pytest
 
 from loom.config import derive_batch, load_config
 from loom.errors import LoomError
-from loom.model.presets import PRESETS
+from loom.presets import PRESETS
 
 
 def test_defaults_are_the_demo() -> None:

@@ -11,9 +11,10 @@ import torch
 
 from loom.config import config_from_dict
 from loom.errors import LoomError
-from loom.model.hf import config_from_hf, export_hf, import_hf, state_dict_from_hf, state_dict_to_hf
+from loom.model.hf import config_from_hf, state_dict_from_hf, state_dict_to_hf
 from loom.model.transformer import Transformer
 from loom.train.checkpoint import load_checkpoint
+from loom.train.convert import export_hf, import_hf
 
 transformers = pytest.importorskip("transformers")
 

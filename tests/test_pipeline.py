@@ -26,7 +26,8 @@ from loom.parallel.data import DataParallel
 from loom.parallel.pipeline.partition import rank_stages, split_layers
 from loom.parallel.pipeline.runtime import RECEIVES, _Receives
 from loom.parallel.pipeline.schedules import build_schedule
-from loom.parallel.pipeline.weight_grad import WeightGradStore, backward_input
+from loom.parallel.tensor import TensorParallel
+from loom.parallel.weight_grad import WeightGradStore, backward_input
 from loom.train.checkpoint import load_checkpoint
 from loom.train.metrics import read_metrics
 from loom.train.trainer import Trainer
@@ -119,7 +120,9 @@ def test_zero_bubble_w_does_the_weight_gradient_work_once(family: str, head: boo
     backward's gradient, DDP's hook firing once per parameter."""
     cfg = ModelConfig(family=family, n_layers=4, d_model=32, n_heads=4, max_seq_len=16, vocab_size=61)
     layers = range(2, 4)
-    plain, split = (Transformer(cfg, layers=layers, embed=False, head=head) for _ in range(2))  # same init
+    store = WeightGradStore()
+    plain = Transformer(cfg, layers=layers, embed=False, head=head)
+    split = Transformer(cfg, layers=layers, embed=False, head=head, tp=TensorParallel.single(store))  # same init
     x0, y = torch.randn(2, 16, 32), torch.randint(0, 61, (2, 16))
     dout = None if head else torch.randn(2, 16, 32)
 
@@ -136,8 +139,6 @@ def test_zero_bubble_w_does_the_weight_gradient_work_once(family: str, head: boo
     fired = {id(p): 0 for p in split.parameters()}
     for p in split.parameters():
         p.register_post_accumulate_grad_hook(lambda p: fired.__setitem__(id(p), fired[id(p)] + 1))
-    store = WeightGradStore()
-    store.attach(split)
     xs = x0.clone().requires_grad_()
     with store.recording() as recorded:
         out = forward(split, xs)

@@ -14,13 +14,14 @@ import pytest
 
 from loom.cli import main
 from loom.errors import LoomError
+from loom.parallel.pipeline import check as check_mod
 from loom.parallel.pipeline import schedules as sched_mod
 from loom.parallel.pipeline import simulate as sim_mod
+from loom.parallel.pipeline.check import check_schedule
 from loom.parallel.pipeline.schedules import (
     SCHEDULES,
     Action,
     build_schedule,
-    check_schedule,
     gpipe,
     interleaved_1f1b,
     one_f_one_b,
@@ -270,7 +271,7 @@ def test_bad_sizes_and_names_are_loom_errors() -> None:
     assert build_schedule("interleaved_1f1b", 4, 6, 1) == one_f_one_b(4, 6)
 
 
-@pytest.mark.parametrize("module", [sched_mod, sim_mod])
+@pytest.mark.parametrize("module", [sched_mod, sim_mod, check_mod])
 def test_schedules_and_simulator_import_nothing_that_starts_processes(module) -> None:
     tree = ast.parse(Path(module.__file__).read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}

@@ -20,10 +20,10 @@ from loom.config import load_config
 from loom.distributed.comm import model_bytes
 from loom.distributed.context import init_distributed
 from loom.distributed.spawn import run_ranks
-from loom.model.attention import sync_replicated_kv_grads
 from loom.model.transformer import Transformer
 from loom.parallel import tensor as tensor_module
-from loom.parallel.full_state import full_model_state, gather_tensor, shard_layouts
+from loom.parallel.full_state import full_model_state, gather_tensor
+from loom.parallel.grads import PARTIAL_TAG, sum_partial_grads
 from loom.parallel.tensor import TensorParallel
 from loom.parallel.vocab import gather_vocab_logits
 from loom.train.batches import batch_offsets, get_batch
@@ -76,14 +76,16 @@ def probe(trainer: Trainer) -> dict:
     loss = model.loss(x, y)
     with trainer.update.no_sync():
         loss.backward()  # every dp replica probes the same batch: no dp averaging needed
-    tp.sync_sequence_parallel_grads(model)
-    sync_replicated_kv_grads(model, tp)
+    places = model.placements
+    sum_partial_grads([(place, p.grad) for _, p, place in places.named()], tp.comm)
     with torch.no_grad():
         logits = gather_vocab_logits(model(x), tp, config.model.vocab_size)
-    layouts, grads = shard_layouts(model), {}
-    for name, p in model.named_parameters():
-        grads[name] = gather_tensor(p.grad, layouts[name], p, tp) if name in layouts and tp.size > 1 else p.grad
-    return {"loss": loss.item(), "logits": logits, "grads": grads, "params": full_model_state(model, tp)}
+    grads = {
+        name: gather_tensor(p.grad, place, tp.comm) if place.tp_dim is not None and tp.size > 1 else p.grad
+        for name, p, place in places.named()
+    }
+    params = full_model_state(model, places, tp.comm)
+    return {"loss": loss.item(), "logits": logits, "grads": grads, "params": params}
 
 
 def _train_layouts(layouts: dict[str, list[str]], root: str) -> dict:
@@ -173,7 +175,7 @@ def _count_and_measure(sequence_parallel: bool) -> dict:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model.loss(x, torch.roll(x, -1, 1))
     loss.backward()
-    tp.sync_sequence_parallel_grads(model)
+    sum_partial_grads([(place, p.grad) for _, p, place in model.placements.named()], tp.comm)
     entries = [(e.op, e.tag, e.numel) for e in ctx.ledger.recent(1000) if e.tag in ("tp", "tp-sp")]
     return {
         "entries": entries,
@@ -203,7 +205,7 @@ def test_communication_and_activation_memory_per_layer() -> None:
     # norms and dropout run on the local sequence slice: 1/t of their saved activations
     assert plain["saved"] > 0
     assert sp["saved"] * t == plain["saved"]
-    assert "sp-grads" in sp["tags"] and "sp-grads" not in plain["tags"]
+    assert PARTIAL_TAG in sp["tags"] and PARTIAL_TAG not in plain["tags"]  # SP's partial gradients summed
 
 
 class _RecordingComm:

@@ -34,10 +34,10 @@ def _single_tp() -> TensorParallel:
 
 def _init_embedding(emb: VocabParallelEmbedding) -> None:
     """The model's call: fill the real rows from the full tensor, keep the padding zero."""
-    full_shape, rows, cols = emb.shards["weight"]
+    place = emb.placement["weight"]
     n = emb.vocab_end - emb.vocab_start
     with torch.no_grad():
-        init_parameter(emb.weight[:n], NAME, SEED, STD, 2, full_shape, rows, cols)
+        init_parameter(emb.weight[:n], NAME, SEED, STD, 2, place.full_shape, place.rows, place.cols)
         emb.weight[n:].zero_()
 
 

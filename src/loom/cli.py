@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 from loom.errors import LoomError
+from loom.parallel.pipeline.schedules import SCHEDULES
+from loom.parallel.pipeline.simulate import TIMELINE_FILE
 
 EPILOG = """examples:
   loom train                                   train the tiny demo GPT on the Python stdlib
@@ -119,14 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulate a pipeline schedule from its per-rank action lists and per-action costs, and draw "
         "its timeline, one row per device, like the Megatron-LM paper's figures. Costs are per chunk: "
         "with --vp 2 a chunk holds half the layers of a --vp 1 stage. With --from-run, draw a finished "
-        "run's measured timeline instead, read from RUN_DIR/pipeline_timeline.json: "
+        f"run's measured timeline instead, read from RUN_DIR/{TIMELINE_FILE}: "
         '{"ranks": [[{"kind": "F", "microbatch": 0, "chunk": 0, "start": 0.0, "end": 0.1}, ...], '
         "...]}, "
         "one list per pp rank, kind F/B/I/W, times in seconds.",
     )
-    sched.add_argument(
-        "--schedule", metavar="NAME", help="gpipe, 1f1b, interleaved_1f1b or zero_bubble (default: 1f1b)"
-    )
+    sched.add_argument("--schedule", metavar="NAME", help=f"{', '.join(SCHEDULES)} (default: 1f1b)")
     sched.add_argument("--pp", type=int, metavar="N", help="pipeline ranks (default: 4)")
     sched.add_argument(
         "--vp", type=int, metavar="N", help="virtual chunks per rank, interleaved_1f1b only (default: 1)"
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="PNG",
         help="PNG path (default: schedule_<name>_pp<P>_vp<V>_m<M>.png, "
-        "or RUN_DIR/pipeline_timeline.png with --from-run)",
+        f"or RUN_DIR/{Path(TIMELINE_FILE).with_suffix('.png')} with --from-run)",
     )
     sched.add_argument("--json", action="store_true", help="print the numbers as JSON; draw only if --out is given")
     sched.add_argument(
@@ -335,7 +335,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from loom.model.hf import export_hf, import_hf
+    from loom.train.convert import export_hf, import_hf
 
     if args.from_hf:
         path = import_hf(args.from_hf, args.out)
@@ -378,8 +378,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_presets(args: argparse.Namespace) -> int:
     from loom.config import config_from_dict
-    from loom.model.presets import PRESETS
     from loom.plan.model import count_parameters
+    from loom.presets import PRESETS
 
     print(f"{'preset':<12} {'family':<6} {'layers':>6} {'d_model':>7} {'heads':>5} {'kv':>3} {'params':>10}")
     for name in PRESETS:
@@ -424,7 +424,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             f"measured: {args.from_run.resolve().name} (pp={timeline.pp}, vp={timeline.vp}, "
             f"{timeline.microbatches} micro-batches)"
         )
-        out = args.out or args.from_run / "pipeline_timeline.png"
+        out = args.out or args.from_run / Path(TIMELINE_FILE).with_suffix(".png")
         line = f"measured {args.from_run}"
     else:
         from loom.parallel.pipeline.schedules import build_schedule

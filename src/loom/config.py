@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from loom.errors import LoomError
-from loom.model.presets import PRESETS, preset_fields
+from loom.parallel.pipeline.partition import split_layers
+from loom.parallel.pipeline.schedules import SCHEDULES
+from loom.presets import PRESETS, preset_fields
 
 FAMILIES = ("gpt2", "llama")
 PRECISIONS = ("fp32", "bf16", "fp16")
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 DEFAULT_MICRO_BATCH = 16
 
 
@@ -210,7 +211,7 @@ class ParallelConfig:
     def validate(self) -> None:
         for name in ("tp", "pp", "vp"):
             _check_positive(f"parallel.{name}", getattr(self, name))
-        _check_choice("parallel.schedule", self.schedule, SCHEDULE_NAMES)
+        _check_choice("parallel.schedule", self.schedule, tuple(SCHEDULES))
         if self.vp > 1 and self.schedule != "interleaved_1f1b":
             raise LoomError(
                 f"parallel.vp = {self.vp} with parallel.schedule = {self.schedule!r}.",
@@ -330,8 +331,6 @@ class Config:
         self._validate_pipeline(shape)
 
     def _validate_pipeline(self, shape: BatchShape) -> None:
-        from loom.parallel.pipeline.partition import split_layers
-
         parallel = self.parallel
         if parallel.pp * parallel.vp > 1:
             split_layers(self.model.n_layers, parallel.pp * parallel.vp)

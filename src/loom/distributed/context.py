@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from loom.config import ParallelConfig
 from loom.distributed.comm import Comm, Ledger
-from loom.distributed.mesh import DIM_ORDER, Coords, ParallelDims
+from loom.distributed.mesh import DIM_ORDER, Coords, LayoutRequest, ParallelDims
 
 BACKSTOP_S = 30.0  # the backend's timeout lags the watchdog's, so the watchdog reports first
 
@@ -67,7 +67,14 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(cfg: ParallelConfig, device_spec: str = "auto") -> DistContext:
+class ProcessRequest(LayoutRequest, Protocol):
+    """What joining the world needs besides the sizes (``loom.config.ParallelConfig`` has it all)."""
+
+    backend: str  # auto, gloo or nccl
+    timeout_s: float
+
+
+def init_distributed(cfg: ProcessRequest, device_spec: str = "auto") -> DistContext:
     """Join the process group described by the torchrun environment and build the groups.
 
     Backend: nccl when this rank drives a CUDA device, else gloo (``parallel.backend``

@@ -10,12 +10,19 @@ process starts, so a bad layout is a message, not a hang.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
-from loom.config import ParallelConfig
 from loom.errors import LoomError
 
 DIM_ORDER = ("pp", "dp", "tp")  # outermost to innermost
+
+
+class LayoutRequest(Protocol):
+    """The sizes a run asks for (``loom.config.ParallelConfig`` is one): dp may be left to derive."""
+
+    dp: int | None
+    tp: int
+    pp: int
 
 
 class Coords(NamedTuple):
@@ -33,7 +40,7 @@ class ParallelDims:
     pp: int = 1
 
     @classmethod
-    def resolve(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
+    def resolve(cls, cfg: LayoutRequest, world_size: int) -> ParallelDims:
         """Dims from the config for ``world_size`` ranks, deriving dp when it is not set."""
         if world_size < 1:
             raise LoomError(f"the world size is {world_size}.", "start at least one process (--nproc 1 or more).")

@@ -2,8 +2,9 @@
 
 Under tensor parallelism each rank computes n_heads / t query heads. K/V heads are split
 the same way when t divides n_kv_heads; when t is larger (t % n_kv_heads == 0) each rank
-holds the one K/V head its query heads use, replicated on t / n_kv_heads ranks, and the
-gradients of those replicas are summed after backward (``sync_replicated_kv_grads``).
+holds the one K/V head its query heads use, replicated on t / n_kv_heads ranks (their
+placement says so: the replicas' gradients are partial, summed after backward by
+:func:`loom.parallel.grads.sum_partial_grads`).
 """
 
 from __future__ import annotations
@@ -37,13 +38,10 @@ class Attention(nn.Module):
             head = tp.rank // self.kv_replicas
             kv_rows = slice(head * cfg.head_dim, (head + 1) * cfg.head_dim)
         self.q_proj = ColumnParallelLinear(cfg.d_model, cfg.d_model, tp, bias=cfg.use_bias)
-        self.k_proj = ColumnParallelLinear(cfg.d_model, kv_dim, tp, bias=cfg.use_bias, rows=kv_rows)
-        self.v_proj = ColumnParallelLinear(cfg.d_model, kv_dim, tp, bias=cfg.use_bias, rows=kv_rows)
+        kv = {"rows": kv_rows, "replicas": self.kv_replicas}
+        self.k_proj = ColumnParallelLinear(cfg.d_model, kv_dim, tp, bias=cfg.use_bias, **kv)
+        self.v_proj = ColumnParallelLinear(cfg.d_model, kv_dim, tp, bias=cfg.use_bias, **kv)
         self.o_proj = RowParallelLinear(cfg.d_model, cfg.d_model, tp, bias=cfg.use_bias)
-        if self.kv_replicas > 1:
-            for p in (*self.k_proj.parameters(), *self.v_proj.parameters()):
-                p.tp_replicas = self.kv_replicas
-                p.tp_owner = tp.rank % self.kv_replicas == 0  # counted once in the grad norm
 
     def forward(
         self, x: torch.Tensor, rope: RotaryEmbedding | None, positions: torch.Tensor, rng: ParallelRNG | None = None
@@ -63,36 +61,3 @@ class Attention(nn.Module):
                 q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]
             )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
-
-
-def sync_replicated_kv_grads(model: nn.Module, tp: TensorParallel) -> None:
-    """Sum the gradients of replicated K/V heads over the ranks holding the same head.
-
-    One all-reduce over the whole tp group of a buffer laid out like the full K/V
-    weights: each rank adds its gradient at its head's rows, so every head's rows end up
-    holding the sum over that head's replicas (cost: the full K/V size, not 1/t of it).
-    """
-    layers = [m for m in model.modules() if isinstance(m, Attention) and m.kv_replicas > 1]
-    if not layers:
-        return
-    pieces = []
-    for layer in layers:
-        for proj in (layer.k_proj, layer.v_proj):
-            for name, p in proj.named_parameters():
-                full_rows = proj.shards[name][0][0]
-                pieces.append((p, proj.rows, full_rows))
-    total = sum(full * (p.numel() // p.shape[0]) for p, _, full in pieces)
-    flat = torch.zeros(total, dtype=pieces[0][0].dtype, device=pieces[0][0].device)
-    offset = 0
-    views = []
-    for p, rows, full in pieces:
-        width = p.numel() // p.shape[0]
-        region = flat[offset : offset + full * width].view(full, width)[rows]
-        if p.grad is not None:
-            region.copy_(p.grad.reshape(p.shape[0], width))
-        views.append((p, region))
-        offset += full * width
-    tp.comm.all_reduce(flat, op="sum", tag="tp-kv-grads")
-    for p, region in views:
-        if p.grad is not None:
-            p.grad.copy_(region.reshape(p.grad.shape))

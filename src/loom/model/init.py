@@ -11,18 +11,13 @@ shard equals the slice of the tensor a single process would have drawn.
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 
+from loom.parallel.random import stream_seed
+
 ROW_BLOCK = 128
-
-
-def stream_seed(*parts: object) -> int:
-    """A 63-bit seed from any printable parts (stable across processes and Python runs)."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def normal_slice(

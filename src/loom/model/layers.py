@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.config import ModelConfig
-from loom.parallel.tensor import ColumnParallelLinear, RowParallelLinear, TensorParallel, mark_sequence_parallel
+from loom.parallel.placement import declare_replicated
+from loom.parallel.tensor import ColumnParallelLinear, RowParallelLinear, TensorParallel
 
 
 class RMSNorm(nn.Module):
@@ -31,8 +32,7 @@ def make_norm(cfg: ModelConfig, tp: TensorParallel) -> nn.Module:
         if cfg.family == "llama"
         else nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.use_bias)
     )
-    mark_sequence_parallel(norm, tp)
-    return norm
+    return declare_replicated(norm, tp.size, tp.rank, sequence_parallel=tp.sequence_parallel)
 
 
 class RotaryEmbedding(nn.Module):

@@ -23,8 +23,9 @@ from loom.config import ModelConfig
 from loom.model.attention import Attention
 from loom.model.init import init_parameter
 from loom.model.layers import RotaryEmbedding, make_mlp, make_norm
+from loom.parallel.placement import Placements, declare_replicated
 from loom.parallel.random import ParallelRNG
-from loom.parallel.tensor import ColumnParallelLinear, TensorParallel, mark_sequence_parallel
+from loom.parallel.tensor import ColumnParallelLinear, TensorParallel
 from loom.parallel.vocab import VocabParallelEmbedding, padded_vocab, vocab_parallel_cross_entropy
 
 
@@ -88,33 +89,33 @@ class Transformer(nn.Module):
             need_emb = embed or (head and cfg.tied)
             self.tok_emb = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, self.tp) if need_emb else None
             self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if embed and cfg.family == "gpt2" else None
-            if self.pos_emb is not None:
-                mark_sequence_parallel(self.pos_emb, self.tp)  # each rank adds its slice's positions
+            if self.pos_emb is not None:  # under SP each rank adds its slice's positions
+                declare_replicated(self.pos_emb, self.tp.size, self.tp.rank, self.tp.sequence_parallel)
             self.emb_dropout = nn.Dropout(cfg.dropout)
             # keyed by the global layer index, so names (blocks.7.attn...) are the same in any layout
             self.blocks = nn.ModuleDict({str(i): Block(cfg, self.tp) for i in self.layers})
             self.final_norm = make_norm(cfg, self.tp) if head else None
             self.lm_head = None
             if head and not cfg.tied:
-                self.lm_head = ColumnParallelLinear(
-                    cfg.d_model, padded_vocab(cfg.vocab_size, self.tp.size), self.tp, bias=False
-                )
-                self.lm_head.shards["weight"] = ((cfg.vocab_size, cfg.d_model), self.lm_head.rows, slice(None))
+                padded = padded_vocab(cfg.vocab_size, self.tp.size)
+                self.lm_head = ColumnParallelLinear(cfg.d_model, padded, self.tp, bias=False, full_out=cfg.vocab_size)
             self.rope = (
                 RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.family == "llama" else None
             )
+        # where each parameter lives, as its layer declared it; a tied embedding held by one end
+        # of a pipeline has its other copy on the other end, and the first stage's counts
+        self.placements = Placements.of_model(self)
+        if cfg.tied and need_emb and embed != head:
+            self.placements.replace("tok_emb.weight", tied=True, pp_owner=embed)
         if device.type != "meta":
             self.reset_parameters(seed)
 
     def reset_parameters(self, seed: int) -> None:
         """Layout-independent init: every value is a function of (seed, name, full index)."""
-        shards = {}
-        for module_name, module in self.named_modules():
-            for param_name, info in getattr(module, "shards", {}).items():
-                shards[f"{module_name}.{param_name}" if module_name else param_name] = info
-        for name, param in self.named_parameters():
-            full_shape, rows, cols = shards.get(name, (None, slice(None), slice(None)))
-            init_parameter(param, name, seed, self.cfg.init_std, self.cfg.n_layers, full_shape, rows, cols)
+        for name, param, place in self.placements.named():
+            init_parameter(
+                param, name, seed, self.cfg.init_std, self.cfg.n_layers, place.full_shape, place.rows, place.cols
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids -> logits (this rank's vocabulary shard), through every layer it holds."""

@@ -1,13 +1,12 @@
 """Full (layout-free) tensors from tensor-parallel shards, and back.
 
 Checkpoints hold every parameter (and its optimizer moments) at its full, unpadded
-shape, so a checkpoint written at tp = 4 loads at tp = 1 or 2. Each sharded parameter's
-module declares ``shards[name] = (full_shape, rows, cols)``: this rank's slice of the
-full tensor (rows past the real vocabulary are padding and are dropped).
+shape, so a checkpoint written at tp = 4 loads at tp = 1 or 2. Each parameter's placement
+record (:mod:`loom.parallel.placement`) says which part of the full tensor this rank holds.
 
-Gathering: every rank writes the slice it owns into a zero tensor of the full shape and
+Gathering: every rank writes the part it owns into a zero tensor of the full shape and
 one all-reduce (sum) over tp assembles it (replicas of a K/V head are written by their
-owner only). Sharding: each rank cuts its slice out of the full tensor and pads.
+owner only). Sharding: each rank cuts its part out of the full tensor and pads.
 """
 
 from __future__ import annotations
@@ -18,118 +17,74 @@ import torch
 from torch import nn
 
 from loom.distributed.comm import Comm
-from loom.optim.clip import owns
-from loom.parallel.tensor import TensorParallel
-
-Layout = tuple[tuple[int, ...], slice, slice]
+from loom.parallel.placement import Placement, Placements
 
 
-def shard_layouts(model: nn.Module) -> dict[str, Layout]:
-    """Parameter name -> (full_shape, rows, cols) for every sharded parameter."""
-    layouts = {}
-    for module_name, module in model.named_modules():
-        for name, layout in getattr(module, "shards", {}).items():
-            layouts[f"{module_name}.{name}" if module_name else name] = layout
-    return layouts
-
-
-def _real_rows(layout: Layout) -> slice:
-    """The rows of the full tensor this shard holds, padding excluded."""
-    full_shape, rows, _ = layout
-    start, stop, _ = rows.indices(full_shape[0])
-    return slice(start, max(start, stop))
-
-
-def gather_tensor(local: torch.Tensor, layout: Layout, param: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
-    full_shape, rows, cols = layout
-    full = torch.zeros(full_shape, dtype=local.dtype, device=local.device)
-    if owns(param, tp.comm):
-        real = _real_rows(layout)
-        full[real][..., cols] = local[: real.stop - real.start]
-    tp.comm.all_reduce(full, op="sum", tag="checkpoint")
+def gather_tensor(local: torch.Tensor, placement: Placement, comm: Comm) -> torch.Tensor:
+    """The full tensor on every rank of the tp group ``comm`` from each rank's ``local`` part."""
+    full = torch.zeros(placement.full_shape, dtype=local.dtype, device=local.device)
+    if placement.owner:
+        placement.index(full).copy_(placement.real(local))
+    comm.all_reduce(full, op="sum", tag="checkpoint")
     return full
 
 
-def shard_tensor(full: torch.Tensor, layout: Layout, like: torch.Tensor) -> torch.Tensor:
-    cols = layout[2]
-    real = _real_rows(layout)
-    local = torch.zeros_like(like)
-    local[: real.stop - real.start] = full[real][..., cols].to(like.dtype)
-    return local
-
-
-def full_model_state(model: nn.Module, tp: TensorParallel) -> dict[str, torch.Tensor]:
-    """The model's state dict with every sharded tensor at its full shape (on every rank)."""
-    state = model.state_dict()
-    if tp.size == 1:
-        return state
-    params = dict(model.named_parameters())
-    for name, layout in shard_layouts(model).items():
-        state[name] = gather_tensor(state[name], layout, params[name], tp)
-    return state
-
-
-def local_model_state(model: nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This rank's state dict cut from a full one (a pipeline stage takes only its names)."""
-    layouts = shard_layouts(model)
-    own = model.state_dict()
-    return {
-        name: shard_tensor(full[name], layouts[name], own[name]) if name in layouts else full[name]
-        for name in own
-        if name in full
-    }
-
-
-def full_tensors(model: nn.Module, local: dict[str, torch.Tensor], tp: TensorParallel) -> dict[str, torch.Tensor]:
+def full_tensors(placements: Placements, local: dict[str, torch.Tensor], comm: Comm) -> dict[str, torch.Tensor]:
     """Per-parameter tensors of this rank (``local``: name -> tensor of the parameter's local
-    shape, e.g. ZeRO's fp32 master weights or moments) at full shape, on every rank."""
-    if tp.size == 1:
+    shape: the model's state dict, ZeRO's fp32 master weights or moments) at full shape, on
+    every rank of the tp group ``comm``. Unsplit ones are returned as they are."""
+    if comm.size == 1:
         return dict(local)
-    layouts, params = shard_layouts(model), dict(model.named_parameters())
     return {
-        name: gather_tensor(value.to(params[name].device), layouts[name], params[name], tp)
-        if name in layouts
+        name: gather_tensor(value.to(placements.param(name).device), placements[name], comm)
+        if name in placements and placements[name].tp_dim is not None
         else value
         for name, value in local.items()
     }
 
 
-def local_tensors(model: nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This rank's slice, in fp32, of each of ``model``'s parameters that ``full`` names
-    (the inverse of :func:`full_tensors`; a pipeline stage takes only its own names)."""
-    layouts = shard_layouts(model)
+def local_tensors(
+    placements: Placements, full: dict[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """This rank's part of each parameter that ``full`` names (the inverse of :func:`full_tensors`;
+    a pipeline stage takes only its own names), in ``dtype`` (default: the parameter's)."""
     out = {}
-    for name, param in model.named_parameters():
+    for name, param, placement in placements.named():
         if name in full:
-            value = full[name].float()
-            like = torch.empty(param.shape, dtype=torch.float32)
-            out[name] = shard_tensor(value, layouts[name], like) if name in layouts else value
+            like = torch.empty(param.shape, dtype=dtype or param.dtype)
+            out[name] = placement.cut(full[name], like)
     return out
 
 
-def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    by_id = {id(p): n for n, p in model.named_parameters()}
-    return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+def full_model_state(model: nn.Module, placements: Placements, comm: Comm) -> dict[str, torch.Tensor]:
+    """The model's state dict with every split tensor at its full shape (on every rank of tp ``comm``)."""
+    return full_tensors(placements, model.state_dict(), comm)
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, tp: TensorParallel) -> dict:
+def local_model_state(placements: Placements, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's state dict cut from a full one (a pipeline stage takes only its names)."""
+    return local_tensors(placements, full)
+
+
+def _param_names(placements: Placements, optimizer: torch.optim.Optimizer) -> list[str]:
+    return [placements.name_of(p) for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_optimizer_state(placements: Placements, optimizer: torch.optim.Optimizer, comm: Comm) -> dict:
     """The optimizer state keyed by parameter name, per-parameter moments at full shape.
 
     Names, not positions, so a checkpoint loads into any layout: another tp size, or a
     pipeline stage that holds only some of the parameters.
     """
     local = optimizer.state_dict()
-    names = _param_names(model, optimizer)
-    layouts = shard_layouts(model) if tp.size > 1 else {}
-    params = dict(model.named_parameters())
+    names = _param_names(placements, optimizer)
     state = {}
     for index, entry in local["state"].items():
         name = names[index]
-        if name in layouts:
+        placement, shape = placements[name], placements.param(name).shape
+        if comm.size > 1 and placement.tp_dim is not None:
             entry = {
-                key: gather_tensor(value, layouts[name], params[name], tp)
-                if torch.is_tensor(value) and value.shape == params[name].shape
-                else value
+                key: gather_tensor(value, placement, comm) if torch.is_tensor(value) and value.shape == shape else value
                 for key, value in entry.items()
             }
         state[name] = entry
@@ -137,24 +92,20 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, tp:
     return {"state": state, "param_groups": groups}
 
 
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, full: dict) -> None:
-    """Load a name-keyed full optimizer state, cutting each sharded moment to this rank's slice."""
-    names = _param_names(model, optimizer)
-    layouts = shard_layouts(model)
-    params = dict(model.named_parameters())
+def load_full_optimizer_state(placements: Placements, optimizer: torch.optim.Optimizer, full: dict) -> None:
+    """Load a name-keyed full optimizer state, cutting each split moment to this rank's part."""
+    names = _param_names(placements, optimizer)
     state = {}
     for index, name in enumerate(names):
         if name not in full["state"]:
             continue
-        entry = dict(full["state"][name])
-        if name in layouts:
-            entry = {
-                key: shard_tensor(value, layouts[name], params[name])
-                if torch.is_tensor(value) and value.dim() > 0
-                else value
-                for key, value in entry.items()
-            }
-        state[index] = entry
+        placement, param = placements[name], placements.param(name)
+        state[index] = {
+            key: placement.cut(value, param)
+            if placement.tp_dim is not None and torch.is_tensor(value) and value.dim()
+            else value
+            for key, value in full["state"][name].items()
+        }
     local_groups = optimizer.state_dict()["param_groups"]
     # this optimizer's own settings (e.g. fused) where the saved groups name fewer (ZeRO's checkpoints)
     groups = [

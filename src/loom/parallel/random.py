@@ -13,11 +13,16 @@ So tp=2 equals tp=1 in distribution, and every run is reproducible.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 
 import torch
 
-from loom.model.init import stream_seed
+
+def stream_seed(*parts: object) -> int:
+    """A 63-bit seed from any printable parts (stable across processes and Python runs)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class ParallelRNG:

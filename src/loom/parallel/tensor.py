@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.distributed.comm import Comm, Handle, Ledger
-from loom.parallel.pipeline.weight_grad import deferrable, linear
+from loom.parallel.placement import replicated, split
+from loom.parallel.weight_grad import WeightGradStore, deferrable, linear
 
 SEQ_DIM = 1
 
@@ -221,16 +222,25 @@ class _EnterLinears(torch.autograd.Function):
 
 
 class TensorParallel:
-    """The tp group and whether activations outside regions are sequence-split."""
+    """The tp group, whether activations outside regions are sequence-split, and the store of
+    zero-bubble's deferred weight gradients (``weight_grads``: None unless the pipeline's
+    schedule splits the backward; see :mod:`loom.parallel.weight_grad`)."""
 
-    def __init__(self, comm: Comm, sequence_parallel: bool = False) -> None:
+    def __init__(
+        self, comm: Comm, sequence_parallel: bool = False, weight_grads: WeightGradStore | None = None
+    ) -> None:
         self.comm = comm
         self.sequence_parallel = sequence_parallel and comm.size > 1
+        self.weight_grads = weight_grads
 
     @classmethod
-    def single(cls) -> TensorParallel:
+    def single(cls, weight_grads: WeightGradStore | None = None) -> TensorParallel:
         """A tp group of one: every mapping is the identity."""
-        return cls(Comm("tp", None, [0], Ledger(0)))
+        return cls(Comm("tp", None, [0], Ledger(0)), weight_grads=weight_grads)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``F.linear``, or zero-bubble's split one while ``weight_grads`` records (a forward of F)."""
+        return linear(x, weight, bias, self.weight_grads)
 
     @property
     def size(self) -> int:
@@ -257,9 +267,9 @@ class TensorParallel:
         single b*s*h transfer as ``enter``'s), asynchronously, overlapping the weight gradients.
         """
         biases = list(biases) if biases is not None else [None] * len(weights)
-        if self.comm.size == 1 or deferrable(weights[0]):  # zero-bubble: each dW waits for its W
+        if self.comm.size == 1 or deferrable(self.weight_grads, weights[0]):  # zero-bubble: each dW waits for W
             x = self.enter(x)
-            return tuple(linear(x, w, b) for w, b in zip(weights, biases))
+            return tuple(self.linear(x, w, b) for w, b in zip(weights, biases))
         return _EnterLinears.apply(x, self.comm, self.sequence_parallel, len(weights), *weights, *biases)
 
     def enter_columns(self, x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -289,35 +299,6 @@ class TensorParallel:
             return x
         return _SplitSequence.apply(x, self.comm)
 
-    def sequence_parallel_params(self, module: nn.Module) -> list[nn.Parameter]:
-        """Replicated parameters that see only this rank's tokens under SP (marked at build)."""
-        return [p for p in module.parameters() if getattr(p, "sequence_parallel", False)]
-
-    def sync_sequence_parallel_grads(self, module: nn.Module) -> None:
-        """Sum over tp the gradients of norm weights and row-parallel biases (SP only).
-
-        Under SP each rank computes them from its own slice of the sequence; the full
-        gradient is the sum over the tp group. One flat all-reduce per step.
-        """
-        if not self.sequence_parallel:
-            return
-        grads = [p.grad for p in self.sequence_parallel_params(module) if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        self.comm.all_reduce(flat, op="sum", tag="sp-grads")
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
-def mark_sequence_parallel(module: nn.Module, tp: TensorParallel) -> None:
-    """Flag ``module``'s parameters as replicated-but-fed-split when SP is on."""
-    if tp.sequence_parallel:
-        for p in module.parameters():
-            p.sequence_parallel = True
-
 
 # ----------------------------------------------------------------------------- layers
 
@@ -337,32 +318,41 @@ class ColumnParallelLinear(nn.Module):
     model instead enters with all the column layers that read one x together
     (``TensorParallel.enter_columns``: Q, K and V read the same gathered x), which
     overlaps the input gradient's reduction with their weight gradients. ``rows`` may
-    be given explicitly for shards that are not an even split (replicated KV heads).
+    be given explicitly for shards that are not an even split: a K/V head held by
+    ``replicas`` consecutive tp ranks. ``full_out``: the real output size when
+    ``out_features`` is padded to a multiple of tp (a vocabulary): the rows past it are padding.
     """
 
     def __init__(
-        self, in_features: int, out_features: int, tp: TensorParallel, bias: bool, rows: slice | None = None
+        self,
+        in_features: int,
+        out_features: int,
+        tp: TensorParallel,
+        bias: bool,
+        rows: slice | None = None,
+        replicas: int = 1,
+        full_out: int | None = None,
     ) -> None:
         super().__init__()
+        self.tp = tp
         self.rows = rows or shard_range(out_features, tp.size, tp.rank)
         local = self.rows.stop - self.rows.start
         self.weight = nn.Parameter(torch.empty(local, in_features))
         self.bias = nn.Parameter(torch.empty(local)) if bias else None
-        for p in self.parameters():
-            p.tp_sharded = True
-        self.shards = {"weight": ((out_features, in_features), self.rows, slice(None))}
+        full = out_features if full_out is None else full_out
+        self.placement = {"weight": split((full, in_features), 0, self.rows, local, tp.rank, replicas)}
         if bias:
-            self.shards["bias"] = ((out_features,), self.rows, slice(None))
+            self.placement["bias"] = split((full,), 0, self.rows, local, tp.rank, replicas)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.tp.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
     """y = exit(x_local W_local^T) + b, W split by input features (columns), b replicated.
 
     The bias is added after the reduction, so it is counted once, not t times; under SP
-    it meets sequence-split rows, so its gradient is summed over tp after backward.
+    it meets sequence-split rows, so its gradient is partial and summed over tp after backward.
     """
 
     def __init__(self, in_features: int, out_features: int, tp: TensorParallel, bias: bool) -> None:
@@ -370,12 +360,11 @@ class RowParallelLinear(nn.Module):
         self.tp = tp
         cols = shard_range(in_features, tp.size, tp.rank)
         self.weight = nn.Parameter(torch.empty(out_features, cols.stop - cols.start))
-        self.weight.tp_sharded = True
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        if self.bias is not None and tp.sequence_parallel:
-            self.bias.sequence_parallel = True  # added to sequence-split output
-        self.shards = {"weight": ((out_features, in_features), slice(None), cols)}
+        self.placement = {"weight": split((out_features, in_features), 1, cols, cols.stop - cols.start, tp.rank)}
+        if bias:
+            self.placement["bias"] = replicated((out_features,), tp.size, tp.rank, tp.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.exit(linear(x, self.weight))
+        out = self.tp.exit(self.tp.linear(x, self.weight))
         return out if self.bias is None else out + self.bias

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loom.parallel.placement import split
 from loom.parallel.tensor import TensorParallel, shard_range
 
 IGNORE_INDEX = -100
@@ -36,20 +37,10 @@ class VocabParallelEmbedding(nn.Module):
 
     Output: replicated (b, s, h) without SP, this rank's (b, s/t, h) slice with SP.
 
-    Layout-independent init. ``shards["weight"] = ((vocab_size, dim), rows, slice(None))``
-    names this rank's *real* rows ``rows = slice(vocab_start, vocab_end)`` of the full
-    unpadded (vocab_size, dim) tensor; they are the first ``vocab_end - vocab_start`` rows
-    of ``weight``, and the ``pad_rows`` rows after them are padding, zeroed here and to be
-    left zero. The model fills the real rows (see ``init_parameter``)::
-
-        full_shape, rows, cols = emb.shards["weight"]
-        n = emb.vocab_end - emb.vocab_start
-        with torch.no_grad():
-            init_parameter(emb.weight[:n], name, seed, std, n_layers, full_shape, rows, cols)
-            emb.weight[n:].zero_()
-
-    The same two lines serve every sharded parameter: n is the length of ``rows`` and
-    ``weight[n:]`` is empty when a shard has no padding.
+    Placement: split by rows over tp (``placement["weight"]``), ``part`` the real ids
+    ``[vocab_start, vocab_end)`` this rank owns, the first ``vocab_end - vocab_start`` rows
+    of ``weight``; the ``pad_rows`` rows after them are padding, zeroed here and left zero
+    (layout-independent init fills only the real rows, :func:`loom.model.init.init_parameter`).
     """
 
     def __init__(self, vocab_size: int, dim: int, tp: TensorParallel) -> None:
@@ -63,10 +54,9 @@ class VocabParallelEmbedding(nn.Module):
         self.local_size = owned.stop - owned.start
         self.pad_rows = owned.stop - self.vocab_end
         self.weight = nn.Parameter(torch.empty(self.local_size, dim))
-        self.weight.tp_sharded = True
         with torch.no_grad():
             self.weight[self.local_size - self.pad_rows :].zero_()
-        self.shards = {"weight": ((vocab_size, dim), slice(self.vocab_start, self.vocab_end), slice(None))}
+        self.placement = {"weight": split((vocab_size, dim), 0, owned, self.local_size, tp.rank)}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

@@ -25,10 +25,8 @@ import torch
 from loom.config import Config
 from loom.distributed.context import BACKSTOP_S, DistContext
 from loom.errors import LoomError
-from loom.model.attention import sync_replicated_kv_grads
 from loom.model.transformer import Transformer
 from loom.optim.adamw import build_adamw
-from loom.optim.clip import clip_grad_norm
 from loom.parallel.data import DataParallel
 from loom.parallel.full_state import (
     full_model_state,
@@ -36,6 +34,7 @@ from loom.parallel.full_state import (
     load_full_optimizer_state,
     local_model_state,
 )
+from loom.parallel.grads import clip_grad_norm, sum_partial_grads
 from loom.parallel.pipeline.rank import PipelineRank
 from loom.parallel.tensor import TensorParallel
 from loom.train.precision import Precision
@@ -98,17 +97,19 @@ class PlainStep:
         if self.ddp is not None:
             self.ddp.finish_gradient_sync()
         # after the dp sync: these write into the gradients the dp all-reduce just filled
-        self.tp.sync_sequence_parallel_grads(self.model)
-        sync_replicated_kv_grads(self.model, self.tp)
+        if self.tp.size > 1:
+            grads = [(place, p.grad) for _, p, place in self.model.placements.named() if p.grad is not None]
+            sum_partial_grads(grads, self.tp.comm)
         if self.pipeline is not None:
-            self.pipeline.sync_tied_embedding()
+            self.pipeline.sync_tied_gradients()
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Unscale (fp16) and clip over tp and pp (``inf``: measure only); the norm before clipping."""
         self.precision.scaler.unscale_(self.optimizer)
         if self.ddp is not None and self.ddp.measure_norm:
             return self.ddp.clip_grad_norm(max_norm)  # measured while the last buckets were in flight
-        return clip_grad_norm(self.model.parameters(), max_norm, self.tp.comm, self.pp)
+        params = [(place, p) for _, p, place in self.model.placements.named()]
+        return clip_grad_norm(params, max_norm, self.tp.comm, self.pp)
 
     def step(self, lr: float) -> bool:
         """Update and clear the gradients; False when an fp16 overflow skipped the step."""
@@ -149,8 +150,8 @@ class PlainStep:
     def full_state(self) -> dict:
         """``{"model", "optimizer"}`` name-keyed at full shape (tp gathered), on every rank of this stage."""
         return {
-            "model": full_model_state(self.model, self.tp),
-            "optimizer": full_optimizer_state(self.model, self.optimizer, self.tp),
+            "model": full_model_state(self.model, self.model.placements, self.tp.comm),
+            "optimizer": full_optimizer_state(self.model.placements, self.optimizer, self.tp.comm),
         }
 
     def scaler_state(self) -> dict:
@@ -159,11 +160,11 @@ class PlainStep:
     def load(self, model_state: dict, optimizer_state: dict, scaler_state: dict, path) -> None:
         """Cut this rank's slices from a checkpoint of any layout, with or without ZeRO."""
         try:
-            self.model.load_state_dict(local_model_state(self.model, model_state))
+            self.model.load_state_dict(local_model_state(self.model.placements, model_state))
         except RuntimeError as exc:
             raise LoomError(
                 f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}",
                 "resume with the same model settings the checkpoint was trained with (see its meta.json).",
             ) from None
-        load_full_optimizer_state(self.model, self.optimizer, optimizer_state)
+        load_full_optimizer_state(self.model.placements, self.optimizer, optimizer_state)
         self.precision.scaler.load_state_dict(scaler_state)

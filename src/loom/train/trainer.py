@@ -29,8 +29,10 @@ from loom.parallel.full_state import (
 )
 from loom.parallel.pipeline.partition import rank_stages
 from loom.parallel.pipeline.rank import PipelineRank
+from loom.parallel.pipeline.simulate import TIMELINE_FILE
 from loom.parallel.random import ParallelRNG
 from loom.parallel.tensor import TensorParallel
+from loom.parallel.weight_grad import WeightGradStore
 from loom.plan.model import count_parameters
 from loom.train.batches import batch_offsets, batch_rows, get_batch
 from loom.train.checkpoint import (
@@ -96,10 +98,13 @@ class Trainer:
         self.precision = Precision(config.train.precision, self.device)
         self.batch = config.batch(dp=self.dist.dims.dp)
         coords = self.dist.coords
-        self.tp = TensorParallel(self.dist.comm("tp"), config.parallel.sequence_parallel)
-        self.rng = ParallelRNG(self.device, dp_rank=coords.dp, tp_rank=coords.tp)
         self.pp = self.dist.comm("pp")
         self.plans = rank_stages(config.model.n_layers, self.pp.size, config.parallel.vp, coords.pp)
+        pipelined = len(self.plans) > 1 or self.pp.size > 1
+        # zero-bubble's split backward: the linears defer dW into this store while the runtime records
+        self.weight_grads = WeightGradStore() if pipelined and config.parallel.schedule == "zero_bubble" else None
+        self.tp = TensorParallel(self.dist.comm("tp"), config.parallel.sequence_parallel, self.weight_grads)
+        self.rng = ParallelRNG(self.device, dp_rank=coords.dp, tp_rank=coords.tp)
         self.model = Transformer(
             config.model,
             seed=config.train.seed,
@@ -112,7 +117,7 @@ class Trainer:
         )
         # Every rank drew its slice of the same initial weights (layout-independent init):
         # no broadcast needed.
-        self.pipeline = self._build_pipeline() if len(self.plans) > 1 or self.pp.size > 1 else None
+        self.pipeline = self._build_pipeline() if pipelined else None
         # gradient sync, clipping, update and their state: ZeRO's on flat buffers, or DDP + AdamW on .grad
         self.update: ZeroStep | PlainStep = (
             ZeroStep(self.model, config, self.dist, self.tp, self.pipeline)
@@ -211,7 +216,8 @@ class Trainer:
             (self.batch.micro_batch, seq, cfg.model.d_model),
             self.device,
             self.precision.autocast,
-            cfg.model.tied,
+            self.model.placements,
+            self.weight_grads,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -278,7 +284,7 @@ class Trainer:
                 metrics.close()
         coords = self.dist.coords
         if self.pipeline is not None and coords.dp == 0 and coords.tp == 0:
-            self.pipeline.write_timeline(self.run_dir)
+            self.pipeline.write_timeline(self.run_dir / TIMELINE_FILE)
         self.update.finish_run()  # ZeRO-3 keeps parameters gathered (rank 0 samples alone); DDP stops its shm worker
         summary = {
             "params": count_parameters(self.config.model),

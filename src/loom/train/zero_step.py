@@ -36,9 +36,9 @@ from loom.config import Config
 from loom.distributed.context import DistContext
 from loom.errors import LoomError
 from loom.model.transformer import Transformer
-from loom.optim.clip import owns
 from loom.optim.scaler import DynamicLossScaler
 from loom.parallel.full_state import full_tensors, local_tensors
+from loom.parallel.grads import sum_partial_grads
 from loom.parallel.pipeline.rank import PipelineRank
 from loom.parallel.tensor import TensorParallel
 from loom.parallel.zero import ZeroOptimizer
@@ -136,54 +136,20 @@ class ZeroStep:
     def sync_gradients(self) -> None:
         """Tied-embedding exchange on local gradients, the dp reduction, then the tp sums."""
         if self.pipeline is not None:
-            self.pipeline.sync_tied_gradient(self.zero.local_grad)
+            self.pipeline.sync_tied_gradients(self.zero.local_grad)
         self.zero.finish_gradient_sync()
-        if self.tp.sequence_parallel:
-            self._sum_over_tp(lambda p: getattr(p, "sequence_parallel", False), "sp-grads")
-        self._sum_kv_replicas()
-
-    def _sum_over_tp(self, select, tag: str) -> None:
-        views = [v for _, v in self.zero.grad_shard_views(select)]
-        if not views:  # the same on every tp rank: equal layouts
-            return
-        flat = torch.cat(views)
-        self.tp.comm.all_reduce(flat, op="sum", tag=tag)
-        offset = 0
-        for view in views:
-            view.copy_(flat[offset : offset + view.numel()])
-            offset += view.numel()
-
-    def _sum_kv_replicas(self) -> None:
-        """Replicated K/V heads (tp > n_kv_heads): each head's gradient summed over its replicas.
-
-        One all-reduce over tp of a (heads, shard part) buffer, each rank writing its head's row.
-        """
-        pairs = self.zero.grad_shard_views(lambda p: getattr(p, "tp_replicas", 1) > 1)
-        if not pairs:
-            return
-        replicas = pairs[0][0].tp_replicas
-        views = [v for _, v in pairs]
-        rows = torch.zeros(
-            self.tp.size // replicas, sum(v.numel() for v in views), dtype=views[0].dtype, device=views[0].device
-        )
-        head = self.tp.rank // replicas
-        torch.cat(views, out=rows[head])
-        self.tp.comm.all_reduce(rows, op="sum", tag="tp-kv-grads")
-        offset = 0
-        for view in views:
-            view.copy_(rows[head, offset : offset + view.numel()])
-            offset += view.numel()
+        if self.tp.size > 1:
+            places = self.model.placements
+            views = self.zero.grad_shard_views(lambda p: places.of(p).partial_grad)
+            sum_partial_grads([(places.of(p), view) for p, view in views], self.tp.comm)
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """The global norm of the mean gradient before clipping (``inf``: measure only)."""
         comms = [c for c in (self.tp.comm, self.pp) if c.size > 1]
         if not comms:
             return self.zero.clip_grad_norm(max_norm)
-
-        def counts(param: torch.nn.Parameter) -> bool:
-            return owns(param, self.tp.comm) and not getattr(param, "pp_duplicate", False)
-
-        return self.zero.clip_grad_norm(max_norm, counts, comms)
+        places = self.model.placements
+        return self.zero.clip_grad_norm(max_norm, lambda p: places.of(p).counted, comms)
 
     def step(self, lr: float) -> bool:
         """Update and clear the gradients; False when an fp16 overflow skipped the step."""
@@ -221,8 +187,9 @@ class ZeroStep:
         this stage: the layout of ``full_model_state`` / ``full_optimizer_state``."""
         full = self.zero.full_state()
         entries = full["optimizer"]["state"]
-        moments = {key: full_tensors(self.model, {n: e[key] for n, e in entries.items()}, self.tp) for key in MOMENTS}
-        params = full_tensors(self.model, full["model"], self.tp)
+        places, tp = self.model.placements, self.tp.comm
+        moments = {key: full_tensors(places, {n: e[key] for n, e in entries.items()}, tp) for key in MOMENTS}
+        params = full_tensors(places, full["model"], tp)
         names = [n for n, _ in self.model.named_parameters()]
         state = {n: {"step": entries[n]["step"], **{key: moments[key][n] for key in MOMENTS}} for n in names}
         return {
@@ -241,12 +208,13 @@ class ZeroStep:
         try:
             if missing:
                 raise RuntimeError(f"it has no {missing[0]!r}")
-            local = local_tensors(self.model, model_state)
+            local = local_tensors(self.model.placements, model_state, torch.float32)
             for name, value in local.items():
                 if value.shape != params[name].shape:
                     raise RuntimeError(f"{name!r} is {tuple(value.shape)} there, {tuple(params[name].shape)} here")
             saved = {n: e for n, e in optimizer_state["state"].items() if n in params}
-            moments = {key: local_tensors(self.model, {n: e[key] for n, e in saved.items()}) for key in MOMENTS}
+            saved_moments = {key: {n: e[key] for n, e in saved.items()} for key in MOMENTS}
+            moments = {key: local_tensors(self.model.placements, saved_moments[key], torch.float32) for key in MOMENTS}
         except RuntimeError as exc:
             raise LoomError(
                 f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}",

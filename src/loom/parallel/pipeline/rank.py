@@ -20,7 +20,8 @@ from loom.distributed.comm import Comm
 from loom.parallel.pipeline.partition import StagePlan
 from loom.parallel.pipeline.runtime import PipelineRuntime, StepTiming
 from loom.parallel.pipeline.schedules import build_schedule
-from loom.parallel.pipeline.simulate import TIMELINE_FILE
+from loom.parallel.placement import Placements
+from loom.parallel.weight_grad import WeightGradStore
 
 
 def add_from_peer(pp: Comm, grad: torch.Tensor, peer: int, tag: str = "tied-emb") -> None:
@@ -34,6 +35,10 @@ def add_from_peer(pp: Comm, grad: torch.Tensor, peer: int, tag: str = "tied-emb"
 
 
 class PipelineRank:
+    """``placements``: the model's records, which say whether this stage holds a copy of a tied
+    parameter; ``weight_grads``: the store the model's TensorParallel holds, for a schedule
+    that splits the backward (zero-bubble)."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -44,15 +49,18 @@ class PipelineRank:
         activation_shape: tuple[int, ...],
         device: torch.device,
         autocast: Callable[[], contextlib.AbstractContextManager],
-        tied: bool,
+        placements: Placements,
+        weight_grads: WeightGradStore | None = None,
     ) -> None:
         self.model = model
         self.pp = pp
-        self.tied_copy = tied and pp.size > 1 and model.embed != model.head
-        if self.tied_copy and model.head:
-            model.tok_emb.weight.pp_duplicate = True  # the first stage's copy counts in the grad norm
+        # each copy of a tied parameter and the pp rank holding the other: the first stage's
+        # copy (pp_owner) pairs with the last stage, and the other way round
+        self.tied = [(p, pp.size - 1 if place.pp_owner else 0) for _, p, place in placements.named() if place.tied]
         self.actions = build_schedule(schedule, pp.size, microbatches, len(plans))[pp.rank]
-        self.runtime = PipelineRuntime(model, plans, pp, activation_shape, torch.float32, device, autocast)
+        self.runtime = PipelineRuntime(
+            model, plans, pp, activation_shape, torch.float32, device, autocast, weight_grads=weight_grads
+        )
         self.last_timing: StepTiming | None = None
 
     def step(self, batches: list, scale: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -69,33 +77,29 @@ class PipelineRank:
         self.pp.all_reduce(loss, op="sum", tag="eval")
         return loss
 
-    def sync_tied_embedding(self) -> None:
-        """Sum the tied embedding's gradient over its two copies (first and last stage)."""
-        if not self.tied_copy:
-            return
-        add_from_peer(self.pp, self.model.tok_emb.weight.grad, self.pp.size - 1 if self.model.embed else 0)
+    def sync_tied_gradients(self, grad_of: Callable[[nn.Parameter], torch.Tensor] = lambda p: p.grad) -> None:
+        """Sum each tied parameter's gradient over its two copies (first and last stage).
 
-    def sync_tied_gradient(self, grad_of: Callable[[nn.Parameter], torch.Tensor]) -> None:
-        """:meth:`sync_tied_embedding` for gradients kept outside ``.grad``: ``grad_of(param)``
-        is this stage's local gradient (ZeRO's, before it reduces it over dp)."""
-        if self.tied_copy:
-            add_from_peer(self.pp, grad_of(self.model.tok_emb.weight), self.pp.size - 1 if self.model.embed else 0)
+        ``grad_of(param)`` is this stage's gradient: ``.grad``, or ZeRO's local gradient
+        before it reduces it over dp."""
+        for param, peer in self.tied:
+            add_from_peer(self.pp, grad_of(param), peer)
 
     def use_activation_dtype(self, dtype: torch.dtype) -> None:
         """Activations and their gradients cross stages in ``dtype`` (fp32 unless the model's
         parameters are 16-bit, as ZeRO's are in mixed precision)."""
         self.runtime.dtype = dtype
 
-    def write_timeline(self, run_dir: Path) -> None:
-        """Every stage's measured per-action times of the last step, gathered by pp rank 0 through files."""
+    def write_timeline(self, path: Path) -> None:
+        """Every stage's measured per-action times of the last step, gathered by pp rank 0 into
+        ``path`` (JSON ``{"ranks": [records of pp rank 0, ...]}``) through one file per stage beside it."""
         if self.last_timing is None:
             return
-        part = Path(run_dir) / f".pipeline_timeline_pp{self.pp.rank}.json"
-        part.write_text(json.dumps(self.last_timing.records))
+        path = Path(path)
+        parts = [path.with_name(f".{path.stem}_pp{r}{path.suffix}") for r in range(self.pp.size)]
+        parts[self.pp.rank].write_text(json.dumps(self.last_timing.records))
         self.pp.barrier()
         if self.pp.rank == 0:
-            parts = [Path(run_dir) / f".pipeline_timeline_pp{r}.json" for r in range(self.pp.size)]
-            ranks = [json.loads(p.read_text()) for p in parts]
-            (Path(run_dir) / TIMELINE_FILE).write_text(json.dumps({"ranks": ranks}))
+            path.write_text(json.dumps({"ranks": [json.loads(p.read_text()) for p in parts]}))
             for p in parts:
                 p.unlink()

@@ -36,7 +36,7 @@ from torch import nn
 from loom.distributed.comm import Comm, Handle
 from loom.parallel.pipeline.partition import StagePlan
 from loom.parallel.pipeline.schedules import Action
-from loom.parallel.pipeline.weight_grad import Recorded, WeightGrad, WeightGradStore, backward_input
+from loom.parallel.weight_grad import Recorded, WeightGrad, WeightGradStore, backward_input
 
 COMPUTE = ("F", "B", "I", "W")
 RECEIVES = {"RECV_ACT": "pp-act", "RECV_GRAD": "pp-grad"}  # kind -> ledger tag
@@ -67,6 +67,7 @@ class PipelineRuntime:
         dtype: torch.dtype,
         device: torch.device,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        weight_grads: WeightGradStore | None = None,
     ) -> None:
         self.model = model
         self.plans = plans
@@ -75,8 +76,7 @@ class PipelineRuntime:
         self.dtype = dtype
         self.device = device
         self.autocast = autocast
-        self.weight_grads = WeightGradStore()
-        self.split_backward = False  # set by the first step with I/W actions
+        self.weight_grads = weight_grads  # the store the model's TensorParallel holds (split backwards)
         gloo = dist.is_available() and dist.is_initialized() and dist.get_backend(comm.group) == "gloo"
         self.receive_ahead = RECEIVE_AHEAD if gloo else 0
 
@@ -87,12 +87,16 @@ class PipelineRuntime:
         scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
     ) -> tuple[torch.Tensor, StepTiming]:
         """Run ``actions``; returns (sum over micro-batches of loss / m on the last stage, else 0; timing)."""
-        if not self.split_backward and any(action.kind == "I" for action in actions):
+        split_backward = any(action.kind == "I" for action in actions)
+        if split_backward:
             if any(action.kind == "B" for action in actions):  # a split forward's B would miss the linears' dW
                 raise ValueError("a pipeline schedule mixes whole backwards (B) with split ones (I, W)")
-            self.weight_grads.attach(self.model)  # the linears' dW may now wait for W
-            self.split_backward = True
-        params = [p for p in self.model.parameters() if p.requires_grad] if self.split_backward else []
+            if self.weight_grads is None:
+                raise ValueError(
+                    "a schedule with split backwards (I, W) needs the WeightGradStore that the "
+                    "model's TensorParallel was built with (weight_grads)"
+                )
+        params = [p for p in self.model.parameters() if p.requires_grad] if split_backward else []
         m = len(batches)
         inputs: dict[tuple[int, int], torch.Tensor] = {}
         outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -110,7 +114,7 @@ class PipelineRuntime:
             start = time.perf_counter()
             if action.kind == "F":
                 x, y = batches[action.microbatch]
-                split = self.split_backward and not plan.embed
+                split = split_backward and not plan.embed
                 record = self.weight_grads.recording() if split else contextlib.nullcontext()
                 with self.autocast(), record as recorded[key]:
                     out = self.model.run_stage(x if plan.embed else inputs[key], plan.layers, plan.embed, plan.head)

@@ -6,7 +6,8 @@ runs them as two actions, I and W, and fills the pipeline's bubble with W.
 
 - F: the runtime runs the forward inside :meth:`WeightGradStore.recording`. There
   :func:`linear` (which the column/row-parallel linears and the output head call instead of
-  ``F.linear``) hands autograd the weight *detached*, and records the output's autograd
+  ``F.linear``, through their :class:`~loom.parallel.tensor.TensorParallel`, which holds the
+  store) hands autograd the weight *detached*, and records the output's autograd
   edge, X and the weight. The rest of the model is untouched.
 - I (:func:`backward_input`): one autograd pass from the stage output, asked for the
   gradients of the stage input, of every parameter, and of the recorded linear outputs
@@ -27,9 +28,9 @@ I + W is therefore the work of one backward (the same FLOPs), plus per linear a 
 record in F. Between I and W a micro-batch holds X and dY of its linears and its small
 gradients, not its autograd graph.
 
-A linear splits only while its weight's store records (the runtime attaches one store to
-its model, :meth:`WeightGradStore.attach`, for a schedule with I/W actions, and records
-around F); otherwise :func:`linear` is ``F.linear``. A recomputed forward (activation
+A linear splits only while its store records (one store per rank, built for a schedule
+with I/W actions and given both to the model's ``TensorParallel`` and to the pipeline runtime,
+which records around F); otherwise :func:`linear` is ``F.linear``. A recomputed forward (activation
 checkpointing) would have to record the same way, so the two do not compose yet.
 """
 
@@ -40,7 +41,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.autograd.graph import GradientEdge, _engine_run_backward
 
 # ``_engine_run_backward`` is the engine entry that torch.autograd.backward/grad call after
@@ -61,14 +61,9 @@ class WeightGradStore:
     def __init__(self) -> None:
         self._recording: Recorded | None = None
 
-    def attach(self, module: nn.Module) -> None:
-        """Let ``module``'s linears split their backward (a parameter attribute, as ``tp_sharded`` is)."""
-        for p in module.parameters():
-            p.weight_grad_store = self
-
     @contextlib.contextmanager
     def recording(self) -> Iterator[Recorded]:
-        """Inside: linears of attached weights defer their dW and record into the yielded list."""
+        """Inside: the linears given this store defer their dW and record into the yielded list."""
         recorded: Recorded = []
         self._recording = recorded
         try:
@@ -77,19 +72,20 @@ class WeightGradStore:
             self._recording = None
 
 
-def deferrable(weight: torch.Tensor) -> bool:
-    """Whether :func:`linear` splits this weight's backward (its store records; grad mode)."""
-    store = getattr(weight, "weight_grad_store", None)
+def deferrable(store: WeightGradStore | None, weight: torch.Tensor) -> bool:
+    """Whether :func:`linear` splits this weight's backward (``store`` records; grad mode)."""
     return store is not None and store._recording is not None and weight.requires_grad and torch.is_grad_enabled()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``; while ``weight``'s store records, its dW is left to W (see the module doc).
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, store: WeightGradStore | None = None
+) -> torch.Tensor:
+    """``F.linear``; while ``store`` records, the weight's dW is left to W (see the module doc).
 
     Under autocast X and W are cast here, so that X is recorded in the dtype dW is computed
     in, as autograd would save it.
     """
-    if not (x.requires_grad and deferrable(weight)):
+    if not (x.requires_grad and deferrable(store, weight)):
         return F.linear(x, weight, bias)
     w = weight.detach()
     device = x.device.type
@@ -99,9 +95,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = F.linear(x, w, bias)
     hooks = _saved_tensors_hooks(False)
     saved, unpack = (x, None) if hooks is None else (hooks[0](x), hooks[1])
-    weight.weight_grad_store._recording.append(
-        (GradientEdge(y.grad_fn, y.output_nr), saved, unpack, x._version, weight)
-    )
+    store._recording.append((GradientEdge(y.grad_fn, y.output_nr), saved, unpack, x._version, weight))
     return y
 
 
