@@ -47,6 +47,7 @@ from torch import nn
 from loom.distributed import shm
 from loom.distributed.comm import Comm
 from loom.errors import LoomError
+from loom.parallel.grads import clip_coefficient, global_norm, tensor_norms
 
 TRANSPORTS = ("auto", "shm", "backend")
 
@@ -277,7 +278,7 @@ class DataParallel(GradientSync):
             if bucket.handle is not None:
                 bucket.handle.wait()
             if self.measure_norm:  # per parameter, as clip_grad_norm_ does (one long vector_norm rounds worse)
-                norms += torch._foreach_norm([p.grad for p in bucket.params])
+                norms += tensor_norms([p.grad for p in bucket.params])
             bucket.ready = 0
             bucket.handle = None
         if self.shm is not None:
@@ -286,7 +287,7 @@ class DataParallel(GradientSync):
             self._carried.copy_(self.buckets[-1].buffer[-1:].reshape(self._carried.shape) / self.comm.size)
             self._carried = None
         # buckets run in reverse registration order: reversed, the norms are in clip_grad_norm_'s order
-        self._grad_norm = torch.linalg.vector_norm(torch.stack(norms[::-1])) if norms else None
+        self._grad_norm = global_norm(norms[::-1], (), self.buckets[0].buffer.device) if norms else None
         self._next_launch = 0
         self._loss_divided = False
         self._restore_views()
@@ -314,7 +315,7 @@ class DataParallel(GradientSync):
                 "and call finish_gradient_sync first"
             )
         if math.isfinite(max_norm):
-            coef = max_norm / (norm + 1e-6)  # in the norm's dtype, as clip_grad_norm_ computes it
+            coef = clip_coefficient(norm, max_norm)  # in the norm's dtype, as clip_grad_norm_ computes it
             if coef.item() < 1.0:  # (times 1.0 would change nothing)
                 torch._foreach_mul_([b.grads for b in self.buckets], coef)
         return norm.item()

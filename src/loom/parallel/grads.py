@@ -46,31 +46,51 @@ def sum_partial_grads(grads: Iterable[tuple[Placement, torch.Tensor]], comm: Com
             offset += view.numel()
 
 
-def clip_grad_norm(
-    params: Sequence[tuple[Placement, torch.nn.Parameter]], max_norm: float, comm: Comm, pp: Comm | None = None
-) -> float:
-    """Clip the parameters' ``.grad`` in place to ``max_norm`` (inf: measure only); returns the global
-    norm before clipping.
+def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The L2 norm of each tensor in fp32, in one foreach pass (as ``clip_grad_norm_`` takes them)."""
+    if not tensors:
+        return []
+    if all(t.dtype == torch.float32 for t in tensors):
+        return list(torch._foreach_norm(list(tensors)))
+    return list(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
 
-    norm = sqrt(sum over every parameter of the whole model of ||grad||^2): each rank sums the
-    squares of the copies that count (``placement.counted``: a shard, or the owner's replica,
-    the first stage's tied copy), one all-reduce over the tp group ``comm`` and one over ``pp``
-    add them up, and every rank scales by the same min(1, max_norm / (norm + 1e-6)), as
-    ``torch.nn.utils.clip_grad_norm_`` does in one process (which this is, on one rank).
+
+def global_norm(norms: Sequence[torch.Tensor], comms: Sequence[Comm], device: torch.device) -> torch.Tensor:
+    """The norm of the whole model's gradient from each rank's per-tensor ``norms``.
+
+    Locally ``vector_norm(stack(norms))``, the formula of ``torch.nn.utils.clip_grad_norm_``
+    (bit for bit when no group of ``comms`` has more than one rank); across ranks the squares
+    of the local norms are summed, one all-reduce of one value per group of ``comms``:
+    norm = sqrt(sum over ranks of ||local||^2). Each rank passes the norms of the copies
+    that count (``placement.counted``), so every parameter of the model counts once.
     """
-    params = [(placement, p) for placement, p in params if p.grad is not None]
-    if comm.size == 1 and (pp is None or pp.size == 1):
-        return torch.nn.utils.clip_grad_norm_([p for _, p in params], max_norm).item()
-    owned = [p.grad for placement, p in params if placement.counted]
-    squares = torch.zeros(1, dtype=torch.float32, device=params[0][1].grad.device)
-    if owned:
-        squares += torch.stack([g.detach().float().pow(2).sum() for g in owned]).sum()
-    comm.all_reduce(squares, op="sum", tag="grad-norm")
-    if pp is not None:
-        pp.all_reduce(squares, op="sum", tag="grad-norm")
-    norm = squares.sqrt().item()
+    local = torch.linalg.vector_norm(torch.stack(list(norms))) if norms else torch.zeros((), device=device)
+    groups = [comm for comm in comms if comm.size > 1]
+    if not groups:
+        return local
+    squares = local.square().reshape(1)
+    for comm in groups:
+        comm.all_reduce(squares, op="sum", tag="grad-norm")
+    return squares.sqrt().reshape(())
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """min(1, max_norm / (norm + 1e-6)): what ``clip_grad_norm_`` multiplies the gradients by."""
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+
+
+def clip_grad_norm(grads: Sequence[tuple[Placement, torch.Tensor]], max_norm: float, comms: Sequence[Comm]) -> float:
+    """Clip ``grads`` in place to the global norm ``max_norm`` (inf: measure only); the norm before.
+
+    The norm is :func:`global_norm` over the copies that count, summed over ``comms`` (the tp
+    and pp groups); every rank scales all its gradients by the same :func:`clip_coefficient`.
+    In one process this is ``torch.nn.utils.clip_grad_norm_``, bit for bit.
+    """
+    tensors = [g for _, g in grads]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    norm = global_norm(tensor_norms([g for place, g in grads if place.counted]), comms, device)
     if math.isfinite(max_norm):
-        coef = min(1.0, max_norm / (norm + 1e-6))
-        if coef < 1.0:
-            torch._foreach_mul_([p.grad for _, p in params], coef)
-    return norm
+        coef = clip_coefficient(norm, max_norm)
+        if coef.item() < 1.0:  # (times 1.0 would change nothing)
+            torch._foreach_mul_(tensors, coef)
+    return norm.item()

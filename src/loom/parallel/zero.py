@@ -50,6 +50,7 @@ from loom.distributed.comm import Comm, Handle
 from loom.optim.adam import FlatAdamW
 from loom.optim.scaler import DynamicLossScaler
 from loom.parallel.data import GradientSync
+from loom.parallel.grads import clip_coefficient, global_norm, tensor_norms
 from loom.parallel.zero_flat import FlatGroup, Unit, UnitGather, bucket_layout, flatten, unit_layout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -288,22 +289,17 @@ class ZeroOptimizer(GradientSync):
         are summed over ``comms`` (the tp and pp groups) as well.
         """
         self.finish_gradient_sync()
-        squares = torch.zeros(1, dtype=torch.float32, device=self.device)
-        for group in self.groups:
-            if counts is None:
-                squares += group.grad_shard.float().pow(2).sum()
-                continue
-            for param, start, stop in group.owned_ranges():
-                if counts(param):
-                    squares += group.grad_shard[start:stop].float().pow(2).sum()
-        if self.stage >= 1:
-            self.comm.all_reduce(squares, op="sum", tag="zero-grad-norm")
-        for comm in comms:
-            comm.all_reduce(squares, op="sum", tag="zero-grad-norm")
-        norm = squares.sqrt().item() * self._unscale()
+        pieces = [
+            group.grad_shard[start:stop]
+            for group in self.groups
+            for param, start, stop in group.owned_ranges()
+            if counts is None or counts(param)
+        ]
+        groups = ([self.comm] if self.stage >= 1 else []) + list(comms)
+        norm = global_norm(tensor_norms(pieces), groups, self.device) * self._unscale()
         if math.isfinite(max_norm):
-            self._clip_coef = min(1.0, max_norm / (norm + 1e-6))
-        return norm
+            self._clip_coef = clip_coefficient(norm, max_norm).item()
+        return norm.item()
 
     # -- the update ----------------------------------------------------------------------
 

@@ -108,8 +108,8 @@ class PlainStep:
         self.precision.scaler.unscale_(self.optimizer)
         if self.ddp is not None and self.ddp.measure_norm:
             return self.ddp.clip_grad_norm(max_norm)  # measured while the last buckets were in flight
-        params = [(place, p) for _, p, place in self.model.placements.named()]
-        return clip_grad_norm(params, max_norm, self.tp.comm, self.pp)
+        grads = [(place, p.grad) for _, p, place in self.model.placements.named() if p.grad is not None]
+        return clip_grad_norm(grads, max_norm, (self.tp.comm, self.pp))
 
     def step(self, lr: float) -> bool:
         """Update and clear the gradients; False when an fp16 overflow skipped the step."""
