@@ -87,7 +87,7 @@ from loom.errors import LoomError
 from loom.model.transformer import Transformer
 from loom.optim.adamw import build_adamw
 from loom.optim.lr import lr_at
-from loom.parallel.data import DataParallel
+from loom.parallel.ddp import DataParallel
 from loom.train.batches import batch_offsets, batch_rows, get_batch
 from loom.train.data import prepare_dataset
 from loom.train.trainer import TRAIN_STREAM
@@ -306,7 +306,7 @@ def rank_main(overrides: list[str], bucket_mb: float, repeats: int, torch_grad_v
 def source() -> str:
     """Which loom was measured: the checkout's commit and its uncommitted changes under src/ (read-only git)."""
     commit, changed, where = checkout()
-    ddp_code = ("src/loom/parallel/data.py", "src/loom/distributed/")
+    ddp_code = ("src/loom/parallel/ddp.py", "src/loom/distributed/")
     touched = [c for c in changed if c.startswith(ddp_code) or ddp_code[1].startswith(c)]
     if not changed:
         state = "src/ as committed"
@@ -314,7 +314,7 @@ def source() -> str:
         ddp_state = (
             f"uncommitted changes to the DDP code: {', '.join(touched)}"
             if touched
-            else "the DDP code (parallel/data.py, dist/) as committed"
+            else "the DDP code (parallel/ddp.py, dist/) as committed"
         )
         others = ", ".join(c for c in changed if c not in touched) or "none"
         state = f"{ddp_state}; other uncommitted changes under src/: {others}"

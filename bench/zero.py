@@ -108,7 +108,7 @@ from loom.errors import LoomError
 from loom.model.transformer import Block, Transformer
 from loom.optim.adamw import build_adamw
 from loom.optim.lr import lr_at
-from loom.parallel.zero import ZeroOptimizer
+from loom.parallel.zero.optimizer import ZeroOptimizer
 from loom.plan.memory import dp_bytes_per_step, model_state_bytes
 from loom.train.batches import batch_offsets, batch_rows, get_batch
 from loom.train.data import prepare_dataset

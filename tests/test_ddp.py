@@ -18,7 +18,7 @@ from loom.distributed.comm import model_bytes
 from loom.distributed.context import init_distributed
 from loom.distributed.spawn import run_ranks
 from loom.model.transformer import Transformer
-from loom.parallel.data import DataParallel
+from loom.parallel.ddp import DataParallel
 from loom.train.metrics import read_metrics
 from loom.train.trainer import Trainer
 

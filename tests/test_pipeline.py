@@ -22,7 +22,7 @@ from loom.distributed.context import init_distributed
 from loom.distributed.spawn import run_ranks
 from loom.errors import LoomError
 from loom.model.transformer import Transformer
-from loom.parallel.data import DataParallel
+from loom.parallel.ddp import DataParallel
 from loom.parallel.pipeline.partition import rank_stages, split_layers
 from loom.parallel.pipeline.runtime import RECEIVES, _Receives
 from loom.parallel.pipeline.schedules import build_schedule

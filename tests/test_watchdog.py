@@ -65,7 +65,7 @@ def test_report_names_the_wait_and_the_history() -> None:
 
 def _shm_victim(run_dir: str) -> str:
     """DDP over shared memory; rank 1 stalls before the third step's backward."""
-    from loom.parallel.data import DataParallel
+    from loom.parallel.ddp import DataParallel
 
     ctx = init_distributed(ParallelConfig(timeout_s=TIMEOUT_S))
     model = torch.nn.Linear(64, 64)

@@ -13,7 +13,7 @@ With t = 1 every mapping is the identity and the model is a plain module.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,8 +107,15 @@ class Transformer(nn.Module):
         self.placements = Placements.of_model(self)
         if cfg.tied and need_emb and embed != head:
             self.placements.replace("tok_emb.weight", tied=True, pp_owner=embed)
+        self._ends_hooks: list[tuple[Callable[[], None], Callable[[torch.Tensor], None]]] = []
         if device.type != "meta":
             self.reset_parameters(seed)
+
+    def register_ends_hook(self, before: Callable[[], None], after: Callable[[torch.Tensor], None]) -> None:
+        """Call ``before()`` ahead of every :meth:`run_stage` that embeds or applies the head, and
+        ``after(output)`` once it returns (ZeRO-3 gathers the parameters no block owns around them:
+        the head's use of a tied embedding reaches no module hook, so module hooks cannot)."""
+        self._ends_hooks.append((before, after))
 
     def reset_parameters(self, seed: int) -> None:
         """Layout-independent init: every value is a function of (seed, name, full index)."""
@@ -124,6 +131,15 @@ class Transformer(nn.Module):
     def run_stage(self, x: torch.Tensor, layers: Sequence[int], embed: bool, head: bool) -> torch.Tensor:
         """One pipeline stage: token ids (if ``embed``) or hidden states, through ``layers``,
         then (if ``head``) the final norm and the output projection."""
+        ends = self._ends_hooks if embed or head else ()
+        for before, _ in ends:
+            before()
+        out = self._run_stage(x, layers, embed, head)
+        for _, after in ends:
+            after(out)
+        return out
+
+    def _run_stage(self, x: torch.Tensor, layers: Sequence[int], embed: bool, head: bool) -> torch.Tensor:
         seq = x.shape[1] * (self.tp.size if not embed and self.tp.sequence_parallel else 1)
         positions = torch.arange(seq, device=x.device)
         if embed:

@@ -22,12 +22,10 @@ import contextlib
 
 import torch
 
-from loom.config import Config
-from loom.distributed.context import BACKSTOP_S, DistContext
+from loom.distributed.comm import Comm
 from loom.errors import LoomError
 from loom.model.transformer import Transformer
-from loom.optim.adamw import build_adamw
-from loom.parallel.data import DataParallel
+from loom.parallel.ddp import DataParallel
 from loom.parallel.full_state import (
     full_model_state,
     full_optimizer_state,
@@ -41,33 +39,21 @@ from loom.train.precision import Precision
 
 
 class PlainStep:
-    """AdamW and, with dp > 1, DDP over this rank's (tp/pp-local) model."""
+    """AdamW (``optimizer``) and, with dp > 1, DDP (``ddp``) over this rank's (tp/pp-local) model,
+    built by the wiring (``loom.train.wiring``)."""
 
     def __init__(
         self,
         model: Transformer,
-        config: Config,
-        dist: DistContext,
         tp: TensorParallel,
+        pp: Comm,
         pipeline: PipelineRank | None,
         precision: Precision,
+        optimizer: torch.optim.Optimizer,
+        ddp: DataParallel | None,
     ) -> None:
-        self.model, self.tp, self.pipeline, self.precision = model, tp, pipeline, precision
-        self.pp = dist.comm("pp")
-        self.ddp: DataParallel | None = None
-        if dist.dims.dp > 1:
-            # the norm is taken during the sync where this rank's .grad is the whole model, each
-            # parameter once, and stays as synced (no tp shards, no stages, no fp16 unscale)
-            whole = tp.comm.size == 1 and pipeline is None and not precision.scaler.is_enabled()
-            self.ddp = DataParallel(
-                model,
-                dist.comm("dp"),
-                config.ddp.bucket_mb,
-                measure_norm=whole,
-                transport=config.ddp.transport,
-                timeout_s=config.parallel.timeout_s + BACKSTOP_S,
-            )
-        self.optimizer = build_adamw(model, config.train, dist.device)
+        self.model, self.tp, self.pp, self.pipeline, self.precision = model, tp, pp, pipeline, precision
+        self.optimizer, self.ddp = optimizer, ddp
 
     # ------------------------------------------------------------------ one step
 

@@ -22,17 +22,11 @@ from loom import __version__
 from loom.config import Config
 from loom.distributed.context import DistContext
 from loom.errors import LoomError
-from loom.model.transformer import Transformer
 from loom.optim.lr import lr_at
 from loom.parallel.full_state import (
     merge_pipeline_states,
 )
-from loom.parallel.pipeline.partition import rank_stages
-from loom.parallel.pipeline.rank import PipelineRank
 from loom.parallel.pipeline.simulate import TIMELINE_FILE
-from loom.parallel.random import ParallelRNG
-from loom.parallel.tensor import TensorParallel
-from loom.parallel.weight_grad import WeightGradStore
 from loom.plan.model import count_parameters
 from loom.train.batches import batch_offsets, batch_rows, get_batch
 from loom.train.checkpoint import (
@@ -44,10 +38,9 @@ from loom.train.checkpoint import (
 )
 from loom.train.data import TokenData, prepare_dataset
 from loom.train.metrics import MetricsWriter, TrainProgress, make_console, write_summary
-from loom.train.plain_step import PlainStep
 from loom.train.precision import Precision, resolve_device
 from loom.train.tokenizer import load_tokenizer
-from loom.train.zero_step import ZeroStep
+from loom.train.wiring import build_rank
 
 TRAIN_STREAM, VAL_STREAM = 0, 1
 
@@ -96,34 +89,10 @@ class Trainer:
         self._fit_vocab()
         self.data = self._prepare_data()
         self.precision = Precision(config.train.precision, self.device)
-        self.batch = config.batch(dp=self.dist.dims.dp)
-        coords = self.dist.coords
+        rank = build_rank(config, self.dist, self.precision)  # the one place a rank's parts are decided
+        self.batch, self.plans, self.tp, self.rng = rank.batch, rank.plans, rank.tp, rank.rng
+        self.model, self.pipeline, self.update = rank.model, rank.pipeline, rank.update
         self.pp = self.dist.comm("pp")
-        self.plans = rank_stages(config.model.n_layers, self.pp.size, config.parallel.vp, coords.pp)
-        pipelined = len(self.plans) > 1 or self.pp.size > 1
-        # zero-bubble's split backward: the linears defer dW into this store while the runtime records
-        self.weight_grads = WeightGradStore() if pipelined and config.parallel.schedule == "zero_bubble" else None
-        self.tp = TensorParallel(self.dist.comm("tp"), config.parallel.sequence_parallel, self.weight_grads)
-        self.rng = ParallelRNG(self.device, dp_rank=coords.dp, tp_rank=coords.tp)
-        self.model = Transformer(
-            config.model,
-            seed=config.train.seed,
-            device=self.device,
-            tp=self.tp,
-            rng=self.rng,
-            layers=sorted(i for plan in self.plans for i in plan.layers),
-            embed=any(p.embed for p in self.plans),
-            head=any(p.head for p in self.plans),
-        )
-        # Every rank drew its slice of the same initial weights (layout-independent init):
-        # no broadcast needed.
-        self.pipeline = self._build_pipeline() if pipelined else None
-        # gradient sync, clipping, update and their state: ZeRO's on flat buffers, or DDP + AdamW on .grad
-        self.update: ZeroStep | PlainStep = (
-            ZeroStep(self.model, config, self.dist, self.tp, self.pipeline)
-            if config.zero.stage > 0
-            else PlainStep(self.model, config, self.dist, self.tp, self.pipeline, self.precision)
-        )
         self.state = RunState()
         if resume_from is not None:
             self._restore(resume_from)
@@ -201,24 +170,6 @@ class Trainer:
             loss = torch.stack(losses).mean()
         self.model.train()
         return loss.item()
-
-    # ------------------------------------------------------------------ pipeline
-
-    def _build_pipeline(self) -> PipelineRank:
-        cfg = self.config
-        seq = cfg.train.seq_len // (self.tp.size if self.tp.sequence_parallel else 1)
-        return PipelineRank(
-            self.model,
-            self.plans,
-            self.pp,
-            cfg.parallel.schedule,
-            self.batch.grad_accum,
-            (self.batch.micro_batch, seq, cfg.model.d_model),
-            self.device,
-            self.precision.autocast,
-            self.model.placements,
-            self.weight_grads,
-        )
 
     # ------------------------------------------------------------------ the loop
 

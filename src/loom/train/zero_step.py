@@ -1,6 +1,6 @@
 """ZeRO in the training loop: gradient sync, clipping, update and state when ``zero.stage >= 1``.
 
-:class:`ZeroStep` holds a :class:`~loom.parallel.zero.ZeroOptimizer` over the dp group and
+:class:`ZeroStep` holds a :class:`~loom.parallel.zero.optimizer.ZeroOptimizer` over the dp group and
 does what the plain path (DDP, AdamW, the tp and pp chores on ``.grad``) does, on ZeRO's
 flat gradient buffers instead:
 
@@ -13,8 +13,9 @@ flat gradient buffers instead:
    group, replicated K/V heads over their replicas). Sums over tp and over dp commute, and
    the tp ranks of one dp rank have the same flat layout (equal parameter shapes, equal dp
    slices; checked at start), so their shards cover the same elements.
-4. Clipping: squares of the owned shard, every parameter once (a tp replica on its owner,
-   the pipeline's tied copy on the first stage), summed over dp, tp and pp.
+4. Clipping: the global norm (``loom.parallel.grads.global_norm``) of the owned shards, every
+   parameter once (a tp replica on its owner, the pipeline's tied copy on the first stage),
+   summed over dp, tp and pp.
 5. Update: an fp16 overflow anywhere skips the step everywhere (the scaler's flag is
    all-reduced over dp, tp and pp), AdamW on the fp32 master slice with decay on matrices
    (dim >= 2) only, as :func:`loom.optim.adamw.build_adamw`, then the parameters published.
@@ -32,72 +33,37 @@ import contextlib
 
 import torch
 
-from loom.config import Config
-from loom.distributed.context import DistContext
+from loom.distributed.comm import Comm
 from loom.errors import LoomError
 from loom.model.transformer import Transformer
-from loom.optim.scaler import DynamicLossScaler
 from loom.parallel.full_state import full_tensors, local_tensors
 from loom.parallel.grads import sum_partial_grads
 from loom.parallel.pipeline.rank import PipelineRank
 from loom.parallel.tensor import TensorParallel
-from loom.parallel.zero import ZeroOptimizer
-from loom.parallel.zero_flat import UnitGather
+from loom.parallel.zero.optimizer import ZeroOptimizer
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 MEMORY_KEYS = ("mem_params_bytes", "mem_grads_bytes", "mem_optim_bytes")
 
 
 class ZeroStep:
-    """The trainer's ZeRO: built from ``config.zero`` over this rank's (tp/pp-local) model."""
+    """The trainer's ZeRO: ``zero`` built over this rank's (tp/pp-local) model by the wiring
+    (``loom.train.wiring``); ``hyper`` (lr, betas, eps, weight_decay) names torch AdamW's two
+    groups in checkpoints, as the plain path's optimizer has them."""
 
     def __init__(
-        self, model: Transformer, config: Config, dist: DistContext, tp: TensorParallel, pipeline: PipelineRank | None
+        self,
+        model: Transformer,
+        tp: TensorParallel,
+        pp: Comm,
+        pipeline: PipelineRank | None,
+        zero: ZeroOptimizer,
+        hyper: dict,
     ) -> None:
-        train, cfg = config.train, config.zero
-        self.model, self.tp, self.pipeline = model, tp, pipeline
-        self.pp = dist.comm("pp")
-        dp = dist.comm("dp")
-        scaler = DynamicLossScaler([dp, tp.comm, self.pp]) if train.precision == "fp16" else None
-        self.zero = ZeroOptimizer(
-            model,
-            dp,
-            cfg.stage,
-            lr=train.lr,
-            betas=(train.beta1, train.beta2),
-            eps=train.eps,
-            weight_decay=train.weight_decay,
-            param_dtype=train.precision,
-            grad_dtype=cfg.grad_dtype,
-            offload=None if cfg.offload == "none" else cfg.offload,
-            bucket_mb=config.ddp.bucket_mb,
-            scaler=scaler,
-            root_hooks=False,
-        )
-        # torch AdamW's two groups as build_adamw makes them, for checkpoints the plain path loads
-        hyper = {"lr": train.lr, "betas": (train.beta1, train.beta2), "eps": train.eps}
-        self.param_groups = [{**hyper, "weight_decay": train.weight_decay}, {**hyper, "weight_decay": 0.0}]
-        gatherer = self.zero.gatherer
-        if gatherer is not None and gatherer.root is not None:
-            self._gather_root_in_run_stage(gatherer)
-        if pipeline is not None:
-            pipeline.use_activation_dtype(self.zero.param_dtype)
+        self.model, self.tp, self.pp, self.pipeline, self.zero = model, tp, pp, pipeline, zero
+        decay, rest = dict(hyper), {k: v for k, v in hyper.items() if k != "weight_decay"}
+        self.param_groups = [decay, {**rest, "weight_decay": 0.0}]
         self._check_tp_layout()
-
-    def _gather_root_in_run_stage(self, gatherer: UnitGather) -> None:
-        """Stage 3: the root unit (embeddings, final norm, head: what no block owns) is gathered
-        around each ``run_stage`` that uses it, the method both ``forward`` and the pipeline call."""
-        run_stage, root = self.model.run_stage, gatherer.root
-
-        def gathered(x: torch.Tensor, layers, embed: bool, head: bool) -> torch.Tensor:
-            if not (embed or head):  # a chunk of blocks only (interleaved pipeline)
-                return run_stage(x, layers, embed, head)
-            gatherer.enter(root)
-            out = run_stage(x, layers, embed, head)
-            gatherer.leave(root, out)
-            return out
-
-        self.model.run_stage = gathered
 
     def _check_tp_layout(self) -> None:
         """The tp sums on shards need equal flat layouts on the tp ranks: fail loudly if not."""
@@ -136,11 +102,11 @@ class ZeroStep:
     def sync_gradients(self) -> None:
         """Tied-embedding exchange on local gradients, the dp reduction, then the tp sums."""
         if self.pipeline is not None:
-            self.pipeline.sync_tied_gradients(self.zero.local_grad)
+            self.pipeline.sync_tied_gradients(self.zero.sync.local_grad)
         self.zero.finish_gradient_sync()
         if self.tp.size > 1:
             places = self.model.placements
-            views = self.zero.grad_shard_views(lambda p: places.of(p).partial_grad)
+            views = self.zero.sync.shard_views(lambda p: places.of(p).partial_grad)
             sum_partial_grads([(places.of(p), view) for p, view in views], self.tp.comm)
 
     def clip_grad_norm(self, max_norm: float) -> float:
