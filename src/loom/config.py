@@ -4,7 +4,7 @@ A config is built in three layers, later ones winning: the dataclass defaults (w
 model preset's values filled in), a TOML file, then command-line overrides. Every field is
 validated before anything runs; each error names the field, the value and the fix.
 
-Batch arithmetic is derived, never repeated (design.md):
+Batch arithmetic is derived, never repeated:
 ``global_batch = micro_batch * grad_accum * dp``. The config may name any two and loom
 derives the third, or all three, which must then agree.
 """

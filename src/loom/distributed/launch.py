@@ -43,6 +43,6 @@ def launch_local(nproc: int, cli_args: list[str]) -> None:
         failed = ", ".join(f"rank {rank} (exit code {f.exitcode})" for rank, f in sorted(exc.failures.items()))
         raise LoomError(
             f"the run failed on {failed}; the other ranks were stopped.",
-            "read the first rank's message above (and any hang_rank*.txt in the run folder), fix it, and rerun "
+            "read the first rank's message above (and any failure_rank*.txt in the run folder), fix it, and rerun "
             "with --resume to continue from the newest checkpoint.",
         ) from None

@@ -1,1 +1,1 @@
-"""Decoder-only transformer (GPT-2 and Llama families), presets, and HF interop."""
+"""Decoder-only transformer (GPT-2 and Llama families), its init, and HF tensor names."""

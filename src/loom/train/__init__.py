@@ -1,1 +1,2 @@
-"""The training loop and what it needs: data, tokenizer, checkpoints, metrics."""
+"""The training loop and what it needs: the wiring of a rank, the update strategies, data,
+tokenizer, checkpoints, metrics, generation and HF folder conversion."""

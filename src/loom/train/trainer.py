@@ -1,4 +1,8 @@
-"""The single-process training loop.
+"""The training loop of one rank, the same code for one process and for any layout.
+
+The rank's parts (model shard, pipeline, update strategy) come from the wiring point,
+:func:`loom.train.wiring.build_rank`; this file runs them: data, steps, evaluation,
+metrics, checkpoints.
 
 One optimizer step of global batch B = micro_batch * grad_accum * dp sequences:
 the step's B windows are a pure function of (seed, step) (see ``loom.train.data``);
