@@ -1,12 +1,40 @@
-"""Helpers shared by the benchmark scripts in bench/: machine and source lines, noise, result files.
+"""The benchmark harness: ranks, rotated rounds, ``loom train`` end to end, records, ratios, result files.
 
-The scripts import these as ``from common import ...``, which works when run as ``python bench/X.py``
-(the script's folder is on ``sys.path``).
+Every script in ``bench/`` compares loom with a peer on one job and keeps only what is its
+own: the peer's sides and its table. The rest is here:
+
+- **loom's side is the trainer's own step.** :class:`TrainerSide` builds ``Trainer`` from the
+  job's config (through ``loom.train.wiring.build_rank``, as ``loom train`` does) and times
+  ``Trainer.train_step``: batch, forward, backward, sync, the loss for the metrics, clip,
+  update. Peers get the same batches (:func:`job_batches`, cut as the trainer cuts them) and
+  the same lr (:func:`lr_of`).
+- **Rounds.** :func:`run_round` (on every rank) builds fresh sides and runs step k of every
+  side back to back, the order rotating step by step and round by round, each side's step
+  starting after a barrier of all ranks; a step's time is the slowest rank's. :func:`bench`
+  (the parent) starts the ranks once per round (``run_ranks``, gloo, one thread per rank)
+  and, between rounds, runs ``loom train`` itself (:func:`loom_train`).
+- **loom train end to end**: the command a user runs, in its own processes, with loom's own
+  launcher and thread settings; its figure is the median ``tokens_per_s`` of
+  ``metrics.jsonl`` over the timed steps (rank 0's ``train_step`` wall time).
+- **Figures.** A bench side's tokens/s in a round is the global tokens per step over the
+  median step time after the warm-up; the table gives the median over rounds, and each
+  ratio both as the ratio of the medians and as the range of the per-round ratios (a side
+  and its peer in one round ran interleaved, so a round's ratio is a paired figure).
+  A goal is "met" when every round's ratio reaches it, "met in the median" when the median
+  does but some round does not (the rounds scatter more than the margin: no claim), else
+  "missed".
+- **Result files** name the command, date, machine and the loom commit they measured.
+
+Scripts import these as ``from common import ...`` (``python bench/X.py`` puts ``bench/``
+on ``sys.path``); rank functions are module-level functions of the script, so the spawned
+ranks import them by reference.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import io
 import json
 import os
 import platform
@@ -14,18 +42,30 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ClassVar
 
 import torch
+import torch.distributed as dist
+from rich.console import Console
 
 import loom
 from loom.config import Config, load_config
-from loom.train.tokenizer import Tokenizer, load_tokenizer
+from loom.distributed.context import DistContext, init_distributed
+from loom.distributed.spawn import run_ranks
+from loom.optim.lr import lr_at
+from loom.train.batches import batch_offsets, batch_rows, get_batch
+from loom.train.data import TokenData, prepare_dataset
+from loom.train.tokenizer import load_tokenizer
+from loom.train.trainer import TRAIN_STREAM, Trainer
 
-ONE_ROUND = " One round cannot show noise; use --repeats 3 or more."
+LOOM_TRAIN = "loom train"  # the name of the end-to-end figure in every table
+
+# ----------------------------------------------------------------------------- provenance
 
 
 def machine(gpu: bool = False) -> str:
@@ -42,9 +82,8 @@ def machine(gpu: bool = False) -> str:
     return f"{cpu}, {os.cpu_count()} cores{gpu_part}; torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def checkout() -> tuple[str, list[str], str]:
-    """Which loom is measured (read-only git): the short commit, the paths changed under src/, and a note
-    if loom was imported from somewhere other than this checkout's src/ (else "")."""
+def source_line() -> str:
+    """Which loom is measured (read-only git): the commit, and any uncommitted change under src/."""
     root = Path(__file__).resolve().parents[1]
     package = Path(loom.__file__).resolve().parent
     where = "" if package == root / "src" / "loom" else f" (but loom was imported from {package})"
@@ -55,7 +94,8 @@ def checkout() -> tuple[str, list[str], str]:
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     changed = [line.split(maxsplit=1)[1] for line in git("status", "--porcelain", "--", "src").splitlines()]
-    return commit, changed, where
+    state = "src/ as committed" if not changed else f"uncommitted changes under src/: {', '.join(changed)}"
+    return f"loom at commit {commit}; {state}{where}"
 
 
 def bench_command(script: str) -> str:
@@ -63,115 +103,56 @@ def bench_command(script: str) -> str:
     return f"python bench/{script}" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
 
 
-def head_lines(command: str, when: str, machine_line: str) -> list[str]:
-    """The Command / Date / Machine lines at the top of a result file."""
-    return [f"Command: `{command}`", "", f"Date: {when}", "", f"Machine: {machine_line}", ""]
+def write_result(out: Path | None, render: Callable[[str], str]) -> None:
+    """If ``out`` is set, write ``render(when)`` there (``when``: now, UTC, to the minute) and say so."""
+    if out:
+        when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render(when), encoding="utf-8")
+        print(f"wrote {out}")
 
 
-def noise_head(load_start: float, cores: int, ratios: list[float]) -> str:
-    """Start of the noise line: load average at start and now, and the spread of the per-round ratios."""
-    return (
-        f"Noise: 1-minute load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end "
-        f"({cores} cores); per-round ratios {min(ratios):.3f} to {max(ratios):.3f}"
-    )
+def result_head(title: str, command: str, when: str, job: str) -> list[str]:
+    """The top of a result file: title, command, date, machine, the loom measured, the job."""
+    return [
+        f"# {title}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Date: {when}",
+        "",
+        f"Machine: {machine()}",
+        "",
+        f"Source: {source_line()}",
+        "",
+        f"Job: {job}",
+        "",
+    ]
 
 
-def busy_warning(spread: float, where: str) -> str:
-    """The noise line's ending when rounds disagree by more than ``spread`` at ``where``."""
-    return f" -- WARNING: spread above {spread} at {where}; the machine was busy, rerun on a quiet one."
+# ----------------------------------------------------------------------------- the job
 
 
-def paired_ratio(loom: object, peer: object, warmup: int) -> float:
-    """Median over timed steps of the peer's step time / loom's at the same step (run back to back)."""
-    return statistics.median(p / m for m, p in zip(loom.step_s[warmup:], peer.step_s[warmup:], strict=True))
-
-
-def fmt_bytes(value) -> str:
-    """A byte count with thousands separators; one decimal if it is not whole."""
-    return f"{float(value):,.0f}" if float(value) == int(value) else f"{float(value):,.1f}"
-
-
-def fmt_ranks(world: int) -> str:
-    """A rank count, marked when it exceeds the cores."""
-    return f"{world}{' (oversubscribed)' if world > (os.cpu_count() or 1) else ''}"
-
-
-def job_config(overrides: list[str]) -> tuple[Config, Tokenizer]:
-    """The job's config with the tokenizer's vocabulary filled in, and that tokenizer (not validated)."""
-    config = load_config(None, overrides)
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    config.model.vocab_size = tokenizer.vocab_size
-    return config, tokenizer
-
-
-@dataclass
-class StepRecord:
-    """One side's per-step record for one round, as one rank saw it: each step's wall and
-    process CPU seconds (all threads, the backend's too), the time of each of ``phases`` (set
-    by the subclass) and the loss."""
-
-    phases: ClassVar[tuple[str, ...]] = ()
-    step_s: list[float] = field(default_factory=list)
-    cpu_s: list[float] = field(default_factory=list)
-    phase_s: dict[str, list[float]] = field(default_factory=dict)
-    losses: list[float] = field(default_factory=list)
-
-    def record(self, cpu_s: float, *t: float) -> None:
-        """One step: its CPU seconds, then its phase boundaries (the start, then the end of each phase)."""
-        self.cpu_s.append(cpu_s)
-        self.step_s.append(t[-1] - t[0])
-        for name, a, b in zip(self.phases, t[:-1], t[1:], strict=True):
-            self.phase_s.setdefault(name, []).append(b - a)
-
-    def median_step_s(self, warmup: int) -> float:
-        return statistics.median(self.step_s[warmup:])
-
-    def median_cpu_s(self, warmup: int) -> float:
-        return statistics.median(self.cpu_s[warmup:])
-
-    def median_phase_ms(self, warmup: int) -> dict[str, float]:
-        return {p: statistics.median(v[warmup:]) * 1e3 for p, v in self.phase_s.items()}
-
-
-def add_model_args(p: argparse.ArgumentParser, layers: int = 0, d_model: int = 0, layers_help: str = "") -> None:
-    """The job's model flags: --preset, --layers, --d-model, --heads (0: the preset's), --seq-len."""
+def add_job_args(
+    p: argparse.ArgumentParser, *, layers: int = 0, d_model: int = 0, steps: int = 30, warmup: int = 4, repeats: int = 5
+) -> None:
+    """The flags every script shares: the model, the batch, steps, warm-up, rounds, corpus, output."""
     p.add_argument("--preset", default="tiny", help="model preset")
-    p.add_argument("--layers", type=int, default=layers, help="model.n_layers (0: the preset's)" + layers_help)
+    p.add_argument("--layers", type=int, default=layers, help="model.n_layers (0: the preset's)")
     p.add_argument("--d-model", type=int, default=d_model, help="model.d_model (0: the preset's)")
     p.add_argument("--heads", type=int, default=0, help="model.n_heads (0: the preset's)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps per side per round")
+    p.add_argument("--warmup", type=int, default=warmup, help="first steps left out of the timing")
+    p.add_argument("--repeats", type=int, default=repeats, help="rounds, each with fresh sides and a loom train run")
+    p.add_argument("--corpus", default="stdlib", help="data.corpus")
+    p.add_argument("--no-e2e", action="store_true", help="skip the loom train end-to-end runs (a quick check)")
+    p.add_argument("--out", type=Path, help="also write the result as markdown here")
 
 
-def job_overrides(args: argparse.Namespace, *extra: str) -> list[str]:
-    """``--set`` items of a bench job: its preset, steps, sequence and micro-batch, fp32 on the
-    CPU, its corpus, ``extra``, then whichever of --layers, --d-model, --heads is not 0."""
-    items = [
-        f"model.preset={args.preset}",
-        f"train.steps={args.steps}",
-        f"train.seq_len={args.seq_len}",
-        f"train.micro_batch={args.micro_batch}",
-        "train.precision=fp32",
-        "train.device=cpu",
-        f"data.corpus={json.dumps(args.corpus)}",
-        *extra,
-    ]
-    for key, value in (("n_layers", args.layers), ("d_model", args.d_model), ("n_heads", args.heads)):
-        if value:
-            items.append(f"model.{key}={value}")
-    return items
-
-
-def closing_lines(timing: str, noise: str, notes: list[str], *paragraphs: str) -> list[str]:
-    """A result file's end: the timing method, any further ``paragraphs``, the noise line, the notes."""
-    lines = [f"Timing: {timing}", ""]
-    for text in (*paragraphs, noise, *notes):
-        lines += [text, ""]
-    return lines
-
-
-def check_rounds(p: argparse.ArgumentParser, args: argparse.Namespace, extra: int = 2) -> None:
-    """Reject --steps below --warmup + extra and --repeats below 1."""
-    if args.steps < args.warmup + extra:
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject --steps that leave fewer than 2 timed steps and --repeats below 1."""
+    if args.steps < args.warmup + 2:
         p.error(f"--steps {args.steps} leaves fewer than 2 timed steps after --warmup {args.warmup}")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
@@ -188,10 +169,324 @@ def sizes(p: argparse.ArgumentParser, flag: str, text: str, what: str) -> list[i
     return values
 
 
-def write_result(out: Path | None, render) -> None:
-    """If ``out`` is set, write ``render(when)`` there (``when``: now, UTC, to the minute) and say so."""
-    if out:
-        when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(render(when), encoding="utf-8")
-        print(f"wrote {out}")
+def job_items(args: argparse.Namespace, *extra: str) -> list[str]:
+    """``--set`` items of the job, as ``loom train`` takes them: preset, steps, sequence, fp32 on
+    the CPU, no evaluation, checkpoint or sample during the timed steps, ``extra``, then whichever of
+    --layers, --d-model, --heads is not 0."""
+    items = [
+        f"model.preset={args.preset}",
+        f"train.steps={args.steps}",
+        f"train.seq_len={args.seq_len}",
+        "train.precision=fp32",
+        "train.device=cpu",
+        "train.eval_every=0",
+        "train.ckpt_every=0",
+        "train.sample_tokens=0",
+        f"data.corpus={json.dumps(args.corpus)}",
+        *extra,
+    ]
+    for key, value in (("n_layers", args.layers), ("d_model", args.d_model), ("n_heads", args.heads)):
+        if value:
+            items.append(f"model.{key}={value}")
+    return items
+
+
+def job_config(items: Sequence[str]) -> Config:
+    """The validated config of ``items``, its vocabulary filled in from the tokenizer."""
+    config = load_config(None, list(items))
+    config.model.vocab_size = config.model.vocab_size or load_tokenizer(config.data.tokenizer).vocab_size
+    config.validate()
+    return config
+
+
+def prepare(items: Sequence[str]) -> Config:
+    """In the parent, before any rank starts: validate the job and tokenise its corpus once (the
+    ranks and the loom train runs then hit the cache)."""
+    config = job_config(items)
+    prepare_dataset(config.data, load_tokenizer(config.data.tokenizer), log=print)
+    return config
+
+
+def lr_of(config: Config, step: int) -> float:
+    """The learning rate of ``step``, as the trainer sets it."""
+    train = config.train
+    return lr_at(step, train.lr, train.warmup_steps, train.steps, train.min_lr_ratio)
+
+
+def job_batches(
+    config: Config, data: TokenData, dp: int, dp_rank: int, device, steps: Sequence[int] | None = None
+) -> list[list[tuple]]:
+    """Per step (``steps``, default all), this dp rank's micro-batches (x, y), cut as
+    ``Trainer.train_step`` cuts them. Peers cut each step's inside the step, as the trainer does."""
+    train, shape = config.train, config.batch(dp=dp)
+    out = []
+    for step in range(train.steps) if steps is None else steps:
+        offsets = batch_offsets(len(data.train), train.seq_len, shape.global_batch, train.seed, step, TRAIN_STREAM)
+        rows = [offsets[batch_rows(shape.micro_batch, shape.grad_accum, dp_rank, k)] for k in range(shape.grad_accum)]
+        out.append([get_batch(data.train, train.seq_len, r, device) for r in rows])
+    return out
+
+
+def tokens_per_step(config: Config, dp: int) -> int:
+    return config.batch(dp=dp).global_batch * config.train.seq_len
+
+
+# ----------------------------------------------------------------------------- sides
+
+
+class Side:
+    """One implementation of the job's optimizer step on this rank. ``step(k)`` runs step k and
+    returns the loss a trainer logs (the global batch's mean); ``ledger`` (loom only) counts bytes."""
+
+    name = ""
+    ledger = None
+
+    def step(self, k: int) -> float:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the side holds (workers, hooks) once its round is over."""
+
+
+class TrainerSide(Side):
+    """loom: ``Trainer.train_step``, the step ``loom train`` runs, on a trainer built from ``config``."""
+
+    def __init__(self, name: str, config: Config, ctx: DistContext, run_dir: Path) -> None:
+        self.name = name
+        self.trainer = Trainer(config, run_dir, console=Console(file=io.StringIO()), live_progress=False, dist=ctx)
+        self.ledger = ctx.ledger
+
+    def step(self, k: int) -> float:
+        return self.trainer.train_step(k).loss
+
+    def close(self) -> None:
+        update = self.trainer.update
+        if getattr(update, "ddp", None) is not None:
+            update.ddp.close()  # the shared-memory worker
+
+
+@dataclass
+class SideRun:
+    """One side's record in one round, as one rank saw it."""
+
+    step_s: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    bytes: list[dict] = field(default_factory=list)  # loom: ledger totals of each step (comm_bytes_dp, ...)
+    by_tag: list[dict] = field(default_factory=list)  # loom: each step's bytes by "group/tag"
+    facts: dict = field(default_factory=dict)  # anything else the script records (buckets, state bytes)
+
+
+def join(items: Sequence[str]) -> tuple[DistContext, Config, TokenData]:
+    """On a rank: the process group of the job's layout, its config and its (cached) data."""
+    config = job_config(items)
+    ctx = init_distributed(config.parallel)
+    return ctx, config, prepare_dataset(config.data, load_tokenizer(config.data.tokenizer))
+
+
+def run_round(sides: Sequence[Side], steps: int, round_index: int) -> dict[str, SideRun]:
+    """Step k of every side back to back, the order rotating with k and the round; every side's
+    step starts after a barrier of all ranks (not timed). Closes the sides at the end."""
+    runs = {side.name: SideRun() for side in sides}
+    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
+    gc.collect()
+    for k in range(steps):
+        shift = (round_index + k) % len(sides)
+        for side in [*sides[shift:], *sides[:shift]]:
+            run = runs[side.name]
+            barrier()
+            if side.ledger is not None:
+                side.ledger.take_step_totals()
+                mark = max((e.seq for e in side.ledger.recent(1)), default=0)
+            c0, t0 = time.process_time(), time.perf_counter()
+            loss = side.step(k)
+            run.step_s.append(time.perf_counter() - t0)
+            run.cpu_s.append(time.process_time() - c0)
+            run.losses.append(loss)
+            if side.ledger is not None:
+                run.bytes.append(side.ledger.take_step_totals())
+                tags: dict[str, float] = {}
+                for e in side.ledger.recent(1000):
+                    if e.seq > mark:
+                        tags[f"{e.group}/{e.tag}"] = tags.get(f"{e.group}/{e.tag}", 0) + e.bytes_sent
+                run.by_tag.append(tags)
+    barrier()
+    for side in sides:
+        side.close()
+    return runs
+
+
+# ----------------------------------------------------------------------------- loom train, end to end
+
+
+def loom_train(
+    items: Sequence[str], nproc: int, warmup: int, threads: int | None = None, timeout_s: float = 1800
+) -> list[float]:
+    """Run ``loom train --nproc N --set ...`` as a user would; the timed steps' ``tokens_per_s``.
+    ``threads``: OMP_NUM_THREADS for it (default: unset, loom decides)."""
+    with tempfile.TemporaryDirectory(prefix="loom-bench-train-") as tmp:
+        run_dir = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "loom.cli", "train", "--run-dir", str(run_dir), "--no-progress"]
+        cmd += ["--nproc", str(nproc)] + [arg for item in items for arg in ("--set", item)]
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+        if done.returncode != 0:
+            tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
+            raise RuntimeError(f"loom train failed ({done.returncode}): {shlex.join(cmd)}\n{tail}")
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["tokens_per_s"] for r in records[warmup:]]
+
+
+# ----------------------------------------------------------------------------- the parent: rounds and results
+
+
+@dataclass
+class Result:
+    """One job (one row of a table): tokens/s per round of every side and of loom train."""
+
+    label: str
+    tokens: int  # tokens per step
+    warmup: int
+    tps: dict[str, list[float]] = field(default_factory=dict)  # side -> tokens/s per round
+    losses: dict[str, list[list[float]]] = field(default_factory=dict)  # side -> per round, rank 0's losses
+    bytes: dict[str, list[dict]] = field(default_factory=dict)  # loom side -> rank 0's ledger totals, every step
+    by_tag: dict[str, list[dict]] = field(default_factory=dict)  # loom side -> rank 0's bytes by group/tag, every step
+    facts: dict[str, list[dict]] = field(default_factory=dict)  # side -> per round, rank 0's facts
+    step_bytes_by_rank: dict[str, set] = field(default_factory=dict)  # side -> distinct totals over ranks and steps
+    wall_s: float = 0.0
+
+    def add_round(self, ranks: list[dict[str, SideRun]]) -> None:
+        for name in ranks[0]:
+            steps = zip(*(r[name].step_s for r in ranks), strict=True)
+            slowest = [max(times) for times in steps][self.warmup :]
+            self.tps.setdefault(name, []).append(self.tokens / statistics.median(slowest))
+            self.losses.setdefault(name, []).append(ranks[0][name].losses)
+            self.facts.setdefault(name, []).append(ranks[0][name].facts)
+            if ranks[0][name].bytes:
+                self.bytes.setdefault(name, []).extend(ranks[0][name].bytes)
+                self.by_tag.setdefault(name, []).extend(ranks[0][name].by_tag)
+                seen = self.step_bytes_by_rank.setdefault(name, set())
+                seen |= {json.dumps(b, sort_keys=True) for r in ranks for b in r[name].bytes[1:]}
+
+    def median(self, side: str) -> float:
+        return statistics.median(self.tps[side])
+
+    def ratios(self, side: str, peer: str) -> list[float]:
+        """Per round: side's tokens/s over the peer's (a bench side ran interleaved with it)."""
+        return [a / b for a, b in zip(self.tps[side], self.tps[peer], strict=True)]
+
+    def ratio(self, side: str, peer: str) -> float:
+        return self.median(side) / self.median(peer)
+
+    def verdict(self, side: str, peer: str, goal: float) -> str:
+        rounds = self.ratios(side, peer)
+        if min(rounds) >= goal:
+            return "met"
+        return "met in the median only (rounds scatter across the goal)" if self.ratio(side, peer) >= goal else "missed"
+
+    def loss_diff(self, side: str, peer: str) -> float:
+        """Largest |loss difference| between two sides over every step of every round."""
+        return max(
+            abs(a - b)
+            for mine, theirs in zip(self.losses[side], self.losses[peer], strict=True)
+            for a, b in zip(mine, theirs, strict=True)
+        )
+
+
+def bench(
+    label: str,
+    world: int,
+    tokens: int,
+    rank_fn: Callable,
+    rank_args: tuple,
+    args: argparse.Namespace,
+    e2e: dict[str, Sequence[str]],
+    timeout_s: float = 900,
+    threads: int | None = None,
+) -> Result:
+    """``args.repeats`` rounds of ``rank_fn(*rank_args, round_index)`` on ``world`` ranks, each round
+    followed by one ``loom train`` run per entry of ``e2e`` (name -> --set items) on ``world`` ranks."""
+    result = Result(label, tokens, args.warmup)
+    began = time.perf_counter()
+    for r in range(args.repeats):
+        ranks = run_ranks(rank_fn, world, args=(*rank_args, r), timeout_s=timeout_s)
+        result.add_round(ranks)
+        line = ", ".join(f"{name} {tps[-1]:,.0f}" for name, tps in result.tps.items())
+        if not args.no_e2e:
+            for name, items in e2e.items():
+                figures = loom_train(items, world, args.warmup, threads)
+                result.tps.setdefault(name, []).append(statistics.median(figures))
+            line += "; " + ", ".join(f"{name} {result.tps[name][-1]:,.0f}" for name in e2e)
+        print(f"{label}, round {r + 1}: tokens/s {line}", flush=True)
+    result.wall_s = time.perf_counter() - began
+    return result
+
+
+# ----------------------------------------------------------------------------- tables and lines
+
+
+def fmt_ratio_cell(result: Result, side: str, peer: str) -> str:
+    rounds = result.ratios(side, peer)
+    return f"{result.ratio(side, peer):.3f} ({min(rounds):.2f}-{max(rounds):.2f})"
+
+
+def comparison_table(results: Sequence[Result], head: str, peer: str, loom_sides: Sequence[str]) -> list[str]:
+    """| head | peer tok/s | for each loom side: tok/s, ratio over the peer (per-round range) |."""
+    cols = [f"{peer} tokens/s"] + [c for s in loom_sides for c in (f"{s} tokens/s", f"{s} / {peer}")]
+    lines = [f"| {head} | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
+    for r in results:
+        cells = [f"{r.median(peer):,.0f}"]
+        for side in loom_sides:
+            cells += [f"{r.median(side):,.0f}", fmt_ratio_cell(r, side, peer)] if side in r.tps else ["-", "-"]
+        lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def rounds_table(results: Sequence[Result], sides: Sequence[str]) -> list[str]:
+    """Every round's tokens/s of every side."""
+    lines = [
+        "| job | round | " + " | ".join(f"{s} tokens/s" for s in sides) + " |",
+        "| --- | ---: |" + " ---: |" * len(sides),
+    ]
+    for r in results:
+        for i in range(len(r.tps[sides[0]])):
+            cells = [f"{r.tps[s][i]:,.0f}" if s in r.tps and i < len(r.tps[s]) else "-" for s in sides]
+            lines.append(f"| {r.label} | {i + 1} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def goal_lines(results: Sequence[Result], pairs: Sequence[tuple[str, str, float]]) -> list[str]:
+    """One line per (loom side, peer, goal) and job: the ratio, its rounds and the verdict."""
+    out = []
+    for r in results:
+        for side, peer, goal in pairs:
+            if side in r.tps and peer in r.tps:
+                rounds = r.ratios(side, peer)
+                out.append(
+                    f"- {r.label}: {side} / {peer} = {r.ratio(side, peer):.3f} (rounds {min(rounds):.3f}-"
+                    f"{max(rounds):.3f}, {sum(q >= goal for q in rounds)} of {len(rounds)} at or above {goal}): "
+                    f"goal >= {goal}: {r.verdict(side, peer, goal)}"
+                )
+    return out
+
+
+def noise_line(load_start: float) -> str:
+    cores = os.cpu_count() or 1
+    return (
+        f"Load: 1-minute load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end "
+        f"({cores} cores). Ranks beyond the cores time-share them: such rows compare loom and the peer under "
+        "the same contention and say nothing about scaling."
+    )
+
+
+TIMING = (
+    "per round, fresh sides run step k back to back, the order rotating with k and the round, each side's step "
+    "starting after a barrier; a step's time is the slowest rank's; a side's tokens/s is global tokens per step over "
+    "its median step time after the warm-up, and the table gives the median over rounds with each ratio's per-round "
+    "range (a round's sides ran interleaved, so its ratio is paired). loom's sides are Trainer.train_step as "
+    f"`loom train` runs it (batch, forward, backward, sync, the loss for the metrics, clip, update). `{LOOM_TRAIN}` is "
+    "the command itself, run once after each round on the same job with loom's own launcher and thread settings: "
+    "the median tokens_per_s of its metrics.jsonl over the steps after the warm-up."
+)

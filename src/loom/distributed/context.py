@@ -74,10 +74,26 @@ class ProcessRequest(LayoutRequest, Protocol):
     timeout_s: float
 
 
+def share_cores(device: torch.device) -> int:
+    """CPU ranks of one host split its cores: each computes with cores / local ranks threads
+    (at least one), unless ``OMP_NUM_THREADS`` says otherwise. Returns the thread count.
+
+    torch's default is one thread per core in every process, so N ranks on one host would
+    run N times as many threads as cores and slow each other down; torchrun avoids that by
+    setting ``OMP_NUM_THREADS=1``, which loom's own launcher does not go through.
+    """
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // local))
+    return torch.get_num_threads()
+
+
 def init_distributed(cfg: ProcessRequest, device_spec: str = "auto") -> DistContext:
     """Join the process group described by the torchrun environment and build the groups.
 
-    Backend: nccl when this rank drives a CUDA device, else gloo (``parallel.backend``
+    CPU ranks share the host's cores (:func:`share_cores`). Backend: nccl when this rank drives a
+    CUDA device, else gloo (``parallel.backend``
     overrides). A collective pending past ``parallel.timeout_s`` is caught by the
     watchdog (``loom.distributed.watchdog``), which reports it; the backend's own timeout is set
     a little later as a backstop.
@@ -96,6 +112,7 @@ def init_distributed(cfg: ProcessRequest, device_spec: str = "auto") -> DistCont
         torch.cuda.set_device(device)
     if world_size == 1:
         return DistContext.single(device)
+    share_cores(device)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s + BACKSTOP_S))

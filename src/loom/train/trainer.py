@@ -188,7 +188,9 @@ class Trainer:
             f"model: {self.config.model.preset} ({self.config.model.family}), {self._describe_params()}; "
             f"batch {self.batch.global_batch} x {train.seq_len} tokens "
             f"(micro {self.batch.micro_batch} x accum {self.batch.grad_accum} x dp {self.batch.dp}); "
-            f"{self.dist.dims.describe()}, device {self.device}, {train.precision}"
+            f"{self.dist.dims.describe()}, device {self.device}"
+            + (f" ({_count(torch.get_num_threads(), 'thread')})" if self.device.type == "cpu" else "")
+            + f", {train.precision}"
         )
         if (described := self.update.describe()) is not None:
             self.log(described)
@@ -331,3 +333,7 @@ class Trainer:
                 f"model.vocab_size = {model.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} tokens.",
                 "remove model.vocab_size (it then follows the tokenizer) or raise it.",
             )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
