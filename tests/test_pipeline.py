@@ -217,3 +217,34 @@ def test_pipeline_layouts_are_checked_up_front() -> None:
         load_config(None, ["parallel.pp=2", "parallel.vp=2"])
     with pytest.raises(LoomError, match="parallel.schedule"):
         load_config(None, ["parallel.schedule=pipedream"])
+
+
+def _one_step_traffic(layouts: dict[str, list[str]], root: str) -> dict:
+    """Per layout: the loss each rank logs at step 2 and the scalar collectives of that step."""
+    out = {}
+    for name, overrides in layouts.items():
+        config = load_config(None, overrides)
+        ctx = init_distributed(config.parallel)
+        trainer = Trainer(config, Path(root) / name, dist=ctx)
+        trainer.train_step(0)
+        mark = max(e.seq for e in ctx.ledger.recent(1))
+        loss = trainer.train_step(1).loss
+        calls = [(e.op, e.group, e.tag, e.numel) for e in ctx.ledger.recent(500) if e.seq > mark and e.numel <= 2]
+        out[name] = {"loss": loss, "scalars": calls}
+    return out
+
+
+def test_the_logged_loss_rides_with_the_gradient_norm(tmp_path: Path, text_corpus: Path) -> None:
+    """tp, pp and ZeRO need the step's loss on every rank (the log, the non-finite check): it is
+    reduced in the gradient norm's messages (2 values), never in a collective of its own."""
+    layouts = {
+        "pp2": layout_overrides(text_corpus, {"parallel.pp": 2}),
+        "tp2": layout_overrides(text_corpus, {"parallel.tp": 2}),
+        "zero1 dp2": layout_overrides(text_corpus, {"zero.stage": 1}),
+    }
+    ranks = run_ranks(_one_step_traffic, 2, args=(layouts, str(tmp_path)), timeout_s=120)
+    for name in layouts:
+        assert ranks[0][name]["loss"] == ranks[1][name]["loss"], name  # every rank logs the same mean
+        scalars = ranks[0][name]["scalars"]
+        assert all(tag != "metrics" for _, _, tag, _ in scalars), (name, scalars)
+        assert [numel for _, _, tag, numel in scalars if tag == "grad-norm"] == [2], (name, scalars)

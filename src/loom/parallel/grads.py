@@ -55,23 +55,32 @@ def tensor_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return list(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
 
 
-def global_norm(norms: Sequence[torch.Tensor], comms: Sequence[Comm], device: torch.device) -> torch.Tensor:
+def global_norm(
+    norms: Sequence[torch.Tensor], comms: Sequence[Comm], device: torch.device, carry: torch.Tensor | None = None
+) -> torch.Tensor:
     """The norm of the whole model's gradient from each rank's per-tensor ``norms``.
 
     Locally ``vector_norm(stack(norms))``, the formula of ``torch.nn.utils.clip_grad_norm_``
     (bit for bit when no group of ``comms`` has more than one rank); across ranks the squares
-    of the local norms are summed, one all-reduce of one value per group of ``comms``:
-    norm = sqrt(sum over ranks of ||local||^2). Each rank passes the norms of the copies
-    that count (``placement.counted``), so every parameter of the model counts once.
+    of the local norms are summed, one all-reduce per group of ``comms``: norm = sqrt(sum over
+    ranks of ||local||^2). Each rank passes the norms of the copies that count
+    (``placement.counted``), so every parameter of the model counts once.
+
+    ``carry``: a one-element tensor (the step's loss, for the log) summed over the same groups
+    in the same messages, in place: it costs no collective of its own.
     """
     local = torch.linalg.vector_norm(torch.stack(list(norms))) if norms else torch.zeros((), device=device)
     groups = [comm for comm in comms if comm.size > 1]
     if not groups:
         return local
     squares = local.square().reshape(1)
+    if carry is not None:
+        squares = torch.cat([squares, carry.detach().reshape(1).to(squares.dtype)])
     for comm in groups:
         comm.all_reduce(squares, op="sum", tag="grad-norm")
-    return squares.sqrt().reshape(())
+    if carry is not None:
+        carry.copy_(squares[1].reshape(carry.shape))
+    return squares[0].sqrt()
 
 
 def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -79,16 +88,29 @@ def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
 
 
-def clip_grad_norm(grads: Sequence[tuple[Placement, torch.Tensor]], max_norm: float, comms: Sequence[Comm]) -> float:
+def clip_grad_norm(
+    grads: Sequence[tuple[Placement, torch.Tensor]],
+    max_norm: float,
+    comms: Sequence[Comm],
+    carry: torch.Tensor | None = None,
+    replicas: Comm | None = None,
+) -> float:
     """Clip ``grads`` in place to the global norm ``max_norm`` (inf: measure only); the norm before.
 
     The norm is :func:`global_norm` over the copies that count, summed over ``comms`` (the tp
     and pp groups); every rank scales all its gradients by the same :func:`clip_coefficient`.
-    In one process this is ``torch.nn.utils.clip_grad_norm_``, bit for bit.
+    In one process this is ``torch.nn.utils.clip_grad_norm_``, bit for bit. ``carry`` rides
+    along (:func:`global_norm`); ``replicas`` is a group whose ranks hold equal gradients (dp
+    after DDP's sync) that ``carry`` must be summed over too: its rank 0 alone contributes the
+    squares, so the norm comes out the same.
     """
     tensors = [g for _, g in grads]
     device = tensors[0].device if tensors else torch.device("cpu")
-    norm = global_norm(tensor_norms([g for place, g in grads if place.counted]), comms, device)
+    counted = [g for place, g in grads if place.counted]
+    if carry is not None and replicas is not None and replicas.size > 1:
+        comms = [replicas, *comms]
+        counted = counted if replicas.rank == 0 else []
+    norm = global_norm(tensor_norms(counted), comms, device, carry)
     if math.isfinite(max_norm):
         coef = clip_coefficient(norm, max_norm)
         if coef.item() < 1.0:  # (times 1.0 would change nothing)

@@ -89,13 +89,26 @@ class PlainStep:
         if self.pipeline is not None:
             self.pipeline.sync_tied_gradients()
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Unscale (fp16) and clip over tp and pp (``inf``: measure only); the norm before clipping."""
+    def clip_grad_norm(self, max_norm: float, loss: torch.Tensor | None = None) -> float:
+        """Unscale (fp16) and clip over tp and pp (``inf``: measure only); the norm before clipping.
+
+        ``loss``: this rank's part of the step's loss when it did not ride in DDP's last bucket
+        (0 on all but the last pipeline stage); it becomes, in place, the global batch's mean,
+        summed over the stages and averaged over dp in the same messages as the norm's squares.
+        """
         self.precision.scaler.unscale_(self.optimizer)
         if self.ddp is not None and self.ddp.measure_norm:
+            if loss is not None:
+                self.ddp.comm.all_reduce(loss, op="avg", tag="metrics")
             return self.ddp.clip_grad_norm(max_norm)  # measured while the last buckets were in flight
         grads = [(place, p.grad) for _, p, place in self.model.placements.named() if p.grad is not None]
-        return clip_grad_norm(grads, max_norm, (self.tp.comm, self.pp))
+        dp = self.ddp.comm if self.ddp is not None else None
+        if loss is not None and self.tp.rank != 0:
+            loss.zero_()  # every tp rank holds the loss: counted once
+        norm = clip_grad_norm(grads, max_norm, (self.tp.comm, self.pp), carry=loss, replicas=dp)
+        if loss is not None and dp is not None:
+            loss.div_(dp.size)
+        return norm
 
     def step(self, lr: float) -> bool:
         """Update and clear the gradients; False when an fp16 overflow skipped the step."""

@@ -139,17 +139,15 @@ class Trainer:
                     carried = last and update.carry(total)  # the mean loss rides in DDP's last bucket
                     update.scale_loss(loss).backward()
         update.sync_gradients()  # the dp reduction, then the tp sums and the tied embedding
-        if self.pipeline is not None:
-            self.pipeline.share_loss(total)
-        if not carried:
-            self.dist.comm("dp").all_reduce(total, op="avg", tag="metrics")  # the global batch's mean loss
+        # the global batch's mean loss for the log: carried in DDP's last bucket, or reduced with the norm
+        max_norm = train.grad_clip if train.grad_clip > 0 else float("inf")
+        grad_norm = update.clip_grad_norm(max_norm, None if carried else total)
         total_loss = total.item()
         if not math.isfinite(total_loss) and self.config.train.precision != "fp16":
             raise LoomError(
                 f"the training loss became {total_loss} at step {step + 1}.",
                 "lower train.lr, raise train.warmup_steps, or turn on train.grad_clip (e.g. 1.0).",
             )
-        grad_norm = update.clip_grad_norm(train.grad_clip if train.grad_clip > 0 else float("inf"))
         skipped = not update.step(lr)
         return StepResult(loss=total_loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
 

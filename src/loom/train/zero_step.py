@@ -109,13 +109,22 @@ class ZeroStep:
             views = self.zero.sync.shard_views(lambda p: places.of(p).partial_grad)
             sum_partial_grads([(places.of(p), view) for p, view in views], self.tp.comm)
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """The global norm of the mean gradient before clipping (``inf``: measure only)."""
+    def clip_grad_norm(self, max_norm: float, loss: torch.Tensor | None = None) -> float:
+        """The global norm of the mean gradient before clipping (``inf``: measure only).
+
+        ``loss``: this rank's part of the step's loss (0 on all but the last pipeline stage); it
+        becomes, in place, the global batch's mean, summed over the stages and averaged over dp
+        in the same messages as the norm's squares.
+        """
+        if loss is not None and self.tp.rank != 0:
+            loss.zero_()  # every tp rank holds the loss: counted once
         comms = [c for c in (self.tp.comm, self.pp) if c.size > 1]
-        if not comms:
-            return self.zero.clip_grad_norm(max_norm)
         places = self.model.placements
-        return self.zero.clip_grad_norm(max_norm, lambda p: places.of(p).counted, comms)
+        counts = (lambda p: places.of(p).counted) if comms else None
+        norm = self.zero.clip_grad_norm(max_norm, counts, comms, carry=loss)
+        if loss is not None:
+            loss.div_(self.zero.comm.size)
+        return norm
 
     def step(self, lr: float) -> bool:
         """Update and clear the gradients; False when an fp16 overflow skipped the step."""

@@ -1,9 +1,10 @@
 """One rank's side of the pipeline: its action list, its runtime, and the cross-stage chores.
 
 Besides running the schedule, a pipeline rank keeps the tied embedding's two copies
-(first and last stage) in step by summing their gradients, shares the last stage's
-loss with the other stages, and writes the measured timeline of the last step for
-``loom schedule --from-run``.
+(first and last stage) in step by summing their gradients, evaluates (the loss shared from
+the last stage), and writes the measured timeline of the last step for
+``loom schedule --from-run``. The training loss reaches the other stages with the gradient
+norm (``loom.parallel.grads.global_norm``'s carry), not in a collective of its own.
 """
 
 from __future__ import annotations
@@ -67,10 +68,6 @@ class PipelineRank:
         """Run the schedule; the step's mean loss on every stage."""
         total, self.last_timing = self.runtime.step(self.actions, batches, scale)
         return total
-
-    def share_loss(self, total: torch.Tensor) -> None:
-        """The loss lives on the last stage: sum over pp gives it to all."""
-        self.pp.all_reduce(total, op="sum", tag="metrics")
 
     def evaluate(self, batches: list) -> torch.Tensor:
         loss = self.runtime.forward_only(batches, self.pp.size, self.pp.rank)

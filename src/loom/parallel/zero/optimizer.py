@@ -140,11 +140,15 @@ class ZeroOptimizer:
         self.sync.finish_gradient_sync()
 
     def clip_grad_norm(
-        self, max_norm: float, counts: Callable[[nn.Parameter], bool] | None = None, comms: Sequence[Comm] = ()
+        self,
+        max_norm: float,
+        counts: Callable[[nn.Parameter], bool] | None = None,
+        comms: Sequence[Comm] = (),
+        carry: torch.Tensor | None = None,
     ) -> float:
         """Finish the sync, then :meth:`ZeroAdamW.clip_grad_norm`: the global norm of the mean gradient."""
         self.sync.finish_gradient_sync()
-        return self.update.clip_grad_norm(max_norm, counts, comms)
+        return self.update.clip_grad_norm(max_norm, counts, comms, carry)
 
     def step(self, lr: float | None = None) -> bool:
         """Finish the sync, update this rank's slice and publish it; False when fp16 overflow skipped it."""

@@ -72,12 +72,17 @@ class ZeroAdamW:
         return 1.0 / (self.comm.size * (self.scaler.scale if self.scaler is not None else 1.0))
 
     def clip_grad_norm(
-        self, max_norm: float, counts: Callable[[nn.Parameter], bool] | None = None, comms: Sequence[Comm] = ()
+        self,
+        max_norm: float,
+        counts: Callable[[nn.Parameter], bool] | None = None,
+        comms: Sequence[Comm] = (),
+        carry: torch.Tensor | None = None,
     ) -> float:
         """Global L2 norm of the mean gradient (:func:`~loom.parallel.grads.global_norm` of the owned
         shards over dp and ``comms``); the next :meth:`step` scales by min(1, max_norm / (norm + 1e-6)).
         ``inf``: measure only. ``counts(param)`` says whether this rank's copy counts (a replica
-        counts once); call after the gradient sync."""
+        counts once); call after the gradient sync. ``carry`` rides along, summed over dp and ``comms``
+        (:func:`~loom.parallel.grads.global_norm`)."""
         pieces = [
             group.grad_shard[start:stop]
             for group in self.groups
@@ -85,7 +90,7 @@ class ZeroAdamW:
             if counts is None or counts(param)
         ]
         device = self.groups[0].grad_shard.device
-        norm = global_norm(tensor_norms(pieces), [self.comm, *comms], device) * self.unscale()
+        norm = global_norm(tensor_norms(pieces), [self.comm, *comms], device, carry) * self.unscale()
         if math.isfinite(max_norm):
             self.clip_coef = clip_coefficient(norm, max_norm).item()
         return norm.item()
