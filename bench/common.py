@@ -15,7 +15,10 @@ own: the peer's sides and its table. The rest is here:
   and, between rounds, runs ``loom train`` itself (:func:`loom_train`).
 - **loom train end to end**: the command a user runs, in its own processes, with loom's own
   launcher and thread settings; its figure is the median ``tokens_per_s`` of
-  ``metrics.jsonl`` over the timed steps (rank 0's ``train_step`` wall time).
+  ``metrics.jsonl`` over the timed steps (rank 0's ``train_step`` wall time). It is compared
+  with each peer run *alone* in the same round (all its steps, nothing interleaved: as its
+  users run it), not with the interleaved peer, whose steps share the machine's caches with
+  loom's sides.
 - **Figures.** A bench side's tokens/s in a round is the global tokens per step over the
   median step time after the warm-up; the table gives the median over rounds, and each
   ratio both as the ratio of the medians and as the range of the per-round ratios (a side
@@ -64,6 +67,7 @@ from loom.train.tokenizer import load_tokenizer
 from loom.train.trainer import TRAIN_STREAM, Trainer
 
 LOOM_TRAIN = "loom train"  # the name of the end-to-end figure in every table
+ALONE = "alone"  # suffix of a peer's figure when it ran by itself, as loom train does
 
 # ----------------------------------------------------------------------------- provenance
 
@@ -284,15 +288,23 @@ def join(items: Sequence[str]) -> tuple[DistContext, Config, TokenData]:
     return ctx, config, prepare_dataset(config.data, load_tokenizer(config.data.tokenizer))
 
 
-def run_round(sides: Sequence[Side], steps: int, round_index: int) -> dict[str, SideRun]:
+def run_round(sides: Sequence[Side], steps: int, round_index: int, alone: bool = False) -> dict[str, SideRun]:
     """Step k of every side back to back, the order rotating with k and the round; every side's
-    step starts after a barrier of all ranks (not timed). Closes the sides at the end."""
+    step starts after a barrier of all ranks (not timed). ``alone``: each side runs all its
+    steps before the next one starts (no interleaving: as a user runs it). Closes the sides."""
     runs = {side.name: SideRun() for side in sides}
     barrier = dist.barrier if dist.is_initialized() else (lambda: None)
     gc.collect()
-    for k in range(steps):
-        shift = (round_index + k) % len(sides)
-        for side in [*sides[shift:], *sides[:shift]]:
+    if alone:
+        order = [[side] for side in sides for _ in range(steps)]
+        ks = [k for _ in sides for k in range(steps)]
+    else:
+        order = [
+            [*sides[(round_index + k) % len(sides) :], *sides[: (round_index + k) % len(sides)]] for k in range(steps)
+        ]
+        ks = list(range(steps))
+    for k, batch in zip(ks, order, strict=True):
+        for side in batch:
             run = runs[side.name]
             barrier()
             if side.ledger is not None:
@@ -406,13 +418,18 @@ def bench(
     timeout_s: float = 900,
     threads: int | None = None,
 ) -> Result:
-    """``args.repeats`` rounds of ``rank_fn(*rank_args, round_index)`` on ``world`` ranks, each round
-    followed by one ``loom train`` run per entry of ``e2e`` (name -> --set items) on ``world`` ranks."""
+    """``args.repeats`` rounds on ``world`` ranks. A round: ``rank_fn(*rank_args, round_index, alone)``
+    with ``alone=False`` (loom's sides and the peers, interleaved), then with ``alone=True`` (the
+    peers only, each running alone: their figures are named "<peer> alone"), then one ``loom
+    train`` run per entry of ``e2e`` (name -> --set items). loom train is compared with the peers
+    alone: both ran as a user runs them, nothing interleaved."""
     result = Result(label, tokens, args.warmup)
     began = time.perf_counter()
     for r in range(args.repeats):
-        ranks = run_ranks(rank_fn, world, args=(*rank_args, r), timeout_s=timeout_s)
-        result.add_round(ranks)
+        result.add_round(run_ranks(rank_fn, world, args=(*rank_args, r, False), timeout_s=timeout_s))
+        if not args.no_e2e:
+            alone = run_ranks(rank_fn, world, args=(*rank_args, r, True), timeout_s=timeout_s)
+            result.add_round([{f"{name} {ALONE}": run for name, run in rank.items()} for rank in alone])
         line = ", ".join(f"{name} {tps[-1]:,.0f}" for name, tps in result.tps.items())
         if not args.no_e2e:
             for name, items in e2e.items():
@@ -432,14 +449,15 @@ def fmt_ratio_cell(result: Result, side: str, peer: str) -> str:
     return f"{result.ratio(side, peer):.3f} ({min(rounds):.2f}-{max(rounds):.2f})"
 
 
-def comparison_table(results: Sequence[Result], head: str, peer: str, loom_sides: Sequence[str]) -> list[str]:
-    """| head | peer tok/s | for each loom side: tok/s, ratio over the peer (per-round range) |."""
-    cols = [f"{peer} tokens/s"] + [c for s in loom_sides for c in (f"{s} tokens/s", f"{s} / {peer}")]
-    lines = [f"| {head} | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
+def comparison_table(
+    results: Sequence[Result], head: str, columns: Sequence[str], ratios: Sequence[tuple[str, str]]
+) -> list[str]:
+    """| head | tokens/s of each of ``columns`` | each (side, peer) ratio with its per-round range |."""
+    names = [f"{c} tokens/s" for c in columns] + [f"{a} / {b}" for a, b in ratios]
+    lines = [f"| {head} | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     for r in results:
-        cells = [f"{r.median(peer):,.0f}"]
-        for side in loom_sides:
-            cells += [f"{r.median(side):,.0f}", fmt_ratio_cell(r, side, peer)] if side in r.tps else ["-", "-"]
+        cells = [f"{r.median(c):,.0f}" if c in r.tps else "-" for c in columns]
+        cells += [fmt_ratio_cell(r, a, b) if a in r.tps and b in r.tps else "-" for a, b in ratios]
         lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -486,7 +504,9 @@ TIMING = (
     "starting after a barrier; a step's time is the slowest rank's; a side's tokens/s is global tokens per step over "
     "its median step time after the warm-up, and the table gives the median over rounds with each ratio's per-round "
     "range (a round's sides ran interleaved, so its ratio is paired). loom's sides are Trainer.train_step as "
-    f"`loom train` runs it (batch, forward, backward, sync, the loss for the metrics, clip, update). `{LOOM_TRAIN}` is "
-    "the command itself, run once after each round on the same job with loom's own launcher and thread settings: "
-    "the median tokens_per_s of its metrics.jsonl over the steps after the warm-up."
+    f"`loom train` runs it (batch, forward, backward, sync, the loss for the metrics, clip, update). After the "
+    f"interleaved sides, each peer runs again by itself (`{ALONE}`: all its steps, nothing interleaved), then `{LOOM_TRAIN}` "
+    "runs: the command itself on the same job, with loom's own launcher and thread settings, its figure the median "
+    f"tokens_per_s of its metrics.jsonl over the steps after the warm-up; `{LOOM_TRAIN}` is compared with the peers "
+    f"`{ALONE}` (both run as users run them), loom's interleaved side with the interleaved peer."
 )

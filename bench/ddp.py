@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from common import (
+    ALONE,
     LOOM_TRAIN,
     TIMING,
     Result,
@@ -101,8 +102,10 @@ class TorchDDP(Side):
         return value
 
 
-def rank_round(items: list[str], root: str, round_index: int) -> dict:
+def rank_round(items: list[str], root: str, round_index: int, alone: bool) -> dict:
     ctx, config, data = join(items)
+    if alone:
+        return run_round([TorchDDP(config, ctx, data)], config.train.steps, round_index, alone)
     gloo = job_config([*items, "ddp.transport=backend"])
     sides = [
         TrainerSide(LOOM, config, ctx, Path(root) / f"loom-{round_index}"),
@@ -157,17 +160,19 @@ def main(argv: list[str] | None = None) -> int:
             f"(Psi + 1) x 4 = {float(formula):,.0f}: {'equal' if bytes_ok else 'DIFFERENT'}; losses of loom and "
             f"torch DDP differ by at most {diff:.1e} ({'agree' if loss_ok else 'DIFFER'})."
         )
-    sides = [LOOM, LOOM_GLOO, *([] if args.no_e2e else [LOOM_TRAIN, TRAIN_GLOO])]
-    pairs = [(LOOM_TRAIN, TORCH, GOAL), (TRAIN_GLOO, TORCH, GOAL), (LOOM, TORCH, GOAL), (LOOM_GLOO, TORCH, GOAL)]
-    table = comparison_table(results, "ranks", TORCH, sides)
-    goals = goal_lines(results, pairs)
+    alone = f"{TORCH} {ALONE}"
+    e2e = [] if args.no_e2e else [alone, LOOM_TRAIN, TRAIN_GLOO]
+    pairs = [(LOOM, TORCH), (LOOM_GLOO, TORCH), *([] if args.no_e2e else [(LOOM_TRAIN, alone), (TRAIN_GLOO, alone)])]
+    sides = [TORCH, LOOM, LOOM_GLOO, *e2e]
+    table = comparison_table(results, "ranks", sides, pairs)
+    goals = goal_lines(results, [(a, b, GOAL) for a, b in reversed(pairs)])
     noise = noise_line(load)
     print("\n".join([*table, "", *goals, "", *checks, "", noise]))
 
     def render(when: str) -> str:
         lines = result_head("DDP: loom vs torch DistributedDataParallel", bench_command("ddp.py"), when, job)
         lines += [*table, "", "Goals:", "", *goals, "", "Checks:", "", *checks, "", "Per round:", ""]
-        lines += [*rounds_table(results, [TORCH, *sides]), "", f"Timing: {TIMING}", "", noise, ""]
+        lines += [*rounds_table(results, sides), "", f"Timing: {TIMING}", "", noise, ""]
         return "\n".join(lines)
 
     write_result(args.out, render)

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed.pipelining as pipelining
 from common import (
+    ALONE,
     LOOM_TRAIN,
     TIMING,
     Side,
@@ -154,10 +155,12 @@ class TorchPipeline(Side):
         return loss.item()
 
 
-def rank_round(items: list[str], root: str, schedule: str, round_index: int) -> dict:
+def rank_round(items: list[str], root: str, schedule: str, round_index: int, alone: bool) -> dict:
     ctx, config, data = join(items)
-    loom = TrainerSide(LOOM, config, ctx, Path(root) / f"{schedule}-{round_index}")
     peer = TorchPipeline(config, ctx, data, schedule)
+    if alone:
+        return run_round([peer], config.train.steps, round_index, alone)
+    loom = TrainerSide(LOOM, config, ctx, Path(root) / f"{schedule}-{round_index}")
     rank, pp = ctx.coords.pp, ctx.dims.pp
     mine = [
         (stage_of(rank, a.chunk, pp), a.kind, a.microbatch) for a in loom.trainer.pipeline.actions if a.kind in KINDS
@@ -221,9 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         good = diff < AGREE_TOL and False not in order
         ok &= good
         checks.append(f"- {r.label}: losses differ by at most {diff:.1e}; loom's compute order {same}.")
-    sides = [LOOM, *([] if args.no_e2e else [LOOM_TRAIN])]
-    table = comparison_table(results, "pp, schedule", TORCH, sides)
-    goals = goal_lines(results, [(LOOM_TRAIN, TORCH, GOAL), (LOOM, TORCH, GOAL)])
+    alone = f"{TORCH} {ALONE}"
+    pairs = [(LOOM, TORCH), *([] if args.no_e2e else [(LOOM_TRAIN, alone)])]
+    sides = [TORCH, LOOM, *([] if args.no_e2e else [alone, LOOM_TRAIN])]
+    table = comparison_table(results, "pp, schedule", sides, pairs)
+    goals = goal_lines(results, [(a, b, GOAL) for a, b in reversed(pairs)])
     noise = noise_line(load)
     print("\n".join([*table, "", *goals, "", *checks, "", noise]))
 
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         title = "Pipeline: loom vs torch.distributed.pipelining"
         lines = result_head(title, bench_command("pipeline.py"), when, job)
         lines += [*table, "", "Goals:", "", *goals, "", "Checks:", "", *checks, "", "Per round:", ""]
-        lines += [*rounds_table(results, [TORCH, *sides]), "", f"Timing: {TIMING}", "", noise, ""]
+        lines += [*rounds_table(results, sides), "", f"Timing: {TIMING}", "", noise, ""]
         return "\n".join(lines)
 
     write_result(args.out, render)

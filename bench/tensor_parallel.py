@@ -39,6 +39,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from common import (
+    ALONE,
     LOOM_TRAIN,
     TIMING,
     Side,
@@ -183,11 +184,12 @@ class DTensorTP(Side):
         return value
 
 
-def rank_round(items: list[str], root: str, round_index: int) -> dict:
+def rank_round(items: list[str], root: str, round_index: int, alone: bool) -> dict:
     ctx, config, data = join(items)
     mesh = DeviceMesh.from_group(ctx.comm("tp").group, ctx.device.type)
-    sides = [TrainerSide(LOOM, config, ctx, Path(root) / f"loom-{round_index}"), DTensorTP(config, ctx, data, mesh)]
-    return run_round(sides, config.train.steps, round_index)
+    sides = [] if alone else [TrainerSide(LOOM, config, ctx, Path(root) / f"loom-{round_index}")]
+    sides.append(DTensorTP(config, ctx, data, mesh))
+    return run_round(sides, config.train.steps, round_index, alone)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
             f"({'equal' if mapping == {want} else 'DIFFERENT'}); other tp traffic: {', '.join(sorted(other)) or 'none'}; "
             f"losses of loom and DTensor differ by at most {diff:.1e} ({'agree' if diff < AGREE_TOL else 'DIFFER'})."
         )
-    sides = [LOOM, *([] if args.no_e2e else [LOOM_TRAIN])]
-    table = comparison_table(results, "tp", DTENSOR, sides)
-    goals = goal_lines(results, [(LOOM_TRAIN, DTENSOR, GOAL), (LOOM, DTENSOR, GOAL)])
+    alone = f"{DTENSOR} {ALONE}"
+    pairs = [(LOOM, DTENSOR), *([] if args.no_e2e else [(LOOM_TRAIN, alone)])]
+    sides = [DTENSOR, LOOM, *([] if args.no_e2e else [alone, LOOM_TRAIN])]
+    table = comparison_table(results, "tp", sides, pairs)
+    goals = goal_lines(results, [(a, b, GOAL) for a, b in reversed(pairs)])
     noise = noise_line(load)
     print("\n".join([*table, "", *goals, "", *checks, "", noise]))
 
@@ -246,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         title = "Tensor parallel: loom vs DTensor parallelize_module"
         lines = result_head(title, bench_command("tensor_parallel.py"), when, job)
         lines += [*table, "", "Goals:", "", *goals, "", "Checks:", "", *checks, "", "Per round:", ""]
-        lines += [*rounds_table(results, [DTENSOR, *sides]), "", f"Timing: {TIMING}", "", noise, ""]
+        lines += [*rounds_table(results, sides), "", f"Timing: {TIMING}", "", noise, ""]
         return "\n".join(lines)
 
     write_result(args.out, render)

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from common import (
+    ALONE,
     LOOM_TRAIN,
     TIMING,
     Result,
@@ -228,12 +229,13 @@ def _deepspeed_sides(config, ctx, data, bucket_mb: float) -> tuple[list[Side], s
     return ([] if error else sides), error
 
 
-def rank_round(items: list[str], root: str, bucket_mb: float, with_ds: bool, round_index: int) -> dict:
+def rank_round(items: list[str], root: str, bucket_mb: float, with_ds: bool, round_index: int, alone: bool) -> dict:
+    """loom's three stages and the peers interleaved, or (``alone``) the peers one after the other."""
     from torch.distributed.device_mesh import DeviceMesh
 
     ctx, config, data = join(items)
     sides: list[Side] = []
-    for stage in STAGES:
+    for stage in () if alone else STAGES:
         staged = job_config([*items, f"zero.stage={stage}"])
         sides.append(TrainerSide(loom_name(stage), staged, ctx, Path(root) / f"zero{stage}-{round_index}"))
     sides.append(Fsdp2(config, ctx, data, DeviceMesh.from_group(ctx.comm("dp").group, ctx.device.type)))
@@ -242,10 +244,10 @@ def rank_round(items: list[str], root: str, bucket_mb: float, with_ds: bool, rou
         ds, error = _deepspeed_sides(config, ctx, data, bucket_mb)
         sides += ds
     memory = {s.name: s.trainer.update.zero.memory() for s in sides if isinstance(s, TrainerSide)}
-    runs = run_round(sides, config.train.steps, round_index)
+    runs = run_round(sides, config.train.steps, round_index, alone)
     for name, mem in memory.items():
         runs[name].facts["memory"] = mem
-    runs[loom_name(1)].facts["deepspeed"] = error
+    runs[FSDP2].facts["deepspeed"] = error
     return runs
 
 
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 bench(f"{world} ranks", world, tokens_per_step(config, world), rank_round, rank_args, args, e2e)
             )
 
-    errors = {f.get("deepspeed", "") for r in results for f in r.facts[loom_name(1)]}
+    errors = {f.get("deepspeed", "") for r in results for f in r.facts[FSDP2]}
     ds_note = (
         f"DeepSpeed {_deepspeed_version()}, configured as above."
         if errors == {""}
@@ -315,19 +317,20 @@ def main(argv: list[str] | None = None) -> int:
             agree = "; ".join(f"losses vs {n} differ by at most {d:.1e}" for n, d in diffs.items())
             checks.append(f"- {r.label}, {line}" + (f"; {agree}" if agree else "") + ".")
             ok &= good
-    loom_sides = [loom_name(s) for s in STAGES] + ([] if args.no_e2e else [train_name(s) for s in STAGES])
-    pairs = [(train_name(3), FSDP2, 1.1), *[(train_name(s), ds_name(s), 1.0) for s in STAGES]]
-    pairs += [(loom_name(3), FSDP2, 1.1), *[(loom_name(s), ds_name(s), 1.0) for s in STAGES]]
-    tables = [comparison_table(results, "ranks", FSDP2, [loom_name(3), *([] if args.no_e2e else [train_name(3)])])]
-    for stage in STAGES:
-        if all(ds_name(stage) in r.tps for r in results):
-            sides = [loom_name(stage), *([] if args.no_e2e else [train_name(stage)])]
-            tables.append(comparison_table(results, "ranks", ds_name(stage), sides))
+    e2e = not args.no_e2e
+    peers = [(FSDP2, loom_name(3), train_name(3), 1.1)]
+    peers += [(ds_name(s), loom_name(s), train_name(s), 1.0) for s in STAGES if ds_name(s) in results[0].tps]
+    tables, pairs = [], []
+    for peer, loom, train, goal in peers:
+        alone = f"{peer} {ALONE}"
+        mine = [(loom, peer), *([(train, alone)] if e2e else [])]
+        tables.append(comparison_table(results, "ranks", [peer, loom, *([alone, train] if e2e else [])], mine))
+        pairs += [(a, b, goal) for a, b in reversed(mine)]
     goals = goal_lines(results, pairs)
     noise = noise_line(load)
     flat = [line for table in tables for line in (*table, "")]
     print("\n".join([*flat, *goals, "", *checks, "", noise]))
-    everyone = [FSDP2, *[ds_name(s) for s in STAGES if ds_name(s) in results[0].tps], *loom_sides]
+    everyone = [n for n in results[0].tps]
 
     def render(when: str) -> str:
         lines = result_head("ZeRO: loom vs FSDP2 and DeepSpeed", bench_command("zero.py"), when, job)
