@@ -58,3 +58,34 @@ def test_config_rejects_nonpositive_sizes() -> None:
         load_config(None, ["parallel.pp=0"])
     with pytest.raises(LoomError, match="ddp.bucket_mb"):
         load_config(None, ["ddp.bucket_mb=-1"])
+
+
+def _cores_of(affinity: str, before: list[int]) -> tuple[list[int], int]:
+    """What share_cores leaves this rank: its cores and its torch threads (run_ranks set 1 thread)."""
+    import os
+
+    import torch
+
+    from loom.distributed.context import share_cores
+
+    os.sched_setaffinity(0, before)  # the host's cores, as the launcher gave them
+    share_cores(torch.device("cpu"), affinity)
+    return sorted(os.sched_getaffinity(0)), torch.get_num_threads()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_cpu_ranks_of_one_host_split_its_cores() -> None:
+    """Each of N local ranks gets cores / N threads and, with affinity auto, its own slice of the
+    cores; with none the OS places them (and the threads are split all the same)."""
+    import os
+
+    from loom.distributed.spawn import run_ranks
+
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // 2)
+    pinned = run_ranks(_cores_of, 2, args=("auto", cores), timeout_s=60, init=False)
+    if len(cores) >= 2:
+        assert [c for c, _ in pinned] == [cores[:share], cores[share : 2 * share]]
+    assert {threads for _, threads in pinned} == {share}
+    free = run_ranks(_cores_of, 2, args=("none", cores), timeout_s=60, init=False)
+    assert [c for c, _ in free] == [cores, cores] and {t for _, t in free} == {share}

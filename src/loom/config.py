@@ -207,6 +207,9 @@ class ParallelConfig:
     sequence_parallel: bool = False  # split activations along the sequence between tp regions
     timeout_s: float = 300.0  # a collective waiting longer than this ends the run with a report
     backend: str = "auto"  # auto (nccl with CUDA, else gloo), gloo, nccl
+    # CPU ranks of one host: "auto" gives each its own slice of the cores (pinned) when they fit, "none" leaves
+    # the OS to place them; either way each computes with cores / local ranks threads unless OMP_NUM_THREADS is set
+    cpu_affinity: str = "auto"
 
     def validate(self) -> None:
         for name in ("tp", "pp", "vp"):
@@ -221,6 +224,7 @@ class ParallelConfig:
             _check_positive("parallel.dp", self.dp)
         _check_positive("parallel.timeout_s", self.timeout_s)
         _check_choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
+        _check_choice("parallel.cpu_affinity", self.cpu_affinity, ("auto", "none"))
 
 
 @dataclass
