@@ -420,22 +420,26 @@ def bench(
 ) -> Result:
     """``args.repeats`` rounds on ``world`` ranks. A round: ``rank_fn(*rank_args, round_index, alone)``
     with ``alone=False`` (loom's sides and the peers, interleaved), then with ``alone=True`` (the
-    peers only, each running alone: their figures are named "<peer> alone"), then one ``loom
-    train`` run per entry of ``e2e`` (name -> --set items). loom train is compared with the peers
-    alone: both ran as a user runs them, nothing interleaved."""
+    peers only, each running alone: their figures are named "<peer> alone") and one ``loom
+    train`` run per entry of ``e2e`` (name -> --set items), which of the two first alternating
+    from round to round. loom train is compared with the peers alone: both ran as users run them."""
     result = Result(label, tokens, args.warmup)
     began = time.perf_counter()
+
+    def peers_alone() -> None:
+        alone = run_ranks(rank_fn, world, args=(*rank_args, r, True), timeout_s=timeout_s)
+        result.add_round([{f"{name} {ALONE}": run for name, run in rank.items()} for rank in alone])
+
+    def end_to_end() -> None:
+        for name, items in e2e.items():
+            result.tps.setdefault(name, []).append(statistics.median(loom_train(items, world, args.warmup, threads)))
+
     for r in range(args.repeats):
         result.add_round(run_ranks(rank_fn, world, args=(*rank_args, r, False), timeout_s=timeout_s))
-        if not args.no_e2e:
-            alone = run_ranks(rank_fn, world, args=(*rank_args, r, True), timeout_s=timeout_s)
-            result.add_round([{f"{name} {ALONE}": run for name, run in rank.items()} for rank in alone])
-        line = ", ".join(f"{name} {tps[-1]:,.0f}" for name, tps in result.tps.items())
-        if not args.no_e2e:
-            for name, items in e2e.items():
-                figures = loom_train(items, world, args.warmup, threads)
-                result.tps.setdefault(name, []).append(statistics.median(figures))
-            line += "; " + ", ".join(f"{name} {result.tps[name][-1]:,.0f}" for name in e2e)
+        if not args.no_e2e:  # which of the two goes first alternates, so a drift of the machine's speed cancels
+            for run in (peers_alone, end_to_end) if r % 2 == 0 else (end_to_end, peers_alone):
+                run()
+        line = ", ".join(f"{name} {tps[r]:,.0f}" for name, tps in result.tps.items() if len(tps) > r)
         print(f"{label}, round {r + 1}: tokens/s {line}", flush=True)
     result.wall_s = time.perf_counter() - began
     return result
