@@ -197,11 +197,14 @@ def test_communication_and_activation_memory_per_layer() -> None:
     assert [(op, n) for op, _, n in plain["entries"]] == [("all_reduce", bsh)] * regions
     mapping_bytes = regions * model_bytes("all_reduce", t, 4 * bsh)  # = 8bsh(t-1)/t elements per layer
     assert sum(model_bytes("all_reduce", t, 4 * n) for _, _, n in plain["entries"]) == mapping_bytes
-    # SP: each all-reduce becomes an all-gather plus a reduce-scatter of the same total volume
+    # SP: each all-reduce becomes an all-gather plus a reduce-scatter of the same total volume, and
+    # each column entry (QKV and MLP per layer, the head) all-gathers its saved slice again in backward
+    entries = 2 * LAYERS + 1
     ops = [op for op, _, _ in sp["entries"]]
-    assert ops.count("all_gather") == regions and ops.count("reduce_scatter") == regions
-    assert len(ops) == 2 * regions
-    assert sum(model_bytes(op, t, 4 * n) for op, _, n in sp["entries"]) == mapping_bytes
+    assert ops.count("all_gather") == regions + entries and ops.count("reduce_scatter") == regions
+    assert len(ops) == 2 * regions + entries
+    regather_bytes = entries * model_bytes("all_gather", t, 4 * bsh)
+    assert sum(model_bytes(op, t, 4 * n) for op, _, n in sp["entries"]) == mapping_bytes + regather_bytes
     # norms and dropout run on the local sequence slice: 1/t of their saved activations
     assert plain["saved"] > 0
     assert sp["saved"] * t == plain["saved"]
@@ -276,12 +279,13 @@ def test_entering_with_the_column_linears_reduces_dx_once_behind_the_weight_grad
     for got, want in zip(got_grads, want_grads, strict=True):
         assert got.dtype == want.dtype and got.is_contiguous()
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    # forward: the entry alone; backward: one reduction of the summed dX (b*s*h), launched
-    # before the three weight gradients and waited for after them
+    # forward: the entry alone; backward: under SP the saved slice gathered again (started
+    # before dX, waited after it), then one reduction of the summed dX (b*s*h), launched before
+    # the three weight gradients and waited for after them
     reduce = ("reduce_scatter", "tp-sp") if sequence_parallel else ("all_reduce", "tp")
     n = 2 * 8 * 16 * (2 if sequence_parallel else 1)
-    forward = [("all_gather", "tp-sp", n, False)] if sequence_parallel else []
-    assert events == [*forward, (*reduce, n, True), "dW", "dW", "dW", "wait"]
+    gather = [("all_gather", "tp-sp", n, True), "wait"] if sequence_parallel else []
+    assert events == [*gather, *gather, (*reduce, n, True), "dW", "dW", "dW", "wait"]
 
 
 # ----------------------------------------------------------------------------- dropout and checkpoints

@@ -12,6 +12,9 @@ reduce-scatters backward, ``exit`` reduce-scatters forward and all-gathers backw
 Either way a transformer layer moves 4 * b*s*h elements per micro-batch through the tp
 group (2 forward, 2 backward), i.e. 8bsh(t-1)/t elements sent per rank under the ring
 model; SP swaps each all-reduce for an all-gather + reduce-scatter of the same volume.
+Under SP the column-parallel linears keep only this rank's sequence slice of their input
+for backward and all-gather it again there (Megatron-LM 3): one more b*s*h all-gather per
+region entry in backward, for activations 1/t of the unsplit layer's.
 
 The column-parallel linears that read one input enter the region together
 (:meth:`TensorParallel.enter_linear`): one autograd node sums their input gradients
@@ -48,10 +51,16 @@ def _all_reduce(x: torch.Tensor, comm: Comm) -> torch.Tensor:
 
 def _all_gather_seq(x: torch.Tensor, comm: Comm) -> torch.Tensor:
     """(b, s/t, h) on each rank -> (b, s, h), rank order along the sequence."""
+    out, handle = _gather_seq_async(x, comm)
+    handle.wait()
+    return torch.cat(out.unbind(0), dim=SEQ_DIM)
+
+
+def _gather_seq_async(x: torch.Tensor, comm: Comm) -> tuple[torch.Tensor, Handle]:
+    """Start :func:`_all_gather_seq`: (t, b, s/t, h), valid once the handle is waited."""
     x = x.contiguous()
     out = torch.empty((comm.size, *x.shape), dtype=x.dtype, device=x.device)
-    comm.all_gather(out.view(-1), x.view(-1), tag="tp-sp")
-    return torch.cat(out.unbind(0), dim=SEQ_DIM)
+    return out, comm.all_gather(out.view(-1), x.view(-1), async_op=True, tag="tp-sp")
 
 
 def _reduce_scatter_seq(x: torch.Tensor, comm: Comm) -> torch.Tensor:
@@ -176,10 +185,14 @@ class _EnterLinears(torch.autograd.Function):
     """``enter`` followed by y_i = x W_i^T + b_i for every linear that reads the entered x.
 
     Forward: x -> replicated x (identity, or all-gather along the sequence under SP), then
-    the linears. Backward: dX = sum_i dY_i W_i (:func:`_input_grad`); its reduction over tp
-    (all-reduce, or reduce-scatter along the sequence under SP) is started asynchronously and
-    the weight gradients (:func:`_weight_grads`) are computed while it is in flight; then it
-    is waited for. Gradients an autograd pass does not need are not computed.
+    the linears. Saved for backward: x in the compute dtype, as this rank holds it (under SP
+    its sequence slice, 1/t of the gathered input: Megatron-LM 3), and the weights
+    themselves (a 16-bit copy of an fp32 weight is cast again in backward, not kept).
+    Backward: under SP the slice's all-gather starts first; dX = sum_i dY_i W_i
+    (:func:`_input_grad`) is computed meanwhile; its reduction over tp (all-reduce, or
+    reduce-scatter along the sequence under SP) is started asynchronously and the weight
+    gradients (:func:`_weight_grads`) are computed while it is in flight; then it is waited
+    for. Gradients an autograd pass does not need are not computed.
     """
 
     @staticmethod
@@ -188,22 +201,31 @@ class _EnterLinears(torch.autograd.Function):
     ) -> tuple[torch.Tensor, ...]:
         weights, biases = params[:n], params[n:]
         dtype = _compute_dtype(x)
-        full = (_all_gather_seq(x, comm) if sequence_parallel else x).to(dtype)
-        weights = [w.to(dtype) for w in weights]
-        outs = tuple(F.linear(full, w, None if b is None else b.to(dtype)) for w, b in zip(weights, biases))
-        ctx.save_for_backward(full, *weights)
-        ctx.comm, ctx.sequence_parallel, ctx.n = comm, sequence_parallel, n
+        local = x.to(dtype)
+        full = _all_gather_seq(local, comm) if sequence_parallel else local
+        cast = [w.to(dtype) for w in weights]
+        outs = tuple(F.linear(full, w, None if b is None else b.to(dtype)) for w, b in zip(cast, biases))
+        ctx.save_for_backward(local, *weights)
+        ctx.comm, ctx.sequence_parallel, ctx.n, ctx.dtype = comm, sequence_parallel, n, dtype
         ctx.dtypes = (x.dtype, [p.dtype if p is not None else None for p in params])
         return outs
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        full, *weights = ctx.saved_tensors
+        local, *weights = ctx.saved_tensors
+        weights = [w.to(ctx.dtype) for w in weights]
         x_dtype, param_dtypes = ctx.dtypes
         needs = ctx.needs_input_grad[4:]
+        full, gather = local, None
+        if ctx.sequence_parallel and any(needs[: ctx.n]):
+            full, gather = _gather_seq_async(local, ctx.comm)
         grad_x, handle = None, None
         if ctx.needs_input_grad[0]:
             grad_x = _input_grad(grads, weights, x_dtype)
+        if gather is not None:
+            gather.wait()
+            full = torch.cat(full.unbind(0), dim=SEQ_DIM)
+        if grad_x is not None:
             if ctx.sequence_parallel:
                 grad_x, handle = _reduce_seq_async(grad_x, ctx.comm)
             else:
@@ -278,6 +300,8 @@ class TensorParallel:
         With a group of one the layers are simply called.
         """
         if self.comm.size == 1:
+            if torch.is_autocast_enabled(x.device.type) and len(layers) > 1:
+                x = x.to(torch.get_autocast_dtype(x.device.type))  # cast once, not once per layer
             return tuple(layer(x) for layer in layers)
         return self.enter_linear(x, [layer.weight for layer in layers], [layer.bias for layer in layers])
 
