@@ -27,6 +27,7 @@ from loom.presets import PRESETS, preset_fields
 
 FAMILIES = ("gpt2", "llama")
 PRECISIONS = ("fp32", "bf16", "fp16")
+RECOMPUTE_POLICIES = ("none", "full", "selective")
 DEFAULT_MICRO_BATCH = 16
 
 
@@ -141,6 +142,12 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     sample_tokens: int = 256  # tokens generated at the end of a run (0: none)
     sample_prompt: str = "def "
+    # activation recomputation (loom.model.recompute): none, full (a block keeps its input), selective
+    # (the core attention); on the first recompute_layers blocks of each pipeline chunk (None: all;
+    # "auto": the fewest that fit train.memory_budget_gb per rank, by the planner's model)
+    recompute: str = "none"
+    recompute_layers: int | str | None = None
+    memory_budget_gb: float = 0.0  # 0: no budget; else the memory a rank may use (for recompute_layers = "auto")
 
     def validate(self) -> None:
         for name in ("steps", "seq_len", "keep_ckpts", "eval_batches"):
@@ -166,6 +173,27 @@ class TrainConfig:
                 )
         _check_positive("train.eps", self.eps)
         _check_choice("train.precision", self.precision, PRECISIONS)
+        _check_choice("train.recompute", self.recompute, RECOMPUTE_POLICIES)
+        _check_non_negative("train.memory_budget_gb", self.memory_budget_gb)
+        layers = self.recompute_layers
+        if layers is not None:
+            if isinstance(layers, str) and layers != "auto":
+                raise LoomError(
+                    f'train.recompute_layers = {layers!r} is neither a number of blocks nor "auto".',
+                    'give a number of blocks per pipeline chunk (e.g. 2), "auto", or remove it (all blocks).',
+                )
+            if isinstance(layers, int):
+                _check_non_negative("train.recompute_layers", layers)
+            if self.recompute == "none":
+                raise LoomError(
+                    f'train.recompute_layers = {layers!r} with train.recompute = "none".',
+                    'say what those blocks recompute: train.recompute = "full" or "selective".',
+                )
+            if layers == "auto" and not self.memory_budget_gb:
+                raise LoomError(
+                    'train.recompute_layers = "auto" needs the memory a rank may use.',
+                    "set train.memory_budget_gb (e.g. 70 for an 80 GB GPU, leaving room for the allocator).",
+                )
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise LoomError(
                 f"train.device = {self.device!r} is not a device loom knows.", "use auto, cpu, cuda or cuda:N."
@@ -336,8 +364,16 @@ class Config:
 
     def _validate_pipeline(self, shape: BatchShape) -> None:
         parallel = self.parallel
+        per_chunk = self.model.n_layers
         if parallel.pp * parallel.vp > 1:
-            split_layers(self.model.n_layers, parallel.pp * parallel.vp)
+            per_chunk = max(len(r) for r in split_layers(self.model.n_layers, parallel.pp * parallel.vp))
+        layers = self.train.recompute_layers
+        if isinstance(layers, int) and layers > per_chunk:
+            raise LoomError(
+                f"train.recompute_layers = {layers} but a pipeline chunk holds at most {per_chunk} blocks "
+                f"(model.n_layers = {self.model.n_layers} over parallel.pp x parallel.vp = {parallel.pp * parallel.vp}).",
+                f"use at most {per_chunk}, or remove train.recompute_layers to recompute every block.",
+            )
         if parallel.schedule == "interleaved_1f1b" and shape.grad_accum % parallel.pp:
             raise LoomError(
                 f"the interleaved schedule needs the micro-batch count (train.microbatches = {shape.grad_accum}) "

@@ -17,6 +17,7 @@ from torch import nn
 
 from loom.config import ModelConfig
 from loom.model.layers import RotaryEmbedding
+from loom.model.recompute import recompute
 from loom.parallel.random import ParallelRNG
 from loom.parallel.tensor import ColumnParallelLinear, RowParallelLinear, TensorParallel, shard_range
 
@@ -44,8 +45,15 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.d_model, cfg.d_model, tp, bias=cfg.use_bias)
 
     def forward(
-        self, x: torch.Tensor, rope: RotaryEmbedding | None, positions: torch.Tensor, rng: ParallelRNG | None = None
+        self,
+        x: torch.Tensor,
+        rope: RotaryEmbedding | None,
+        positions: torch.Tensor,
+        rng: ParallelRNG | None = None,
+        recompute_core: bool = False,
     ) -> torch.Tensor:
+        """``recompute_core``: the core attention (QK^T, softmax, dropout, over V) keeps only
+        q, k and v for backward and runs again there (selective recomputation)."""
         q, k, v = self.tp.enter_columns(x, self.q_proj, self.k_proj, self.v_proj)
         batch, seq, _ = q.shape
         q = q.view(batch, seq, -1, self.head_dim).transpose(1, 2)
@@ -53,11 +61,15 @@ class Attention(nn.Module):
         v = v.view(batch, seq, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = rope(q, positions), rope(k, positions)
+        out = recompute(self._core, q, k, v, rng, rng=rng) if recompute_core else self._core(q, k, v, rng)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rng: ParallelRNG | None) -> torch.Tensor:
+        """softmax(QK^T / sqrt(d) + causal mask), dropped out, times V: (batch, heads, seq, head_dim)."""
         dropout = self.dropout if self.training else 0.0
         # this rank's heads are its own: their dropout draws from the tp stream
         stream = rng.tp_stream() if dropout and rng is not None else contextlib.nullcontext()
         with stream:
-            out = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]
             )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))

@@ -23,6 +23,7 @@ from loom.config import ModelConfig
 from loom.model.attention import Attention
 from loom.model.init import init_parameter
 from loom.model.layers import RotaryEmbedding, make_mlp, make_norm
+from loom.model.recompute import Recompute, recompute
 from loom.parallel.placement import Placements, declare_replicated
 from loom.parallel.random import ParallelRNG
 from loom.parallel.tensor import ColumnParallelLinear, TensorParallel
@@ -42,9 +43,15 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, rope: RotaryEmbedding | None, positions: torch.Tensor, rng: ParallelRNG | None
+        self,
+        x: torch.Tensor,
+        rope: RotaryEmbedding | None,
+        positions: torch.Tensor,
+        rng: ParallelRNG | None,
+        recompute_core: bool = False,
     ) -> torch.Tensor:
-        x = x + self._dropout(self.attn(self.attn_norm(x), rope, positions, rng), rng)
+        """``recompute_core``: the core attention's activations are recomputed in backward."""
+        x = x + self._dropout(self.attn(self.attn_norm(x), rope, positions, rng, recompute_core), rng)
         return x + self._dropout(self.mlp(self.mlp_norm(x)), rng)
 
     def _dropout(self, x: torch.Tensor, rng: ParallelRNG | None) -> torch.Tensor:
@@ -73,6 +80,7 @@ class Transformer(nn.Module):
         layers: Sequence[int] | None = None,
         embed: bool = True,
         head: bool = True,
+        recompute: Recompute | None = None,
     ) -> None:
         super().__init__()
         if cfg.vocab_size is None:
@@ -80,6 +88,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tp = tp or TensorParallel.single()
         self.rng = rng
+        self.recompute = recompute or Recompute()
         self.embed, self.head = embed, head
         self.layers = range(cfg.n_layers) if layers is None else layers
         device = torch.device(device or "cpu")
@@ -147,8 +156,13 @@ class Transformer(nn.Module):
             if self.pos_emb is not None:
                 x = x + self.pos_emb(self.tp.local_positions(positions))
             x = self._emb_dropout(x)
+        chosen = self.recompute.chosen(layers)
         for i in layers:
-            x = self.blocks[str(i)](x, self.rope, positions, self.rng)
+            block = self.blocks[str(i)]
+            if i in chosen and self.recompute.policy == "full":
+                x = recompute(block, x, self.rope, positions, self.rng, rng=self.rng, store=self.tp.weight_grads)
+            else:
+                x = block(x, self.rope, positions, self.rng, recompute_core=i in chosen)
         if not head:
             return x
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight

@@ -58,6 +58,28 @@ class ParallelRNG:
             yield
             self._tp_state = self._get()
 
+    def recompute_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """(forward, recomputation) contexts for one checkpointed region (``context_fn``): the
+        recomputation draws from the tp stream as it stood when the forward entered the region,
+        so its dropout masks equal the first pass's; the stream then goes on from where it was."""
+        entered: dict = {}
+
+        @contextlib.contextmanager
+        def forward() -> Iterator[None]:
+            entered["state"] = self._tp_state
+            yield
+
+        @contextlib.contextmanager
+        def recomputation() -> Iterator[None]:
+            current = self._tp_state
+            self._tp_state = entered.get("state", current)
+            try:
+                yield
+            finally:
+                self._tp_state = current
+
+        return forward(), recomputation()
+
     def _cuda(self) -> list:
         return [self.device] if self.device.type == "cuda" else []
 

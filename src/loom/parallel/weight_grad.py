@@ -31,7 +31,10 @@ gradients, not its autograd graph.
 A linear splits only while its store records (one store per rank, built for a schedule
 with I/W actions and given both to the model's ``TensorParallel`` and to the pipeline runtime,
 which records around F); otherwise :func:`linear` is ``F.linear``. A recomputed forward (activation
-checkpointing) would have to record the same way, so the two do not compose yet.
+checkpointing, ``loom.model.recompute``) replays: in F the region's linears record as
+usual (their X packed by the checkpoint, which frees it); when I recomputes the region,
+:meth:`WeightGradStore.recompute_contexts` makes each of them split again, in the same
+order, and fills its record with the recomputed X. X is then held from I to W only.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from torch.autograd.graph import GradientEdge, _engine_run_backward
 # argument checks costing ~10 us per tensor; I and W pass ~100 tensors, already well formed.
 
 # the (pack, unpack) of the innermost torch.autograd.graph.saved_tensors_hooks, or None
-_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+active_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 # one recorded linear: the edge into its output's node; X as the matmul saw it, packed by
 # the active saved-tensors hooks if any (X is what autograd would have saved), and their
@@ -60,6 +63,8 @@ class WeightGradStore:
 
     def __init__(self) -> None:
         self._recording: Recorded | None = None
+        self._replay: list[int] | None = None  # indices into _replay_into still to fill, in order
+        self._replay_into: Recorded | None = None
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[Recorded]:
@@ -71,10 +76,46 @@ class WeightGradStore:
         finally:
             self._recording = None
 
+    def recompute_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """(forward, recomputation) contexts for one checkpointed region (``context_fn``).
+
+        The forward notes which records the region's linears made; the recomputation makes
+        the same linears split again and fills those records with the recomputed X."""
+        span: dict = {}
+
+        @contextlib.contextmanager
+        def forward() -> Iterator[None]:
+            recorded = self._recording
+            start = len(recorded) if recorded is not None else 0
+            yield
+            if recorded is not None:
+                span["records"], span["slots"] = recorded, list(range(start, len(recorded)))
+
+        @contextlib.contextmanager
+        def recomputation() -> Iterator[None]:
+            if "records" not in span:
+                yield
+                return
+            before = (self._replay, self._replay_into)
+            self._replay, self._replay_into = list(span["slots"]), span["records"]
+            try:
+                yield
+            finally:
+                self._replay, self._replay_into = before
+
+        return forward(), recomputation()
+
+    def _fill(self, x: torch.Tensor) -> None:
+        """The recomputed X of the next linear of the region being replayed."""
+        slot = self._replay.pop(0)
+        edge, _, _, _, weight = self._replay_into[slot]
+        self._replay_into[slot] = (edge, x, None, x._version, weight)
+
 
 def deferrable(store: WeightGradStore | None, weight: torch.Tensor) -> bool:
     """Whether :func:`linear` splits this weight's backward (``store`` records; grad mode)."""
-    return store is not None and store._recording is not None and weight.requires_grad and torch.is_grad_enabled()
+    active = store is not None and (store._recording is not None or store._replay is not None)
+    return active and weight.requires_grad and torch.is_grad_enabled()
 
 
 def linear(
@@ -93,7 +134,12 @@ def linear(
         dtype = torch.get_autocast_dtype(device)
         x, w = x.to(dtype), w.to(dtype)
     y = F.linear(x, w, bias)
-    hooks = _saved_tensors_hooks(False)
+    hooks = active_saved_tensors_hooks(False)
+    if store._recording is None:  # a recomputation replaying a recorded region
+        if hooks is not None:  # packed as in F, so the recomputation saves what the forward saved
+            hooks[0](x)
+        store._fill(x)
+        return y
     saved, unpack = (x, None) if hooks is None else (hooks[0](x), hooks[1])
     store._recording.append((GradientEdge(y.grad_fn, y.output_nr), saved, unpack, x._version, weight))
     return y

@@ -33,6 +33,7 @@ from loom.parallel.full_state import (
     local_model_state,
 )
 from loom.parallel.grads import clip_grad_norm, sum_partial_grads
+from loom.parallel.memory import tensor_bytes
 from loom.parallel.pipeline.rank import PipelineRank
 from loom.parallel.tensor import TensorParallel
 from loom.train.precision import Precision
@@ -54,6 +55,7 @@ class PlainStep:
     ) -> None:
         self.model, self.tp, self.pp, self.pipeline, self.precision = model, tp, pp, pipeline, precision
         self.optimizer, self.ddp = optimizer, ddp
+        self._grad_bytes = 0  # the gradients' bytes at the last update (they may be freed after it)
 
     # ------------------------------------------------------------------ one step
 
@@ -116,6 +118,7 @@ class PlainStep:
             group["lr"] = lr
         scaler = self.precision.scaler
         scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
+        self._grad_bytes = tensor_bytes(p.grad for p in self.model.parameters())
         scaler.step(self.optimizer)
         scaler.update()
         if self.ddp is not None:
@@ -132,8 +135,15 @@ class PlainStep:
     # ------------------------------------------------------------------ reports
 
     def memory(self) -> dict:
-        """No per-step memory report without ZeRO (its formulas are ZeRO's)."""
-        return {}
+        """This rank's model-state bytes for a metrics record: parameters, gradients (as the last
+        update saw them; DDP's buckets, padding included) and AdamW's state (both moments and
+        the step counters), each distinct storage once."""
+        optim = (t for state in self.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))
+        return {
+            "mem_params_bytes": tensor_bytes(self.model.parameters()),
+            "mem_grads_bytes": self._grad_bytes,
+            "mem_optim_bytes": tensor_bytes(optim),
+        }
 
     def describe(self) -> str | None:
         """DDP's layout for the run's first lines (None without DDP)."""

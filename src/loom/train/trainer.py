@@ -27,9 +27,8 @@ from loom.config import Config
 from loom.distributed.context import DistContext
 from loom.errors import LoomError
 from loom.optim.lr import lr_at
-from loom.parallel.full_state import (
-    merge_pipeline_states,
-)
+from loom.parallel.full_state import merge_pipeline_states
+from loom.parallel.memory import host_and_device_peaks
 from loom.parallel.pipeline.simulate import TIMELINE_FILE
 from loom.plan.model import count_parameters
 from loom.train.batches import batch_offsets, batch_rows, get_batch
@@ -95,7 +94,8 @@ class Trainer:
         self.precision = Precision(config.train.precision, self.device)
         rank = build_rank(config, self.dist, self.precision)  # the one place a rank's parts are decided
         self.batch, self.plans, self.tp, self.rng = rank.batch, rank.plans, rank.tp, rank.rng
-        self.model, self.pipeline, self.update = rank.model, rank.pipeline, rank.update
+        self.model, self.pipeline, self.update, self.meter = rank.model, rank.pipeline, rank.update, rank.meter
+        self.recompute_note = rank.recompute_note
         self.pp = self.dist.comm("pp")
         self.state = RunState()
         if resume_from is not None:
@@ -133,11 +133,12 @@ class Trainer:
             for k, (x, y) in enumerate(batches):
                 last = k == accum - 1
                 with contextlib.nullcontext() if last else update.no_sync():
-                    with self.precision.autocast():
+                    with self.precision.autocast(), self.meter.forward(k):
                         loss = self.model.loss(x, y) / accum
                     total += loss.detach().float()
                     carried = last and update.carry(total)  # the mean loss rides in DDP's last bucket
                     update.scale_loss(loss).backward()
+                    self.meter.release(k)
         update.sync_gradients()  # the dp reduction, then the tp sums and the tied embedding
         # the global batch's mean loss for the log: carried in DDP's last bucket, or reduced with the norm
         max_norm = train.grad_clip if train.grad_clip > 0 else float("inf")
@@ -192,6 +193,9 @@ class Trainer:
         )
         if (described := self.update.describe()) is not None:
             self.log(described)
+        if self.config.train.recompute != "none":
+            chunks = [len(plan.layers) for plan in self.plans]
+            self.log(self.recompute_note or self.model.recompute.describe(chunks))
         if start_step:
             self.log(f"resuming at step {start_step} of {train.steps}")
         result = None
@@ -224,7 +228,9 @@ class Trainer:
                         record["skipped"] = True
                     if self.pipeline is not None:
                         record["bubble_measured"] = self.pipeline.last_timing.bubble
-                    record.update(self.update.memory())  # ZeRO's model-state bytes
+                    record.update(self.update.memory())  # model states: parameters, gradients, optimizer
+                    record.update(self.meter.take_step())  # activations saved for backward
+                    record.update(host_and_device_peaks(self.device))
                     last = self.state.step == train.steps
                     if (train.eval_every and self.state.step % train.eval_every == 0) or last:
                         self.state.last_val_loss = record["val_loss"] = self.evaluate()

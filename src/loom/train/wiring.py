@@ -7,7 +7,9 @@
    stage c * pp + r), and whether there is a pipeline at all;
 3. the tensor-parallel region: the tp group, sequence parallelism, and zero-bubble's
    store of deferred weight gradients (a schedule that splits the backward);
-4. the dropout streams (shared within a tp group, own per tp rank);
+4. the dropout streams (shared within a tp group, own per tp rank), and what the model
+   recomputes in backward (``train.recompute``; ``recompute_layers = "auto"`` asks the
+   planner's memory model for the fewest blocks that fit ``train.memory_budget_gb``);
 5. the model: this rank's layers and tp shard, initialised layout-independently (every rank
    draws its slice of the same weights: no broadcast);
 6. the pipeline rank (schedule, runtime, tied-embedding exchange);
@@ -23,18 +25,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from loom.config import BatchShape, Config
 from loom.distributed.context import BACKSTOP_S, DistContext
+from loom.model.recompute import Recompute
 from loom.model.transformer import Transformer
 from loom.optim.adamw import build_adamw
 from loom.optim.scaler import DynamicLossScaler
 from loom.parallel.ddp import DataParallel
+from loom.parallel.memory import ActivationMeter
 from loom.parallel.pipeline.partition import StagePlan, rank_stages
 from loom.parallel.pipeline.rank import PipelineRank
 from loom.parallel.random import ParallelRNG
 from loom.parallel.tensor import TensorParallel
 from loom.parallel.weight_grad import WeightGradStore
 from loom.parallel.zero.optimizer import ZeroOptimizer
+from loom.plan.rank_memory import choose_recompute_layers, predict_rank_memory
 from loom.train.plain_step import PlainStep
 from loom.train.precision import Precision
 from loom.train.zero_step import ZeroStep
@@ -51,6 +58,8 @@ class Rank:
     model: Transformer
     pipeline: PipelineRank | None
     update: PlainStep | ZeroStep
+    meter: ActivationMeter  # activation bytes saved for backward, per micro-batch and step
+    recompute_note: str | None  # why ``recompute_layers = "auto"`` chose what it did
 
 
 def build_rank(config: Config, dist: DistContext, precision: Precision) -> Rank:
@@ -62,6 +71,7 @@ def build_rank(config: Config, dist: DistContext, precision: Precision) -> Rank:
     weight_grads = WeightGradStore() if pipelined and config.parallel.schedule == "zero_bubble" else None
     tp = TensorParallel(dist.comm("tp"), config.parallel.sequence_parallel, weight_grads)
     rng = ParallelRNG(dist.device, dp_rank=coords.dp, tp_rank=coords.tp)
+    recompute, recompute_note = recompute_of(config, dist.dims.dp, coords.pp, dist.device)
     model = Transformer(
         config.model,
         seed=config.train.seed,
@@ -71,7 +81,9 @@ def build_rank(config: Config, dist: DistContext, precision: Precision) -> Rank:
         layers=sorted(i for plan in plans for i in plan.layers),
         embed=any(p.embed for p in plans),
         head=any(p.head for p in plans),
+        recompute=recompute,
     )
+    meter = ActivationMeter()
     pipeline = None
     if pipelined:
         seq = config.train.seq_len // (tp.size if tp.sequence_parallel else 1)
@@ -87,13 +99,33 @@ def build_rank(config: Config, dist: DistContext, precision: Precision) -> Rank:
             precision.autocast,
             model.placements,
             weight_grads,
+            meter,
         )
     update = (
         _zero_step(config, dist, model, tp, pipeline)
         if config.zero.stage
         else _plain_step(config, dist, model, tp, pipeline, precision)
     )
-    return Rank(batch, plans, tp, rng, model, pipeline, update)
+    return Rank(batch, plans, tp, rng, model, pipeline, update, meter, recompute_note)
+
+
+def recompute_of(config: Config, dp: int, pp_rank: int, device: torch.device) -> tuple[Recompute, str | None]:
+    """This rank's recomputation: ``train.recompute`` on ``train.recompute_layers`` blocks per
+    chunk; for ``auto`` the fewest that fit ``train.memory_budget_gb`` by the planner's model
+    (per stage: stage r of 1F1B holds p - r micro-batches), with a line saying why."""
+    train = config.train
+    if train.recompute_layers != "auto":
+        return Recompute(train.recompute, train.recompute_layers), None
+    budget = train.memory_budget_gb * 1e9
+    count, predicted, fits = choose_recompute_layers(config, dp, pp_rank, budget, device.type)
+    fewer = predict_rank_memory(config, dp, pp_rank, count - 1, device.type) if count else None
+    why = (
+        f"recompute_layers = auto on pp rank {pp_rank}: {count} block(s) per chunk ({train.recompute}), "
+        f"predicted {predicted.total / 1e9:.3f} GB of the {train.memory_budget_gb:g} GB budget"
+        + (f"; {count - 1} would need {fewer.total / 1e9:.3f} GB" if fewer is not None else "")
+        + ("" if fits else "; it does not fit even so: lower the micro-batch, or shard more (ZeRO, tp, pp)")
+    )
+    return Recompute(train.recompute, count), why
 
 
 def _plain_step(

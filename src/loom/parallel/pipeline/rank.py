@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from loom.distributed.comm import Comm
+from loom.parallel.memory import ActivationMeter
 from loom.parallel.pipeline.partition import StagePlan
 from loom.parallel.pipeline.runtime import PipelineRuntime, StepTiming
 from loom.parallel.pipeline.schedules import build_schedule
@@ -52,6 +53,7 @@ class PipelineRank:
         autocast: Callable[[], contextlib.AbstractContextManager],
         placements: Placements,
         weight_grads: WeightGradStore | None = None,
+        meter: ActivationMeter | None = None,
     ) -> None:
         self.model = model
         self.pp = pp
@@ -60,7 +62,7 @@ class PipelineRank:
         self.tied = [(p, pp.size - 1 if place.pp_owner else 0) for _, p, place in placements.named() if place.tied]
         self.actions = build_schedule(schedule, pp.size, microbatches, len(plans))[pp.rank]
         self.runtime = PipelineRuntime(
-            model, plans, pp, activation_shape, torch.float32, device, autocast, weight_grads=weight_grads
+            model, plans, pp, activation_shape, torch.float32, device, autocast, weight_grads, meter
         )
         self.last_timing: StepTiming | None = None
 

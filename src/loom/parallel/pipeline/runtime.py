@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from loom.distributed.comm import Comm, Handle
+from loom.parallel.memory import ActivationMeter
 from loom.parallel.pipeline.partition import StagePlan
 from loom.parallel.pipeline.schedules import Action
 from loom.parallel.weight_grad import Recorded, WeightGrad, WeightGradStore, backward_input
@@ -68,6 +69,7 @@ class PipelineRuntime:
         device: torch.device,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         weight_grads: WeightGradStore | None = None,
+        meter: ActivationMeter | None = None,
     ) -> None:
         self.model = model
         self.plans = plans
@@ -77,6 +79,7 @@ class PipelineRuntime:
         self.device = device
         self.autocast = autocast
         self.weight_grads = weight_grads  # the store the model's TensorParallel holds (split backwards)
+        self.meter = meter or ActivationMeter()  # a micro-batch's saved tensors live from its F to its B (or W)
         gloo = dist.is_available() and dist.is_initialized() and dist.get_backend(comm.group) == "gloo"
         self.receive_ahead = RECEIVE_AHEAD if gloo else 0
 
@@ -116,7 +119,7 @@ class PipelineRuntime:
                 x, y = batches[action.microbatch]
                 split = split_backward and not plan.embed
                 record = self.weight_grads.recording() if split else contextlib.nullcontext()
-                with self.autocast(), record as recorded[key]:
+                with self.autocast(), record as recorded[key], self.meter.forward(key):
                     out = self.model.run_stage(x if plan.embed else inputs[key], plan.layers, plan.embed, plan.head)
                     if plan.head:
                         out = self.model.loss_from_logits(out, y) / m
@@ -125,6 +128,7 @@ class PipelineRuntime:
                 outputs[key] = out
             elif action.kind == "B":
                 self._backward(outputs.pop(key), out_grads.pop(key, None), plan, scale)
+                self.meter.release(key)
             elif action.kind == "I":
                 if not plan.embed:  # the first stage has no input gradient to send: its W is the whole backward
                     x = inputs[key]
@@ -137,6 +141,7 @@ class PipelineRuntime:
                     self._backward(outputs.pop(key), out_grads.pop(key, None), plan, scale)
                 else:
                     weight_grads.pop(key).run()
+                self.meter.release(key)
             elif action.kind == "SEND_ACT":
                 tensor = outputs[key].detach().contiguous()
                 sends.append((self.comm.isend(tensor, action.peer, tag="pp-act"), tensor))

@@ -1,0 +1,139 @@
+"""What a rank's memory holds, measured: activations saved for backward, tensor bytes, peaks.
+
+Activations (:class:`ActivationMeter`): while a micro-batch's forward runs, a saved-tensors
+hook sees every tensor autograd keeps for backward (and every input a recomputed region
+keeps, ``loom.model.recompute``). Each storage is counted once per micro-batch, whatever
+number of views of it are saved; parameters (and views of them, e.g. the transposed weight
+a linear saves) are model state, not activations, and are left out; autocast's 16-bit copies
+of fp32 weights, which a micro-batch keeps until its backward, are counted apart
+(``mem_weight_copy_bytes``). A micro-batch's bytes
+stay live until its backward ends (under zero-bubble: until its weight-gradient half W),
+so the step's peak is the largest sum over the micro-batches in flight at once: one
+without a pipeline, up to p - r on stage r of 1F1B.
+
+Not counted: the transient tensors of a backward (a recomputed block's activations exist
+only while that block's backward runs) and the allocator's cache; the process's peak
+resident memory (:func:`peak_host_bytes`) and, on CUDA, the allocator's peak
+(:func:`peak_device_bytes`) bound what these categories leave out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+from collections.abc import Hashable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
+
+
+_CASTS_AND_VIEWS = frozenset({"ToCopyBackward0", "TBackward0", "ViewBackward0", "TransposeBackward0"})
+
+
+def _is_weight_copy(t: torch.Tensor) -> bool:
+    """A cast (or a view of a cast) of a parameter: autocast's 16-bit copy of an fp32 weight."""
+    fn = t.grad_fn
+    for _ in range(4):
+        if fn is None:
+            return False
+        if type(fn).__name__ == "AccumulateGrad":
+            return isinstance(fn.variable, nn.Parameter)
+        if type(fn).__name__ not in _CASTS_AND_VIEWS:
+            return False
+        inputs = [f for f, _ in fn.next_functions if f is not None]
+        if len(inputs) != 1:
+            return False
+        fn = inputs[0]
+    return False
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        storage = t.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+class ActivationMeter:
+    """Activation bytes per micro-batch and their peak over a step (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.live: dict[Hashable, tuple[int, int]] = {}  # micro-batch -> (activation, weight-copy) bytes
+        self.peak = (0, 0)  # at the step's largest activation total so far
+        self.largest = 0  # the largest micro-batch of the step
+
+    @contextlib.contextmanager
+    def forward(self, key: Hashable) -> Iterator[None]:
+        """Count what the forward inside saves for backward, as micro-batch ``key``."""
+        seen: set[int] = set()
+        count = [0, 0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if not _is_parameter(t):
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr not in seen and storage.nbytes():
+                    seen.add(ptr)
+                    count[1 if _is_weight_copy(t) else 0] += storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            yield
+        before = self.live.get(key, (0, 0))
+        self.live[key] = (before[0] + count[0], before[1] + count[1])
+        self.largest = max(self.largest, self.live[key][0])
+        now = (sum(a for a, _ in self.live.values()), sum(w for _, w in self.live.values()))
+        if now[0] >= self.peak[0]:
+            self.peak = now
+
+    def release(self, key: Hashable) -> None:
+        """Micro-batch ``key``'s backward is over: its saved tensors are gone."""
+        self.live.pop(key, None)
+
+    def take_step(self) -> dict[str, int]:
+        """The step's figures for a metrics record; the next step starts from zero."""
+        out = {
+            "mem_activation_bytes": self.peak[0],
+            "mem_activation_microbatch_bytes": self.largest,
+            "mem_weight_copy_bytes": self.peak[1],
+        }
+        self.live.clear()
+        self.peak, self.largest = (0, 0), 0
+        return out
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def peak_host_bytes() -> int:
+    """The process's peak resident memory so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def peak_device_bytes(device: torch.device) -> int | None:
+    """The CUDA allocator's peak of allocated bytes so far on ``device`` (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device)
+
+
+def host_and_device_peaks(device: torch.device) -> dict[str, int]:
+    """``mem_peak_host_bytes`` and, on CUDA, ``mem_peak_device_bytes``, for a metrics record."""
+    out = {"mem_peak_host_bytes": peak_host_bytes()}
+    if (device_peak := peak_device_bytes(device)) is not None:
+        out["mem_peak_device_bytes"] = device_peak
+    return out

@@ -1,0 +1,118 @@
+"""Activation memory: bytes saved for backward per transformer layer and per model.
+
+Two models of the same quantity:
+
+- :func:`korthikanti_layer_bytes`, Korthikanti et al. 2022 ("Reducing Activation
+  Recomputation in Large Transformer Models"), Table 2, for a GPT layer of sequence s,
+  micro-batch b, hidden h, a heads, tensor-parallel size t. Their assumptions: 16-bit
+  activations, 1-byte dropout masks, an unfused attention core (its softmax, mask and
+  dropped scores kept: 5as^2b), LayerNorm, GELU:
+
+  ============================  =========================
+  none (t = 1)                  sbh (34 + 5as/h)            (their Eq. 1)
+  tensor parallel               sbh (10 + 24/t + 5as/(ht))
+  tensor + sequence parallel    sbh (34/t + 5as/(ht))
+  tp + selective recompute      sbh (10 + 24/t)
+  tp + sp + selective           sbh (34/t)
+  full recompute                2sbh  (2sbh/t with sp)
+  ============================  =========================
+
+- :func:`layer_activation_bytes`, the same accounting for loom's own layer (what
+  ``loom.parallel.memory.ActivationMeter`` measures), with its dtypes as parameters: the
+  residual stream in the parameters' dtype (fp32 under autocast: norms, residual sums and,
+  after a biased row-parallel linear, dropout inputs), linear inputs and outputs in the
+  compute dtype, dropout masks of the dropped tensor's dtype on CPU (one byte on CUDA),
+  and the attention core as torch runs it: ``math`` (dropout on CPU: q, k, v, scores,
+  mask and dropped scores, all fp32: 12sbh/t + 12as^2b/t) or ``flash`` (q, k, v and the
+  output in the compute dtype plus an fp32 log-sum-exp per head and position). Under
+  tensor parallelism everything inside a region is 1/t; with sequence parallelism the
+  norms', dropouts' and linear inputs' terms are 1/t too (loom saves the column-parallel
+  inputs as this rank's slice, as Megatron-LM 3).
+
+All sizes in bytes. ``E = s*b*h`` is one (sequence, batch, hidden) activation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POLICIES = ("none", "full", "selective")
+
+
+def korthikanti_layer_bytes(
+    s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False, recompute: str = "none"
+) -> float:
+    """Korthikanti et al. 2022, Table 2 (see the module docstring), bytes per layer per tp rank."""
+    sbh = s * b * h
+    if recompute == "full":
+        return 2 * sbh / (t if sp else 1)
+    core = 0.0 if recompute == "selective" else 5 * a * s / (h * t)
+    if sp:
+        return sbh * (34 / t + core)
+    return sbh * (10 + 24 / t + core)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One transformer layer as loom builds it (``ModelConfig``'s fields)."""
+
+    family: str  # gpt2 (LayerNorm, GELU, biases) or llama (RMSNorm, SwiGLU, RoPE)
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    bias: bool
+    dropout: float
+
+
+@dataclass(frozen=True)
+class Dtypes:
+    """Bytes per element: the parameters' (the residual stream's), the compute dtype's, and a
+    dropout mask's (None: the dropped tensor's dtype, as CPU dropout saves; 1 on CUDA)."""
+
+    params: int = 4
+    compute: int = 4
+    mask: int | None = None
+
+
+def attention_kernel(device: str, dropout: float) -> str:
+    """Which core torch's scaled_dot_product_attention runs: CPU's flash kernel has no dropout."""
+    return "math" if device == "cpu" and dropout > 0 else "flash"
+
+
+def layer_activation_bytes(
+    shape: LayerShape,
+    s: int,
+    b: int,
+    t: int = 1,
+    sp: bool = False,
+    recompute: str = "none",
+    dtypes: Dtypes = Dtypes(),
+    kernel: str = "flash",
+) -> float:
+    """Bytes one loom layer saves for backward per micro-batch on one tp rank (module docstring)."""
+    if recompute not in POLICIES:
+        raise ValueError(f"recompute must be one of {POLICIES}, got {recompute!r}")
+    r, c = dtypes.params, dtypes.compute
+    e = s * b * shape.hidden
+    d = t if sp else 1  # the split of what lies outside the tp regions
+    if recompute == "full":
+        return r * e / d  # the block's input
+    head_dim = shape.hidden // shape.heads
+    e_kv = s * b * shape.kv_heads * head_dim
+    llama = shape.family == "llama"
+    norm = (2 * r * e + 4 * s * b) / d if llama else (r * e + 8 * s * b) / d  # RMSNorm: x and x*rstd; LN: x, mean, rstd
+    dropped = r if shape.bias else c  # a biased row-parallel output is summed with the fp32 bias
+    mask = 0.0 if not shape.dropout else (dtypes.mask or dropped) * e / d
+    rope = 4 * s * head_dim * c if llama else 0  # cos and sin, for q and for k
+    if recompute == "selective":
+        core = c * (e + 2 * e_kv) / t  # the recomputed region keeps q, k and v
+    elif kernel == "math":
+        core = (12 * e + 12 * shape.heads * s * s * b) / t  # q, k, v, scores, mask, dropped: fp32
+    else:
+        core = c * (2 * e + 2 * e_kv) / t + 4 * shape.heads * s * b / t  # q, k, v, out; log-sum-exp
+    attention = norm + c * e / d + rope + core + c * e / t + mask  # norm, QKV input, core, out-proj input
+    f = s * b * shape.ffn
+    mlp_inner = 4 * c * f / t if llama else 2 * c * f / t  # SwiGLU: gate, up, silu, product; GELU: in, out
+    mlp = norm + c * e / d + mlp_inner + mask
+    return attention + mlp

@@ -1,0 +1,133 @@
+"""One rank's memory predicted from a config: model states plus activations in flight.
+
+model states: ``loom.plan.memory.model_state_bytes`` over this rank's parameters (the model's
+count split over tp and pp), with loom's dtypes: without ZeRO fp32 parameters and gradients
+and AdamW's two fp32 moments (K = 8); with ZeRO the compute dtype's parameters and
+gradients (``zero.grad_dtype`` may keep them in fp32) and fp32 master weights and moments
+(K = 12; 8 in fp32, where the parameters are their own master).
+
+activations: per (micro-batch, chunk) the chunk's layers (``layer_activation_bytes``: N of
+them under the recompute policy, the rest keeping everything) plus the model's ends on the
+chunks that embed or apply the head, times the most (micro-batch, chunk) pairs the schedule
+keeps in flight on this rank (the pipeline simulator's ``peak_inflight``: 1 without a
+pipeline, p - r on stage r of 1F1B, Megatron's warm-up count + 1 for the interleaved one).
+Under autocast with fp32 parameters each micro-batch in flight also keeps 16-bit copies of
+the weights it used (2 bytes per parameter of its chunks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.config import Config
+from loom.parallel.pipeline.partition import rank_stages
+from loom.parallel.pipeline.schedules import build_schedule
+from loom.parallel.pipeline.simulate import simulate
+from loom.plan.activations import Dtypes, LayerShape, attention_kernel, layer_activation_bytes
+from loom.plan.memory import model_state_bytes
+from loom.plan.model import count_parameters
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Predicted bytes of one rank, by category."""
+
+    params: float
+    grads: float
+    optim: float
+    activations: float
+    weight_copies: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optim + self.activations + self.weight_copies
+
+
+def layer_shape(config: Config) -> LayerShape:
+    m = config.model
+    return LayerShape(m.family, m.d_model, m.n_heads, m.kv_heads, m.ffn_dim, m.use_bias, m.dropout)
+
+
+def dtypes_of(config: Config, device: str) -> Dtypes:
+    """loom's dtypes: ZeRO keeps 16-bit parameters in mixed precision; otherwise fp32 ones under autocast."""
+    compute = BYTES[config.train.precision]
+    params = compute if config.zero.stage else 4
+    return Dtypes(params=params, compute=compute, mask=None if device == "cpu" else 1)
+
+
+def predict_rank_memory(
+    config: Config, dp: int, pp_rank: int = 0, recompute_layers: int | None = None, device: str = "cpu"
+) -> RankMemory:
+    """This rank's predicted memory (module docstring); ``recompute_layers``: blocks per chunk
+    under ``train.recompute`` (None: ``train.recompute_layers`` if a number, else all)."""
+    model, train, parallel = config.model, config.train, config.parallel
+    tp, pp, vp = parallel.tp, parallel.pp, parallel.vp
+    psi = count_parameters(model) / (tp * pp)
+    stage, precision = config.zero.stage, train.precision
+    if stage:
+        param_bytes = BYTES[precision]
+        grad_bytes = 4 if config.zero.grad_dtype == "fp32" else param_bytes
+        k = 8 if precision == "fp32" else 12
+    else:
+        param_bytes = grad_bytes = 4
+        k = 8
+    states = model_state_bytes(stage, round(psi), dp, param_bytes, grad_bytes, k)
+    batch = config.batch(dp=dp)
+    if recompute_layers is None and isinstance(train.recompute_layers, int):
+        recompute_layers = train.recompute_layers
+    plans = rank_stages(model.n_layers, pp, vp, pp_rank)
+    shape, dtypes = layer_shape(config), dtypes_of(config, device)
+    kernel = attention_kernel(device, model.dropout)
+    s, b, sp = train.seq_len, batch.micro_batch, parallel.sequence_parallel and tp > 1
+
+    def layer(policy: str) -> float:
+        return layer_activation_bytes(shape, s, b, tp, sp, policy, dtypes, kernel)
+
+    chunk_bytes = []
+    for plan in plans:
+        n = len(plan.layers)
+        chosen = 0 if train.recompute == "none" else min(n, n if recompute_layers is None else recompute_layers)
+        total = chosen * layer(train.recompute) + (n - chosen) * layer("none")
+        total += _ends_bytes(config, plan.embed, plan.head, s, b, tp, sp, dtypes)
+        chunk_bytes.append(total)
+    if pp * vp > 1:
+        peak = simulate(build_schedule(parallel.schedule, pp, batch.grad_accum, vp)).peak_inflight[pp_rank]
+    else:
+        peak = 1
+    activations = peak * max(chunk_bytes)
+    copies = 0.0
+    if precision != "fp32" and not stage:  # autocast's 16-bit copies of the weights matmuls use, per micro-batch
+        uncast = model.max_seq_len * model.d_model if model.family == "gpt2" else 0  # learned positions
+        uncast += (2 * model.n_layers + 1) * model.d_model * (2 if model.family == "gpt2" and model.use_bias else 1)
+        copies = peak * 2 * (psi - uncast / (tp * pp)) / max(1, vp)
+    return RankMemory(states["params"], states["grads"], states["optim"], activations, copies)
+
+
+def _ends_bytes(config: Config, embed: bool, head: bool, s: int, b: int, t: int, sp: bool, dtypes: Dtypes) -> float:
+    """Embedding (token ids, the dropout mask), final norm, head input and the fp32 log-softmax."""
+    model = config.model
+    e = s * b * model.d_model
+    d = t if sp else 1
+    out = 0.0
+    if embed:
+        out += 8 * s * b + (dtypes.params * e / d if model.dropout else 0)
+    if head:
+        norm = (2 * dtypes.params * e + 4 * s * b) if model.family == "llama" else (dtypes.params * e + 8 * s * b)
+        vocab = model.vocab_size or 50257
+        out += norm / d + dtypes.compute * e / d + 4 * s * b * vocab / t
+    return out
+
+
+def choose_recompute_layers(config: Config, dp: int, pp_rank: int, budget_bytes: float, device: str = "cpu"):
+    """The fewest blocks per chunk to recompute so this rank's prediction fits ``budget_bytes``:
+    (count, its prediction, whether it fits). When even every block does not fit, every block."""
+    per_chunk = max(
+        len(plan.layers) for plan in rank_stages(config.model.n_layers, config.parallel.pp, config.parallel.vp, pp_rank)
+    )
+    for n in range(per_chunk + 1):
+        predicted = predict_rank_memory(config, dp, pp_rank, n, device)
+        if predicted.total <= budget_bytes:
+            return n, predicted, True
+    return per_chunk, predict_rank_memory(config, dp, pp_rank, per_chunk, device), False

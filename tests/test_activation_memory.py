@@ -1,0 +1,154 @@
+"""Activation memory: the planner's formulas against the papers and against what loom's layers
+save for backward, measured by the activation meter (saved-tensor hooks, each storage once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from loom.config import load_config
+from loom.distributed.context import init_distributed
+from loom.distributed.spawn import run_ranks
+from loom.model.recompute import Recompute
+from loom.model.transformer import Transformer
+from loom.parallel.memory import ActivationMeter
+from loom.parallel.random import ParallelRNG
+from loom.parallel.tensor import TensorParallel
+from loom.plan.activations import Dtypes, LayerShape, attention_kernel, korthikanti_layer_bytes, layer_activation_bytes
+from loom.plan.rank_memory import choose_recompute_layers, predict_rank_memory
+from loom.train.metrics import read_metrics
+from loom.train.trainer import Trainer
+
+B, S, H, HEADS = 2, 32, 64, 4
+CASES = [  # (tp, sp, recompute)
+    (1, False, "none"),
+    (2, False, "none"),
+    (2, True, "none"),
+    (1, False, "selective"),
+    (2, True, "selective"),
+    (1, False, "full"),
+    (2, True, "full"),
+]
+
+
+def test_korthikanti_table_2_on_their_gpt3_shape() -> None:
+    s, b, h, a, t = 2048, 1, 12288, 96, 8  # GPT-3 175B, micro-batch 1, tp 8 (their Table 3)
+    sbh = s * b * h
+    assert korthikanti_layer_bytes(s, b, h, a) == sbh * 34 + 5 * a * s * s * b  # Eq. 1
+    assert korthikanti_layer_bytes(s, b, h, a, t) == pytest.approx(sbh * (10 + 24 / t + 5 * a * s / (h * t)))
+    assert korthikanti_layer_bytes(s, b, h, a, t, sp=True) == pytest.approx(sbh * (34 / t + 5 * a * s / (h * t)))
+    assert korthikanti_layer_bytes(s, b, h, a, t, recompute="selective") == pytest.approx(sbh * (10 + 24 / t))
+    assert korthikanti_layer_bytes(s, b, h, a, t, sp=True, recompute="selective") == pytest.approx(sbh * 34 / t)
+    assert korthikanti_layer_bytes(s, b, h, a, t, sp=True, recompute="full") == 2 * sbh / t
+    # Section 4's point for this shape: 5as/h = 80 > 34, the core attention dominates; sp +
+    # selective keep 34/(10 + 24/8 + 80/8) = 1/5.4 of tp alone
+    ratio = korthikanti_layer_bytes(s, b, h, a, t, sp=True, recompute="selective") / korthikanti_layer_bytes(
+        s, b, h, a, t
+    )
+    assert ratio == pytest.approx(34 / 8 / (10 + 3 + 10))
+
+
+def _measure(family: str, cases: list) -> dict:
+    overrides = [
+        f'model.family="{family}"',
+        "model.n_layers=1",
+        f"model.d_model={H}",
+        f"model.n_heads={HEADS}",
+        "model.dropout=0.1",
+        "model.vocab_size=64",
+        f"model.max_seq_len={S}",
+        f"train.seq_len={S}",
+        "parallel.tp=2",
+    ]
+    config = load_config(None, overrides)
+    ctx = init_distributed(config.parallel)
+    out = {}
+    for tp_size, sp, policy in cases:
+        comm = ctx.comm("tp") if tp_size > 1 else TensorParallel.single().comm
+        tp = TensorParallel(comm, sp)
+        rng = ParallelRNG(torch.device("cpu"), tp_rank=tp.rank)
+        rng.reseed(0, 0)
+        model = Transformer(config.model, seed=0, tp=tp, rng=rng, recompute=Recompute(policy))
+        x = torch.randn(B, S // (tp_size if sp else 1), H, requires_grad=True)
+        meter = ActivationMeter()
+        with torch.autocast("cpu", dtype=torch.bfloat16), meter.forward(0):
+            y = model.run_stage(x, [0], embed=False, head=False)
+        y.float().sum().backward()
+        out[(tp_size, sp, policy)] = meter.take_step()["mem_activation_bytes"]
+    return out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_measured_layer_activations_equal_the_formula(family: str) -> None:
+    measured = run_ranks(_measure, 2, args=(family, CASES), timeout_s=120)[0]
+    cfg = load_config(None, [f'model.family="{family}"', f"model.d_model={H}", f"model.n_heads={HEADS}"]).model
+    shape = LayerShape(family, H, HEADS, cfg.kv_heads, cfg.ffn_dim, cfg.use_bias, dropout=0.1)
+    for (t, sp, policy), got in measured.items():
+        want = layer_activation_bytes(
+            shape, S, B, t, sp, policy, Dtypes(params=4, compute=2), attention_kernel("cpu", 0.1)
+        )
+        assert got == pytest.approx(want, rel=0.05), (family, t, sp, policy, got, want)
+    # and the orderings the paper's table implies, measured
+    assert measured[(2, True, "none")] < measured[(2, False, "none")] < measured[(1, False, "none")]
+    assert measured[(1, False, "full")] < measured[(1, False, "selective")] < measured[(1, False, "none")]
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+def _tiny(corpus: Path, **extra) -> list[str]:
+    return tiny_overrides(corpus, **{"model.dropout": 0.1, "train.steps": 2, "train.eval_every": 0, **extra})
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"train.recompute": "selective"},
+        {"train.recompute": "full"},
+        {"train.recompute": "full", "train.recompute_layers": 1},
+        {"train.precision": "bf16"},
+        {"zero.stage": 1, "train.precision": "bf16"},
+    ],
+    ids=["none", "selective", "full", "full 1 of 2", "bf16 autocast", "zero1 bf16"],
+)
+def test_a_run_reports_memory_by_category_as_predicted(tmp_path: Path, text_corpus: Path, extra: dict) -> None:
+    config = load_config(None, _tiny(text_corpus, **extra))
+    Trainer(config, tmp_path).run()
+    record = read_metrics(tmp_path)[-1]
+    predicted = predict_rank_memory(config, dp=1)
+    assert record["mem_activation_bytes"] == pytest.approx(predicted.activations, rel=0.05)
+    states = record["mem_params_bytes"] + record["mem_grads_bytes"] + record["mem_optim_bytes"]
+    assert states == pytest.approx(predicted.params + predicted.grads + predicted.optim, rel=0.01)
+    assert record["mem_weight_copy_bytes"] == pytest.approx(predicted.weight_copies, rel=0.05, abs=1)
+    assert record["mem_peak_host_bytes"] > states + record["mem_activation_bytes"]
+
+
+def test_auto_recomputes_fewer_blocks_as_the_budget_grows(tmp_path: Path, text_corpus: Path, capsys) -> None:
+    overrides = _tiny(
+        text_corpus,
+        **{"model.n_layers": 4, "model.vocab_size": 257, "train.recompute": "full", "train.recompute_layers": "auto"},
+    )
+    config = load_config(None, [*overrides, "train.memory_budget_gb=1"])
+    everything = predict_rank_memory(config, 1, recompute_layers=0).total
+    nothing = predict_rank_memory(config, 1, recompute_layers=4).total
+    assert nothing < everything
+    budgets = [nothing * 0.5, nothing * 1.001, (nothing + everything) / 2, everything * 1.001]
+    counts = [choose_recompute_layers(config, 1, 0, budget)[0] for budget in budgets]
+    assert counts[0] == 4 and not choose_recompute_layers(config, 1, 0, budgets[0])[2]  # does not fit at all
+    assert counts == sorted(counts, reverse=True) and counts[1] == 4 and 0 < counts[2] < 4 and counts[3] == 0
+    # the run prints its choice and the reason, and recomputes that many blocks
+    gb = budgets[2] / 1e9
+    config = load_config(None, [*overrides, f"train.memory_budget_gb={gb}"])
+    trainer = Trainer(config, tmp_path)
+    assert trainer.model.recompute.count == counts[2]
+    trainer.run()
+    out = capsys.readouterr().out
+    assert f"recompute_layers = auto on pp rank 0: {counts[2]} block(s) per chunk" in out
+    assert (
+        read_metrics(tmp_path)[-1]["mem_activation_bytes"]
+        < predict_rank_memory(config, 1, recompute_layers=0).activations
+    )
