@@ -235,3 +235,49 @@ def test_zero_settings_load() -> None:
     )
     assert (config.zero.stage, config.zero.offload, config.zero.grad_dtype) == (3, "optimizer", "fp32")
     assert load_config(None, []).zero.stage == 0  # DDP, as before
+
+
+# ----------------------------------------------------------------------------- starting without the whole model
+
+
+def _live_tensor_bytes() -> int:
+    import gc
+
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not obj.is_meta:
+            storage = obj.untyped_storage()
+            if storage.data_ptr() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+def _start_zero3(corpus: str) -> dict:
+    from loom.model.transformer import Transformer
+
+    config = load_config(None, overrides(Path(corpus), {"zero.stage": 3, "model.n_layers": 8, "model.d_model": 64}, 1))
+    ctx = init_distributed(config.parallel)
+    peaks = []
+    real = Transformer.initial_value
+
+    def initial_value(self, name, device="cpu"):  # each parameter materialised: what is alive now
+        value = real(self, name, device)
+        peaks.append(_live_tensor_bytes())
+        return value
+
+    Transformer.initial_value = initial_value
+    try:
+        trainer = Trainer(config, Path(corpus).parent / f"start{ctx.coords.dp}", dist=ctx)
+    finally:
+        Transformer.initial_value = real
+    whole = 4 * trainer.model.num_params()  # the whole model in fp32
+    return {"peaks": peaks, "whole": whole, "params": len(list(trainer.model.parameters()))}
+
+
+def test_a_zero3_rank_never_holds_the_whole_model_while_it_starts(tmp_path: Path, text_corpus: Path) -> None:
+    result = run_ranks(_start_zero3, 2, args=(str(text_corpus),), timeout_s=120)[0]
+    assert len(result["peaks"]) == result["params"]  # every parameter was materialised one at a time
+    # at any point: the shards built so far (params, moments, gradients: 16 bytes per element / 2
+    # ranks at the end) plus one unit in full; never the whole fp32 model beside them
+    assert max(result["peaks"]) < result["whole"]

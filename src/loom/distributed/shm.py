@@ -152,6 +152,13 @@ class ShmAllReduce:
         """This rank's data: ``numel`` elements in shared memory."""
         return self._data[self.rank]
 
+    @property
+    def peer_bytes(self) -> int:
+        """Bytes of the peers' segments this rank maps: resident once read (every all-reduce
+        reads all of them), so they count in this process's resident memory, though each
+        page exists once on the host."""
+        return sum(d.numel() * self.element_size for q, d in enumerate(self._data) if q != self.rank)
+
     def all_reduce(self, offset: int, numel: int, tag: str = "") -> Handle:
         """Start summing ``buffer[offset:offset + numel]`` over the group; returns a handle to wait on."""
         if self._closed:

@@ -81,7 +81,11 @@ class Transformer(nn.Module):
         embed: bool = True,
         head: bool = True,
         recompute: Recompute | None = None,
+        meta: bool = False,
     ) -> None:
+        """``meta``: parameters are built on the meta device (no memory) and left to whoever
+        materialises them one at a time through :meth:`initial_value` (ZeRO-3 does, so a rank
+        never holds the whole model); buffers are built on ``device`` either way."""
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be set (the trainer fills it from the tokenizer)")
@@ -92,7 +96,8 @@ class Transformer(nn.Module):
         self.embed, self.head = embed, head
         self.layers = range(cfg.n_layers) if layers is None else layers
         device = torch.device(device or "cpu")
-        with device:  # parameters are created where they live; "meta" allocates nothing
+        self.seed = seed
+        with torch.device("meta") if meta else device:  # parameters are created where they live
             # A pipeline stage builds only its own parts; the tied head on the last stage
             # keeps a copy of the embedding under the same name.
             need_emb = embed or (head and cfg.tied)
@@ -108,6 +113,7 @@ class Transformer(nn.Module):
             if head and not cfg.tied:
                 padded = padded_vocab(cfg.vocab_size, self.tp.size)
                 self.lm_head = ColumnParallelLinear(cfg.d_model, padded, self.tp, bias=False, full_out=cfg.vocab_size)
+        with device:
             self.rope = (
                 RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.family == "llama" else None
             )
@@ -117,7 +123,7 @@ class Transformer(nn.Module):
         if cfg.tied and need_emb and embed != head:
             self.placements.replace("tok_emb.weight", tied=True, pp_owner=embed)
         self._ends_hooks: list[tuple[Callable[[], None], Callable[[torch.Tensor], None]]] = []
-        if device.type != "meta":
+        if device.type != "meta" and not meta:
             self.reset_parameters(seed)
 
     def register_ends_hook(self, before: Callable[[], None], after: Callable[[torch.Tensor], None]) -> None:
@@ -132,6 +138,15 @@ class Transformer(nn.Module):
             init_parameter(
                 param, name, seed, self.cfg.init_std, self.cfg.n_layers, place.full_shape, place.rows, place.cols
             )
+
+    def initial_value(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """This rank's initial value of parameter ``name`` (fp32), as :meth:`reset_parameters` sets it."""
+        place, param = self.placements[name], self.placements.param(name)
+        value = torch.empty(param.shape, dtype=torch.float32, device=device)
+        init_parameter(
+            value, name, self.seed, self.cfg.init_std, self.cfg.n_layers, place.full_shape, place.rows, place.cols
+        )
+        return value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids -> logits (this rank's vocabulary shard), through every layer it holds."""

@@ -169,3 +169,9 @@ class Placements(Mapping[str, Placement]):
     def replace(self, name: str, **changes: object) -> None:
         """Change fields of one record (a decision taken after the layer was built)."""
         self._records[name] = dataclasses.replace(self._records[name], **changes)
+
+    def rebind(self, old: nn.Parameter, new: nn.Parameter) -> None:
+        """``new`` takes ``old``'s place (a parameter built on the meta device, materialised)."""
+        name = self._by_id.pop(id(old))
+        self._params[name] = new
+        self._by_id[id(new)] = name

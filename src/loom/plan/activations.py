@@ -111,8 +111,13 @@ def layer_activation_bytes(
         core = (12 * e + 12 * shape.heads * s * s * b) / t  # q, k, v, scores, mask, dropped: fp32
     else:
         core = c * (2 * e + 2 * e_kv) / t + 4 * shape.heads * s * b / t  # q, k, v, out; log-sum-exp
-    attention = norm + c * e / d + rope + core + c * e / t + mask  # norm, QKV input, core, out-proj input
+    # a column-parallel input: one saved slice under tp; at t = 1 under autocast (16-bit compute over
+    # fp32 parameters) each linear casts, and keeps, its own copy (Q, K, V; GELU's up or SwiGLU's gate and up)
+    casts = t == 1 and c != r
+    qkv_in = c * e / d * (3 if casts else 1)
+    mlp_in = c * e / d * ((2 if llama else 1) if casts else 1)
+    attention = norm + qkv_in + rope + core + c * e / t + mask  # norm, QKV input, core, out-proj input
     f = s * b * shape.ffn
     mlp_inner = 4 * c * f / t if llama else 2 * c * f / t  # SwiGLU: gate, up, silu, product; GELU: in, out
-    mlp = norm + c * e / d + mlp_inner + mask
+    mlp = norm + mlp_in + mlp_inner + mask
     return attention + mlp

@@ -137,13 +137,17 @@ class PlainStep:
     def memory(self) -> dict:
         """This rank's model-state bytes for a metrics record: parameters, gradients (as the last
         update saw them; DDP's buckets, padding included) and AdamW's state (both moments and
-        the step counters), each distinct storage once."""
+        the step counters), each distinct storage once; with DDP over shared memory, the peers'
+        bucket segments this rank maps (``mem_shm_peer_bytes``)."""
         optim = (t for state in self.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))
-        return {
+        out = {
             "mem_params_bytes": tensor_bytes(self.model.parameters()),
             "mem_grads_bytes": self._grad_bytes,
             "mem_optim_bytes": tensor_bytes(optim),
         }
+        if self.ddp is not None and self.ddp.shm is not None:  # mapped, resident, shared with the peers
+            out["mem_shm_peer_bytes"] = self.ddp.shm.peer_bytes
+        return out
 
     def describe(self) -> str | None:
         """DDP's layout for the run's first lines (None without DDP)."""

@@ -28,7 +28,7 @@ from loom.distributed.context import DistContext
 from loom.errors import LoomError
 from loom.optim.lr import lr_at
 from loom.parallel.full_state import merge_pipeline_states
-from loom.parallel.memory import host_and_device_peaks
+from loom.parallel.memory import fix_mmap_threshold, host_and_device_peaks
 from loom.parallel.pipeline.simulate import TIMELINE_FILE
 from loom.plan.model import count_parameters
 from loom.train.batches import batch_offsets, batch_rows, get_batch
@@ -78,6 +78,7 @@ class Trainer:
         live_progress: bool = True,
         dist: DistContext | None = None,
     ) -> None:
+        fix_mmap_threshold()  # before the model exists: large host buffers go back to the OS when freed
         self.config = config
         self.run_dir = Path(run_dir)
         self.dist = dist or DistContext.single(resolve_device(config.train.device))

@@ -82,6 +82,7 @@ def build_rank(config: Config, dist: DistContext, precision: Precision) -> Rank:
         embed=any(p.embed for p in plans),
         head=any(p.head for p in plans),
         recompute=recompute,
+        meta=config.zero.stage == 3,  # ZeRO-3 materialises one unit at a time, keeping its shard
     )
     meter = ActivationMeter()
     pipeline = None
@@ -173,6 +174,8 @@ def _zero_step(
         bucket_mb=config.ddp.bucket_mb,
         scaler=scaler,
         root_hooks=False,
+        device=dist.device,
+        initial=lambda name: model.initial_value(name, dist.device),
     )
     gatherer = optimizer.gatherer
     if gatherer is not None and gatherer.root is not None:

@@ -59,7 +59,11 @@ class PipelineRank:
         self.pp = pp
         # each copy of a tied parameter and the pp rank holding the other: the first stage's
         # copy (pp_owner) pairs with the last stage, and the other way round
-        self.tied = [(p, pp.size - 1 if place.pp_owner else 0) for _, p, place in placements.named() if place.tied]
+        # (by name: ZeRO-3 materialises parameters built on the meta device after this)
+        self.placements = placements
+        self.tied = [
+            (name, pp.size - 1 if place.pp_owner else 0) for name, _, place in placements.named() if place.tied
+        ]
         self.actions = build_schedule(schedule, pp.size, microbatches, len(plans))[pp.rank]
         self.runtime = PipelineRuntime(
             model, plans, pp, activation_shape, torch.float32, device, autocast, weight_grads, meter
@@ -81,8 +85,8 @@ class PipelineRank:
 
         ``grad_of(param)`` is this stage's gradient: ``.grad``, or ZeRO's local gradient
         before it reduces it over dp."""
-        for param, peer in self.tied:
-            add_from_peer(self.pp, grad_of(param), peer)
+        for name, peer in self.tied:
+            add_from_peer(self.pp, grad_of(self.placements.param(name)), peer)
 
     def use_activation_dtype(self, dtype: torch.dtype) -> None:
         """Activations and their gradients cross stages in ``dtype`` (fp32 unless the model's

@@ -9,7 +9,7 @@ parameter becomes a view into its buffer, so each collective is one large messag
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,10 +86,21 @@ class FlatGroup:
         return segments
 
 
-def flatten(members: Named, shards: int, rank: int, dtype: torch.dtype) -> tuple[FlatGroup, torch.Tensor]:
-    """Copy ``members`` into a new padded buffer of ``dtype`` and make them views into it.
+def flatten(
+    members: Named,
+    shards: int,
+    rank: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    initial: Callable[[str], torch.Tensor] | None = None,
+) -> tuple[FlatGroup, torch.Tensor]:
+    """Copy ``members`` into a new padded buffer of ``dtype`` on ``device`` and make them views into it.
 
-    Returns the group and the values as a full fp32 vector (the master weights' source).
+    A parameter on the meta device (a model built without memory) gets ``initial(name)``, its
+    initial value, instead of its own, and is replaced in the group by a new parameter viewing
+    the buffer (:func:`swap_parameters` puts it into the model): only this group's values
+    exist at once. Returns the group and the values as a full fp32 vector (the master
+    weights' source).
     """
     offsets, total = [], 0
     for _, p in members:
@@ -97,14 +108,28 @@ def flatten(members: Named, shards: int, rank: int, dtype: torch.dtype) -> tuple
         total += p.numel()
     padded = -(-total // shards) * shards
     lo = rank * padded // shards
-    full32 = torch.zeros(padded, dtype=torch.float32, device=members[0][1].device)
-    for (_, p), o in zip(members, offsets):
-        full32[o : o + p.numel()] = p.detach().reshape(-1)
+    full32 = torch.zeros(padded, dtype=torch.float32, device=device)
+    for (name, p), o in zip(members, offsets):
+        value = initial(name) if p.is_meta else p.detach()
+        full32[o : o + p.numel()] = value.reshape(-1)
     flat = full32.to(dtype)
+    params = []
     with torch.no_grad():
         for (_, p), o in zip(members, offsets):
-            p.data = flat[o : o + p.numel()].view_as(p)
-    group = FlatGroup(
-        [n for n, _ in members], [p for _, p in members], offsets, total, padded, lo, lo + padded // shards, flat
-    )
+            view = flat[o : o + p.numel()].view(p.shape)
+            if p.is_meta:  # a meta tensor cannot take real storage through .data: a new parameter
+                params.append(nn.Parameter(view, requires_grad=p.requires_grad))
+            else:
+                p.data = view
+                params.append(p)
+    group = FlatGroup([n for n, _ in members], params, offsets, total, padded, lo, lo + padded // shards, flat)
     return group, full32
+
+
+def swap_parameters(model: nn.Module, new: dict[int, nn.Parameter]) -> None:
+    """Put each parameter of ``new`` (keyed by the ``id`` of the one it replaces) into every
+    module that holds the old one (a tied parameter is held twice)."""
+    for module in model.modules():
+        for key, param in list(module._parameters.items()):
+            if param is not None and id(param) in new:
+                module._parameters[key] = new[id(param)]

@@ -29,7 +29,7 @@ from loom.distributed.comm import Comm
 from loom.optim.scaler import DynamicLossScaler
 from loom.parallel.zero import state
 from loom.parallel.zero.gather import Unit, UnitGather
-from loom.parallel.zero.layout import FlatGroup, bucket_layout, flatten, unit_layout
+from loom.parallel.zero.layout import FlatGroup, bucket_layout, flatten, swap_parameters, unit_layout
 from loom.parallel.zero.sync import ZeroGradients
 from loom.parallel.zero.update import ZeroAdamW
 
@@ -68,6 +68,8 @@ class ZeroOptimizer:
         units: Sequence[nn.Module] | None = None,
         scaler: DynamicLossScaler | None = None,
         root_hooks: bool = True,
+        device: torch.device | None = None,
+        initial: Callable[[str], torch.Tensor] | None = None,
     ) -> None:
         if stage not in (1, 2, 3):
             raise ValueError(f"zero stage must be 1, 2 or 3 (stage 0 is DDP: loom.parallel.ddp), got {stage}")
@@ -81,7 +83,7 @@ class ZeroOptimizer:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters to shard")
-        self.device = named[0][1].device
+        self.device = device or named[0][1].device
         self.optim_device = torch.device("cpu") if offload else self.device
         if stage == 3:
             units = list(model.blocks.values()) if units is None and hasattr(model, "blocks") else list(units or [])
@@ -89,16 +91,30 @@ class ZeroOptimizer:
         else:
             layout = bucket_layout(named, int(bucket_mb * 2**20), self.param_dtype.itemsize)
         self.groups: list[FlatGroup] = []
-        full32 = []
+        owned32 = []  # each group's owned slice in fp32, the master weights' source
+        materialised: dict[int, nn.Parameter] = {}
         for members in layout:
-            group, values = flatten(members, comm.size, comm.rank, self.param_dtype)
-            if stage == 3:
+            group, values = flatten(members, comm.size, comm.rank, self.param_dtype, self.device, initial)
+            materialised |= {id(old): new for (_, old), new in zip(members, group.params) if new is not old}
+            # fp32 parameters where the optimizer lives are their own master weights (update.py)
+            alias = self.param_dtype == torch.float32 and self.optim_device == self.device
+            owned32.append(None if alias else values[group.lo : group.hi].clone())
+            del values
+            if stage == 3:  # keep the owned slice; the full buffer is freed at once, so a rank
+                # never holds more than one unit's parameters in full, not even while it starts
                 group.unit = Unit(group.flat, group.flat[group.lo : group.hi].clone())
+                group.flat.untyped_storage().resize_(0)
+                group.unit.state = "free"
             self.groups.append(group)
-            full32.append(values)
+        if materialised:
+            swap_parameters(model, materialised)
+            places = getattr(model, "placements", None)
+            for old, new in ((p, materialised[id(p)]) for _, p in named if id(p) in materialised):
+                if places is not None:
+                    places.rebind(old, new)
         self.scaler = scaler if scaler is not None or param_dtype != "fp16" else DynamicLossScaler([comm])
         self.update = ZeroAdamW(
-            self.groups, full32, comm, stage, lr, betas, eps, weight_decay, self.optim_device, self.scaler
+            self.groups, owned32, comm, stage, lr, betas, eps, weight_decay, self.optim_device, self.scaler
         )
         self.gatherer = self._unit_gather(units, root_hooks) if stage == 3 else None
         self.sync = ZeroGradients(self.groups, comm, stage, self.grad_dtype, self.device, self.gatherer)

@@ -34,13 +34,14 @@ GATHER_BATCH_BYTES = 64 * 2**20  # stages 1-2: updated slices all-gathered in ba
 class ZeroAdamW:
     """AdamW over ``groups``' slices (stage 1-3 over ``comm``), with an optional fp16 ``scaler``.
 
-    ``full32[i]``: group i's values as a full fp32 vector, the master weights' source.
+    ``owned32[i]``: group i's owned slice ``[lo, hi)`` in fp32, the master weights' source
+    (None where the parameters are fp32 on the optimizer's device: their own master weights).
     """
 
     def __init__(
         self,
         groups: Sequence[FlatGroup],
-        full32: Sequence[torch.Tensor],
+        owned32: Sequence[torch.Tensor | None],
         comm: Comm,
         stage: int,
         lr: float,
@@ -52,13 +53,13 @@ class ZeroAdamW:
     ) -> None:
         self.groups, self.comm, self.stage = list(groups), comm, stage
         self.optim_device, self.scaler = optim_device, scaler
-        for group, values in zip(self.groups, full32, strict=True):
+        for group, values in zip(self.groups, owned32, strict=True):
             # fp32 parameters where the optimizer lives are their own master weights: no second copy
             alias = group.flat.dtype == torch.float32 and optim_device == group.flat.device
             if alias:
                 master = group.unit.shard if stage == 3 else group.flat[group.lo : group.hi]
             else:
-                master = values[group.lo : group.hi].to(optim_device, copy=True)
+                master = values.to(optim_device, copy=True)
             segments = group.decay_segments(weight_decay)
             group.optim = FlatAdamW(master, segments, lr, betas, eps, holds_master=not alias)
         self.clip_coef = 1.0  # what the next step multiplies the gradient by (clip_grad_norm sets it)
