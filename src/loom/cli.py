@@ -25,6 +25,8 @@ EPILOG = """examples:
   loom tokenizer train --corpus ./texts --vocab-size 4096 --out tok/tokenizer.json
   loom train --nproc 4 --run-dir runs/pp --set parallel.pp=2 --set parallel.tp=2
   loom schedule --schedule interleaved_1f1b --pp 4 --vp 2 --microbatches 8 --out chart.png
+  loom plan --model llama-70b --gpus 256 --gpu h100-sxm --seq-len 4096 --global-batch 1024
+  loom plan --run runs/quick                   a run's predicted memory, traffic and time beside its measures
 """
 
 
@@ -159,6 +161,47 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="draw the measured timeline of this pipeline run instead of a simulation",
     )
+    pl = sub.add_parser(
+        "plan",
+        help="predict memory, traffic and step time of every layout, or of a run",
+        description="Enumerate the valid layouts (dp, tp, pp, vp, schedule, ZeRO stage, sp, recompute, "
+        "micro-batch) of a model on N devices, drop those that do not fit in a device's memory, and rank "
+        "the rest by predicted step time (loom.plan's models: Korthikanti's activations, ZeRO's states, "
+        "alpha-beta links, the pipeline bubble). With --run, print a run's prediction beside what it "
+        "measured; with --calibrate, fit this machine's compute rate from a run.",
+    )
+    pl.add_argument("--model", default="tiny", metavar="PRESET", help="model preset (default: tiny; see loom presets)")
+    pl.add_argument("--gpus", type=int, default=1, metavar="N", help="devices (default: 1)")
+    pl.add_argument(
+        "--gpu",
+        default="h100-sxm",
+        metavar="NAME",
+        help="h100-sxm (default), h200, a100-80gb, cpu, or one of --hardware-file",
+    )
+    pl.add_argument("--hardware-file", type=Path, metavar="TOML", help="more devices: one [name] table each")
+    pl.add_argument("--seq-len", type=int, metavar="S", help="tokens per sequence (default: the model's max_seq_len)")
+    pl.add_argument(
+        "--global-batch", type=int, default=None, metavar="B", help="sequences per step (default: 8 per device)"
+    )
+    pl.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="default: bf16")
+    pl.add_argument("--top", type=int, default=5, metavar="K", help="layouts to print (default: 5)")
+    pl.add_argument("--explain", type=int, metavar="K", help="detail the K-th layout of the ranking")
+    pl.add_argument("--json", action="store_true", help="print JSON for tools")
+    pl.add_argument("--run", type=Path, metavar="RUN_DIR", help="a run's prediction beside its measurements")
+    pl.add_argument(
+        "--calibrate",
+        type=Path,
+        metavar="RUN_DIR",
+        help="fit the compute rate from a run; writes RUN_DIR/hardware.toml",
+    )
+    pl.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model field, e.g. --set model.n_layers=48 (repeatable)",
+    )
     return parser
 
 
@@ -185,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": cmd_config,
         "presets": cmd_presets,
         "schedule": cmd_schedule,
+        "plan": cmd_plan,
     }[args.command]
     try:
         return handler(args) or 0
@@ -492,6 +536,96 @@ def _console():
     from loom.train.metrics import make_console
 
     return make_console()
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from loom.config import load_config
+    from loom.plan import report
+    from loom.plan.hardware import load_hardware
+    from loom.plan.layout import plan
+
+    hardware = load_hardware(args.gpu, args.hardware_file)
+    if args.run or args.calibrate:
+        return _plan_run(args.run or args.calibrate, args, hardware)
+    seq = args.seq_len
+    items = [f'model.preset="{args.model}"', f'train.precision="{args.precision}"', *args.overrides]
+    config = load_config(None, [*items, "train.seq_len=1"])
+    seq = seq or config.model.max_seq_len
+    if seq > config.model.max_seq_len:
+        items.append(f"model.max_seq_len={seq}")
+    config = load_config(None, [*items, f"train.seq_len={seq}"])
+    if config.model.vocab_size is None:
+        config.model.vocab_size = 257  # the byte tokenizer's
+    if args.gpus < 1:
+        raise LoomError(f"--gpus {args.gpus} is not a number of devices.", "give --gpus 1 or more.")
+    global_batch = args.global_batch or 8 * args.gpus
+    predictions = plan(config, args.gpus, global_batch, hardware, "cpu" if hardware.name.startswith("cpu") else "cuda")
+    if not predictions:
+        raise LoomError(
+            f"no layout of {args.gpus} devices is valid for {args.model} with global batch {global_batch}.",
+            "choose a device count and global batch that the model's heads, layers and batch divide "
+            "(e.g. a power of two), or another --global-batch.",
+        )
+    fitting = [p for p in predictions if p.fits]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "hardware": dataclasses.asdict(hardware),
+                    "layouts": [p.as_dict() for p in fitting[: args.top]],
+                    "fits": bool(fitting),
+                },
+                indent=2,
+            )
+        )
+        return 0 if fitting else 1
+    if not fitting:
+        print(report.format_nowhere(predictions, hardware, args.gpus))
+        return 1
+    print(report.format_ranking(predictions, args.top, hardware, args.gpus))
+    if args.explain:
+        if not 1 <= args.explain <= len(fitting):
+            raise LoomError(f"--explain {args.explain} is not in the ranking.", f"give 1 to {len(fitting)}.")
+        print()
+        print(report.format_explain(fitting[args.explain - 1], hardware))
+    return 0
+
+
+def _plan_run(run_dir: Path, args: argparse.Namespace, hardware) -> int:
+    import json
+
+    from loom.config import config_from_dict
+    from loom.plan import report
+    from loom.train.metrics import read_metrics
+
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise LoomError(f"{summary_path} does not exist.", "give the folder of a finished run (loom train --run-dir).")
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    config = config_from_dict(summary["config"])
+    world = summary.get("world_size", 1)
+    if args.gpu == "h100-sxm" and summary.get("device", "cpu") == "cpu":
+        from loom.plan.hardware import load_hardware
+
+        hardware = load_hardware("cpu", args.hardware_file)
+    prediction = report.predict_run(config, world, hardware, summary.get("device", "cpu"))
+    tokens = config.batch(dp=prediction.layout.dp).global_batch * config.train.seq_len
+    measured = report.measured(read_metrics(run_dir), tokens)
+    if args.calibrate:
+        fitted = report.calibrate(prediction, measured, hardware)
+        (run_dir / "hardware.toml").write_text(report.hardware_toml(fitted), encoding="utf-8")
+        print(
+            f"{hardware.name}: achieved {fitted.compute_efficiency:.3g} of the {hardware.name} peak "
+            f"({fitted.compute_efficiency * fitted.peak_flops(config.train.precision) / 1e9:.1f} GFLOP/s per device); "
+            f"written to {run_dir / 'hardware.toml'}; use --hardware-file {run_dir / 'hardware.toml'} --gpu {fitted.name}"
+        )
+        return 0
+    compared = report.side_by_side(prediction, measured)
+    print(json.dumps(compared, indent=2) if args.json else report.format_comparison(compared))
+    return 0
 
 
 if __name__ == "__main__":

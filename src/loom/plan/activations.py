@@ -23,8 +23,10 @@ Two models of the same quantity:
   after a biased row-parallel linear, dropout inputs), linear inputs and outputs in the
   compute dtype, dropout masks of the dropped tensor's dtype on CPU (one byte on CUDA),
   and the attention core as torch runs it: ``math`` (dropout on CPU: q, k, v, scores,
-  mask and dropped scores, all fp32: 12sbh/t + 12as^2b/t) or ``flash`` (q, k, v and the
-  output in the compute dtype plus an fp32 log-sum-exp per head and position). Under
+  mask and dropped scores, all fp32: 12sbh/t + 12as^2b/t, then the output projection's input
+  copied out of the heads' layout) or ``flash`` (q, k, v and the output in the compute dtype,
+  the output projection reading the output in place, plus an fp32 log-sum-exp per head and
+  position). Under
   tensor parallelism everything inside a region is 1/t; with sequence parallelism the
   norms', dropouts' and linear inputs' terms are 1/t too (loom saves the column-parallel
   inputs as this rank's slice, as Megatron-LM 3).
@@ -109,14 +111,16 @@ def layer_activation_bytes(
         core = c * (e + 2 * e_kv) / t  # the recomputed region keeps q, k and v
     elif kernel == "math":
         core = (12 * e + 12 * shape.heads * s * s * b) / t  # q, k, v, scores, mask, dropped: fp32
-    else:
-        core = c * (2 * e + 2 * e_kv) / t + 4 * shape.heads * s * b / t  # q, k, v, out; log-sum-exp
+    else:  # q, k, v, out and the log-sum-exp; out is laid out (b, s, heads, d), so the output
+        # projection's input is a view of it, not a copy
+        core = c * (2 * e + 2 * e_kv) / t + 4 * shape.heads * s * b / t
     # a column-parallel input: one saved slice under tp; at t = 1 under autocast (16-bit compute over
     # fp32 parameters) each linear casts, and keeps, its own copy (Q, K, V; GELU's up or SwiGLU's gate and up)
     casts = t == 1 and c != r
     qkv_in = c * e / d * (3 if casts else 1)
     mlp_in = c * e / d * ((2 if llama else 1) if casts else 1)
-    attention = norm + qkv_in + rope + core + c * e / t + mask  # norm, QKV input, core, out-proj input
+    out_proj_in = 0.0 if kernel == "flash" and recompute == "none" else c * e / t
+    attention = norm + qkv_in + rope + core + out_proj_in + mask
     f = s * b * shape.ffn
     mlp_inner = 4 * c * f / t if llama else 2 * c * f / t  # SwiGLU: gate, up, silu, product; GELU: in, out
     mlp = norm + mlp_in + mlp_inner + mask

@@ -58,10 +58,16 @@ def dtypes_of(config: Config, device: str) -> Dtypes:
 
 
 def predict_rank_memory(
-    config: Config, dp: int, pp_rank: int = 0, recompute_layers: int | None = None, device: str = "cpu"
+    config: Config,
+    dp: int,
+    pp_rank: int = 0,
+    recompute_layers: int | None = None,
+    device: str = "cpu",
+    peak_inflight: int | None = None,
 ) -> RankMemory:
     """This rank's predicted memory (module docstring); ``recompute_layers``: blocks per chunk
-    under ``train.recompute`` (None: ``train.recompute_layers`` if a number, else all)."""
+    under ``train.recompute`` (None: ``train.recompute_layers`` if a number, else all);
+    ``peak_inflight``: (micro-batch, chunk) pairs held at once, if known (else simulated)."""
     model, train, parallel = config.model, config.train, config.parallel
     tp, pp, vp = parallel.tp, parallel.pp, parallel.vp
     psi = count_parameters(model) / (tp * pp)
@@ -92,7 +98,9 @@ def predict_rank_memory(
         total = chosen * layer(train.recompute) + (n - chosen) * layer("none")
         total += _ends_bytes(config, plan.embed, plan.head, s, b, tp, sp, dtypes)
         chunk_bytes.append(total)
-    if pp * vp > 1:
+    if peak_inflight is not None:
+        peak = peak_inflight
+    elif pp * vp > 1:
         peak = simulate(build_schedule(parallel.schedule, pp, batch.grad_accum, vp)).peak_inflight[pp_rank]
     else:
         peak = 1
@@ -131,3 +139,15 @@ def choose_recompute_layers(config: Config, dp: int, pp_rank: int, budget_bytes:
         if predicted.total <= budget_bytes:
             return n, predicted, True
     return per_chunk, predict_rank_memory(config, dp, pp_rank, per_chunk, device), False
+
+
+def inflight(schedule: str, p: int, m: int, vp: int, rank: int) -> int:
+    """(micro-batch, chunk) pairs rank ``rank`` holds at once, in closed form: GPipe m; 1F1B and
+    zero-bubble p - r; interleaved Megatron's warm-up count (p - r - 1) * 2 + (vp - 1) * p, plus one."""
+    if p == 1:
+        return 1
+    if schedule == "gpipe":
+        return m
+    if schedule == "interleaved_1f1b":
+        return min(m * vp, (p - rank - 1) * 2 + (vp - 1) * p + 1)
+    return min(m, p - rank)

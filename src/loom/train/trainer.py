@@ -14,6 +14,7 @@ gives the same gradient.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -30,7 +31,10 @@ from loom.optim.lr import lr_at
 from loom.parallel.full_state import merge_pipeline_states
 from loom.parallel.memory import fix_mmap_threshold, host_and_device_peaks
 from loom.parallel.pipeline.simulate import TIMELINE_FILE
+from loom.plan.hardware import hardware_of
+from loom.plan.layout import Prediction
 from loom.plan.model import count_parameters
+from loom.plan.report import measured, predict_run, side_by_side
 from loom.train.batches import batch_offsets, batch_rows, get_batch
 from loom.train.checkpoint import (
     capture_rng_state,
@@ -40,7 +44,7 @@ from loom.train.checkpoint import (
     set_aside_newer,
 )
 from loom.train.data import TokenData, prepare_dataset
-from loom.train.metrics import MetricsWriter, TrainProgress, make_console, write_summary
+from loom.train.metrics import MetricsWriter, TrainProgress, make_console, read_metrics, write_summary
 from loom.train.precision import Precision, resolve_device
 from loom.train.tokenizer import load_tokenizer
 from loom.train.wiring import build_rank
@@ -197,6 +201,8 @@ class Trainer:
         if self.config.train.recompute != "none":
             chunks = [len(plan.layers) for plan in self.plans]
             self.log(self.recompute_note or self.model.recompute.describe(chunks))
+        self.prediction = self._predict()
+        self.log(self._describe_prediction())
         if start_step:
             self.log(f"resuming at step {start_step} of {train.steps}")
         result = None
@@ -258,7 +264,12 @@ class Trainer:
             "tokens_per_s": self.state.tokens_seen / self.state.elapsed_s if self.state.elapsed_s else None,
             "config": self.config.to_dict(),
             "loom_version": __version__,
+            "world_size": self.dist.dims.world_size,
+            "device": self.device.type,
         }
+        if self.is_main:  # the planner's prediction for this layout beside what rank 0 measured
+            tokens = self.batch.global_batch * train.seq_len
+            summary["plan"] = side_by_side(self.prediction, measured(read_metrics(self.run_dir), tokens))
         if self.is_main:
             write_summary(self.run_dir, summary)
         return summary
@@ -314,6 +325,28 @@ class Trainer:
                 f"checkpoint {path} is at step {self.state.step}, and train.steps = {self.config.train.steps}.",
                 f"raise train.steps above {self.state.step} to train further.",
             )
+
+    def _predict(self) -> Prediction:
+        """The planner's prediction for this run's layout, with its recompute count."""
+        train = self.config.train
+        count = self.model.recompute.count
+        config = dataclasses.replace(self.config, train=dataclasses.replace(train, recompute_layers=count))
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
+        hardware = hardware_of(self.device.type, name)
+        return predict_run(config, self.dist.dims.world_size, hardware, self.device.type)
+
+    def _describe_prediction(self) -> str:
+        p, mib = self.prediction, 2**20
+        m = p.memory
+        comm = ", ".join(f"{g} {p.comm_bytes[g] / mib:.1f}" for g in ("dp", "tp", "pp") if p.comm_bytes[g])
+        return (
+            f"predicted per rank: model states {(m.params + m.grads + m.optim) / mib:.1f} MiB, activations "
+            f"{m.activations / mib:.1f} MiB"
+            + (f", 16-bit weight copies {m.weight_copies / mib:.1f} MiB" if m.weight_copies else "")
+            + (f"; MiB sent per step: {comm}" if comm else "")
+            + (f"; bubble {p.bubble:.3f}" if p.bubble else "")
+            + " (memory and traffic exact models; step time: loom plan --calibrate RUN_DIR)"
+        )
 
     def _describe_params(self) -> str:
         total, here = count_parameters(self.config.model), self.model.num_params()

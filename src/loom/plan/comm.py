@@ -1,0 +1,121 @@
+"""Bytes each rank sends per optimizer step, per group, and their time on the links.
+
+Counted as loom's ledger counts (``loom.distributed.ledger``): a ring all-reduce of S bytes
+sends 2(n-1)/n S, a reduce-scatter or all-gather (n-1)/n S, a point-to-point message S.
+E = b s h elements is one micro-batch's activation (whole sequence), c the compute dtype's
+bytes, r the residual stream's (the parameters' dtype), per transformer layer and micro-batch:
+
+- tp without sp: the two region exits all-reduce forward (c), the two entries all-reduce the
+  input gradient backward (r): 2(t-1)/t E (2c + 2r);
+- tp with sp: exits reduce-scatter forward (c) and all-gather backward (c); entries all-gather
+  forward (c), reduce-scatter backward (r) and all-gather their saved slice again (c):
+  (t-1)/t E (8c + 2r);
+- full recomputation runs the forward collectives of each recomputed layer again;
+- plus the embedding's exit and the head's entry, as one region each;
+- dp: ZeRO's 2Ψ or 3Ψ (``loom.plan.memory.dp_bytes_per_step``; stage 3 gathers the parameters
+  twice more per extra micro-batch), DDP's 2(n-1)/n (Ψ + 1 loss element) of the gradients;
+- pp: per micro-batch and chunk, the activation sent forward and its gradient back (b s/d h in
+  the pipeline's dtype), and once per step the tied embedding's gradient between the ends.
+
+Time under the alpha-beta model: messages x alpha + bytes / beta of the link the group spans
+(tp is innermost in loom's mesh, then dp, then pp: a group crosses nodes when its stride times
+its size exceeds the devices of a node).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.plan.hardware import Hardware
+from loom.plan.memory import dp_bytes_per_step
+
+
+@dataclass(frozen=True)
+class CommShape:
+    """What the byte counts need to know of a layout and its model."""
+
+    layers_per_rank: int
+    hidden: int
+    vocab: int
+    seq: int
+    micro_batch: int
+    microbatches: int  # per step and dp rank
+    dp: int
+    tp: int
+    pp: int
+    vp: int
+    sp: bool
+    zero_stage: int
+    params_per_rank: int  # Ψ over tp and pp
+    compute_bytes: int
+    residual_bytes: int  # the parameters' dtype
+    grad_bytes: int
+    pipeline_bytes: int  # what crosses pipeline stages
+    recompute: str
+    recomputed_layers: int  # per rank
+    tied: bool
+
+
+def tp_bytes(shape: CommShape) -> float:
+    t = shape.tp
+    if t == 1:
+        return 0.0
+    e = shape.micro_batch * shape.seq * shape.hidden
+    c, r = shape.compute_bytes, shape.residual_bytes
+    ring = (t - 1) / t
+    if shape.sp:
+        layer, forward = ring * e * (8 * c + 2 * r), ring * e * 4 * c
+        ends = ring * e * (2 * c) + ring * e * (2 * c + r)  # embedding exit: RS + AG; head entry: AG, RS, re-gather
+    else:
+        layer, forward = 2 * ring * e * (2 * c + 2 * r), 2 * ring * e * 2 * c
+        ends = 2 * ring * e * c + 2 * ring * e * r
+    recomputed = shape.recomputed_layers * forward if shape.recompute == "full" else 0.0
+    # only the chunks holding an end have it: the embedding on pp rank 0, the head on the last
+    end_share = ends / shape.pp if shape.pp > 1 else ends
+    return shape.microbatches * (shape.layers_per_rank * layer + recomputed + end_share)
+
+
+def dp_bytes(shape: CommShape) -> float:
+    n, psi = shape.dp, shape.params_per_rank
+    if n == 1:
+        return 0.0
+    ring = (n - 1) / n
+    if shape.zero_stage == 0:
+        return 2 * ring * (psi * shape.grad_bytes + 4)
+    total = dp_bytes_per_step(shape.zero_stage, psi, n, shape.residual_bytes, shape.grad_bytes)
+    if shape.zero_stage == 3:
+        total += 2 * ring * psi * shape.residual_bytes * (shape.microbatches - 1)
+    return total
+
+
+def pp_bytes(shape: CommShape) -> float:
+    if shape.pp == 1:
+        return 0.0
+    d = shape.tp if shape.sp else 1
+    message = shape.micro_batch * shape.seq // d * shape.hidden * shape.pipeline_bytes
+    # an average rank: every chunk but the last stage's sends forward, every one but the first backward
+    boundaries = 2 * (shape.pp * shape.vp - 1) / shape.pp
+    tied = 2 * shape.vocab * shape.hidden * 4 / shape.tp / shape.pp if shape.tied else 0.0
+    return shape.microbatches * boundaries * message + tied
+
+
+def crosses_nodes(stride: int, size: int, hardware: Hardware) -> bool:
+    return stride * size > hardware.devices_per_node
+
+
+def comm_seconds(shape: CommShape, hardware: Hardware) -> dict[str, float]:
+    """Seconds per step each group's traffic takes on its link (alpha-beta), not yet overlapped."""
+    out = {}
+    for group, nbytes, stride, size, messages in (
+        ("tp", tp_bytes(shape), 1, shape.tp, shape.microbatches * (4 * shape.layers_per_rank + 2)),
+        ("dp", dp_bytes(shape), shape.tp, shape.dp, 2 + shape.microbatches * (shape.zero_stage == 3)),
+        ("pp", pp_bytes(shape), shape.tp * shape.dp, shape.pp, 2 * shape.microbatches * shape.vp),
+    ):
+        if size == 1:
+            out[group] = 0.0
+            continue
+        inter = crosses_nodes(stride, size, hardware)
+        beta = hardware.inter_bandwidth if inter else hardware.intra_bandwidth
+        alpha = hardware.inter_latency if inter else hardware.intra_latency
+        out[group] = messages * 2 * (size - 1) * alpha + nbytes / beta
+    return out

@@ -1,0 +1,108 @@
+"""Devices as data: peak FLOP/s, memory, and the links between devices.
+
+A link is modelled alpha-beta (Hockney): moving n bytes over it takes alpha + n / beta
+seconds. ``intra`` links join the devices of one node (NVLink, or shared memory between CPU
+processes), ``inter`` links join nodes (InfiniBand / Ethernet: the per-device share of the
+node's NICs). Peaks are dense (no sparsity) and per device.
+
+Built-in entries come from the vendors' data sheets: H100 SXM 989 TFLOP/s bf16 dense, 67 fp32,
+80 GB, NVLink 4 900 GB/s bidirectional (450 each way), one 400 Gb/s NIC per GPU; H200 the same
+compute and links with 141 GB; A100 80 GB 312 TFLOP/s bf16, 19.5 fp32, NVLink 3 600 GB/s
+(300 each way), one 200 Gb/s NIC per GPU. ``cpu`` is one process of a small host such as the
+one loom's tests run on, with figures to calibrate (``loom plan --calibrate RUN_DIR``).
+A user adds entries in TOML, one table per device with these fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from loom.errors import LoomError
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    peak_flops_bf16: float  # per device, dense
+    peak_flops_fp32: float
+    memory_bytes: float  # usable by one device (a CPU process: its share of the host)
+    devices_per_node: int
+    intra_bandwidth: float  # bytes/s each way, per device, within a node
+    inter_bandwidth: float  # bytes/s each way, per device, between nodes
+    intra_latency: float = 5e-6  # seconds per message
+    inter_latency: float = 1e-5
+    compute_efficiency: float = 0.5  # achieved / peak FLOP/s of the model's matmuls (calibrated: --calibrate)
+
+    def peak_flops(self, precision: str) -> float:
+        return self.peak_flops_fp32 if precision == "fp32" else self.peak_flops_bf16
+
+
+HARDWARE: dict[str, Hardware] = {
+    "h100-sxm": Hardware("h100-sxm", 989e12, 67e12, 80 * GB, 8, 450 * GB, 50 * GB),
+    "h200": Hardware("h200", 989e12, 67e12, 141 * GB, 8, 450 * GB, 50 * GB),
+    "a100-80gb": Hardware("a100-80gb", 312e12, 19.5e12, 80 * GB, 8, 300 * GB, 25 * GB),
+    "cpu": Hardware(
+        "cpu", 50e9, 50e9, 8 * GB, 2, 2 * GB, 0.1 * GB, intra_latency=1e-4, inter_latency=1e-3, compute_efficiency=1.0
+    ),
+}
+
+
+def load_hardware(name: str, path: str | Path | None = None) -> Hardware:
+    """A built-in device, or one defined in the TOML file ``path`` (a table per device)."""
+    known = dict(HARDWARE)
+    if path is not None:
+        known.update(read_hardware_file(Path(path)))
+    if name not in known:
+        raise LoomError(
+            f"unknown device {name!r}.",
+            f"use one of {', '.join(known)}, or define it in a TOML file given with --hardware-file.",
+        )
+    return known[name]
+
+
+def read_hardware_file(path: Path) -> dict[str, Hardware]:
+    if not path.is_file():
+        raise LoomError(f"hardware file {path} does not exist.", "give the path of a TOML file of [device] tables.")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise LoomError(
+            f"hardware file {path} is not valid TOML: {exc}.", "fix the syntax at the position named."
+        ) from None
+    fields = {f.name for f in dataclasses.fields(Hardware)} - {"name"}
+    out = {}
+    for name, table in raw.items():
+        if not isinstance(table, dict):
+            raise LoomError(f"[{name}] in {path} is not a table.", "write each device as a [name] table of fields.")
+        unknown = set(table) - fields
+        missing = (
+            {f.name for f in dataclasses.fields(Hardware) if f.default is dataclasses.MISSING} - {"name"} - set(table)
+        )
+        if unknown or missing:
+            raise LoomError(
+                f"device [{name}] in {path}: "
+                + (f"unknown fields {sorted(unknown)}" if unknown else f"missing {sorted(missing)}")
+                + ".",
+                f"fields: {', '.join(sorted(fields))}.",
+            )
+        out[name] = Hardware(
+            name=name, **{k: float(v) if k != "devices_per_node" else int(v) for k, v in table.items()}
+        )
+    return out
+
+
+def hardware_of(device_type: str, device_name: str = "") -> Hardware:
+    """The built-in entry for a device a run uses: ``cpu``, or a GPU recognised by its name
+    (H200, H100, A100; others are taken as an H100 SXM)."""
+    if device_type != "cuda":
+        return HARDWARE["cpu"]
+    name = device_name.upper()
+    for key, entry in (("H200", "h200"), ("H100", "h100-sxm"), ("A100", "a100-80gb")):
+        if key in name:
+            return HARDWARE[entry]
+    return HARDWARE["h100-sxm"]

@@ -1,0 +1,212 @@
+"""A layout's predicted cost, and the search over layouts that ``loom plan`` runs.
+
+For one layout (dp, tp, pp, vp, schedule, ZeRO stage, sp, recompute, micro-batch) of a model
+on a device type, the prediction combines the planner's models:
+
+- memory per device: the most loaded pipeline rank (the first holds the most micro-batches,
+  the last the logits) by ``loom.plan.rank_memory``;
+- communication per group: ``loom.plan.comm`` (bytes, then seconds on the link it spans);
+- compute: hardware FLOPs (``loom.plan.flops``, recomputation included) per device over the
+  device's peak times its achieved fraction (``Hardware.compute_efficiency``);
+- the pipeline bubble in closed form (``loom.parallel.pipeline.simulate.bubble_formula``);
+- step time = compute x (1 + bubble) + tp + pp transfers (on the critical path) + what of the
+  dp traffic backward cannot hide (dp is overlapped with the backward, 2/3 of the compute;
+  ZeRO-3's gathers with the whole step).
+
+MFU and HFU are model and hardware FLOPs per second over the devices' peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from loom.config import Config
+from loom.parallel.pipeline.simulate import bubble_formula
+from loom.plan.comm import CommShape, comm_seconds, dp_bytes, pp_bytes, tp_bytes
+from loom.plan.flops import GPTShape, hardware_flops, model_flops
+from loom.plan.hardware import Hardware
+from loom.plan.model import count_parameters
+from loom.plan.rank_memory import BYTES, RankMemory, inflight, predict_rank_memory
+
+MICRO_BATCHES = (1, 2, 4, 8, 16)
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp: int
+    tp: int
+    pp: int
+    vp: int
+    schedule: str
+    zero: int
+    sp: bool
+    recompute: str
+    micro_batch: int
+
+    def describe(self) -> str:
+        parts = [f"dp{self.dp}", f"tp{self.tp}" + ("+sp" if self.sp else ""), f"pp{self.pp}"]
+        if self.pp > 1:
+            parts.append(self.schedule + (f" vp{self.vp}" if self.vp > 1 else ""))
+        parts += [f"zero{self.zero}", f"recompute {self.recompute}", f"micro-batch {self.micro_batch}"]
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    layout: Layout
+    memory: RankMemory  # the most loaded rank
+    comm_bytes: dict[str, float]
+    comm_s: dict[str, float]
+    bubble: float
+    compute_s: float
+    step_s: float
+    mfu: float
+    hfu: float
+    fits: bool
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["memory"] = {**dataclasses.asdict(self.memory), "total": self.memory.total}
+        out["layout"]["describe"] = self.layout.describe()
+        return out
+
+
+def config_for(base: Config, layout: Layout, global_batch: int) -> Config:
+    """``base`` with ``layout`` applied (not validated: :func:`layouts` only yields valid ones)."""
+    return dataclasses.replace(
+        base,
+        train=dataclasses.replace(
+            base.train,
+            micro_batch=layout.micro_batch,
+            global_batch=global_batch,
+            grad_accum=None,
+            microbatches=None,
+            recompute=layout.recompute,
+            # a run's own count of recomputed blocks is kept; the search recomputes every block
+            recompute_layers=base.train.recompute_layers
+            if layout.recompute == base.train.recompute and isinstance(base.train.recompute_layers, int)
+            else None,
+        ),
+        parallel=dataclasses.replace(
+            base.parallel,
+            dp=layout.dp,
+            tp=layout.tp,
+            pp=layout.pp,
+            vp=layout.vp,
+            schedule=layout.schedule if layout.pp > 1 else "1f1b",
+            sequence_parallel=layout.sp,
+        ),
+        zero=dataclasses.replace(base.zero, stage=layout.zero, offload="none", grad_dtype=None),
+    )
+
+
+def predict(base: Config, layout: Layout, hardware: Hardware, global_batch: int, device: str = "cuda") -> Prediction:
+    """The predicted memory, traffic and step time of ``layout`` (module docstring)."""
+    config = config_for(base, layout, global_batch)
+    model, precision = config.model, config.train.precision
+    m = global_batch // (layout.dp * layout.micro_batch)
+    ranks = {0, layout.pp - 1}
+    memories = [
+        predict_rank_memory(config, layout.dp, r, None, device, inflight(layout.schedule, layout.pp, m, layout.vp, r))
+        for r in ranks
+    ]
+    memory = max(memories, key=lambda mem: mem.total)
+    psi = count_parameters(model)
+    per_rank = psi // (layout.tp * layout.pp)
+    compute = BYTES[precision]
+    residual = compute if layout.zero else 4
+    shape = CommShape(
+        layers_per_rank=model.n_layers // layout.pp,
+        hidden=model.d_model,
+        vocab=model.vocab_size or 0,
+        seq=config.train.seq_len,
+        micro_batch=layout.micro_batch,
+        microbatches=m,
+        dp=layout.dp,
+        tp=layout.tp,
+        pp=layout.pp,
+        vp=layout.vp,
+        sp=layout.sp,
+        zero_stage=layout.zero,
+        params_per_rank=per_rank,
+        compute_bytes=compute,
+        residual_bytes=residual,
+        grad_bytes=residual,
+        pipeline_bytes=residual,
+        recompute=layout.recompute,
+        recomputed_layers=model.n_layers // layout.pp if layout.recompute != "none" else 0,
+        tied=model.tied and layout.pp > 1,
+    )
+    comm_bytes = {"dp": dp_bytes(shape), "tp": tp_bytes(shape), "pp": pp_bytes(shape)}
+    seconds = comm_seconds(shape, hardware)
+    gpt = GPTShape(model.n_layers, model.d_model, model.vocab_size or 0, config.train.seq_len)
+    world = layout.dp * layout.tp * layout.pp
+    model_total = model_flops(gpt, global_batch)
+    hardware_total = hardware_flops(gpt, global_batch, layout.recompute)
+    rate = hardware.peak_flops(precision) * hardware.compute_efficiency
+    compute_s = hardware_total / world / rate
+    formula = bubble_formula(layout.schedule, layout.pp, m, layout.vp) if layout.pp > 1 else None
+    bubble = formula[1] if formula else (layout.pp - 1) / m if layout.pp > 1 else 0.0
+    hidden = compute_s if layout.zero == 3 else 2 / 3 * compute_s
+    step_s = compute_s * (1 + bubble) + seconds["tp"] + seconds["pp"] + max(0.0, seconds["dp"] - hidden)
+    peak = hardware.peak_flops(precision) * world
+    return Prediction(
+        layout,
+        memory,
+        comm_bytes,
+        seconds,
+        bubble,
+        compute_s,
+        step_s,
+        model_total / step_s / peak,
+        hardware_total / step_s / peak,
+        memory.total <= hardware.memory_bytes,
+    )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(base: Config, world: int, global_batch: int, hardware: Hardware) -> list[Layout]:
+    """Every layout of ``world`` devices that validation would accept for this model and batch."""
+    model, seq = base.model, base.train.seq_len
+    out = []
+    for tp in _divisors(world):
+        if tp > hardware.devices_per_node or model.n_heads % tp or model.ffn_dim % tp:
+            continue
+        if model.kv_heads % tp and tp % model.kv_heads:
+            continue
+        for pp in _divisors(world // tp):
+            if model.n_layers % pp:
+                continue
+            dp = world // (tp * pp)
+            if global_batch % dp:
+                continue
+            for micro in MICRO_BATCHES:
+                if (global_batch // dp) % micro:
+                    continue
+                m = global_batch // (dp * micro)
+                schedules = [("1f1b", 1)]
+                if pp > 1:
+                    schedules.append(("zero_bubble", 1))
+                    if model.n_layers % (2 * pp) == 0 and m % pp == 0:
+                        schedules.append(("interleaved_1f1b", 2))
+                for schedule, vp in schedules:
+                    for sp in (False, True) if tp > 1 and seq % tp == 0 else (False,):
+                        for zero in (0, 1, 2, 3):
+                            if zero == 3 and schedule == "zero_bubble":
+                                continue
+                            for recompute in RECOMPUTE:
+                                out.append(Layout(dp, tp, pp, vp, schedule, zero, sp, recompute, micro))
+    return out
+
+
+def plan(base: Config, world: int, global_batch: int, hardware: Hardware, device: str = "cuda") -> list[Prediction]:
+    """Every valid layout's prediction, those that fit first, then by predicted step time."""
+    predictions = [
+        predict(base, layout, hardware, global_batch, device) for layout in layouts(base, world, global_batch, hardware)
+    ]
+    return sorted(predictions, key=lambda p: (not p.fits, p.step_s if p.fits else p.memory.total))

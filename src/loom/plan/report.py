@@ -1,0 +1,171 @@
+"""The planner's answers as text and records: the ranked layouts, one layout in detail, and a
+run's prediction beside what it measured (``summary.json`` and ``loom plan --run``).
+
+A run's measured figures come from its ``metrics.jsonl`` (rank 0's records): the median over
+the steps after the first (which pays for warm-up) of its step time, bytes per group, memory
+categories and measured bubble.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Sequence
+
+from loom.config import Config
+from loom.plan.hardware import Hardware
+from loom.plan.layout import Layout, Prediction, predict
+
+GIB = 2**30
+CATEGORIES = ("params", "grads", "optim", "activations", "weight_copies")
+MEASURED_KEYS = {
+    "params": "mem_params_bytes",
+    "grads": "mem_grads_bytes",
+    "optim": "mem_optim_bytes",
+    "activations": "mem_activation_bytes",
+    "weight_copies": "mem_weight_copy_bytes",
+}
+
+
+def run_layout(config: Config, world: int) -> Layout:
+    """The layout a run's config and world size describe."""
+    parallel = config.parallel
+    dp = world // (parallel.tp * parallel.pp)
+    batch = config.batch(dp=dp)
+    return Layout(
+        dp,
+        parallel.tp,
+        parallel.pp,
+        parallel.vp,
+        parallel.schedule,
+        config.zero.stage,
+        parallel.sequence_parallel and parallel.tp > 1,
+        config.train.recompute,
+        batch.micro_batch,
+    )
+
+
+def predict_run(config: Config, world: int, hardware: Hardware, device: str) -> Prediction:
+    """The prediction for a run's own layout (every recompute block as configured: all)."""
+    layout = run_layout(config, world)
+    return predict(config, layout, hardware, config.batch(dp=layout.dp).global_batch, device)
+
+
+def measured(records: Sequence[dict], tokens_per_step: int) -> dict:
+    """Medians over a run's steps after the first (the first pays for warm-up)."""
+    steps = [r for r in records if "loss" in r][1:] or [r for r in records if "loss" in r]
+    if not steps:
+        return {}
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in steps if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    out = {
+        "step_s": statistics.median(tokens_per_step / r["tokens_per_s"] for r in steps),
+        "memory": {name: median(key) for name, key in MEASURED_KEYS.items()},
+        "comm_bytes": {g: median(f"comm_bytes_{g}") for g in ("dp", "tp", "pp")},
+        "bubble": median("bubble_measured"),
+        "peak_host_bytes": max((r.get("mem_peak_host_bytes") or 0) for r in steps) or None,
+    }
+    return out
+
+
+def side_by_side(prediction: Prediction, measured_: dict) -> dict:
+    """``{"predicted": ..., "measured": ...}`` with the same categories, for ``summary.json``."""
+    memory = dataclasses.asdict(prediction.memory)
+    return {
+        "layout": prediction.layout.describe(),
+        "predicted": {
+            "memory": {k: memory[k] for k in CATEGORIES},
+            "comm_bytes": prediction.comm_bytes,
+            "bubble": prediction.bubble,
+            "step_s": prediction.step_s,
+        },
+        "measured": measured_,
+    }
+
+
+def _gb(value: float | None) -> str:
+    return "-" if value is None else f"{value / GIB:.2f}"
+
+
+def format_ranking(predictions: Sequence[Prediction], top: int, hardware: Hardware, world: int) -> str:
+    fitting = [p for p in predictions if p.fits]
+    lines = [
+        f"{len(predictions)} valid layouts of {world} x {hardware.name}; {len(fitting)} fit in "
+        f"{hardware.memory_bytes / GIB:.0f} GiB per device. Best {min(top, len(fitting))} by predicted step time:",
+        f"{'#':>3} {'step s':>8} {'MFU':>6} {'mem GiB':>8} {'params':>7} {'grads':>6} {'optim':>6} {'acts':>6} "
+        f"{'bubble':>7}  layout",
+    ]
+    for i, p in enumerate(fitting[:top], 1):
+        m = p.memory
+        lines.append(
+            f"{i:>3} {p.step_s:>8.3f} {100 * p.mfu:>5.1f}% {m.total / GIB:>8.1f} {m.params / GIB:>7.1f} "
+            f"{m.grads / GIB:>6.1f} {m.optim / GIB:>6.1f} {(m.activations + m.weight_copies) / GIB:>6.1f} "
+            f"{p.bubble:>7.3f}  {p.layout.describe()}"
+        )
+    return "\n".join(lines)
+
+
+def format_nowhere(predictions: Sequence[Prediction], hardware: Hardware, world: int) -> str:
+    smallest = min(predictions, key=lambda p: p.memory.total)
+    need = smallest.memory.total
+    return (
+        f"no layout of {world} x {hardware.name} fits: the smallest needs {need / GIB:.1f} GiB per device "
+        f"({smallest.layout.describe()}), the device has {hardware.memory_bytes / GIB:.0f} GiB. Use about "
+        f"{world * need / hardware.memory_bytes:.0f} or more devices, a device with more memory, a shorter "
+        "sequence or a smaller global batch."
+    )
+
+
+def format_explain(p: Prediction, hardware: Hardware) -> str:
+    m = p.memory
+    rows = [
+        f"layout: {p.layout.describe()} on {hardware.name}",
+        "memory per device (most loaded pipeline rank), GiB:",
+        f"  parameters {_gb(m.params)}, gradients {_gb(m.grads)}, optimizer {_gb(m.optim)}, "
+        f"activations {_gb(m.activations)}, 16-bit weight copies {_gb(m.weight_copies)}; total {_gb(m.total)} "
+        f"of {hardware.memory_bytes / GIB:.0f} ({'fits' if p.fits else 'does not fit'})",
+        "communication per step and device: "
+        + ", ".join(f"{g} {p.comm_bytes[g] / GIB:.3f} GiB in {p.comm_s[g] * 1e3:.1f} ms" for g in ("dp", "tp", "pp")),
+        f"compute {p.compute_s:.3f} s at {hardware.compute_efficiency:.0%} of peak; bubble {p.bubble:.3f}",
+        f"step {p.step_s:.3f} s = compute x (1 + bubble) + tp + pp + dp not hidden by backward; "
+        f"MFU {100 * p.mfu:.1f}%, HFU {100 * p.hfu:.1f}%",
+    ]
+    return "\n".join(rows)
+
+
+def format_comparison(compared: dict) -> str:
+    pred, meas = compared["predicted"], compared["measured"]
+    lines = [f"layout: {compared['layout']}", f"{'':<22} {'predicted':>12} {'measured':>12} {'ratio':>7}"]
+
+    def row(label: str, a: float | None, b: float | None, scale: float = 1.0, unit: str = "") -> None:
+        ratio = f"{b / a:.3f}" if a and b is not None else "-"
+        fa = "-" if a is None else f"{a / scale:.4g}{unit}"
+        fb = "-" if b is None else f"{b / scale:.4g}{unit}"
+        lines.append(f"{label:<22} {fa:>12} {fb:>12} {ratio:>7}")
+
+    for name in CATEGORIES:
+        row(f"memory {name} MiB", pred["memory"][name], meas.get("memory", {}).get(name), 2**20)
+    for group in ("dp", "tp", "pp"):
+        row(f"comm {group} MiB/step", pred["comm_bytes"][group], meas.get("comm_bytes", {}).get(group), 2**20)
+    row("bubble", pred["bubble"], meas.get("bubble"))
+    row("step s", pred["step_s"], meas.get("step_s"))
+    return "\n".join(lines)
+
+
+def calibrate(prediction: Prediction, measured_: dict, hardware: Hardware) -> Hardware:
+    """``hardware`` with its compute efficiency fitted so the predicted step equals the measured
+    one, given the predicted transfers: the per-device compute rate of this machine."""
+    step = measured_["step_s"]
+    p = prediction
+    exposed_comm = p.step_s - p.compute_s * (1 + p.bubble)
+    compute = max(step - exposed_comm, 1e-9) / (1 + p.bubble)
+    efficiency = hardware.compute_efficiency * p.compute_s / compute
+    return dataclasses.replace(hardware, name=f"{hardware.name}-calibrated", compute_efficiency=efficiency)
+
+
+def hardware_toml(hw: Hardware) -> str:
+    fields = {f.name: getattr(hw, f.name) for f in dataclasses.fields(hw) if f.name != "name"}
+    return f"[{hw.name}]\n" + "".join(f"{k} = {v!r}\n" for k, v in fields.items())
