@@ -54,3 +54,34 @@ def test_mfu_and_hfu_of_korthikanti_table_5(model: str) -> None:
     got_hfu = utilisation(hardware_flops(shape, gpus, "selective"), seconds, gpus, A100_BF16)
     assert 100 * got_mfu == pytest.approx(mfu, abs=0.15)
     assert 100 * got_hfu == pytest.approx(hfu, abs=0.15)
+
+
+@pytest.mark.parametrize(
+    "family,kv", [("gpt2", None), ("llama", 2), ("llama", 1)], ids=["gpt2", "llama kv2", "llama kv1"]
+)
+def test_rank_parameter_counts_equal_the_built_shards(family: str, kv: int | None) -> None:
+    from types import SimpleNamespace
+
+    from loom.config import load_config
+    from loom.model.transformer import Transformer
+    from loom.parallel.pipeline.partition import rank_stages
+    from loom.parallel.tensor import TensorParallel
+    from loom.plan.model import count_parameters, count_rank_parameters
+
+    items = [f'model.family="{family}"', "model.vocab_size=257", "model.n_layers=4"]
+    cfg = load_config(None, items + ([f"model.n_kv_heads={kv}"] if kv else [])).model
+    assert count_rank_parameters(cfg) == count_parameters(cfg)
+    for t, pp, vp in [(1, 2, 1), (2, 1, 1), (4, 2, 1), (2, 2, 2)]:
+        for tp_rank in range(t):
+            for pp_rank in range(pp):
+                plans = rank_stages(cfg.n_layers, pp, vp, pp_rank)
+                tp = TensorParallel(SimpleNamespace(size=t, rank=tp_rank, name="tp"), t > 1)
+                model = Transformer(
+                    cfg,
+                    device="meta",
+                    tp=tp,
+                    layers=sorted(i for plan in plans for i in plan.layers),
+                    embed=any(plan.embed for plan in plans),
+                    head=any(plan.head for plan in plans),
+                )
+                assert count_rank_parameters(cfg, t, pp, vp, pp_rank) == model.num_params(), (t, pp, vp, pp_rank)

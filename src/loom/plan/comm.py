@@ -11,7 +11,7 @@ bytes, r the residual stream's (the parameters' dtype), per transformer layer an
   forward (c), reduce-scatter backward (r) and all-gather their saved slice again (c):
   (t-1)/t E (8c + 2r);
 - full recomputation runs the forward collectives of each recomputed layer again;
-- plus the embedding's exit and the head's entry, as one region each;
+- plus the embedding's exit (its fp32 output) and the head's entry;
 - dp: ZeRO's 2Ψ or 3Ψ (``loom.plan.memory.dp_bytes_per_step``; stage 3 gathers the parameters
   twice more per extra micro-batch), DDP's 2(n-1)/n (Ψ + 1 loss element) of the gradients;
 - pp: per micro-batch and chunk, the activation sent forward and its gradient back (b s/d h in
@@ -54,6 +54,7 @@ class CommShape:
     recompute: str
     recomputed_layers: int  # per rank
     tied: bool
+    pp_rank: int | None = None  # a given pipeline rank's traffic; None: the average rank's
 
 
 def tp_bytes(shape: CommShape) -> float:
@@ -63,15 +64,22 @@ def tp_bytes(shape: CommShape) -> float:
     e = shape.micro_batch * shape.seq * shape.hidden
     c, r = shape.compute_bytes, shape.residual_bytes
     ring = (t - 1) / t
+    # the embedding's exit carries its fp32 output (all-reduce; sp: reduce-scatter, all-gather back)
+    embed = 2 * ring * e * r
     if shape.sp:
         layer, forward = ring * e * (8 * c + 2 * r), ring * e * 4 * c
-        ends = ring * e * (2 * c) + ring * e * (2 * c + r)  # embedding exit: RS + AG; head entry: AG, RS, re-gather
+        head = ring * e * (2 * c + r)  # the head's entry: all-gather, reduce-scatter back, re-gather
     else:
         layer, forward = 2 * ring * e * (2 * c + 2 * r), 2 * ring * e * 2 * c
-        ends = 2 * ring * e * c + 2 * ring * e * r
+        head = 2 * ring * e * r  # the head's entry: the input gradient all-reduced
     recomputed = shape.recomputed_layers * forward if shape.recompute == "full" else 0.0
     # only the chunks holding an end have it: the embedding on pp rank 0, the head on the last
-    end_share = ends / shape.pp if shape.pp > 1 else ends
+    if shape.pp == 1:
+        end_share = embed + head
+    elif shape.pp_rank is None:
+        end_share = (embed + head) / shape.pp
+    else:
+        end_share = embed * (shape.pp_rank == 0) + head * (shape.pp_rank == shape.pp - 1)
     return shape.microbatches * (shape.layers_per_rank * layer + recomputed + end_share)
 
 
@@ -93,10 +101,14 @@ def pp_bytes(shape: CommShape) -> float:
         return 0.0
     d = shape.tp if shape.sp else 1
     message = shape.micro_batch * shape.seq // d * shape.hidden * shape.pipeline_bytes
-    # an average rank: every chunk but the last stage's sends forward, every one but the first backward
-    boundaries = 2 * (shape.pp * shape.vp - 1) / shape.pp
-    tied = 2 * shape.vocab * shape.hidden * 4 / shape.tp / shape.pp if shape.tied else 0.0
-    return shape.microbatches * boundaries * message + tied
+    stages = shape.pp * shape.vp
+    tied_grad = shape.vocab * shape.hidden * 4 / shape.tp if shape.tied else 0.0  # fp32 gradient, once a step
+    if shape.pp_rank is None:  # every chunk but the last stage's sends forward, every one but the first backward
+        return shape.microbatches * 2 * (stages - 1) / shape.pp * message + 2 * tied_grad / shape.pp
+    mine = [c * shape.pp + shape.pp_rank for c in range(shape.vp)]
+    boundaries = sum((s < stages - 1) + (s > 0) for s in mine)
+    ends = tied_grad * (shape.pp_rank in (0, shape.pp - 1))
+    return shape.microbatches * boundaries * message + ends
 
 
 def crosses_nodes(stride: int, size: int, hardware: Hardware) -> bool:

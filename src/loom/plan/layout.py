@@ -26,7 +26,7 @@ from loom.parallel.pipeline.simulate import bubble_formula
 from loom.plan.comm import CommShape, comm_seconds, dp_bytes, pp_bytes, tp_bytes
 from loom.plan.flops import GPTShape, hardware_flops, model_flops
 from loom.plan.hardware import Hardware
-from loom.plan.model import count_parameters
+from loom.plan.model import count_rank_parameters
 from loom.plan.rank_memory import BYTES, RankMemory, inflight, predict_rank_memory
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
@@ -102,19 +102,26 @@ def config_for(base: Config, layout: Layout, global_batch: int) -> Config:
     )
 
 
-def predict(base: Config, layout: Layout, hardware: Hardware, global_batch: int, device: str = "cuda") -> Prediction:
-    """The predicted memory, traffic and step time of ``layout`` (module docstring)."""
+def predict(
+    base: Config,
+    layout: Layout,
+    hardware: Hardware,
+    global_batch: int,
+    device: str = "cuda",
+    pp_rank: int | None = None,
+) -> Prediction:
+    """The predicted memory, traffic and step time of ``layout`` (module docstring); memory and
+    traffic of pipeline rank ``pp_rank`` (None: the most loaded rank's memory, the average traffic)."""
     config = config_for(base, layout, global_batch)
     model, precision = config.model, config.train.precision
     m = global_batch // (layout.dp * layout.micro_batch)
-    ranks = {0, layout.pp - 1}
+    ranks = {0, layout.pp - 1} if pp_rank is None else {pp_rank}
     memories = [
         predict_rank_memory(config, layout.dp, r, None, device, inflight(layout.schedule, layout.pp, m, layout.vp, r))
         for r in ranks
     ]
     memory = max(memories, key=lambda mem: mem.total)
-    psi = count_parameters(model)
-    per_rank = psi // (layout.tp * layout.pp)
+    per_rank = count_rank_parameters(model, layout.tp, layout.pp, layout.vp, pp_rank or 0)
     compute = BYTES[precision]
     residual = compute if layout.zero else 4
     shape = CommShape(
@@ -138,6 +145,7 @@ def predict(base: Config, layout: Layout, hardware: Hardware, global_batch: int,
         recompute=layout.recompute,
         recomputed_layers=model.n_layers // layout.pp if layout.recompute != "none" else 0,
         tied=model.tied and layout.pp > 1,
+        pp_rank=pp_rank,
     )
     comm_bytes = {"dp": dp_bytes(shape), "tp": tp_bytes(shape), "pp": pp_bytes(shape)}
     seconds = comm_seconds(shape, hardware)

@@ -1,7 +1,7 @@
 """One rank's memory predicted from a config: model states plus activations in flight.
 
-model states: ``loom.plan.memory.model_state_bytes`` over this rank's parameters (the model's
-count split over tp and pp), with loom's dtypes: without ZeRO fp32 parameters and gradients
+model states: ``loom.plan.memory.model_state_bytes`` over this rank's parameters (exactly as
+loom shards them: ``loom.plan.model.count_rank_parameters``), with loom's dtypes: without ZeRO fp32 parameters and gradients
 and AdamW's two fp32 moments (K = 8); with ZeRO the compute dtype's parameters and
 gradients (``zero.grad_dtype`` may keep them in fp32) and fp32 master weights and moments
 (K = 12; 8 in fp32, where the parameters are their own master).
@@ -25,7 +25,7 @@ from loom.parallel.pipeline.schedules import build_schedule
 from loom.parallel.pipeline.simulate import simulate
 from loom.plan.activations import Dtypes, LayerShape, attention_kernel, layer_activation_bytes
 from loom.plan.memory import model_state_bytes
-from loom.plan.model import count_parameters
+from loom.plan.model import count_rank_parameters
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -70,7 +70,7 @@ def predict_rank_memory(
     ``peak_inflight``: (micro-batch, chunk) pairs held at once, if known (else simulated)."""
     model, train, parallel = config.model, config.train, config.parallel
     tp, pp, vp = parallel.tp, parallel.pp, parallel.vp
-    psi = count_parameters(model) / (tp * pp)
+    psi = count_rank_parameters(model, tp, pp, vp, pp_rank)
     stage, precision = config.zero.stage, train.precision
     if stage:
         param_bytes = BYTES[precision]

@@ -45,10 +45,11 @@ def run_layout(config: Config, world: int) -> Layout:
     )
 
 
-def predict_run(config: Config, world: int, hardware: Hardware, device: str) -> Prediction:
-    """The prediction for a run's own layout (every recompute block as configured: all)."""
+def predict_run(config: Config, world: int, hardware: Hardware, device: str, pp_rank: int | None = 0) -> Prediction:
+    """The prediction for a run's own layout, for pipeline rank ``pp_rank`` (0: the rank whose
+    records ``metrics.jsonl`` holds)."""
     layout = run_layout(config, world)
-    return predict(config, layout, hardware, config.batch(dp=layout.dp).global_batch, device)
+    return predict(config, layout, hardware, config.batch(dp=layout.dp).global_batch, device, pp_rank)
 
 
 def measured(records: Sequence[dict], tokens_per_step: int) -> dict:
@@ -157,13 +158,26 @@ def format_comparison(compared: dict) -> str:
 
 def calibrate(prediction: Prediction, measured_: dict, hardware: Hardware) -> Hardware:
     """``hardware`` with its compute efficiency fitted so the predicted step equals the measured
-    one, given the predicted transfers: the per-device compute rate of this machine."""
+    one, given the predicted transfers: the per-device compute rate of this machine (fit it on a
+    run without traffic, then :func:`calibrate_links` on one with)."""
     step = measured_["step_s"]
     p = prediction
     exposed_comm = p.step_s - p.compute_s * (1 + p.bubble)
     compute = max(step - exposed_comm, 1e-9) / (1 + p.bubble)
     efficiency = hardware.compute_efficiency * p.compute_s / compute
-    return dataclasses.replace(hardware, name=f"{hardware.name}-calibrated", compute_efficiency=efficiency)
+    name = hardware.name if hardware.name.endswith("-calibrated") else f"{hardware.name}-calibrated"
+    return dataclasses.replace(hardware, name=name, compute_efficiency=efficiency)
+
+
+def calibrate_links(prediction: Prediction, measured_: dict, hardware: Hardware) -> Hardware:
+    """``hardware`` with its intra-node bandwidth fitted so that the predicted step of a run whose
+    tp (or pp) traffic is on the critical path equals the measured one, the compute as predicted."""
+    p = prediction
+    exposed = measured_["step_s"] - p.compute_s * (1 + p.bubble)
+    nbytes = p.comm_bytes["tp"] + p.comm_bytes["pp"]
+    if exposed <= 0 or not nbytes:
+        return hardware
+    return dataclasses.replace(hardware, intra_bandwidth=nbytes / exposed)
 
 
 def hardware_toml(hw: Hardware) -> str:

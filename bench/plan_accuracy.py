@@ -1,0 +1,160 @@
+"""The planner against measurement: predicted state, activation and communication bytes and step
+time beside what ``loom train`` measured, for layouts runnable on this machine.
+
+Each layout runs ``loom train`` end to end (its own processes, loom's launcher) on the same job;
+rank 0's ``metrics.jsonl`` gives the measured figures (medians over the steps after the first)
+and ``loom.plan.report.predict_run`` the prediction for pp rank 0. Bytes are predicted from the
+config alone (goal: within 5%). Step time needs the machine's rates: the compute rate is fitted on
+the single-process run and the link bandwidth on the tp 2 run (``loom.plan.report.calibrate``,
+``calibrate_links``), then every other layout's step time is predicted (goal: within 15%). Ranks
+on one CPU host share its cores: a rank's compute rate is the single process's over the number of
+ranks, which the calibrated device is given per layout.
+
+    python bench/plan_accuracy.py --out bench/results/plan_accuracy.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import bench_command, result_head, write_result
+
+from loom.config import config_from_dict
+from loom.plan import report
+from loom.plan.hardware import HARDWARE
+from loom.train.metrics import read_metrics
+
+JOB = {
+    "model.n_layers": 4,
+    "model.d_model": 256,
+    "model.n_heads": 8,
+    "model.dropout": 0.1,
+    "train.seq_len": 256,
+    "train.global_batch": 8,
+    "train.steps": 8,
+    "train.eval_every": 0,
+    "train.sample_tokens": 0,
+    "train.ckpt_every": 1000,
+}
+LAYOUTS = {  # name -> (ranks, settings)
+    "single": (1, {}),
+    "single, selective": (1, {"train.recompute": "selective"}),
+    "single, full": (1, {"train.recompute": "full"}),
+    "tp2": (2, {"parallel.tp": 2}),
+    "tp2 sp": (2, {"parallel.tp": 2, "parallel.sequence_parallel": True}),
+    "dp2 ddp": (2, {"ddp.transport": "backend"}),
+    "dp2 zero1": (2, {"zero.stage": 1}),
+    "dp2 zero3": (2, {"zero.stage": 3}),
+    "pp2 1f1b": (2, {"parallel.pp": 2, "train.micro_batch": 2}),
+    "pp2 zero_bubble": (2, {"parallel.pp": 2, "parallel.schedule": "zero_bubble", "train.micro_batch": 2}),
+    "dp2 tp2 sp": (4, {"parallel.tp": 2, "parallel.sequence_parallel": True}),
+    "tp2 pp2": (4, {"parallel.tp": 2, "parallel.pp": 2, "train.micro_batch": 2}),
+    "pp4 1f1b": (4, {"parallel.pp": 4, "train.micro_batch": 1}),
+    "dp2 tp2 pp2": (8, {"parallel.tp": 2, "parallel.pp": 2, "train.micro_batch": 2, "zero.stage": 1}),
+}
+MEMORY = ("params", "grads", "optim", "activations")
+
+
+def run(name: str, ranks: int, settings: dict, root: Path) -> tuple[dict, dict, int]:
+    run_dir = root / name.replace(" ", "_").replace(",", "")
+    items = {**JOB, **settings}
+    cmd = [sys.executable, "-m", "loom.cli", "train", "--run-dir", str(run_dir), "--no-progress", "--nproc", str(ranks)]
+    for key, value in items.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if done.returncode:
+        raise RuntimeError(f"{name} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return summary, read_metrics(run_dir), ranks
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="write the table here (markdown)")
+    parser.add_argument("--max-ranks", type=int, default=8, help="skip layouts with more ranks (default: 8)")
+    args = parser.parse_args()
+    rows, runs = [], {}
+    with tempfile.TemporaryDirectory(prefix="loom-plan-accuracy-") as tmp:
+        for name, (ranks, settings) in LAYOUTS.items():
+            if ranks <= args.max_ranks:
+                print(f"running {name} ({ranks} ranks)", flush=True)
+                runs[name] = run(name, ranks, settings, Path(tmp))
+    base = HARDWARE["cpu"]
+
+    def device_for(hw, ranks: int):
+        share = 1 / ranks  # ranks of one host share its cores (loom gives each cores / ranks threads)
+        return dataclasses.replace(hw, compute_efficiency=hw.compute_efficiency * share)
+
+    def figures(name: str, hw):
+        summary, records, ranks = runs[name]
+        config = config_from_dict(summary["config"])
+        prediction = report.predict_run(config, ranks, device_for(hw, ranks), "cpu", 0)
+        tokens = config.batch(dp=prediction.layout.dp).global_batch * config.train.seq_len
+        return prediction, report.measured(records, tokens), ranks
+
+    p, m, _ = figures("single", base)
+    calibrated = report.calibrate(p, m, base)
+    if "tp2" in runs:
+        p, m, ranks = figures("tp2", calibrated)
+        linked = report.calibrate_links(p, m, device_for(calibrated, ranks))
+        calibrated = dataclasses.replace(linked, compute_efficiency=calibrated.compute_efficiency)
+    worst_bytes, worst_time = 0.0, 0.0
+    for name in runs:
+        prediction, meas, ranks = figures(name, calibrated)
+        cells = [name, str(ranks)]
+        for key in MEMORY:
+            want, got = prediction.memory.__getattribute__(key), meas["memory"][key]
+            err = got / want - 1 if want else 0.0
+            worst_bytes = max(worst_bytes, abs(err)) if want else worst_bytes
+            cells.append(f"{got / 2**20:.2f} / {want / 2**20:.2f}")
+        for group in ("dp", "tp", "pp"):
+            want, got = prediction.comm_bytes[group], meas["comm_bytes"][group] or 0.0
+            if want or got:
+                err = got / want - 1 if want else float("inf")
+                worst_bytes = max(worst_bytes, abs(err))
+                cells.append(f"{got / 2**20:.2f} / {want / 2**20:.2f}")
+            else:
+                cells.append("-")
+        err = meas["step_s"] / prediction.step_s - 1
+        if name not in ("single", "tp2"):  # the calibration runs fit by construction
+            worst_time = max(worst_time, abs(err))
+        cells.append(f"{1e3 * meas['step_s']:.0f} / {1e3 * prediction.step_s:.0f} ({err:+.0%})")
+        rows.append("| " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+    verdict = [
+        f"Bytes (states, activations, traffic): largest error {worst_bytes:.1%} (goal 5%: "
+        f"{'met' if worst_bytes <= 0.05 else 'missed'}).",
+        f"Step time after calibration (compute rate on `single`, link bandwidth on `tp2`): largest error on the "
+        f"other layouts {worst_time:.0%} (goal 15%: {'met' if worst_time <= 0.15 else 'missed'}).",
+        f"Calibrated device: {calibrated.compute_efficiency * calibrated.peak_flops_fp32 / 1e9:.1f} GFLOP/s per "
+        f"process with all cores, link {calibrated.intra_bandwidth / 1e9:.2f} GB/s.",
+    ]
+    print("\n".join(verdict))
+
+    def render(when: str) -> str:
+        job = ", ".join(f"{k}={v}" for k, v in JOB.items())
+        head = result_head("The planner against measurement", bench_command("plan_accuracy.py"), when, job)
+        table = [
+            "Each cell: measured / predicted (rank 0; MiB, or ms for the step).",
+            "",
+            "| layout | ranks | params | grads | optimizer | activations | dp bytes | tp bytes | pp bytes | step ms |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+            *verdict,
+            "",
+        ]
+        return "\n".join(head + table)
+
+    write_result(args.out, render)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
