@@ -17,6 +17,7 @@ measured, not assumed. Checks (exit 1 if not): every policy's losses equal none'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     config = prepare(items)
     half = config.model.n_layers // 2
-    budget_gb = predict_rank_memory(config, 1, recompute_layers=half).total / 1e9 * 1.0001
+    full = dataclasses.replace(config, train=dataclasses.replace(config.train, recompute="full"))
+    budget_gb = predict_rank_memory(full, 1, recompute_layers=half).total / 1e9 * 1.0001
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="loom-bench-recompute-") as root:
         e2e = {f"{LOOM_TRAIN} {policy}": policy_items(items, policy, budget_gb) for policy in POLICIES}

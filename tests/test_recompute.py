@@ -37,7 +37,9 @@ LAYOUTS_2 = {
     "tp2 sp": {"parallel.tp": 2, "parallel.sequence_parallel": True, "model.family": "llama"},
     "pp2 1f1b": {"parallel.pp": 2},
     "pp2 zero_bubble tp-free": {"parallel.pp": 2, "parallel.schedule": "zero_bubble"},
+    "pp2 interleaved vp2": {"parallel.pp": 2, "parallel.vp": 2, "parallel.schedule": "interleaved_1f1b"},
     "dp2 zero3": {"zero.stage": 3},
+    "dp2 zero2 offload": {"zero.stage": 2, "zero.offload": "optimizer"},
     "dp2 ddp": {},
 }
 
@@ -92,7 +94,7 @@ def test_policies_equal_keeping_everything_in_every_layout(tmp_path: Path, text_
             _same(f"{layout} / {policy}", results[f"{layout} / {policy}"], want)
         # and each did recompute: what it kept for backward (rank 0, last step) shrank
         kept = {policy: results[f"{layout} / {policy}"]["metrics"][-1]["mem_activation_bytes"] for policy in POLICIES}
-        assert kept["full"] < kept["full, first block of each chunk"] < kept["none"], layout
+        assert kept["full"] <= kept["full, first block of each chunk"] < kept["none"], layout  # vp2: 1 block a chunk
         assert kept["full"] < kept["selective"] < kept["none"], layout
 
 

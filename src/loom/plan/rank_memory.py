@@ -4,7 +4,8 @@ model states: ``loom.plan.memory.model_state_bytes`` over this rank's parameters
 loom shards them: ``loom.plan.model.count_rank_parameters``), with loom's dtypes: without ZeRO fp32 parameters and gradients
 and AdamW's two fp32 moments (K = 8); with ZeRO the compute dtype's parameters and
 gradients (``zero.grad_dtype`` may keep them in fp32) and fp32 master weights and moments
-(K = 12; 8 in fp32, where the parameters are their own master).
+(K = 12; 8 in fp32, where the parameters are their own master); ZeRO-Offload moves the
+optimizer term (master weights and moments) to host memory.
 
 activations: per (micro-batch, chunk) the chunk's layers (``layer_activation_bytes``: N of
 them under the recompute policy, the rest keeping everything) plus the model's ends on the
@@ -36,12 +37,14 @@ class RankMemory:
 
     params: float
     grads: float
-    optim: float
+    optim: float  # on the device, or in host memory with zero.offload = "optimizer" (then 0 here)
     activations: float
     weight_copies: float
+    host_optim: float = 0.0  # offloaded master weights and moments, in host memory
 
     @property
     def total(self) -> float:
+        """On the device (offloaded optimizer state not included)."""
         return self.params + self.grads + self.optim + self.activations + self.weight_copies
 
 
@@ -110,6 +113,8 @@ def predict_rank_memory(
         uncast = model.max_seq_len * model.d_model if model.family == "gpt2" else 0  # learned positions
         uncast += (2 * model.n_layers + 1) * model.d_model * (2 if model.family == "gpt2" and model.use_bias else 1)
         copies = peak * 2 * (psi - uncast / (tp * pp)) / max(1, vp)
+    if config.zero.stage and config.zero.offload == "optimizer":  # ZeRO-Offload: the optimizer term moves to the host
+        return RankMemory(states["params"], states["grads"], 0.0, activations, copies, host_optim=states["optim"])
     return RankMemory(states["params"], states["grads"], states["optim"], activations, copies)
 
 

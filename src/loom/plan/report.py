@@ -75,6 +75,7 @@ def measured(records: Sequence[dict], tokens_per_step: int) -> dict:
 def side_by_side(prediction: Prediction, measured_: dict) -> dict:
     """``{"predicted": ..., "measured": ...}`` with the same categories, for ``summary.json``."""
     memory = dataclasses.asdict(prediction.memory)
+    memory["optim"] += memory.pop("host_optim")  # a run reports its optimizer state wherever it lives
     return {
         "layout": prediction.layout.describe(),
         "predicted": {
