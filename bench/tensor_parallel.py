@@ -23,8 +23,9 @@ same weights), the same batch on every tp rank, lr schedule and AdamW; no gradie
 either side (``train.grad_clip = 0``). Goal: loom train at least 1.3x DTensor. Checks (exit 1
 if not): loom's region mappings (ledger tags "tp", "tp-sp") send 8bsh(t-1)/t x 4 bytes x
 (L + 1/2) per step and rank (2 all-reduces forward and 2 backward of b*s*h fp32 per layer, with
-SP an all-gather plus a reduce-scatter of the same volume each; plus the embedding's exit and
-the head's entry), and the two sides' losses agree to 1e-4 over all steps.
+SP an all-gather plus a reduce-scatter of the same volume each, and each column entry's saved
+slice all-gathered again in backward, (2L + 1) x (t-1)/t x bsh x 4 more; plus the embedding's
+exit and the head's entry), and the two sides' losses agree to 1e-4 over all steps.
 
     python bench/tensor_parallel.py --out bench/results/tensor_parallel.md
 """
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     for r, t in zip(results, worlds, strict=True):
         regions = 4 * model.n_layers + 2
         want = Fraction(regions) * Fraction(model_bytes("all_reduce", t, 4 * bsh))
+        if args.sequence_parallel:  # each column entry gathers its saved slice again in backward
+            want += Fraction(2 * model.n_layers + 1) * Fraction(model_bytes("all_gather", t, 4 * bsh))
         mapping = {Fraction(sum(v for k, v in tags.items() if k in MAPPING_TAGS)) for tags in r.by_tag[LOOM]}
         other = {k for tags in r.by_tag[LOOM] for k in tags if k.startswith("tp/") and k not in MAPPING_TAGS}
         diff = r.loss_diff(LOOM, DTENSOR)
