@@ -109,6 +109,7 @@ def test_a_run_beside_its_prediction_and_calibration(tmp_path: Path, text_corpus
     assert main(["plan", "--run", str(run)]) == 0
     assert "memory activations MiB" in capsys.readouterr().out
     assert main(["plan", "--calibrate", str(run)]) == 0
+    assert "GFLOP/s per device" in capsys.readouterr().out
     assert (run / "hardware.toml").is_file()
     capsys.readouterr()
     assert (
@@ -128,3 +129,21 @@ def test_a_run_beside_its_prediction_and_calibration(tmp_path: Path, text_corpus
     )
     compared = json.loads(capsys.readouterr().out)
     assert compared["predicted"]["step_s"] == pytest.approx(compared["measured"]["step_s"], rel=1e-6)
+
+
+def test_calibration_fits_the_links_on_a_run_with_tensor_parallel_traffic(
+    tmp_path: Path, text_corpus: Path, capsys
+) -> None:
+    runs = []
+    for name, extra in (("one", {}), ("tp2", {"parallel.tp": 2})):
+        run = tmp_path / name
+        argv = ["train", "--run-dir", str(run)] + (["--nproc", "2"] if extra else [])
+        for item in tiny_overrides(text_corpus, **{"train.steps": 4, "train.eval_every": 0, **extra}):
+            argv += ["--set", item]
+        assert main(argv) == 0
+        runs.append(str(run))
+    capsys.readouterr()
+    assert main(["plan", "--calibrate", runs[1]]) == 2  # tp traffic alone: compute and links are not separable
+    assert "add a run without tensor or pipeline parallelism" in capsys.readouterr().err
+    assert main(["plan", "--calibrate", *runs]) == 0
+    assert "from 1 run(s)" in capsys.readouterr().out

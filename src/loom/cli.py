@@ -191,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument(
         "--calibrate",
         type=Path,
+        nargs="+",
         metavar="RUN_DIR",
-        help="fit the compute rate from a run; writes RUN_DIR/hardware.toml",
+        help="fit the compute rate on the runs without tp or pp traffic and then the link bandwidth on those "
+        "with it; writes hardware.toml into the first RUN_DIR",
     )
     pl.add_argument(
         "--set",
@@ -548,8 +550,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from loom.plan.layout import plan
 
     hardware = load_hardware(args.gpu, args.hardware_file)
-    if args.run or args.calibrate:
-        return _plan_run(args.run or args.calibrate, args, hardware)
+    if args.calibrate:
+        return _plan_calibrate(args.calibrate, args, hardware)
+    if args.run:
+        return _plan_run(args.run, args, hardware)
     seq = args.seq_len
     items = [f'model.preset="{args.model}"', f'train.precision="{args.precision}"', *args.overrides]
     config = load_config(None, [*items, "train.seq_len=1"])
@@ -594,11 +598,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan_run(run_dir: Path, args: argparse.Namespace, hardware) -> int:
+def _load_run(run_dir: Path, args: argparse.Namespace, hardware):
+    """A finished run's config, its prediction on ``hardware`` (the CPU entry for a CPU run unless
+    another device was named) and its measured medians."""
     import json
 
     from loom.config import config_from_dict
     from loom.plan import report
+    from loom.plan.hardware import load_hardware
     from loom.train.metrics import read_metrics
 
     summary_path = run_dir / "summary.json"
@@ -606,25 +613,57 @@ def _plan_run(run_dir: Path, args: argparse.Namespace, hardware) -> int:
         raise LoomError(f"{summary_path} does not exist.", "give the folder of a finished run (loom train --run-dir).")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     config = config_from_dict(summary["config"])
-    world = summary.get("world_size", 1)
-    if args.gpu == "h100-sxm" and summary.get("device", "cpu") == "cpu":
-        from loom.plan.hardware import load_hardware
-
+    device = summary.get("device", "cpu")
+    if args.gpu == "h100-sxm" and device == "cpu":
         hardware = load_hardware("cpu", args.hardware_file)
-    prediction = report.predict_run(config, world, hardware, summary.get("device", "cpu"))
+    prediction = report.predict_run(config, summary.get("world_size", 1), hardware, device)
     tokens = config.batch(dp=prediction.layout.dp).global_batch * config.train.seq_len
-    measured = report.measured(read_metrics(run_dir), tokens)
-    if args.calibrate:
-        fitted = report.calibrate(prediction, measured, hardware)
-        (run_dir / "hardware.toml").write_text(report.hardware_toml(fitted), encoding="utf-8")
-        print(
-            f"{hardware.name}: achieved {fitted.compute_efficiency:.3g} of the {hardware.name} peak "
-            f"({fitted.compute_efficiency * fitted.peak_flops(config.train.precision) / 1e9:.1f} GFLOP/s per device); "
-            f"written to {run_dir / 'hardware.toml'}; use --hardware-file {run_dir / 'hardware.toml'} --gpu {fitted.name}"
-        )
-        return 0
+    return config, hardware, prediction, report.measured(read_metrics(run_dir), tokens)
+
+
+def _plan_run(run_dir: Path, args: argparse.Namespace, hardware) -> int:
+    import json
+
+    from loom.plan import report
+
+    _, _, prediction, measured = _load_run(run_dir, args, hardware)
     compared = report.side_by_side(prediction, measured)
     print(json.dumps(compared, indent=2) if args.json else report.format_comparison(compared))
+    return 0
+
+
+def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) -> int:
+    import dataclasses
+    import statistics
+
+    from loom.plan import report
+
+    runs = [_load_run(run_dir, args, hardware) for run_dir in run_dirs]
+    quiet = [r for r in runs if not (r[2].comm_bytes["tp"] or r[2].comm_bytes["pp"])]
+    if not quiet:
+        raise LoomError(
+            "every run given to --calibrate has tp or pp traffic, so compute and links cannot be told apart.",
+            "add a run without tensor or pipeline parallelism (one process, or dp only).",
+        )
+    config, base, prediction, measured = quiet[0]
+    fitted = report.calibrate(prediction, measured, base)
+    bandwidths = []
+    for run_dir, (_, _, _, measured_) in zip(run_dirs, runs, strict=True):
+        if measured_ is quiet[0][3]:
+            continue
+        again = _load_run(run_dir, args, fitted)[2]
+        if again.comm_bytes["tp"] or again.comm_bytes["pp"]:
+            bandwidths.append(report.calibrate_links(again, measured_, fitted).intra_bandwidth)
+    if bandwidths:
+        fitted = dataclasses.replace(fitted, intra_bandwidth=statistics.median(bandwidths))
+    out = run_dirs[0] / "hardware.toml"
+    out.write_text(report.hardware_toml(fitted), encoding="utf-8")
+    links = f", links {fitted.intra_bandwidth / 1e9:.2f} GB/s from {len(bandwidths)} run(s)" if bandwidths else ""
+    print(
+        f"{base.name}: achieved {fitted.compute_efficiency:.3g} of the {base.name} peak "
+        f"({fitted.compute_efficiency * fitted.peak_flops(config.train.precision) / 1e9:.1f} GFLOP/s per device){links}; "
+        f"written to {out}; use --hardware-file {out} --gpu {fitted.name}"
+    )
     return 0
 
 
