@@ -265,7 +265,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace, run_dir: Path):
     """The checkpoint to resume from (or None) and the validated config."""
-    from loom.config import apply_overrides, config_from_dict, load_config
+    from loom.config import load_config, resume_config
     from loom.train.checkpoint import latest_checkpoint, load_checkpoint
 
     resume_from = None
@@ -285,8 +285,8 @@ def _train_config(args: argparse.Namespace, run_dir: Path):
         )
     if resume_from is not None and args.config is None:
         # Resuming without a config file: the checkpoint's config, with --set on top.
-        base = load_checkpoint(resume_from).meta["config"]
-        return resume_from, config_from_dict(apply_overrides(base, args.overrides))
+        meta = load_checkpoint(resume_from).meta
+        return resume_from, resume_config(meta["config"], meta.get("batch"), args.overrides)
     return resume_from, load_config(args.config, args.overrides)
 
 

@@ -359,7 +359,7 @@ class Config:
                 f"lower train.seq_len, or raise model.max_seq_len to at least {self.train.seq_len}.",
             )
         self._validate_tensor_parallel()
-        shape = self.batch(dp=self.parallel.dp or 1)
+        shape = self.batch(dp=self.parallel.dp or self._implied_dp())
         self._validate_pipeline(shape)
 
     def _validate_pipeline(self, shape: BatchShape) -> None:
@@ -417,6 +417,15 @@ class Config:
                 "and sequence parallelism splits the sequence tp ways.",
                 f"choose train.seq_len as a multiple of {tp}, or turn parallel.sequence_parallel off.",
             )
+
+    def _implied_dp(self) -> int:
+        """dp before the world size is known: what global = micro x accum x dp implies when all three
+        are named (checked against the real dp once processes exist), else 1."""
+        train = self.train
+        accum = train.grad_accum or train.microbatches
+        if train.global_batch and train.micro_batch and accum and train.global_batch % (train.micro_batch * accum) == 0:
+            return train.global_batch // (train.micro_batch * accum)
+        return 1
 
     def batch(self, dp: int = 1) -> BatchShape:
         accum, micro = self.train.grad_accum, self.train.microbatches
@@ -481,6 +490,32 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             )
         target[key] = value
     return merged
+
+
+def resume_config(
+    saved: dict[str, Any], batch: dict[str, int] | None, overrides: list[str] | tuple[str, ...]
+) -> Config:
+    """The config of a run resumed from a checkpoint, under the layout ``overrides`` give.
+
+    The checkpoint's config is what the user named; what loom derived from the layout is
+    derived again: ``parallel.dp`` (from the world size) and the micro-batch count
+    (``train.grad_accum``/``microbatches``), keeping the step's global batch and micro-batch
+    (``batch``, as the checkpoint recorded them), so the data order, the lr schedule and each
+    step's gradient stay those of the uninterrupted run. A field the overrides name wins.
+    """
+    named = {parse_override(item)[:2] for item in overrides}
+    raw = {section: dict(values) if isinstance(values, dict) else values for section, values in saved.items()}
+    if batch is not None:
+        train = raw.setdefault("train", {})
+        for key in ("global_batch", "micro_batch"):
+            if ("train", key) not in named:
+                train[key] = batch[key]
+        for key in ("grad_accum", "microbatches"):
+            if ("train", key) not in named:
+                train.pop(key, None)
+        if ("parallel", "dp") not in named:
+            raw.get("parallel", {}).pop("dp", None)
+    return config_from_dict(apply_overrides(raw, overrides))
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -12,7 +12,8 @@ of :class:`~loom.train.zero_step.ZeroStep`, which does the same on ZeRO's flat b
    (sequence-parallel parameters, replicated K/V heads) and the pipeline's tied embedding.
 3. ``clip_grad_norm``: unscale (fp16), then clip by the global norm over tp and pp, or, for
    pure dp, by the norm DDP measured while its last buckets were in flight.
-4. ``step``: AdamW (through the fp16 scaler, which may skip it), then zero the gradients
+4. ``step``: AdamW, unless fp16's loss scaler found an inf or NaN on any rank of dp, tp or pp
+   (one scaler for the whole run: every rank skips the same steps, the scales stay equal), then zero the gradients
    (DDP keeps ``.grad`` as views into its buckets, so it zeroes them in place).
 """
 
@@ -25,6 +26,7 @@ import torch
 from loom.distributed.comm import Comm
 from loom.errors import LoomError
 from loom.model.transformer import Transformer
+from loom.optim.scaler import DynamicLossScaler
 from loom.parallel.ddp import DataParallel
 from loom.parallel.full_state import (
     full_model_state,
@@ -52,9 +54,12 @@ class PlainStep:
         precision: Precision,
         optimizer: torch.optim.Optimizer,
         ddp: DataParallel | None,
+        scaler: DynamicLossScaler | None = None,
     ) -> None:
         self.model, self.tp, self.pp, self.pipeline, self.precision = model, tp, pp, pipeline, precision
         self.optimizer, self.ddp = optimizer, ddp
+        self.scaler = scaler  # fp16: one loss scale, its overflow check agreed over dp, tp and pp
+        self._unscaled = False
         self._grad_bytes = 0  # the gradients' bytes at the last update (they may be freed after it)
 
     # ------------------------------------------------------------------ one step
@@ -71,7 +76,7 @@ class PlainStep:
         """
         if self.ddp is not None and self.pipeline is None:
             loss = self.ddp.scale_loss(loss)
-        return self.precision.scaler.scale(loss)
+        return self.scaler.scale_loss(loss) if self.scaler is not None else loss
 
     def carry(self, total: torch.Tensor) -> bool:
         """Average the step's loss over dp in DDP's last bucket (call before the last backward).
@@ -98,7 +103,7 @@ class PlainStep:
         (0 on all but the last pipeline stage); it becomes, in place, the global batch's mean,
         summed over the stages and averaged over dp in the same messages as the norm's squares.
         """
-        self.precision.scaler.unscale_(self.optimizer)
+        self._unscale()
         if self.ddp is not None and self.ddp.measure_norm:
             if loss is not None:
                 self.ddp.comm.all_reduce(loss, op="avg", tag="metrics")
@@ -112,20 +117,34 @@ class PlainStep:
             loss.div_(dp.size)
         return norm
 
+    def _unscale(self) -> None:
+        """fp16: divide the gradients by the loss scale, once per step (an inf stays an inf)."""
+        if self.scaler is None or self._unscaled:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
+        self._unscaled = True
+
     def step(self, lr: float) -> bool:
-        """Update and clear the gradients; False when an fp16 overflow skipped the step."""
+        """Update and clear the gradients; False when an fp16 overflow on any rank of dp, tp or pp
+        skipped the step (on every rank: the scaler agrees over all three groups)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        scaler = self.precision.scaler
-        scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
         self._grad_bytes = tensor_bytes(p.grad for p in self.model.parameters())
-        scaler.step(self.optimizer)
-        scaler.update()
+        overflow = False
+        if self.scaler is not None:
+            self._unscale()
+            overflow = self.scaler.found_overflow(p.grad for p in self.model.parameters() if p.grad is not None)
+            self.scaler.update(overflow)
+            self._unscaled = False
+        if not overflow:
+            self.optimizer.step()
         if self.ddp is not None:
             self.ddp.zero_grad()  # keeps .grad as views into the all-reduce buckets
         else:
             self.optimizer.zero_grad(set_to_none=True)
-        return not (scaler.is_enabled() and scaler.get_scale() < scale_before)
+        return not overflow
 
     def finish_run(self) -> None:
         """Stop DDP's shared-memory worker; nothing to gather (every rank holds its whole local model)."""
@@ -168,7 +187,8 @@ class PlainStep:
         }
 
     def scaler_state(self) -> dict:
-        return self.precision.scaler.state_dict()
+        """The loss scale in ``torch.amp.GradScaler``'s layout ({} without fp16), as ZeRO's is."""
+        return self.scaler.grad_scaler_state() if self.scaler is not None else {}
 
     def load(self, model_state: dict, optimizer_state: dict, scaler_state: dict, path) -> None:
         """Cut this rank's slices from a checkpoint of any layout, with or without ZeRO."""
@@ -180,4 +200,5 @@ class PlainStep:
                 "resume with the same model settings the checkpoint was trained with (see its meta.json).",
             ) from None
         load_full_optimizer_state(self.model.placements, self.optimizer, optimizer_state)
-        self.precision.scaler.load_state_dict(scaler_state)
+        if self.scaler is not None and scaler_state:
+            self.scaler.load_state_dict(scaler_state)

@@ -1,4 +1,4 @@
-"""Devices and numeric precision: autocast context and the fp16 loss scaler."""
+"""Devices and numeric precision: the autocast context."""
 
 from __future__ import annotations
 
@@ -28,15 +28,12 @@ def resolve_device(spec: str) -> torch.device:
 class Precision:
     """fp32 runs as is; bf16 and fp16 run the forward under autocast with fp32 weights.
 
-    fp16 also scales the loss (torch's GradScaler) so small gradients do not underflow;
-    a step whose gradients overflow is skipped and the scale lowered.
+    fp16 also scales the loss (``loom.optim.scaler.DynamicLossScaler``, one per run, agreed over
+    dp, tp and pp: the wiring builds it) so small gradients do not underflow.
     """
 
     name: str
     device: torch.device
-
-    def __post_init__(self) -> None:
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.name == "fp32":

@@ -300,6 +300,8 @@ class Trainer:
             "tokenizer": self.tokenizer.fingerprint,
             "params": count_parameters(self.config.model),
             "data": self.data.meta,
+            # what a resume keeps under any layout (loom.config.resume_config): the step's batch
+            "batch": {"global_batch": self.batch.global_batch, "micro_batch": self.batch.micro_batch},
         }
         return save_checkpoint(
             self.run_dir,

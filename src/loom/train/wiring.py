@@ -141,7 +141,7 @@ def _plain_step(
     if dist.dims.dp > 1:
         # the norm is taken during the sync where this rank's .grad is the whole model, each
         # parameter once, and stays as synced (no tp shards, no stages, no fp16 unscale)
-        whole = tp.size == 1 and pipeline is None and not precision.scaler.is_enabled()
+        whole = tp.size == 1 and pipeline is None and precision.name != "fp16"
         ddp = DataParallel(
             model,
             dist.comm("dp"),
@@ -151,7 +151,9 @@ def _plain_step(
             timeout_s=config.parallel.timeout_s + BACKSTOP_S,
         )
     optimizer = build_adamw(model, config.train, dist.device)
-    return PlainStep(model, tp, dist.comm("pp"), pipeline, precision, optimizer, ddp)
+    # fp16: one loss scale for the run, its overflow check agreed over dp, tp and pp
+    scaler = DynamicLossScaler([dist.comm("dp"), tp.comm, dist.comm("pp")]) if precision.name == "fp16" else None
+    return PlainStep(model, tp, dist.comm("pp"), pipeline, precision, optimizer, ddp, scaler)
 
 
 def _zero_step(
