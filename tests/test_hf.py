@@ -41,7 +41,8 @@ def gpt2(tied: bool = True):
     )
 
 
-def llama(tied: bool, kv_heads: int = 2, bias: bool = False):
+def llama(tied: bool, kv_heads: int = 2, bias: bool = False, rope: dict | None = None):
+    extra = {"rope_parameters": {"rope_theta": 500000.0, **rope}} if rope else {"rope_theta": 500000.0}
     return transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
             num_hidden_layers=2,
@@ -52,14 +53,25 @@ def llama(tied: bool, kv_heads: int = 2, bias: bool = False):
             vocab_size=VOCAB,
             max_position_embeddings=64,
             rms_norm_eps=1e-6,
-            rope_theta=500000.0,
             tie_word_embeddings=tied,
             attention_bias=bias,
             mlp_bias=bias,
             bos_token_id=0,
             eos_token_id=1,
+            **extra,
         )
     )
+
+
+# Llama 3.1's frequency scaling, with a trained context (16) shorter than the test's sequence (48) so
+# that every band (kept, blended, interpolated) of the head's frequencies occurs
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 4.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 
 MODELS = {
@@ -68,6 +80,8 @@ MODELS = {
     "llama-gqa": lambda: llama(tied=False),
     "llama-tied": lambda: llama(tied=True),
     "llama-mha-bias": lambda: llama(tied=False, kv_heads=4, bias=True),
+    "llama3-rope-scaling": lambda: llama(tied=False, rope=LLAMA3_ROPE),
+    "llama-linear-rope": lambda: llama(tied=False, rope={"rope_type": "linear", "factor": 2.0}),
 }
 
 
@@ -185,7 +199,7 @@ def test_rejects_unsupported_model_type(tmp_path: Path) -> None:
         import_hf(tmp_path, tmp_path / "run")
 
 
-def test_rejects_rope_scaling_and_odd_head_dim() -> None:
+def test_reads_llama3_rope_and_rejects_other_scalings_and_odd_head_dim() -> None:
     base = {
         "model_type": "llama",
         "num_hidden_layers": 2,
@@ -195,8 +209,11 @@ def test_rejects_rope_scaling_and_odd_head_dim() -> None:
         "vocab_size": VOCAB,
     }
     assert config_from_hf(base).rope_theta == 10000.0
-    with pytest.raises(LoomError, match="llama3"):
-        config_from_hf({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}})
+    llama3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    with pytest.raises(LoomError, match="original_max_position_embeddings"):  # an incomplete llama3 entry
+        config_from_hf({**base, "rope_parameters": llama3})
+    cfg = config_from_hf({**base, "rope_parameters": {**llama3, "original_max_position_embeddings": 8192}})
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_max_seq_len) == ("llama3", 8.0, 8192)
     with pytest.raises(LoomError, match="yarn"):
         config_from_hf({**base, "rope_scaling": {"type": "yarn", "factor": 4.0}})
     with pytest.raises(LoomError, match="head_dim"):
@@ -252,3 +269,27 @@ def test_cli_convert_both_ways_then_generate(tmp_path: Path, capsys) -> None:
     assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
     assert main(["convert", "--from-hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "fix:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("items", "match"),
+    [
+        (['model.rope_scaling="yarn"'], "model.rope_scaling = 'yarn'"),
+        (['model.rope_scaling="llama3"'], "applies to the llama family"),
+        (['model.family="llama"', 'model.rope_scaling="linear"', "model.rope_factor=0.5"], "below 1"),
+        (
+            [
+                'model.family="llama"',
+                'model.rope_scaling="llama3"',
+                "model.rope_low_freq_factor=4",
+                "model.rope_high_freq_factor=1",
+            ],
+            "0 < low < high",
+        ),
+    ],
+)
+def test_bad_rope_scaling_settings_name_the_field(items: list[str], match: str) -> None:
+    from loom.config import load_config
+
+    with pytest.raises(LoomError, match=match):
+        load_config(None, items)

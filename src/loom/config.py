@@ -28,6 +28,7 @@ from loom.presets import PRESETS, preset_fields
 FAMILIES = ("gpt2", "llama")
 PRECISIONS = ("fp32", "bf16", "fp16")
 RECOMPUTE_POLICIES = ("none", "full", "selective")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 DEFAULT_MICRO_BATCH = 16
 
 
@@ -47,6 +48,12 @@ class ModelConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # RoPE frequency scaling for long contexts (Llama 3.1's "llama3", or "linear" position interpolation)
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0  # how much longer than rope_original_max_seq_len the context is
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / low are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / high are kept
+    rope_original_max_seq_len: int = 8192  # llama3: the context the frequencies were trained for
     tie_embeddings: bool | None = None  # None: True for gpt2, False for llama
     bias: bool | None = None  # None: True for gpt2, False for llama
     init_std: float = 0.02
@@ -112,6 +119,24 @@ class ModelConfig:
             )
         _check_positive("model.norm_eps", self.norm_eps)
         _check_positive("model.rope_theta", self.rope_theta)
+        _check_choice("model.rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        if self.rope_scaling != "none":
+            if self.family != "llama":
+                raise LoomError(
+                    f"model.rope_scaling = {self.rope_scaling!r} with model.family = {self.family!r}.",
+                    "RoPE scaling applies to the llama family (gpt2 has learned positions); remove it.",
+                )
+            if self.rope_factor < 1.0:
+                raise LoomError(
+                    f"model.rope_factor = {self.rope_factor} is below 1.", "use the context extension factor, e.g. 8."
+                )
+            _check_positive("model.rope_original_max_seq_len", self.rope_original_max_seq_len)
+            if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+                raise LoomError(
+                    f"model.rope_low_freq_factor = {self.rope_low_freq_factor} and model.rope_high_freq_factor = "
+                    f"{self.rope_high_freq_factor}: llama3 scaling needs 0 < low < high.",
+                    "use Llama 3.1's values: low 1, high 4.",
+                )
         _check_positive("model.init_std", self.init_std)
 
 

@@ -112,8 +112,24 @@ def _llama_config(hf: dict[str, Any]) -> ModelConfig:
     )
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    _refuse(rope_type != "default", f"rope scaling {rope_type!r}", "loom implements plain RoPE only")
+    _refuse(
+        rope_type not in ROPE_TYPES,
+        f"rope scaling {rope_type!r}",
+        "loom implements plain RoPE and the linear and llama3 scalings",
+    )
     _refuse(rope.get("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor", "loom rotates the whole head")
+    _refuse(
+        rope.get("attention_factor") not in (None, 1.0), "rope attention_factor", "loom does not rescale attention"
+    )
+    scaling = {}
+    if rope_type != "default":
+        scaling = {"rope_scaling": ROPE_TYPES[rope_type], "rope_factor": float(_need(rope, "factor"))}
+    if rope_type == "llama3":
+        scaling |= {
+            "rope_low_freq_factor": float(_need(rope, "low_freq_factor")),
+            "rope_high_freq_factor": float(_need(rope, "high_freq_factor")),
+            "rope_original_max_seq_len": int(_need(rope, "original_max_position_embeddings")),
+        }
     return ModelConfig(
         preset="custom",
         family="llama",
@@ -127,6 +143,7 @@ def _llama_config(hf: dict[str, Any]) -> ModelConfig:
         dropout=float(hf.get("attention_dropout", 0.0)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        **scaling,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bias=attn_bias,
         init_std=float(hf.get("initializer_range", 0.02)),
@@ -171,15 +188,32 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "intermediate_size": cfg.ffn_dim,
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps,
-        # rope_theta for transformers 4.x, rope_parameters for 5.x.
+        # rope_theta (and rope_scaling) for transformers 4.x, rope_parameters for 5.x.
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": {"rope_theta": cfg.rope_theta, **_rope_to_hf(cfg)},
+        **({"rope_scaling": _rope_to_hf(cfg)} if cfg.rope_scaling != "none" else {}),
         "max_position_embeddings": cfg.max_seq_len,
         "attention_bias": cfg.use_bias,
         "mlp_bias": cfg.use_bias,
         "attention_dropout": cfg.dropout,
         **common,
     }
+
+
+ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}  # HF rope_type -> model.rope_scaling
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    if cfg.rope_scaling == "none":
+        return {"rope_type": "default"}
+    out: dict[str, Any] = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_factor}
+    if cfg.rope_scaling == "llama3":
+        out |= {
+            "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_seq_len,
+        }
+    return out
 
 
 def _need(hf: dict[str, Any], key: str) -> Any:

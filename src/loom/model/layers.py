@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,12 +40,16 @@ def make_norm(cfg: ModelConfig, tp: TensorParallel) -> nn.Module:
 class RotaryEmbedding(nn.Module):
     """RoPE in the "rotate half" layout: feature i pairs with feature i + head_dim/2.
 
-    Position p rotates pair k by angle p * theta^(-2k/head_dim).
+    Position p rotates pair k by angle p * f_k, f_k = theta^(-2k/head_dim), the frequencies
+    optionally rescaled for a context longer than the one they were trained for
+    (:func:`scale_frequencies`).
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float, cfg: ModelConfig | None = None) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        if cfg is not None and cfg.rope_scaling != "none":
+            inv_freq = scale_frequencies(inv_freq, cfg)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
         self.register_buffer("cos", angles.cos(), persistent=False)
@@ -56,6 +62,27 @@ class RotaryEmbedding(nn.Module):
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
+
+
+def scale_frequencies(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """RoPE frequencies for a context ``rope_factor`` times the trained one (``rope_original_max_seq_len``).
+
+    ``linear`` (position interpolation, Chen et al. 2023): every frequency divided by the factor.
+    ``llama3`` (Llama 3.1): by wavelength lambda = 2 pi / f against the trained context L,
+    low = L / rope_low_freq_factor and high = L / rope_high_freq_factor: wavelengths longer
+    than low are interpolated (f / factor), shorter than high kept (f), and those between
+    blended, f' = (1 - a) f / factor + a f with a = (L / lambda - low_freq_factor) /
+    (high_freq_factor - low_freq_factor). Attention is not rescaled in either.
+    """
+    factor = cfg.rope_factor
+    if cfg.rope_scaling == "linear":
+        return inv_freq / factor
+    low, high, original = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_seq_len
+    wavelength = 2 * math.pi / inv_freq
+    blend = (original / wavelength - low) / (high - low)
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    middle = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(middle, (1 - blend) * scaled / factor + blend * scaled, scaled)
 
 
 class GeluMLP(nn.Module):

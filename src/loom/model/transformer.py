@@ -115,7 +115,7 @@ class Transformer(nn.Module):
                 self.lm_head = ColumnParallelLinear(cfg.d_model, padded, self.tp, bias=False, full_out=cfg.vocab_size)
         with device:
             self.rope = (
-                RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.family == "llama" else None
+                RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg) if cfg.family == "llama" else None
             )
         # where each parameter lives, as its layer declared it; a tied embedding held by one end
         # of a pipeline has its other copy on the other end, and the first stage's counts
