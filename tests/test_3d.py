@@ -19,6 +19,7 @@ from loom.cli import main
 from loom.config import load_config
 from loom.distributed.context import init_distributed
 from loom.distributed.spawn import run_ranks
+from loom.plan.model import count_rank_parameters
 from loom.train.checkpoint import load_checkpoint
 from loom.train.metrics import read_metrics
 from loom.train.trainer import Trainer
@@ -71,6 +72,15 @@ def test_dp2_tp2_pp2_matches_the_single_process_and_resumes_as_one(tmp_path: Pat
     _same(got, want)
     for name, value in _weights(one, STEPS).items():
         torch.testing.assert_close(_weights(three, STEPS)[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    # rank 0's records tell the whole run: every rank's figures, max and sum over the 8
+    last = got[-1]
+    config = load_config(None, tiny_overrides(text_corpus, **COMMON, **THREE_D))
+    config.model.vocab_size = 257
+    stages = sum(count_rank_parameters(config.model, 2, 2, 1, pp_rank) for pp_rank in range(2))
+    params = 4 * stages * 2 * 2  # fp32, each stage's tp shard on 2 tp ranks x 2 dp replicas
+    assert last["mem_params_bytes_sum"] == pytest.approx(params, rel=0.01)  # ZeRO's buckets add a little padding
+    for key in ("mem_params_bytes", "mem_activation_bytes", "comm_bytes_tp", "comm_bytes_pp", "comm_bytes_dp"):
+        assert last[f"{key}_sum"] >= last[f"{key}_max"] >= last[key] > 0, key
 
     # the 3D checkpoint at step 2, resumed as one process: only the layout is restated; the
     # micro-batch count named for dp 2 (2) is derived again for dp 1 (4), the global batch kept

@@ -531,3 +531,19 @@ def test_clip_grad_norm_matches_torch(two_ranks: list[dict]) -> None:
             assert run["norms"][0] == pytest.approx(first, rel=1e-5) and run["norms"][0] > CLIP
             _assert_params(run["full"], want["params"])
         assert _mean_losses(two_ranks, f"clip{stage}") == pytest.approx(want["losses"], rel=1e-6)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_offload_keeps_its_own_host_copies_on_a_cpu_too(stage: int) -> None:
+    # host and device are one memory here; offload must still run its own path (separate fp32
+    # master, gradients copied out, the update copied back), not alias the device run's
+    model = Transformer(load_config(None, MODEL).model, seed=3)
+    zero = ZeroOptimizer(model, Comm("dp", None, [0], Ledger(0)), stage, lr=1e-3, offload="optimizer")
+    for group in zero.groups:
+        owned = group.unit.shard if stage == 3 else group.flat[group.lo : group.hi]
+        assert group.optim.master.data_ptr() != owned.data_ptr()
+        assert group.optim.master.device.type == "cpu" and group.optim.bytes_per_element == 12
+    plain = ZeroOptimizer(
+        Transformer(load_config(None, MODEL).model, seed=3), Comm("dp", None, [0], Ledger(0)), stage, lr=1e-3
+    )
+    assert all(g.optim.bytes_per_element == 8 for g in plain.groups)  # fp32 on the device: the master is the parameters

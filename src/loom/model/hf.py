@@ -118,9 +118,7 @@ def _llama_config(hf: dict[str, Any]) -> ModelConfig:
         "loom implements plain RoPE and the linear and llama3 scalings",
     )
     _refuse(rope.get("partial_rotary_factor", 1.0) != 1.0, "partial_rotary_factor", "loom rotates the whole head")
-    _refuse(
-        rope.get("attention_factor") not in (None, 1.0), "rope attention_factor", "loom does not rescale attention"
-    )
+    _refuse(rope.get("attention_factor") not in (None, 1.0), "rope attention_factor", "loom does not rescale attention")
     scaling = {}
     if rope_type != "default":
         scaling = {"rope_scaling": ROPE_TYPES[rope_type], "rope_factor": float(_need(rope, "factor"))}

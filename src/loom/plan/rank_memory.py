@@ -78,7 +78,7 @@ def predict_rank_memory(
     if stage:
         param_bytes = BYTES[precision]
         grad_bytes = 4 if config.zero.grad_dtype == "fp32" else param_bytes
-        k = 8 if precision == "fp32" else 12
+        k = 8 if precision == "fp32" and config.zero.offload == "none" else 12  # offload: a master of its own
     else:
         param_bytes = grad_bytes = 4
         k = 8

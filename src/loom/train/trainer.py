@@ -50,6 +50,19 @@ from loom.train.tokenizer import load_tokenizer
 from loom.train.wiring import build_rank
 
 TRAIN_STREAM, VAL_STREAM = 0, 1
+# per-rank figures that rank 0's records also give as max and sum over the world's ranks
+RANK_FIGURES = (
+    "comm_bytes_dp",
+    "comm_bytes_tp",
+    "comm_bytes_pp",
+    "mem_params_bytes",
+    "mem_grads_bytes",
+    "mem_optim_bytes",
+    "mem_activation_bytes",
+    "mem_weight_copy_bytes",
+    "mem_peak_host_bytes",
+    "mem_peak_device_bytes",
+)
 
 
 @dataclass
@@ -238,6 +251,7 @@ class Trainer:
                     record.update(self.update.memory())  # model states: parameters, gradients, optimizer
                     record.update(self.meter.take_step())  # activations saved for backward
                     record.update(host_and_device_peaks(self.device))
+                    record.update(self._over_ranks(record))  # every rank's figures, max and sum, in rank 0's record
                     last = self.state.step == train.steps
                     if (train.eval_every and self.state.step % train.eval_every == 0) or last:
                         self.state.last_val_loss = record["val_loss"] = self.evaluate()
@@ -328,6 +342,23 @@ class Trainer:
                 f"raise train.steps above {self.state.step} to train further.",
             )
 
+    def _over_ranks(self, record: dict) -> dict:
+        """``<key>_max`` and ``<key>_sum`` over every rank of the world for each figure of
+        :data:`RANK_FIGURES` (one small all-gather a step), so rank 0's metrics tell the run."""
+        world = self.dist.comm("world")
+        if world.size == 1:
+            return {}
+        mine = torch.tensor([float(record.get(key) or 0) for key in RANK_FIGURES], dtype=torch.float64)
+        every = torch.empty(world.size * len(RANK_FIGURES), dtype=torch.float64)
+        world.all_gather(every, mine, tag="metrics")
+        every = every.view(world.size, len(RANK_FIGURES))
+        out = {}
+        for i, key in enumerate(RANK_FIGURES):
+            if key in record:
+                out[f"{key}_max"] = _plain_number(every[:, i].max().item())
+                out[f"{key}_sum"] = _plain_number(every[:, i].sum().item())
+        return out
+
     def _predict(self) -> Prediction:
         """The planner's prediction for this run's layout, with its recompute count."""
         train = self.config.train
@@ -373,6 +404,10 @@ class Trainer:
                 f"model.vocab_size = {model.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} tokens.",
                 "remove model.vocab_size (it then follows the tokenizer) or raise it.",
             )
+
+
+def _plain_number(value: float) -> int | float:
+    return int(value) if value.is_integer() else value
 
 
 def _count(n: int, noun: str) -> str:

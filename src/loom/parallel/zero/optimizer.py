@@ -96,8 +96,9 @@ class ZeroOptimizer:
         for members in layout:
             group, values = flatten(members, comm.size, comm.rank, self.param_dtype, self.device, initial)
             materialised |= {id(old): new for (_, old), new in zip(members, group.params) if new is not old}
-            # fp32 parameters where the optimizer lives are their own master weights (update.py)
-            alias = self.param_dtype == torch.float32 and self.optim_device == self.device
+            # fp32 parameters where the optimizer lives are their own master weights (update.py); offload
+            # keeps a separate host copy even where host and device are one (a CPU run), so its path runs
+            alias = self.param_dtype == torch.float32 and self.optim_device == self.device and not offload
             owned32.append(None if alias else values[group.lo : group.hi].clone())
             del values
             if stage == 3:  # keep the owned slice; the full buffer is freed at once, so a rank
@@ -114,7 +115,17 @@ class ZeroOptimizer:
                     places.rebind(old, new)
         self.scaler = scaler if scaler is not None or param_dtype != "fp16" else DynamicLossScaler([comm])
         self.update = ZeroAdamW(
-            self.groups, owned32, comm, stage, lr, betas, eps, weight_decay, self.optim_device, self.scaler
+            self.groups,
+            owned32,
+            comm,
+            stage,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            self.optim_device,
+            self.scaler,
+            offload=offload is not None,
         )
         self.gatherer = self._unit_gather(units, root_hooks) if stage == 3 else None
         self.sync = ZeroGradients(self.groups, comm, stage, self.grad_dtype, self.device, self.gatherer)

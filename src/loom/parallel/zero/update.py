@@ -50,12 +50,14 @@ class ZeroAdamW:
         weight_decay: float,
         optim_device: torch.device,
         scaler: DynamicLossScaler | None,
+        offload: bool = False,
     ) -> None:
         self.groups, self.comm, self.stage = list(groups), comm, stage
         self.optim_device, self.scaler = optim_device, scaler
         for group, values in zip(self.groups, owned32, strict=True):
-            # fp32 parameters where the optimizer lives are their own master weights: no second copy
-            alias = group.flat.dtype == torch.float32 and optim_device == group.flat.device
+            # fp32 parameters where the optimizer lives are their own master weights: no second copy;
+            # offloaded, the master is always the host's own copy (also on a CPU, where that is one memory)
+            alias = group.flat.dtype == torch.float32 and optim_device == group.flat.device and not offload
             if alias:
                 master = group.unit.shard if stage == 3 else group.flat[group.lo : group.hi]
             else:
