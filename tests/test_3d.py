@@ -92,3 +92,13 @@ def test_dp2_tp2_pp2_matches_the_single_process_and_resumes_as_one(tmp_path: Pat
     _same(read_metrics(resumed), want[2:])
     for name, value in _weights(one, STEPS).items():
         torch.testing.assert_close(_weights(resumed, STEPS)[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_dp2_tp2_pp2_interleaved_matches_the_single_process(tmp_path: Path, text_corpus: Path) -> None:
+    one = tmp_path / "one"
+    Trainer(load_config(None, tiny_overrides(text_corpus, **COMMON)), one).run()
+    interleaved = {**THREE_D, "parallel.vp": 2, "parallel.schedule": "interleaved_1f1b"}
+    got = run_ranks(
+        _train, 8, args=(tiny_overrides(text_corpus, **COMMON, **interleaved), str(tmp_path / "3d")), timeout_s=400
+    )[0]
+    _same(got, read_metrics(one))
