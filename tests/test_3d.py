@@ -102,3 +102,33 @@ def test_dp2_tp2_pp2_interleaved_matches_the_single_process(tmp_path: Path, text
         _train, 8, args=(tiny_overrides(text_corpus, **COMMON, **interleaved), str(tmp_path / "3d")), timeout_s=400
     )[0]
     _same(got, read_metrics(one))
+
+
+@pytest.mark.parametrize(
+    ("saved", "ranks", "resumed", "resume_ranks"),
+    [
+        (
+            {"parallel.pp": 2, "parallel.vp": 2, "parallel.schedule": "interleaved_1f1b"},
+            2,
+            ["parallel.pp=1", "parallel.vp=1", 'parallel.schedule="1f1b"'],
+            1,
+        ),
+        ({"parallel.tp": 2, "parallel.sequence_parallel": True}, 2, ["parallel.tp=4"], 4),
+    ],
+    ids=["pp2 interleaved -> pp1", "tp2 sp -> tp4 sp"],
+)
+def test_a_checkpoint_resumes_under_another_layout_as_if_uninterrupted(
+    tmp_path: Path, text_corpus: Path, saved: dict, ranks: int, resumed: list[str], resume_ranks: int
+) -> None:
+    one = tmp_path / "one"
+    Trainer(load_config(None, tiny_overrides(text_corpus, **COMMON)), one).run()
+    want = read_metrics(one)
+    first = tmp_path / "first"
+    run_ranks(_train, ranks, args=(tiny_overrides(text_corpus, **COMMON, **saved), str(first)), timeout_s=300)
+    after = tmp_path / "after"
+    argv = ["train", "--run-dir", str(after), "--resume", str(first / "checkpoints" / "step_000002")]
+    argv += ["--nproc", str(resume_ranks)] if resume_ranks > 1 else []
+    for item in resumed:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    _same(read_metrics(after), want[2:])
