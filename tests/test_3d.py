@@ -93,6 +93,14 @@ def test_dp2_tp2_pp2_matches_the_single_process_and_resumes_as_one(tmp_path: Pat
     for name, value in _weights(one, STEPS).items():
         torch.testing.assert_close(_weights(resumed, STEPS)[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
+    # the same checkpoint as dp 2 x pp 4 under ZeRO-3: each rank reads the boxes its slices own
+    other = tmp_path / "dp2 pp4 zero3"
+    argv = ["train", "--run-dir", str(other), "--nproc", "8", "--resume", str(three / "checkpoints" / "step_000002")]
+    for item in ("parallel.tp=1", "parallel.pp=4", "parallel.sequence_parallel=false", "zero.stage=3"):
+        argv += ["--set", item]
+    assert main(argv) == 0
+    _same(read_metrics(other), want[2:])
+
 
 def test_dp2_tp2_pp2_interleaved_matches_the_single_process(tmp_path: Path, text_corpus: Path) -> None:
     one = tmp_path / "one"
@@ -114,8 +122,21 @@ def test_dp2_tp2_pp2_interleaved_matches_the_single_process(tmp_path: Path, text
             1,
         ),
         ({"parallel.tp": 2, "parallel.sequence_parallel": True}, 2, ["parallel.tp=4"], 4),
+        ({"zero.stage": 2}, 4, ["zero.stage=0"], 1),
+        (
+            {},
+            1,
+            [
+                "parallel.tp=2",
+                "parallel.pp=2",
+                "parallel.sequence_parallel=true",
+                'parallel.schedule="1f1b"',
+                "zero.stage=1",
+            ],
+            8,
+        ),
     ],
-    ids=["pp2 interleaved -> pp1", "tp2 sp -> tp4 sp"],
+    ids=["pp2 interleaved -> pp1", "tp2 sp -> tp4 sp", "dp4 zero2 -> single", "single -> dp2 tp2 pp2 zero1"],
 )
 def test_a_checkpoint_resumes_under_another_layout_as_if_uninterrupted(
     tmp_path: Path, text_corpus: Path, saved: dict, ranks: int, resumed: list[str], resume_ranks: int
@@ -123,8 +144,9 @@ def test_a_checkpoint_resumes_under_another_layout_as_if_uninterrupted(
     one = tmp_path / "one"
     Trainer(load_config(None, tiny_overrides(text_corpus, **COMMON)), one).run()
     want = read_metrics(one)
-    first = tmp_path / "first"
-    run_ranks(_train, ranks, args=(tiny_overrides(text_corpus, **COMMON, **saved), str(first)), timeout_s=300)
+    first = one if ranks == 1 else tmp_path / "first"
+    if ranks > 1:
+        run_ranks(_train, ranks, args=(tiny_overrides(text_corpus, **COMMON, **saved), str(first)), timeout_s=300)
     after = tmp_path / "after"
     argv = ["train", "--run-dir", str(after), "--resume", str(first / "checkpoints" / "step_000002")]
     argv += ["--nproc", str(resume_ranks)] if resume_ranks > 1 else []

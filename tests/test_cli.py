@@ -72,14 +72,16 @@ def test_damaged_checkpoints(tmp_path: Path, text_corpus: Path, capsys) -> None:
     assert main(["train", "--run-dir", str(run_dir), "--no-progress", *sets(tiny_overrides(text_corpus))]) == 0
     capsys.readouterr()
     resume = ["train", "--run-dir", str(tmp_path / "again"), "--no-progress", "--resume"]
-    weights = run_dir / "checkpoints" / "step_000006" / "model.safetensors"
+    weights = run_dir / "checkpoints" / "step_000006" / "shard_00000.safetensors"
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF  # tampered: same size, one byte changed
     weights.write_bytes(bytes(data))
-    expect_error([*resume, str(weights.parent), *sets(["train.steps=9"])], capsys, "model.safetensors", "step_000003")
+    expect_error(
+        [*resume, str(weights.parent), *sets(["train.steps=9"])], capsys, "shard_00000.safetensors", "step_000003"
+    )
     weights.write_bytes(bytes(data[: len(data) // 2]))  # truncated
-    expect_error([*resume, str(weights.parent), *sets(["train.steps=9"])], capsys, "model.safetensors")
-    expect_error(["generate", str(weights.parent)], capsys, "model.safetensors")
+    expect_error([*resume, str(weights.parent), *sets(["train.steps=9"])], capsys, "shard_00000.safetensors")
+    expect_error(["generate", str(weights.parent)], capsys, "shard_00000.safetensors")
     expect_error(["train", "--run-dir", str(tmp_path / "fresh"), "--resume"], capsys, "no complete checkpoint")
 
 

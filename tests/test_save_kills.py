@@ -1,6 +1,7 @@
 """A process killed (SIGKILL) at random points while it writes checkpoints, again and again, never
 leaves a partial checkpoint that ``--resume`` would pick: the newest complete one always loads,
-its checksums verified, and it holds the state that step wrote."""
+its checksums verified, and it holds the state that step wrote. Both formats: one file of full
+tensors, and the sharded one ``loom train`` writes."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from loom.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
-WRITER = """
+SINGLE_FILE = """
 import sys, torch
 from pathlib import Path
 from loom.train.checkpoint import save_checkpoint
@@ -28,14 +30,32 @@ for step in range(start, start + 1000):
     print(step, flush=True)
 """
 
+SHARDED = """
+import sys, torch
+from pathlib import Path
+from loom.distributed.comm import Comm
+from loom.distributed.ledger import Ledger
+from loom.parallel.pieces import Piece
+from loom.train.sharded_checkpoint import save_sharded
+run, start = Path(sys.argv[1]), int(sys.argv[2])
+comm = Comm("world", None, [0], Ledger(0))
+for step in range(start, start + 1000):
+    value = float(step)
+    halves = [(0, 0), (128, 0)]  # each tensor in two pieces, as two ranks would write it
+    pieces = [Piece(f"model/w{i}", (256, 256), at, torch.full((128, 256), value)) for i in range(24) for at in halves]
+    save_sharded(run, step, pieces, {"step": step}, {"note": "kill test"}, keep=2, comm=comm)
+    print(step, flush=True)
+"""
 
-def test_kills_during_saves_never_leave_a_partial_checkpoint_to_resume(tmp_path: Path) -> None:
+
+@pytest.mark.parametrize("writer", [SINGLE_FILE, SHARDED], ids=["single file", "sharded"])
+def test_kills_during_saves_never_leave_a_partial_checkpoint_to_resume(tmp_path: Path, writer: str) -> None:
     run = tmp_path / "run"
     rng = random.Random(0)
     start = 1
     for trial in range(8):
         proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(run), str(start)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            [sys.executable, "-c", writer, str(run), str(start)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
         )
         proc.stdout.readline()  # one save done: from here on, kill anywhere
         time.sleep(rng.uniform(0.0, 0.15))

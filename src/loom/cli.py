@@ -80,11 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser(
         "convert",
-        help="import or export Hugging Face checkpoints",
+        help="import or export Hugging Face checkpoints, consolidate sharded ones",
         description="Convert between a local Hugging Face folder (config.json + safetensors) "
-        "and a loom checkpoint. GPT-2 and Llama families.",
+        "and a loom checkpoint (GPT-2 and Llama families), or consolidate a sharded loom "
+        "checkpoint into one model.safetensors: loom convert CKPT --to safetensors --out DIR.",
     )
-    way = conv.add_mutually_exclusive_group(required=True)
+    conv.add_argument("checkpoint", nargs="?", type=Path, help="loom checkpoint or run folder (with --to)")
+    conv.add_argument("--to", choices=("safetensors", "hf"), help="what to turn CHECKPOINT into")
+    way = conv.add_mutually_exclusive_group()
     way.add_argument("--from-hf", type=Path, metavar="DIR", help="Hugging Face folder to import")
     way.add_argument("--to-hf", type=Path, metavar="CKPT", help="loom checkpoint or run folder to export")
     conv.add_argument("--out", type=Path, required=True, help="output folder")
@@ -266,7 +269,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train_config(args: argparse.Namespace, run_dir: Path):
     """The checkpoint to resume from (or None) and the validated config."""
     from loom.config import load_config, resume_config
-    from loom.train.checkpoint import latest_checkpoint, load_checkpoint
+    from loom.train.checkpoint import checkpoint_meta, latest_checkpoint
 
     resume_from = None
     if args.resume == "latest":
@@ -285,7 +288,7 @@ def _train_config(args: argparse.Namespace, run_dir: Path):
         )
     if resume_from is not None and args.config is None:
         # Resuming without a config file: the checkpoint's config, with --set on top.
-        meta = load_checkpoint(resume_from).meta
+        meta = checkpoint_meta(resume_from)
         return resume_from, resume_config(meta["config"], meta.get("batch"), args.overrides)
     return resume_from, load_config(args.config, args.overrides)
 
@@ -381,8 +384,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from loom.train.convert import export_hf, import_hf
+    from loom.train.convert import consolidate, export_hf, import_hf
 
+    given = [
+        name
+        for name, on in (
+            ("CHECKPOINT --to", args.checkpoint or args.to),
+            ("--from-hf", args.from_hf),
+            ("--to-hf", args.to_hf),
+        )
+        if on
+    ]
+    if len(given) != 1 or (args.to is None) != (args.checkpoint is None):
+        raise LoomError(
+            f"loom convert needs one conversion, got {', '.join(given) or 'none'}.",
+            "give one of: CHECKPOINT --to safetensors|hf, --from-hf DIR, --to-hf CKPT (and --out DIR).",
+        )
+    if args.to == "safetensors":
+        path = consolidate(args.checkpoint, args.out)
+        print(f"consolidated {args.checkpoint} -> {path / 'model.safetensors'} (a single-file loom checkpoint)")
+        return 0
+    if args.to == "hf":
+        args.to_hf = args.checkpoint
     if args.from_hf:
         path = import_hf(args.from_hf, args.out)
         print(f"imported {args.from_hf} -> loom checkpoint {path}")

@@ -113,6 +113,23 @@ def _read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def consolidate(checkpoint: Path, out_dir: Path) -> Path:
+    """A checkpoint of any layout (or a run's latest) as one single-file checkpoint in ``out_dir``:
+    ``model.safetensors`` with every weight at full size, the AdamW state name-keyed in
+    ``train_state.pt``; loom resumes it under any layout, and any safetensors reader reads it.
+    Assembled tensor by tensor, on one host (the whole model is held once while writing)."""
+    ckpt = load_checkpoint(Path(checkpoint))
+    out_dir = Path(out_dir)
+    if list_checkpoints(out_dir):
+        raise LoomError(
+            f"{out_dir} already holds checkpoints, which consolidating (keep=1) would delete.",
+            "consolidate into a new, empty folder.",
+        )
+    meta = {k: v for k, v in ckpt.meta.items() if k not in ("step", "loom_version", "files", "format", "world_size")}
+    meta["consolidated_from"] = str(ckpt.path.resolve())
+    return save_checkpoint(out_dir, ckpt.step, ckpt.model_state, ckpt.train_state, meta, keep=1)
+
+
 def export_hf(checkpoint: Path, out_dir: Path) -> Path:
     """Write a loom checkpoint (or a run's latest) as an HF folder: config.json, model.safetensors, tokenizer.json."""
     ckpt = load_checkpoint(Path(checkpoint))

@@ -28,14 +28,9 @@ from loom.errors import LoomError
 from loom.model.transformer import Transformer
 from loom.optim.scaler import DynamicLossScaler
 from loom.parallel.ddp import DataParallel
-from loom.parallel.full_state import (
-    full_model_state,
-    full_optimizer_state,
-    load_full_optimizer_state,
-    local_model_state,
-)
 from loom.parallel.grads import clip_grad_norm, sum_partial_grads
 from loom.parallel.memory import tensor_bytes
+from loom.parallel.pieces import Piece, Reader, load_plain, plain_pieces
 from loom.parallel.pipeline.rank import PipelineRank
 from loom.parallel.tensor import TensorParallel
 from loom.train.precision import Precision
@@ -179,26 +174,34 @@ class PlainStep:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def full_state(self) -> dict:
-        """``{"model", "optimizer"}`` name-keyed at full shape (tp gathered), on every rank of this stage."""
-        return {
-            "model": full_model_state(self.model, self.model.placements, self.tp.comm),
-            "optimizer": full_optimizer_state(self.model.placements, self.optimizer, self.tp.comm),
-        }
+    def pieces(self) -> list[Piece]:
+        """What this rank writes into a sharded checkpoint: its parameters' real parts and AdamW
+        state, each element once over the world (``loom.parallel.pieces``)."""
+        places = self.model.placements
+        names = [places.name_of(p) for group in self.optimizer.param_groups for p in group["params"]]
+        optim_state = {names[i]: entry for i, entry in self.optimizer.state_dict()["state"].items()}
+        dp = (self.ddp.comm.rank, self.ddp.comm.size) if self.ddp is not None else (0, 1)
+        return plain_pieces(places, optim_state, *dp)
+
+    def param_groups(self) -> list[dict]:
+        """AdamW's hyperparameters per group (the checkpoint's record of them)."""
+        return [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.state_dict()["param_groups"]]
+
+    def load_pieces(self, reader: Reader, path) -> None:
+        """Read the boxes this rank holds from a checkpoint of any layout, with or without ZeRO."""
+        try:
+            load_plain(self.model.placements, self.optimizer, reader)
+        except ValueError as exc:
+            raise LoomError(
+                f"checkpoint {path} does not fit this model: {exc}",
+                "resume with the same model settings the checkpoint was trained with (see its meta.json).",
+            ) from None
 
     def scaler_state(self) -> dict:
         """The loss scale in ``torch.amp.GradScaler``'s layout ({} without fp16), as ZeRO's is."""
         return self.scaler.grad_scaler_state() if self.scaler is not None else {}
 
-    def load(self, model_state: dict, optimizer_state: dict, scaler_state: dict, path) -> None:
-        """Cut this rank's slices from a checkpoint of any layout, with or without ZeRO."""
-        try:
-            self.model.load_state_dict(local_model_state(self.model.placements, model_state))
-        except RuntimeError as exc:
-            raise LoomError(
-                f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}",
-                "resume with the same model settings the checkpoint was trained with (see its meta.json).",
-            ) from None
-        load_full_optimizer_state(self.model.placements, self.optimizer, optimizer_state)
-        if self.scaler is not None and scaler_state:
-            self.scaler.load_state_dict(scaler_state)
+    def load_scaler(self, state: dict) -> None:
+        """The loss scale a checkpoint holds (GradScaler's layout), where this run has a scaler."""
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)

@@ -28,7 +28,6 @@ from loom.config import Config
 from loom.distributed.context import DistContext
 from loom.errors import LoomError
 from loom.optim.lr import lr_at
-from loom.parallel.full_state import merge_pipeline_states
 from loom.parallel.memory import fix_mmap_threshold, host_and_device_peaks
 from loom.parallel.pipeline.simulate import TIMELINE_FILE
 from loom.plan.hardware import hardware_of
@@ -36,16 +35,11 @@ from loom.plan.layout import Prediction
 from loom.plan.model import count_parameters
 from loom.plan.report import measured, predict_run, side_by_side
 from loom.train.batches import batch_offsets, batch_rows, get_batch
-from loom.train.checkpoint import (
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-    set_aside_newer,
-)
+from loom.train.checkpoint import capture_rng_state, restore_rng_state, set_aside_newer
 from loom.train.data import TokenData, prepare_dataset
 from loom.train.metrics import MetricsWriter, TrainProgress, make_console, read_metrics, write_summary
 from loom.train.precision import Precision, resolve_device
+from loom.train.sharded_checkpoint import open_checkpoint, save_sharded
 from loom.train.tokenizer import load_tokenizer
 from loom.train.wiring import build_rank
 
@@ -290,17 +284,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self) -> Path | None:
-        """Every rank helps assemble full tensors; rank 0 writes them (any layout can reload)."""
-        states = self.update.full_state()
-        coords = self.dist.coords
-        if coords.dp == 0 and coords.tp == 0:  # one copy of each stage travels to pp rank 0
-            states = merge_pipeline_states(states, self.pp)
-        if not self.is_main:
-            return None
-        model_state, optimizer_state = states["model"], states["optimizer"]
+    def save(self) -> Path:
+        """A sharded checkpoint: every rank writes what it holds, rank 0 the index and the train
+        state (``loom.train.sharded_checkpoint``); it reloads under any layout."""
         train_state = {
-            "optimizer": optimizer_state,
+            "optimizer": {"param_groups": self.update.param_groups()},
             "scaler": self.update.scaler_state(),
             "rng": capture_rng_state(),
             "run": {
@@ -311,25 +299,32 @@ class Trainer:
             },
         }
         meta = {
+            "config": self.config.to_dict(),
             "tokenizer": self.tokenizer.fingerprint,
             "params": count_parameters(self.config.model),
             "data": self.data.meta,
             # what a resume keeps under any layout (loom.config.resume_config): the step's batch
             "batch": {"global_batch": self.batch.global_batch, "micro_batch": self.batch.micro_batch},
         }
-        return save_checkpoint(
+        return save_sharded(
             self.run_dir,
             self.state.step,
-            model_state,
+            self.update.pieces(),
             train_state,
-            {"config": self.config.to_dict(), **meta},
+            meta,
             keep=self.config.train.keep_ckpts,
+            comm=self.dist.comm("world"),
+            device=self.device,
         )
 
     def _restore(self, path: Path) -> None:
-        checkpoint = load_checkpoint(path)
+        """Read this rank's boxes from a checkpoint of any layout and format, then the run's state."""
+        checkpoint = open_checkpoint(path, self.dist.comm("world"), self.device)
+        self.update.load_pieces(checkpoint.tensors, checkpoint.path)
+        checkpoint.tensors.close()
         state = checkpoint.train_state
-        self.update.load(checkpoint.model_state, state["optimizer"], state["scaler"], path)
+        if state.get("scaler"):
+            self.update.load_scaler(state["scaler"])
         restore_rng_state(state["rng"])
         aside = set_aside_newer(self.run_dir, checkpoint.step) if self.is_main else None
         if aside is not None:

@@ -36,13 +36,13 @@ import torch
 from loom.distributed.comm import Comm
 from loom.errors import LoomError
 from loom.model.transformer import Transformer
-from loom.parallel.full_state import full_tensors, local_tensors
 from loom.parallel.grads import sum_partial_grads
+from loom.parallel.pieces import Piece, Reader
 from loom.parallel.pipeline.rank import PipelineRank
 from loom.parallel.tensor import TensorParallel
+from loom.parallel.zero import state as zero_state
 from loom.parallel.zero.optimizer import ZeroOptimizer
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
 MEMORY_KEYS = ("mem_params_bytes", "mem_grads_bytes", "mem_optim_bytes")
 
 
@@ -62,7 +62,7 @@ class ZeroStep:
     ) -> None:
         self.model, self.tp, self.pp, self.pipeline, self.zero = model, tp, pp, pipeline, zero
         decay, rest = dict(hyper), {k: v for k, v in hyper.items() if k != "weight_decay"}
-        self.param_groups = [decay, {**rest, "weight_decay": 0.0}]
+        self.hyper_groups = [decay, {**rest, "weight_decay": 0.0}]
         self._check_tp_layout()
 
     def _check_tp_layout(self) -> None:
@@ -157,48 +157,34 @@ class ZeroStep:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def full_state(self) -> dict:
-        """``{"model", "optimizer"}`` name-keyed at full shape (tp gathered), on every rank of
-        this stage: the layout of ``full_model_state`` / ``full_optimizer_state``."""
-        full = self.zero.full_state()
-        entries = full["optimizer"]["state"]
-        places, tp = self.model.placements, self.tp.comm
-        moments = {key: full_tensors(places, {n: e[key] for n, e in entries.items()}, tp) for key in MOMENTS}
-        params = full_tensors(places, full["model"], tp)
-        names = [n for n, _ in self.model.named_parameters()]
-        state = {n: {"step": entries[n]["step"], **{key: moments[key][n] for key in MOMENTS}} for n in names}
-        return {
-            "model": {n: params[n] for n in names},
-            "optimizer": {"state": state, "param_groups": [dict(g) for g in self.param_groups]},
-        }
+    def pieces(self) -> list[Piece]:
+        """What this rank writes into a sharded checkpoint: the boxes its owned slices cover of the
+        fp32 master weights and AdamW moments (``loom.parallel.zero.state.pieces``)."""
+        return zero_state.pieces(self.zero.groups, self.model.placements)
+
+    def param_groups(self) -> list[dict]:
+        """AdamW's hyperparameters per group, as torch AdamW's two groups name them."""
+        return [dict(g) for g in self.hyper_groups]
+
+    def load_pieces(self, reader: Reader, path) -> None:
+        """Read the boxes this rank owns from a checkpoint of any layout, then publish them."""
+        try:
+            zero_state.load_pieces(self.zero.groups, self.model.placements, reader)
+        except ValueError as exc:
+            raise LoomError(
+                f"checkpoint {path} does not fit this model: {exc}",
+                "resume with the same model settings the checkpoint was trained with (see its meta.json).",
+            ) from None
+        self.zero.update.publish()
 
     def scaler_state(self) -> dict:
         """The loss scale in torch GradScaler's layout; {} without one (as a disabled GradScaler)."""
         return self.zero.scaler.grad_scaler_state() if self.zero.scaler is not None else {}
 
-    def load(self, model_state: dict, optimizer_state: dict, scaler_state: dict, path) -> None:
-        """Cut this rank's slices from a checkpoint of any layout, with or without ZeRO."""
-        params = dict(self.model.named_parameters())
-        missing = [n for n in params if n not in model_state]
-        try:
-            if missing:
-                raise RuntimeError(f"it has no {missing[0]!r}")
-            local = local_tensors(self.model.placements, model_state, torch.float32)
-            for name, value in local.items():
-                if value.shape != params[name].shape:
-                    raise RuntimeError(f"{name!r} is {tuple(value.shape)} there, {tuple(params[name].shape)} here")
-            saved = {n: e for n, e in optimizer_state["state"].items() if n in params}
-            saved_moments = {key: {n: e[key] for n, e in saved.items()} for key in MOMENTS}
-            moments = {key: local_tensors(self.model.placements, saved_moments[key], torch.float32) for key in MOMENTS}
-        except RuntimeError as exc:
-            raise LoomError(
-                f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}",
-                "resume with the same model settings the checkpoint was trained with (see its meta.json).",
-            ) from None
-        entries = {n: {"step": e["step"], **{key: moments[key][n] for key in MOMENTS}} for n, e in saved.items()}
-        self.zero.load_full_state({"model": local, "optimizer": {"state": entries}})
-        if self.zero.scaler is not None and scaler_state:
-            self.zero.scaler.load_state_dict(scaler_state)
+    def load_scaler(self, state: dict) -> None:
+        """The loss scale a checkpoint holds (GradScaler's layout), where this run has a scaler."""
+        if self.zero.scaler is not None and state:
+            self.zero.scaler.load_state_dict(state)
 
 
 def _mib(nbytes: int | float) -> str:

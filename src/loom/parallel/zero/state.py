@@ -9,10 +9,14 @@
   (and the plain path's checkpoints into ZeRO's, and back).
 - :func:`state_dict` / :func:`load_state_dict`: this rank's slices as they are, for the
   same layout only.
+- :func:`pieces` / :func:`load_pieces`: the boxes of the global tensors this rank's slices
+  cover, for sharded checkpoints (``loom.parallel.pieces``): written without gathering,
+  read back under any layout.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -20,6 +24,18 @@ import torch
 
 from loom.distributed.comm import Comm
 from loom.optim.scaler import DynamicLossScaler
+from loom.parallel.pieces import (
+    MOMENTS,
+    Piece,
+    Reader,
+    check_shape,
+    flat_boxes,
+    model_key,
+    optim_key,
+    real_shape,
+    to_global,
+)
+from loom.parallel.placement import Placement, Placements
 from loom.parallel.zero.layout import FlatGroup
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -143,3 +159,76 @@ def load_state_dict(
         group.optim.load_state_dict(saved)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints
+
+
+def _owned_boxes(group: FlatGroup, placements: Placements) -> list[tuple[str, Placement, int, int, list]]:
+    """Per parameter with elements in the owned slice: (name, placement, slice start, slice stop,
+    boxes in this rank's real part); padding rows and buffer padding are left out."""
+    out = []
+    for name, offset in zip(group.names, group.offsets):
+        place = placements[name]
+        real = math.prod(real_shape(place))
+        start, stop = max(offset, group.lo), min(offset + real, group.hi)  # positions in the buffer
+        if start < stop:
+            boxes = flat_boxes(real_shape(place), start - offset, stop - offset)
+            out.append((name, place, start - group.lo, stop - group.lo, boxes))
+    return out
+
+
+def pieces(groups: Sequence[FlatGroup], placements: Placements) -> list[Piece]:
+    """What this rank writes under ZeRO: the boxes its owned slices cover of every parameter's
+    fp32 master weights and AdamW moments (views, no copies), each written once: a tp
+    replica by its owner, a tied copy by the first stage."""
+    out = []
+    for group in groups:
+        opt = group.optim
+        sources = {"model": opt.master, "exp_avg": opt.exp_avg, "exp_avg_sq": opt.exp_avg_sq}
+        for name, place, start, _, boxes in _owned_boxes(group, placements):
+            if not place.counted:
+                continue
+            at = start
+            for offsets, sizes in boxes:
+                n = math.prod(sizes)
+                where = to_global(place, offsets)
+                for what, flat in sources.items():
+                    key = model_key(name) if what == "model" else optim_key(name, what)
+                    out.append(Piece(key, place.full_shape, where, flat[at : at + n].view(sizes)))
+                if not any(where):
+                    out.append(Piece(optim_key(name, "step"), (), (), torch.tensor(float(opt.step_count))))
+                at += n
+    return out
+
+
+@torch.no_grad()
+def load_pieces(groups: Sequence[FlatGroup], placements: Placements, reader: Reader) -> None:
+    """Fill this rank's master and moment slices with the boxes it owns, from a checkpoint of any
+    layout (the caller then publishes). Moments the checkpoint lacks (saved before the first
+    update) start at zero with the step count 0, as a fresh optimizer."""
+    for group in groups:
+        for name in group.names:
+            check_shape(reader, name, placements[name])
+    for group in groups:
+        opt = group.optim
+        has_moments = all(reader.shape(optim_key(name, MOMENTS[0])) is not None for name in group.names)
+        targets = {"model": opt.master}
+        if has_moments:
+            targets |= {"exp_avg": opt.exp_avg, "exp_avg_sq": opt.exp_avg_sq}
+            opt.step_count = int(reader.read(optim_key(group.names[0], "step"), (), (), torch.float32))
+        else:
+            opt.exp_avg.zero_()
+            opt.exp_avg_sq.zero_()
+            opt.step_count = 0
+        for flat in targets.values():
+            flat.zero_()  # padding stays zero
+        for name, place, start, _, boxes in _owned_boxes(group, placements):
+            at = start
+            for offsets, sizes in boxes:
+                n = math.prod(sizes)
+                where = to_global(place, offsets)
+                for what, flat in targets.items():
+                    key = model_key(name) if what == "model" else optim_key(name, what)
+                    flat[at : at + n].copy_(reader.read(key, where, sizes, torch.float32).reshape(-1))
+                at += n
