@@ -6,7 +6,8 @@
 - ``grads``: partial gradients summed over replicas, the global gradient norm;
 - ``ddp``: bucketed data parallelism overlapped with backward;
 - ``zero``: ZeRO stages 1-3 and offload;
-- ``full_state``: full tensors from any tp layout, and back (checkpoints);
+- ``pieces``: each rank's boxes of the global tensors (sharded checkpoints); ``full_state``: a tp
+  model's full tensors in memory;
 - ``random``: seeds and dropout streams;
 - ``pipeline``: partition, schedules as data, simulator, runtime.
 """

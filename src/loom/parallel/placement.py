@@ -80,14 +80,6 @@ class Placement:
         """The view of ``full`` (full shape) that this rank's real part is."""
         return full[self.rows][..., self.cols] if self.tp_dim == 1 else full[self.rows]
 
-    def cut(self, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """This rank's local tensor (shape and dtype of ``like``, padding zero) cut from ``full``."""
-        if self.tp_dim is None:
-            return full.to(like.dtype)
-        local = torch.zeros_like(like)
-        self.real(local).copy_(self.index(full))
-        return local
-
 
 def split(full_shape: tuple[int, ...], dim: int, part: slice, local: int, tp_rank: int, replicas: int = 1) -> Placement:
     """A tensor split over tp along ``dim``: this rank holds ``part`` of it in ``local`` rows or
