@@ -38,13 +38,23 @@ LAYOUTS_2 = {  # dp = 2, two micro-batches of 2 per rank and step; checkpoints a
     "zero3": {"zero.stage": 3},
     "zero2 offload": {"zero.stage": 2, "zero.offload": "optimizer"},
 }
-LAYOUTS_4 = {  # dp = 2 x (tp = 2 or pp = 2)
+LAYOUTS_4 = {  # dp = 2 x (tp = 2 or pp = 2), or dp = 4
     "zero1 tp2 sp": {"zero.stage": 1, "parallel.tp": 2, "parallel.sequence_parallel": True},
     "zero2 llama kv1 tp2 sp": {**LLAMA_KV1, "zero.stage": 2, "parallel.tp": 2, "parallel.sequence_parallel": True},
     "zero3 llama kv1 tp2": {**LLAMA_KV1, "zero.stage": 3, "parallel.tp": 2},
     "zero1 pp2 1f1b": {"zero.stage": 1, "parallel.pp": 2},
     "zero2 pp2 zero_bubble": {"zero.stage": 2, "parallel.pp": 2, "parallel.schedule": "zero_bubble"},
     "zero3 pp2 1f1b": {"zero.stage": 3, "parallel.pp": 2},
+    "zero2 pp2 gpipe": {"zero.stage": 2, "parallel.pp": 2, "parallel.schedule": "gpipe"},
+    "zero3 pp2 gpipe": {"zero.stage": 3, "parallel.pp": 2, "parallel.schedule": "gpipe"},
+    "zero2 pp2 interleaved": {
+        "model.n_layers": 4,
+        "zero.stage": 2,
+        "parallel.pp": 2,
+        "parallel.vp": 2,
+        "parallel.schedule": "interleaved_1f1b",
+    },
+    "zero3 dp4 offload": {"zero.stage": 3, "zero.offload": "optimizer"},
     # 16-bit: the loss scale agrees over dp, tp and pp; activations cross stages in bf16
     "zero3 tp2 sp fp16": {
         "zero.stage": 3,
@@ -190,7 +200,7 @@ def test_zero_with_tp_and_pp_matches_the_single_process(tmp_path: Path, text_cor
     got = run_ranks(_train_layouts, 4, args=(layouts, str(tmp_path / "runs"), {}), timeout_s=300)[0]
     references = {}
     for name, extra in LAYOUTS_4.items():
-        family = "llama kv1" if extra.get("model.family") == "llama" else "gpt2"
+        family = " ".join(f"{k}={v}" for k, v in sorted(extra.items()) if k.startswith("model.")) or "gpt2"
         if family not in references:
             references[family] = single(text_corpus, tmp_path / family, extra, steps=3)
         if extra.get("train.precision") == "bf16":  # close to the fp32 run, not equal
