@@ -547,3 +547,13 @@ def test_offload_keeps_its_own_host_copies_on_a_cpu_too(stage: int) -> None:
         Transformer(load_config(None, MODEL).model, seed=3), Comm("dp", None, [0], Ledger(0)), stage, lr=1e-3
     )
     assert all(g.optim.bytes_per_element == 8 for g in plain.groups)  # fp32 on the device: the master is the parameters
+    # one step: every owned gradient element went to its own host buffer and every updated one came back
+    for opt, mod in ((zero, model), (plain, plain.model)):
+        opt.backward(mod.loss(*_batch(0)))
+        opt.step()
+    moves = zero.update.offload_step
+    owned = sum(g.hi - g.lo for g in zero.groups)
+    assert moves.bytes_to_host == moves.bytes_to_device == 4 * owned
+    assert all(h.data_ptr() != g.grad_shard.data_ptr() for h, g in zip(moves.host_grads, zero.groups))
+    for mine, theirs in zip(zero.groups, plain.groups):  # and the update is the device run's, bit for bit
+        assert torch.equal(mine.optim.master, theirs.optim.master)

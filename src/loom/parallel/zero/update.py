@@ -9,7 +9,8 @@ place): K = 8 bytes per element, not 12. A step:
    say so) skips the step everywhere and backs the loss scale off;
 2. the reduced sums become the mean gradient in fp32: times 1 / (N * loss scale), and times
    the clip coefficient :meth:`ZeroAdamW.clip_grad_norm` left (one multiply);
-3. AdamW on the master slice (weight decay on matrices only, as ``loom.optim.adamw``);
+3. AdamW on the master slice (weight decay on matrices only, as ``loom.optim.adamw``); with
+   offload, on the host, the transfers overlapped with it (``offload.py``);
 4. publish: stages 1-2 all-gather the updated slices into the full compute parameters, in
    one message per ~``GATHER_BATCH_BYTES`` of groups; stage 3 keeps only its slice.
 """
@@ -27,6 +28,7 @@ from loom.optim.adam import FlatAdamW
 from loom.optim.scaler import DynamicLossScaler
 from loom.parallel.grads import clip_coefficient, global_norm, tensor_norms
 from loom.parallel.zero.layout import FlatGroup
+from loom.parallel.zero.offload import OffloadStep
 
 GATHER_BATCH_BYTES = 64 * 2**20  # stages 1-2: updated slices all-gathered in batches of about this size
 
@@ -62,9 +64,13 @@ class ZeroAdamW:
                 master = group.unit.shard if stage == 3 else group.flat[group.lo : group.hi]
             else:
                 master = values.to(optim_device, copy=True)
+                if offload and group.flat.device.type == "cuda":
+                    master = master.pin_memory()  # the copies back to the device run asynchronously
             segments = group.decay_segments(weight_decay)
             group.optim = FlatAdamW(master, segments, lr, betas, eps, holds_master=not alias)
         self.clip_coef = 1.0  # what the next step multiplies the gradient by (clip_grad_norm sets it)
+        self.offload = offload
+        self._offload_step: OffloadStep | None = None  # built at the first step (the gradient shards exist then)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """fp16: the loss times the scale, before backward; else the loss."""
@@ -108,6 +114,10 @@ class ZeroAdamW:
                 self.clip_coef = 1.0
                 return False
         factor, self.clip_coef = self.clip_coef * self.unscale(), 1.0
+        if self.offload:  # to the host and back, overlapped with the host's update (offload.py)
+            self.offload_step.step(factor, lr)
+            self.publish(staged=True)
+            return True
         for group in self.groups:
             grad = group.grad_shard.to(self.optim_device, torch.float32, copy=True)
             if factor != 1.0:
@@ -116,15 +126,26 @@ class ZeroAdamW:
         self.publish()
         return True
 
+    @property
+    def offload_step(self) -> OffloadStep:
+        """ZeRO-Offload's transfers: each group's updated master slice lands in this rank's slice of
+        the parameters (stages 1-2: the owned part of the flat buffer; stage 3: the shard)."""
+        if self._offload_step is None:
+            targets = [g.unit.shard if self.stage == 3 else g.flat[g.lo : g.hi] for g in self.groups]
+            self._offload_step = OffloadStep(self.groups, targets, self.groups[0].flat.device)
+        return self._offload_step
+
     @torch.no_grad()
-    def publish(self) -> None:
-        """Every group's master slice to its compute parameters (stages 1-2: all-gathered)."""
+    def publish(self, staged: bool = False) -> None:
+        """Every group's master slice to its compute parameters (stages 1-2: all-gathered).
+        ``staged``: the slices are already in place (offload copied them back)."""
         if self.stage == 3:
-            for group in self.groups:
-                _copy_unless_same(group.unit.shard, group.optim.master)
+            if not staged:
+                for group in self.groups:
+                    _copy_unless_same(group.unit.shard, group.optim.master)
             return
         for batch in self._gather_batches():
-            self._gather_batch(batch)
+            self._gather_batch(batch, staged)
 
     def _gather_batches(self) -> list[list[FlatGroup]]:
         """Consecutive groups, each batch about GATHER_BATCH_BYTES of parameters (at least one group)."""
@@ -139,7 +160,7 @@ class ZeroAdamW:
             size += nbytes
         return batches
 
-    def _gather_batch(self, groups: list[FlatGroup]) -> None:
+    def _gather_batch(self, groups: list[FlatGroup], staged: bool = False) -> None:
         """One all-gather for several groups: this rank's slices side by side, gathered, copied out.
 
         The bytes are those of one all-gather per group ((n-1)/n of the padded sizes), in one
@@ -148,7 +169,8 @@ class ZeroAdamW:
         n = self.comm.size
         owned = [g.flat[g.lo : g.hi] for g in groups]
         for group, slice_ in zip(groups, owned):
-            _copy_unless_same(slice_, group.optim.master)
+            if not staged:
+                _copy_unless_same(slice_, group.optim.master)
         if n == 1:
             return
         send = torch.cat(owned)
