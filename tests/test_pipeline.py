@@ -35,7 +35,13 @@ from loom.train.trainer import Trainer
 LAYOUTS_2 = {
     "gpt2 pp2 gpipe": {"parallel.pp": 2, "parallel.schedule": "gpipe"},
     "gpt2 pp2 1f1b": {"parallel.pp": 2, "parallel.schedule": "1f1b"},
-    "llama pp2 zero_bubble": {"model.family": "llama", "parallel.pp": 2, "parallel.schedule": "zero_bubble"},
+    # dropout's masks are the single process's in any dp/pp layout (loom.parallel.random)
+    "llama pp2 zero_bubble, dropout": {
+        "model.family": "llama",
+        "model.dropout": 0.1,
+        "parallel.pp": 2,
+        "parallel.schedule": "zero_bubble",
+    },
     "gpt2 pp2 interleaved": {"parallel.pp": 2, "parallel.vp": 2, "parallel.schedule": "interleaved_1f1b"},
 }
 LAYOUTS_4 = {
@@ -47,7 +53,7 @@ LAYOUTS_4 = {
         "parallel.schedule": "interleaved_1f1b",
     },
     "gpt2 pp4 zero_bubble": {"parallel.pp": 4, "parallel.schedule": "zero_bubble"},
-    "gpt2 dp2 x pp2 1f1b": {"parallel.pp": 2},
+    "gpt2 dp2 x pp2 1f1b, dropout": {"model.dropout": 0.1, "parallel.pp": 2},
     # llama: an untied head on the last stage, whose loss has no embedding to ask for its vocab range
     "llama gqa tp2 sp x pp2 1f1b": {
         "model.family": "llama",
@@ -197,6 +203,23 @@ def test_partition_is_megatron_interleaving() -> None:
     assert [p.layers for p in plans[1]] == [range(2, 4), range(6, 8)]  # stages 1 and 3
     assert plans[0][0].embed and plans[1][1].head and not plans[1][0].head
     assert split_layers(5, 2, costs=[1, 1, 1, 1, 4]) == [range(0, 4), range(4, 5)]  # balanced by cost
+
+
+def test_tp_pipeline_with_dropout_draws_the_masks_of_tp_alone(tmp_path: Path, text_corpus: Path) -> None:
+    """tp2 sp x pp2 zero-bubble with dropout equals tp2 sp with dropout: stages, the split
+    backward and the deferred weight gradients change no mask. (Against the single process tp
+    matches in distribution only: each tp rank draws its own heads' and sequence slice's masks.)"""
+    dropout = {"model.dropout": 0.1, "parallel.tp": 2, "parallel.sequence_parallel": True}
+    piped = {**dropout, "parallel.pp": 2, "parallel.schedule": "zero_bubble"}
+    got = run_ranks(
+        _train_layouts, 4, args=({"pp": layout_overrides(text_corpus, piped)}, str(tmp_path / "a")), timeout_s=300
+    )[0]["pp"]
+    want = run_ranks(
+        _train_layouts, 2, args=({"tp": layout_overrides(text_corpus, dropout)}, str(tmp_path / "b")), timeout_s=300
+    )[0]["tp"]
+    for a, b in zip(got, want, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
 
 
 def test_pipeline_layouts_are_checked_up_front() -> None:

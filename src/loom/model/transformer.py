@@ -166,14 +166,21 @@ class Transformer(nn.Module):
     def _run_stage(self, x: torch.Tensor, layers: Sequence[int], embed: bool, head: bool) -> torch.Tensor:
         seq = x.shape[1] * (self.tp.size if not embed and self.tp.sequence_parallel else 1)
         positions = torch.arange(seq, device=x.device)
+        # dropout's masks are functions of (step, micro-batch, site) in any layout (loom.parallel.random);
+        # reseeded outside a recomputed block, whose checkpoint then replays the same draws
+        reseed = self.rng.enter if self.rng is not None and self.training and self.cfg.dropout else None
         if embed:
             x = self.tok_emb(x)  # replicated, or this rank's sequence slice under SP
             if self.pos_emb is not None:
                 x = x + self.pos_emb(self.tp.local_positions(positions))
+            if reseed:
+                reseed("embed")
             x = self._emb_dropout(x)
         chosen = self.recompute.chosen(layers)
         for i in layers:
             block = self.blocks[str(i)]
+            if reseed:
+                reseed(i)
             if i in chosen and self.recompute.policy == "full":
                 x = recompute(block, x, self.rope, positions, self.rng, rng=self.rng, store=self.tp.weight_grads)
             else:

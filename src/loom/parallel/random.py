@@ -1,13 +1,20 @@
-"""Random streams for dropout under tensor parallelism (Megatron's RNG tracker).
+"""Random streams for dropout: the same masks in every layout but tp's own draws.
 
-Two streams per step, each a pure function of (seed, step, rank coordinates):
+Two streams, reseeded where each dropout site starts (the embedding, each block) for each
+micro-batch, as pure functions of (seed, step, global micro-batch, site):
 
 - the *shared* stream (torch's default generator), the same on every tp rank of a dp
   replica: dropout on replicated activations must drop the same elements everywhere;
-- the *tp* stream, different on each tp rank: dropout on what a rank holds alone
-  (its attention heads, its slice of the sequence under SP) must differ between ranks.
+- the *tp* stream, also keyed by the tp rank: dropout on what a rank holds alone (its
+  attention heads, its slice of the sequence under SP) must differ between ranks.
 
-So tp=2 equals tp=1 in distribution, and every run is reproducible.
+The global micro-batch is ``dp_rank x micro-batches per rank + k``, the rows
+``loom.train.batches.batch_rows`` gives it, so dp, accumulation and pipeline stages (which
+run a block wherever and whenever the schedule says) draw exactly the masks of the single
+process. tp = 2 equals tp = 1 in distribution only (each rank draws its part's masks, as
+Megatron-LM), and every run is reproducible. A recomputed block redraws the masks of its
+first pass: the checkpoint restores the shared stream, :meth:`ParallelRNG.recompute_contexts`
+the tp stream, both as they were after the block's reseed.
 """
 
 from __future__ import annotations
@@ -31,12 +38,29 @@ class ParallelRNG:
         self.dp_rank = dp_rank
         self.tp_rank = tp_rank
         self._tp_state: torch.Tensor | None = None
+        self._step: tuple[int, int, int] | None = None  # seed, step, micro-batches per dp rank
+        self._microbatch = 0
 
-    def reseed(self, seed: int, step: int) -> None:
-        """Start step ``step``: both streams become functions of (seed, step, ranks)."""
-        self._seed(stream_seed(seed, "dropout", self.dp_rank, step))
+    def reseed(self, seed: int, step: int, per_rank: int = 1) -> None:
+        """Start step ``step`` with ``per_rank`` micro-batches on each dp rank, at micro-batch 0."""
+        self._step = (seed, step, per_rank)
+        self.microbatch(0)
+        self.enter("step")
+
+    def microbatch(self, k: int) -> None:
+        """The next forward is this dp rank's micro-batch ``k``."""
+        per_rank = self._step[2] if self._step is not None else 1
+        self._microbatch = self.dp_rank * per_rank + k
+
+    def enter(self, site: object) -> None:
+        """A dropout site starts (``"embed"``, a block's global index): both streams become
+        functions of (seed, step, global micro-batch, site), the tp stream of the tp rank too."""
+        if self._step is None:
+            return
+        seed, step, _ = self._step
+        self._seed(stream_seed(seed, "dropout", step, self._microbatch, site))
         with torch.random.fork_rng(devices=self._cuda()):
-            self._seed(stream_seed(seed, "dropout-tp", self.dp_rank, self.tp_rank, step))
+            self._seed(stream_seed(seed, "dropout-tp", step, self._microbatch, site, self.tp_rank))
             self._tp_state = self._get()
 
     def _seed(self, seed: int) -> None:

@@ -124,7 +124,7 @@ class Trainer:
         )
         accum = self.batch.grad_accum
         dp_rank = self.dist.coords.dp
-        self.rng.reseed(train.seed, step)  # dropout is a pure function of (seed, step, ranks), like the data
+        self.rng.reseed(train.seed, step, accum)  # dropout: a pure function of (seed, step, micro-batch, site)
         batches = [
             get_batch(
                 self.data.train,
@@ -144,6 +144,7 @@ class Trainer:
             total = torch.zeros((), device=self.device)
             for k, (x, y) in enumerate(batches):
                 last = k == accum - 1
+                self.rng.microbatch(k)
                 with contextlib.nullcontext() if last else update.no_sync():
                     with self.precision.autocast(), self.meter.forward(k):
                         loss = self.model.loss(x, y) / accum

@@ -117,6 +117,8 @@ class PipelineRuntime:
             start = time.perf_counter()
             if action.kind == "F":
                 x, y = batches[action.microbatch]
+                if self.model.rng is not None:  # dropout draws this micro-batch's masks, whenever it runs
+                    self.model.rng.microbatch(action.microbatch)
                 split = split_backward and not plan.embed
                 record = self.weight_grads.recording() if split else contextlib.nullcontext()
                 with self.autocast(), record as recorded[key], self.meter.forward(key):
