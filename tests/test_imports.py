@@ -8,7 +8,8 @@ The order, lowest first (README "Layout" says the same):
     loom.optim               optimizers, loss scale, lr schedule (over counted collectives)
     loom.parallel            placement, tensor/sequence parallel, DDP, ZeRO (not the pipeline)
     loom.parallel.pipeline   partition, schedules as data, simulator, runtime
-    loom.config, presets     the run's settings, validated (schedule names and layer splits from below)
+    loom.config, presets,    the run's settings, validated (schedule names and layer splits from below);
+      sparsity               sparse attention layouts as data
     loom.plan                analytic models from a config: nothing here starts a process
     loom.model               the transformer, built from parallel-aware layers
     loom.train               trainer, update strategies, data, checkpoints, metrics
@@ -31,7 +32,7 @@ LAYERS = [
     ("loom.optim",),
     ("loom.parallel",),
     ("loom.parallel.pipeline",),
-    ("loom.config", "loom.presets"),
+    ("loom.config", "loom.presets", "loom.sparsity"),
     ("loom.plan",),
     ("loom.model",),
     ("loom.train",),

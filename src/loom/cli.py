@@ -434,14 +434,21 @@ def cmd_config(args: argparse.Namespace) -> int:
     from loom.config import load_config
 
     config = load_config(args.config, args.overrides)
-    for section, values in config.to_dict().items():
-        print(f"[{section}]")
+
+    def table(name: str, values: dict) -> None:
+        print(f"[{name}]")
         for key, value in values.items():
             if value is None:
                 print(f"# {key} = (derived)")
-            else:
+            elif not isinstance(value, dict):
                 print(f"{key} = {_toml_value(value)}")
         print()
+        for key, value in values.items():
+            if isinstance(value, dict):  # a nested table ([model.sparse_attention]) after its section's keys
+                table(f"{name}.{key}", value)
+
+    for section, values in config.to_dict().items():
+        table(section, values)
     return 0
 
 
@@ -554,6 +561,8 @@ def _toml_value(value) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
 
 

@@ -24,11 +24,13 @@ from loom.errors import LoomError
 from loom.parallel.pipeline.partition import split_layers
 from loom.parallel.pipeline.schedules import SCHEDULES
 from loom.presets import PRESETS, preset_fields
+from loom.sparsity import SparsityConfig
 
 FAMILIES = ("gpt2", "llama")
 PRECISIONS = ("fp32", "bf16", "fp16")
 RECOMPUTE_POLICIES = ("none", "full", "selective")
 ROPE_SCALINGS = ("none", "linear", "llama3")
+ATTENTIONS = ("dense", "sparse")
 DEFAULT_MICRO_BATCH = 16
 
 
@@ -57,6 +59,9 @@ class ModelConfig:
     tie_embeddings: bool | None = None  # None: True for gpt2, False for llama
     bias: bool | None = None  # None: True for gpt2, False for llama
     init_std: float = 0.02
+    # "dense": causal scaled_dot_product_attention; "sparse": block-sparse (loom.sparsity, loom.model.block_sparse)
+    attention: str = "dense"
+    sparse_attention: SparsityConfig = field(default_factory=SparsityConfig)  # [model.sparse_attention]
 
     @property
     def kv_heads(self) -> int:
@@ -138,6 +143,22 @@ class ModelConfig:
                     "use Llama 3.1's values: low 1, high 4.",
                 )
         _check_positive("model.init_std", self.init_std)
+        _check_choice("model.attention", self.attention, ATTENTIONS)
+        if self.attention == "sparse":
+            self.sparse_attention.validate()
+            if self.sparse_attention.attention != "unidirectional":
+                raise LoomError(
+                    "model.sparse_attention.attention = 'bidirectional' in a decoder: a token would attend to the "
+                    "tokens it is trained to predict.",
+                    "use attention = 'unidirectional' (the default) for training.",
+                )
+
+    @property
+    def layout_len(self) -> int:
+        """The sequence a sparse model's one layout covers: max_seq_len rounded up to the block;
+        every shorter sequence takes its top-left corner (a prefix sees what the whole sees)."""
+        block = self.sparse_attention.block
+        return -(-self.max_seq_len // block) * block
 
 
 @dataclass
@@ -383,6 +404,15 @@ class Config:
                 f"train.seq_len = {self.train.seq_len} is longer than model.max_seq_len = {self.model.max_seq_len}.",
                 f"lower train.seq_len, or raise model.max_seq_len to at least {self.train.seq_len}.",
             )
+        if self.model.attention == "sparse":
+            sparse = self.model.sparse_attention
+            sparse.validate(self.model.layout_len)
+            if self.train.seq_len % sparse.block:
+                raise LoomError(
+                    f"train.seq_len = {self.train.seq_len} is not a multiple of model.sparse_attention.block = "
+                    f"{sparse.block}; the block-sparse kernel trains on whole blocks.",
+                    f"use a train.seq_len that is a multiple of {sparse.block}.",
+                )
         self._validate_tensor_parallel()
         shape = self.batch(dp=self.parallel.dp or self._implied_dp())
         self._validate_pipeline(shape)
@@ -513,7 +543,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             raise LoomError(
                 f"[{section}] is not a table, so {item!r} cannot set a key in it.", f"write [{section}] as a table."
             )
-        target[key] = value
+        table, _, inner = key.rpartition(".")
+        if table:  # section.table.key: a key of a nested table
+            nested = target.get(table, {})
+            if not isinstance(nested, dict):
+                raise LoomError(
+                    f"{section}.{table} is not a table, so {item!r} cannot set a key in it.",
+                    f"write [{section}.{table}] as a table.",
+                )
+            target[table] = {**nested, inner: value}
+        else:
+            target[key] = value
     return merged
 
 
@@ -583,19 +623,37 @@ def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Check ``value`` against the field's type; ints are accepted for floats."""
+    """Check ``value`` against the field's type; ints are accepted for floats; a table fills a
+    nested config (``[model.sparse_attention]``)."""
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None and type(None) in allowed:
         return None
     for kind in allowed:
+        if dataclasses.is_dataclass(kind):
+            if isinstance(value, kind):
+                return value
+            if isinstance(value, dict):
+                return _build(kind, name, value)
+            raise LoomError(f"{name} = {value!r} is not a table.", f"write it as [{name}] with key = value lines.")
+        if typing.get_origin(kind) is list:
+            (item,) = typing.get_args(kind)
+            if isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                return list(value)
+            continue
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if kind in (bool, str) and isinstance(value, kind):
             return value
-    wanted = " or ".join(k.__name__ for k in allowed if k is not type(None))
+    wanted = " or ".join(_type_name(k) for k in allowed if k is not type(None))
     raise LoomError(f"{name} = {value!r} is not a {wanted}.", f"give {name} a {wanted} value.")
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is list:
+        return f"list of {typing.get_args(kind)[0].__name__}"
+    return kind.__name__
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -612,16 +670,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
-    """``train.lr=3e-4`` -> ("train", "lr", 3e-4). Values are TOML literals; bare words are strings."""
+    """``train.lr=3e-4`` -> ("train", "lr", 3e-4). Values are TOML literals; bare words are strings.
+    A nested table's key is ``section.table.key`` (``model.sparse_attention.mode=bigbird``): its
+    key comes back as "table.key"."""
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
-    if not sep or len(parts) != 2 or not all(parts):
+    if not sep or len(parts) not in (2, 3) or not all(parts):
         raise LoomError(f"override {item!r} is not of the form section.key=value.", "write e.g. --set train.lr=3e-4.")
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = text.strip()
-    return parts[0], parts[1], value
+    return parts[0], ".".join(parts[1:]), value
 
 
 def _unknown(what: str, name: str, known: list[str], field_name: str | None = None) -> LoomError:

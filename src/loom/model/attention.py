@@ -1,4 +1,6 @@
-"""Causal self-attention with grouped-query heads, through scaled_dot_product_attention.
+"""Causal self-attention with grouped-query heads, through scaled_dot_product_attention, or
+block-sparse (``model.attention = "sparse"``: :mod:`loom.sparsity`'s layout, this rank's heads'
+part of it, through :mod:`loom.model.block_sparse`).
 
 Under tensor parallelism each rank computes n_heads / t query heads. K/V heads are split
 the same way when t divides n_kv_heads; when t is larger (t % n_kv_heads == 0) each rank
@@ -16,10 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.config import ModelConfig
+from loom.model.block_sparse import Slots, block_sparse_attention, dense_mask
 from loom.model.layers import RotaryEmbedding
 from loom.model.recompute import recompute
 from loom.parallel.random import ParallelRNG
 from loom.parallel.tensor import ColumnParallelLinear, RowParallelLinear, TensorParallel, shard_range
+from loom.sparsity import make_layout
 
 
 class Attention(nn.Module):
@@ -43,6 +47,14 @@ class Attention(nn.Module):
         self.k_proj = ColumnParallelLinear(cfg.d_model, kv_dim, tp, bias=cfg.use_bias, **kv)
         self.v_proj = ColumnParallelLinear(cfg.d_model, kv_dim, tp, bias=cfg.use_bias, **kv)
         self.o_proj = RowParallelLinear(cfg.d_model, cfg.d_model, tp, bias=cfg.use_bias)
+        self.layout: torch.Tensor | None = None  # sparse: (this rank's heads, blocks, blocks) over layout_len
+        if cfg.attention == "sparse":
+            heads = cfg.n_heads // tp.size  # this rank's query heads are [rank x heads, (rank + 1) x heads)
+            with torch.device("cpu"):  # data, not a parameter: never on the meta device
+                whole = make_layout(cfg.sparse_attention, cfg.n_heads, cfg.layout_len)
+            self.layout = whole[tp.rank * heads : (tp.rank + 1) * heads].clone()
+            self.block = cfg.sparse_attention.block
+            self._slots: dict[tuple[int, str], Slots] = {}
 
     def forward(
         self,
@@ -66,6 +78,8 @@ class Attention(nn.Module):
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rng: ParallelRNG | None) -> torch.Tensor:
         """softmax(QK^T / sqrt(d) + causal mask), dropped out, times V: (batch, heads, seq, head_dim)."""
+        if self.layout is not None:
+            return self._sparse_core(q, k, v)
         dropout = self.dropout if self.training else 0.0
         # this rank's heads are its own: their dropout draws from the tp stream
         stream = rng.tp_stream() if dropout and rng is not None else contextlib.nullcontext()
@@ -73,3 +87,20 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]
             )
+
+    def _sparse_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The layout's blocks only. A sequence of whole blocks runs the block-sparse kernel; any
+        other length (generation) dense attention under the layout's element mask, its top-left
+        corner: a prefix attends as it does inside a longer sequence. No dropout on the
+        attention probabilities here (residual and embedding dropout still apply)."""
+        if k.shape[1] != q.shape[1]:  # grouped-query heads: each K/V head serves its group
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        seq = q.shape[-2]
+        blocks = -(-seq // self.block)
+        if seq % self.block == 0:
+            key = (blocks, str(q.device))
+            if key not in self._slots:
+                self._slots[key] = Slots.of(self.layout[:, :blocks, :blocks], self.block, q.device)
+            return block_sparse_attention(q, k, v, self._slots[key])
+        mask = dense_mask(self.layout[:, :blocks, :blocks], self.block)[:, :seq, :seq].to(q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0))

@@ -1,0 +1,224 @@
+"""Block-sparse attention: each layout against its definition (written out here, not by calling the
+builder), the kernel against dense attention under the same mask, forward and backward, and
+bad parameters named with their fix."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_overrides
+
+from loom.config import load_config
+from loom.distributed.context import init_distributed
+from loom.distributed.spawn import run_ranks
+from loom.errors import LoomError
+from loom.model.block_sparse import Slots, block_sparse_attention, dense_mask
+from loom.model.transformer import Transformer
+from loom.sparsity import SparsityConfig, density, make_layout
+from loom.train.metrics import read_metrics
+from loom.train.trainer import Trainer
+
+
+def _layout(heads: int = 1, seq: int = 16 * 8, **params) -> torch.Tensor:
+    return make_layout(SparsityConfig(**params), heads, seq)
+
+
+def _expected(n: int, keep) -> torch.Tensor:  # noqa: ANN001
+    """A layout cell by cell from ``keep(i, j)``, decoder-causal, the diagonal always kept."""
+    return torch.tensor([[bool(keep(i, j)) and j <= i or i == j for j in range(n)] for i in range(n)])
+
+
+def test_dense_keeps_every_past_block() -> None:
+    assert torch.equal(_layout(mode="dense")[0], _expected(8, lambda i, j: True))
+
+
+def test_fixed_local_windows_and_summary_columns() -> None:
+    # windows of 4 blocks: {0..3}, {4..7}; the last block of each (3, 7) is every later row's summary
+    got = _layout(mode="fixed", num_local_blocks=4, num_global_blocks=1)[0]
+    assert torch.equal(got, _expected(8, lambda i, j: i // 4 == j // 4 or j in (3, 7)))
+
+
+def test_fixed_heads_take_different_summaries() -> None:
+    got = _layout(
+        heads=2,
+        mode="fixed",
+        num_local_blocks=4,
+        num_global_blocks=2,
+        different_layout_per_head=True,
+        num_different_global_patterns=2,
+    )
+    assert torch.equal(got[0], _expected(8, lambda i, j: i // 4 == j // 4 or j in (2, 3, 6, 7)))
+    assert torch.equal(got[1], _expected(8, lambda i, j: i // 4 == j // 4 or j in (0, 1, 4, 5)))
+
+
+def test_strided_band_and_every_stride_th_block() -> None:
+    got = _layout(mode="strided", num_local_blocks=2, stride_blocks=3)[0]
+    assert torch.equal(got, _expected(8, lambda i, j: i - j < 2 or (i - j) % 3 == 0))
+
+
+def test_sliding_window() -> None:
+    got = _layout(mode="sliding_window", num_sliding_window_blocks=5)[0]
+    assert torch.equal(got, _expected(8, lambda i, j: abs(i - j) <= 2))
+
+
+@pytest.mark.parametrize("mode", ["bslongformer", "longformer"])
+def test_longformer_window_with_dilation_and_global_blocks(mode: str) -> None:
+    got = _layout(mode=mode, num_sliding_window_blocks=5, dilation=2, global_block_indices=[1])[0]
+    assert torch.equal(got, _expected(8, lambda i, j: (abs(i - j) in (0, 2, 4)) or j == 1 or i == 1))
+    ranged = _layout(mode=mode, num_sliding_window_blocks=1, global_block_indices=[2], global_block_end_indices=[4])
+    assert torch.equal(ranged[0], _expected(8, lambda i, j: i == j or j in (2, 3) or i in (2, 3)))
+
+
+def test_bigbird_window_global_and_seeded_random_blocks() -> None:
+    got = _layout(heads=4, mode="bigbird", different_layout_per_head=True, num_random_blocks=2, seed=7)
+    base = _expected(8, lambda i, j: abs(i - j) <= 1 or i == 0 or j == 0)
+    for head in got:
+        assert (head & base).equal(base)  # the window and the global block are there
+        extra = head & ~base
+        assert all(int(extra[i].sum()) <= 2 for i in range(8))  # at most two random blocks a row
+        assert not head.triu(1).any()  # never the future
+    assert not torch.equal(got[1], got[2])  # each head draws its own
+    again = _layout(heads=4, mode="bigbird", different_layout_per_head=True, num_random_blocks=2, seed=7)
+    assert torch.equal(got, again)  # the same draw on every rank, every run
+
+
+def test_variable_windows_of_several_sizes_and_global_ranges() -> None:
+    got = _layout(mode="variable", local_window_blocks=[1, 2, 3], global_block_indices=[0], num_random_blocks=0)[0]
+    window = [0, 1, 1, 2, 2, 2, 3, 3]  # sizes 1, 2, 3, then 3 repeating
+    assert torch.equal(got, _expected(8, lambda i, j: window[i] == window[j] or j == 0))
+
+
+@pytest.mark.parametrize(
+    ("params", "seq", "match"),
+    [
+        ({"block": 48}, 128, "does not divide the sequence length 128"),
+        ({"mode": "sliding_window", "num_sliding_window_blocks": 9}, 128, "wider than the sequence's 8 blocks"),
+        ({"mode": "fixed", "num_local_blocks": 3, "num_global_blocks": 2}, 128, "not a multiple"),
+        ({"mode": "fixed", "num_different_global_patterns": 2}, 128, "different_layout_per_head"),
+        ({"horizontal_global_attention": True}, 128, "bidirectional"),
+        ({"mode": "longformer", "global_block_indices": [9]}, 128, "outside the sequence's 8 blocks"),
+        ({"mode": "bigbird", "num_random_blocks": 9}, 128, "num_random_blocks"),
+        ({"mode": "sparse"}, 128, "sparse_attention.mode"),
+    ],
+)
+def test_bad_parameters_are_named_with_their_fix(params: dict, seq: int, match: str) -> None:
+    with pytest.raises(LoomError, match=match) as err:
+        make_layout(SparsityConfig(**params), 2, seq)
+    assert err.value.fix
+
+
+def test_density_falls_with_the_window() -> None:
+    narrow = density(_layout(mode="sliding_window", num_sliding_window_blocks=3, seq=16 * 64))
+    wide = density(_layout(mode="sliding_window", num_sliding_window_blocks=9, seq=16 * 64))
+    assert narrow < wide < 0.2
+
+
+def _reference(q, k, v, layout, block):  # noqa: ANN001, ANN202
+    mask = dense_mask(layout, block)  # (heads, S, S), causal
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"mode": "dense"},
+        {"mode": "fixed", "num_local_blocks": 2},
+        {"mode": "sliding_window", "num_sliding_window_blocks": 3},
+        {"mode": "bigbird", "different_layout_per_head": True, "num_random_blocks": 1, "seed": 3},
+        {"mode": "longformer", "num_sliding_window_blocks": 3, "global_block_indices": [0, 5]},
+        {"mode": "strided", "num_local_blocks": 2, "stride_blocks": 3},
+    ],
+    ids=lambda p: p["mode"],
+)
+def test_kernel_equals_dense_attention_under_the_mask(params: dict) -> None:
+    torch.manual_seed(0)
+    batch, heads, block, n, d = 2, 3, 8, 7, 16
+    layout = make_layout(SparsityConfig(block=block, **params), heads, block * n)
+    q, k, v = (torch.randn(batch, heads, block * n, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    got = block_sparse_attention(q, k, v, Slots.of(layout, block))
+    want = _reference(q, k, v, layout, block)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(got)
+    mine = torch.autograd.grad(got, (q, k, v), grad)
+    theirs = torch.autograd.grad(want, (q, k, v), grad)
+    for a, b, name in zip(mine, theirs, "qkv"):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
+
+
+def test_kernel_in_fp32_and_its_tiles_follow_the_blocks_kept() -> None:
+    torch.manual_seed(1)
+    block, n = 16, 16
+    layout = make_layout(SparsityConfig(mode="sliding_window", block=block, num_sliding_window_blocks=3), 2, block * n)
+    slots = Slots.of(layout, block)
+    assert slots.width == 2  # the causal window: the block itself and the one before
+    q, k, v = (torch.randn(1, 2, block * n, 32, requires_grad=True) for _ in range(3))
+    got = block_sparse_attention(q, k, v, slots)
+    torch.testing.assert_close(got, _reference(q, k, v, layout, block), rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert math.isclose(density(layout), (2 * n - 1) / n**2)
+
+
+# ----------------------------------------------------------------------------- in the model
+
+
+def _sparse_items(corpus, **extra) -> list[str]:  # noqa: ANN001
+    items = {
+        "model.attention": "sparse",
+        "model.sparse_attention.block": 8,
+        "model.n_layers": 2,
+        "train.steps": 4,
+        "train.global_batch": 4,
+        "train.eval_every": 0,
+        "train.ckpt_every": 0,
+        **extra,
+    }
+    return tiny_overrides(corpus, **items)
+
+
+def test_a_model_with_the_dense_layout_equals_the_dense_model() -> None:
+    base = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64", 'model.family="llama"']
+    base.append("model.n_kv_heads=2")
+    dense = Transformer(load_config(None, base).model, seed=1)
+    sparse_items = [*base, 'model.attention="sparse"', 'model.sparse_attention.mode="dense"']
+    sparse = Transformer(load_config(None, sparse_items).model, seed=1)
+    x = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
+    a, b = dense.loss(x, x), sparse.loss(x, x)
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    a.backward()
+    b.backward()
+    for (name, p), q in zip(dense.named_parameters(), sparse.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _train(items: list[str], run_dir: str) -> list | None:
+    config = load_config(None, items)
+    ctx = init_distributed(config.parallel)
+    Trainer(config, Path(run_dir), dist=ctx, live_progress=False).run()
+    out = read_metrics(Path(run_dir)) if ctx.is_main else None
+    ctx.shutdown()
+    return out
+
+
+def test_tp2_sparse_model_matches_the_single_process(tmp_path: Path, text_corpus: Path) -> None:
+    # each tp rank takes its heads' layouts: bigbird draws a different layout for every head
+    sparse = {"model.sparse_attention.mode": "bigbird", "model.sparse_attention.different_layout_per_head": True}
+    one = _train(_sparse_items(text_corpus, **sparse), str(tmp_path / "one"))
+    items = _sparse_items(text_corpus, **sparse, **{"parallel.tp": 2, "parallel.sequence_parallel": True})
+    two = run_ranks(_train, 2, args=(items, str(tmp_path / "tp2")), timeout_s=200)[0]
+    for a, b in zip(two, one, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "bigbird", "bslongformer", "variable"])
+def test_each_layout_trains(tmp_path: Path, text_corpus: Path, mode: str) -> None:
+    records = _train(
+        _sparse_items(text_corpus, **{"model.sparse_attention.mode": mode, "train.steps": 30}), str(tmp_path)
+    )
+    first, last = records[0]["loss"], records[-1]["loss"]
+    assert last < 0.75 * first, (first, last)  # 5.5 -> about 3 on this corpus: it learns
