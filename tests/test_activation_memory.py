@@ -51,8 +51,10 @@ def test_korthikanti_table_2_on_their_gpt3_shape() -> None:
     assert ratio == pytest.approx(34 / 8 / (10 + 3 + 10))
 
 
-def _measure(family: str, cases: list, dropout: float = 0.1) -> dict:
+def _measure(family: str, cases: list, dropout: float = 0.1, attention: str = "dense") -> dict:
     overrides = [
+        f'model.attention="{attention}"',
+        "model.sparse_attention.block=8",
         f'model.family="{family}"',
         "model.n_layers=1",
         f"model.d_model={H}",
@@ -81,15 +83,19 @@ def _measure(family: str, cases: list, dropout: float = 0.1) -> dict:
     return out
 
 
-@pytest.mark.parametrize("dropout", [0.1, 0.0], ids=["dropout (unfused core)", "no dropout (flash core)"])
+@pytest.mark.parametrize(
+    ("dropout", "attention"),
+    [(0.1, "dense"), (0.0, "dense"), (0.0, "sparse")],
+    ids=["dropout (unfused core)", "no dropout (flash core)", "block-sparse core"],
+)
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_measured_layer_activations_equal_the_formula(family: str, dropout: float) -> None:
-    measured = run_ranks(_measure, 2, args=(family, CASES, dropout), timeout_s=120)[0]
+def test_measured_layer_activations_equal_the_formula(family: str, dropout: float, attention: str) -> None:
+    measured = run_ranks(_measure, 2, args=(family, CASES, dropout, attention), timeout_s=120)[0]
     cfg = load_config(None, [f'model.family="{family}"', f"model.d_model={H}", f"model.n_heads={HEADS}"]).model
     shape = LayerShape(family, H, HEADS, cfg.kv_heads, cfg.ffn_dim, cfg.use_bias, dropout=dropout)
     for (t, sp, policy), got in measured.items():
         want = layer_activation_bytes(
-            shape, S, B, t, sp, policy, Dtypes(params=4, compute=2), attention_kernel("cpu", dropout)
+            shape, S, B, t, sp, policy, Dtypes(params=4, compute=2), attention_kernel("cpu", dropout, attention)
         )
         assert got == pytest.approx(want, rel=0.05), (family, t, sp, policy, got, want)
     # and the orderings the paper's table implies, measured

@@ -222,3 +222,27 @@ def test_each_layout_trains(tmp_path: Path, text_corpus: Path, mode: str) -> Non
     )
     first, last = records[0]["loss"], records[-1]["loss"]
     assert last < 0.75 * first, (first, last)  # 5.5 -> about 3 on this corpus: it learns
+
+
+def test_the_planner_scales_attention_flops_by_the_density() -> None:
+    from loom.plan.flops import GPTShape, model_flops
+    from loom.sparsity import layout_density
+
+    sparse = SparsityConfig(mode="sliding_window", num_sliding_window_blocks=3)
+    rho = layout_density(sparse, 4, 4096)
+    assert rho == pytest.approx((2 * 256 - 1) / 256**2)  # the causal window: two blocks a row
+    dense, thin = GPTShape(12, 768, 50257, 4096), GPTShape(12, 768, 50257, 4096, rho)
+    attention = model_flops(dense, 1) - model_flops(GPTShape(12, 768, 50257, 4096, 0.0), 1)
+    assert model_flops(dense, 1) - model_flops(thin, 1) == pytest.approx((1 - rho) * attention)
+
+
+def test_attention_layout_command_prints_the_density_and_draws(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from loom.cli import main
+
+    out = tmp_path / "layout.png"
+    argv = ["attention-layout", "--kind", "bigbird", "--seq-len", "512", "--param", "num_random_blocks=2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "of dense causal" in printed and out.stat().st_size > 1000
+    assert main(["attention-layout", "--kind", "fixed", "--seq-len", "500"]) == 2
+    assert "does not divide" in capsys.readouterr().err

@@ -25,6 +25,7 @@ EPILOG = """examples:
   loom tokenizer train --corpus ./texts --vocab-size 4096 --out tok/tokenizer.json
   loom train --nproc 4 --run-dir runs/pp --set parallel.pp=2 --set parallel.tp=2
   loom schedule --schedule interleaved_1f1b --pp 4 --vp 2 --microbatches 8 --out chart.png
+  loom attention-layout --kind bigbird --seq-len 4096 --param num_random_blocks=2 --out layout.png
   loom plan --model llama-70b --gpus 256 --gpu h100-sxm --seq-len 4096 --global-batch 1024
   loom plan --run runs/quick                   a run's predicted memory, traffic and time beside its measures
 """
@@ -91,6 +92,30 @@ def build_parser() -> argparse.ArgumentParser:
     way.add_argument("--from-hf", type=Path, metavar="DIR", help="Hugging Face folder to import")
     way.add_argument("--to-hf", type=Path, metavar="CKPT", help="loom checkpoint or run folder to export")
     conv.add_argument("--out", type=Path, required=True, help="output folder")
+
+    lay = sub.add_parser(
+        "attention-layout",
+        help="draw a block-sparse attention layout and print its density",
+        description="Build a block-sparse attention layout (loom.sparsity; DeepSpeed's parameter names) for a "
+        "sequence length, print its density per head against dense causal attention, and draw it.",
+    )
+    lay.add_argument(
+        "--kind",
+        default="fixed",
+        help="dense, fixed, strided, sliding_window, bslongformer, longformer, "
+        "bigbird, variable (default: %(default)s)",
+    )
+    lay.add_argument("--seq-len", type=int, default=1024, help="(default: %(default)s)")
+    lay.add_argument("--heads", type=int, default=4, help="(default: %(default)s)")
+    lay.add_argument("--block", type=int, default=16, help="(default: %(default)s)")
+    lay.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another layout parameter, e.g. num_random_blocks=2 or local_window_blocks=[2,4] (repeatable)",
+    )
+    lay.add_argument("--out", type=Path, help="PNG path (default: layout_<kind>_<seq-len>.png)")
 
     tok = sub.add_parser("tokenizer", help="train a BPE tokenizer", description="Tokenizer tools.")
     tok_sub = tok.add_subparsers(dest="tok_command", metavar="ACTION", required=True)
@@ -233,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": cmd_config,
         "presets": cmd_presets,
         "schedule": cmd_schedule,
+        "attention-layout": cmd_attention_layout,
         "plan": cmd_plan,
     }[args.command]
     try:
@@ -467,6 +493,30 @@ def cmd_presets(args: argparse.Namespace) -> int:
             f"{name:<12} {cfg.family:<6} {cfg.n_layers:>6} {cfg.d_model:>7} {cfg.n_heads:>5} {cfg.kv_heads:>3} "
             f"{params / 1e6:>9.1f}M"
         )
+    return 0
+
+
+def cmd_attention_layout(args: argparse.Namespace) -> int:
+    from loom.config import config_from_dict, parse_override
+    from loom.sparsity import make_layout
+    from loom.viz.attention import causal_density, draw_layout
+
+    params = {"mode": args.kind, "block": args.block, "different_layout_per_head": True}
+    for item in args.param:
+        _, key, value = parse_override(f"x.{item}")
+        params[key] = value
+    sparse = config_from_dict({"model": {"attention": "sparse", "sparse_attention": params}}).model.sparse_attention
+    layout = make_layout(sparse, args.heads, args.seq_len)
+    blocks = layout.shape[-1]
+    print(f"{args.kind}: {args.heads} heads, {blocks} x {blocks} blocks of {args.block} tokens")
+    for h in range(args.heads):
+        print(
+            f"  head {h}: {int(layout[h].sum())} blocks kept, {causal_density(layout[h : h + 1]):.2%} of dense causal"
+        )
+    print(f"density: {causal_density(layout):.2%} of dense causal attention's blocks")
+    out = args.out or Path(f"layout_{args.kind}_{args.seq_len}.png")
+    title = f"{args.kind}, S = {args.seq_len}, block {args.block}: {causal_density(layout):.1%} of dense causal"
+    print(draw_layout(layout, out, title))
     return 0
 
 

@@ -175,6 +175,15 @@ def make_layout(config: SparsityConfig, num_heads: int, seq_len: int) -> torch.T
     return layout
 
 
+def layout_density(config: SparsityConfig, num_heads: int, seq_len: int) -> float:
+    """The fraction of the (S / block)^2 blocks a layout keeps, averaged over its heads (at most 4
+    distinct heads are built): what the planner scales the attention's s^2 FLOPs by."""
+    config.validate(seq_len)
+    n = seq_len // config.block
+    heads = min(num_heads, 4) if config.different_layout_per_head else 1
+    return sum(int(_head(config, h, n).sum()) for h in range(heads)) / (heads * n * n)
+
+
 def density(layout: torch.Tensor) -> float:
     """The fraction of blocks a layout keeps (of all, including the future a decoder never sees)."""
     return layout.float().mean().item()

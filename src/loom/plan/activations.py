@@ -77,8 +77,11 @@ class Dtypes:
     mask: int | None = None
 
 
-def attention_kernel(device: str, dropout: float) -> str:
-    """Which core torch's scaled_dot_product_attention runs: CPU's flash kernel has no dropout."""
+def attention_kernel(device: str, dropout: float, attention: str = "dense") -> str:
+    """Which core runs: loom's block-sparse kernel for ``attention = "sparse"``; else the one torch's
+    scaled_dot_product_attention picks (CPU's flash kernel has no dropout)."""
+    if attention == "sparse":
+        return "sparse"
     return "math" if device == "cpu" and dropout > 0 else "flash"
 
 
@@ -111,6 +114,9 @@ def layer_activation_bytes(
         core = c * (e + 2 * e_kv) / t  # the recomputed region keeps q, k and v
     elif kernel == "math":
         core = (12 * e + 12 * shape.heads * s * s * b) / t  # q, k, v, scores, mask, dropped: fp32
+    elif kernel == "sparse":  # q, k and v (K/V expanded to every query head), out, and the
+        # log-sum-exp: linear in s, whatever the layout (loom.model.block_sparse)
+        core = c * 4 * e / t + 4 * shape.heads * s * b / t
     else:  # q, k, v, out and the log-sum-exp; out is laid out (b, s, heads, d), so the output
         # projection's input is a view of it, not a copy
         core = c * (2 * e + 2 * e_kv) / t + 4 * shape.heads * s * b / t
@@ -119,6 +125,7 @@ def layer_activation_bytes(
     casts = t == 1 and c != r
     qkv_in = c * e / d * (3 if casts else 1)
     mlp_in = c * e / d * ((2 if llama else 1) if casts else 1)
+    # flash lays its output out (b, s, heads, d): the output projection's input is a view of it
     out_proj_in = 0.0 if kernel == "flash" and recompute == "none" else c * e / t
     attention = norm + qkv_in + rope + core + out_proj_in + mask
     f = s * b * shape.ffn

@@ -29,6 +29,7 @@ class GPTShape:
     hidden: int
     vocab: int
     seq: int
+    attention_density: float = 1.0  # the fraction of the s x s scores computed (block-sparse: < 1)
 
 
 def megatron_parameters(shape: GPTShape) -> float:
@@ -38,9 +39,10 @@ def megatron_parameters(shape: GPTShape) -> float:
 
 
 def model_flops(shape: GPTShape, batch: int) -> float:
-    """FLOPs one iteration of ``batch`` sequences needs: 72 B s l h^2 (1 + s/(6h) + V/(12 l h))."""
+    """FLOPs one iteration of ``batch`` sequences needs: 72 B s l h^2 (1 + rho s/(6h) + V/(12 l h)),
+    rho the fraction of the s^2 attention scores computed (1: dense, as Narayanan et al. count)."""
     b, s, n, h, v = batch, shape.seq, shape.layers, shape.hidden, shape.vocab
-    return 72 * b * s * n * h**2 * (1 + s / (6 * h) + v / (12 * n * h))
+    return 72 * b * s * n * h**2 * (1 + shape.attention_density * s / (6 * h) + v / (12 * n * h))
 
 
 def hardware_flops(shape: GPTShape, batch: int, recompute: str = "none", recomputed_layers: int | None = None) -> float:
@@ -49,7 +51,9 @@ def hardware_flops(shape: GPTShape, batch: int, recompute: str = "none", recompu
     is Narayanan et al.'s Eq. 3), 12Bs^2h for ``selective`` (Korthikanti's Appendix A)."""
     b, s, h = batch, shape.seq, shape.hidden
     n = shape.layers if recomputed_layers is None else recomputed_layers
-    extra = {"none": 0.0, "full": 24 * b * s * h**2 + 4 * b * s**2 * h, "selective": 12 * b * s**2 * h}[recompute]
+    rho = shape.attention_density
+    extra = {"none": 0.0, "full": 24 * b * s * h**2 + 4 * rho * b * s**2 * h, "selective": 12 * rho * b * s**2 * h}
+    extra = extra[recompute]
     return model_flops(shape, batch) + n * extra
 
 

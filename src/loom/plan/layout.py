@@ -28,6 +28,7 @@ from loom.plan.flops import GPTShape, hardware_flops, model_flops
 from loom.plan.hardware import Hardware
 from loom.plan.model import count_rank_parameters
 from loom.plan.rank_memory import BYTES, RankMemory, inflight, predict_rank_memory
+from loom.sparsity import layout_density
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 RECOMPUTE = ("none", "selective", "full")
@@ -149,7 +150,9 @@ def predict(
     )
     comm_bytes = {"dp": dp_bytes(shape), "tp": tp_bytes(shape), "pp": pp_bytes(shape)}
     seconds = comm_seconds(shape, hardware)
-    gpt = GPTShape(model.n_layers, model.d_model, model.vocab_size or 0, config.train.seq_len)
+    sparse = model.attention == "sparse"
+    density = layout_density(model.sparse_attention, model.n_heads, config.train.seq_len) if sparse else 1.0
+    gpt = GPTShape(model.n_layers, model.d_model, model.vocab_size or 0, config.train.seq_len, density)
     world = layout.dp * layout.tp * layout.pp
     model_total = model_flops(gpt, global_batch)
     hardware_total = hardware_flops(gpt, global_batch, layout.recompute)

@@ -88,7 +88,7 @@ def predict_rank_memory(
         recompute_layers = train.recompute_layers
     plans = rank_stages(model.n_layers, pp, vp, pp_rank)
     shape, dtypes = layer_shape(config), dtypes_of(config, device)
-    kernel = attention_kernel(device, model.dropout)
+    kernel = attention_kernel(device, model.dropout, model.attention)
     s, b, sp = train.seq_len, batch.micro_batch, parallel.sequence_parallel and tp > 1
 
     def layer(policy: str) -> float:
