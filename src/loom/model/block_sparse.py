@@ -6,13 +6,14 @@ attends the key blocks ``layout[h, i]``, causally inside the diagonal block when
 ``causal``. Equal to dense attention under the same element mask, forward and backward.
 
 The layout is compiled once into ``slots``: for each head and query block, the list of its
-key blocks padded to the longest row (``width``). Forward walks the slots with an online
-softmax (Milakov and Gimelshein, 2018; as flash attention): slot t gathers one key and value
-block per query block, takes their scores, and folds them into a running maximum, sum and
-output, so it holds one ``(batch, heads, S / block, block, block)`` score tile at a time and
-keeps for backward only q, k, v, the output and the log-sum-exp per query. Backward
-recomputes each slot's probabilities from the log-sum-exp and scatters the key and value
-gradients back to their blocks (``index_add``):
+key blocks (its own first) padded to the longest row (``width``). Forward walks the slots a
+chunk at a time (about ``CHUNK_COLUMNS`` keys) with an online softmax (Milakov and
+Gimelshein, 2018; as flash attention): a chunk gathers g key and value blocks per query
+block, takes their scores in one batched matmul, and folds them into a running maximum, sum
+and output, so it holds one ``(batch, heads, S / block, block, g x block)`` score tile at a
+time and keeps for backward only q, k, v, the output and the log-sum-exp per query.
+Backward recomputes each chunk's probabilities from the log-sum-exp and scatters the key and
+value gradients back to their blocks (``index_add``):
 
     P = exp(S - lse),  dV_j += P^T dO,  dP = dO V_j^T,  dS = P (dP - rowsum(dO o O)),
     dQ += dS K_j scale,  dK_j += dS^T Q scale.
@@ -30,11 +31,14 @@ from dataclasses import dataclass
 
 import torch
 
+CHUNK_COLUMNS = 512  # key columns per score tile: slots are taken this many keys at a time
+
 
 @dataclass(frozen=True)
 class Slots:
     """A layout compiled for the kernel: ``index[h, i, t]`` is the t-th key block of query block i
-    of head h (0 where ``valid`` is False: padding)."""
+    of head h (0 where ``valid`` is False: padding). Each row's own (diagonal) block comes first,
+    so the causal mask inside it is one fixed triangle in the first slot of every row."""
 
     index: torch.Tensor  # (heads, blocks, width) long
     valid: torch.Tensor  # (heads, blocks, width) bool
@@ -42,12 +46,14 @@ class Slots:
 
     @classmethod
     def of(cls, layout: torch.Tensor, block: int, device: torch.device | str = "cpu") -> Slots:
-        layout = layout.bool()
+        layout = layout.bool() | torch.eye(layout.shape[-1], dtype=torch.bool)  # every block sees itself
         heads, blocks, _ = layout.shape
         counts = layout.sum(-1)
         width = int(counts.max().item())
-        # stable sort puts each row's kept blocks first, in increasing order
-        order = torch.sort((~layout).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+        columns = torch.arange(blocks)
+        rank = torch.where(columns.view(1, blocks) == columns.view(blocks, 1), -1, columns.view(1, blocks))
+        rank = torch.where(layout, rank, blocks)  # the diagonal, then kept blocks in order, then the rest
+        order = torch.sort(rank, dim=-1, stable=True).indices[..., :width]
         valid = torch.arange(width).view(1, 1, width) < counts.unsqueeze(-1)
         index = torch.where(valid, order, torch.zeros_like(order))
         return cls(index.to(device), valid.to(device), block)
@@ -56,6 +62,11 @@ class Slots:
     def width(self) -> int:
         return self.index.shape[-1]
 
+    def chunks(self) -> list[slice]:
+        """Consecutive slots taken together: about ``CHUNK_COLUMNS`` key columns a tile."""
+        step = max(1, min(self.width, CHUNK_COLUMNS // self.block))
+        return [slice(t, min(t + step, self.width)) for t in range(0, self.width, step)]
+
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """(batch, heads, S, d) -> (batch, heads, S / block, block, d)."""
@@ -63,51 +74,82 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.view(b, h, s // block, block, d)
 
 
-def _gather(x_blocks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Key block ``index[h, i]`` for each head h and query block i: (batch, heads, blocks, block, d)."""
-    b, h, n, blk, d = x_blocks.shape
-    flat = (index + torch.arange(h, device=index.device).view(h, 1) * n).reshape(-1)
-    return x_blocks.reshape(b, h * n, blk, d).index_select(1, flat).view(b, h, n, blk, d)
+def _flat(index: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Per-head block indices (heads, rows, g) -> rows of a (heads x blocks) stack, flattened."""
+    heads = index.shape[0]
+    return (index + torch.arange(heads, device=index.device).view(heads, 1, 1) * blocks).reshape(-1)
 
 
-def _mask(slots: Slots, t: int, causal: bool, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask of slot t: -inf for padding, and the future inside a diagonal block."""
+class _Gather:
+    """Gathers key/value blocks into one reused buffer: a fresh multi-MB tensor per chunk costs
+    more in page faults than the copy itself."""
+
+    def __init__(self, x_blocks: torch.Tensor, width: int, dtype: torch.dtype) -> None:
+        b, h, n, blk, d = x_blocks.shape
+        self.rows = x_blocks.reshape(b, h * n, blk, d)
+        self.shape = (b, h, n, blk, d)
+        self.buffer = torch.empty(b * h * n * width * blk * d, dtype=x_blocks.dtype, device=x_blocks.device)
+        self.dtype = dtype
+
+    def __call__(self, index: torch.Tensor) -> torch.Tensor:
+        """Key blocks ``index[h, i, :]`` for each head h and query block i, side by side:
+        (batch, heads, blocks, g x block, d)."""
+        b, h, n, blk, d = self.shape
+        g = index.shape[-1]
+        out = self.buffer[: b * h * n * g * blk * d].view(b, h * n * g, blk, d)
+        torch.index_select(self.rows, 1, _flat(index, n), out=out)
+        return out.view(b, h, n, g * blk, d).to(self.dtype)
+
+
+def _apply_mask(scores: torch.Tensor, slots: Slots, chunk: slice, causal: bool) -> torch.Tensor:
+    """In place on a chunk's (batch, heads, blocks, block, g x block) scores: -inf for padding
+    slots, and for the future inside each row's own block (slot 0's first ``block`` columns)."""
     heads, blocks, _ = slots.index.shape
     blk = slots.block
-    device = slots.index.device
-    ninf = torch.tensor(float("-inf"), dtype=dtype, device=device)
-    zero = torch.zeros((), dtype=dtype, device=device)
-    mask = torch.where(slots.valid[:, :, t], zero, ninf).view(1, heads, blocks, 1, 1)
-    if causal:
-        diagonal = slots.index[:, :, t] == torch.arange(blocks, device=device).view(1, blocks)
-        future = torch.ones(blk, blk, dtype=torch.bool, device=device).triu(1)
-        inner = torch.where(diagonal.view(heads, blocks, 1, 1) & future, ninf, zero)
-        mask = mask + inner.unsqueeze(0)
-    return mask
+    valid = slots.valid[:, :, chunk]
+    if not bool(valid.all()):
+        ninf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+        padding = torch.where(valid, 0.0, ninf).to(scores.dtype).repeat_interleave(blk, -1)
+        scores.add_(padding.view(1, heads, blocks, 1, -1))
+    if causal and chunk.start == 0:
+        future = torch.ones(blk, blk, dtype=torch.bool, device=scores.device).triu(1)
+        scores[..., :blk].masked_fill_(future, float("-inf"))
+    return scores
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., m, k) and (..., k, n) as 3-d batches of matmuls (views, no copies where contiguous)."""
+    return a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
 
 
 class _BlockSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, slots: Slots, causal: bool, scale: float):  # noqa: ANN001, ANN205
-        qb, kb, vb = (_blocks(t, slots.block) for t in (q, k, v))
         stats = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        shape = qb.shape[:-1]
-        running_max = torch.full(shape, float("-inf"), dtype=stats, device=q.device)
-        running_sum = torch.zeros(shape, dtype=stats, device=q.device)
+        qb = _blocks(q, slots.block).to(stats) * scale
+        b, h, n, blk, d = qb.shape
+        chunks = slots.chunks()
+        widest = max(c.stop - c.start for c in chunks)
+        keys, values = _Gather(_blocks(k, blk), widest, stats), _Gather(_blocks(v, blk), widest, stats)
+        tile = torch.empty(b * h * n * blk * widest * blk, dtype=stats, device=q.device)
+        running_max = torch.full((b, h, n, blk), float("-inf"), dtype=stats, device=q.device)
+        running_sum = torch.zeros((b, h, n, blk), dtype=stats, device=q.device)
         acc = torch.zeros(qb.shape, dtype=stats, device=q.device)
-        for t in range(slots.width):
-            index = slots.index[:, :, t]
-            scores = (qb @ _gather(kb, index).transpose(-1, -2)).to(stats) * scale + _mask(slots, t, causal, stats)
+        for chunk in chunks:
+            index = slots.index[:, :, chunk]
+            cols = index.shape[-1] * blk
+            scores = tile[: b * h * n * blk * cols].view(b, h, n, blk, cols)
+            torch.matmul(qb, keys(index).transpose(-1, -2), out=scores)
+            _apply_mask(scores, slots, chunk, causal)
             new_max = torch.maximum(running_max, scores.amax(-1))
-            safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
-            p = torch.exp(scores - safe.unsqueeze(-1))
-            correction = torch.exp(running_max - safe)
-            running_sum = running_sum * correction + p.sum(-1)
-            acc = acc * correction.unsqueeze(-1) + p @ _gather(vb, index).to(stats)
+            p = scores.sub_(new_max.unsqueeze(-1)).exp_()  # in place: the first chunk holds each row's own block
+            correction = torch.exp(running_max - new_max)
+            running_sum.mul_(correction).add_(p.sum(-1))
+            acc.mul_(correction.unsqueeze(-1))
+            acc.view(-1, blk, d).baddbmm_(*_bmm(p, values(index)))
             running_max = new_max
-        out = acc / running_sum.clamp_min(torch.finfo(stats).tiny).unsqueeze(-1)
+        out = (acc / running_sum.unsqueeze(-1)).to(q.dtype).reshape(q.shape)
         lse = running_max + torch.log(running_sum)
-        out = out.to(q.dtype).reshape(q.shape)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.slots, ctx.causal, ctx.scale = slots, causal, scale
         return out
@@ -117,28 +159,40 @@ class _BlockSparse(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         slots, causal, scale = ctx.slots, ctx.causal, ctx.scale
         stats = lse.dtype
-        qb, kb, vb = (_blocks(t, slots.block) for t in (q, k, v))
-        dob = _blocks(grad_out.contiguous(), slots.block).to(stats)
-        delta = (dob * _blocks(out, slots.block).to(stats)).sum(-1)  # rowsum(dO o O)
+        qb = _blocks(q, slots.block).to(stats) * scale
         b, h, n, blk, d = qb.shape
+        chunks = slots.chunks()
+        widest = max(c.stop - c.start for c in chunks)
+        keys, values = _Gather(_blocks(k, blk), widest, stats), _Gather(_blocks(v, blk), widest, stats)
+        dob = _blocks(grad_out.contiguous(), blk).to(stats)
+        delta = (dob * _blocks(out, blk).to(stats)).sum(-1, keepdim=True)  # rowsum(dO o O)
+        size = b * h * n * blk * widest * blk
+        tiles = torch.empty(2 * size, dtype=stats, device=q.device)
+        grads = torch.empty(b * h * n * widest * blk * d, dtype=stats, device=q.device)
         dq = torch.zeros(qb.shape, dtype=stats, device=q.device)
         dk = torch.zeros(b, h * n, blk, d, dtype=stats, device=q.device)
         dv = torch.zeros(b, h * n, blk, d, dtype=stats, device=q.device)
-        heads = torch.arange(h, device=q.device).view(h, 1) * n
-        for t in range(slots.width):
-            index = slots.index[:, :, t]
-            kj, vj = _gather(kb, index).to(stats), _gather(vb, index).to(stats)
-            scores = (qb.to(stats) @ kj.transpose(-1, -2)) * scale + _mask(slots, t, causal, stats)
-            p = torch.exp(scores - lse.unsqueeze(-1))  # masked entries: exp(-inf) = 0
-            flat = (index + heads).reshape(-1)
-            dv.index_add_(1, flat, (p.transpose(-1, -2) @ dob).reshape(b, h * n, blk, d))
-            dp = dob @ vj.transpose(-1, -2)
-            ds = p * (dp - delta.unsqueeze(-1)) * scale
-            dq += ds @ kj
-            dk.index_add_(1, flat, (ds.transpose(-1, -2) @ qb.to(stats)).reshape(b, h * n, blk, d))
+        for chunk in chunks:
+            index = slots.index[:, :, chunk]
+            g = index.shape[-1]
+            cols = g * blk
+            kj, vj = keys(index), values(index)
+            p = tiles[: b * h * n * blk * cols].view(b, h, n, blk, cols)
+            torch.matmul(qb, kj.transpose(-1, -2), out=p)
+            _apply_mask(p, slots, chunk, causal).sub_(lse.unsqueeze(-1)).exp_()  # masked: exp(-inf) = 0
+            flat = _flat(index, n)
+            part = grads[: b * h * n * cols * d].view(b, h, n, cols, d)
+            torch.matmul(p.transpose(-1, -2), dob, out=part)
+            dv.index_add_(1, flat, part.view(b, h * n * g, blk, d))
+            ds = tiles[size : size + b * h * n * blk * cols].view(b, h, n, blk, cols)
+            torch.matmul(dob, vj.transpose(-1, -2), out=ds)
+            ds.sub_(delta).mul_(p)  # dS = P (dP - rowsum(dO o O))
+            dq.view(-1, blk, d).baddbmm_(*_bmm(ds, kj))
+            torch.matmul(ds.transpose(-1, -2), qb, out=part)
+            dk.index_add_(1, flat, part.view(b, h * n * g, blk, d))
         shape = q.shape
         return (
-            dq.to(q.dtype).reshape(shape),
+            (dq * scale).to(q.dtype).reshape(shape),
             dk.to(k.dtype).reshape(shape),
             dv.to(v.dtype).reshape(shape),
             None,
