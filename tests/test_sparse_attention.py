@@ -246,3 +246,37 @@ def test_attention_layout_command_prints_the_density_and_draws(tmp_path: Path, c
     assert "of dense causal" in printed and out.stat().st_size > 1000
     assert main(["attention-layout", "--kind", "fixed", "--seq-len", "500"]) == 2
     assert "does not divide" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- top-k
+
+
+def _topk_reference(q, k, v, top_k):  # noqa: ANN001, ANN202
+    s = q.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    kth = scores.topk(min(top_k, s), dim=-1).values[..., -1:]
+    return torch.softmax(scores.masked_fill(scores < kth, float("-inf")), dim=-1) @ v
+
+
+@pytest.mark.parametrize("top_k", [1, 5, 64])
+def test_topk_attention_is_exact_against_dense_top_k(top_k: int) -> None:
+    from loom.model.topk_attention import topk_attention
+
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 40, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    got = topk_attention(q, k, v, top_k, chunk=16)  # several chunks, the last one short
+    want = _topk_reference(q, k, v, top_k)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(got)
+    for a, b, name in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad), "qkv"):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
+
+
+def test_topk_with_every_key_is_dense_causal_attention() -> None:
+    from loom.model.topk_attention import topk_attention
+
+    q, k, v = (torch.randn(1, 2, 32, 16) for _ in range(3))
+    torch.testing.assert_close(
+        topk_attention(q, k, v, 32), F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-6
+    )

@@ -30,7 +30,7 @@ FAMILIES = ("gpt2", "llama")
 PRECISIONS = ("fp32", "bf16", "fp16")
 RECOMPUTE_POLICIES = ("none", "full", "selective")
 ROPE_SCALINGS = ("none", "linear", "llama3")
-ATTENTIONS = ("dense", "sparse")
+ATTENTIONS = ("dense", "sparse", "topk")
 DEFAULT_MICRO_BATCH = 16
 
 
@@ -59,8 +59,10 @@ class ModelConfig:
     tie_embeddings: bool | None = None  # None: True for gpt2, False for llama
     bias: bool | None = None  # None: True for gpt2, False for llama
     init_std: float = 0.02
-    # "dense": causal scaled_dot_product_attention; "sparse": block-sparse (loom.sparsity, loom.model.block_sparse)
+    # "dense": causal scaled_dot_product_attention; "sparse": block-sparse (loom.sparsity, loom.model.block_sparse);
+    # "topk": each query's top_k largest scores (loom.model.topk_attention)
     attention: str = "dense"
+    top_k: int = 32
     sparse_attention: SparsityConfig = field(default_factory=SparsityConfig)  # [model.sparse_attention]
 
     @property
@@ -144,6 +146,7 @@ class ModelConfig:
                 )
         _check_positive("model.init_std", self.init_std)
         _check_choice("model.attention", self.attention, ATTENTIONS)
+        _check_positive("model.top_k", self.top_k)
         if self.attention == "sparse":
             self.sparse_attention.validate()
             if self.sparse_attention.attention != "unidirectional":

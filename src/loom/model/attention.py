@@ -21,6 +21,7 @@ from loom.config import ModelConfig
 from loom.model.block_sparse import Slots, block_sparse_attention, dense_mask
 from loom.model.layers import RotaryEmbedding
 from loom.model.recompute import recompute
+from loom.model.topk_attention import topk_attention
 from loom.parallel.random import ParallelRNG
 from loom.parallel.tensor import ColumnParallelLinear, RowParallelLinear, TensorParallel, shard_range
 from loom.sparsity import make_layout
@@ -47,6 +48,7 @@ class Attention(nn.Module):
         self.k_proj = ColumnParallelLinear(cfg.d_model, kv_dim, tp, bias=cfg.use_bias, **kv)
         self.v_proj = ColumnParallelLinear(cfg.d_model, kv_dim, tp, bias=cfg.use_bias, **kv)
         self.o_proj = RowParallelLinear(cfg.d_model, cfg.d_model, tp, bias=cfg.use_bias)
+        self.kind, self.top_k = cfg.attention, cfg.top_k
         self.layout: torch.Tensor | None = None  # sparse: (this rank's heads, blocks, blocks) over layout_len
         if cfg.attention == "sparse":
             heads = cfg.n_heads // tp.size  # this rank's query heads are [rank x heads, (rank + 1) x heads)
@@ -80,6 +82,9 @@ class Attention(nn.Module):
         """softmax(QK^T / sqrt(d) + causal mask), dropped out, times V: (batch, heads, seq, head_dim)."""
         if self.layout is not None:
             return self._sparse_core(q, k, v)
+        if self.kind == "topk":  # no dropout on its probabilities (residual and embedding dropout apply)
+            k, v = _expand(k, v, q.shape[1])
+            return topk_attention(q, k, v, self.top_k)
         dropout = self.dropout if self.training else 0.0
         # this rank's heads are its own: their dropout draws from the tp stream
         stream = rng.tp_stream() if dropout and rng is not None else contextlib.nullcontext()
@@ -93,8 +98,7 @@ class Attention(nn.Module):
         other length (generation) dense attention under the layout's element mask, its top-left
         corner: a prefix attends as it does inside a longer sequence. No dropout on the
         attention probabilities here (residual and embedding dropout still apply)."""
-        if k.shape[1] != q.shape[1]:  # grouped-query heads: each K/V head serves its group
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        k, v = _expand(k, v, q.shape[1])
         seq = q.shape[-2]
         blocks = -(-seq // self.block)
         if seq % self.block == 0:
@@ -104,3 +108,10 @@ class Attention(nn.Module):
             return block_sparse_attention(q, k, v, self._slots[key])
         mask = dense_mask(self.layout[:, :blocks, :blocks], self.block)[:, :seq, :seq].to(q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0))
+
+
+def _expand(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query K/V heads repeated so each query head has its own (kernels without GQA)."""
+    if k.shape[1] == heads:
+        return k, v
+    return k.repeat_interleave(heads // k.shape[1], dim=1), v.repeat_interleave(heads // v.shape[1], dim=1)

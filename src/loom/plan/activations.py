@@ -65,6 +65,7 @@ class LayerShape:
     ffn: int
     bias: bool
     dropout: float
+    top_k: int = 32  # attention = "topk": the scores each query keeps
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,8 @@ class Dtypes:
 def attention_kernel(device: str, dropout: float, attention: str = "dense") -> str:
     """Which core runs: loom's block-sparse kernel for ``attention = "sparse"``; else the one torch's
     scaled_dot_product_attention picks (CPU's flash kernel has no dropout)."""
-    if attention == "sparse":
-        return "sparse"
+    if attention in ("sparse", "topk"):
+        return attention
     return "math" if device == "cpu" and dropout > 0 else "flash"
 
 
@@ -117,6 +118,9 @@ def layer_activation_bytes(
     elif kernel == "sparse":  # q, k and v (K/V expanded to every query head), out, and the
         # log-sum-exp: linear in s, whatever the layout (loom.model.block_sparse)
         core = c * 4 * e / t + 4 * shape.heads * s * b / t
+    elif kernel == "topk":  # q, k, v (expanded), out, and each query's picks: indices (int64) and
+        # probabilities (loom.model.topk_attention)
+        core = c * 4 * e / t + (8 + c) * shape.heads * s * b * min(shape.top_k, s) / t
     else:  # q, k, v, out and the log-sum-exp; out is laid out (b, s, heads, d), so the output
         # projection's input is a view of it, not a copy
         core = c * (2 * e + 2 * e_kv) / t + 4 * shape.heads * s * b / t

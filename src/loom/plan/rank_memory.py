@@ -50,7 +50,7 @@ class RankMemory:
 
 def layer_shape(config: Config) -> LayerShape:
     m = config.model
-    return LayerShape(m.family, m.d_model, m.n_heads, m.kv_heads, m.ffn_dim, m.use_bias, m.dropout)
+    return LayerShape(m.family, m.d_model, m.n_heads, m.kv_heads, m.ffn_dim, m.use_bias, m.dropout, m.top_k)
 
 
 def dtypes_of(config: Config, device: str) -> Dtypes:

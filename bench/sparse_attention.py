@@ -1,0 +1,258 @@
+"""Block-sparse attention against dense causal attention: time, peak memory, and the longest
+sequence a small model trains on within a memory budget.
+
+Part 1, the kernel: forward + backward of one attention call, batch 1, 8 heads of 64, for
+sequence lengths 1k to 16k, each layout (block 64) beside dense causal
+``scaled_dot_product_attention`` (torch's fused flash kernel on the CPU). Each case runs in
+its own process (peak resident memory above the inputs', from ``ru_maxrss``), cases
+alternating round by round; times are the median over rounds of each process's best of 3.
+The ideal speedup is dense causal FLOPs over sparse FLOPs: 1 / (the layout's density against
+dense causal). Goal: at 8k and beyond, the speedup reaches 0.6x the ideal.
+
+Part 2, training: one step of a small model (2 layers, d_model 256, 4 heads, micro-batch 1)
+at doubling sequence lengths, dense (with dropout 0.1, so the CPU runs torch's unfused core
+that holds the s x s scores, as dense attention without a fused kernel does; and without
+dropout, the flash core) and sliding-window sparse, until the step's peak resident memory
+passes ``BUDGET_GIB`` (checked against the planner first, so nothing runs that would not fit)
+or one step passes ``STEP_LIMIT_S``. Goal: sparse's longest is at least 8x dense's.
+
+    python bench/sparse_attention.py --out bench/results/sparse_attention.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import bench_command, result_head, write_result
+
+LAYOUTS = {
+    "sliding_window (3)": {"mode": "sliding_window", "num_sliding_window_blocks": 3},
+    "bigbird (r1 w3 g1)": {"mode": "bigbird", "num_random_blocks": 1, "different_layout_per_head": True},
+    "bslongformer (w5 g0)": {"mode": "bslongformer", "num_sliding_window_blocks": 5},
+    "fixed (l4 g1)": {"mode": "fixed", "num_local_blocks": 4, "num_global_blocks": 1},
+}
+SEQS = (1024, 2048, 4096, 8192, 16384)
+HEADS, HEAD_DIM, BLOCK = 8, 64, 64
+ROUNDS = 3
+BUDGET_GIB = 16.0
+STEP_LIMIT_S = 120.0
+TRAIN_SEQS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
+
+
+# ----------------------------------------------------------------------------- workers (own process)
+
+
+def _rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def kernel_worker(kind: str, seq: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from loom.model.block_sparse import Slots, block_sparse_attention
+    from loom.parallel.memory import fix_mmap_threshold
+    from loom.sparsity import SparsityConfig, make_layout
+    from loom.viz.attention import causal_density
+
+    fix_mmap_threshold()
+    torch.set_num_threads(2)
+    q, k, v = (torch.randn(1, HEADS, seq, HEAD_DIM, requires_grad=True) for _ in range(3))
+    density = 0.5 * (1 + 1 / (seq // BLOCK))  # dense causal against the full square
+    if kind == "dense":
+
+        def run() -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        ratio = 1.0
+    else:
+        layout = make_layout(SparsityConfig(block=BLOCK, **LAYOUTS[kind]), HEADS, seq)
+        slots = Slots.of(layout, BLOCK)
+        ratio = causal_density(layout)
+
+        def run() -> torch.Tensor:
+            return block_sparse_attention(q, k, v, slots)
+
+    grad = torch.randn(1, HEADS, seq, HEAD_DIM)
+    base = _rss()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        run().backward(grad)
+        times.append(time.perf_counter() - start)
+    return {"time": min(times), "peak": _rss() - base, "causal_density": ratio, "density": density}
+
+
+def train_worker(kind: str, seq: int) -> dict:
+    import torch
+
+    from loom.config import load_config
+    from loom.model.transformer import Transformer
+    from loom.parallel.memory import fix_mmap_threshold
+
+    fix_mmap_threshold()
+    torch.set_num_threads(2)
+    items = ["model.n_layers=2", "model.d_model=256", "model.n_heads=4", "model.vocab_size=256"]
+    items += [f"model.max_seq_len={seq}", f"train.seq_len={seq}"]
+    if kind == "dense, unfused core":
+        items.append("model.dropout=0.1")
+    if kind.startswith("sparse"):
+        items += ['model.attention="sparse"', f"model.sparse_attention.block={BLOCK}"]
+        items += ['model.sparse_attention.mode="sliding_window"', "model.sparse_attention.num_sliding_window_blocks=3"]
+    model = Transformer(load_config(None, items).model)
+    x = torch.randint(0, 256, (1, seq))
+    base = _rss()
+    start = time.perf_counter()
+    model.loss(x, x).backward()
+    return {"time": time.perf_counter() - start, "peak": _rss() - base}
+
+
+def _spawn(mode: str, kind: str, seq: int) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", mode, kind, str(seq)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if done.returncode:
+        print(f"  {mode} {kind} {seq} failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- part 2 planning
+
+
+def _predicted_gib(kind: str, seq: int) -> float:
+    """The planner's activation bytes of one step (both layers), plus the logits' (fp32, saved)."""
+    from loom.config import load_config
+    from loom.plan.activations import Dtypes, LayerShape, attention_kernel, layer_activation_bytes
+
+    dropout = 0.1 if kind == "dense, unfused core" else 0.0
+    attention = "sparse" if kind.startswith("sparse") else "dense"
+    cfg = load_config(None, ["model.d_model=256", "model.n_heads=4"]).model
+    shape = LayerShape("gpt2", 256, 4, 4, cfg.ffn_dim, True, dropout)
+    layer = layer_activation_bytes(
+        shape, seq, 1, dtypes=Dtypes(4, 4), kernel=attention_kernel("cpu", dropout, attention)
+    )
+    return (2 * layer + 3 * 4 * seq * 256) / 2**30
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        mode, kind, seq = sys.argv[2], sys.argv[3], int(sys.argv[4])
+        print(json.dumps((kernel_worker if mode == "kernel" else train_worker)(kind, seq)))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="write the tables here (markdown)")
+    parser.add_argument("--skip-train", action="store_true", help="only the kernel part")
+    args = parser.parse_args()
+
+    kinds = ["dense", *LAYOUTS]
+    found: dict[tuple[str, int], list[dict]] = {}
+    for r in range(ROUNDS):
+        for seq in SEQS:
+            order = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]  # rotate who runs first
+            for kind in order:
+                got = _spawn("kernel", kind, seq)
+                if got is not None:
+                    found.setdefault((kind, seq), []).append(got)
+        print(f"round {r + 1} of {ROUNDS} done", flush=True)
+    rows, fractions = [], {}
+    for seq in SEQS:
+        dense = statistics.median(x["time"] for x in found[("dense", seq)])
+        dense_peak = statistics.median(x["peak"] for x in found[("dense", seq)])
+        cells = [f"{seq:,}", f"{1e3 * dense:.0f} ms, {dense_peak / 2**20:.0f} MiB"]
+        for kind in LAYOUTS:
+            runs = found.get((kind, seq), [])
+            if not runs:
+                cells.append("failed")
+                continue
+            t = statistics.median(x["time"] for x in runs)
+            speedups = [dense / x["time"] for x in runs]
+            ideal = 1 / runs[0]["causal_density"]
+            fractions[(kind, seq)] = (dense / t) / ideal
+            cells.append(
+                f"{1e3 * t:.0f} ms ({min(speedups):.1f}-{max(speedups):.1f}x of ideal {ideal:.1f}x: "
+                f"{fractions[(kind, seq)]:.2f}), {statistics.median(x['peak'] for x in runs) / 2**20:.0f} MiB"
+            )
+        rows.append("| " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+    long = [f for (kind, seq), f in fractions.items() if seq >= 8192]
+    window = [statistics.median(x["peak"] for x in found[("sliding_window (3)", s)]) for s in SEQS]
+    growth = [b / a for a, b in zip(window, window[1:])]
+    verdict = [
+        f"At 8k and 16k the speedup reaches {min(long):.2f}-{max(long):.2f} of the ideal "
+        f"(goal 0.6: {'met' if min(long) >= 0.6 else 'missed'}).",
+        "Peak memory of the sliding window per doubling of the sequence: "
+        + ", ".join(f"x{g:.2f}" for g in growth)
+        + " (linear: x2).",
+    ]
+
+    train_rows, longest = [], {}
+    if not args.skip_train:
+        for kind in ("dense, unfused core", "dense, flash core", "sparse, sliding window (3)"):
+            for seq in TRAIN_SEQS:
+                predicted = _predicted_gib(kind, seq)
+                if predicted > BUDGET_GIB:
+                    train_rows.append(f"| {kind} | {seq:,} | predicted {predicted:.1f} GiB: not run | - |")
+                    break
+                got = _spawn("train", kind, seq)
+                if got is None or got["peak"] / 2**30 > BUDGET_GIB:
+                    train_rows.append(f"| {kind} | {seq:,} | failed or over the budget | - |")
+                    break
+                train_rows.append(f"| {kind} | {seq:,} | {got['peak'] / 2**30:.2f} GiB | {got['time']:.1f} s |")
+                print(train_rows[-1], flush=True)
+                longest[kind] = seq
+                growth = 4 if kind.startswith("dense") else 2  # the attention's work per doubling
+                if got["time"] * growth > STEP_LIMIT_S:
+                    why = f"not run: the step would take about {got['time'] * growth:.0f} s"
+                    train_rows.append(f"| {kind} | {seq * 2:,} | {why} | - |")
+                    break
+        ratio = longest.get("sparse, sliding window (3)", 0) / max(1, longest.get("dense, unfused core", 1))
+        verdict.append(
+            f"Longest trained sequence within {BUDGET_GIB:.0f} GiB: sparse {longest.get('sparse, sliding window (3)', 0):,}, "
+            f"dense with the unfused core {longest.get('dense, unfused core', 0):,} ({ratio:.0f}x; goal 8x: "
+            f"{'met' if ratio >= 8 else 'missed'}); dense with torch's flash core "
+            f"{longest.get('dense, flash core', 0):,} (its memory is linear too: it stops on time, not memory)."
+        )
+    print("\n".join(verdict))
+
+    def render(when: str) -> str:
+        job = f"batch 1, {HEADS} heads of {HEAD_DIM}, block {BLOCK}, fp32, {ROUNDS} rounds"
+        head = result_head(
+            "Block-sparse attention against dense causal attention", bench_command("sparse_attention.py"), when, job
+        )
+        body = [
+            "## Forward + backward of one attention call",
+            "",
+            "Each cell: median time, (the per-round speedups against dense of the ideal 1 / density: the median's "
+            "fraction of the ideal), peak resident memory above the inputs'.",
+            "",
+            "| sequence | dense causal SDPA | " + " | ".join(LAYOUTS) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in LAYOUTS) + " |",
+            *rows,
+            "",
+        ]
+        if train_rows:
+            body += [
+                f"## One training step of a small model within {BUDGET_GIB:.0f} GiB",
+                "",
+                "2 layers, d_model 256, 4 heads, micro-batch 1, fp32.",
+                "",
+                "| attention | sequence | peak memory | step |",
+                "| --- | --- | --- | --- |",
+                *train_rows,
+                "",
+            ]
+        return "\n".join(head + body + verdict + [""])
+
+    write_result(args.out, render)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
