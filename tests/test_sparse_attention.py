@@ -204,11 +204,19 @@ def _train(items: list[str], run_dir: str) -> list | None:
     return out
 
 
-def test_tp2_sparse_model_matches_the_single_process(tmp_path: Path, text_corpus: Path) -> None:
-    # each tp rank takes its heads' layouts: bigbird draws a different layout for every head
-    sparse = {"model.sparse_attention.mode": "bigbird", "model.sparse_attention.different_layout_per_head": True}
-    one = _train(_sparse_items(text_corpus, **sparse), str(tmp_path / "one"))
-    items = _sparse_items(text_corpus, **sparse, **{"parallel.tp": 2, "parallel.sequence_parallel": True})
+@pytest.mark.parametrize(
+    "kind",
+    [
+        # each tp rank takes its heads' layouts: bigbird draws a different layout for every head
+        {"model.sparse_attention.mode": "bigbird", "model.sparse_attention.different_layout_per_head": True},
+        # rotations drawn for every head from the shared stream, each rank keeping its heads'
+        {"model.attention": "lsh", "model.lsh_chunk": 8, "model.lsh_buckets": 4, "model.family": "llama"},
+    ],
+    ids=["bigbird", "lsh shared-QK"],
+)
+def test_tp2_sparse_model_matches_the_single_process(tmp_path: Path, text_corpus: Path, kind: dict) -> None:
+    one = _train(_sparse_items(text_corpus, **kind), str(tmp_path / "one"))
+    items = _sparse_items(text_corpus, **kind, **{"parallel.tp": 2, "parallel.sequence_parallel": True})
     two = run_ranks(_train, 2, args=(items, str(tmp_path / "tp2")), timeout_s=200)[0]
     for a, b in zip(two, one, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -280,3 +288,64 @@ def test_topk_with_every_key_is_dense_causal_attention() -> None:
     torch.testing.assert_close(
         topk_attention(q, k, v, 32), F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-6
     )
+
+
+# ----------------------------------------------------------------------------- LSH
+
+
+def test_lsh_with_one_bucket_and_one_round_is_dense_causal_attention() -> None:
+    from loom.model.lsh_attention import draw_rotations, lsh_attention
+
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 32, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    one = draw_rotations(3, 8, n_hashes=1, n_buckets=1).double()
+    for chunk in (32, 16):  # one chunk, and two that each look back at the other
+        got = lsh_attention(q, k, v, one, chunk)
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        grads = torch.autograd.grad(got.sum(), (q, k, v))
+        for a, b in zip(grads, torch.autograd.grad(want.sum(), (q, k, v))):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_lsh_attends_within_buckets_causally_and_to_itself_only_when_alone() -> None:
+    from loom.model.lsh_attention import hash_buckets, lsh_attention
+
+    torch.manual_seed(4)
+    b, h, s, d = 1, 2, 64, 16
+    q, v = torch.randn(b, h, s, d), torch.randn(b, h, s, d)
+    rotations = torch.randn(h, d, 1, 4)  # 8 buckets, one round
+    # a value change at a later position never reaches an earlier output (causal)
+    out = lsh_attention(q, None, v, rotations, chunk=8)
+    later = v.clone()
+    later[:, :, 40:] += 1.0
+    assert torch.equal(lsh_attention(q, None, later, rotations, chunk=8)[:, :, :40], out[:, :, :40])
+    # the first position sees only itself: its output is its own value
+    torch.testing.assert_close(out[:, :, 0], v[:, :, 0])
+    # a token whose bucket holds only itself and whose chunks hold nothing earlier: still itself,
+    # never nothing (no NaN anywhere)
+    assert torch.isfinite(out).all()
+    assert hash_buckets(q, rotations[:, :, 0]).max() < 8
+
+
+def test_lsh_rounds_combine_toward_full_attention() -> None:
+    from loom.model.lsh_attention import draw_rotations, lsh_attention
+
+    torch.manual_seed(5)
+    q, v = torch.randn(1, 1, 128, 8, requires_grad=True), torch.randn(1, 1, 128, 8, requires_grad=True)
+    rotations = draw_rotations(1, 8, n_hashes=4, n_buckets=8)
+    out = lsh_attention(q, None, v, rotations, chunk=16)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(v.grad).all()
+    # more rounds see more keys: closer to full (non-self) attention than one round
+    exact = (
+        torch.softmax(
+            (q @ F.normalize(q, dim=-1).transpose(-1, -2) / math.sqrt(8)).masked_fill(
+                torch.ones(128, 128, dtype=torch.bool).triu(0), float("-inf")
+            )[:, :, 1:],
+            dim=-1,
+        )
+        @ v
+    )
+    one = lsh_attention(q, None, v, rotations[:, :, :1], chunk=16)
+    assert (out[:, :, 1:] - exact).abs().mean() < (one[:, :, 1:] - exact).abs().mean()

@@ -30,7 +30,7 @@ FAMILIES = ("gpt2", "llama")
 PRECISIONS = ("fp32", "bf16", "fp16")
 RECOMPUTE_POLICIES = ("none", "full", "selective")
 ROPE_SCALINGS = ("none", "linear", "llama3")
-ATTENTIONS = ("dense", "sparse", "topk")
+ATTENTIONS = ("dense", "sparse", "topk", "lsh")
 DEFAULT_MICRO_BATCH = 16
 
 
@@ -60,9 +60,14 @@ class ModelConfig:
     bias: bool | None = None  # None: True for gpt2, False for llama
     init_std: float = 0.02
     # "dense": causal scaled_dot_product_attention; "sparse": block-sparse (loom.sparsity, loom.model.block_sparse);
-    # "topk": each query's top_k largest scores (loom.model.topk_attention)
+    # "topk": each query's top_k largest scores (loom.model.topk_attention); "lsh": Reformer's
+    # hashed buckets (loom.model.lsh_attention)
     attention: str = "dense"
     top_k: int = 32
+    lsh_buckets: int = 8  # 1 or even: buckets per hash round
+    lsh_hashes: int = 2  # rounds, each with fresh rotations
+    lsh_chunk: int = 64  # sorted positions per chunk; a chunk attends to itself and the one before
+    lsh_shared_qk: bool = True  # keys are the unit-length queries (no key projection)
     sparse_attention: SparsityConfig = field(default_factory=SparsityConfig)  # [model.sparse_attention]
 
     @property
@@ -147,6 +152,13 @@ class ModelConfig:
         _check_positive("model.init_std", self.init_std)
         _check_choice("model.attention", self.attention, ATTENTIONS)
         _check_positive("model.top_k", self.top_k)
+        for name in ("lsh_buckets", "lsh_hashes", "lsh_chunk"):
+            _check_positive(f"model.{name}", getattr(self, name))
+        if self.lsh_buckets > 1 and self.lsh_buckets % 2:
+            raise LoomError(
+                f"model.lsh_buckets = {self.lsh_buckets} is odd; angular LSH splits rotations into +/- halves.",
+                f"use 1 or an even count, e.g. {self.lsh_buckets + 1}.",
+            )
         if self.attention == "sparse":
             self.sparse_attention.validate()
             if self.sparse_attention.attention != "unidirectional":
@@ -416,6 +428,11 @@ class Config:
                     f"{sparse.block}; the block-sparse kernel trains on whole blocks.",
                     f"use a train.seq_len that is a multiple of {sparse.block}.",
                 )
+        if self.model.attention == "lsh" and self.train.seq_len % self.model.lsh_chunk:
+            raise LoomError(
+                f"train.seq_len = {self.train.seq_len} is not a multiple of model.lsh_chunk = {self.model.lsh_chunk}.",
+                f"use a chunk that divides it (e.g. {_divisor_below(self.train.seq_len, self.model.lsh_chunk)}).",
+            )
         self._validate_tensor_parallel()
         shape = self.batch(dp=self.parallel.dp or self._implied_dp())
         self._validate_pipeline(shape)
@@ -651,6 +668,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             return value
     wanted = " or ".join(_type_name(k) for k in allowed if k is not type(None))
     raise LoomError(f"{name} = {value!r} is not a {wanted}.", f"give {name} a {wanted} value.")
+
+
+def _divisor_below(n: int, want: int) -> int:
+    return max(d for d in range(1, min(n, want) + 1) if n % d == 0)
 
 
 def _type_name(kind: Any) -> str:

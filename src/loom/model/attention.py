@@ -20,6 +20,7 @@ from torch import nn
 from loom.config import ModelConfig
 from loom.model.block_sparse import Slots, block_sparse_attention, dense_mask
 from loom.model.layers import RotaryEmbedding
+from loom.model.lsh_attention import lsh_attention
 from loom.model.recompute import recompute
 from loom.model.topk_attention import topk_attention
 from loom.parallel.random import ParallelRNG
@@ -45,10 +46,14 @@ class Attention(nn.Module):
             kv_rows = slice(head * cfg.head_dim, (head + 1) * cfg.head_dim)
         self.q_proj = ColumnParallelLinear(cfg.d_model, cfg.d_model, tp, bias=cfg.use_bias)
         kv = {"rows": kv_rows, "replicas": self.kv_replicas}
-        self.k_proj = ColumnParallelLinear(cfg.d_model, kv_dim, tp, bias=cfg.use_bias, **kv)
+        # shared-QK LSH attention takes its keys from the queries: no key projection
+        self.shared_qk = cfg.attention == "lsh" and cfg.lsh_shared_qk
+        self.k_proj = None if self.shared_qk else ColumnParallelLinear(cfg.d_model, kv_dim, tp, bias=cfg.use_bias, **kv)
         self.v_proj = ColumnParallelLinear(cfg.d_model, kv_dim, tp, bias=cfg.use_bias, **kv)
         self.o_proj = RowParallelLinear(cfg.d_model, cfg.d_model, tp, bias=cfg.use_bias)
         self.kind, self.top_k = cfg.attention, cfg.top_k
+        self.lsh = (cfg.n_heads, cfg.lsh_hashes, cfg.lsh_buckets, cfg.lsh_chunk)
+        self.heads = slice(tp.rank * (cfg.n_heads // tp.size), (tp.rank + 1) * (cfg.n_heads // tp.size))
         self.layout: torch.Tensor | None = None  # sparse: (this rank's heads, blocks, blocks) over layout_len
         if cfg.attention == "sparse":
             heads = cfg.n_heads // tp.size  # this rank's query heads are [rank x heads, (rank + 1) x heads)
@@ -68,13 +73,17 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``recompute_core``: the core attention (QK^T, softmax, dropout, over V) keeps only
         q, k and v for backward and runs again there (selective recomputation)."""
-        q, k, v = self.tp.enter_columns(x, self.q_proj, self.k_proj, self.v_proj)
+        if self.shared_qk:
+            (q, v), k = self.tp.enter_columns(x, self.q_proj, self.v_proj), None
+        else:
+            q, k, v = self.tp.enter_columns(x, self.q_proj, self.k_proj, self.v_proj)
         batch, seq, _ = q.shape
         q = q.view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, -1, self.head_dim).transpose(1, 2) if k is not None else None
         v = v.view(batch, seq, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = rope(q, positions), rope(k, positions)
+            q = rope(q, positions)
+            k = rope(k, positions) if k is not None else None
         out = recompute(self._core, q, k, v, rng, rng=rng) if recompute_core else self._core(q, k, v, rng)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -82,6 +91,8 @@ class Attention(nn.Module):
         """softmax(QK^T / sqrt(d) + causal mask), dropped out, times V: (batch, heads, seq, head_dim)."""
         if self.layout is not None:
             return self._sparse_core(q, k, v)
+        if self.kind == "lsh":
+            return self._lsh_core(q, k, v)
         if self.kind == "topk":  # no dropout on its probabilities (residual and embedding dropout apply)
             k, v = _expand(k, v, q.shape[1])
             return topk_attention(q, k, v, self.top_k)
@@ -92,6 +103,25 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]
             )
+
+    def _lsh_core(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+        """Reformer's LSH attention. Fresh rotations every forward, drawn for all heads from the
+        shared stream (reseeded per block and micro-batch: every layout draws the same; a
+        recomputed block redraws its first pass's) and cut to this rank's heads. A sequence
+        that is not a whole number of chunks (generation) is padded at the end: causality keeps
+        the padding from every real position. No dropout on the attention probabilities."""
+        heads, hashes, buckets, chunk = self.lsh
+        rotations = torch.randn(heads, q.shape[-1], hashes, buckets // 2, device=q.device)[self.heads]
+        if k is not None:
+            k, v = _expand(k, v, q.shape[1])
+        else:
+            v = _expand(v, v, q.shape[1])[1]
+        seq = q.shape[-2]
+        pad = -seq % chunk
+        if pad:
+            q, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, v))
+            k = F.pad(k, (0, 0, 0, pad)) if k is not None else None
+        return lsh_attention(q, k, v, rotations, chunk)[:, :, :seq]
 
     def _sparse_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The layout's blocks only. A sequence of whole blocks runs the block-sparse kernel; any

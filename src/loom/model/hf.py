@@ -151,6 +151,13 @@ def _llama_config(hf: dict[str, Any]) -> ModelConfig:
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The HF config.json dict (``transformers.AutoConfig.for_model(**d)`` accepts it) for ``cfg``."""
     common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tied, "initializer_range": cfg.init_std}
+    _refuse(
+        cfg.attention != "dense",
+        f"model.attention = {cfg.attention!r}",
+        "Hugging Face GPT-2 and Llama attend densely, so the exported model would compute something else",
+        where="export",
+        fix="export a model trained with model.attention = 'dense', or keep the loom checkpoint",
+    )
     if cfg.family == "gpt2":
         _refuse(
             not cfg.use_bias,

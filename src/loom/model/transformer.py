@@ -168,7 +168,9 @@ class Transformer(nn.Module):
         positions = torch.arange(seq, device=x.device)
         # dropout's masks are functions of (step, micro-batch, site) in any layout (loom.parallel.random);
         # reseeded outside a recomputed block, whose checkpoint then replays the same draws
-        reseed = self.rng.enter if self.rng is not None and self.training and self.cfg.dropout else None
+        # (LSH draws its rotations from the same stream, in evaluation too)
+        draws = (self.training and self.cfg.dropout) or self.cfg.attention == "lsh"
+        reseed = self.rng.enter if self.rng is not None and draws else None
         if embed:
             x = self.tok_emb(x)  # replicated, or this rank's sequence slice under SP
             if self.pos_emb is not None:

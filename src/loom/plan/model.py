@@ -1,6 +1,7 @@
 """Parameter counts from the config alone, without building the model.
 
-Per layer: attention 2d^2 + 2d*kv (Q, O and K, V; kv = n_kv_heads * head_dim),
+Per layer: attention 2d^2 + 2d*kv (Q, O and K, V; kv = n_kv_heads * head_dim; shared-QK LSH
+attention has no K: d*kv),
 MLP 2*d*f (GELU) or 3*d*f (SwiGLU), two norms; plus embeddings, learned positions
 (gpt2), the final norm and an untied head.
 """
@@ -19,7 +20,8 @@ def count_parameters(cfg: ModelConfig, vocab_size: int | None = None) -> int:
     d, f, kv = cfg.d_model, cfg.ffn_dim, cfg.kv_heads * cfg.head_dim
     bias = cfg.use_bias
     norm = d * (2 if cfg.family == "gpt2" and bias else 1)  # LayerNorm has a bias, RMSNorm none
-    attention = 2 * d * d + 2 * d * kv + ((2 * d + 2 * kv) if bias else 0)
+    projections = 1 if cfg.attention == "lsh" and cfg.lsh_shared_qk else 2  # K and V, or V alone
+    attention = 2 * d * d + projections * (d * kv + (kv if bias else 0)) + (2 * d if bias else 0)
     mlp_mats = 3 if cfg.family == "llama" else 2
     mlp = mlp_mats * d * f + ((mlp_mats - 1) * f + d if bias else 0)
     layer = attention + mlp + 2 * norm
@@ -42,7 +44,10 @@ def count_rank_parameters(cfg: ModelConfig, tp: int = 1, pp: int = 1, vp: int = 
     kv_local = kv // tp if cfg.kv_heads % tp == 0 else cfg.head_dim
     bias = cfg.use_bias
     norm = d * (2 if cfg.family == "gpt2" and bias else 1)
-    attention = d * d // tp * 2 + 2 * kv_local * d + ((d // tp + 2 * kv_local + d) if bias else 0)
+    projections = 1 if cfg.attention == "lsh" and cfg.lsh_shared_qk else 2  # K and V, or V alone
+    attention = (
+        d * d // tp * 2 + projections * (kv_local * d + (kv_local if bias else 0)) + ((d // tp + d) if bias else 0)
+    )
     mats = 3 if cfg.family == "llama" else 2
     mlp = mats * d * f // tp + (((mats - 1) * f // tp + d) if bias else 0)
     layer = attention + mlp + 2 * norm
