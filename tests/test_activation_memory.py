@@ -56,6 +56,7 @@ def _measure(family: str, cases: list, dropout: float = 0.1, attention: str = "d
         f'model.attention="{attention}"',
         "model.sparse_attention.block=8",
         "model.top_k=8",
+        "model.lsh_chunk=8",
         f'model.family="{family}"',
         "model.n_layers=1",
         f"model.d_model={H}",
@@ -86,14 +87,14 @@ def _measure(family: str, cases: list, dropout: float = 0.1, attention: str = "d
 
 @pytest.mark.parametrize(
     ("dropout", "attention"),
-    [(0.1, "dense"), (0.0, "dense"), (0.0, "sparse"), (0.0, "topk")],
-    ids=["dropout (unfused core)", "no dropout (flash core)", "block-sparse core", "top-k core"],
+    [(0.1, "dense"), (0.0, "dense"), (0.0, "sparse"), (0.0, "topk"), (0.0, "lsh")],
+    ids=["dropout (unfused core)", "no dropout (flash core)", "block-sparse core", "top-k core", "lsh core"],
 )
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_measured_layer_activations_equal_the_formula(family: str, dropout: float, attention: str) -> None:
     measured = run_ranks(_measure, 2, args=(family, CASES, dropout, attention), timeout_s=120)[0]
     cfg = load_config(None, [f'model.family="{family}"', f"model.d_model={H}", f"model.n_heads={HEADS}"]).model
-    shape = LayerShape(family, H, HEADS, cfg.kv_heads, cfg.ffn_dim, cfg.use_bias, dropout=dropout, top_k=8)
+    shape = LayerShape(family, H, HEADS, cfg.kv_heads, cfg.ffn_dim, cfg.use_bias, dropout, 8, (2, 8, True))
     for (t, sp, policy), got in measured.items():
         want = layer_activation_bytes(
             shape, S, B, t, sp, policy, Dtypes(params=4, compute=2), attention_kernel("cpu", dropout, attention)

@@ -66,6 +66,7 @@ class LayerShape:
     bias: bool
     dropout: float
     top_k: int = 32  # attention = "topk": the scores each query keeps
+    lsh: tuple[int, int, bool] = (2, 64, True)  # attention = "lsh": rounds, chunk, shared QK
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Dtypes:
 def attention_kernel(device: str, dropout: float, attention: str = "dense") -> str:
     """Which core runs: loom's block-sparse kernel for ``attention = "sparse"``; else the one torch's
     scaled_dot_product_attention picks (CPU's flash kernel has no dropout)."""
-    if attention in ("sparse", "topk"):
+    if attention in ("sparse", "topk", "lsh"):
         return attention
     return "math" if device == "cpu" and dropout > 0 else "flash"
 
@@ -111,13 +112,15 @@ def layer_activation_bytes(
     dropped = r if shape.bias else c  # a biased row-parallel output is summed with the fp32 bias
     mask = 0.0 if not shape.dropout else (dtypes.mask or dropped) * e / d
     rope = 4 * s * head_dim * c if llama else 0  # cos and sin, for q and for k
-    if recompute == "selective":
-        core = c * (e + 2 * e_kv) / t  # the recomputed region keeps q, k and v
+    if recompute == "selective":  # the recomputed region keeps q, k and v (shared-QK LSH: no k)
+        core = c * (e + (1 if kernel == "lsh" and shape.lsh[2] else 2) * e_kv) / t
     elif kernel == "math":
         core = (12 * e + 12 * shape.heads * s * s * b) / t  # q, k, v, scores, mask, dropped: fp32
     elif kernel == "sparse":  # q, k and v (K/V expanded to every query head), out, and the
         # log-sum-exp: linear in s, whatever the layout (loom.model.block_sparse)
         core = c * 4 * e / t + 4 * shape.heads * s * b / t
+    elif kernel == "lsh":
+        core = _lsh_core_bytes(shape, s, b, t, c)
     elif kernel == "topk":  # q, k, v (expanded), out, and each query's picks: indices (int64) and
         # probabilities (loom.model.topk_attention)
         core = c * 4 * e / t + (8 + c) * shape.heads * s * b * min(shape.top_k, s) / t
@@ -127,7 +130,8 @@ def layer_activation_bytes(
     # a column-parallel input: one saved slice under tp; at t = 1 under autocast (16-bit compute over
     # fp32 parameters) each linear casts, and keeps, its own copy (Q, K, V; GELU's up or SwiGLU's gate and up)
     casts = t == 1 and c != r
-    qkv_in = c * e / d * (3 if casts else 1)
+    projections = 2 if kernel == "lsh" and shape.lsh[2] else 3  # Q, K, V (shared-QK LSH: Q, V)
+    qkv_in = c * e / d * (projections if casts else 1)
     mlp_in = c * e / d * ((2 if llama else 1) if casts else 1)
     # flash lays its output out (b, s, heads, d): the output projection's input is a view of it
     out_proj_in = 0.0 if kernel == "flash" and recompute == "none" else c * e / t
@@ -136,3 +140,20 @@ def layer_activation_bytes(
     mlp_inner = 4 * c * f / t if llama else 2 * c * f / t  # SwiGLU: gate, up, silu, product; GELU: in, out
     mlp = norm + mlp_in + mlp_inner + mask
     return attention + mlp
+
+
+def _lsh_core_bytes(shape: LayerShape, s: int, b: int, t: int, c: int) -> float:
+    """What LSH attention saves (loom.model.lsh_attention), per round: the sort and its inverse
+    (int64), the sorted queries, keys and values with the previous chunk's (2x), each query's own
+    value (and key without shared QK), the causal mask (bool), the scores with the own column and
+    the log-sum-exp in fp32, the probabilities in fp32 (and their compute-dtype copy under
+    autocast), the own column's weight; and under shared QK the queries (normalised into keys).
+    An account, not an exact one like the other cores': within 5% of the measured bytes
+    (tests/test_activation_memory.py)."""
+    rounds, chunk, shared = shape.lsh
+    e = s * b * shape.hidden / t
+    tokens = s * b * shape.heads / t  # (batch, local heads, s) rows
+    per_round = 16 * tokens + c * e * (6 if shared else 7) + 2 * chunk * tokens
+    per_round += 4 * tokens * (2 * chunk + 1) + 4 * tokens + 4 * tokens * 2 * chunk + 4 * tokens
+    per_round += (c * tokens * 2 * chunk if c != 4 else 0) + (0 if shared else 8 * tokens)
+    return rounds * per_round + (c * e if shared else 0)

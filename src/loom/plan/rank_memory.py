@@ -50,7 +50,8 @@ class RankMemory:
 
 def layer_shape(config: Config) -> LayerShape:
     m = config.model
-    return LayerShape(m.family, m.d_model, m.n_heads, m.kv_heads, m.ffn_dim, m.use_bias, m.dropout, m.top_k)
+    lsh = (m.lsh_hashes, m.lsh_chunk, m.lsh_shared_qk)
+    return LayerShape(m.family, m.d_model, m.n_heads, m.kv_heads, m.ffn_dim, m.use_bias, m.dropout, m.top_k, lsh)
 
 
 def dtypes_of(config: Config, device: str) -> Dtypes:
