@@ -349,3 +349,112 @@ def test_lsh_rounds_combine_toward_full_attention() -> None:
     )
     one = lsh_attention(q, None, v, rotations[:, :, :1], chunk=16)
     assert (out[:, :, 1:] - exact).abs().mean() < (one[:, :, 1:] - exact).abs().mean()
+
+
+# ----------------------------------------------------------------------------- reversible blocks
+
+
+def _rev_model(layers: int, **extra) -> Transformer:
+    items = [f"model.n_layers={layers}", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64"]
+    items += ["model.reversible=true", *(f"model.{k}={v}" for k, v in extra.items())]
+    return Transformer(load_config(None, items).model, seed=1)
+
+
+def _naive_reversible_loss(model: Transformer, x: torch.Tensor) -> torch.Tensor:
+    """The same two-stream architecture through ordinary autograd (everything kept)."""
+    h = model.emb_dropout(model.tok_emb(x) + model.pos_emb(torch.arange(x.shape[1])))
+    y1, y2 = h, h
+    positions = torch.arange(x.shape[1])
+    for i in model.layers:
+        block = model.blocks[str(i)]
+        y1 = y1 + block.attention_branch(y2, model.rope, positions, None)
+        y2 = y2 + block.mlp_branch(y1, None)
+    logits = model.final_norm((y1 + y2) / 2) @ model.tok_emb.weight.t()
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), x.view(-1))  # fp32, as the model
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no dropout", "dropout: masks replayed"])
+def test_reversible_gradients_equal_ordinary_backward_of_the_same_blocks(dropout: float) -> None:
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = _rev_model(3, dropout=dropout)
+        x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(7)
+        loss = model.loss(x, x)
+        loss.backward()
+        mine = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        torch.manual_seed(7)  # the same draws in the same order: F1, G1, F2, ...
+        want = _naive_reversible_loss(model, x)
+        want.backward()
+        torch.testing.assert_close(loss, want, rtol=1e-7, atol=1e-7)
+        for name, p in model.named_parameters():  # float64 blocks, the loss in fp32 as the model's
+            torch.testing.assert_close(mine[name], p.grad, rtol=1e-6, atol=1e-9, msg=name)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_reversible_activations_do_not_grow_with_depth() -> None:
+    from loom.parallel.memory import ActivationMeter
+
+    saved = {}
+    for layers in (2, 8):
+        for rev in (False, True):
+            items = [f"model.n_layers={layers}", "model.d_model=64", "model.n_heads=4", "model.vocab_size=64"]
+            model = Transformer(load_config(None, [*items, f"model.reversible={str(rev).lower()}"]).model)
+            x = torch.randint(0, 64, (2, 64))
+            meter = ActivationMeter()
+            with meter.forward(0):
+                loss = model.loss(x, x)
+            loss.backward()
+            saved[(layers, rev)] = meter.take_step()["mem_activation_bytes"]
+    assert saved[(8, False)] > 3 * saved[(2, False)]  # ordinary blocks: linear in depth
+    assert saved[(8, True)] == saved[(2, True)]  # reversible: the last outputs, whatever the depth
+    assert saved[(8, True)] < saved[(8, False)] / 4
+
+
+def test_reversible_trains_with_dropout_and_tp2_matches_the_single_process(tmp_path: Path, text_corpus: Path) -> None:
+    # dropout on: the recomputed branches must replay the first pass's masks, or the gradients
+    # would be wrong and the loss would not fall
+    extra = {"model.reversible": True, "model.dropout": 0.1, "model.attention": "dense", "train.steps": 20}
+    noisy = _train(_sparse_items(text_corpus, **extra), str(tmp_path / "dropout"))
+    assert noisy[-1]["loss"] < 0.8 * noisy[0]["loss"]
+    exact = {"model.reversible": True, "model.attention": "dense"}
+    one = _train(_sparse_items(text_corpus, **exact), str(tmp_path / "one"))
+    items = _sparse_items(text_corpus, **exact, **{"parallel.tp": 2, "parallel.sequence_parallel": True})
+    two = run_ranks(_train, 2, args=(items, str(tmp_path / "tp2")), timeout_s=200)[0]
+    for a, b in zip(two, one, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("items", "match"),
+    [
+        (["parallel.pp=2"], "one stream, not two"),
+        (["zero.stage=3"], "ZeRO-3"),
+        (['train.recompute="full"'], "already recompute"),
+    ],
+)
+def test_reversible_refuses_what_it_cannot_compose_with(items: list[str], match: str) -> None:
+    with pytest.raises(LoomError, match=match) as err:
+        load_config(None, ["model.reversible=true", *items])
+    assert "model.reversible = false" in err.value.fix
+
+
+def test_the_planner_predicts_the_reversible_stack_activations() -> None:
+    from loom.parallel.memory import ActivationMeter
+    from loom.plan.rank_memory import predict_rank_memory
+
+    for rev in ("false", "true"):
+        items = ["model.n_layers=4", "model.d_model=64", "model.n_heads=4", "model.vocab_size=64"]
+        items += ["train.seq_len=64", "train.micro_batch=2", "train.global_batch=2", f"model.reversible={rev}"]
+        config = load_config(None, items)
+        model = Transformer(config.model)
+        x = torch.randint(0, 64, (2, 64))
+        meter = ActivationMeter()
+        with meter.forward(0):
+            loss = model.loss(x, x)
+        loss.backward()
+        measured = meter.take_step()["mem_activation_bytes"]
+        assert measured == pytest.approx(predict_rank_memory(config, 1).activations, rel=0.01), rev

@@ -68,6 +68,9 @@ class ModelConfig:
     lsh_hashes: int = 2  # rounds, each with fresh rotations
     lsh_chunk: int = 64  # sorted positions per chunk; a chunk attends to itself and the one before
     lsh_shared_qk: bool = True  # keys are the unit-length queries (no key projection)
+    # reversible blocks (RevNet/Reformer): the residual stream carried twice, each block's input
+    # recomputed from its output in backward, so activations do not grow with depth
+    reversible: bool = False
     sparse_attention: SparsityConfig = field(default_factory=SparsityConfig)  # [model.sparse_attention]
 
     @property
@@ -433,6 +436,30 @@ class Config:
                 f"train.seq_len = {self.train.seq_len} is not a multiple of model.lsh_chunk = {self.model.lsh_chunk}.",
                 f"use a chunk that divides it (e.g. {_divisor_below(self.train.seq_len, self.model.lsh_chunk)}).",
             )
+        if self.model.reversible:
+            clash = [
+                (
+                    self.parallel.pp > 1,
+                    f"parallel.pp = {self.parallel.pp}",
+                    "a pipeline stage passes one stream, not two",
+                ),
+                (
+                    self.zero.stage == 3,
+                    "zero.stage = 3",
+                    "ZeRO-3's unit gathering follows ordinary backward, not a reversible stack's recomputation",
+                ),
+                (
+                    self.train.recompute != "none",
+                    f"train.recompute = {self.train.recompute!r}",
+                    "reversible blocks already recompute everything but their outputs",
+                ),
+            ]
+            for bad, what, why in clash:
+                if bad:
+                    raise LoomError(
+                        f"model.reversible = true with {what}: {why}.",
+                        f"drop {what.split(' = ')[0]} (use the default) or set model.reversible = false.",
+                    )
         self._validate_tensor_parallel()
         shape = self.batch(dp=self.parallel.dp or self._implied_dp())
         self._validate_pipeline(shape)

@@ -24,6 +24,7 @@ from loom.model.attention import Attention
 from loom.model.init import init_parameter
 from loom.model.layers import RotaryEmbedding, make_mlp, make_norm
 from loom.model.recompute import Recompute, recompute
+from loom.model.reversible import reversible
 from loom.parallel.placement import Placements, declare_replicated
 from loom.parallel.random import ParallelRNG
 from loom.parallel.tensor import ColumnParallelLinear, TensorParallel
@@ -51,8 +52,23 @@ class Block(nn.Module):
         recompute_core: bool = False,
     ) -> torch.Tensor:
         """``recompute_core``: the core attention's activations are recomputed in backward."""
-        x = x + self._dropout(self.attn(self.attn_norm(x), rope, positions, rng, recompute_core), rng)
-        return x + self._dropout(self.mlp(self.mlp_norm(x)), rng)
+        x = x + self.attention_branch(x, rope, positions, rng, recompute_core)
+        return x + self.mlp_branch(x, rng)
+
+    def attention_branch(
+        self,
+        x: torch.Tensor,
+        rope: RotaryEmbedding | None,
+        positions: torch.Tensor,
+        rng: ParallelRNG | None,
+        recompute_core: bool = False,
+    ) -> torch.Tensor:
+        """What the attention adds to the residual stream (reversible blocks' F)."""
+        return self._dropout(self.attn(self.attn_norm(x), rope, positions, rng, recompute_core), rng)
+
+    def mlp_branch(self, x: torch.Tensor, rng: ParallelRNG | None) -> torch.Tensor:
+        """What the MLP adds to the residual stream (reversible blocks' G)."""
+        return self._dropout(self.mlp(self.mlp_norm(x)), rng)
 
     def _dropout(self, x: torch.Tensor, rng: ParallelRNG | None) -> torch.Tensor:
         if not (self.training and self.resid_dropout.p):
@@ -178,6 +194,9 @@ class Transformer(nn.Module):
             if reseed:
                 reseed("embed")
             x = self._emb_dropout(x)
+        if self.cfg.reversible:
+            x = self._reversible(x, layers, positions, reseed)
+            layers = ()
         chosen = self.recompute.chosen(layers)
         for i in layers:
             block = self.blocks[str(i)]
@@ -192,6 +211,25 @@ class Transformer(nn.Module):
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         (logits,) = self.tp.enter_linear(self.final_norm(x), [weight])
         return logits
+
+    def _reversible(
+        self, x: torch.Tensor, layers: Sequence[int], positions: torch.Tensor, reseed: Callable | None
+    ) -> torch.Tensor:
+        """The stage's blocks as a reversible stack (loom.model.reversible): activations kept for
+        backward do not grow with depth. Each block's attention branch reseeds its dropout first."""
+
+        def branches(i: int) -> tuple[Callable, Callable]:
+            block = self.blocks[str(i)]
+
+            def attention(h: torch.Tensor) -> torch.Tensor:
+                if reseed:
+                    reseed(i)
+                return block.attention_branch(h, self.rope, positions, self.rng)
+
+            return attention, lambda h: block.mlp_branch(h, self.rng)
+
+        params = [p for i in layers for p in self.blocks[str(i)].parameters()]
+        return reversible(x, [branches(i) for i in layers], params, self.rng)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over all positions (fp32), never gathering the vocabulary."""

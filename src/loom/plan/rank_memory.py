@@ -100,6 +100,8 @@ def predict_rank_memory(
         n = len(plan.layers)
         chosen = 0 if train.recompute == "none" else min(n, n if recompute_layers is None else recompute_layers)
         total = chosen * layer(train.recompute) + (n - chosen) * layer("none")
+        if model.reversible:  # only the last block's two streams are kept (loom.model.reversible)
+            total = 2 * dtypes.params * s * b * model.d_model / (tp if sp else 1)
         total += _ends_bytes(config, plan.embed, plan.head, s, b, tp, sp, dtypes)
         chunk_bytes.append(total)
     if peak_inflight is not None:
