@@ -7,6 +7,10 @@
    HFU, and ``torch.cuda.max_memory_allocated`` beside the planner's prediction of the rank's
    memory (model states, activations, autocast's weight copies).
 
+3. Block-sparse attention through FlexAttention (compiled, a BlockMask from loom's layout) against
+   dense causal ``scaled_dot_product_attention``: forward + backward time and
+   ``max_memory_allocated`` at 8k to 64k tokens, bf16, 16 heads of 64, with each layout's density.
+
 It must run where CUDA is; without it, it says so and exits 2. The table goes to ``--out``.
 
     python bench/gpu.py --out bench/results/gpu.md
@@ -94,6 +98,53 @@ def llama(root: Path, policy: str, steps: int, seq: int, micro: int) -> dict:
     return out
 
 
+SPARSE_LAYOUTS = {
+    "sliding_window (3 x 128)": {"mode": "sliding_window", "block": 128, "num_sliding_window_blocks": 3},
+    "bigbird (r1 w3 g1, 128)": {"mode": "bigbird", "block": 128, "different_layout_per_head": True},
+}
+
+
+def sparse_attention(seqs: tuple[int, ...] = (8192, 16384, 32768, 65536)) -> list[str]:
+    """Rows of section 3: per sequence, dense causal SDPA and each layout through FlexAttention."""
+    import torch.nn.functional as F
+
+    from loom.model.block_sparse import flex_block_mask, flex_sparse_attention
+    from loom.sparsity import SparsityConfig, make_layout
+    from loom.viz.attention import causal_density
+
+    def timed(fn) -> tuple[float, float]:  # noqa: ANN001
+        for _ in range(2):  # compile and warm up
+            fn().sum().backward()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn().sum().backward()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+    rows = []
+    for seq in seqs:
+        q, k, v = (
+            torch.randn(1, 16, seq, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+        )
+        dense_s, dense_gib = timed(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        cells = [f"{seq:,}", f"{1e3 * dense_s:.1f} ms, {dense_gib:.2f} GiB"]
+        for params in SPARSE_LAYOUTS.values():
+            layout = make_layout(SparsityConfig(**params), 16, seq)
+            mask = flex_block_mask(layout, params["block"], seq, "cuda")
+            sparse_s, sparse_gib = timed(lambda q=q, k=k, v=v, mask=mask: flex_sparse_attention(q, k, v, mask))
+            ideal = 1 / causal_density(layout)
+            cells.append(
+                f"{1e3 * sparse_s:.1f} ms ({dense_s / sparse_s:.1f}x of ideal {ideal:.1f}x), {sparse_gib:.2f} GiB"
+            )
+        rows.append("| " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per llama-1b run (2 warm up)")
@@ -111,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [
             llama(root, policy, args.steps, args.seq_len, args.micro_batch) for policy in ("none", "selective", "full")
         ]
+        sparse_rows = sparse_attention()
     lines = [
         f"CPU vs CUDA, fp32, small GPT, 4 steps: losses {', '.join(f'{x:.6f}' for x in cpu)} vs "
         f"{', '.join(f'{x:.6f}' for x in cuda)}; "
@@ -126,6 +178,16 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['policy']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | "
             f"{r['max_allocated'] / 2**30:.2f} | {r['predicted'] / 2**30:.2f} | {r['max_allocated'] / r['predicted']:.3f} |"
         )
+    lines += [
+        "",
+        "Block-sparse attention, FlexAttention (compiled) from loom's layouts, against dense causal SDPA; "
+        "forward + backward, bf16, 16 heads of 64, median of 5; time (speedup against dense of the ideal "
+        "1 / density), max_memory_allocated:",
+        "",
+        "| sequence | dense causal SDPA | " + " | ".join(SPARSE_LAYOUTS) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in SPARSE_LAYOUTS) + " |",
+        *sparse_rows,
+    ]
     print("\n".join(lines))
 
     def render(when: str) -> str:

@@ -458,3 +458,32 @@ def test_the_planner_predicts_the_reversible_stack_activations() -> None:
         loss.backward()
         measured = meter.take_step()["mem_activation_bytes"]
         assert measured == pytest.approx(predict_rank_memory(config, 1).activations, rel=0.01), rev
+
+
+def test_flex_attention_with_the_layouts_block_mask_equals_the_kernel() -> None:
+    """The CUDA path (FlexAttention, compiled there) from the same layout: its forward checked here,
+    where torch 2.13 runs FlexAttention without compiling and without a backward."""
+    import warnings
+
+    from loom.model.block_sparse import flex_block_mask, flex_sparse_attention
+
+    torch.manual_seed(6)
+    block, n, heads = 16, 16, 2
+    config = SparsityConfig(mode="bigbird", block=block, different_layout_per_head=True, num_random_blocks=2)
+    layout = make_layout(config, heads, block * n)
+    q, k, v = (torch.randn(1, heads, block * n, 16) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = flex_sparse_attention(q, k, v, flex_block_mask(layout, block, block * n, "cpu"), compiled=False)
+    torch.testing.assert_close(got, block_sparse_attention(q, k, v, Slots.of(layout, block)), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_attention_composes_with_pp_zero_and_recompute(tmp_path: Path, text_corpus: Path) -> None:
+    kind = {"model.sparse_attention.mode": "bigbird", "model.sparse_attention.different_layout_per_head": True}
+    kind |= {"model.n_layers": 4, "train.global_batch": 8, "train.micro_batch": 2}
+    one = _train(_sparse_items(text_corpus, **kind), str(tmp_path / "one"))
+    layout = {"parallel.pp": 2, "zero.stage": 1, "train.recompute": "selective", "train.ckpt_every": 2}
+    got = run_ranks(_train, 4, args=(_sparse_items(text_corpus, **kind, **layout), str(tmp_path / "4")), timeout_s=300)
+    for a, b in zip(got[0], one, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)

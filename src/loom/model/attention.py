@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.config import ModelConfig
-from loom.model.block_sparse import Slots, block_sparse_attention, dense_mask
+from loom.model.block_sparse import Slots, block_sparse_attention, dense_mask, flex_block_mask, flex_sparse_attention
 from loom.model.layers import RotaryEmbedding
 from loom.model.lsh_attention import lsh_attention
 from loom.model.recompute import recompute
@@ -61,7 +61,7 @@ class Attention(nn.Module):
                 whole = make_layout(cfg.sparse_attention, cfg.n_heads, cfg.layout_len)
             self.layout = whole[tp.rank * heads : (tp.rank + 1) * heads].clone()
             self.block = cfg.sparse_attention.block
-            self._slots: dict[tuple[int, str], Slots] = {}
+            self._slots: dict[tuple[int, str], object] = {}  # compiled layouts per (blocks, device): Slots or BlockMask
 
     def forward(
         self,
@@ -124,13 +124,19 @@ class Attention(nn.Module):
         return lsh_attention(q, k, v, rotations, chunk)[:, :, :seq]
 
     def _sparse_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The layout's blocks only. A sequence of whole blocks runs the block-sparse kernel; any
-        other length (generation) dense attention under the layout's element mask, its top-left
-        corner: a prefix attends as it does inside a longer sequence. No dropout on the
+        """The layout's blocks only. A sequence of whole blocks runs FlexAttention with a BlockMask
+        of the layout on CUDA, loom's block-sparse kernel elsewhere; any other length
+        (generation) dense attention under the layout's element mask, its top-left corner: a
+        prefix attends as it does inside a longer sequence. No dropout on the
         attention probabilities here (residual and embedding dropout still apply)."""
         k, v = _expand(k, v, q.shape[1])
         seq = q.shape[-2]
         blocks = -(-seq // self.block)
+        if seq % self.block == 0 and q.device.type == "cuda":  # FlexAttention, compiled, from the same layout
+            key = (blocks, str(q.device))
+            if key not in self._slots:
+                self._slots[key] = flex_block_mask(self.layout[:, :blocks, :blocks], self.block, seq, q.device)
+            return flex_sparse_attention(q, k, v, self._slots[key])
         if seq % self.block == 0:
             key = (blocks, str(q.device))
             if key not in self._slots:

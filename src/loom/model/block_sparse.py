@@ -229,3 +229,35 @@ def dense_mask(layout: torch.Tensor, block: int, causal: bool = True) -> torch.T
         s = mask.shape[-1]
         mask = mask & torch.ones(s, s, dtype=torch.bool).tril()
     return mask
+
+
+# ----------------------------------------------------------------------------- FlexAttention (CUDA)
+
+_compiled_flex = None
+
+
+def flex_block_mask(layout: torch.Tensor, block: int, seq: int, device: torch.device | str):  # noqa: ANN201
+    """FlexAttention's ``BlockMask`` for ``layout`` (heads, blocks, blocks) over ``seq`` tokens,
+    decoder-causal: the same element mask as :func:`dense_mask`, built per kernel tile."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    kept = layout.bool().to(device)
+
+    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
+        return kept[h, q_idx // block, kv_idx // block] & (kv_idx <= q_idx)
+
+    tile = block if block % 128 == 0 else 128  # the kernel's tile; the layout's block is enforced by mask_mod
+    return create_block_mask(mask_mod, None, layout.shape[0], seq, seq, device=device, BLOCK_SIZE=tile)
+
+
+def flex_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, compiled: bool = True):  # noqa: ANN001, ANN201
+    """Block-sparse attention through FlexAttention with ``block_mask`` (:func:`flex_block_mask`):
+    compiled on CUDA, where it has a backward; on a CPU (forward only in torch 2.13) as is."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if compiled:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask)
+    return flex_attention(q, k, v, block_mask=block_mask)
