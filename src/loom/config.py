@@ -336,6 +336,27 @@ class DDPConfig:
 ZERO_OFFLOADS = ("none", "optimizer")
 
 
+OPTIMIZERS = ("adamw", "onebit_adam")
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer: AdamW (``train.lr``, ``beta1``, ...), or 1-bit Adam (loom.optim.onebit): AdamW
+    for ``freeze_step`` steps, then the variance frozen and the momentum averaged over dp through
+    the 1-bit compressed all-reduce."""
+
+    name: str = "adamw"
+    freeze_step: int | None = None  # None: 15% of train.steps
+
+    def validate(self, train: TrainConfig) -> None:
+        _check_choice("optim.name", self.name, OPTIMIZERS)
+        if self.freeze_step is not None:
+            _check_positive("optim.freeze_step", self.freeze_step)
+
+    def freeze(self, steps: int) -> int:
+        return self.freeze_step if self.freeze_step is not None else max(1, round(0.15 * steps))
+
+
 @dataclass
 class ZeroConfig:
     """ZeRO over the dp group (``loom.parallel.zero``); stage 0 is plain DDP + AdamW.
@@ -409,6 +430,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> None:
         self.model.validate()
@@ -417,6 +439,13 @@ class Config:
         self.parallel.validate()
         self.ddp.validate()
         self.zero.validate(self.train, self.parallel)
+        self.optim.validate(self.train)
+        if self.optim.name == "onebit_adam" and self.zero.stage:
+            raise LoomError(
+                f"optim.name = 'onebit_adam' with zero.stage = {self.zero.stage}: 1-bit Adam runs on the plain "
+                "update for now (its compressed exchange of ZeRO's momentum shards is not built yet).",
+                "use zero.stage = 0 with onebit_adam, or optim.name = 'adamw' with ZeRO.",
+            )
         if self.train.seq_len > self.model.max_seq_len:
             raise LoomError(
                 f"train.seq_len = {self.train.seq_len} is longer than model.max_seq_len = {self.model.max_seq_len}.",
@@ -653,6 +682,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         parallel=_build(ParallelConfig, "parallel", raw.get("parallel", {})),
         ddp=_build(DDPConfig, "ddp", raw.get("ddp", {})),
         zero=_build(ZeroConfig, "zero", raw.get("zero", {})),
+        optim=_build(OptimConfig, "optim", raw.get("optim", {})),
     )
     config.validate()
     return config

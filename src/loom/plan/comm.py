@@ -96,6 +96,19 @@ def dp_bytes(shape: CommShape) -> float:
     return total
 
 
+def onebit_dp_bytes(params: int, dp: int) -> float:
+    """dp bytes of one 1-bit Adam step after its warm-up (loom.distributed.compressed): the
+    momenta of ``params`` values, padded to dp chunks of a multiple of 8, go through an all-to-all
+    and an all-gather of packed signs ((n-1)/n of P/8 bytes each) and of one fp32 scale per chunk
+    ((n-1) x 4 bytes each), and the loss with the gradient-norm square rides in one 2-float
+    all-reduce. During the warm-up the step's bytes are DDP's (:func:`dp_bytes`)."""
+    if dp == 1:
+        return 0.0
+    chunk = 8 * -(-params // (8 * dp))
+    ring = (dp - 1) / dp
+    return 2 * ring * chunk * dp / 8 + 2 * (dp - 1) * 4 + 2 * ring * 8
+
+
 def pp_bytes(shape: CommShape) -> float:
     if shape.pp == 1:
         return 0.0

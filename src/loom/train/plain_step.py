@@ -26,6 +26,7 @@ import torch
 from loom.distributed.comm import Comm
 from loom.errors import LoomError
 from loom.model.transformer import Transformer
+from loom.optim.onebit import OneBitAdam
 from loom.optim.scaler import DynamicLossScaler
 from loom.parallel.ddp import DataParallel
 from loom.parallel.grads import clip_grad_norm, sum_partial_grads
@@ -53,11 +54,22 @@ class PlainStep:
     ) -> None:
         self.model, self.tp, self.pp, self.pipeline, self.precision = model, tp, pp, pipeline, precision
         self.optimizer, self.ddp = optimizer, ddp
+        # 1-bit Adam: the torch AdamW it wraps holds the state checkpoints read and write
+        self.adamw = optimizer.adamw if isinstance(optimizer, OneBitAdam) else optimizer
         self.scaler = scaler  # fp16: one loss scale, its overflow check agreed over dp, tp and pp
         self._unscaled = False
         self._grad_bytes = 0  # the gradients' bytes at the last update (they may be freed after it)
 
     # ------------------------------------------------------------------ one step
+
+    @property
+    def compressing(self) -> bool:
+        """1-bit Adam after its warm-up: gradients stay local, the optimizer sends the momentum."""
+        return isinstance(self.optimizer, OneBitAdam) and self.optimizer.compressing
+
+    def step_context(self) -> contextlib.AbstractContextManager:
+        """Around a whole step's backward: no gradient sync at all while 1-bit Adam compresses."""
+        return self.no_sync() if self.compressing else contextlib.nullcontext()
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Accumulate without DDP's sync; nothing to hold back without dp."""
@@ -69,7 +81,7 @@ class PlainStep:
         Not with a pipeline: the loss lives on the last stage, but its 1/dp would reach every
         stage's gradients, and the earlier stages' buckets would divide again.
         """
-        if self.ddp is not None and self.pipeline is None:
+        if self.ddp is not None and self.pipeline is None and not self.compressing:  # 1-bit: the local mean
             loss = self.ddp.scale_loss(loss)
         return self.scaler.scale_loss(loss) if self.scaler is not None else loss
 
@@ -78,11 +90,11 @@ class PlainStep:
 
         False when it cannot ride along (no DDP, a pipeline, a 16-bit bucket): average it then.
         """
-        return self.ddp is not None and self.pipeline is None and self.ddp.carry(total)
+        return self.ddp is not None and self.pipeline is None and not self.compressing and self.ddp.carry(total)
 
     def sync_gradients(self) -> None:
         """DDP's dp sync, then the tp and pp chores, on ``.grad``."""
-        if self.ddp is not None:
+        if self.ddp is not None and not self.compressing:
             self.ddp.finish_gradient_sync()
         # after the dp sync: these write into the gradients the dp all-reduce just filled
         if self.tp.size > 1:
@@ -99,6 +111,8 @@ class PlainStep:
         summed over the stages and averaged over dp in the same messages as the norm's squares.
         """
         self._unscale()
+        if self.compressing:
+            return self._local_norm(loss)
         if self.ddp is not None and self.ddp.measure_norm:
             if loss is not None:
                 self.ddp.comm.all_reduce(loss, op="avg", tag="metrics")
@@ -111,6 +125,21 @@ class PlainStep:
         if loss is not None and dp is not None:
             loss.div_(dp.size)
         return norm
+
+    def _local_norm(self, loss: torch.Tensor | None) -> float:
+        """1-bit Adam's compressed phase: no clipping (the gradients are never averaged; the update
+        is the mean momentum over the frozen variance); the norm reported is the root mean square
+        over dp of each rank's local gradient norm, and the loss the dp mean, in one message."""
+        grads = [(place, p.grad) for _, p, place in self.model.placements.named() if p.grad is not None]
+        dp = self.ddp.comm if self.ddp is not None else None
+        if loss is not None and self.tp.rank != 0:
+            loss.zero_()  # every tp rank holds the loss: counted once
+        comms = [c for c in (self.tp.comm, self.pp, dp) if c is not None]
+        norm = clip_grad_norm(grads, float("inf"), comms, carry=loss)
+        size = dp.size if dp is not None else 1
+        if loss is not None:
+            loss.div_(size)
+        return norm / size**0.5
 
     def _unscale(self) -> None:
         """fp16: divide the gradients by the loss scale, once per step (an inf stays an inf)."""
@@ -178,19 +207,22 @@ class PlainStep:
         """What this rank writes into a sharded checkpoint: its parameters' real parts and AdamW
         state, each element once over the world (``loom.parallel.pieces``)."""
         places = self.model.placements
-        names = [places.name_of(p) for group in self.optimizer.param_groups for p in group["params"]]
-        optim_state = {names[i]: entry for i, entry in self.optimizer.state_dict()["state"].items()}
+        names = [places.name_of(p) for group in self.adamw.param_groups for p in group["params"]]
+        optim_state = {names[i]: entry for i, entry in self.adamw.state_dict()["state"].items()}
         dp = (self.ddp.comm.rank, self.ddp.comm.size) if self.ddp is not None else (0, 1)
         return plain_pieces(places, optim_state, *dp)
 
     def param_groups(self) -> list[dict]:
         """AdamW's hyperparameters per group (the checkpoint's record of them)."""
-        return [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.state_dict()["param_groups"]]
+        return [{k: v for k, v in g.items() if k != "params"} for g in self.adamw.state_dict()["param_groups"]]
 
     def load_pieces(self, reader: Reader, path) -> None:
         """Read the boxes this rank holds from a checkpoint of any layout, with or without ZeRO."""
         try:
-            load_plain(self.model.placements, self.optimizer, reader)
+            load_plain(self.model.placements, self.adamw, reader)
+            if isinstance(self.optimizer, OneBitAdam):  # its error feedback starts afresh (documented there)
+                steps = [int(s["step"]) for s in self.adamw.state.values() if "step" in s]
+                self.optimizer.steps = max(steps, default=0)
         except ValueError as exc:
             raise LoomError(
                 f"checkpoint {path} does not fit this model: {exc}",

@@ -142,16 +142,17 @@ class Trainer:
                 total = self.pipeline.step(batches, update.scale_loss)
         else:
             total = torch.zeros((), device=self.device)
-            for k, (x, y) in enumerate(batches):
-                last = k == accum - 1
-                self.rng.microbatch(k)
-                with contextlib.nullcontext() if last else update.no_sync():
-                    with self.precision.autocast(), self.meter.forward(k):
-                        loss = self.model.loss(x, y) / accum
-                    total += loss.detach().float()
-                    carried = last and update.carry(total)  # the mean loss rides in DDP's last bucket
-                    update.scale_loss(loss).backward()
-                    self.meter.release(k)
+            with update.step_context():  # 1-bit Adam compressing: no gradient sync at all
+                for k, (x, y) in enumerate(batches):
+                    last = k == accum - 1
+                    self.rng.microbatch(k)
+                    with contextlib.nullcontext() if last else update.no_sync():
+                        with self.precision.autocast(), self.meter.forward(k):
+                            loss = self.model.loss(x, y) / accum
+                        total += loss.detach().float()
+                        carried = last and update.carry(total)  # the mean loss rides in DDP's last bucket
+                        update.scale_loss(loss).backward()
+                        self.meter.release(k)
         update.sync_gradients()  # the dp reduction, then the tp sums and the tied embedding
         # the global batch's mean loss for the log: carried in DDP's last bucket, or reduced with the norm
         max_norm = train.grad_clip if train.grad_clip > 0 else float("inf")

@@ -32,6 +32,7 @@ from loom.distributed.context import BACKSTOP_S, DistContext
 from loom.model.recompute import Recompute
 from loom.model.transformer import Transformer
 from loom.optim.adamw import build_adamw
+from loom.optim.onebit import OneBitAdam
 from loom.optim.scaler import DynamicLossScaler
 from loom.parallel.ddp import DataParallel
 from loom.parallel.memory import ActivationMeter
@@ -151,6 +152,8 @@ def _plain_step(
             timeout_s=config.parallel.timeout_s + BACKSTOP_S,
         )
     optimizer = build_adamw(model, config.train, dist.device)
+    if config.optim.name == "onebit_adam":  # AdamW's warm-up, then the momentum 1 bit a value over dp
+        optimizer = OneBitAdam(optimizer, dist.comm("dp"), config.optim.freeze(config.train.steps))
     # fp16: one loss scale for the run, its overflow check agreed over dp, tp and pp
     scaler = DynamicLossScaler([dist.comm("dp"), tp.comm, dist.comm("pp")]) if precision.name == "fp16" else None
     return PlainStep(model, tp, dist.comm("pp"), pipeline, precision, optimizer, ddp, scaler)

@@ -87,6 +87,10 @@ class ZeroStep:
 
     # ------------------------------------------------------------------ one step
 
+    def step_context(self) -> contextlib.AbstractContextManager:
+        """Nothing around a step's backward (1-bit Adam is the plain path's)."""
+        return contextlib.nullcontext()
+
     def no_sync(self) -> contextlib.AbstractContextManager:
         return self.zero.no_sync()
 
