@@ -193,3 +193,14 @@ def test_onebit_adam_in_the_trainer_warms_up_as_adamw_then_sends_a_32th(tmp_path
     )[0]
     assert [r["step"] for r in resumed] == list(range(13, 25))
     assert resumed[-1]["loss"] == pytest.approx(first[-1]["loss"], rel=0.05)
+
+
+def test_onebit_adam_with_a_pipeline_and_accumulation_trains(tmp_path, text_corpus) -> None:  # noqa: ANN001
+    from conftest import tiny_overrides
+
+    items = {"train.steps": 16, "train.global_batch": 8, "train.micro_batch": 2, "train.eval_every": 0}
+    items |= {"train.ckpt_every": 0, "model.n_layers": 4, "parallel.pp": 2, "optim.name": "onebit_adam"}
+    items |= {"optim.freeze_step": 4}  # dp 2 x pp 2, two micro-batches per dp rank through the pipeline
+    got = run_ranks(_train, 4, args=(tiny_overrides(text_corpus, **items), str(tmp_path)), timeout_s=300)[0]
+    assert got[-1]["loss"] < 0.75 * got[0]["loss"]
+    assert got[-1]["comm_bytes_dp"] < got[1]["comm_bytes_dp"] / 16  # compressed after the warm-up
