@@ -180,6 +180,11 @@ def test_onebit_adam_in_the_trainer_warms_up_as_adamw_then_sends_a_32th(tmp_path
     config = load_config(None, onebit_items)
     psi = count_parameters(config.model, vocab_size=257)
     assert onebit[-1]["comm_bytes_dp"] == onebit_dp_bytes(psi, 2)  # the planner's formula, exactly
+    import json
+
+    plan = json.loads((tmp_path / "onebit" / "summary.json").read_text())["plan"]  # the run's own side by side
+    assert plan["predicted"]["comm_bytes"]["dp_compressed"] == plan["measured"]["comm_bytes"]["dp_compressed"]
+    assert plan["predicted"]["comm_bytes"]["dp"] == pytest.approx(plan["measured"]["comm_bytes"]["dp"], rel=0.01)
 
     # dp2 x tp2: compression over dp only; resumed from its step-12 checkpoint (error feedback
     # starts afresh there), it keeps training

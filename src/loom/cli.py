@@ -700,7 +700,8 @@ def _load_run(run_dir: Path, args: argparse.Namespace, hardware):
         hardware = load_hardware("cpu", args.hardware_file)
     prediction = report.predict_run(config, summary.get("world_size", 1), hardware, device)
     tokens = config.batch(dp=prediction.layout.dp).global_batch * config.train.seq_len
-    return config, hardware, prediction, report.measured(read_metrics(run_dir), tokens)
+    freeze = config.optim.freeze(config.train.steps) if config.optim.name == "onebit_adam" else None
+    return config, hardware, prediction, report.measured(read_metrics(run_dir), tokens, freeze)
 
 
 def _plan_run(run_dir: Path, args: argparse.Namespace, hardware) -> int:

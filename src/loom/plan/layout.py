@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from loom.config import Config
 from loom.parallel.pipeline.simulate import bubble_formula
-from loom.plan.comm import CommShape, comm_seconds, dp_bytes, pp_bytes, tp_bytes
+from loom.plan.comm import CommShape, comm_seconds, dp_bytes, onebit_dp_bytes, pp_bytes, tp_bytes
 from loom.plan.flops import GPTShape, hardware_flops, model_flops
 from loom.plan.hardware import Hardware
 from loom.plan.model import count_rank_parameters
@@ -149,6 +149,8 @@ def predict(
         pp_rank=pp_rank,
     )
     comm_bytes = {"dp": dp_bytes(shape), "tp": tp_bytes(shape), "pp": pp_bytes(shape)}
+    if config.optim.name == "onebit_adam":  # after the warm-up (whose steps are DDP's, "dp")
+        comm_bytes["dp_compressed"] = onebit_dp_bytes(per_rank, layout.dp)
     seconds = comm_seconds(shape, hardware)
     sparse = model.attention == "sparse"
     density = layout_density(model.sparse_attention, model.n_heads, config.train.seq_len) if sparse else 1.0

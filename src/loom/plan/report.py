@@ -52,11 +52,14 @@ def predict_run(config: Config, world: int, hardware: Hardware, device: str, pp_
     return predict(config, layout, hardware, config.batch(dp=layout.dp).global_batch, device, pp_rank)
 
 
-def measured(records: Sequence[dict], tokens_per_step: int) -> dict:
-    """Medians over a run's steps after the first (the first pays for warm-up)."""
+def measured(records: Sequence[dict], tokens_per_step: int, freeze_step: int | None = None) -> dict:
+    """Medians over a run's steps after the first (the first pays for warm-up). ``freeze_step``
+    (1-bit Adam): "dp" is the warm-up steps' median, "dp_compressed" the later steps'."""
     steps = [r for r in records if "loss" in r][1:] or [r for r in records if "loss" in r]
     if not steps:
         return {}
+    compressed = [r["comm_bytes_dp"] for r in steps if freeze_step is not None and r["step"] > freeze_step]
+    warm = [r["comm_bytes_dp"] for r in steps if freeze_step is not None and r["step"] <= freeze_step]
 
     def median(key: str) -> float | None:
         values = [r[key] for r in steps if r.get(key) is not None]
@@ -69,6 +72,10 @@ def measured(records: Sequence[dict], tokens_per_step: int) -> dict:
         "bubble": median("bubble_measured"),
         "peak_host_bytes": max((r.get("mem_peak_host_bytes") or 0) for r in steps) or None,
     }
+    if warm:
+        out["comm_bytes"]["dp"] = statistics.median(warm)
+    if compressed:
+        out["comm_bytes"]["dp_compressed"] = statistics.median(compressed)
     return out
 
 

@@ -279,7 +279,9 @@ class Trainer:
         }
         if self.is_main:  # the planner's prediction for this layout beside what rank 0 measured
             tokens = self.batch.global_batch * train.seq_len
-            summary["plan"] = side_by_side(self.prediction, measured(read_metrics(self.run_dir), tokens))
+            optim = self.config.optim
+            freeze = optim.freeze(self.config.train.steps) if optim.name == "onebit_adam" else None
+            summary["plan"] = side_by_side(self.prediction, measured(read_metrics(self.run_dir), tokens, freeze))
         if self.is_main:
             write_summary(self.run_dir, summary)
         return summary
