@@ -164,18 +164,25 @@ def load_state_dict(
 # ----------------------------------------------------------------------------- sharded checkpoints
 
 
-def _owned_boxes(group: FlatGroup, placements: Placements) -> list[tuple[str, Placement, int, int, list]]:
-    """Per parameter with elements in the owned slice: (name, placement, slice start, slice stop,
-    boxes in this rank's real part); padding rows and buffer padding are left out."""
+def _owned_boxes(group: FlatGroup, placements: Placements) -> list[tuple[str, Placement, tuple, tuple, slice]]:
+    """Every box of a parameter's global tensor this rank's owned slice covers: (name, placement,
+    global offsets, sizes, the box's positions in the owned slice); padding rows and buffer
+    padding are left out."""
     out = []
     for name, offset in zip(group.names, group.offsets):
         place = placements[name]
         real = math.prod(real_shape(place))
         start, stop = max(offset, group.lo), min(offset + real, group.hi)  # positions in the buffer
-        if start < stop:
-            boxes = flat_boxes(real_shape(place), start - offset, stop - offset)
-            out.append((name, place, start - group.lo, stop - group.lo, boxes))
+        at = start - group.lo
+        for offsets, sizes in flat_boxes(real_shape(place), start - offset, stop - offset):
+            n = math.prod(sizes)
+            out.append((name, place, to_global(place, offsets), sizes, slice(at, at + n)))
+            at += n
     return out
+
+
+def _key(name: str, what: str) -> str:
+    return model_key(name) if what == "model" else optim_key(name, what)
 
 
 def pieces(groups: Sequence[FlatGroup], placements: Placements) -> list[Piece]:
@@ -186,19 +193,15 @@ def pieces(groups: Sequence[FlatGroup], placements: Placements) -> list[Piece]:
     for group in groups:
         opt = group.optim
         sources = {"model": opt.master, "exp_avg": opt.exp_avg, "exp_avg_sq": opt.exp_avg_sq}
-        for name, place, start, _, boxes in _owned_boxes(group, placements):
+        for name, place, where, sizes, span in _owned_boxes(group, placements):
             if not place.counted:
                 continue
-            at = start
-            for offsets, sizes in boxes:
-                n = math.prod(sizes)
-                where = to_global(place, offsets)
-                for what, flat in sources.items():
-                    key = model_key(name) if what == "model" else optim_key(name, what)
-                    out.append(Piece(key, place.full_shape, where, flat[at : at + n].view(sizes)))
-                if not any(where):
-                    out.append(Piece(optim_key(name, "step"), (), (), torch.tensor(float(opt.step_count))))
-                at += n
+            out += [
+                Piece(_key(name, what), place.full_shape, where, flat[span].view(sizes))
+                for what, flat in sources.items()
+            ]
+            if not any(where):
+                out.append(Piece(optim_key(name, "step"), (), (), torch.tensor(float(opt.step_count))))
     return out
 
 
@@ -223,12 +226,6 @@ def load_pieces(groups: Sequence[FlatGroup], placements: Placements, reader: Rea
             opt.step_count = 0
         for flat in targets.values():
             flat.zero_()  # padding stays zero
-        for name, place, start, _, boxes in _owned_boxes(group, placements):
-            at = start
-            for offsets, sizes in boxes:
-                n = math.prod(sizes)
-                where = to_global(place, offsets)
-                for what, flat in targets.items():
-                    key = model_key(name) if what == "model" else optim_key(name, what)
-                    flat[at : at + n].copy_(reader.read(key, where, sizes, torch.float32).reshape(-1))
-                at += n
+        for name, _, where, sizes, span in _owned_boxes(group, placements):
+            for what, flat in targets.items():
+                flat[span].copy_(reader.read(_key(name, what), where, sizes, torch.float32).reshape(-1))
