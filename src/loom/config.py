@@ -440,11 +440,13 @@ class Config:
         self.ddp.validate()
         self.zero.validate(self.train, self.parallel)
         self.optim.validate(self.train)
-        if self.optim.name == "onebit_adam" and self.zero.stage:
+        if self.optim.name == "onebit_adam" and self.zero.stage == 3:
             raise LoomError(
-                f"optim.name = 'onebit_adam' with zero.stage = {self.zero.stage}: 1-bit Adam runs on the plain "
-                "update for now (its compressed exchange of ZeRO's momentum shards is not built yet).",
-                "use zero.stage = 0 with onebit_adam, or optim.name = 'adamw' with ZeRO.",
+                "optim.name = 'onebit_adam' with zero.stage = 3: 1-bit Adam compresses each rank's whole local "
+                "gradient and applies the decoded mean momentum to the whole model, while ZeRO-3 reduces and "
+                "frees each block's gradient inside backward and no rank holds the parameters in full.",
+                "use zero.stage = 1 or 2 with onebit_adam (the optimizer states stay sharded), "
+                "or optim.name = 'adamw' with ZeRO-3.",
             )
         if self.train.seq_len > self.model.max_seq_len:
             raise LoomError(

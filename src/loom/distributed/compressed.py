@@ -57,6 +57,8 @@ class CompressedAllReduce:
     the worker's and the server's error feedback, so one instance serves one vector for a run;
     :meth:`state_dict` / :meth:`load_state_dict` keep the errors across a checkpoint."""
 
+    STATE = ("worker_error", "server_error", "last_signs", "last_scales")
+
     def __init__(self, numel: int, comm: Comm, device: torch.device | str = "cpu", tag: str = "onebit") -> None:
         self.numel, self.comm, self.tag = numel, comm, tag
         n = comm.size
@@ -66,6 +68,9 @@ class CompressedAllReduce:
         self.server_error = torch.zeros(self.chunk, dtype=torch.float32, device=device)
         # 1 where a position holds one of the numel values, 0 in the padding (decoded as 0)
         self.real = (torch.arange(self.padded, device=device) < numel).float().view(n, self.chunk)
+        # the last result as sent: packed signs and the servers' scales (what :meth:`last` decodes)
+        self.last_signs = torch.zeros(self.padded // 8, dtype=torch.uint8, device=device)
+        self.last_scales = torch.zeros(n, dtype=torch.float32, device=device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The compressed mean of every rank's ``x`` (``numel`` values), as fp32 of x's shape."""
@@ -89,15 +94,23 @@ class CompressedAllReduce:
         all_scales = torch.empty(n, dtype=torch.float32, device=y.device)
         self.comm.all_gather(all_signs, server_signs.reshape(-1), tag=self.tag)
         self.comm.all_gather(all_scales, server_scale.reshape(-1), tag=self.tag)
-        decoded = unpack_signs(all_signs.view(n, c // 8)) * all_scales.unsqueeze(-1) * self.real
-        result = decoded.view(-1)[: self.numel]
-        return result.view(x.shape)
+        self.last_signs, self.last_scales = all_signs, all_scales
+        return self.last().view(x.shape)
+
+    def last(self) -> torch.Tensor:
+        """The last call's result again (``numel`` fp32 values), decoded from the 1/32-size message
+        kept for it: what a caller needs next step without holding a full-precision copy."""
+        n, c = self.comm.size, self.chunk
+        decoded = unpack_signs(self.last_signs.view(n, c // 8)) * self.last_scales.unsqueeze(-1) * self.real
+        return decoded.view(-1)[: self.numel]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"worker_error": self.worker_error.clone(), "server_error": self.server_error.clone()}
+        """The error feedback and the last result (packed): with them a resumed run continues bit
+        for bit."""
+        return {key: getattr(self, key).clone() for key in self.STATE}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for key in ("worker_error", "server_error"):
+        for key in (k for k in self.STATE if k in state):
             if state[key].shape != getattr(self, key).shape:
                 raise ValueError(
                     f"{key} is {tuple(state[key].shape)} in the checkpoint, {tuple(getattr(self, key).shape)} "
@@ -109,3 +122,59 @@ class CompressedAllReduce:
         """Forget the error feedback (a new layout: the chunks mean other values)."""
         self.worker_error.zero_()
         self.server_error.zero_()
+        self.last_signs.zero_()
+        self.last_scales.zero_()
+
+
+class CompressedMeans:
+    """One :class:`CompressedAllReduce` per class of values, made at the first call of each.
+
+    Values whose copies must stay equal on several ranks outside ``comm`` (a tensor-parallel
+    replica: a norm's weight on every tp rank, a K/V head shared by some) are compressed in a
+    vector of their own class, which holds the same values in the same order on each of those
+    ranks: the chunks, scales and errors are then equal there too, and so is every decoded
+    mean, bit for bit. (In one vector with a rank's own tp shards, each tp rank's chunk scales
+    would differ and the replicas drift apart.)
+
+    :meth:`state_dict` names each buffer ``CLASS.BUFFER``; :meth:`load_state_dict` keeps them
+    until the class's reducer exists and drops a class whose sizes do not match (another layout).
+    """
+
+    def __init__(self, comm: Comm, device: torch.device | str = "cpu", tag: str = "onebit") -> None:
+        self.comm, self.device, self.tag = comm, device, tag
+        self.reducers: dict[str, CompressedAllReduce] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+
+    def reducer(self, key: str, numel: int) -> CompressedAllReduce:
+        if key not in self.reducers:
+            reducer = CompressedAllReduce(numel, self.comm, self.device, tag=self.tag)
+            saved = {
+                what: self._pending.pop(f"{key}.{what}") for what in reducer.STATE if f"{key}.{what}" in self._pending
+            }
+            try:
+                reducer.load_state_dict(saved)
+            except ValueError:
+                reducer.reset()
+            self.reducers[key] = reducer
+        return self.reducers[key]
+
+    def __call__(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """The compressed mean over ``comm`` of every rank's ``x`` of class ``key``."""
+        return self.reducer(key, x.numel())(x)
+
+    @staticmethod
+    def names(keys: list[str]) -> list[str]:
+        """The buffer names :meth:`state_dict` gives the classes ``keys``."""
+        return [f"{key}.{what}" for key in keys for what in CompressedAllReduce.STATE]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{key}.{what}": t for key, r in self.reducers.items() for what, t in r.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Buffers saved by :meth:`state_dict` (None: start afresh), taken as each class's reducer is made."""
+        self.reducers, self._pending = {}, dict(state or {})
+
+    @property
+    def nbytes(self) -> int:
+        held = (getattr(r, what) for r in self.reducers.values() for what in r.STATE)
+        return sum(t.numel() * t.element_size() for t in held)

@@ -20,28 +20,42 @@ averaged over dp through the error-compensated 1-bit all-reduce.
   gradient in the warm-up: a padded vocabulary row) do not move, as DeepSpeed's
   ``exp_avg_mask`` would have them.
 
-The error feedback is part of :meth:`state_dict`; loading it under another dp size resets it
-(its chunks would mean other values), which costs at most the one step's compression error.
+The error feedback (:meth:`OneBitAdam.errors`) is part of loom's sharded checkpoints (per rank,
+named by the layout: :func:`loom.parallel.pieces.onebit_key`), so a run resumed in its own
+layout continues bit for bit; under another layout it starts afresh (its chunks would mean
+other values), which costs at most one step's compression error.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from loom.distributed.comm import Comm
-from loom.distributed.compressed import CompressedAllReduce
+from loom.distributed.compressed import CompressedMeans
 
 
 class OneBitAdam:
-    """``adamw``'s warm-up, then compressed momentum over ``comm`` (module docstring)."""
+    """``adamw``'s warm-up, then compressed momentum over ``comm`` (module docstring).
 
-    def __init__(self, adamw: torch.optim.AdamW, comm: Comm, freeze_step: int) -> None:
+    ``replica_class(param)``: the class of a parameter whose copies on other ranks (tp replicas)
+    must stay equal; each class is compressed as a vector of its own
+    (:class:`~loom.distributed.compressed.CompressedMeans`). One class by default."""
+
+    def __init__(
+        self,
+        adamw: torch.optim.AdamW,
+        comm: Comm,
+        freeze_step: int,
+        replica_class: Callable[[torch.Tensor], str] = lambda p: "all",
+    ) -> None:
         if freeze_step < 1:
             raise ValueError(f"freeze_step must be at least 1 (a variance to freeze), got {freeze_step}")
         self.adamw, self.comm, self.freeze_step = adamw, comm, freeze_step
+        self.replica_class = replica_class
         self.steps = 0
-        self.reducer: CompressedAllReduce | None = None
-        self._pending_errors: dict | None = None
+        self.means: CompressedMeans | None = None
 
     @property
     def param_groups(self) -> list[dict]:
@@ -55,6 +69,10 @@ class OneBitAdam:
     def compressing(self) -> bool:
         """Whether the next step communicates the momentum (the gradients stay local)."""
         return self.steps >= self.freeze_step
+
+    def classes(self) -> list[str]:
+        """The replica classes of this rank's parameters, in the order they are compressed."""
+        return sorted({self.replica_class(p) for _, p in self._params()})
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.adamw.zero_grad(set_to_none=set_to_none)
@@ -76,18 +94,25 @@ class OneBitAdam:
             self.adamw.step()
             self.steps += 1
             return
-        pairs = [(g, p) for g, p in self._params() if p.grad is not None]
+        if self.means is None:
+            self.means = CompressedMeans(self.comm, self.adamw.param_groups[0]["params"][0].device)
+        for key in self.classes():
+            self._step_class(
+                [(g, p) for g, p in self._params() if p.grad is not None and self.replica_class(p) == key], key
+            )
+        self.steps += 1
+
+    def _step_class(self, pairs: list[tuple[dict, torch.Tensor]], key: str) -> None:
+        """The compressed mean of one class's m / D, then its parameters' update."""
+        if not pairs:
+            return
         preconditioned = []
         for group, p in pairs:
             state = self.adamw.state[p]
             state["exp_avg"].mul_(group["betas"][0]).add_(p.grad, alpha=1 - group["betas"][0])
             preconditioned.append((state["exp_avg"] / self._denominator(group, p)).reshape(-1))
         flat = torch.cat(preconditioned)
-        if self.reducer is None:
-            self.reducer = CompressedAllReduce(flat.numel(), self.comm, flat.device)
-            if self._pending_errors is not None:
-                self._load_errors(self._pending_errors)
-        mean = self.reducer(flat) if self.comm.size > 1 else flat
+        mean = self.means(key, flat) if self.comm.size > 1 else flat
         offset = 0
         for group, p in pairs:
             state = self.adamw.state[p]
@@ -101,23 +126,18 @@ class OneBitAdam:
             if group["weight_decay"]:
                 p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(update, alpha=-group["lr"] / (1 - group["betas"][0] ** float(state["step"])))
-        self.steps += 1
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        errors = self.reducer.state_dict() if self.reducer is not None else None
-        return {"adamw": self.adamw.state_dict(), "steps": self.steps, "world": self.comm.size, "errors": errors}
+    def errors(self) -> dict[str, torch.Tensor]:
+        """The compressors' buffers (error feedback), per class; {} before the first compressed step."""
+        return self.means.state_dict() if self.means is not None else {}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.adamw.load_state_dict(state["adamw"])
-        self.steps = int(state["steps"])
-        errors = state.get("errors")
-        self._pending_errors = errors if errors is not None and state.get("world") == self.comm.size else None
-        self.reducer = None
+    def error_names(self) -> list[str]:
+        """The names :meth:`errors` gives its buffers."""
+        return CompressedMeans.names(self.classes())
 
-    def _load_errors(self, errors: dict) -> None:
-        try:
-            self.reducer.load_state_dict(errors)
-        except ValueError:
-            self.reducer.reset()
+    def restore_errors(self, errors: dict | None) -> None:
+        """Take :meth:`errors` saved in this layout at the next compressed step (None: start afresh)."""
+        self.means = CompressedMeans(self.comm, self.adamw.param_groups[0]["params"][0].device)
+        self.means.load_state_dict(errors)

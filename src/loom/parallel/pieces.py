@@ -24,6 +24,7 @@ the reader assembles each from whichever pieces overlap it, whatever layout wrot
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -198,3 +199,34 @@ def load_plain(placements: Placements, optimizer: torch.optim.Optimizer, reader:
         state[index_of[id(param)]] = entry
     groups = optimizer.state_dict()["param_groups"]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ----------------------------------------------------------------------------- 1-bit Adam's buffers
+
+ONEBIT_DTYPES = {"last_signs": torch.uint8}  # the rest are fp32
+
+
+def onebit_key(kind: str, places: Sequence[tuple[int, int]], what: str) -> str:
+    """The key of one rank's 1-bit Adam buffer ``what``: per-rank state (error feedback), not a slice
+    of a global tensor, so it is named by the layout that wrote it (``kind``: "plain" or "zero";
+    ``places``: (rank, size) in dp, tp and pp) and only that layout reads it back."""
+    layout = ".".join(f"{name}{size}" for name, (_, size) in zip(("dp", "tp", "pp"), places, strict=True))
+    return f"onebit/{kind}.{layout}/{'.'.join(str(rank) for rank, _ in places)}/{what}"
+
+
+def onebit_pieces(kind: str, places: Sequence[tuple[int, int]], state: dict[str, torch.Tensor]) -> list[Piece]:
+    """This rank's 1-bit Adam buffers as whole-tensor pieces (each written by this rank alone)."""
+    return [Piece(onebit_key(kind, places, what), tuple(t.shape), (0,) * t.dim(), t) for what, t in state.items()]
+
+
+def read_onebit(reader: Reader, kind: str, places: Sequence[tuple[int, int]], names: Sequence[str]) -> dict | None:
+    """The buffers :func:`onebit_pieces` wrote for this rank in this layout; None when the checkpoint
+    has none (another layout, or saved before the compressed phase)."""
+    out = {}
+    for what in names:
+        key = onebit_key(kind, places, what)
+        shape = reader.shape(key)
+        if shape is None:
+            return None
+        out[what] = reader.read(key, (0,) * len(shape), shape, ONEBIT_DTYPES.get(what, torch.float32))
+    return out

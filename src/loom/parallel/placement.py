@@ -53,6 +53,12 @@ class Placement:
     pp_owner: bool = True
 
     @property
+    def replica_class(self) -> str:
+        """Parameters of one class are held alike by the same tp ranks (``replicas`` consecutive
+        ones): what must be compressed apart to stay equal there (``loom.distributed.compressed``)."""
+        return f"tp-replicas-{self.replicas}"
+
+    @property
     def rows(self) -> slice:
         """The rows of the full tensor this rank holds (all of them unless split by rows)."""
         return self.part if self.tp_dim == 0 else slice(None)

@@ -96,17 +96,23 @@ def dp_bytes(shape: CommShape) -> float:
     return total
 
 
-def onebit_dp_bytes(params: int, dp: int) -> float:
+def onebit_dp_bytes(params: int, dp: int, publish_bytes: int = 0) -> float:
     """dp bytes of one 1-bit Adam step after its warm-up (loom.distributed.compressed): the
     momenta of ``params`` values, padded to dp chunks of a multiple of 8, go through an all-to-all
     and an all-gather of packed signs ((n-1)/n of P/8 bytes each) and of one fp32 scale per chunk
     ((n-1) x 4 bytes each), and the loss with the gradient-norm square rides in one 2-float
-    all-reduce. During the warm-up the step's bytes are DDP's (:func:`dp_bytes`)."""
+    all-reduce. During the warm-up the step's bytes are DDP's or ZeRO's (:func:`dp_bytes`).
+
+    ``publish_bytes``: ZeRO-1/2 with 16-bit parameters (or offload), where only the owner holds
+    the fp32 master, adds ZeRO's all-gather of the updated parameters, (n-1)/n x params x that
+    many bytes (loom.parallel.zero.onebit); fp32 parameters are updated alike on every rank and
+    add nothing. ZeRO's first compressed step also all-gathers 1/D and m/D once (2 (n-1)/n x 4
+    bytes a value), which the median over the run's steps leaves out."""
     if dp == 1:
         return 0.0
     chunk = 8 * -(-params // (8 * dp))
     ring = (dp - 1) / dp
-    return 2 * ring * chunk * dp / 8 + 2 * (dp - 1) * 4 + 2 * ring * 8
+    return 2 * ring * chunk * dp / 8 + 2 * (dp - 1) * 4 + 2 * ring * 8 + ring * params * publish_bytes
 
 
 def pp_bytes(shape: CommShape) -> float:

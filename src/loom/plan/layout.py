@@ -150,7 +150,9 @@ def predict(
     )
     comm_bytes = {"dp": dp_bytes(shape), "tp": tp_bytes(shape), "pp": pp_bytes(shape)}
     if config.optim.name == "onebit_adam":  # after the warm-up (whose steps are DDP's, "dp")
-        comm_bytes["dp_compressed"] = onebit_dp_bytes(per_rank, layout.dp)
+        owner_only = layout.zero in (1, 2) and (precision != "fp32" or config.zero.offload != "none")
+        publish = compute if owner_only else 0  # ZeRO's all-gather of the owners' updated parameters
+        comm_bytes["dp_compressed"] = onebit_dp_bytes(per_rank, layout.dp, publish)
     seconds = comm_seconds(shape, hardware)
     sparse = model.attention == "sparse"
     density = layout_density(model.sparse_attention, model.n_heads, config.train.seq_len) if sparse else 1.0

@@ -31,7 +31,7 @@ from loom.optim.scaler import DynamicLossScaler
 from loom.parallel.ddp import DataParallel
 from loom.parallel.grads import clip_grad_norm, sum_partial_grads
 from loom.parallel.memory import tensor_bytes
-from loom.parallel.pieces import Piece, Reader, load_plain, plain_pieces
+from loom.parallel.pieces import Piece, Reader, load_plain, onebit_pieces, plain_pieces, read_onebit
 from loom.parallel.pipeline.rank import PipelineRank
 from loom.parallel.tensor import TensorParallel
 from loom.train.precision import Precision
@@ -210,7 +210,13 @@ class PlainStep:
         names = [places.name_of(p) for group in self.adamw.param_groups for p in group["params"]]
         optim_state = {names[i]: entry for i, entry in self.adamw.state_dict()["state"].items()}
         dp = (self.ddp.comm.rank, self.ddp.comm.size) if self.ddp is not None else (0, 1)
-        return plain_pieces(places, optim_state, *dp)
+        pieces = plain_pieces(places, optim_state, *dp)
+        if isinstance(self.optimizer, OneBitAdam):  # this rank's error feedback, for a resume in the same layout
+            pieces += onebit_pieces("plain", self._places(), self.optimizer.errors())
+        return pieces
+
+    def _places(self) -> list[tuple[int, int]]:
+        return [(c.rank, c.size) for c in (self.optimizer.comm, self.tp.comm, self.pp)]
 
     def param_groups(self) -> list[dict]:
         """AdamW's hyperparameters per group (the checkpoint's record of them)."""
@@ -220,9 +226,11 @@ class PlainStep:
         """Read the boxes this rank holds from a checkpoint of any layout, with or without ZeRO."""
         try:
             load_plain(self.model.placements, self.adamw, reader)
-            if isinstance(self.optimizer, OneBitAdam):  # its error feedback starts afresh (documented there)
+            if isinstance(self.optimizer, OneBitAdam):  # the same layout's error feedback, else afresh
                 steps = [int(s["step"]) for s in self.adamw.state.values() if "step" in s]
                 self.optimizer.steps = max(steps, default=0)
+                saved = read_onebit(reader, "plain", self._places(), self.optimizer.error_names())
+                self.optimizer.restore_errors(saved)
         except ValueError as exc:
             raise LoomError(
                 f"checkpoint {path} does not fit this model: {exc}",

@@ -41,6 +41,7 @@ from loom.parallel.pipeline.rank import PipelineRank
 from loom.parallel.random import ParallelRNG
 from loom.parallel.tensor import TensorParallel
 from loom.parallel.weight_grad import WeightGradStore
+from loom.parallel.zero.onebit import ZeroOneBit
 from loom.parallel.zero.optimizer import ZeroOptimizer
 from loom.plan.rank_memory import choose_recompute_layers, predict_rank_memory
 from loom.train.plain_step import PlainStep
@@ -153,7 +154,8 @@ def _plain_step(
         )
     optimizer = build_adamw(model, config.train, dist.device)
     if config.optim.name == "onebit_adam":  # AdamW's warm-up, then the momentum 1 bit a value over dp
-        optimizer = OneBitAdam(optimizer, dist.comm("dp"), config.optim.freeze(config.train.steps))
+        freeze, places = config.optim.freeze(config.train.steps), model.placements
+        optimizer = OneBitAdam(optimizer, dist.comm("dp"), freeze, replica_class=lambda p: places.of(p).replica_class)
     # fp16: one loss scale for the run, its overflow check agreed over dp, tp and pp
     scaler = DynamicLossScaler([dist.comm("dp"), tp.comm, dist.comm("pp")]) if precision.name == "fp16" else None
     return PlainStep(model, tp, dist.comm("pp"), pipeline, precision, optimizer, ddp, scaler)
@@ -191,4 +193,10 @@ def _zero_step(
     if pipeline is not None:
         pipeline.use_activation_dtype(optimizer.param_dtype)
     hyper = {"lr": train.lr, "betas": (train.beta1, train.beta2), "eps": train.eps, "weight_decay": train.weight_decay}
-    return ZeroStep(model, tp, pp, pipeline, optimizer, hyper)
+    onebit = None
+    if config.optim.name == "onebit_adam":  # ZeRO's AdamW for the warm-up, then the momentum 1 bit a value
+        places = model.placements
+        onebit = ZeroOneBit(
+            optimizer.update, dp, config.optim.freeze(train.steps), lambda p: places.of(p).replica_class
+        )
+    return ZeroStep(model, tp, pp, pipeline, optimizer, hyper, onebit)

@@ -36,11 +36,12 @@ import torch
 from loom.distributed.comm import Comm
 from loom.errors import LoomError
 from loom.model.transformer import Transformer
-from loom.parallel.grads import sum_partial_grads
-from loom.parallel.pieces import Piece, Reader
+from loom.parallel.grads import global_norm, sum_partial_grads, tensor_norms
+from loom.parallel.pieces import Piece, Reader, onebit_pieces, read_onebit
 from loom.parallel.pipeline.rank import PipelineRank
 from loom.parallel.tensor import TensorParallel
 from loom.parallel.zero import state as zero_state
+from loom.parallel.zero.onebit import ZeroOneBit
 from loom.parallel.zero.optimizer import ZeroOptimizer
 
 MEMORY_KEYS = ("mem_params_bytes", "mem_grads_bytes", "mem_optim_bytes")
@@ -59,8 +60,10 @@ class ZeroStep:
         pipeline: PipelineRank | None,
         zero: ZeroOptimizer,
         hyper: dict,
+        onebit: ZeroOneBit | None = None,
     ) -> None:
         self.model, self.tp, self.pp, self.pipeline, self.zero = model, tp, pp, pipeline, zero
+        self.onebit = onebit  # 1-bit Adam's compressed phase (loom.parallel.zero.onebit), after its warm-up
         decay, rest = dict(hyper), {k: v for k, v in hyper.items() if k != "weight_decay"}
         self.hyper_groups = [decay, {**rest, "weight_decay": 0.0}]
         self._check_tp_layout()
@@ -87,9 +90,14 @@ class ZeroStep:
 
     # ------------------------------------------------------------------ one step
 
+    @property
+    def compressing(self) -> bool:
+        """1-bit Adam after its warm-up: gradients stay local, the optimizer sends the momentum."""
+        return self.onebit is not None and self.onebit.compressing
+
     def step_context(self) -> contextlib.AbstractContextManager:
-        """Nothing around a step's backward (1-bit Adam is the plain path's)."""
-        return contextlib.nullcontext()
+        """Around a whole step's backward: no gradient sync at all while 1-bit Adam compresses."""
+        return self.zero.no_sync() if self.compressing else contextlib.nullcontext()
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         return self.zero.no_sync()
@@ -107,6 +115,13 @@ class ZeroStep:
         """Tied-embedding exchange on local gradients, the dp reduction, then the tp sums."""
         if self.pipeline is not None:
             self.pipeline.sync_tied_gradients(self.zero.sync.local_grad)
+        if self.compressing:  # the local gradients stay (full size); the tp sums act on them
+            self.zero.sync.keep_local()
+            if self.tp.size > 1:
+                places, sync = self.model.placements, self.zero.sync
+                local = [(places.of(p), sync.local_grad(p)) for g in self.zero.groups for p in g.params]
+                sum_partial_grads([(place, grad) for place, grad in local if place.partial_grad], self.tp.comm)
+            return
         self.zero.finish_gradient_sync()
         if self.tp.size > 1:
             places = self.model.placements
@@ -122,6 +137,8 @@ class ZeroStep:
         """
         if loss is not None and self.tp.rank != 0:
             loss.zero_()  # every tp rank holds the loss: counted once
+        if self.compressing:
+            return self._local_norm(loss)
         comms = [c for c in (self.tp.comm, self.pp) if c.size > 1]
         places = self.model.placements
         counts = (lambda p: places.of(p).counted) if comms else None
@@ -130,8 +147,23 @@ class ZeroStep:
             loss.div_(self.zero.comm.size)
         return norm
 
+    def _local_norm(self, loss: torch.Tensor | None) -> float:
+        """1-bit Adam's compressed phase, as the plain path's: no clipping; the norm reported is the
+        root mean square over dp of each rank's local gradient norm, the loss the dp mean."""
+        places, sync, dp = self.model.placements, self.zero.sync, self.zero.comm
+        local = [sync.local_grad(p) for g in self.zero.groups for p in g.params if places.of(p).counted]
+        norm = global_norm(tensor_norms(local), [self.tp.comm, self.pp, dp], self.zero.device, carry=loss)
+        if loss is not None:
+            loss.div_(dp.size)
+        scale = self.zero.scaler.scale if self.zero.scaler is not None else 1.0
+        return norm.item() / scale / dp.size**0.5
+
     def step(self, lr: float) -> bool:
         """Update and clear the gradients; False when an fp16 overflow skipped the step."""
+        if self.compressing:
+            stepped = self.onebit.step(lr, self.zero.scaler)
+            self.zero.zero_grad()
+            return stepped
         stepped = self.zero.step(lr)
         self.zero.zero_grad()
         return stepped
@@ -146,6 +178,8 @@ class ZeroStep:
     def memory(self) -> dict:
         """This rank's model-state bytes for a metrics record (live tensors, padding included)."""
         mem = self.zero.memory()
+        if self.onebit is not None:  # 1/D and the compressor's buffers, once compressing
+            mem["mem_optim_bytes"] += self.onebit.nbytes
         return {**{key: mem[key] for key in MEMORY_KEYS}, "mem_padding_bytes": mem["padding_bytes"]}
 
     def describe(self) -> str:
@@ -164,7 +198,13 @@ class ZeroStep:
     def pieces(self) -> list[Piece]:
         """What this rank writes into a sharded checkpoint: the boxes its owned slices cover of the
         fp32 master weights and AdamW moments (``loom.parallel.zero.state.pieces``)."""
-        return zero_state.pieces(self.zero.groups, self.model.placements)
+        pieces = zero_state.pieces(self.zero.groups, self.model.placements)
+        if self.onebit is not None:  # this rank's error feedback, for a resume in the same layout
+            pieces += onebit_pieces("zero", self._places(), self.onebit.state())
+        return pieces
+
+    def _places(self) -> list[tuple[int, int]]:
+        return [(c.rank, c.size) for c in (self.zero.comm, self.tp.comm, self.pp)]
 
     def param_groups(self) -> list[dict]:
         """AdamW's hyperparameters per group, as torch AdamW's two groups name them."""
@@ -174,6 +214,9 @@ class ZeroStep:
         """Read the boxes this rank owns from a checkpoint of any layout, then publish them."""
         try:
             zero_state.load_pieces(self.zero.groups, self.model.placements, reader)
+            if self.onebit is not None:  # the same layout's error feedback, else it starts afresh
+                saved = read_onebit(reader, "zero", self._places(), self.onebit.state_names())
+                self.onebit.load_state(saved, self.zero.device)
         except ValueError as exc:
             raise LoomError(
                 f"checkpoint {path} does not fit this model: {exc}",

@@ -132,6 +132,12 @@ class ZeroGradients(GradientSync):
             self._next, self._sync_open = 0, False
         self.end_backward()
 
+    def keep_local(self) -> None:
+        """End a step's backward without reducing anything: the full-size buffers keep this rank's
+        gradients (1-bit Adam's compressed phase sends its own message instead)."""
+        self._next, self._sync_open = 0, False
+        self.end_backward()
+
     def end_backward(self) -> None:
         """A backward is over (synced or not): forget partial counts, free stage 3's units."""
         for group in self.groups:

@@ -55,7 +55,7 @@ class ZeroAdamW:
         offload: bool = False,
     ) -> None:
         self.groups, self.comm, self.stage = list(groups), comm, stage
-        self.optim_device, self.scaler = optim_device, scaler
+        self.optim_device, self.scaler, self.weight_decay = optim_device, scaler, weight_decay
         for group, values in zip(self.groups, owned32, strict=True):
             # fp32 parameters where the optimizer lives are their own master weights: no second copy;
             # offloaded, the master is always the host's own copy (also on a CPU, where that is one memory)
