@@ -1,7 +1,8 @@
 """1-bit Adam against AdamW: dp bytes, tokens/s and the loss curve, through ``loom train``.
 
-The demo run (``configs/demo.toml``) for ``STEPS`` steps at 2 and 4 ranks (dp), once with AdamW
-and once with ``optim.name = "onebit_adam"`` (its default warm-up: 15% of the steps). From each
+The demo run (``configs/demo.toml``) for ``STEPS`` steps at 2 and 4 ranks (dp), with AdamW,
+with ``optim.name = "onebit_adam"`` (its default warm-up: 15% of the steps), and with 1-bit Adam
+on ZeRO-1 (``zero.stage = 1``). From each
 run's ``metrics.jsonl`` (rank 0): dp bytes of a warm-up step and of a compressed step, the total
 over the run and its ratio to AdamW's against the formula ``1 / (w + (1 - w) / 32)`` (w the
 warm-up fraction; fp32 gradients), tokens/s (median over the steps after the first), and the
@@ -28,8 +29,17 @@ STEPS = 300
 WARM = 0.15
 
 
-def run(optimizer: str, ranks: int, root: Path) -> list[dict]:
-    run_dir = root / f"{optimizer}-{ranks}"
+VARIANTS = {  # name: (optimizer, zero stage)
+    "adamw": ("adamw", 0),
+    "onebit_adam": ("onebit_adam", 0),
+    "onebit_zero1": ("onebit_adam", 1),
+}
+LABELS = {"adamw": "AdamW", "onebit_adam": "1-bit Adam", "onebit_zero1": "1-bit Adam, ZeRO-1"}
+
+
+def run(variant: str, ranks: int, root: Path) -> list[dict]:
+    optimizer, zero = VARIANTS[variant]
+    run_dir = root / f"{variant}-{ranks}"
     cmd = [sys.executable, "-m", "loom.cli", "train", "--config", str(ROOT / "configs" / "demo.toml")]
     cmd += ["--run-dir", str(run_dir), "--no-progress", "--nproc", str(ranks)]
     for item in (
@@ -39,7 +49,7 @@ def run(optimizer: str, ranks: int, root: Path) -> list[dict]:
         "train.sample_tokens=0",
     ):
         cmd += ["--set", item]
-    cmd += ["--set", f'optim.name="{optimizer}"']
+    cmd += ["--set", f'optim.name="{optimizer}"', "--set", f"zero.stage={zero}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if done.returncode:
         raise RuntimeError(f"{optimizer} on {ranks} ranks failed:\n{done.stderr[-2000:]}")
@@ -55,9 +65,9 @@ def main() -> int:
     runs: dict[tuple[str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="loom-onebit-") as tmp:
         for ranks in (2, 4):
-            for optimizer in ("adamw", "onebit_adam"):
-                print(f"{optimizer} on {ranks} ranks", flush=True)
-                runs[(optimizer, ranks)] = run(optimizer, ranks, Path(tmp))
+            for variant in VARIANTS:
+                print(f"{variant} on {ranks} ranks", flush=True)
+                runs[(variant, ranks)] = run(variant, ranks, Path(tmp))
     rows, verdict = [], []
     w = freeze / STEPS
     formula = 1 / (w + (1 - w) / 32)
@@ -65,12 +75,14 @@ def main() -> int:
         adam, onebit = runs[("adamw", ranks)], runs[("onebit_adam", ranks)]
         total_adam = sum(r["comm_bytes_dp"] for r in adam)
         total_onebit = sum(r["comm_bytes_dp"] for r in onebit)
-        warm_step, compressed_step = onebit[freeze // 2]["comm_bytes_dp"], onebit[-1]["comm_bytes_dp"]
-        for name, recs, total in (("AdamW", adam, total_adam), ("1-bit Adam", onebit, total_onebit)):
+        compressed_step = onebit[-1]["comm_bytes_dp"]
+        for variant in VARIANTS:
+            recs = runs[(variant, ranks)]
+            name, total = LABELS[variant], sum(r["comm_bytes_dp"] for r in recs)
             speed = statistics.median(r["tokens_per_s"] for r in recs[1:])
             val = [r["val_loss"] for r in recs if "val_loss" in r]
             step_bytes = (
-                f"{warm_step / 2**20:.3f} then {compressed_step / 2**20:.4f}"
+                f"{recs[freeze // 2]['comm_bytes_dp'] / 2**20:.3f} then {recs[-1]['comm_bytes_dp'] / 2**20:.4f}"
                 if name != "AdamW"
                 else f"{recs[-1]['comm_bytes_dp'] / 2**20:.3f}"
             )
@@ -84,7 +96,9 @@ def main() -> int:
             f"{w:.0%} warm-up, fp32 gradients: {formula:.2f}x); a compressed step sends "
             f"{compressed_step / runs[('adamw', ranks)][-1]['comm_bytes_dp']:.4f} of an AdamW step's (1/32 = 0.0313); "
             f"last validation loss {[r['val_loss'] for r in onebit if 'val_loss' in r][-1]:.3f} against AdamW's "
-            f"{[r['val_loss'] for r in adam if 'val_loss' in r][-1]:.3f}."
+            f"{[r['val_loss'] for r in adam if 'val_loss' in r][-1]:.3f}; with ZeRO-1 "
+            f"{[r['val_loss'] for r in runs[('onebit_zero1', ranks)] if 'val_loss' in r][-1]:.3f}, its compressed "
+            f"step {runs[('onebit_zero1', ranks)][-1]['comm_bytes_dp'] / adam[-1]['comm_bytes_dp']:.4f} of AdamW's."
         )
     print("\n".join(rows + verdict))
     if args.plot:
@@ -94,8 +108,8 @@ def main() -> int:
         fig = Figure(figsize=(7, 4))
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
-        for optimizer, label in (("adamw", "AdamW"), ("onebit_adam", "1-bit Adam")):
-            recs = runs[(optimizer, 2)]
+        for variant, label in LABELS.items():
+            recs = runs[(variant, 2)]
             ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=label, linewidth=1)
         ax.axvline(freeze, color="grey", linestyle="--", linewidth=0.8, label=f"freeze_step = {freeze}")
         ax.set_xlabel("step")
