@@ -197,6 +197,9 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 turns clipping off
+    # a step whose loss or gradient norm is inf or NaN is skipped on every rank; this many in a row stop
+    # the run, naming the step and the first parameter whose gradient was not finite (fp16: the loss scaler's)
+    max_bad_steps: int = 3
     precision: str = "fp32"
     seed: int = 1337
     ckpt_every: int = 250  # 0: save only at the end
@@ -214,7 +217,7 @@ class TrainConfig:
     memory_budget_gb: float = 0.0  # 0: no budget; else the memory a rank may use (for recompute_layers = "auto")
 
     def validate(self) -> None:
-        for name in ("steps", "seq_len", "keep_ckpts", "eval_batches"):
+        for name in ("steps", "seq_len", "keep_ckpts", "eval_batches", "max_bad_steps"):
             _check_positive(f"train.{name}", getattr(self, name))
         for name in ("micro_batch", "global_batch", "grad_accum", "microbatches"):
             if getattr(self, name) is not None:

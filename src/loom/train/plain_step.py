@@ -170,6 +170,18 @@ class PlainStep:
             self.optimizer.zero_grad(set_to_none=True)
         return not overflow
 
+    def gradients(self) -> list[tuple[str, torch.Tensor | None]]:
+        """(name, gradient) of this rank's parameters in model order, as the step left them."""
+        return [(name, p.grad) for name, p, _ in self.model.placements.named()]
+
+    def skip(self) -> None:
+        """Drop this step's gradients without an update (a non-finite step)."""
+        self._unscaled = False
+        if self.ddp is not None:
+            self.ddp.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
     def finish_run(self) -> None:
         """Stop DDP's shared-memory worker; nothing to gather (every rank holds its whole local model)."""
         if self.ddp is not None:

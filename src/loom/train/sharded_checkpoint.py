@@ -52,6 +52,7 @@ from safetensors import SafetensorError, safe_open
 
 from loom import __version__
 from loom.distributed.comm import Comm
+from loom.distributed.objects import broadcast_text, gather_json
 from loom.errors import LoomError
 from loom.parallel.pieces import Piece, coverage
 from loom.train.checkpoint_folder import (
@@ -104,6 +105,15 @@ def save_sharded(
     root = Path(run_dir) / CHECKPOINTS
     final = root / step_dir_name(step)
     tmp = root / f"{TMP_PREFIX}{final.name}-{FORMAT}"
+    # never a checkpoint holding an inf or NaN: refused on every rank before anything is written
+    bad = next((p.key for p in pieces if p.data.is_floating_point() and not bool(torch.isfinite(p.data).all())), None)
+    _agree(
+        comm,
+        device,
+        f"rank {comm.rank}'s {bad} holds an inf or NaN" if bad else None,
+        "the model diverged: resume from the last checkpoint with a lower train.lr or train.grad_clip on "
+        "(the previous checkpoint is intact).",
+    )
     error = None
     if comm.rank == 0:
         try:
@@ -202,7 +212,12 @@ def _dtype_name(t: torch.Tensor) -> str:
 # ----------------------------------------------------------------------------- collectives
 
 
-def _agree(comm: Comm, device: torch.device | str, error: str | None) -> None:
+def _agree(
+    comm: Comm,
+    device: torch.device | str,
+    error: str | None,
+    fix: str = "check the run folder's free space and permissions; the previous checkpoint is intact.",
+) -> None:
     """Raise on every rank if ``error`` is set on any (the first failing rank's message)."""
     first = torch.tensor([comm.rank if error else comm.size], dtype=torch.int64, device=device)
     comm.all_reduce(first, op="min", tag="checkpoint")
@@ -210,46 +225,15 @@ def _agree(comm: Comm, device: torch.device | str, error: str | None) -> None:
     if failed == comm.size:
         return
     text = _broadcast_text(comm, device, error or "", failed)
-    raise LoomError(
-        f"the checkpoint could not be saved: {text}.",
-        "check the run folder's free space and permissions; the previous checkpoint is intact.",
-    )
+    raise LoomError(f"the checkpoint could not be saved: {text}.", fix)
 
 
 def _broadcast_text(comm: Comm, device: torch.device | str, text: str, src: int) -> str:
-    if comm.size == 1:
-        return text
-    data = text.encode()
-    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    comm.broadcast(size, src, tag="checkpoint")
-    buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
-    if comm.rank == src:
-        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    comm.broadcast(buf, src, tag="checkpoint")
-    return bytes(buf.cpu().tolist()).decode()
+    return broadcast_text(comm, device, text, src, tag="checkpoint")
 
 
 def _gather_json(comm: Comm, device: torch.device | str, obj: Any) -> list[Any] | None:
-    """Every rank's ``obj`` (JSON) on rank 0, in rank order; None elsewhere."""
-    data = json.dumps(obj).encode()
-    if comm.size == 1:
-        return [json.loads(data)]
-    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    longest = size.clone()
-    comm.all_reduce(longest, op="max", tag="checkpoint")
-    buf = torch.zeros(int(longest.item()) + 8, dtype=torch.uint8, device=device)
-    buf[:8] = torch.frombuffer(bytearray(len(data).to_bytes(8, "little")), dtype=torch.uint8)
-    buf[8 : 8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    outs = [torch.empty_like(buf) for _ in range(comm.size)] if comm.rank == 0 else None
-    comm.gather(buf, outs, 0, tag="checkpoint")
-    if outs is None:
-        return None
-    found = []
-    for out in outs:
-        raw = bytes(out.cpu().tolist())
-        n = int.from_bytes(raw[:8], "little")
-        found.append(json.loads(raw[8 : 8 + n]))
-    return found
+    return gather_json(comm, device, obj, tag="checkpoint")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from loom.train.batches import batch_offsets, batch_rows, get_batch
 from loom.train.checkpoint import capture_rng_state, restore_rng_state, set_aside_newer
 from loom.train.data import TokenData, prepare_dataset
 from loom.train.metrics import MetricsWriter, TrainProgress, make_console, read_metrics, write_summary
+from loom.train.numerics import first_non_finite, is_bad
 from loom.train.precision import Precision, resolve_device
 from loom.train.sharded_checkpoint import open_checkpoint, save_sharded
 from loom.train.tokenizer import load_tokenizer
@@ -110,6 +110,7 @@ class Trainer:
         self.recompute_note = rank.recompute_note
         self.pp = self.dist.comm("pp")
         self.state = RunState()
+        self.bad_steps = 0  # non-finite steps in a row (train.max_bad_steps)
         if resume_from is not None:
             self._restore(resume_from)
 
@@ -158,13 +159,30 @@ class Trainer:
         max_norm = train.grad_clip if train.grad_clip > 0 else float("inf")
         grad_norm = update.clip_grad_norm(max_norm, None if carried else total)
         total_loss = total.item()
-        if not math.isfinite(total_loss) and self.config.train.precision != "fp16":
-            raise LoomError(
-                f"the training loss became {total_loss} at step {step + 1}.",
-                "lower train.lr, raise train.warmup_steps, or turn on train.grad_clip (e.g. 1.0).",
-            )
+        if train.precision != "fp16" and is_bad(total_loss, grad_norm):  # fp16: the loss scaler skips it
+            self._bad_step(step, total_loss, grad_norm)
+            return StepResult(loss=total_loss, grad_norm=grad_norm, lr=lr, skipped=True)
+        self.bad_steps = 0
         skipped = not update.step(lr)
         return StepResult(loss=total_loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
+
+    def _bad_step(self, step: int, loss: float, grad_norm: float) -> None:
+        """Skip a step whose loss or gradient norm is not finite (every rank sees the same figures);
+        stop after ``train.max_bad_steps`` in a row, naming the first non-finite gradient."""
+        self.bad_steps += 1
+        stage = self.dist.coords.pp
+        where = first_non_finite(self.update.gradients(), self.dist.comm("world"), stage, self.device)
+        self.update.skip()
+        limit = self.config.train.max_bad_steps
+        what = f"step {step + 1}: loss {loss}, gradient norm {grad_norm}; first non-finite gradient: {where}"
+        if self.bad_steps >= limit:
+            raise LoomError(
+                f"{what}. That is {self.bad_steps} non-finite steps in a row (train.max_bad_steps = {limit}); "
+                "the run stops, its last checkpoint holds only finite values.",
+                "lower train.lr, raise train.warmup_steps, turn on train.grad_clip (e.g. 1.0), or train in fp32; "
+                "resume from the last checkpoint with --resume.",
+            )
+        self.log(f"skipped {what} ({self.bad_steps} of train.max_bad_steps = {limit} in a row)")
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -168,6 +168,18 @@ class ZeroStep:
         self.zero.zero_grad()
         return stepped
 
+    def gradients(self) -> list[tuple[str, torch.Tensor | None]]:
+        """(name, gradient) this rank holds, in layout order: its owned part of each reduced gradient
+        (1-bit Adam's compressed phase: the local gradients, full size)."""
+        places, sync = self.model.placements, self.zero.sync
+        if self.compressing:
+            return [(places.name_of(p), sync.local_grad(p)) for g in self.zero.groups for p in g.params]
+        return [(places.name_of(p), view) for p, view in sync.shard_views()]
+
+    def skip(self) -> None:
+        """Drop this step's gradients without an update (a non-finite step)."""
+        self.zero.zero_grad()
+
     def finish_run(self) -> None:
         """Stage 3: keep every unit gathered, so one rank can run the model alone (a sample)."""
         if self.zero.gatherer is not None:
