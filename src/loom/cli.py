@@ -321,11 +321,10 @@ def _train_config(args: argparse.Namespace, run_dir: Path):
 
 def _launch(args: argparse.Namespace, config, run_dir: Path) -> int:
     """Validate the layout for --nproc ranks, then start them, each running this command."""
+    from loom.config import check_launch
     from loom.distributed.launch import launch_local
-    from loom.distributed.mesh import ParallelDims
 
-    dims = ParallelDims.resolve(config.parallel, args.nproc)
-    config.batch(dp=dims.dp)
+    check_launch(config, args.nproc)
     argv = ["train", "--run-dir", str(run_dir), "--no-progress"]
     if args.config is not None:
         argv += ["--config", str(args.config)]

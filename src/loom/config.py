@@ -676,7 +676,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
                 f"write it as [{section}] followed by key = value lines.",
             )
     model_raw = dict(raw.get("model", {}))
-    preset = model_raw.get("preset", ModelConfig.preset)
+    preset = _coerce("model.preset", model_raw.get("preset", ModelConfig.preset), str)
     if preset not in PRESETS:
         raise _unknown("model preset", preset, list(PRESETS), field_name="model.preset")
     model_values = {**preset_fields(preset), **model_raw}
@@ -726,10 +726,24 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             return float(value)
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
+        if kind is str and isinstance(value, str) and len(value) > MAX_TEXT:
+            raise LoomError(
+                f"{name} = {_show(value)} is {len(value):,} characters long, more than any setting takes ({MAX_TEXT:,}).",
+                f"give {name} a short value (a path, a name, a prompt).",
+            )
         if kind in (bool, str) and isinstance(value, kind):
             return value
     wanted = " or ".join(_type_name(k) for k in allowed if k is not type(None))
-    raise LoomError(f"{name} = {value!r} is not a {wanted}.", f"give {name} a {wanted} value.")
+    raise LoomError(f"{name} = {_show(value)} is not a {wanted}.", f"give {name} a {wanted} value.")
+
+
+MAX_TEXT = 4096  # characters of one string setting
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, cut to 60 characters: a message names a long value, it does not echo it."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}...{text[-6:]} ({len(text):,} characters)"
 
 
 def _divisor_below(n: int, want: int) -> int:
@@ -773,7 +787,7 @@ def parse_override(item: str) -> tuple[str, str, Any]:
 def _unknown(what: str, name: str, known: list[str], field_name: str | None = None) -> LoomError:
     close = difflib.get_close_matches(name, known, n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    label = f"{field_name} = {name!r}" if field_name else repr(name)
+    label = f"{field_name} = {_show(name)}" if field_name else _show(name)
     return LoomError(f"unknown {what} {label}.", f"{hint}known: {', '.join(known)}.")
 
 
@@ -790,5 +804,17 @@ def _check_non_negative(name: str, value: float) -> None:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise LoomError(
-            f"{name} = {value!r} is not one of {', '.join(choices)}.", f"set {name} to one of {', '.join(choices)}."
+            f"{name} = {_show(value)} is not one of {', '.join(choices)}.",
+            f"set {name} to one of {', '.join(choices)}.",
         )
+
+
+def check_launch(config: Config, world: int):  # noqa: ANN201 (a ParallelDims: distributed is imported lazily)
+    """Everything ``loom train`` checks before it starts ``world`` ranks: the config's own validation
+    (done when it was built), the layout for that world (``ParallelDims.resolve``: dp x tp x pp,
+    heads and layers over tp and the pipeline) and the batch arithmetic for its dp."""
+    from loom.distributed.mesh import ParallelDims
+
+    dims = ParallelDims.resolve(config.parallel, world)
+    config._validate_pipeline(config.batch(dp=dims.dp))  # the micro-batch count under the real dp
+    return dims
