@@ -7,6 +7,7 @@ then fix) on stderr, exit status 2, no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the newest checkpoint of --run-dir, or from checkpoint PATH",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar (plain log lines)")
+    train.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --nproc: after a rank fails, restart every rank from the newest checkpoint, at most K times",
+    )
     train.add_argument(
         "--nproc",
         type=int,
@@ -287,18 +295,58 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume_from, config = _train_config(args, run_dir)
     if args.nproc < 1:
         raise LoomError(f"--nproc {args.nproc} must be at least 1.", "pass --nproc 1 or more.")
-    if args.nproc > 1 and world_size == 1:
+    if args.max_restarts < 0:
+        raise LoomError(f"--max-restarts {args.max_restarts} must not be negative.", "pass --max-restarts 0 or more.")
+    launching = args.nproc > 1 and world_size == 1
+    if config.train.memory_check:  # before any process starts: the planner's bytes against the machine's
+        local = args.nproc if launching else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        _check_memory(config, args.nproc if launching else world_size, local)
+    if launching:
         return _launch(args, config, run_dir)
     return _train_rank(args, config, run_dir, resume_from)
+
+
+def _check_memory(config, world: int, local: int) -> None:
+    """Refuse a run the planner says cannot fit this machine (``loom.plan.fit``)."""
+    import dataclasses
+
+    import torch
+
+    from loom.plan.fit import check_fits
+    from loom.plan.hardware import hardware_of
+    from loom.plan.report import predict_run
+    from loom.train.tokenizer import load_tokenizer
+
+    cuda = (
+        torch.cuda.is_available() and config.train.device in ("auto", "cuda") or config.train.device.startswith("cuda")
+    )
+    device = "cuda" if cuda else "cpu"
+    vocab = config.model.vocab_size or load_tokenizer(config.data.tokenizer).vocab_size
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab))
+    name = torch.cuda.get_device_name(0) if cuda else ""
+    prediction = predict_run(config, world, hardware_of(device, name), device)
+    device_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else 0
+    host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    check_fits(prediction, local, device, device_bytes, host_bytes)
 
 
 def _train_config(args: argparse.Namespace, run_dir: Path):
     """The checkpoint to resume from (or None) and the validated config."""
     from loom.config import load_config, resume_config
+    from loom.distributed.launch import RESTART_ENV
     from loom.train.checkpoint import checkpoint_meta, latest_checkpoint
 
     resume_from = None
-    if args.resume == "latest":
+    restart = int(os.environ.get(RESTART_ENV, "0"))
+    say = os.environ.get("RANK", "0") == "0"
+    if restart and latest_checkpoint(run_dir) is not None:  # restarted after a failure: go on from the newest
+        resume_from = latest_checkpoint(run_dir)
+        if say:
+            print(f"loom: restart {restart}: resuming from {resume_from}", file=sys.stderr)
+    elif restart and args.resume is None:
+        if say:
+            print(f"loom: restart {restart}: no checkpoint yet, starting again", file=sys.stderr)
+    elif args.resume == "latest":
         resume_from = latest_checkpoint(run_dir)
         if resume_from is None:
             raise LoomError(
@@ -332,18 +380,20 @@ def _launch(args: argparse.Namespace, config, run_dir: Path) -> int:
         argv += ["--resume", str(args.resume)]
     for item in args.overrides:
         argv += ["--set", item]
-    launch_local(args.nproc, argv)
+    launch_local(args.nproc, argv, max_restarts=args.max_restarts)
     return 0
 
 
 def _train_rank(args: argparse.Namespace, config, run_dir: Path, resume_from: Path | None) -> int:
     from loom.distributed.context import init_distributed
-    from loom.distributed.watchdog import fail_loudly
+    from loom.distributed.watchdog import Heartbeats, fail_loudly
     from loom.train.trainer import Trainer
 
     dist_ctx = init_distributed(config.parallel, config.train.device)
     console = _console()
-    with fail_loudly(dist_ctx.ledger, config.parallel.timeout_s, run_dir if dist_ctx.world_size > 1 else None):
+    several = dist_ctx.world_size > 1
+    beats = Heartbeats.connect(dist_ctx.rank, dist_ctx.world_size) if several else None
+    with fail_loudly(dist_ctx.ledger, config.parallel.timeout_s, run_dir if several else None, beats):
         trainer = Trainer(
             config, run_dir, resume_from=resume_from, console=console, live_progress=not args.no_progress, dist=dist_ctx
         )

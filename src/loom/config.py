@@ -200,6 +200,7 @@ class TrainConfig:
     # a step whose loss or gradient norm is inf or NaN is skipped on every rank; this many in a row stop
     # the run, naming the step and the first parameter whose gradient was not finite (fp16: the loss scaler's)
     max_bad_steps: int = 3
+    memory_check: bool = True  # refuse a run whose predicted memory per rank exceeds the device's or host's
     precision: str = "fp32"
     seed: int = 1337
     ckpt_every: int = 250  # 0: save only at the end

@@ -8,8 +8,9 @@ averaged over dp through the error-compensated 1-bit all-reduce.
 - after: the caller leaves the gradients local (:attr:`compressing` says so). Each step, every
   parameter's momentum takes this rank's gradient, ``m = b1 m + (1 - b1) g``, and the update
   uses the variance frozen at ``freeze_step``, ``D = sqrt(v / (1 - b2^f)) + eps``:
-  ``p -= lr (mean(m) / D / (1 - b1^t) + wd p)``. The mean over dp is taken by one
-  :class:`~loom.distributed.compressed.CompressedAllReduce` of all parameters as one vector,
+  ``p -= lr (mean(m) / D / (1 - b1^t) + wd p)``. The mean over dp is taken by a
+  :class:`~loom.distributed.compressed.CompressedAllReduce` of all parameters as one vector
+  (one per tp replica class: :class:`~loom.distributed.compressed.CompressedMeans`),
   1 bit a value, in the frozen variance's basis: ``mean(m / D)``, then ``m = mean(m / D) D``.
   D is equal on every dp rank (the warm-up's variance came from averaged gradients), so this
   is the paper's mean of the momenta in exact arithmetic; under compression each value's error
@@ -17,8 +18,10 @@ averaged over dp through the error-compensated 1-bit all-reduce.
   element of tiny variance, e.g. the row of a token never seen, takes its chunk's scale over
   its tiny D and the run diverges: measured at dp2 x tp2). Every rank decodes the same mean,
   so the parameters stay equal across dp. Elements whose frozen variance is zero (never a
-  gradient in the warm-up: a padded vocabulary row) do not move, as DeepSpeed's
-  ``exp_avg_mask`` would have them.
+  gradient in the warm-up: a padded vocabulary row, a token not yet seen) do not move, as
+  DeepSpeed's ``exp_avg_mask`` would have them, and send 0: their 1/D is 0, not 1/eps (a
+  later gradient over eps alone would swamp its chunk's scale: measured, dp4 then missed
+  AdamW's loss by 0.6).
 
 The error feedback (:meth:`OneBitAdam.errors`) is part of loom's sharded checkpoints (per rank,
 named by the layout: :func:`loom.parallel.pieces.onebit_key`), so a run resumed in its own
@@ -77,13 +80,17 @@ class OneBitAdam:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.adamw.zero_grad(set_to_none=set_to_none)
 
-    def _denominator(self, group: dict, p: torch.Tensor) -> torch.Tensor:
-        """sqrt(v / (1 - b2^f)) + eps of the variance frozen at ``freeze_step`` (equal on every dp rank)."""
+    def _inverse(self, group: dict, p: torch.Tensor) -> torch.Tensor:
+        """1 / D, ``D = sqrt(v / (1 - b2^f)) + eps`` of the variance frozen at ``freeze_step`` (equal on
+        every dp rank), and 0 where that variance is 0: such an element had no gradient in the
+        warm-up and stays put; a gradient it gets later must not be divided by eps alone (it would
+        swamp its chunk's scale)."""
         state = self.adamw.state[p]
-        if "frozen_denominator" not in state:
+        if "frozen_inverse" not in state:
             bias = 1 - group["betas"][1] ** self.freeze_step
-            state["frozen_denominator"] = (state["exp_avg_sq"] / bias).sqrt().add_(group["eps"])
-        return state["frozen_denominator"]
+            denominator = (state["exp_avg_sq"] / bias).sqrt().add_(group["eps"])
+            state["frozen_inverse"] = torch.where(state["exp_avg_sq"] > 0, denominator.reciprocal(), 0.0)
+        return state["frozen_inverse"]
 
     def _params(self) -> list[tuple[dict, torch.Tensor]]:
         return [(group, p) for group in self.adamw.param_groups for p in group["params"]]
@@ -110,7 +117,7 @@ class OneBitAdam:
         for group, p in pairs:
             state = self.adamw.state[p]
             state["exp_avg"].mul_(group["betas"][0]).add_(p.grad, alpha=1 - group["betas"][0])
-            preconditioned.append((state["exp_avg"] / self._denominator(group, p)).reshape(-1))
+            preconditioned.append((state["exp_avg"] * self._inverse(group, p)).reshape(-1))
         flat = torch.cat(preconditioned)
         mean = self.means(key, flat) if self.comm.size > 1 else flat
         offset = 0
@@ -119,9 +126,10 @@ class OneBitAdam:
             n = p.numel()
             # where the frozen variance is zero the parameter never had a gradient (a padded vocabulary
             # row): it stays put
-            update = mean[offset : offset + n].view_as(p) * (state["exp_avg_sq"] > 0)
+            inverse = self._inverse(group, p)
+            update = mean[offset : offset + n].view_as(p) * (inverse > 0)
             offset += n
-            state["exp_avg"].copy_(update * self._denominator(group, p))
+            state["exp_avg"].copy_(torch.where(inverse > 0, update / inverse, 0.0))
             state["step"] += 1
             if group["weight_decay"]:
                 p.mul_(1 - group["lr"] * group["weight_decay"])

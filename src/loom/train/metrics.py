@@ -8,6 +8,7 @@ TensorBoard), so the file stays one record per step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -41,7 +42,7 @@ class MetricsWriter:
         self._purge_step: int | None = None
         self._tb: Any = None  # SummaryWriter, made on first log so truncate_after can purge
         _drop_torn_tail(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 (held for the run)
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one record (must hold an int ``step``); numpy/torch scalars become numbers."""
@@ -49,20 +50,35 @@ class MetricsWriter:
         step = clean.get("step")
         if type(step) is not int:
             raise ValueError(f"a metrics record needs an int 'step', got {record.get('step')!r}")
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        self._append((json.dumps(clean) + "\n").encode())
         if self.tensorboard:
             writer = self._writer()
             for key, value in clean.items():
                 if key != "step" and type(value) in (int, float):
                     writer.add_scalar(key, value, global_step=step)
 
+    def _append(self, line: bytes) -> None:
+        """The whole line or nothing: a failed write (a full disk) is cut back off, then reported."""
+        start = os.lseek(self._file.fileno(), 0, os.SEEK_END)
+        done = 0
+        try:
+            while done < len(line):
+                done += self._file.write(line[done:])
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._file.fileno(), start)
+            raise LoomError(
+                f"could not write {self.path} ({exc.strerror or exc}); the line was taken back, the file is as "
+                "it was before this step.",
+                "free space in (or permissions on) the run folder, then resume with --resume.",
+            ) from None
+
     def truncate_after(self, step: int) -> None:
         """Drop records with ``step`` greater than ``step`` (call when resuming from ``step``)."""
         self._file.close()
         kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= step]
         _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115
         if self._tb is not None:
             self._tb.close()
             self._tb = None
