@@ -102,6 +102,25 @@ def share_cores(device: torch.device, affinity: str = "auto") -> list[int]:
     return cores
 
 
+def attempt_store(timeout: timedelta) -> dist.Store | None:
+    """Under torch's elastic agent (torchrun, ``loom train --nproc``), a client of the agent's store
+    whose keys are this attempt's alone (``loom/attempt_N/``, N = TORCHELASTIC_RESTART_COUNT).
+
+    After a restart the agent may serve the new ranks from the same store, where the failed
+    attempt's keys (each rank's gloo address) are still there: a new rank reading a stale
+    address before its peer rewrites it fails to connect. None elsewhere (env:// as usual)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"loom/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
+
+
 def init_distributed(cfg: ProcessRequest, device_spec: str = "auto") -> DistContext:
     """Join the process group described by the torchrun environment and build the groups.
 
@@ -128,7 +147,12 @@ def init_distributed(cfg: ProcessRequest, device_spec: str = "auto") -> DistCont
     share_cores(device, cfg.cpu_affinity)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s + BACKSTOP_S))
+        timeout = timedelta(seconds=cfg.timeout_s + BACKSTOP_S)
+        store = attempt_store(timeout)
+        if store is not None:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     ledger = Ledger(rank)
     mesh = init_device_mesh(device.type, dims.sizes(), mesh_dim_names=DIM_ORDER)
     comms = {dim: Comm(dim, mesh.get_group(dim), dims.group_ranks(dim, rank), ledger) for dim in DIM_ORDER}

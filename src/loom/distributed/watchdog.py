@@ -66,7 +66,8 @@ class Heartbeats:
             )
         except (KeyError, ValueError, RuntimeError, OSError):
             return None
-        return cls(store, rank, world)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a restart's ranks, not the failed ones
+        return cls(dist.PrefixStore(f"loom/attempt_{attempt}", store), rank, world)
 
     def beat(self) -> None:
         with contextlib.suppress(RuntimeError, OSError):
@@ -162,6 +163,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"loom-watchdog-{ledger.rank}", daemon=True)
         self._wakeup: int | None = None  # read end of the pipe SIGTERM is written to (watch_sigterm)
+        self.reported = threading.Event()  # a failure was reported: the other path stays quiet
         self._previous: tuple | None = None
 
     def start(self) -> Watchdog:
@@ -207,7 +209,8 @@ class Watchdog:
     def _watch(self) -> None:
         last_beat = 0.0
         while not self._stop.is_set():
-            if self._wait() and not self._stop.is_set():
+            if self._wait() and not self._stop.is_set() and not self.reported.is_set():
+                self.reported.set()
                 pending = self.ledger.pending()
                 doing = f" while in {pending[0].op} #{pending[0].seq}" if pending else ""
                 write_report(
@@ -222,7 +225,8 @@ class Watchdog:
                 self.heartbeats.beat()
                 last_beat = now
             stuck = [e for e in self.ledger.pending() if now - e.started > self.timeout_s]
-            if stuck:
+            if stuck and not self.reported.is_set():
+                self.reported.set()
                 oldest = min(stuck, key=lambda e: e.started)
                 write_report(
                     self.ledger,
@@ -251,7 +255,9 @@ def fail_loudly(
     except LoomError:
         raise
     except BaseException as exc:
-        write_report(ledger, f"failed with {type(exc).__name__}: {exc}", run_dir, heartbeats)
+        if not watchdog.reported.is_set():
+            watchdog.reported.set()
+            write_report(ledger, f"failed with {type(exc).__name__}: {exc}", run_dir, heartbeats)
         raise
     finally:
         watchdog.stop()
