@@ -83,7 +83,7 @@ def start(layout: str, run_dir: Path, restarts: int) -> list[subprocess.Popen]:
         return [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)]
     endpoint = f"127.0.0.1:{_free_port()}"
     nodes = []
-    for node in range(2):
+    for _ in range(2):  # the rendezvous numbers the nodes
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2"]
         cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_dir.name]
         cmd += ["--max-restarts", str(restarts), "--monitor-interval", "0.2", "-m", "loom.cli", *train]

@@ -290,6 +290,11 @@ class CheckpointTensors:
                     part = handle.get_slice(name)[tuple(slice(a - po, b - po) for a, b, po in zip(lo, hi, p_offsets))]
             except (SafetensorError, RuntimeError) as exc:
                 raise damaged(self.path, f"piece {name} of {key} in {file} could not be read ({exc})") from None
+            box = tuple(b - a for a, b in zip(lo, hi))
+            if tuple(part.shape) != box:  # the file's tensor is not the shape the index gives it
+                raise damaged(
+                    self.path, f"piece {name} of {key} in {file} holds {tuple(part.shape)} where the index says {box}"
+                )
             out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))] = part.to(dtype)
             covered += math.prod(b - a for a, b in zip(lo, hi))
         if covered != math.prod(sizes):
