@@ -292,7 +292,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             "pass --run-dir DIR so every rank writes to the same run folder.",
         )
     run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    resume_from, config = _train_config(args, run_dir)
+    attempt = _elastic_attempt(world_size)
+    resume_from, config = _train_config(args, run_dir, attempt.number if attempt is not None else 0)
     if args.nproc < 1:
         raise LoomError(f"--nproc {args.nproc} must be at least 1.", "pass --nproc 1 or more.")
     if args.max_restarts < 0:
@@ -303,7 +304,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         _check_memory(config, args.nproc if launching else world_size, local)
     if launching:
         return _launch(args, config, run_dir)
-    return _train_rank(args, config, run_dir, resume_from)
+    return _train_rank(args, config, run_dir, resume_from, attempt)
+
+
+def _elastic_attempt(world_size: int):  # noqa: ANN202 (an Attempt: distributed is imported lazily)
+    """Under an elastic agent, which start of the job this rank belongs to (``Attempt``)."""
+    if world_size == 1:
+        return None
+    from loom.distributed.context import Attempt
+
+    return Attempt.join()
 
 
 def _check_memory(config, world: int, local: int) -> None:
@@ -330,14 +340,14 @@ def _check_memory(config, world: int, local: int) -> None:
     check_fits(prediction, local, device, device_bytes, host_bytes)
 
 
-def _train_config(args: argparse.Namespace, run_dir: Path):
-    """The checkpoint to resume from (or None) and the validated config."""
+def _train_config(args: argparse.Namespace, run_dir: Path, attempt: int = 0):
+    """The checkpoint to resume from (or None) and the validated config. ``attempt`` > 0: the job's
+    ranks were restarted after a failure, so it goes on from the run folder's newest checkpoint."""
     from loom.config import load_config, resume_config
-    from loom.distributed.launch import RESTART_ENV
     from loom.train.checkpoint import checkpoint_meta, latest_checkpoint
 
     resume_from = None
-    restart = int(os.environ.get(RESTART_ENV, "0"))
+    restart = attempt
     say = os.environ.get("RANK", "0") == "0"
     if restart and latest_checkpoint(run_dir) is not None:  # restarted after a failure: go on from the newest
         resume_from = latest_checkpoint(run_dir)
@@ -384,15 +394,15 @@ def _launch(args: argparse.Namespace, config, run_dir: Path) -> int:
     return 0
 
 
-def _train_rank(args: argparse.Namespace, config, run_dir: Path, resume_from: Path | None) -> int:
+def _train_rank(args: argparse.Namespace, config, run_dir: Path, resume_from: Path | None, attempt=None) -> int:  # noqa: ANN001
     from loom.distributed.context import init_distributed
     from loom.distributed.watchdog import Heartbeats, fail_loudly
     from loom.train.trainer import Trainer
 
-    dist_ctx = init_distributed(config.parallel, config.train.device)
+    dist_ctx = init_distributed(config.parallel, config.train.device, attempt)
     console = _console()
     several = dist_ctx.world_size > 1
-    beats = Heartbeats.connect(dist_ctx.rank, dist_ctx.world_size) if several else None
+    beats = Heartbeats.connect(dist_ctx.rank, dist_ctx.world_size, attempt.keys() if attempt is not None else None)
     with fail_loudly(dist_ctx.ledger, config.parallel.timeout_s, run_dir if several else None, beats):
         trainer = Trainer(
             config, run_dir, resume_from=resume_from, console=console, live_progress=not args.no_progress, dist=dist_ctx

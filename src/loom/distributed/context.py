@@ -102,26 +102,46 @@ def share_cores(device: torch.device, affinity: str = "auto") -> list[int]:
     return cores
 
 
-def attempt_store(timeout: timedelta) -> dist.Store | None:
-    """Under torch's elastic agent (torchrun, ``loom train --nproc``), a client of the agent's store
-    whose keys are this attempt's alone (``loom/attempt_N/``, N = TORCHELASTIC_RESTART_COUNT).
+@dataclass
+class Attempt:
+    """One start of an elastic job's ranks (torchrun, ``loom train --nproc``): the agent's store,
+    and which start this is, the same number on every rank of it.
 
-    After a restart the agent may serve the new ranks from the same store, where the failed
-    attempt's keys (each rank's gloo address) are still there: a new rank reading a stale
-    address before its peer rewrites it fails to connect. None elsewhere (env:// as usual)."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    client = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        int(os.environ["WORLD_SIZE"]),
-        is_master=False,
-        timeout=timeout,
-    )
-    return dist.PrefixStore(f"loom/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
+    Each rank adds 1 to ``loom/starts`` as it begins, and every rank of a start begins before
+    any of the next (the agent stops them all first), so start k's ranks draw the values
+    k W + 1 .. (k + 1) W: ``number = (value - 1) // W``. TORCHELASTIC_RESTART_COUNT cannot say
+    this: each node's agent counts its own restarts, and one restarts without counting when
+    another node rejoins. The number names a fresh key space for the process group
+    (``loom/attempt_N/``): after a restart the agent may serve the new ranks from the same
+    store, where the failed start's keys (each rank's gloo address) would still be read.
+    (A rank that died before drawing its number would shift the next starts' count.)
+    """
+
+    store: dist.Store
+    number: int
+    world_size: int
+
+    @property
+    def prefix(self) -> str:
+        return f"loom/attempt_{self.number}"
+
+    def keys(self) -> dist.Store:
+        """This start's own key space of the agent's store."""
+        return dist.PrefixStore(self.prefix, self.store)
+
+    @classmethod
+    def join(cls, timeout: timedelta = timedelta(seconds=60)) -> Attempt | None:
+        """This rank's start, under an elastic agent's store; None elsewhere (env:// as usual)."""
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            return None
+        world = int(os.environ["WORLD_SIZE"])
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+        )
+        return cls(store, (store.add("loom/starts", 1) - 1) // world, world)
 
 
-def init_distributed(cfg: ProcessRequest, device_spec: str = "auto") -> DistContext:
+def init_distributed(cfg: ProcessRequest, device_spec: str = "auto", attempt: Attempt | None = None) -> DistContext:
     """Join the process group described by the torchrun environment and build the groups.
 
     CPU ranks share the host's cores (:func:`share_cores`). Backend: nccl when this rank drives a
@@ -148,9 +168,8 @@ def init_distributed(cfg: ProcessRequest, device_spec: str = "auto") -> DistCont
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
         timeout = timedelta(seconds=cfg.timeout_s + BACKSTOP_S)
-        store = attempt_store(timeout)
-        if store is not None:
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        if attempt is not None:  # this start's own keys (Attempt)
+            dist.init_process_group(backend, store=attempt.keys(), rank=rank, world_size=world_size, timeout=timeout)
         else:
             dist.init_process_group(backend, timeout=timeout)
     ledger = Ledger(rank)

@@ -7,8 +7,9 @@ stops the others; the failure is reported with each rank's exit code.
 
 ``max_restarts`` (``loom train --max-restarts K``, as torchrun's flag of that name): after a
 failure the launcher stops every rank and starts them all again, at most K times. The
-restarted ranks see ``TORCHELASTIC_RESTART_COUNT`` > 0 and resume from the run folder's
-newest complete checkpoint (``loom.cli``), so the loss curve goes on as if nothing happened.
+restarted ranks know they are a later start (``loom.distributed.context.Attempt``) and resume
+from the run folder's newest complete checkpoint (``loom.cli``), so the loss curve goes on as
+if nothing happened.
 """
 
 from __future__ import annotations
@@ -27,9 +28,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"  # set by torch's elastic agent (torchrun and launch_local)
 
 
 def launch_local(nproc: int, cli_args: list[str], max_restarts: int = 0) -> None:

@@ -30,7 +30,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
@@ -53,21 +52,9 @@ class Heartbeats:
         self.host = socket.gethostname()
 
     @classmethod
-    def connect(cls, rank: int, world: int) -> Heartbeats | None:
-        """A client of the job's store (MASTER_ADDR:MASTER_PORT), or None where there is none."""
-        try:
-            store = dist.TCPStore(
-                os.environ["MASTER_ADDR"],
-                int(os.environ["MASTER_PORT"]),
-                world,
-                is_master=False,
-                timeout=timedelta(seconds=5),
-                wait_for_workers=False,
-            )
-        except (KeyError, ValueError, RuntimeError, OSError):
-            return None
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a restart's ranks, not the failed ones
-        return cls(dist.PrefixStore(f"loom/attempt_{attempt}", store), rank, world)
+    def connect(cls, rank: int, world: int, store: dist.Store | None) -> Heartbeats | None:
+        """Heartbeats through ``store`` (this start's keys of the job's store); None without one."""
+        return cls(store, rank, world) if store is not None else None
 
     def beat(self) -> None:
         with contextlib.suppress(RuntimeError, OSError):
@@ -219,6 +206,8 @@ class Watchdog:
                     self.run_dir,
                     self.heartbeats,
                 )
+                if self.heartbeats is not None:  # a stopped sibling would hold the launcher up: end it too
+                    self.heartbeats.end_silent_local()
                 os._exit(EXIT_FAILED)
             now = time.monotonic()
             if self.heartbeats is not None and now - last_beat >= BEAT_S:
