@@ -221,10 +221,12 @@ def test_onebit_adam_with_zero_1_and_2_trains_sends_a_32th_and_resumes_exactly(t
 
     common = {"train.steps": 24, "train.global_batch": 8, "train.eval_every": 0, "train.ckpt_every": 12}
     common |= {"optim.name": "onebit_adam", "optim.freeze_step": 6}
-    zero1 = run_ranks(
-        _train, 2, args=(tiny_overrides(text_corpus, **common, **{"zero.stage": 1}), str(tmp_path / "z1"))
+    items1 = tiny_overrides(text_corpus, **common, **{"zero.stage": 1})
+    zero1 = run_ranks(_train, 2, args=(items1, str(tmp_path / "z1")))[0]
+    again = run_ranks(
+        _train, 2, args=(items1, str(tmp_path / "z1-again"), str(tmp_path / "z1/checkpoints/step_000012"))
     )
-    zero1 = zero1[0]
+    assert [r["loss"] for r in again[0]] == pytest.approx([r["loss"] for r in zero1[12:]], rel=1e-6)
     # it trains as the plain path's 1-bit Adam does (this run: 3.14 at step 24, plain 3.13, AdamW 3.54)
     assert zero1[-1]["loss"] < 0.65 * zero1[0]["loss"]
     assert zero1[-1]["comm_bytes_dp"] < zero1[2]["comm_bytes_dp"] / 32 * 1.05  # ZeRO-1's 2 x (n-1)/n Psi x 4

@@ -351,6 +351,37 @@ def test_lsh_rounds_combine_toward_full_attention() -> None:
     assert (out[:, :, 1:] - exact).abs().mean() < (one[:, :, 1:] - exact).abs().mean()
 
 
+def _union_of_windows(q: torch.Tensor, k: torch.Tensor, rotations: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(S, S) True where key j is in query i's window (its chunk or the one before) in some round."""
+    from loom.model.lsh_attention import hash_buckets
+
+    s = q.shape[2]
+    n, pos = s // chunk, torch.arange(s)
+    seen = torch.zeros(s, s, dtype=torch.bool)
+    for r in range(rotations.shape[2]):
+        cq = (hash_buckets(q, rotations[:, :, r])[0, 0] * s + pos).argsort().argsort() // chunk
+        ck = (hash_buckets(k, rotations[:, :, r])[0, 0] * s + pos).argsort().argsort() // chunk
+        seen |= (ck[None, :] == cq[:, None]) | (ck[None, :] == (cq[:, None] - 1) % n)
+    return seen
+
+
+def test_lsh_rounds_with_duplicate_correction_are_exact_attention_over_the_union_of_windows() -> None:
+    from loom.model.lsh_attention import draw_rotations, lsh_attention
+
+    torch.manual_seed(7)
+    s, d, chunk = 64, 8, 8
+    q, k, v = (torch.randn(1, 1, s, d, dtype=torch.float64) for _ in range(3))
+    rotations = draw_rotations(1, d, n_hashes=3, n_buckets=4).double()
+    got = lsh_attention(q, k, v, rotations, chunk)
+    # the reference: softmax over every key some round's window holds (causal), plus the token itself
+    visible = (_union_of_windows(q, k, rotations, chunk) & torch.ones(s, s, dtype=torch.bool).tril(-1)) | torch.eye(
+        s, dtype=torch.bool
+    )
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~visible, float("-inf"))
+    torch.testing.assert_close(got, torch.softmax(scores, dim=-1) @ v, rtol=1e-10, atol=1e-10)
+    assert visible.sum() < 0.6 * torch.ones(s, s).tril().sum()  # the rounds did not see everything
+
+
 # ----------------------------------------------------------------------------- reversible blocks
 
 

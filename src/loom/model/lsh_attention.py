@@ -9,8 +9,11 @@ a query and its key share a bucket) a token attends to itself only when it has n
 that column's score is -1e9, not its dot product. Without shared QK queries and keys are hashed and
 sorted separately and chunk c of the queries meets chunks c and c - 1 of the keys. Several
 rounds (fresh rotations) are combined by their log-sum-exps: ``out = sum_r softmax_r(lse_r)
-out_r``, so a key found in more than one round counts more (Reformer's duplicate correction
-is not applied).
+out_r``, with Reformer's duplicate correction: in every round a score is lowered by the log of
+the number of rounds whose window holds that pair (``n_ij``, counted from every round's chunk
+of each position), so ``sum_r exp(lse_r)`` sums each key of the union of windows once and the
+result is exactly softmax attention over that union (a key found in several rounds does not
+count more).
 
 Memory: per round the sorted q, k, v and one ``chunk x 2 chunk`` score tile per chunk, so
 linear in S. Backward is autograd's through the gathers (the buckets and the sort are
@@ -60,19 +63,29 @@ def lsh_attention(
     keys = F.normalize(q, dim=-1) if shared else k
     n = s // chunk
     positions = torch.arange(s, device=q.device)
-    outs, lses = [], []
-    for r in range(rotations.shape[2]):
-        with torch.no_grad():
+    rounds = rotations.shape[2]
+    with torch.no_grad():  # each round's order of the queries and of the keys, and each position's chunk in it
+        orders = []
+        for r in range(rounds):
             query_buckets = hash_buckets(q, rotations[:, :, r])
             order_q = (query_buckets * s + positions).argsort(dim=-1)
             key_buckets = query_buckets if shared else hash_buckets(keys, rotations[:, :, r])
             order_k = order_q if shared else (key_buckets * s + positions).argsort(dim=-1)
+            orders.append((order_q, order_k))
+        # chunk_q[r][..., p]: the chunk of query position p in round r (and chunk_k of key p)
+        chunk_q = [o.argsort(dim=-1) // chunk for o, _ in orders]
+        chunk_k = [o.argsort(dim=-1) // chunk for _, o in orders]
+    outs, lses = [], []
+    for r in range(rounds):
+        order_q, order_k = orders[r]
         qs = _sorted(q, order_q).view(b, h, n, chunk, d)
         ks = _with_previous(_sorted(keys, order_k).view(b, h, n, chunk, d), n)
         vs = _with_previous(_sorted(v, order_k).view(b, h, n, chunk, d), n)
         pq = order_q.view(b, h, n, chunk, 1)
         pk = _with_previous(order_k.view(b, h, n, chunk), n).unsqueeze(-2)
         scores = (qs @ ks.transpose(-1, -2)) / math.sqrt(d)
+        if rounds > 1:  # duplicate correction: - log(rounds whose window holds the pair)
+            scores = scores - _window_counts(chunk_q, chunk_k, pq.squeeze(-1), pk.squeeze(-2), n, scores.dtype).log()
         scores = scores.masked_fill(pk >= pq, float("-inf"))  # the future, and itself: its own column below
         # every query also meets its own key, once: always something to attend to
         v_self = _sorted(v, order_q).view(b, h, n, chunk, d)
@@ -80,6 +93,7 @@ def lsh_attention(
             own = torch.full((b, h, n, chunk, 1), SELF, dtype=scores.dtype, device=q.device)
         else:
             own = (qs * _sorted(keys, order_q).view(b, h, n, chunk, d)).sum(-1, keepdim=True) / math.sqrt(d)
+        own = own - math.log(rounds)  # every round holds the own column once
         lse = torch.logsumexp(torch.cat([scores, own], dim=-1), dim=-1)
         out = torch.exp(scores - lse.unsqueeze(-1)) @ vs + torch.exp(own - lse.unsqueeze(-1)) * v_self
         back = order_q.argsort(dim=-1)  # sorted position of each original position
@@ -89,6 +103,24 @@ def lsh_attention(
         return outs[0]
     weights = torch.softmax(torch.stack(lses), dim=0).unsqueeze(-1)
     return (weights * torch.stack(outs)).sum(0)
+
+
+def _window_counts(
+    chunk_q: list[torch.Tensor],
+    chunk_k: list[torch.Tensor],
+    pq: torch.Tensor,
+    pk: torch.Tensor,
+    n: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """For the pairs of one round's tiles (query positions ``pq`` (B, H, n, c), key positions ``pk``
+    (B, H, n, 2c)), in how many rounds the key's chunk is the query's or the one before it."""
+    count = torch.zeros(*pq.shape, pk.shape[-1], dtype=dtype, device=pq.device)
+    for cq, ck in zip(chunk_q, chunk_k, strict=True):
+        mine = cq.gather(2, pq.flatten(2)).view(pq.shape).unsqueeze(-1)
+        theirs = ck.gather(2, pk.flatten(2)).view(pk.shape).unsqueeze(-2)
+        count += (theirs == mine) | ((n > 1) & (theirs == (mine - 1) % n))
+    return count
 
 
 def draw_rotations(heads: int, head_dim: int, n_hashes: int, n_buckets: int, generator=None, device=None):  # noqa: ANN001, ANN201
