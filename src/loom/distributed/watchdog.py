@@ -12,7 +12,7 @@ waiting for and what it did last ("rank 3: waiting in all_reduce #57 on dp group
 [1, 3] for 30.0 s; last completed: reduce_scatter #56 ...") plus its recent ledger
 entries, then exits non-zero. The launcher then stops the remaining ranks.
 
-:class:`Heartbeats` say which peer went silent: each rank's watchdog thread writes the time,
+:class:`Heartbeats` say which peer went silent: each rank's heartbeat thread writes the time,
 its host and pid to the job's key-value store (torchrun's) every second; the report names
 every rank not heard from for ``SILENT_S`` ("rank 1 (pid 4242 on node-a) silent for 7.3 s").
 A rank that gives up waiting also ends silent peers on its own host (a stopped or wedged
@@ -50,11 +50,31 @@ class Heartbeats:
     def __init__(self, store: dist.Store, rank: int, world: int) -> None:
         self.store, self.rank, self.world = store, rank, world
         self.host = socket.gethostname()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Heartbeats:
+        """Beat every BEAT_S on a thread of its own, so a rank busy writing its report, or
+        blocked in a collective, still says it is alive; only a dead or stopped one goes silent."""
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                self.beat()
+                self._stop.wait(BEAT_S)
+
+        self._thread = threading.Thread(target=loop, name=f"loom-heartbeat-{self.rank}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
     @classmethod
     def connect(cls, rank: int, world: int, store: dist.Store | None) -> Heartbeats | None:
         """Heartbeats through ``store`` (this start's keys of the job's store); None without one."""
-        return cls(store, rank, world) if store is not None else None
+        return cls(store, rank, world).start() if store is not None else None
 
     def beat(self) -> None:
         with contextlib.suppress(RuntimeError, OSError):
@@ -194,7 +214,6 @@ class Watchdog:
         return False
 
     def _watch(self) -> None:
-        last_beat = 0.0
         while not self._stop.is_set():
             if self._wait() and not self._stop.is_set() and not self.reported.is_set():
                 self.reported.set()
@@ -210,9 +229,6 @@ class Watchdog:
                     self.heartbeats.end_silent_local()
                 os._exit(EXIT_FAILED)
             now = time.monotonic()
-            if self.heartbeats is not None and now - last_beat >= BEAT_S:
-                self.heartbeats.beat()
-                last_beat = now
             stuck = [e for e in self.ledger.pending() if now - e.started > self.timeout_s]
             if stuck and not self.reported.is_set():
                 self.reported.set()
@@ -247,6 +263,10 @@ def fail_loudly(
         if not watchdog.reported.is_set():
             watchdog.reported.set()
             write_report(ledger, f"failed with {type(exc).__name__}: {exc}", run_dir, heartbeats)
+            if heartbeats is not None:  # a stopped sibling would hold the launcher up: end it
+                heartbeats.end_silent_local()
         raise
     finally:
         watchdog.stop()
+        if heartbeats is not None:
+            heartbeats.stop()
