@@ -11,7 +11,8 @@ frozen variance's basis, all groups as one vector (padding included, as zeros):
   where the variance is 0: a parameter that never had a gradient stays put) and of ``m/D``
   are all-gathered (fp32, tagged "onebit-freeze"), so every rank holds ``1/D`` in full;
 - a step: ``x = b1 u + (1 - b1) g / D`` (``u``, last step's decoded mean ``m/D``, kept as
-  the 1/32-size message it came in; ``g``, this rank's gradient), the compressed mean
+  the 1/32-size message it came in; ``g``, this rank's gradient), clamped to Adam's own bound
+  (:func:`loom.optim.onebit.adam_bound`), the compressed mean
   ``u <- mean(x)``, and the update ``p <- p (1 - lr wd) - lr u / (1 - b1^t)`` on matrices'
   decay as AdamW's. This is the plain path's step (``m = b1 m + (1 - b1) g`` and
   ``mean(m / D)``) written in the basis the message already has.
@@ -39,6 +40,7 @@ import torch
 
 from loom.distributed.comm import Comm
 from loom.distributed.compressed import CompressedMeans
+from loom.optim.onebit import adam_bound
 from loom.optim.scaler import DynamicLossScaler
 from loom.parallel.zero.layout import FlatGroup
 from loom.parallel.zero.update import ZeroAdamW
@@ -174,6 +176,8 @@ class ZeroOneBit:
             gradient.mul_(1.0 / scaler.scale)
         mask = self.inverse > 0
         x = (previous * mask).mul_(beta1).add_(gradient.mul_(self.inverse), alpha=1 - beta1)
+        bound = adam_bound(self.groups[0].optim.betas)  # loom.optim.onebit.adam_bound
+        x.clamp_(-bound, bound)
         if self.comm.size > 1:
             mean = torch.zeros_like(x)
             for key in self.ranges:
