@@ -347,15 +347,14 @@ def _train_config(args: argparse.Namespace, run_dir: Path, attempt: int = 0):
     from loom.train.checkpoint import checkpoint_meta, latest_checkpoint
 
     resume_from = None
-    restart = attempt
     say = os.environ.get("RANK", "0") == "0"
-    if restart and latest_checkpoint(run_dir) is not None:  # restarted after a failure: go on from the newest
+    if attempt and latest_checkpoint(run_dir) is not None:  # restarted after a failure: go on from the newest
         resume_from = latest_checkpoint(run_dir)
         if say:
-            print(f"loom: restart {restart}: resuming from {resume_from}", file=sys.stderr)
-    elif restart and args.resume is None:
+            print(f"loom: restart {attempt}: resuming from {resume_from}", file=sys.stderr)
+    elif attempt and args.resume is None:
         if say:
-            print(f"loom: restart {restart}: no checkpoint yet, starting again", file=sys.stderr)
+            print(f"loom: restart {attempt}: no checkpoint yet, starting again", file=sys.stderr)
     elif args.resume == "latest":
         resume_from = latest_checkpoint(run_dir)
         if resume_from is None:
