@@ -41,6 +41,12 @@ from loom.distributed.comm import Comm
 from loom.distributed.compressed import CompressedMeans
 
 
+def check_freeze_step(freeze_step: int) -> None:
+    """The warm-up must leave a variance to freeze: at least one AdamW step."""
+    if freeze_step < 1:
+        raise ValueError(f"freeze_step must be at least 1 (a variance to freeze), got {freeze_step}")
+
+
 def adam_bound(betas: tuple[float, float]) -> float:
     """The largest ``|m / D|`` Adam itself reaches, ``D`` the bias-corrected root of the variance.
 
@@ -73,8 +79,7 @@ class OneBitAdam:
         freeze_step: int,
         replica_class: Callable[[torch.Tensor], str] = lambda p: "all",
     ) -> None:
-        if freeze_step < 1:
-            raise ValueError(f"freeze_step must be at least 1 (a variance to freeze), got {freeze_step}")
+        check_freeze_step(freeze_step)
         self.adamw, self.comm, self.freeze_step = adamw, comm, freeze_step
         self.replica_class = replica_class
         self.steps = 0

@@ -40,7 +40,7 @@ import torch
 
 from loom.distributed.comm import Comm
 from loom.distributed.compressed import CompressedMeans
-from loom.optim.onebit import adam_bound
+from loom.optim.onebit import adam_bound, check_freeze_step
 from loom.optim.scaler import DynamicLossScaler
 from loom.parallel.zero.layout import FlatGroup
 from loom.parallel.zero.update import ZeroAdamW
@@ -57,8 +57,7 @@ class ZeroOneBit:
         freeze_step: int,
         replica_class: Callable[[torch.Tensor], str] = lambda p: "all",
     ) -> None:
-        if freeze_step < 1:
-            raise ValueError(f"freeze_step must be at least 1 (a variance to freeze), got {freeze_step}")
+        check_freeze_step(freeze_step)
         if update.stage not in (1, 2):
             raise ValueError(f"1-bit Adam runs with ZeRO stage 1 or 2, not {update.stage}")
         self.update, self.comm, self.freeze_step = update, comm, freeze_step
