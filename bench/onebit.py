@@ -1,8 +1,9 @@
-"""1-bit Adam against AdamW: dp bytes, tokens/s and the loss curve, through ``loom train``.
+"""1-bit Adam and 0/1 Adam against AdamW: dp bytes, tokens/s and the loss curve, through ``loom train``.
 
 The demo run (``configs/demo.toml``) for ``STEPS`` steps at 2 and 4 ranks (dp), with AdamW,
-with ``optim.name = "onebit_adam"`` (its default warm-up: 15% of the steps), and with 1-bit Adam
-on ZeRO-1 (``zero.stage = 1``). From each
+with ``optim.name = "onebit_adam"`` (its default warm-up: 15% of the steps), with 1-bit Adam
+on ZeRO-1 (``zero.stage = 1``), and with 0/1 Adam (``zero_one_adam``: variance steps thinning
+out up to step 45, then local steps, the interval doubling every 60 steps up to 8). From each
 run's ``metrics.jsonl`` (rank 0): dp bytes of a warm-up step and of a compressed step, the total
 over the run and its ratio to AdamW's against the formula ``1 / (w + (1 - w) / 32)`` (w the
 warm-up fraction; fp32 gradients), tokens/s (median over the steps after the first), and the
@@ -29,16 +30,23 @@ STEPS = 300
 WARM = 0.15
 
 
-VARIANTS = {  # name: (optimizer, zero stage)
-    "adamw": ("adamw", 0),
-    "onebit_adam": ("onebit_adam", 0),
-    "onebit_zero1": ("onebit_adam", 1),
+VARIANTS = {  # name: (optimizer, zero stage, further settings)
+    "adamw": ("adamw", 0, ()),
+    "onebit_adam": ("onebit_adam", 0, ()),
+    "onebit_zero1": ("onebit_adam", 1, ()),
+    # DeepSpeed's defaults (local_step_scaler 32678) are for runs of 10^5 steps: scaled to this one
+    "zero_one_adam": ("zero_one_adam", 0, ("optim.local_step_scaler=60", "optim.local_step_clipper=8")),
 }
-LABELS = {"adamw": "AdamW", "onebit_adam": "1-bit Adam", "onebit_zero1": "1-bit Adam, ZeRO-1"}
+LABELS = {
+    "adamw": "AdamW",
+    "onebit_adam": "1-bit Adam",
+    "onebit_zero1": "1-bit Adam, ZeRO-1",
+    "zero_one_adam": "0/1 Adam",
+}
 
 
 def run(variant: str, ranks: int, root: Path) -> list[dict]:
-    optimizer, zero = VARIANTS[variant]
+    optimizer, zero, settings = VARIANTS[variant]
     run_dir = root / f"{variant}-{ranks}"
     cmd = [sys.executable, "-m", "loom.cli", "train", "--config", str(ROOT / "configs" / "demo.toml")]
     cmd += ["--run-dir", str(run_dir), "--no-progress", "--nproc", str(ranks)]
@@ -47,6 +55,7 @@ def run(variant: str, ranks: int, root: Path) -> list[dict]:
         f"train.eval_every={STEPS // 3}",
         "train.ckpt_every=0",
         "train.sample_tokens=0",
+        *settings,
     ):
         cmd += ["--set", item]
     cmd += ["--set", f'optim.name="{optimizer}"', "--set", f"zero.stage={zero}"]
@@ -81,11 +90,21 @@ def main() -> int:
             name, total = LABELS[variant], sum(r["comm_bytes_dp"] for r in recs)
             speed = statistics.median(r["tokens_per_s"] for r in recs[1:])
             val = [r["val_loss"] for r in recs if "val_loss" in r]
-            step_bytes = (
-                f"{recs[freeze // 2]['comm_bytes_dp'] / 2**20:.3f} then {recs[-1]['comm_bytes_dp'] / 2**20:.4f}"
-                if name != "AdamW"
-                else f"{recs[-1]['comm_bytes_dp'] / 2**20:.3f}"
-            )
+            if name == "AdamW":
+                step_bytes = f"{recs[-1]['comm_bytes_dp'] / 2**20:.3f}"
+            elif variant == "zero_one_adam":  # full, compressed or sync, local: each kind's median
+                kinds = {}
+                for r in recs:
+                    kinds.setdefault(r["dp_phase"], []).append(r["comm_bytes_dp"])
+                step_bytes = ", ".join(
+                    f"{len(kinds[k])} {k} {statistics.median(kinds[k]) / 2**20:.4g}"
+                    for k in ("full", "compressed", "sync", "local")
+                    if k in kinds
+                )
+            else:
+                step_bytes = (
+                    f"{recs[freeze // 2]['comm_bytes_dp'] / 2**20:.3f} then {recs[-1]['comm_bytes_dp'] / 2**20:.4f}"
+                )
             rows.append(
                 f"| {ranks} | {name} | {step_bytes} | {total / 2**20:.1f} | {speed:,.0f} | "
                 f"{recs[-1]['loss']:.3f} | {val[-1]:.3f} |"
@@ -98,7 +117,10 @@ def main() -> int:
             f"last validation loss {[r['val_loss'] for r in onebit if 'val_loss' in r][-1]:.3f} against AdamW's "
             f"{[r['val_loss'] for r in adam if 'val_loss' in r][-1]:.3f}; with ZeRO-1 "
             f"{[r['val_loss'] for r in runs[('onebit_zero1', ranks)] if 'val_loss' in r][-1]:.3f}, its compressed "
-            f"step {runs[('onebit_zero1', ranks)][-1]['comm_bytes_dp'] / adam[-1]['comm_bytes_dp']:.4f} of AdamW's."
+            f"step {runs[('onebit_zero1', ranks)][-1]['comm_bytes_dp'] / adam[-1]['comm_bytes_dp']:.4f} of AdamW's. "
+            f"0/1 Adam: AdamW sends {total_adam / sum(r['comm_bytes_dp'] for r in runs[('zero_one_adam', ranks)]):.2f}x "
+            f"its dp bytes, last validation loss "
+            f"{[r['val_loss'] for r in runs[('zero_one_adam', ranks)] if 'val_loss' in r][-1]:.3f}."
         )
     print("\n".join(rows + verdict))
     if args.plot:
@@ -114,7 +136,7 @@ def main() -> int:
         ax.axvline(freeze, color="grey", linestyle="--", linewidth=0.8, label=f"freeze_step = {freeze}")
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
-        ax.set_title("demo model, 2 ranks: AdamW and 1-bit Adam")
+        ax.set_title("demo model, 2 ranks: AdamW, 1-bit Adam and 0/1 Adam")
         ax.legend()
         fig.tight_layout()
         args.plot.parent.mkdir(parents=True, exist_ok=True)
@@ -122,10 +144,14 @@ def main() -> int:
         print(f"wrote {args.plot}")
 
     def render(when: str) -> str:
-        job = f"configs/demo.toml, {STEPS} steps, dp 2 and 4, 1-bit Adam's freeze_step {freeze} ({w:.0%})"
-        head = result_head("1-bit Adam against AdamW", bench_command("onebit.py"), when, job)
+        job = (
+            f"configs/demo.toml, {STEPS} steps, dp 2 and 4, 1-bit Adam's freeze_step and 0/1 Adam's "
+            f"var_freeze_step {freeze} ({w:.0%}); 0/1 Adam's local_step_scaler 60, local_step_clipper 8"
+        )
+        head = result_head("1-bit Adam and 0/1 Adam against AdamW", bench_command("onebit.py"), when, job)
         table = [
-            "| ranks | optimizer | dp MiB a step | dp MiB in all | tokens/s | last loss | last val loss |",
+            "| ranks | optimizer | dp MiB a step (0/1 Adam: steps of each kind, median MiB) | dp MiB in all | "
+            "tokens/s | last loss | last val loss |",
             "| --- | --- | --- | --- | --- | --- | --- |",
             *rows,
             "",

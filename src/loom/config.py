@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from loom.errors import LoomError
+from loom.optim.zero_one import ZeroOneSchedule
 from loom.parallel.pipeline.partition import split_layers
 from loom.parallel.pipeline.schedules import SCHEDULES
 from loom.presets import PRESETS, preset_fields
@@ -340,25 +341,55 @@ class DDPConfig:
 ZERO_OFFLOADS = ("none", "optimizer")
 
 
-OPTIMIZERS = ("adamw", "onebit_adam")
+OPTIMIZERS = ("adamw", "onebit_adam", "zero_one_adam")
+ZERO_ONE_FIELDS = ("var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper")
 
 
 @dataclass
 class OptimConfig:
-    """The optimizer: AdamW (``train.lr``, ``beta1``, ...), or 1-bit Adam (loom.optim.onebit): AdamW
+    """The optimizer: AdamW (``train.lr``, ``beta1``, ...); 1-bit Adam (loom.optim.onebit): AdamW
     for ``freeze_step`` steps, then the variance frozen and the momentum averaged over dp through
-    the 1-bit compressed all-reduce."""
+    the 1-bit compressed all-reduce; or 0/1 Adam (loom.optim.zero_one): the variance updated on
+    exponentially thinning steps up to ``var_freeze_step``, 1-bit momentum between them, then
+    local steps synchronised every 1, 2, ... ``local_step_clipper`` steps (DeepSpeed's names)."""
 
     name: str = "adamw"
-    freeze_step: int | None = None  # None: 15% of train.steps
+    freeze_step: int | None = None  # onebit_adam; None: 15% of train.steps
+    var_freeze_step: int | None = None  # zero_one_adam; None: 15% of train.steps
+    var_update_scaler: int | None = None  # zero_one_adam; None: 16
+    local_step_scaler: int | None = None  # zero_one_adam; None: 32678
+    local_step_clipper: int | None = None  # zero_one_adam; None: 16
 
     def validate(self, train: TrainConfig) -> None:
         _check_choice("optim.name", self.name, OPTIMIZERS)
         if self.freeze_step is not None:
             _check_positive("optim.freeze_step", self.freeze_step)
+            if self.name != "onebit_adam":
+                raise LoomError(
+                    f"optim.freeze_step = {self.freeze_step} with optim.name = {self.name!r}.",
+                    "freeze_step is 1-bit Adam's: set optim.name = 'onebit_adam', or remove optim.freeze_step"
+                    + (" (0/1 Adam's is var_freeze_step)." if self.name == "zero_one_adam" else "."),
+                )
+        for name in ZERO_ONE_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            _check_positive(f"optim.{name}", value)
+            if self.name != "zero_one_adam":
+                raise LoomError(
+                    f"optim.{name} = {value} with optim.name = {self.name!r}.",
+                    f"{name} is 0/1 Adam's: set optim.name = 'zero_one_adam', or remove optim.{name}.",
+                )
 
     def freeze(self, steps: int) -> int:
-        return self.freeze_step if self.freeze_step is not None else max(1, round(0.15 * steps))
+        """1-bit Adam's warm-up steps, or 0/1 Adam's last variance step."""
+        chosen = self.var_freeze_step if self.name == "zero_one_adam" else self.freeze_step
+        return chosen if chosen is not None else max(1, round(0.15 * steps))
+
+    def zero_one_schedule(self, steps: int) -> ZeroOneSchedule:
+        """0/1 Adam's step kinds for a run of ``steps`` steps."""
+        given = {f: getattr(self, f) for f in ZERO_ONE_FIELDS[1:] if getattr(self, f) is not None}
+        return ZeroOneSchedule(self.freeze(steps), **given)
 
 
 @dataclass
@@ -444,6 +475,13 @@ class Config:
         self.ddp.validate()
         self.zero.validate(self.train, self.parallel)
         self.optim.validate(self.train)
+        if self.optim.name == "zero_one_adam" and self.zero.stage > 0:
+            raise LoomError(
+                f"optim.name = 'zero_one_adam' with zero.stage = {self.zero.stage}: 0/1 Adam's local steps move "
+                "each dp rank's whole model apart between synchronisations, and its variance steps interleave "
+                "with compressed ones; ZeRO keeps one sharded copy of the optimizer states and masters.",
+                "use zero.stage = 0 with zero_one_adam, or optim.name = 'onebit_adam' with zero.stage = 1 or 2.",
+            )
         if self.optim.name == "onebit_adam" and self.zero.stage == 3:
             raise LoomError(
                 "optim.name = 'onebit_adam' with zero.stage = 3: 1-bit Adam compresses each rank's whole local "

@@ -112,10 +112,14 @@ class OneBitAdam:
         swamp its chunk's scale)."""
         state = self.adamw.state[p]
         if "frozen_inverse" not in state:
-            bias = 1 - group["betas"][1] ** self.freeze_step
+            bias = 1 - group["betas"][1] ** self.variance_updates()
             denominator = (state["exp_avg_sq"] / bias).sqrt().add_(group["eps"])
             state["frozen_inverse"] = torch.where(state["exp_avg_sq"] > 0, denominator.reciprocal(), 0.0)
         return state["frozen_inverse"]
+
+    def variance_updates(self) -> int:
+        """How many steps the frozen variance averaged (its bias correction's exponent)."""
+        return self.freeze_step
 
     def _params(self) -> list[tuple[dict, torch.Tensor]]:
         return [(group, p) for group in self.adamw.param_groups for p in group["params"]]
@@ -126,13 +130,19 @@ class OneBitAdam:
             self.adamw.step()
             self.steps += 1
             return
+        self._compressed_step()
+        self.steps += 1
+
+    def _compressed_step(self) -> None:
+        """Every class's momentum through the compressed mean, and the update with it."""
         if self.means is None:
             self.means = CompressedMeans(self.comm, self.adamw.param_groups[0]["params"][0].device)
         for key in self.classes():
-            self._step_class(
-                [(g, p) for g, p in self._params() if p.grad is not None and self.replica_class(p) == key], key
-            )
-        self.steps += 1
+            self._step_class(self._pairs(key), key)
+
+    def _pairs(self, key: str) -> list[tuple[dict, torch.Tensor]]:
+        """(group, parameter) of class ``key`` that have a gradient this step."""
+        return [(g, p) for g, p in self._params() if p.grad is not None and self.replica_class(p) == key]
 
     def _step_class(self, pairs: list[tuple[dict, torch.Tensor]], key: str) -> None:
         """The compressed mean of one class's m / D, then its parameters' update."""

@@ -112,7 +112,13 @@ def onebit_dp_bytes(params: int, dp: int, publish_bytes: int = 0) -> float:
         return 0.0
     chunk = 8 * -(-params // (8 * dp))
     ring = (dp - 1) / dp
-    return 2 * ring * chunk * dp / 8 + 2 * (dp - 1) * 4 + 2 * ring * 8 + ring * params * publish_bytes
+    return 2 * ring * chunk * dp / 8 + 2 * (dp - 1) * 4 + metrics_dp_bytes(dp) + ring * params * publish_bytes
+
+
+def metrics_dp_bytes(dp: int) -> float:
+    """dp bytes of a step that sends no gradients (0/1 Adam's local step): the loss and the
+    gradient-norm square in one 2-float ring all-reduce, 2 (n-1)/n x 8 bytes."""
+    return 2 * (dp - 1) / dp * 8 if dp > 1 else 0.0
 
 
 def pp_bytes(shape: CommShape) -> float:

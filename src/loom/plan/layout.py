@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from loom.config import Config
 from loom.parallel.pipeline.simulate import bubble_formula
-from loom.plan.comm import CommShape, comm_seconds, dp_bytes, onebit_dp_bytes, pp_bytes, tp_bytes
+from loom.plan.comm import CommShape, comm_seconds, dp_bytes, metrics_dp_bytes, onebit_dp_bytes, pp_bytes, tp_bytes
 from loom.plan.flops import GPTShape, hardware_flops, model_flops
 from loom.plan.hardware import Hardware
 from loom.plan.model import count_rank_parameters
@@ -153,6 +153,9 @@ def predict(
         owner_only = layout.zero in (1, 2) and (precision != "fp32" or config.zero.offload != "none")
         publish = compute if owner_only else 0  # ZeRO's all-gather of the owners' updated parameters
         comm_bytes["dp_compressed"] = onebit_dp_bytes(per_rank, layout.dp, publish)
+    if config.optim.name == "zero_one_adam":  # between variance steps ("dp"), and its local steps
+        comm_bytes["dp_compressed"] = onebit_dp_bytes(per_rank, layout.dp)
+        comm_bytes["dp_local"] = metrics_dp_bytes(layout.dp)
     seconds = comm_seconds(shape, hardware)
     sparse = model.attention == "sparse"
     density = layout_density(model.sparse_attention, model.n_heads, config.train.seq_len) if sparse else 1.0

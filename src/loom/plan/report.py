@@ -52,14 +52,24 @@ def predict_run(config: Config, world: int, hardware: Hardware, device: str, pp_
     return predict(config, layout, hardware, config.batch(dp=layout.dp).global_batch, device, pp_rank)
 
 
+PHASE_GROUPS = {"full": "dp", "compressed": "dp_compressed", "sync": "dp_compressed", "local": "dp_local"}
+
+
 def measured(records: Sequence[dict], tokens_per_step: int, freeze_step: int | None = None) -> dict:
-    """Medians over a run's steps after the first (the first pays for warm-up). ``freeze_step``
-    (1-bit Adam): "dp" is the warm-up steps' median, "dp_compressed" the later steps'."""
+    """Medians over a run's steps after the first (the first pays for warm-up). A compressing
+    optimizer's records say what each step sent (``dp_phase``): "dp" is then the median of the steps
+    that averaged gradients in full, "dp_compressed" of the 1-bit ones, "dp_local" of 0/1 Adam's
+    local steps. ``freeze_step`` splits 1-bit Adam records written without ``dp_phase``."""
     steps = [r for r in records if "loss" in r][1:] or [r for r in records if "loss" in r]
     if not steps:
         return {}
-    compressed = [r["comm_bytes_dp"] for r in steps if freeze_step is not None and r["step"] > freeze_step]
-    warm = [r["comm_bytes_dp"] for r in steps if freeze_step is not None and r["step"] <= freeze_step]
+    by_phase: dict[str, list[float]] = {}
+    for r in steps:
+        phase = r.get("dp_phase")
+        if phase is None and freeze_step is not None:
+            phase = "compressed" if r["step"] > freeze_step else "full"
+        if phase in PHASE_GROUPS:
+            by_phase.setdefault(PHASE_GROUPS[phase], []).append(r["comm_bytes_dp"])
 
     def median(key: str) -> float | None:
         values = [r[key] for r in steps if r.get(key) is not None]
@@ -72,10 +82,8 @@ def measured(records: Sequence[dict], tokens_per_step: int, freeze_step: int | N
         "bubble": median("bubble_measured"),
         "peak_host_bytes": max((r.get("mem_peak_host_bytes") or 0) for r in steps) or None,
     }
-    if warm:
-        out["comm_bytes"]["dp"] = statistics.median(warm)
-    if compressed:
-        out["comm_bytes"]["dp_compressed"] = statistics.median(compressed)
+    for group, values in by_phase.items():
+        out["comm_bytes"][group] = statistics.median(values)
     return out
 
 

@@ -28,6 +28,7 @@ from loom.errors import LoomError
 from loom.model.transformer import Transformer
 from loom.optim.onebit import OneBitAdam
 from loom.optim.scaler import DynamicLossScaler
+from loom.optim.zero_one import ZeroOneAdam
 from loom.parallel.ddp import DataParallel
 from loom.parallel.grads import clip_grad_norm, sum_partial_grads
 from loom.parallel.memory import tensor_bytes
@@ -66,6 +67,24 @@ class PlainStep:
     def compressing(self) -> bool:
         """1-bit Adam after its warm-up: gradients stay local, the optimizer sends the momentum."""
         return isinstance(self.optimizer, OneBitAdam) and self.optimizer.compressing
+
+    @property
+    def dp_phase(self) -> str | None:
+        """What the last update sent over dp, for a compressing optimizer: ``"full"`` (gradients
+        averaged in full: a warm-up or variance step), ``"compressed"`` (1-bit), ``"local"``
+        (nothing: 0/1 Adam's local step) or ``"sync"`` (0/1 Adam's compressed synchronisation);
+        None for AdamW."""
+        if isinstance(self.optimizer, ZeroOneAdam):
+            return self.optimizer.kind
+        if isinstance(self.optimizer, OneBitAdam):
+            return "compressed" if self.optimizer.steps > self.optimizer.freeze_step else "full"
+        return None
+
+    def settle(self) -> None:
+        """Before an evaluation or a checkpoint: 0/1 Adam's pending local steps averaged over dp,
+        so every rank holds the same model (collective over dp; nothing for other optimizers)."""
+        if isinstance(self.optimizer, ZeroOneAdam):
+            self.optimizer.settle()
 
     def step_context(self) -> contextlib.AbstractContextManager:
         """Around a whole step's backward: no gradient sync at all while 1-bit Adam compresses."""
@@ -222,6 +241,8 @@ class PlainStep:
         names = [places.name_of(p) for group in self.adamw.param_groups for p in group["params"]]
         optim_state = {names[i]: entry for i, entry in self.adamw.state_dict()["state"].items()}
         dp = (self.ddp.comm.rank, self.ddp.comm.size) if self.ddp is not None else (0, 1)
+        if isinstance(self.optimizer, ZeroOneAdam) and self.optimizer.pending:
+            raise RuntimeError("0/1 Adam's local steps must be settled before a checkpoint (PlainStep.settle)")
         pieces = plain_pieces(places, optim_state, *dp)
         if isinstance(self.optimizer, OneBitAdam):  # this rank's error feedback, for a resume in the same layout
             pieces += onebit_pieces("plain", self._places(), self.optimizer.errors())

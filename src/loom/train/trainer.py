@@ -161,10 +161,23 @@ class Trainer:
         total_loss = total.item()
         if train.precision != "fp16" and is_bad(total_loss, grad_norm):  # fp16: the loss scaler skips it
             self._bad_step(step, total_loss, grad_norm)
-            return StepResult(loss=total_loss, grad_norm=grad_norm, lr=lr, skipped=True)
-        self.bad_steps = 0
-        skipped = not update.step(lr)
+            skipped = True
+        else:
+            self.bad_steps = 0
+            skipped = not update.step(lr)
+        if self._evaluates(step + 1) or self._saves(step + 1):
+            update.settle()  # 0/1 Adam: pending local steps averaged over dp, one model on every rank
         return StepResult(loss=total_loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
+
+    def _evaluates(self, step: int) -> bool:
+        """Whether the run evaluates after step ``step`` (1-based): every ``eval_every`` and the last."""
+        train = self.config.train
+        return bool(train.eval_every and step % train.eval_every == 0) or step == train.steps
+
+    def _saves(self, step: int) -> bool:
+        """Whether the run writes a checkpoint after step ``step``: every ``ckpt_every`` and the last."""
+        train = self.config.train
+        return bool(train.ckpt_every and step % train.ckpt_every == 0) or step == train.steps
 
     def _bad_step(self, step: int, loss: float, grad_norm: float) -> None:
         """Skip a step whose loss or gradient norm is not finite (every rank sees the same figures);
@@ -266,10 +279,11 @@ class Trainer:
                     record.update(self.meter.take_step())  # activations saved for backward
                     record.update(host_and_device_peaks(self.device))
                     record.update(self._over_ranks(record))  # every rank's figures, max and sum, in rank 0's record
-                    last = self.state.step == train.steps
-                    if (train.eval_every and self.state.step % train.eval_every == 0) or last:
+                    if self.update.dp_phase is not None:  # what this step sent over dp (plan.report splits on it)
+                        record["dp_phase"] = self.update.dp_phase
+                    if self._evaluates(self.state.step):
                         self.state.last_val_loss = record["val_loss"] = self.evaluate()
-                    if (train.ckpt_every and self.state.step % train.ckpt_every == 0) or last:
+                    if self._saves(self.state.step):
                         self.save()
                     self.dist.ledger.take_step_totals()  # evaluation and checkpoint traffic is not the step's
                     if self.is_main:

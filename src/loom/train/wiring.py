@@ -34,6 +34,7 @@ from loom.model.transformer import Transformer
 from loom.optim.adamw import build_adamw
 from loom.optim.onebit import OneBitAdam
 from loom.optim.scaler import DynamicLossScaler
+from loom.optim.zero_one import ZeroOneAdam
 from loom.parallel.ddp import DataParallel
 from loom.parallel.memory import ActivationMeter
 from loom.parallel.pipeline.partition import StagePlan, rank_stages
@@ -156,6 +157,11 @@ def _plain_step(
     if config.optim.name == "onebit_adam":  # AdamW's warm-up, then the momentum 1 bit a value over dp
         freeze, places = config.optim.freeze(config.train.steps), model.placements
         optimizer = OneBitAdam(optimizer, dist.comm("dp"), freeze, replica_class=lambda p: places.of(p).replica_class)
+    elif config.optim.name == "zero_one_adam":  # variance steps, 1-bit momentum between, then local steps
+        schedule, places = config.optim.zero_one_schedule(config.train.steps), model.placements
+        optimizer = ZeroOneAdam(
+            optimizer, dist.comm("dp"), schedule, replica_class=lambda p: places.of(p).replica_class
+        )
     # fp16: one loss scale for the run, its overflow check agreed over dp, tp and pp
     scaler = DynamicLossScaler([dist.comm("dp"), tp.comm, dist.comm("pp")]) if precision.name == "fp16" else None
     return PlainStep(model, tp, dist.comm("pp"), pipeline, precision, optimizer, ddp, scaler)

@@ -158,6 +158,16 @@ class ZeroStep:
         scale = self.zero.scaler.scale if self.zero.scaler is not None else 1.0
         return norm.item() / scale / dp.size**0.5
 
+    @property
+    def dp_phase(self) -> str | None:
+        """1-bit Adam: ``"full"`` after a warm-up step (ZeRO's own), ``"compressed"`` after; None without."""
+        if self.onebit is None:
+            return None
+        return "compressed" if self.onebit.steps > self.onebit.freeze_step else "full"
+
+    def settle(self) -> None:
+        """Nothing pends between ZeRO steps (0/1 Adam's local steps run without ZeRO)."""
+
     def step(self, lr: float) -> bool:
         """Update and clear the gradients; False when an fp16 overflow skipped the step."""
         if self.compressing:
