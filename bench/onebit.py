@@ -3,7 +3,8 @@
 The demo run (``configs/demo.toml``) for ``STEPS`` steps at 2 and 4 ranks (dp), with AdamW,
 with ``optim.name = "onebit_adam"`` (its default warm-up: 15% of the steps), with 1-bit Adam
 on ZeRO-1 (``zero.stage = 1``), and with 0/1 Adam (``zero_one_adam``: variance steps thinning
-out up to step 45, then local steps, the interval doubling every 60 steps up to 8). From each
+out up to step 45), once with DeepSpeed's local-step defaults (none in a run this short) and once
+with local steps from step 106, their interval doubling every 60 steps up to 8. From each
 run's ``metrics.jsonl`` (rank 0): dp bytes of a warm-up step and of a compressed step, the total
 over the run and its ratio to AdamW's against the formula ``1 / (w + (1 - w) / 32)`` (w the
 warm-up fraction; fp32 gradients), tokens/s (median over the steps after the first), and the
@@ -34,14 +35,17 @@ VARIANTS = {  # name: (optimizer, zero stage, further settings)
     "adamw": ("adamw", 0, ()),
     "onebit_adam": ("onebit_adam", 0, ()),
     "onebit_zero1": ("onebit_adam", 1, ()),
-    # DeepSpeed's defaults (local_step_scaler 32678) are for runs of 10^5 steps: scaled to this one
-    "zero_one_adam": ("zero_one_adam", 0, ("optim.local_step_scaler=60", "optim.local_step_clipper=8")),
+    # DeepSpeed's defaults (local_step_scaler 32678: no local step in 300) and, scaled to this
+    # run, local steps from step 106 on, their interval doubling every 60 steps up to 8
+    "zero_one_adam": ("zero_one_adam", 0, ()),
+    "zero_one_local": ("zero_one_adam", 0, ("optim.local_step_scaler=60", "optim.local_step_clipper=8")),
 }
 LABELS = {
     "adamw": "AdamW",
     "onebit_adam": "1-bit Adam",
     "onebit_zero1": "1-bit Adam, ZeRO-1",
     "zero_one_adam": "0/1 Adam",
+    "zero_one_local": "0/1 Adam, local steps",
 }
 
 
@@ -92,7 +96,7 @@ def main() -> int:
             val = [r["val_loss"] for r in recs if "val_loss" in r]
             if name == "AdamW":
                 step_bytes = f"{recs[-1]['comm_bytes_dp'] / 2**20:.3f}"
-            elif variant == "zero_one_adam":  # full, compressed or sync, local: each kind's median
+            elif variant.startswith("zero_one"):  # full, compressed or sync, local: each kind's median
                 kinds = {}
                 for r in recs:
                     kinds.setdefault(r["dp_phase"], []).append(r["comm_bytes_dp"])
@@ -117,10 +121,12 @@ def main() -> int:
             f"last validation loss {[r['val_loss'] for r in onebit if 'val_loss' in r][-1]:.3f} against AdamW's "
             f"{[r['val_loss'] for r in adam if 'val_loss' in r][-1]:.3f}; with ZeRO-1 "
             f"{[r['val_loss'] for r in runs[('onebit_zero1', ranks)] if 'val_loss' in r][-1]:.3f}, its compressed "
-            f"step {runs[('onebit_zero1', ranks)][-1]['comm_bytes_dp'] / adam[-1]['comm_bytes_dp']:.4f} of AdamW's. "
-            f"0/1 Adam: AdamW sends {total_adam / sum(r['comm_bytes_dp'] for r in runs[('zero_one_adam', ranks)]):.2f}x "
-            f"its dp bytes, last validation loss "
-            f"{[r['val_loss'] for r in runs[('zero_one_adam', ranks)] if 'val_loss' in r][-1]:.3f}."
+            f"step {runs[('onebit_zero1', ranks)][-1]['comm_bytes_dp'] / adam[-1]['comm_bytes_dp']:.4f} of AdamW's."
+            + "".join(
+                f" {LABELS[v]}: AdamW sends {total_adam / sum(r['comm_bytes_dp'] for r in runs[(v, ranks)]):.2f}x "
+                f"its dp bytes, last validation loss {[r['val_loss'] for r in runs[(v, ranks)] if 'val_loss' in r][-1]:.3f}."
+                for v in ("zero_one_adam", "zero_one_local")
+            )
         )
     print("\n".join(rows + verdict))
     if args.plot:
@@ -146,7 +152,7 @@ def main() -> int:
     def render(when: str) -> str:
         job = (
             f"configs/demo.toml, {STEPS} steps, dp 2 and 4, 1-bit Adam's freeze_step and 0/1 Adam's "
-            f"var_freeze_step {freeze} ({w:.0%}); 0/1 Adam's local_step_scaler 60, local_step_clipper 8"
+            f"var_freeze_step {freeze} ({w:.0%}); 0/1 Adam with local steps: local_step_scaler 60, local_step_clipper 8"
         )
         head = result_head("1-bit Adam and 0/1 Adam against AdamW", bench_command("onebit.py"), when, job)
         table = [

@@ -122,6 +122,9 @@ HAND_CASES: list[tuple[list[str], int, str]] = [
     (["zero.stage=2", 'zero.grad_dtype="bf16"'], 1, "zero.grad_dtype"),
     (['optim.name="lion"'], 1, "optim.name"),
     (['optim.name="onebit_adam"', "optim.freeze_step=0"], 1, "optim.freeze_step"),
+    (['optim.name="zero_one_adam"', "optim.var_update_scaler=0"], 1, "optim.var_update_scaler"),
+    (['optim.name="zero_one_adam"', "optim.freeze_step=10"], 1, "optim.freeze_step"),
+    (["optim.local_step_clipper=4"], 1, "optim.local_step_clipper"),
     # batch arithmetic
     (["train.global_batch=10", "train.micro_batch=4"], 1, "train.global_batch"),
     (["train.global_batch=8", "train.micro_batch=4"], 4, "train.global_batch"),
@@ -140,6 +143,7 @@ HAND_CASES: list[tuple[list[str], int, str]] = [
     (["zero.stage=3", 'parallel.schedule="zero_bubble"'], 1, "zero.stage"),
     (["zero.stage=3", "parallel.vp=2", 'parallel.schedule="interleaved_1f1b"'], 1, "zero.stage"),
     (['optim.name="onebit_adam"', "zero.stage=3"], 2, "zero.stage"),
+    (['optim.name="zero_one_adam"', "zero.stage=2"], 2, "zero.stage"),
     (["model.reversible=true", "parallel.pp=2"], 2, "model.reversible"),
     # unknown sections and keys, over-long values
     (["trian.lr=1e-3"], 1, "did you mean train"),

@@ -103,7 +103,7 @@ def test_zero_one_adam_is_adamw_at_first_then_syncs_replicas_and_sends_nothing_o
         else:
             assert nbytes == 0  # the variance step's gradients were averaged by the caller
     # it trains; on this tiny regression (577 parameters in two chunks, each rank its own samples)
-    # 1 bit a value and 4 local steps between syncs lag AdamW (0.22 against 0.05 at step 100, from
+    # 1 bit a value and 4 local steps between syncs lag AdamW (0.24 against 0.05 at step 100, from
     # 0.56): the language-model run in the trainer, below, is the one held to AdamW's loss
     assert rank["zero_one"][-1] < 0.5 * rank["zero_one"][0]
 
