@@ -149,6 +149,11 @@ def test_zero_one_adam_in_the_trainer_trains_and_resumes_exactly(tmp_path, text_
             assert record["comm_bytes_dp"] == 8.0
         elif record["dp_phase"] != "full":
             assert record["comm_bytes_dp"] < full / 32 * 1.5
+    # a local step's record holds the anchor (a copy of the parameters) beside the error feedback
+    local = {r["mem_optim_bytes"] for r in first if r["dp_phase"] == "local"}
+    synced = {r["mem_optim_bytes"] for r in first[11:] if r["dp_phase"] == "sync"}
+    assert len(local) == len(synced) == 1
+    assert local.pop() - synced.pop() == first[-1]["mem_params_bytes"]
     plan = json.loads((tmp_path / "run" / "summary.json").read_text())["plan"]
     predicted, measured = plan["predicted"]["comm_bytes"], plan["measured"]["comm_bytes"]
     for group in ("dp_compressed", "dp_local"):

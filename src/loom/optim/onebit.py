@@ -98,6 +98,11 @@ class OneBitAdam:
         """Whether the next step communicates the momentum (the gradients stay local)."""
         return self.steps >= self.freeze_step
 
+    @property
+    def extra_bytes(self) -> int:
+        """What it holds beyond AdamW's state: the compressors' buffers (error feedback)."""
+        return self.means.nbytes if self.means is not None else 0
+
     def classes(self) -> list[str]:
         """The replica classes of this rank's parameters, in the order they are compressed."""
         return sorted({self.replica_class(p) for _, p in self._params()})

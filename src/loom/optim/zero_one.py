@@ -131,6 +131,12 @@ class ZeroOneAdam(OneBitAdam):
         """Whether local steps have moved this rank's parameters since the last synchronisation."""
         return self.anchors is not None
 
+    @property
+    def extra_bytes(self) -> int:
+        """The error feedback, and the anchor while local steps are pending."""
+        anchors = sum(a.numel() * a.element_size() for a in self.anchors.values()) if self.anchors else 0
+        return super().extra_bytes + anchors
+
     def variance_updates(self) -> int:
         return self.schedule.variance_count(self.steps)
 

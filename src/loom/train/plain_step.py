@@ -211,7 +211,8 @@ class PlainStep:
     def memory(self) -> dict:
         """This rank's model-state bytes for a metrics record: parameters, gradients (as the last
         update saw them; DDP's buckets, padding included) and AdamW's state (both moments and
-        the step counters), each distinct storage once; with DDP over shared memory, the peers'
+        the step counters; 1-bit and 0/1 Adam add their error feedback and anchor), each distinct
+        storage once; with DDP over shared memory, the peers'
         bucket segments this rank maps (``mem_shm_peer_bytes``)."""
         optim = (t for state in self.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))
         out = {
@@ -219,6 +220,8 @@ class PlainStep:
             "mem_grads_bytes": self._grad_bytes,
             "mem_optim_bytes": tensor_bytes(optim),
         }
+        if isinstance(self.optimizer, OneBitAdam):  # 1-bit and 0/1 Adam: error feedback (and 0/1's anchor)
+            out["mem_optim_bytes"] += self.optimizer.extra_bytes
         if self.ddp is not None and self.ddp.shm is not None:  # mapped, resident, shared with the peers
             out["mem_shm_peer_bytes"] = self.ddp.shm.peer_bytes
         return out
