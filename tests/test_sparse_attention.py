@@ -149,6 +149,54 @@ def test_kernel_equals_dense_attention_under_the_mask(params: dict) -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"mode": "fixed", "num_local_blocks": 2, "horizontal_global_attention": True},
+        {"mode": "bigbird", "different_layout_per_head": True, "num_random_blocks": 2, "seed": 1},
+    ],
+    ids=lambda p: p["mode"],
+)
+def test_kernel_in_many_row_groups_and_chunks_equals_dense_attention(params: dict, monkeypatch) -> None:  # noqa: ANN001
+    """Tiles small enough that the rows go in many groups, each walking its own longest row's slots
+    a few at a time (the online softmax across chunks, padding inside a group, groups across heads)."""
+    from loom.model import block_sparse
+
+    monkeypatch.setattr(block_sparse, "TILE_BYTES", 3 * 8 * 16 * 8 * 4)  # 3 rows of a 2-slot chunk, batch 2
+    monkeypatch.setattr(block_sparse, "CHUNK_COLUMNS", 16)  # 2 key blocks of 8 per chunk
+    torch.manual_seed(0)
+    batch, heads, block, n, d = 2, 3, 8, 12, 16
+    layout = make_layout(SparsityConfig(block=block, **params), heads, block * n)
+    slots = Slots.of(layout, block)
+    assert slots.width >= 5 and len(set(slots.valid.sum(-1).reshape(-1).tolist())) > 2  # skewed rows
+    q, k, v = (torch.randn(batch, heads, block * n, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    got = block_sparse_attention(q, k, v, slots)
+    want = _reference(q, k, v, layout, block)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(got)
+    for a, b, name in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad), "qkv"):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
+
+
+def test_kernel_in_bf16_keeps_its_statistics_in_fp32() -> None:
+    torch.manual_seed(2)
+    block, n = 16, 8
+    layout = make_layout(SparsityConfig(mode="bigbird", block=block, num_random_blocks=1), 2, block * n)
+    q, k, v = (torch.randn(1, 2, block * n, 32) for _ in range(3))
+    half = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    got = block_sparse_attention(*half, Slots.of(layout, block))
+    assert got.dtype == torch.bfloat16
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = _reference(*full, layout, block)
+    torch.testing.assert_close(got.float(), want, rtol=0.02, atol=0.02)
+    grad = torch.randn_like(want)
+    got.backward(grad.bfloat16())
+    want.backward(grad)
+    for a, b in zip(half, full):
+        assert a.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(a.grad.float(), b.grad, rtol=0.05, atol=0.05)
+
+
 def test_kernel_in_fp32_and_its_tiles_follow_the_blocks_kept() -> None:
     torch.manual_seed(1)
     block, n = 16, 16
