@@ -152,7 +152,7 @@ def test_kernel_equals_dense_attention_under_the_mask(params: dict) -> None:
 @pytest.mark.parametrize(
     "params",
     [
-        {"mode": "fixed", "num_local_blocks": 2, "horizontal_global_attention": True},
+        {"mode": "fixed", "num_local_blocks": 2, "num_different_global_patterns": 2, "different_layout_per_head": True},
         {"mode": "bigbird", "different_layout_per_head": True, "num_random_blocks": 2, "seed": 1},
     ],
     ids=lambda p: p["mode"],
@@ -162,7 +162,7 @@ def test_kernel_in_many_row_groups_and_chunks_equals_dense_attention(params: dic
     a few at a time (the online softmax across chunks, padding inside a group, groups across heads)."""
     from loom.model import block_sparse
 
-    monkeypatch.setattr(block_sparse, "TILE_BYTES", 3 * 8 * 16 * 8 * 4)  # 3 rows of a 2-slot chunk, batch 2
+    monkeypatch.setattr(block_sparse, "TILE_BYTES", 5 * 2 * 8 * 16 * 4)  # 5 rows a group (batch 2, 16 columns)
     monkeypatch.setattr(block_sparse, "CHUNK_COLUMNS", 16)  # 2 key blocks of 8 per chunk
     torch.manual_seed(0)
     batch, heads, block, n, d = 2, 3, 8, 12, 16
