@@ -1,4 +1,5 @@
-"""Shared fixtures: a private token cache and a small text corpus for fast training runs."""
+"""Shared fixtures: a private token cache and a small text corpus for fast training runs; and
+``train_rank``, one rank's side of a ``loom train`` run for ``run_ranks``."""
 
 from __future__ import annotations
 
@@ -56,3 +57,19 @@ def _toml(value: object) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return str(value)
+
+
+def train_rank(items: list[str], run_dir: str, resume: str | None = None) -> list | None:
+    """One rank of a run with ``--set`` ``items`` into ``run_dir`` (resumed from the checkpoint
+    ``resume``): rank 0 returns the run's metrics records, the others None."""
+    from loom.config import load_config
+    from loom.distributed.context import init_distributed
+    from loom.train.metrics import read_metrics
+    from loom.train.trainer import Trainer
+
+    config = load_config(None, items)
+    ctx = init_distributed(config.parallel)
+    Trainer(config, Path(run_dir), dist=ctx, live_progress=False, resume_from=Path(resume) if resume else None).run()
+    out = read_metrics(Path(run_dir)) if ctx.is_main else None
+    ctx.shutdown()
+    return out

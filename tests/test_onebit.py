@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import train_rank
 
 from loom.distributed.compressed import CompressedAllReduce, pack_signs, unpack_signs
 from loom.distributed.context import init_distributed
@@ -139,30 +140,15 @@ def test_onebit_adam_is_adamw_in_warm_up_then_trains_with_a_32th_of_the_bytes() 
 # ----------------------------------------------------------------------------- in the trainer
 
 
-def _train(items: list[str], run_dir: str, resume: str | None = None) -> list | None:
-    from pathlib import Path
-
-    from loom.config import load_config
-    from loom.train.metrics import read_metrics
-    from loom.train.trainer import Trainer
-
-    config = load_config(None, items)
-    ctx = init_distributed(config.parallel)
-    Trainer(config, Path(run_dir), dist=ctx, live_progress=False, resume_from=Path(resume) if resume else None).run()
-    out = read_metrics(Path(run_dir)) if ctx.is_main else None
-    ctx.shutdown()
-    return out
-
-
 def test_onebit_adam_in_the_trainer_warms_up_as_adamw_then_sends_a_32th(tmp_path, text_corpus) -> None:  # noqa: ANN001
     from conftest import tiny_overrides
 
     common = {"train.steps": 24, "train.global_batch": 8, "train.eval_every": 0, "train.ckpt_every": 12}
-    adamw = run_ranks(_train, 2, args=(tiny_overrides(text_corpus, **common), str(tmp_path / "adamw")), timeout_s=300)[
-        0
-    ]
+    adamw = run_ranks(
+        train_rank, 2, args=(tiny_overrides(text_corpus, **common), str(tmp_path / "adamw")), timeout_s=300
+    )[0]
     onebit_items = tiny_overrides(text_corpus, **common, **{"optim.name": "onebit_adam", "optim.freeze_step": 6})
-    onebit = run_ranks(_train, 2, args=(onebit_items, str(tmp_path / "onebit")), timeout_s=300)[0]
+    onebit = run_ranks(train_rank, 2, args=(onebit_items, str(tmp_path / "onebit")), timeout_s=300)[0]
     for a, b in zip(adamw[:6], onebit[:6], strict=True):  # warm-up: AdamW, bit for bit
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
     # then no worse than AdamW by more than a few percent (here it is lower: the compressed phase
@@ -189,9 +175,9 @@ def test_onebit_adam_in_the_trainer_warms_up_as_adamw_then_sends_a_32th(tmp_path
     # dp2 x tp2: compression over dp only; resumed from its step-12 checkpoint (the error feedback
     # is in it, per rank), it continues the uninterrupted run exactly
     tp_items = [*onebit_items, "parallel.tp=2"]
-    first = run_ranks(_train, 4, args=(tp_items, str(tmp_path / "tp")), timeout_s=300)[0]
+    first = run_ranks(train_rank, 4, args=(tp_items, str(tmp_path / "tp")), timeout_s=300)[0]
     resumed = run_ranks(
-        _train,
+        train_rank,
         4,
         args=(tp_items, str(tmp_path / "tp-again"), str(tmp_path / "tp" / "checkpoints" / "step_000012")),
         timeout_s=300,
@@ -206,7 +192,7 @@ def test_onebit_adam_with_a_pipeline_and_accumulation_trains(tmp_path, text_corp
     items = {"train.steps": 16, "train.global_batch": 8, "train.micro_batch": 2, "train.eval_every": 0}
     items |= {"train.ckpt_every": 0, "model.n_layers": 4, "parallel.pp": 2, "optim.name": "onebit_adam"}
     items |= {"optim.freeze_step": 4}  # dp 2 x pp 2, two micro-batches per dp rank through the pipeline
-    got = run_ranks(_train, 4, args=(tiny_overrides(text_corpus, **items), str(tmp_path)), timeout_s=300)[0]
+    got = run_ranks(train_rank, 4, args=(tiny_overrides(text_corpus, **items), str(tmp_path)), timeout_s=300)[0]
     assert got[-1]["loss"] < 0.75 * got[0]["loss"]
     assert got[-1]["comm_bytes_dp"] < got[1]["comm_bytes_dp"] / 16  # compressed after the warm-up
 
@@ -222,9 +208,9 @@ def test_onebit_adam_with_zero_1_and_2_trains_sends_a_32th_and_resumes_exactly(t
     common = {"train.steps": 24, "train.global_batch": 8, "train.eval_every": 0, "train.ckpt_every": 12}
     common |= {"optim.name": "onebit_adam", "optim.freeze_step": 6}
     items1 = tiny_overrides(text_corpus, **common, **{"zero.stage": 1})
-    zero1 = run_ranks(_train, 2, args=(items1, str(tmp_path / "z1")))[0]
+    zero1 = run_ranks(train_rank, 2, args=(items1, str(tmp_path / "z1")))[0]
     again = run_ranks(
-        _train, 2, args=(items1, str(tmp_path / "z1-again"), str(tmp_path / "z1/checkpoints/step_000012"))
+        train_rank, 2, args=(items1, str(tmp_path / "z1-again"), str(tmp_path / "z1/checkpoints/step_000012"))
     )
     assert [r["loss"] for r in again[0]] == pytest.approx([r["loss"] for r in zero1[12:]], rel=1e-6)
     # it trains as the plain path's 1-bit Adam does (this run: 3.14 at step 24, plain 3.13, AdamW 3.54)
@@ -232,9 +218,9 @@ def test_onebit_adam_with_zero_1_and_2_trains_sends_a_32th_and_resumes_exactly(t
     assert zero1[-1]["comm_bytes_dp"] < zero1[2]["comm_bytes_dp"] / 32 * 1.05  # ZeRO-1's 2 x (n-1)/n Psi x 4
     layout = {"zero.stage": 2, "train.precision": "bf16", "parallel.tp": 2, "parallel.sequence_parallel": True}
     zero2 = tiny_overrides(text_corpus, **common, **layout)
-    first = run_ranks(_train, 4, args=(zero2, str(tmp_path / "z2")), timeout_s=300)[0]
+    first = run_ranks(train_rank, 4, args=(zero2, str(tmp_path / "z2")), timeout_s=300)[0]
     resumed = run_ranks(
-        _train, 4, args=(zero2, str(tmp_path / "z2-again"), str(tmp_path / "z2" / "checkpoints" / "step_000012"))
+        train_rank, 4, args=(zero2, str(tmp_path / "z2-again"), str(tmp_path / "z2" / "checkpoints" / "step_000012"))
     )[0]
     # the error feedback and the last message are in the checkpoint: the resumed run is the same run
     # (and the tp replicas stayed equal: the checkpoint holds only their owners' copies)

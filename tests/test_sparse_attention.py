@@ -10,17 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_overrides
+from conftest import tiny_overrides, train_rank
 
 from loom.config import load_config
-from loom.distributed.context import init_distributed
 from loom.distributed.spawn import run_ranks
 from loom.errors import LoomError
 from loom.model.block_sparse import Slots, block_sparse_attention, dense_mask
 from loom.model.transformer import Transformer
 from loom.sparsity import SparsityConfig, density, make_layout
-from loom.train.metrics import read_metrics
-from loom.train.trainer import Trainer
 
 
 def _layout(heads: int = 1, seq: int = 16 * 8, **params) -> torch.Tensor:
@@ -243,15 +240,6 @@ def test_a_model_with_the_dense_layout_equals_the_dense_model() -> None:
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def _train(items: list[str], run_dir: str) -> list | None:
-    config = load_config(None, items)
-    ctx = init_distributed(config.parallel)
-    Trainer(config, Path(run_dir), dist=ctx, live_progress=False).run()
-    out = read_metrics(Path(run_dir)) if ctx.is_main else None
-    ctx.shutdown()
-    return out
-
-
 @pytest.mark.parametrize(
     "kind",
     [
@@ -263,9 +251,9 @@ def _train(items: list[str], run_dir: str) -> list | None:
     ids=["bigbird", "lsh shared-QK"],
 )
 def test_tp2_sparse_model_matches_the_single_process(tmp_path: Path, text_corpus: Path, kind: dict) -> None:
-    one = _train(_sparse_items(text_corpus, **kind), str(tmp_path / "one"))
+    one = train_rank(_sparse_items(text_corpus, **kind), str(tmp_path / "one"))
     items = _sparse_items(text_corpus, **kind, **{"parallel.tp": 2, "parallel.sequence_parallel": True})
-    two = run_ranks(_train, 2, args=(items, str(tmp_path / "tp2")), timeout_s=200)[0]
+    two = run_ranks(train_rank, 2, args=(items, str(tmp_path / "tp2")), timeout_s=200)[0]
     for a, b in zip(two, one, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
@@ -273,7 +261,7 @@ def test_tp2_sparse_model_matches_the_single_process(tmp_path: Path, text_corpus
 
 @pytest.mark.parametrize("mode", ["fixed", "bigbird", "bslongformer", "variable"])
 def test_each_layout_trains(tmp_path: Path, text_corpus: Path, mode: str) -> None:
-    records = _train(
+    records = train_rank(
         _sparse_items(text_corpus, **{"model.sparse_attention.mode": mode, "train.steps": 30}), str(tmp_path)
     )
     first, last = records[0]["loss"], records[-1]["loss"]
@@ -496,12 +484,12 @@ def test_reversible_trains_with_dropout_and_tp2_matches_the_single_process(tmp_p
     # dropout on: the recomputed branches must replay the first pass's masks, or the gradients
     # would be wrong and the loss would not fall
     extra = {"model.reversible": True, "model.dropout": 0.1, "model.attention": "dense", "train.steps": 20}
-    noisy = _train(_sparse_items(text_corpus, **extra), str(tmp_path / "dropout"))
+    noisy = train_rank(_sparse_items(text_corpus, **extra), str(tmp_path / "dropout"))
     assert noisy[-1]["loss"] < 0.8 * noisy[0]["loss"]
     exact = {"model.reversible": True, "model.attention": "dense"}
-    one = _train(_sparse_items(text_corpus, **exact), str(tmp_path / "one"))
+    one = train_rank(_sparse_items(text_corpus, **exact), str(tmp_path / "one"))
     items = _sparse_items(text_corpus, **exact, **{"parallel.tp": 2, "parallel.sequence_parallel": True})
-    two = run_ranks(_train, 2, args=(items, str(tmp_path / "tp2")), timeout_s=200)[0]
+    two = run_ranks(train_rank, 2, args=(items, str(tmp_path / "tp2")), timeout_s=200)[0]
     for a, b in zip(two, one, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
@@ -560,9 +548,11 @@ def test_flex_attention_with_the_layouts_block_mask_equals_the_kernel() -> None:
 def test_sparse_attention_composes_with_pp_zero_and_recompute(tmp_path: Path, text_corpus: Path) -> None:
     kind = {"model.sparse_attention.mode": "bigbird", "model.sparse_attention.different_layout_per_head": True}
     kind |= {"model.n_layers": 4, "train.global_batch": 8, "train.micro_batch": 2}
-    one = _train(_sparse_items(text_corpus, **kind), str(tmp_path / "one"))
+    one = train_rank(_sparse_items(text_corpus, **kind), str(tmp_path / "one"))
     layout = {"parallel.pp": 2, "zero.stage": 1, "train.recompute": "selective", "train.ckpt_every": 2}
-    got = run_ranks(_train, 4, args=(_sparse_items(text_corpus, **kind, **layout), str(tmp_path / "4")), timeout_s=300)
+    got = run_ranks(
+        train_rank, 4, args=(_sparse_items(text_corpus, **kind, **layout), str(tmp_path / "4")), timeout_s=300
+    )
     for a, b in zip(got[0], one, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import train_rank
 
 from loom.distributed.context import init_distributed
 from loom.distributed.spawn import run_ranks
@@ -111,21 +112,6 @@ def test_zero_one_adam_is_adamw_at_first_then_syncs_replicas_and_sends_nothing_o
 # ----------------------------------------------------------------------------- in the trainer
 
 
-def _train(items: list[str], run_dir: str, resume: str | None = None) -> list | None:
-    from pathlib import Path
-
-    from loom.config import load_config
-    from loom.train.metrics import read_metrics
-    from loom.train.trainer import Trainer
-
-    config = load_config(None, items)
-    ctx = init_distributed(config.parallel)
-    Trainer(config, Path(run_dir), dist=ctx, live_progress=False, resume_from=Path(resume) if resume else None).run()
-    out = read_metrics(Path(run_dir)) if ctx.is_main else None
-    ctx.shutdown()
-    return out
-
-
 def test_zero_one_adam_in_the_trainer_trains_and_resumes_exactly(tmp_path, text_corpus) -> None:  # noqa: ANN001
     from conftest import tiny_overrides
 
@@ -133,8 +119,10 @@ def test_zero_one_adam_in_the_trainer_trains_and_resumes_exactly(tmp_path, text_
     optim = {"optim.name": "zero_one_adam", "optim.var_freeze_step": 10, "optim.var_update_scaler": 2}
     optim |= {"optim.local_step_scaler": 4, "optim.local_step_clipper": 4}
     items = tiny_overrides(text_corpus, **common, **optim)
-    adamw = run_ranks(_train, 2, args=(tiny_overrides(text_corpus, **common), str(tmp_path / "adamw")), timeout_s=300)
-    first = run_ranks(_train, 2, args=(items, str(tmp_path / "run")), timeout_s=300)[0]
+    adamw = run_ranks(
+        train_rank, 2, args=(tiny_overrides(text_corpus, **common), str(tmp_path / "adamw")), timeout_s=300
+    )
+    first = run_ranks(train_rank, 2, args=(items, str(tmp_path / "run")), timeout_s=300)[0]
     phases = [r["dp_phase"] for r in first]
     # H = 1 for steps 11-14, 2 for 15-18, then 4 (clipped); the checkpoint at 15 and the last step
     # settle the pending local steps (a "sync" where the interval alone would have been "local")
@@ -162,7 +150,7 @@ def test_zero_one_adam_in_the_trainer_trains_and_resumes_exactly(tmp_path, text_
     # resumed from the step-15 checkpoint (settled there; the error feedback per rank in it), the
     # run continues exactly: the same losses through the local steps and syncs that follow
     resumed = run_ranks(
-        _train, 2, args=(items, str(tmp_path / "again"), str(tmp_path / "run" / "checkpoints" / "step_000015"))
+        train_rank, 2, args=(items, str(tmp_path / "again"), str(tmp_path / "run" / "checkpoints" / "step_000015"))
     )[0]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in first[15:]], rel=1e-6)
 
@@ -176,15 +164,15 @@ def test_zero_one_adam_with_tp_and_with_a_pipeline_trains_and_resumes_exactly(tm
     common |= {"optim.name": "zero_one_adam", "optim.var_freeze_step": 6, "optim.var_update_scaler": 2}
     common |= {"optim.local_step_scaler": 2, "optim.local_step_clipper": 4}
     items = tiny_overrides(text_corpus, **common, **{"parallel.tp": 2})
-    first = run_ranks(_train, 4, args=(items, str(tmp_path / "tp")), timeout_s=300)[0]
+    first = run_ranks(train_rank, 4, args=(items, str(tmp_path / "tp")), timeout_s=300)[0]
     resumed = run_ranks(
-        _train, 4, args=(items, str(tmp_path / "tp-again"), str(tmp_path / "tp" / "checkpoints" / "step_000010"))
+        train_rank, 4, args=(items, str(tmp_path / "tp-again"), str(tmp_path / "tp" / "checkpoints" / "step_000010"))
     )[0]
     assert {r["dp_phase"] for r in first} == {"full", "compressed", "sync", "local"}
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in first[10:]], rel=1e-6)
     assert first[-1]["loss"] < 0.75 * first[0]["loss"]
     pipeline = {"train.micro_batch": 2, "model.n_layers": 4, "parallel.pp": 2, "train.ckpt_every": 0}
-    got = run_ranks(_train, 4, args=(tiny_overrides(text_corpus, **common | pipeline), str(tmp_path / "pp")))[0]
+    got = run_ranks(train_rank, 4, args=(tiny_overrides(text_corpus, **common | pipeline), str(tmp_path / "pp")))[0]
     assert got[-1]["loss"] < 0.75 * got[0]["loss"]
     assert any(r["dp_phase"] == "local" for r in got)
 
