@@ -170,6 +170,8 @@ def test_onebit_adam_in_the_trainer_warms_up_as_adamw_then_sends_a_32th(tmp_path
 
     plan = json.loads((tmp_path / "onebit" / "summary.json").read_text())["plan"]  # the run's own side by side
     assert plan["predicted"]["comm_bytes"]["dp_compressed"] == plan["measured"]["comm_bytes"]["dp_compressed"]
+    # optimizer bytes once compressing: AdamW's moments, 1/D and the error feedback, as predicted
+    assert plan["predicted"]["memory"]["optim"] == pytest.approx(onebit[-1]["mem_optim_bytes"], rel=1e-3)
     assert plan["predicted"]["comm_bytes"]["dp"] == pytest.approx(plan["measured"]["comm_bytes"]["dp"], rel=0.01)
 
     # dp2 x tp2: compression over dp only; resumed from its step-12 checkpoint (the error feedback
@@ -231,5 +233,6 @@ def test_onebit_adam_with_zero_1_and_2_trains_sends_a_32th_and_resumes_exactly(t
         predicted, measured = plan["predicted"]["comm_bytes"], plan["measured"]["comm_bytes"]
         assert predicted["dp_compressed"] == pytest.approx(measured["dp_compressed"], rel=0.01)
         assert run[-1]["mem_optim_bytes"] > run[2]["mem_optim_bytes"]  # 1/D and the error feedback, counted
+        assert plan["predicted"]["memory"]["optim"] == pytest.approx(run[-1]["mem_optim_bytes"], rel=0.01)
     # bf16: the compressed momentum plus one all-gather of bf16 parameters, about half of ZeRO's bytes
     assert 0.45 < first[-1]["comm_bytes_dp"] / first[2]["comm_bytes_dp"] < 0.6

@@ -146,6 +146,9 @@ def test_zero_one_adam_in_the_trainer_trains_and_resumes_exactly(tmp_path, text_
     predicted, measured = plan["predicted"]["comm_bytes"], plan["measured"]["comm_bytes"]
     for group in ("dp_compressed", "dp_local"):
         assert predicted[group] == measured[group]
+    # the planner's optimizer bytes are the run's peak: AdamW's moments, 1/D, the error feedback, the anchor
+    peak = max(r["mem_optim_bytes"] for r in first)
+    assert plan["predicted"]["memory"]["optim"] == pytest.approx(peak, rel=1e-3)
     assert predicted["dp"] == pytest.approx(measured["dp"], rel=0.01)
     # resumed from the step-15 checkpoint (settled there; the error feedback per rank in it), the
     # run continues exactly: the same losses through the local steps and syncs that follow

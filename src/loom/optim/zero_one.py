@@ -97,6 +97,12 @@ class ZeroOneSchedule:
         doublings = (t - self.var_freeze_step - 1) // self.local_step_scaler
         return min(self.local_step_clipper, 2 ** min(doublings, 62))
 
+    def has_local_steps(self, steps: int) -> bool:
+        """Whether a run of ``steps`` steps takes a local step: H reaches 2 at
+        ``t0 = var_freeze_step + local_step_scaler + 1``, and the first odd step from there is local."""
+        first = self.var_freeze_step + self.local_step_scaler + 1
+        return self.local_step_clipper >= 2 and steps >= first + (first % 2 == 0)
+
     def kind(self, t: int) -> str:
         """``"full"`` (variance step), ``"compressed"``, ``"local"`` or ``"sync"`` for step ``t``."""
         if t <= self.var_freeze_step:

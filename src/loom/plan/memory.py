@@ -28,6 +28,7 @@ Values are exact: an ``int`` when the formula gives whole bytes, else a ``float`
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 STAGES = (0, 1, 2, 3)
@@ -63,6 +64,20 @@ def zero_memory_bytes(
 ) -> int | float:
     """Total model-state bytes per rank: 16Ψ, 4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N, 16Ψ/N in mixed precision."""
     return model_state_bytes(stage, psi, n, param_bytes, grad_bytes, k)["total"]
+
+
+def compression_state_bytes(psi: int | float, n: int, anchor: bool = False) -> float:
+    """What 1-bit and 0/1 Adam hold per rank beyond AdamW's states once they compress
+    (``loom.optim.onebit``, ``loom.optim.zero_one``, ``loom.parallel.zero.onebit``), for the Ψ
+    parameters this rank updates (its tp/pp part): 1/D of the frozen variance (4Ψ), the worker's
+    error feedback (4Ψ, padded to n chunks of a multiple of 8), the server's (4Ψ/n), the last
+    message's packed signs (Ψ/8) and scales (4n); with ``anchor``, 0/1 Adam's copy of the
+    parameters while local steps pend (4Ψ). With n = 1 nothing is compressed: 1/D alone."""
+    inverse = 4 * psi + (4 * psi if anchor else 0)
+    if n == 1:
+        return float(inverse)
+    chunk = 8 * math.ceil(psi / (8 * n))
+    return float(inverse + 4 * chunk * n + 4 * chunk + chunk * n / 8 + 4 * n)
 
 
 def dp_elements_per_step(stage: int, psi: int) -> int:

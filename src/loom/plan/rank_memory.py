@@ -25,7 +25,7 @@ from loom.parallel.pipeline.partition import rank_stages
 from loom.parallel.pipeline.schedules import build_schedule
 from loom.parallel.pipeline.simulate import simulate
 from loom.plan.activations import Dtypes, LayerShape, attention_kernel, layer_activation_bytes
-from loom.plan.memory import model_state_bytes
+from loom.plan.memory import compression_state_bytes, model_state_bytes
 from loom.plan.model import count_rank_parameters
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -116,6 +116,10 @@ def predict_rank_memory(
         uncast = model.max_seq_len * model.d_model if model.family == "gpt2" else 0  # learned positions
         uncast += (2 * model.n_layers + 1) * model.d_model * (2 if model.family == "gpt2" and model.use_bias else 1)
         copies = peak * 2 * (psi - uncast / (tp * pp)) / max(1, vp)
+    optim = config.optim
+    if optim.name in ("onebit_adam", "zero_one_adam"):  # 1/D and the error feedback once compressing
+        local = optim.name == "zero_one_adam" and optim.zero_one_schedule(train.steps).has_local_steps(train.steps)
+        states["optim"] += compression_state_bytes(psi, dp, anchor=local)
     if config.zero.stage and config.zero.offload == "optimizer":  # ZeRO-Offload: the optimizer term moves to the host
         return RankMemory(states["params"], states["grads"], 0.0, activations, copies, host_optim=states["optim"])
     return RankMemory(states["params"], states["grads"], states["optim"], activations, copies)

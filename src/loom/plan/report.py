@@ -52,6 +52,8 @@ def predict_run(config: Config, world: int, hardware: Hardware, device: str, pp_
     return predict(config, layout, hardware, config.batch(dp=layout.dp).global_batch, device, pp_rank)
 
 
+# dp while gradients are averaged in full, dp of a 1-bit step, dp of a 0/1 Adam local step, tp, pp
+COMM_GROUPS = ("dp", "dp_compressed", "dp_local", "tp", "pp")
 PHASE_GROUPS = {"full": "dp", "compressed": "dp_compressed", "sync": "dp_compressed", "local": "dp_local"}
 
 
@@ -155,17 +157,17 @@ def format_explain(p: Prediction, hardware: Hardware) -> str:
 
 def format_comparison(compared: dict) -> str:
     pred, meas = compared["predicted"], compared["measured"]
-    lines = [f"layout: {compared['layout']}", f"{'':<22} {'predicted':>12} {'measured':>12} {'ratio':>7}"]
+    lines = [f"layout: {compared['layout']}", f"{'':<28} {'predicted':>12} {'measured':>12} {'ratio':>7}"]
 
     def row(label: str, a: float | None, b: float | None, scale: float = 1.0, unit: str = "") -> None:
         ratio = f"{b / a:.3f}" if a and b is not None else "-"
         fa = "-" if a is None else f"{a / scale:.4g}{unit}"
         fb = "-" if b is None else f"{b / scale:.4g}{unit}"
-        lines.append(f"{label:<22} {fa:>12} {fb:>12} {ratio:>7}")
+        lines.append(f"{label:<28} {fa:>12} {fb:>12} {ratio:>7}")
 
     for name in CATEGORIES:
         row(f"memory {name} MiB", pred["memory"][name], meas.get("memory", {}).get(name), 2**20)
-    for group in ("dp", "tp", "pp"):
+    for group in (g for g in COMM_GROUPS if g in pred["comm_bytes"]):
         row(f"comm {group} MiB/step", pred["comm_bytes"][group], meas.get("comm_bytes", {}).get(group), 2**20)
     row("bubble", pred["bubble"], meas.get("bubble"))
     row("step s", pred["step_s"], meas.get("step_s"))

@@ -32,7 +32,7 @@ from loom.parallel.pipeline.simulate import TIMELINE_FILE
 from loom.plan.hardware import hardware_of
 from loom.plan.layout import Prediction
 from loom.plan.model import count_parameters
-from loom.plan.report import measured, predict_run, side_by_side
+from loom.plan.report import COMM_GROUPS, measured, predict_run, side_by_side
 from loom.train.batches import batch_offsets, batch_rows, get_batch
 from loom.train.checkpoint import capture_rng_state, restore_rng_state, set_aside_newer
 from loom.train.data import TokenData, prepare_dataset
@@ -402,7 +402,7 @@ class Trainer:
     def _describe_prediction(self) -> str:
         p, mib = self.prediction, 2**20
         m = p.memory
-        comm = ", ".join(f"{g} {p.comm_bytes[g] / mib:.1f}" for g in ("dp", "tp", "pp") if p.comm_bytes[g])
+        comm = ", ".join(f"{g} {p.comm_bytes[g] / mib:.3g}" for g in COMM_GROUPS if p.comm_bytes.get(g))
         return (
             f"predicted per rank: model states {(m.params + m.grads + m.optim) / mib:.1f} MiB, activations "
             f"{m.activations / mib:.1f} MiB"
