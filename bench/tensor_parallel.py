@@ -129,8 +129,8 @@ def dtensor_plan(model: Transformer, sequence_parallel: bool) -> dict[str, objec
         plan[f"{prefix}.mlp.down_proj"] = RowwiseParallel(output_layouts=seq_out)
         # one Replicate DTensor input shared by Q, K, V (gate, up), as torchtitan's plan does
         plan[f"{prefix}.attn"] = PrepareModuleInput(
-            input_layouts=(seq_out, None, None, None),
-            desired_input_layouts=(Replicate(), None, None, None),
+            input_layouts=(seq_out, None, None, None, None),  # x, rope, positions, rng, recompute_core
+            desired_input_layouts=(Replicate(), None, None, None, None),
             use_local_output=False,
         )
         plan[f"{prefix}.mlp"] = PrepareModuleInput(
