@@ -38,6 +38,7 @@ evaluates or writes a checkpoint, so both see the one model every rank agrees on
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ class ZeroOneSchedule:
             if count == self.var_update_scaler:
                 count, interval = 0, interval * 2
         object.__setattr__(self, "_variance_steps", tuple(steps))
+        object.__setattr__(self, "_variance_set", frozenset(steps))
 
     def variance_steps(self) -> tuple[int, ...]:
         """T_v: the steps whose gradients are averaged in full and update the variance."""
@@ -89,7 +91,7 @@ class ZeroOneSchedule:
 
     def variance_count(self, t: int) -> int:
         """How many steps of T_v are ``<= t``."""
-        return sum(1 for s in self.variance_steps() if s <= t)
+        return bisect.bisect_right(self.variance_steps(), t)
 
     def local_interval(self, t: int) -> int:
         """H at step ``t > var_freeze_step``: 1, doubled after every ``local_step_scaler`` steps, at
@@ -106,7 +108,7 @@ class ZeroOneSchedule:
     def kind(self, t: int) -> str:
         """``"full"`` (variance step), ``"compressed"``, ``"local"`` or ``"sync"`` for step ``t``."""
         if t <= self.var_freeze_step:
-            return VARIANCE if t in self.variance_steps() else COMPRESSED
+            return VARIANCE if t in self._variance_set else COMPRESSED  # type: ignore[attr-defined]
         return SYNC if t % self.local_interval(t) == 0 else LOCAL
 
 
