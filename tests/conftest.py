@@ -73,3 +73,18 @@ def train_rank(items: list[str], run_dir: str, resume: str | None = None) -> lis
     out = read_metrics(Path(run_dir)) if ctx.is_main else None
     ctx.shutdown()
     return out
+
+
+def toy_regression(rank: int) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """A small regression for optimizer tests on several ranks: this rank's own samples ``x``
+    (256 x 16), the shared target function's values, and a builder of the same 577-parameter
+    MLP on every call (16 -> 32 tanh -> 1)."""
+    data = torch.Generator().manual_seed(100 + rank)  # each rank its own samples
+    x = torch.randn(256, 16, generator=data)
+    target = torch.sin(x @ torch.randn(16, 1, generator=torch.Generator().manual_seed(0)))
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+
+    return x, target, model

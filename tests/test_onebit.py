@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import train_rank
+from conftest import toy_regression, train_rank
 
 from loom.distributed.compressed import CompressedAllReduce, pack_signs, unpack_signs
 from loom.distributed.context import init_distributed
@@ -75,13 +75,7 @@ def _adam_ranks(freeze: int, steps: int) -> dict:
 
     ctx = init_distributed(load_config(None, []).parallel)
     comm = ctx.comm("world")
-    data = torch.Generator().manual_seed(100 + comm.rank)  # each rank its own samples
-    x = torch.randn(256, 16, generator=data)
-    target = torch.sin(x @ torch.randn(16, 1, generator=torch.Generator().manual_seed(0)))
-
-    def model() -> torch.nn.Module:
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    x, target, model = toy_regression(comm.rank)
 
     def loss_of(net: torch.nn.Module) -> torch.Tensor:
         return torch.nn.functional.mse_loss(net(x), target)

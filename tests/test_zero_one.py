@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import train_rank
+from conftest import toy_regression, train_rank
 
 from loom.distributed.context import init_distributed
 from loom.distributed.spawn import run_ranks
@@ -37,13 +37,7 @@ def _zero_one_ranks(steps: int) -> dict:
 
     ctx = init_distributed(load_config(None, []).parallel)
     comm = ctx.comm("world")
-    data = torch.Generator().manual_seed(100 + comm.rank)  # each rank its own samples
-    x = torch.randn(256, 16, generator=data)
-    target = torch.sin(x @ torch.randn(16, 1, generator=torch.Generator().manual_seed(0)))
-
-    def model() -> torch.nn.Module:
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    x, target, model = toy_regression(comm.rank)
 
     schedule = ZeroOneSchedule(var_freeze_step=40, var_update_scaler=4, local_step_scaler=10, local_step_clipper=4)
     plain, net = model(), model()
