@@ -27,7 +27,13 @@ SP an all-gather plus a reduce-scatter of the same volume each, and each column 
 slice all-gathered again in backward, (2L + 1) x (t-1)/t x bsh x 4 more; plus the embedding's
 exit and the head's entry), and the two sides' losses agree to 1e-4 over all steps.
 
+``--floor`` adds a third interleaved side, loom's step with those all-reduces skipped (each rank
+keeps its partial sums: wrong losses, the same computation): the speed loom would have if
+tensor-parallel communication were free, so ``floor / DTensor`` bounds what any transport or
+overlap could reach on this machine.
+
     python bench/tensor_parallel.py --out bench/results/tensor_parallel.md
+    python bench/tensor_parallel.py --floor --no-e2e --out bench/results/tensor_parallel_floor.md
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from loom.distributed.comm import Handle
 from loom.distributed.ledger import model_bytes
 from loom.model.transformer import Transformer
 from loom.optim.adamw import build_adamw
@@ -84,6 +91,7 @@ from loom.optim.adamw import build_adamw
 GOAL = 1.3
 AGREE_TOL = 1e-4
 LOOM, DTENSOR = "loom", "DTensor"
+FLOOR = "loom, tp collectives skipped"
 MAPPING_TAGS = ("tp/tp", "tp/tp-sp")
 
 
@@ -185,10 +193,38 @@ class DTensorTP(Side):
         return value
 
 
-def rank_round(items: list[str], root: str, round_index: int, alone: bool) -> dict:
+class SkippedCollectives(TrainerSide):
+    """loom's step with the region mappings' all-reduces (ledger tag "tp") skipped: each rank
+    goes on with its partial sums, so the losses are wrong but every computation is the same
+    size. Its time is what loom's step would take if tensor-parallel communication were free:
+    the ceiling of any speed-up over a peer that computes the same (``--floor``)."""
+
+    def __init__(self, name, config, ctx, run_dir) -> None:
+        super().__init__(name, config, ctx, run_dir)
+        self.comm = ctx.comm("tp")
+        self.ledger = None  # its bytes are not the job's
+
+    def step(self, k: int) -> float:
+        real = self.comm.all_reduce
+
+        def skipping(t, op="sum", async_op=False, tag=""):
+            if tag == "tp":
+                return Handle(None, None, None) if async_op else None
+            return real(t, op, async_op, tag)
+
+        self.comm.all_reduce = skipping  # this Comm object only, for this step only
+        try:
+            return super().step(k)
+        finally:
+            del self.comm.all_reduce
+
+
+def rank_round(items: list[str], root: str, floor: bool, round_index: int, alone: bool) -> dict:
     ctx, config, data = join(items)
     mesh = DeviceMesh.from_group(ctx.comm("tp").group, ctx.device.type)
     sides = [] if alone else [TrainerSide(LOOM, config, ctx, Path(root) / f"loom-{round_index}")]
+    if floor and not alone:
+        sides.append(SkippedCollectives(FLOOR, config, ctx, Path(root) / f"floor-{round_index}"))
     sides.append(DTensorTP(config, ctx, data, mesh))
     return run_round(sides, config.train.steps, round_index, alone)
 
@@ -199,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per step (every tp rank: the same)")
     p.add_argument("--worlds", default="2,4", help="comma-separated tp sizes (= ranks)")
     p.add_argument("--sequence-parallel", action="store_true", help="both sides with sequence parallelism")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time loom's step with its tp all-reduces skipped (wrong losses; the ceiling of the ratio)",
+    )
     args = p.parse_args(argv)
     check_args(p, args)
     worlds = sizes(p, "--worlds", args.worlds, "tp size")
@@ -214,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         for t in worlds:
             items = [*base, f"parallel.tp={t}", sp]
             e2e = {LOOM_TRAIN: items}
-            results.append(bench(f"tp {t}", t, tokens_per_step(config, 1), rank_round, (items, root), args, e2e))
+            results.append(
+                bench(f"tp {t}", t, tokens_per_step(config, 1), rank_round, (items, root, args.floor), args, e2e)
+            )
 
     model = config.model
     job = (
@@ -243,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     alone = f"{DTENSOR} {ALONE}"
     pairs = [(LOOM, DTENSOR), *([] if args.no_e2e else [(LOOM_TRAIN, alone)])]
-    sides = [DTENSOR, LOOM, *([] if args.no_e2e else [alone, LOOM_TRAIN])]
-    table = comparison_table(results, "tp", sides, pairs)
+    sides = [DTENSOR, LOOM, *([FLOOR] if args.floor else []), *([] if args.no_e2e else [alone, LOOM_TRAIN])]
+    table = comparison_table(results, "tp", sides, [*pairs, *([(FLOOR, DTENSOR)] if args.floor else [])])
     goals = goal_lines(results, [(a, b, GOAL) for a, b in reversed(pairs)])
     noise = noise_line(load)
     print("\n".join([*table, "", *goals, "", *checks, "", noise]))
