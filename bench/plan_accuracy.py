@@ -4,11 +4,15 @@ time beside what ``loom train`` measured, for layouts runnable on this machine.
 Each layout runs ``loom train`` end to end (its own processes, loom's launcher) on the same job;
 rank 0's ``metrics.jsonl`` gives the measured figures (medians over the steps after the first)
 and ``loom.plan.report.predict_run`` the prediction for pp rank 0. Bytes are predicted from the
-config alone (goal: within 5%). Step time needs the machine's rates: the compute rate is fitted on
-the single-process run and the link bandwidth on the tp 2 run (``loom.plan.report.calibrate``,
-``calibrate_links``), then every other layout's step time is predicted (goal: within 15%). Ranks
-on one CPU host share its cores: a rank's compute rate is the single process's over the number of
-ranks, which the calibrated device is given per layout.
+config alone (goal: within 5%). Step time needs the machine's rates, fitted on four runs
+(``loom.plan.report``): one core's FLOP rate on one process of one thread (``calibrate``), what a
+second thread adds on the single process (``calibrate_threads``), what recomputation costs past
+its FLOPs on full recomputation (``calibrate_rewrite``), the link bandwidth on tp 2
+(``calibrate_links``); dropout's draws per second are the ``cpu`` entry's. Then every other
+layout's step time is predicted (goal: within 15%). Ranks on one CPU host share its cores
+(``loom.plan.hardware.on_this_host``: each process computes with cores / processes threads, and
+more processes than cores take turns); the table also says how far the rows with a core per
+rank and those with more ranks than cores are off.
 
     python bench/plan_accuracy.py --out bench/results/plan_accuracy.md
 """
@@ -16,8 +20,8 @@ ranks, which the calibrated device is given per layout.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,7 +31,7 @@ from common import bench_command, result_head, write_result
 
 from loom.config import config_from_dict
 from loom.plan import report
-from loom.plan.hardware import HARDWARE
+from loom.plan.hardware import HARDWARE, on_this_host
 from loom.train.metrics import read_metrics
 
 JOB = {
@@ -42,7 +46,8 @@ JOB = {
     "train.sample_tokens": 0,
     "train.ckpt_every": 1000,
 }
-LAYOUTS = {  # name -> (ranks, settings)
+LAYOUTS = {  # name -> (ranks, settings); "1 thread" runs with OMP_NUM_THREADS=1
+    "single, 1 thread": (1, {}),
     "single": (1, {}),
     "single, selective": (1, {"train.recompute": "selective"}),
     "single, full": (1, {"train.recompute": "full"}),
@@ -67,7 +72,8 @@ def run(name: str, ranks: int, settings: dict, root: Path) -> tuple[dict, dict, 
     cmd = [sys.executable, "-m", "loom.cli", "train", "--run-dir", str(run_dir), "--no-progress", "--nproc", str(ranks)]
     for key, value in items.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if "1 thread" in name else None
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     if done.returncode:
         raise RuntimeError(f"{name} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -86,27 +92,31 @@ def main() -> int:
                 print(f"running {name} ({ranks} ranks)", flush=True)
                 runs[name] = run(name, ranks, settings, Path(tmp))
     base = HARDWARE["cpu"]
-
-    def device_for(hw, ranks: int):
-        share = 1 / ranks  # ranks of one host share its cores (loom gives each cores / ranks threads)
-        return dataclasses.replace(hw, compute_efficiency=hw.compute_efficiency * share)
+    calibration = ("single, 1 thread", "single", "single, full", "tp2")
 
     def figures(name: str, hw):
         summary, records, ranks = runs[name]
         config = config_from_dict(summary["config"])
-        prediction = report.predict_run(config, ranks, device_for(hw, ranks), "cpu", 0)
+        host = on_this_host(hw, summary["local_processes"], summary["threads"])
+        prediction = report.predict_run(config, ranks, host, "cpu", 0)
         tokens = config.batch(dp=prediction.layout.dp).global_batch * config.train.seq_len
-        return prediction, report.measured(records, tokens), ranks
+        return prediction, report.measured(records, tokens), summary
 
-    p, m, _ = figures("single", base)
+    p, m, _ = figures("single, 1 thread", base)
     calibrated = report.calibrate(p, m, base)
+    p, m, summary = figures("single", calibrated)
+    calibrated = report.calibrate_threads(p, m, calibrated, summary["threads"])
+    p, m, _ = figures("single, full", calibrated)
+    calibrated = report.calibrate_rewrite(p, m, calibrated)
     if "tp2" in runs:
-        p, m, ranks = figures("tp2", calibrated)
-        linked = report.calibrate_links(p, m, device_for(calibrated, ranks))
-        calibrated = dataclasses.replace(linked, compute_efficiency=calibrated.compute_efficiency)
-    worst_bytes, worst_time = 0.0, 0.0
+        p, m, _ = figures("tp2", calibrated)
+        calibrated = report.calibrate_links(p, m, calibrated)
+    worst_bytes = 0.0
+    worst_time = {True: 0.0, False: 0.0}  # ranks within the cores, or beyond them
+    cores = on_this_host(base).cores
     for name in runs:
-        prediction, meas, ranks = figures(name, calibrated)
+        prediction, meas, summary = figures(name, calibrated)
+        ranks = runs[name][2]
         cells = [name, str(ranks)]
         for key in MEMORY:
             want, got = prediction.memory.__getattribute__(key), meas["memory"][key]
@@ -122,18 +132,30 @@ def main() -> int:
             else:
                 cells.append("-")
         err = meas["step_s"] / prediction.step_s - 1
-        if name not in ("single", "tp2"):  # the calibration runs fit by construction
-            worst_time = max(worst_time, abs(err))
-        cells.append(f"{1e3 * meas['step_s']:.0f} / {1e3 * prediction.step_s:.0f} ({err:+.0%})")
+        if name not in calibration:  # the calibration runs fit by construction
+            own = ranks <= cores
+            worst_time[own] = max(worst_time[own], abs(err))
+        drawn = f", {1e3 * prediction.dropout_s:.0f} of it dropout" if prediction.dropout_s else ""
+        cells.append(f"{1e3 * meas['step_s']:.0f} / {1e3 * prediction.step_s:.0f} ({err:+.0%}{drawn})")
         rows.append("| " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
+    own, shared = worst_time[True], worst_time[False]
     verdict = [
         f"Bytes (states, activations, traffic): largest error {worst_bytes:.1%} (goal 5%: "
         f"{'met' if worst_bytes <= 0.05 else 'missed'}).",
-        f"Step time after calibration (compute rate on `single`, link bandwidth on `tp2`): largest error on the "
-        f"other layouts {worst_time:.0%} (goal 15%: {'met' if worst_time <= 0.15 else 'missed'}).",
+        f"Step time after calibration (one core's rate on `single, 1 thread`, a second thread's on `single`, "
+        f"recomputation's rewrites on `single, full`, the link on `tp2`): largest error on the other layouts with a core per rank {own:.0%}, with more ranks than "
+        f"this host's {cores} cores {shared:.0%} (goal 15%: {'met' if max(own, shared) <= 0.15 else 'missed'}"
+        + (
+            " on both"
+            if max(own, shared) <= 0.15
+            else "; " + ("met" if own <= 0.15 else "missed") + " with a core per rank"
+        )
+        + ").",
         f"Calibrated device: {calibrated.compute_efficiency * calibrated.peak_flops_fp32 / 1e9:.1f} GFLOP/s per "
-        f"process with all cores, link {calibrated.intra_bandwidth / 1e9:.2f} GB/s.",
+        f"core, a second thread adds {calibrated.thread_efficiency:.2f} of one, link {calibrated.intra_bandwidth / 1e9:.2f} "
+        f"GB/s, dropout masks {calibrated.dropout_rate / 1e6:.0f} M elements/s, recomputed activations rewritten at "
+        f"{calibrated.rewrite_bandwidth / 1e9:.2f} GB/s per thread.",
     ]
     print("\n".join(verdict))
 
@@ -141,7 +163,8 @@ def main() -> int:
         job = ", ".join(f"{k}={v}" for k, v in JOB.items())
         head = result_head("The planner against measurement", bench_command("plan_accuracy.py"), when, job)
         table = [
-            "Each cell: measured / predicted (rank 0; MiB, or ms for the step).",
+            "Each cell: measured / predicted (rank 0; MiB, or ms for the step, with the predicted time spent "
+            "drawing dropout masks).",
             "",
             "| layout | ranks | params | grads | optimizer | activations | dp bytes | tp bytes | pp bytes | step ms |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

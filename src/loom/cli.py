@@ -334,7 +334,7 @@ def _check_memory(config, world: int, local: int) -> None:
     vocab = config.model.vocab_size or load_tokenizer(config.data.tokenizer).vocab_size
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab))
     name = torch.cuda.get_device_name(0) if cuda else ""
-    prediction = predict_run(config, world, hardware_of(device, name), device)
+    prediction = predict_run(config, world, hardware_of(device, name, local), device)
     device_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else 0
     host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     check_fits(prediction, local, device, device_bytes, host_bytes)
@@ -745,7 +745,7 @@ def _load_run(run_dir: Path, args: argparse.Namespace, hardware):
 
     from loom.config import config_from_dict
     from loom.plan import report
-    from loom.plan.hardware import load_hardware
+    from loom.plan.hardware import load_hardware, on_this_host
     from loom.train.metrics import read_metrics
 
     summary_path = run_dir / "summary.json"
@@ -756,6 +756,9 @@ def _load_run(run_dir: Path, args: argparse.Namespace, hardware):
     device = summary.get("device", "cpu")
     if args.gpu == "h100-sxm" and device == "cpu":
         hardware = load_hardware("cpu", args.hardware_file)
+    if device == "cpu":  # the host the run's processes shared (runs from before these keys: all of them on it)
+        local = summary.get("local_processes", summary.get("world_size", 1))
+        hardware = on_this_host(hardware, local, summary.get("threads"))
     prediction = report.predict_run(config, summary.get("world_size", 1), hardware, device)
     tokens = config.batch(dp=prediction.layout.dp).global_batch * config.train.seq_len
     freeze = config.optim.freeze(config.train.steps) if config.optim.name == "onebit_adam" else None

@@ -19,7 +19,10 @@ bytes, r the residual stream's (the parameters' dtype), per transformer layer an
 
 Time under the alpha-beta model: messages x alpha + bytes / beta of the link the group spans
 (tp is innermost in loom's mesh, then dp, then pp: a group crosses nodes when its stride times
-its size exceeds the devices of a node).
+its size exceeds the devices of a node), a collective of n ranks taking 2(n-1) messages. tp
+makes 4 collectives per layer and micro-batch plus the embedding's and the head's; sp turns
+each into two (an all-gather and a reduce-scatter) and adds the 2L + 1 gathers of the saved
+slices again, 10L + 5 in all.
 """
 
 from __future__ import annotations
@@ -136,6 +139,12 @@ def pp_bytes(shape: CommShape) -> float:
     return shape.microbatches * boundaries * message + ends
 
 
+def tp_collectives(shape: CommShape) -> int:
+    """Collectives of the tp group per micro-batch (module docstring): 4L + 2, with sp 10L + 5."""
+    layers = shape.layers_per_rank
+    return 10 * layers + 5 if shape.sp else 4 * layers + 2
+
+
 def crosses_nodes(stride: int, size: int, hardware: Hardware) -> bool:
     return stride * size > hardware.devices_per_node
 
@@ -144,7 +153,7 @@ def comm_seconds(shape: CommShape, hardware: Hardware) -> dict[str, float]:
     """Seconds per step each group's traffic takes on its link (alpha-beta), not yet overlapped."""
     out = {}
     for group, nbytes, stride, size, messages in (
-        ("tp", tp_bytes(shape), 1, shape.tp, shape.microbatches * (4 * shape.layers_per_rank + 2)),
+        ("tp", tp_bytes(shape), 1, shape.tp, shape.microbatches * tp_collectives(shape)),
         ("dp", dp_bytes(shape), shape.tp, shape.dp, 2 + shape.microbatches * (shape.zero_stage == 3)),
         ("pp", pp_bytes(shape), shape.tp * shape.dp, shape.pp, 2 * shape.microbatches * shape.vp),
     ):

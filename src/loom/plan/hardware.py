@@ -8,14 +8,25 @@ node's NICs). Peaks are dense (no sparsity) and per device.
 Built-in entries come from the vendors' data sheets: H100 SXM 989 TFLOP/s bf16 dense, 67 fp32,
 80 GB, NVLink 4 900 GB/s bidirectional (450 each way), one 400 Gb/s NIC per GPU; H200 the same
 compute and links with 141 GB; A100 80 GB 312 TFLOP/s bf16, 19.5 fp32, NVLink 3 600 GB/s
-(300 each way), one 200 Gb/s NIC per GPU. ``cpu`` is one process of a small host such as the
-one loom's tests run on, with figures to calibrate (``loom plan --calibrate RUN_DIR``).
+(300 each way), one 200 Gb/s NIC per GPU.
+
+``cpu`` is a host whose processes share its cores (``cores``; 0 for devices that compute on
+their own, as GPUs do). Its peak is one core's; a process with k threads runs 1 + (k - 1) e
+times one thread's speed (``thread_efficiency`` e), and processes beyond the cores take turns
+on them (``loom.plan.layout.compute_seconds``). Dropout masks cost ``1 / dropout_rate`` seconds
+per element drawn on top of the FLOPs: torch draws them on the CPU with one thread, 6-7 ns an
+element on the test host (0: free, as in a GPU's fused kernels). Recomputation costs more than
+its FLOPs: the norms, activations, softmax and masks it runs again write the activations it had
+dropped, at ``rewrite_bandwidth`` bytes per second of one thread (0: counted as FLOPs only, as
+the GPU entries do until measured). Its figures are this host's, to calibrate (``loom plan
+--calibrate RUN_DIR``, ``bench/plan_accuracy.py``).
 A user adds entries in TOML, one table per device with these fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +48,24 @@ class Hardware:
     intra_latency: float = 5e-6  # seconds per message
     inter_latency: float = 1e-5
     compute_efficiency: float = 0.5  # achieved / peak FLOP/s of the model's matmuls (calibrated: --calibrate)
+    cores: int = 0  # cores a node's processes share (CPU hosts); 0: each device computes on its own
+    thread_efficiency: float = 1.0  # each thread past a process's first adds this much of one thread's speed
+    dropout_rate: float = 0.0  # dropout mask elements drawn per second and process; 0: free (fused)
+    rewrite_bandwidth: float = (
+        0.0  # bytes/s of dropped activations recomputation writes again, past its FLOPs; 0: FLOPs only
+    )
 
     def peak_flops(self, precision: str) -> float:
         return self.peak_flops_fp32 if precision == "fp32" else self.peak_flops_bf16
+
+    def threads(self, processes: int) -> int:
+        """Compute threads of each of ``processes`` processes of one node (loom gives each
+        cores / processes, at least one; ``loom.distributed.context.share_cores``)."""
+        return max(1, self.cores // max(1, processes)) if self.cores else 1
+
+    def thread_speedup(self, threads: int) -> float:
+        """How much faster a process of ``threads`` threads computes than one of a single thread."""
+        return 1 + (threads - 1) * self.thread_efficiency
 
 
 HARDWARE: dict[str, Hardware] = {
@@ -47,7 +73,20 @@ HARDWARE: dict[str, Hardware] = {
     "h200": Hardware("h200", 989e12, 67e12, 141 * GB, 8, 450 * GB, 50 * GB),
     "a100-80gb": Hardware("a100-80gb", 312e12, 19.5e12, 80 * GB, 8, 300 * GB, 25 * GB),
     "cpu": Hardware(
-        "cpu", 50e9, 50e9, 8 * GB, 2, 2 * GB, 0.1 * GB, intra_latency=1e-4, inter_latency=1e-3, compute_efficiency=1.0
+        "cpu",
+        50e9,
+        50e9,
+        8 * GB,
+        2,
+        2 * GB,
+        0.1 * GB,
+        intra_latency=4e-4,  # gloo on loopback: a 64 KiB all-reduce of two processes takes 0.8 ms
+        inter_latency=1e-3,
+        compute_efficiency=1.0,
+        cores=2,
+        thread_efficiency=0.7,
+        dropout_rate=1.5e8,
+        rewrite_bandwidth=1.8e9,
     ),
 }
 
@@ -91,18 +130,34 @@ def read_hardware_file(path: Path) -> dict[str, Hardware]:
                 f"fields: {', '.join(sorted(fields))}.",
             )
         out[name] = Hardware(
-            name=name, **{k: float(v) if k != "devices_per_node" else int(v) for k, v in table.items()}
+            name=name, **{k: int(v) if k in ("devices_per_node", "cores") else float(v) for k, v in table.items()}
         )
     return out
 
 
-def hardware_of(device_type: str, device_name: str = "") -> Hardware:
+def hardware_of(
+    device_type: str, device_name: str = "", local_processes: int | None = None, threads: int | None = None
+) -> Hardware:
     """The built-in entry for a device a run uses: ``cpu``, or a GPU recognised by its name
-    (H200, H100, A100; others are taken as an H100 SXM)."""
+    (H200, H100, A100; others are taken as an H100 SXM). For ``cpu``, the host a run's
+    ``local_processes`` of ``threads`` threads each share (:func:`on_this_host`)."""
     if device_type != "cuda":
-        return HARDWARE["cpu"]
+        return on_this_host(HARDWARE["cpu"], local_processes, threads)
     name = device_name.upper()
     for key, entry in (("H200", "h200"), ("H100", "h100-sxm"), ("A100", "a100-80gb")):
         if key in name:
             return HARDWARE[entry]
     return HARDWARE["h100-sxm"]
+
+
+def on_this_host(hardware: Hardware, processes: int | None = None, threads: int | None = None) -> Hardware:
+    """A CPU entry for ``processes`` processes sharing this machine's cores (all of them: their
+    links are the host's). Processes told to use fewer threads than their share (``threads``,
+    ``OMP_NUM_THREADS``) compute on ``threads`` x ``processes`` cores at most."""
+    if not hardware.cores:
+        return hardware
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = max(processes or 1, 1)
+    if threads:
+        cores = min(cores, threads * processes)
+    return dataclasses.replace(hardware, cores=cores, devices_per_node=processes)

@@ -7,11 +7,16 @@ on a device type, the prediction combines the planner's models:
   the last the logits) by ``loom.plan.rank_memory``;
 - communication per group: ``loom.plan.comm`` (bytes, then seconds on the link it spans);
 - compute: hardware FLOPs (``loom.plan.flops``, recomputation included) per device over the
-  device's peak times its achieved fraction (``Hardware.compute_efficiency``);
+  device's peak times its achieved fraction (``Hardware.compute_efficiency``), plus the
+  dropout masks it draws (:func:`dropout_draws`) at ``Hardware.dropout_rate``; on a CPU host,
+  whose processes share its cores, over each process's threads (:func:`compute_seconds`);
 - the pipeline bubble in closed form (``loom.parallel.pipeline.simulate.bubble_formula``);
 - step time = compute x (1 + bubble) + tp + pp transfers (on the critical path) + what of the
   dp traffic backward cannot hide (dp is overlapped with the backward, 2/3 of the compute;
-  ZeRO-3's gathers with the whole step).
+  ZeRO-3's gathers with the whole step; on a CPU host nothing, as the backend moves the bytes
+  on the cores that compute). On a CPU host with more processes than cores the
+  compute term is at least every process's compute over the cores: they take turns, and a
+  stage waiting in the bubble gives its core to another.
 
 MFU and HFU are model and hardware FLOPs per second over the devices' peak.
 """
@@ -27,7 +32,7 @@ from loom.plan.comm import CommShape, comm_seconds, dp_bytes, metrics_dp_bytes, 
 from loom.plan.flops import GPTShape, hardware_flops, model_flops
 from loom.plan.hardware import Hardware
 from loom.plan.model import count_rank_parameters
-from loom.plan.rank_memory import BYTES, RankMemory, inflight, predict_rank_memory
+from loom.plan.rank_memory import BYTES, RankMemory, inflight, predict_rank_memory, recomputed_layer_bytes
 from loom.sparsity import layout_density
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
@@ -61,11 +66,14 @@ class Prediction:
     comm_bytes: dict[str, float]
     comm_s: dict[str, float]
     bubble: float
-    compute_s: float
+    compute_s: float  # one device's compute per step (its FLOPs and dropout draws), without waiting
     step_s: float
     mfu: float
     hfu: float
     fits: bool
+    dropout_s: float = 0.0  # of compute_s, drawing dropout masks
+    rewrite_bytes: float = 0.0  # activations recomputation writes again per step (``Hardware.rewrite_bandwidth``)
+    critical_s: float = 0.0  # compute's share of the step: compute_s x (1 + bubble), or the cores' turns
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -163,12 +171,18 @@ def predict(
     world = layout.dp * layout.tp * layout.pp
     model_total = model_flops(gpt, global_batch)
     hardware_total = hardware_flops(gpt, global_batch, layout.recompute)
-    rate = hardware.peak_flops(precision) * hardware.compute_efficiency
-    compute_s = hardware_total / world / rate
     formula = bubble_formula(layout.schedule, layout.pp, m, layout.vp) if layout.pp > 1 else None
     bubble = formula[1] if formula else (layout.pp - 1) / m if layout.pp > 1 else 0.0
-    hidden = compute_s if layout.zero == 3 else 2 / 3 * compute_s
-    step_s = compute_s * (1 + bubble) + seconds["tp"] + seconds["pp"] + max(0.0, seconds["dp"] - hidden)
+    draws = dropout_draws(config, layout, m)
+    dropout_s = draws / hardware.dropout_rate if hardware.dropout_rate else 0.0
+    rewrite = m * (model.n_layers // layout.pp) * recomputed_layer_bytes(config, device)
+    compute_s, critical_s = compute_seconds(
+        hardware, precision, hardware_total / world, dropout_s, min(world, hardware.devices_per_node), bubble, rewrite
+    )
+    # overlapped dp traffic hides behind the backward, unless the backend's threads copy it on the
+    # very cores that compute (a CPU host)
+    hidden = 0.0 if hardware.cores else compute_s if layout.zero == 3 else 2 / 3 * compute_s
+    step_s = critical_s + seconds["tp"] + seconds["pp"] + max(0.0, seconds["dp"] - hidden)
     peak = hardware.peak_flops(precision) * world
     return Prediction(
         layout,
@@ -181,7 +195,59 @@ def predict(
         model_total / step_s / peak,
         hardware_total / step_s / peak,
         memory.total <= hardware.memory_bytes,
+        dropout_s=dropout_s,
+        rewrite_bytes=rewrite,
+        critical_s=critical_s,
     )
+
+
+def compute_seconds(
+    hardware: Hardware,
+    precision: str,
+    flops: float,
+    dropout_s: float,
+    processes: int,
+    bubble: float,
+    rewrite_bytes: float = 0.0,
+) -> tuple[float, float]:
+    """(compute, critical): one device's compute per step, ``flops`` at the achieved rate, the
+    ``rewrite_bytes`` recomputation writes again at ``Hardware.rewrite_bandwidth``, plus
+    ``dropout_s``; and the compute's share of the step, compute x (1 + bubble).
+
+    On a CPU host (``Hardware.cores``) each of the node's ``processes`` computes with
+    k = cores / processes threads at 1 + (k - 1) e times one thread's rate (the masks are drawn
+    by one thread); with more processes than cores they take turns, so the step's compute is
+    at least processes x compute / cores, whatever the bubble (an idle stage's core serves another).
+    """
+    rate = hardware.peak_flops(precision) * hardware.compute_efficiency
+    speedup = hardware.thread_speedup(hardware.threads(processes)) if hardware.cores else 1.0
+    rewrite = rewrite_bytes / hardware.rewrite_bandwidth if hardware.rewrite_bandwidth else 0.0
+    compute = (flops / rate + rewrite) / speedup + dropout_s
+    critical = compute * (1 + bubble)
+    if hardware.cores and processes > hardware.cores:
+        critical = max(critical, compute * processes / hardware.cores)
+    return compute, critical
+
+
+def dropout_draws(config: Config, layout: Layout, microbatches: int) -> float:
+    """Dropout mask elements one device draws per step (pipeline stage 0, the embedding's included).
+
+    Per micro-batch and layer: the two residual dropouts, b s h each (b s/t h under sequence
+    parallelism, else every tp rank draws the whole mask), and on dense attention the attention
+    probabilities', b (a/t) s^2 (the unfused path draws over the whole score matrix; loom's other
+    attention kinds drop no probabilities). Recomputation draws again: all of a layer's for
+    ``full``, the probabilities' for ``selective``. The embedding's dropout draws b s h (/t).
+    """
+    model, train = config.model, config.train
+    if not model.dropout:
+        return 0.0
+    b, s, h = layout.micro_batch, train.seq_len, model.d_model
+    tokens = b * s / (layout.tp if layout.sp else 1)
+    probs = b * (model.n_heads / layout.tp) * s * s if model.attention == "dense" else 0.0
+    layer = 2 * tokens * h + probs
+    again = {"none": 0.0, "full": layer, "selective": probs}[layout.recompute]
+    layers = model.n_layers // layout.pp
+    return microbatches * (layers * (layer + again) + tokens * h)
 
 
 def _divisors(n: int) -> list[int]:

@@ -125,6 +125,23 @@ def predict_rank_memory(
     return RankMemory(states["params"], states["grads"], states["optim"], activations, copies)
 
 
+def recomputed_layer_bytes(config: Config, device: str = "cpu") -> float:
+    """Activation bytes one layer's recomputation writes again per micro-batch on one tp rank:
+    what ``train.recompute`` drops for backward (its kept bytes less those without it)."""
+    train, parallel = config.train, config.parallel
+    if train.recompute == "none" or config.model.reversible:
+        return 0.0
+    shape, dtypes = layer_shape(config), dtypes_of(config, device)
+    kernel = attention_kernel(device, config.model.dropout, config.model.attention)
+    b, tp = config.batch(dp=parallel.dp).micro_batch, parallel.tp
+    sp = parallel.sequence_parallel and tp > 1
+
+    def layer(policy: str) -> float:
+        return layer_activation_bytes(shape, train.seq_len, b, tp, sp, policy, dtypes, kernel)
+
+    return layer("none") - layer(train.recompute)
+
+
 def _ends_bytes(config: Config, embed: bool, head: bool, s: int, b: int, t: int, sp: bool, dtypes: Dtypes) -> float:
     """Embedding (token ids, the dropout mask), final norm, head input and the fp32 log-softmax."""
     model = config.model

@@ -148,7 +148,9 @@ def format_explain(p: Prediction, hardware: Hardware) -> str:
         f"of {hardware.memory_bytes / GIB:.0f} ({'fits' if p.fits else 'does not fit'})",
         "communication per step and device: "
         + ", ".join(f"{g} {p.comm_bytes[g] / GIB:.3f} GiB in {p.comm_s[g] * 1e3:.1f} ms" for g in ("dp", "tp", "pp")),
-        f"compute {p.compute_s:.3f} s at {hardware.compute_efficiency:.0%} of peak; bubble {p.bubble:.3f}",
+        f"compute {p.compute_s:.3f} s at {hardware.compute_efficiency:.0%} of peak"
+        + (f" ({p.dropout_s:.3f} s of it drawing dropout masks)" if p.dropout_s else "")
+        + f"; bubble {p.bubble:.3f}",
         f"step {p.step_s:.3f} s = compute x (1 + bubble) + tp + pp + dp not hidden by backward; "
         f"MFU {100 * p.mfu:.1f}%, HFU {100 * p.hfu:.1f}%",
     ]
@@ -176,22 +178,68 @@ def format_comparison(compared: dict) -> str:
 
 def calibrate(prediction: Prediction, measured_: dict, hardware: Hardware) -> Hardware:
     """``hardware`` with its compute efficiency fitted so the predicted step equals the measured
-    one, given the predicted transfers: the per-device compute rate of this machine (fit it on a
-    run without traffic, then :func:`calibrate_links` on one with)."""
-    step = measured_["step_s"]
+    one, given the predicted transfers, dropout draws and recomputation: this machine's achieved
+    FLOP/s (fit it on a run without traffic or recomputation, then :func:`calibrate_links` on
+    one with traffic, :func:`calibrate_rewrite` on one that recomputes)."""
     p = prediction
-    exposed_comm = p.step_s - p.compute_s * (1 + p.bubble)
-    compute = max(step - exposed_comm, 1e-9) / (1 + p.bubble)
-    efficiency = hardware.compute_efficiency * p.compute_s / compute
+    flops_now = p.compute_s - p.dropout_s - _rewrite_s(p, hardware)
+    flops_s = _measured_compute_s(p, measured_) - p.dropout_s - _rewrite_s(p, hardware)
+    efficiency = hardware.compute_efficiency * flops_now / max(flops_s, 1e-9)
     name = hardware.name if hardware.name.endswith("-calibrated") else f"{hardware.name}-calibrated"
     return dataclasses.replace(hardware, name=name, compute_efficiency=efficiency)
+
+
+def calibrate_threads(prediction: Prediction, measured_: dict, hardware: Hardware, threads: int) -> Hardware:
+    """``hardware`` with its thread efficiency fitted on a run whose processes computed with
+    ``threads`` > 1 threads each, its compute efficiency already fitted on a one-thread run."""
+    if threads <= 1 or not hardware.cores:
+        return hardware
+    p = prediction
+    one_thread = (p.compute_s - p.dropout_s) * hardware.thread_speedup(threads)
+    speedup = one_thread / max(_measured_compute_s(p, measured_) - p.dropout_s, 1e-9)
+    return dataclasses.replace(hardware, thread_efficiency=max(0.0, (speedup - 1) / (threads - 1)))
+
+
+def calibrate_rewrite(prediction: Prediction, measured_: dict, hardware: Hardware) -> Hardware:
+    """``hardware`` with its rewrite bandwidth fitted on a run that recomputes, its FLOP rate
+    (and thread efficiency) already fitted: the time the step spends past the recomputed
+    FLOPs, per byte of the activations written again."""
+    p = prediction
+    if not p.rewrite_bytes:
+        return hardware
+    rewrite = _measured_compute_s(p, measured_) - (p.compute_s - _rewrite_s(p, hardware))
+    if rewrite <= 0:
+        return hardware
+    return dataclasses.replace(hardware, rewrite_bandwidth=p.rewrite_bytes / (rewrite * _speedup(p, hardware)))
+
+
+def _speedup(p: Prediction, hardware: Hardware) -> float:
+    """How much faster than one thread each process of the prediction's layout computes."""
+    if not hardware.cores:
+        return 1.0
+    processes = min(p.layout.dp * p.layout.tp * p.layout.pp, hardware.devices_per_node)
+    return hardware.thread_speedup(hardware.threads(processes))
+
+
+def _rewrite_s(p: Prediction, hardware: Hardware) -> float:
+    """Of a prediction's compute, the seconds of writing recomputed activations again."""
+    if not (p.rewrite_bytes and hardware.rewrite_bandwidth):
+        return 0.0
+    return p.rewrite_bytes / hardware.rewrite_bandwidth / _speedup(p, hardware)
+
+
+def _measured_compute_s(p: Prediction, measured_: dict) -> float:
+    """The seconds one device computed in a measured step, by the prediction's other terms:
+    the step less its exposed transfers, less the bubble (the same share as predicted)."""
+    exposed = p.step_s - p.critical_s
+    return max(measured_["step_s"] - exposed, 1e-9) * p.compute_s / p.critical_s
 
 
 def calibrate_links(prediction: Prediction, measured_: dict, hardware: Hardware) -> Hardware:
     """``hardware`` with its intra-node bandwidth fitted so that the predicted step of a run whose
     tp (or pp) traffic is on the critical path equals the measured one, the compute as predicted."""
     p = prediction
-    exposed = measured_["step_s"] - p.compute_s * (1 + p.bubble)
+    exposed = measured_["step_s"] - p.critical_s
     nbytes = p.comm_bytes["tp"] + p.comm_bytes["pp"]
     if exposed <= 0 or not nbytes:
         return hardware

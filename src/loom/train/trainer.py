@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,6 +309,7 @@ class Trainer:
             "loom_version": __version__,
             "world_size": self.dist.dims.world_size,
             "device": self.device.type,
+            **self._host(),
         }
         if self.is_main:  # the planner's prediction for this layout beside what rank 0 measured
             tokens = self.batch.global_batch * train.seq_len
@@ -396,8 +398,12 @@ class Trainer:
         count = self.model.recompute.count
         config = dataclasses.replace(self.config, train=dataclasses.replace(train, recompute_layers=count))
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
-        hardware = hardware_of(self.device.type, name)
+        hardware = hardware_of(self.device.type, name, **self._host())
         return predict_run(config, self.dist.dims.world_size, hardware, self.device.type)
+
+    def _host(self) -> dict:
+        """This host's share of the run, which a CPU prediction needs: its processes and their threads."""
+        return {"local_processes": int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "threads": torch.get_num_threads()}
 
     def _describe_prediction(self) -> str:
         p, mib = self.prediction, 2**20

@@ -1,0 +1,72 @@
+"""The step-time model's terms: dropout draws, a CPU host's shared cores, and calibration."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from loom.config import load_config
+from loom.plan.hardware import HARDWARE, Hardware
+from loom.plan.layout import Layout, compute_seconds, dropout_draws, predict
+from loom.plan.report import calibrate, calibrate_rewrite, calibrate_threads
+
+ITEMS = ["model.n_layers=2", "model.d_model=16", "model.n_heads=4", "model.vocab_size=64", "train.seq_len=8"]
+
+
+def _layout(tp: int = 1, sp: bool = False, recompute: str = "none", micro_batch: int = 2) -> Layout:
+    return Layout(1, tp, 1, 1, "1f1b", 0, sp, recompute, micro_batch)
+
+
+@pytest.mark.parametrize(
+    ("tp", "sp", "recompute", "attention", "per_microbatch"),
+    [
+        # per layer: 2 residual masks of b s h = 2 x 2 x 8 x 16 = 512, the probabilities' b (a/t) s^2;
+        # then the embedding's b s h = 256 once
+        (1, False, "none", "dense", 2 * (512 + 2 * 4 * 64) + 256),
+        (2, False, "none", "dense", 2 * (512 + 2 * 2 * 64) + 256),  # each tp rank draws the whole residual mask
+        (2, True, "none", "dense", 2 * (256 + 2 * 2 * 64) + 128),  # sp: its slice of the sequence
+        (1, False, "selective", "dense", 2 * (512 + 2 * 2 * 4 * 64) + 256),  # the probabilities twice
+        (1, False, "full", "dense", 2 * 2 * (512 + 2 * 4 * 64) + 256),  # the whole layer twice
+        (1, False, "none", "topk", 2 * 512 + 256),  # no dropout on top-k probabilities
+    ],
+)
+def test_dropout_draws_count_every_mask(tp: int, sp: bool, recompute: str, attention: str, per_microbatch: int) -> None:
+    config = load_config(None, [*ITEMS, "model.dropout=0.1", f'model.attention="{attention}"', "model.top_k=4"])
+    assert dropout_draws(config, _layout(tp, sp, recompute), 3) == 3 * per_microbatch
+    assert dropout_draws(load_config(None, ITEMS), _layout(), 3) == 0  # no dropout, nothing drawn
+
+
+def test_a_cpu_host_shares_its_cores_and_a_gpu_does_not() -> None:
+    host = Hardware("host", 1e9, 1e9, 1e9, 8, 1e9, 1e9, compute_efficiency=1.0, cores=2, thread_efficiency=0.5)
+    # one process: two threads, 1.5x one thread's rate; the dropout draws do not speed up
+    assert compute_seconds(host, "fp32", 1e9, 0.1, 1, 0.0) == pytest.approx((1 / 1.5 + 0.1,) * 2)
+    # two processes: a thread each, and the bubble idles them
+    assert compute_seconds(host, "fp32", 1e9, 0.1, 2, 0.5) == pytest.approx((1.1, 1.1 * 1.5))
+    # four processes on two cores take turns: the bubble is filled by the others
+    assert compute_seconds(host, "fp32", 1e9, 0.1, 4, 0.5) == pytest.approx((1.1, 1.1 * 4 / 2))
+    gpu = dataclasses.replace(host, cores=0)
+    assert compute_seconds(gpu, "fp32", 1e9, 0.1, 4, 0.5) == pytest.approx((1.1, 1.1 * 1.5))
+
+
+def test_calibration_recovers_a_hosts_rates() -> None:
+    items = [*ITEMS, "model.dropout=0.1", "train.global_batch=4", "train.micro_batch=2"]
+    config = load_config(None, items)
+    recomputing = load_config(None, [*items, 'train.recompute="full"'])
+    cpu = HARDWARE["cpu"]
+    true = dataclasses.replace(cpu, compute_efficiency=0.8, thread_efficiency=0.9, rewrite_bandwidth=3e9)
+    guess = dataclasses.replace(cpu, compute_efficiency=0.3, thread_efficiency=0.2, rewrite_bandwidth=5e8)
+
+    def step(hardware: Hardware, threads: int, cfg=config, recompute: str = "none"):
+        host = dataclasses.replace(hardware, cores=threads, devices_per_node=1)
+        return predict(cfg, _layout(recompute=recompute), host, 4, "cpu")
+
+    one = calibrate(step(guess, 1), {"step_s": step(true, 1).step_s}, guess)
+    assert one.compute_efficiency == pytest.approx(0.8)
+    both = calibrate_threads(step(one, 2), {"step_s": step(true, 2).step_s}, one, 2)
+    assert both.thread_efficiency == pytest.approx(0.9)
+    assert step(both, 2).step_s == pytest.approx(step(true, 2).step_s)
+    full = step(both, 2, recomputing, "full")
+    assert full.rewrite_bytes > 0 and step(both, 2).rewrite_bytes == 0
+    fitted = calibrate_rewrite(full, {"step_s": step(true, 2, recomputing, "full").step_s}, both)
+    assert fitted.rewrite_bandwidth == pytest.approx(3e9)
