@@ -2,8 +2,9 @@
 time beside what ``loom train`` measured, for layouts runnable on this machine.
 
 Each layout runs ``loom train`` end to end (its own processes, loom's launcher) on the same job;
-rank 0's ``metrics.jsonl`` gives the measured figures (medians over the steps after the first)
-and ``loom.plan.report.predict_run`` the prediction for pp rank 0. Bytes are predicted from the
+rank 0's ``metrics.jsonl`` gives the measured figures (medians over the steps after the first;
+every layout runs once in each of ``--repeats`` rounds and its step time is the median of the
+rounds, as runs on this machine scatter by 10-30%) and ``loom.plan.report.predict_run`` the prediction for pp rank 0. Bytes are predicted from the
 config alone (goal: within 5%). Step time needs the machine's rates, fitted on four runs
 (``loom.plan.report``): one core's FLOP rate on one process of one thread (``calibrate``), what a
 second thread adds on the single process (``calibrate_threads``), what recomputation costs past
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +43,7 @@ JOB = {
     "model.dropout": 0.1,
     "train.seq_len": 256,
     "train.global_batch": 8,
-    "train.steps": 8,
+    "train.steps": 12,
     "train.eval_every": 0,
     "train.sample_tokens": 0,
     "train.ckpt_every": 1000,
@@ -84,14 +86,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write the table here (markdown)")
     parser.add_argument("--max-ranks", type=int, default=8, help="skip layouts with more ranks (default: 8)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over every layout (default: 3)")
     args = parser.parse_args()
-    rows, runs = [], {}
+    rows = []
+    names = [name for name, (ranks, _) in LAYOUTS.items() if ranks <= args.max_ranks]
+    rounds: dict[str, list] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="loom-plan-accuracy-") as tmp:
-        for name, (ranks, settings) in LAYOUTS.items():
-            if ranks <= args.max_ranks:
-                print(f"running {name} ({ranks} ranks)", flush=True)
-                runs[name] = run(name, ranks, settings, Path(tmp))
+        for r in range(args.repeats):  # every layout once a round, so a drift of the machine touches all alike
+            for name in names:
+                ranks, settings = LAYOUTS[name]
+                print(f"round {r + 1}: {name} ({ranks} ranks)", flush=True)
+                rounds[name].append(run(name, ranks, settings, Path(tmp) / str(r)))
+    runs = {name: got[0] for name, got in rounds.items()}  # bytes are the same in every round
     base = HARDWARE["cpu"]
+
+    def step_times(name: str) -> list[float]:
+        """The layout's measured step time (median over its steps after the first) in each round."""
+        out = []
+        for summary, records, _ in rounds[name]:
+            config = config_from_dict(summary["config"])
+            tokens = config.batch(dp=report.run_layout(config, summary["world_size"]).dp).global_batch
+            out.append(report.measured(records, tokens * config.train.seq_len)["step_s"])
+        return out
+
     calibration = ("single, 1 thread", "single", "single, full", "tp2")
 
     def figures(name: str, hw):
@@ -100,7 +117,9 @@ def main() -> int:
         host = on_this_host(hw, summary["local_processes"], summary["threads"])
         prediction = report.predict_run(config, ranks, host, "cpu", 0)
         tokens = config.batch(dp=prediction.layout.dp).global_batch * config.train.seq_len
-        return prediction, report.measured(records, tokens), summary
+        measured = report.measured(records, tokens)
+        measured["step_s"] = statistics.median(step_times(name))
+        return prediction, measured, summary
 
     p, m, _ = figures("single, 1 thread", base)
     calibrated = report.calibrate(p, m, base)
@@ -135,8 +154,12 @@ def main() -> int:
         if name not in calibration:  # the calibration runs fit by construction
             own = ranks <= cores
             worst_time[own] = max(worst_time[own], abs(err))
-        drawn = f", {1e3 * prediction.dropout_s:.0f} of it dropout" if prediction.dropout_s else ""
-        cells.append(f"{1e3 * meas['step_s']:.0f} / {1e3 * prediction.step_s:.0f} ({err:+.0%}{drawn})")
+        times = step_times(name)
+        drawn = f"; {1e3 * prediction.dropout_s:.0f} dropout" if prediction.dropout_s else ""
+        cells.append(
+            f"{1e3 * meas['step_s']:.0f} ({1e3 * min(times):.0f}-{1e3 * max(times):.0f}) / "
+            f"{1e3 * prediction.step_s:.0f} ({err:+.0%}{drawn})"
+        )
         rows.append("| " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
     own, shared = worst_time[True], worst_time[False]
@@ -163,8 +186,8 @@ def main() -> int:
         job = ", ".join(f"{k}={v}" for k, v in JOB.items())
         head = result_head("The planner against measurement", bench_command("plan_accuracy.py"), when, job)
         table = [
-            "Each cell: measured / predicted (rank 0; MiB, or ms for the step, with the predicted time spent "
-            "drawing dropout masks).",
+            f"Each cell: measured / predicted (rank 0; MiB, or ms for the step: the median of {args.repeats} rounds "
+            "with their range, and of the prediction the time spent drawing dropout masks).",
             "",
             "| layout | ranks | params | grads | optimizer | activations | dp bytes | tp bytes | pp bytes | step ms |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
