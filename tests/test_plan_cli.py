@@ -131,13 +131,13 @@ def test_a_run_beside_its_prediction_and_calibration(tmp_path: Path, text_corpus
     assert compared["predicted"]["step_s"] == pytest.approx(compared["measured"]["step_s"], rel=1e-6)
 
 
-def test_calibration_fits_the_links_on_a_run_with_tensor_parallel_traffic(
+def test_calibration_fits_the_links_and_recomputation_on_the_runs_that_show_them(
     tmp_path: Path, text_corpus: Path, capsys
 ) -> None:
     runs = []
-    for name, extra in (("one", {}), ("tp2", {"parallel.tp": 2})):
+    for name, extra in (("one", {}), ("tp2", {"parallel.tp": 2}), ("full", {"train.recompute": "full"})):
         run = tmp_path / name
-        argv = ["train", "--run-dir", str(run)] + (["--nproc", "2"] if extra else [])
+        argv = ["train", "--run-dir", str(run)] + (["--nproc", "2"] if name == "tp2" else [])
         for item in tiny_overrides(text_corpus, **{"train.steps": 4, "train.eval_every": 0, **extra}):
             argv += ["--set", item]
         assert main(argv) == 0
@@ -145,5 +145,11 @@ def test_calibration_fits_the_links_on_a_run_with_tensor_parallel_traffic(
     capsys.readouterr()
     assert main(["plan", "--calibrate", runs[1]]) == 2  # tp traffic alone: compute and links are not separable
     assert "add a run without tensor or pipeline parallelism" in capsys.readouterr().err
+    assert main(["plan", "--calibrate", runs[2]]) == 2  # recomputation alone: compute and its rewrites neither
+    capsys.readouterr()
     assert main(["plan", "--calibrate", *runs]) == 0
-    assert "from 1 run(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "recomputation rewrites at" in out and "links" in out and "from 1 run(s)" in out
+    fitted = load_hardware("cpu-calibrated", tmp_path / "one" / "hardware.toml")
+    assert fitted.rewrite_bandwidth != HARDWARE["cpu"].rewrite_bandwidth  # fitted, not the default
+    assert fitted.intra_bandwidth != HARDWARE["cpu"].intra_bandwidth

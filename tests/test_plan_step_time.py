@@ -70,3 +70,20 @@ def test_calibration_recovers_a_hosts_rates() -> None:
     assert full.rewrite_bytes > 0 and step(both, 2).rewrite_bytes == 0
     fitted = calibrate_rewrite(full, {"step_s": step(true, 2, recomputing, "full").step_s}, both)
     assert fitted.rewrite_bandwidth == pytest.approx(3e9)
+
+
+def test_a_split_backward_bubble_follows_the_forward_backward_and_weight_times() -> None:
+    from loom.parallel.pipeline.simulate import bubble_formula
+    from loom.plan.flops import GPTShape
+    from loom.plan.layout import pass_costs
+
+    shape = GPTShape(layers=2, hidden=1024, vocab=0, seq=8)  # the attention core is 4s/(24h): negligible
+    plain = pass_costs(shape, 3.0, 6.0, 1.0, 0.0, 0.0)
+    assert (plain.forward, plain.backward) == (3.0, 6.0) and plain.weight == pytest.approx(3.0, rel=2e-3)
+    # Qi et al.'s uniform case, F = W = B/2: (p-1)/(3m)
+    assert bubble_formula("zero_bubble", 4, 8, 1, plain)[1] == pytest.approx(3 / 24, rel=1e-2)
+    heavy = pass_costs(shape, 3.0, 6.0, 1.0, 2.0, 2.0)  # dropout drawn in the forward
+    assert heavy.forward == 5.0 and heavy.backward == 6.0
+    assert bubble_formula("zero_bubble", 4, 8, 1, heavy)[1] > bubble_formula("zero_bubble", 4, 8, 1, plain)[1]
+    core = pass_costs(GPTShape(layers=2, hidden=64, vocab=0, seq=384), 3.0, 6.0, 1.0, 0.0, 0.0)
+    assert core.weight == pytest.approx(3.0 / 2)  # 4s^2h = 24sh^2 (s = 6h): half the forward is the weightless core

@@ -229,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         nargs="+",
         metavar="RUN_DIR",
-        help="fit the compute rate on the runs without tp or pp traffic and then the link bandwidth on those "
-        "with it; writes hardware.toml into the first RUN_DIR",
+        help="fit the compute rate on a run without tp or pp traffic or recomputation (and a CPU host's thread "
+        "efficiency on one with more threads per process), recomputation's cost on runs that recompute, the link "
+        "bandwidth on runs with tp or pp traffic; writes hardware.toml into the first RUN_DIR",
     )
     pl.add_argument(
         "--set",
@@ -738,14 +739,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(run_dir: Path, args: argparse.Namespace, hardware):
-    """A finished run's config, its prediction on ``hardware`` (the CPU entry for a CPU run unless
-    another device was named) and its measured medians."""
+def _read_run(run_dir: Path) -> tuple:
+    """A finished run's config, ``summary.json`` and measured medians."""
     import json
 
     from loom.config import config_from_dict
     from loom.plan import report
-    from loom.plan.hardware import load_hardware, on_this_host
     from loom.train.metrics import read_metrics
 
     summary_path = run_dir / "summary.json"
@@ -753,16 +752,36 @@ def _load_run(run_dir: Path, args: argparse.Namespace, hardware):
         raise LoomError(f"{summary_path} does not exist.", "give the folder of a finished run (loom train --run-dir).")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     config = config_from_dict(summary["config"])
+    layout = report.run_layout(config, summary.get("world_size", 1))
+    tokens = config.batch(dp=layout.dp).global_batch * config.train.seq_len
+    freeze = config.optim.freeze(config.train.steps) if config.optim.name == "onebit_adam" else None
+    return config, summary, report.measured(read_metrics(run_dir), tokens, freeze)
+
+
+def _predict_read_run(run: tuple, hardware):
+    """(the device the run's processes had, its prediction there): a CPU run's host is the one its
+    processes shared (runs from before these summary keys: all of them on it)."""
+    from loom.plan import report
+    from loom.plan.hardware import on_this_host
+
+    config, summary, _ = run
     device = summary.get("device", "cpu")
-    if args.gpu == "h100-sxm" and device == "cpu":
-        hardware = load_hardware("cpu", args.hardware_file)
-    if device == "cpu":  # the host the run's processes shared (runs from before these keys: all of them on it)
+    if device == "cpu":
         local = summary.get("local_processes", summary.get("world_size", 1))
         hardware = on_this_host(hardware, local, summary.get("threads"))
-    prediction = report.predict_run(config, summary.get("world_size", 1), hardware, device)
-    tokens = config.batch(dp=prediction.layout.dp).global_batch * config.train.seq_len
-    freeze = config.optim.freeze(config.train.steps) if config.optim.name == "onebit_adam" else None
-    return config, hardware, prediction, report.measured(read_metrics(run_dir), tokens, freeze)
+    return hardware, report.predict_run(config, summary.get("world_size", 1), hardware, device)
+
+
+def _load_run(run_dir: Path, args: argparse.Namespace, hardware):
+    """A finished run's config, its device (the CPU entry for a CPU run unless another device was
+    named), its prediction there and its measured medians."""
+    from loom.plan.hardware import load_hardware
+
+    run = _read_run(run_dir)
+    if args.gpu == "h100-sxm" and run[1].get("device", "cpu") == "cpu":
+        hardware = load_hardware("cpu", args.hardware_file)
+    host, prediction = _predict_read_run(run, hardware)
+    return run[0], host, prediction, run[2]
 
 
 def _plan_run(run_dir: Path, args: argparse.Namespace, hardware) -> int:
@@ -777,35 +796,81 @@ def _plan_run(run_dir: Path, args: argparse.Namespace, hardware) -> int:
 
 
 def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) -> int:
+    """Fit this machine's rates (``loom.plan.report``), each on the runs that show it: the compute
+    rate on the run without tp/pp traffic or recomputation whose processes have the fewest
+    threads, a CPU host's thread efficiency on such a run with more, recomputation's rewrite
+    bandwidth on runs that recompute, the link bandwidth on runs with tp or pp traffic."""
     import dataclasses
     import statistics
 
     from loom.plan import report
+    from loom.plan.hardware import load_hardware
 
-    runs = [_load_run(run_dir, args, hardware) for run_dir in run_dirs]
-    quiet = [r for r in runs if not (r[2].comm_bytes["tp"] or r[2].comm_bytes["pp"])]
+    runs = [_read_run(run_dir) for run_dir in run_dirs]
+    if args.gpu == "h100-sxm" and runs[0][1].get("device", "cpu") == "cpu":
+        hardware = load_hardware("cpu", args.hardware_file)
+    name = hardware.name if hardware.name.endswith("-calibrated") else f"{hardware.name}-calibrated"
+    fitted = dataclasses.replace(hardware, name=name)
+
+    def traffic(p) -> bool:
+        return bool(p.comm_bytes["tp"] or p.comm_bytes["pp"])
+
+    def threads(run, host, p) -> int:
+        return host.threads(min(p.layout.dp * p.layout.tp * p.layout.pp, host.devices_per_node))
+
+    def fit(runs_, how, field):
+        """``fitted`` with ``field`` the median of ``how`` over ``runs_`` (unchanged if none); a rate
+        of 0 (free) is the fastest, so rates are taken through their inverse, seconds per unit."""
+        per_unit = []
+        for run in runs_:
+            host, p = _predict_read_run(run, fitted)
+            value = getattr(how(run, host, p), field)
+            per_unit.append(1 / value if value else 0.0)
+        if not per_unit:
+            return fitted
+        middle = statistics.median(per_unit)
+        return dataclasses.replace(fitted, **{field: 1 / middle if middle else 0.0})
+
+    predicted = [(run, *_predict_read_run(run, fitted)) for run in runs]
+    quiet = [
+        (threads(run, host, p), i, run)
+        for i, (run, host, p) in enumerate(predicted)
+        if not traffic(p) and p.layout.recompute == "none"
+    ]
     if not quiet:
         raise LoomError(
-            "every run given to --calibrate has tp or pp traffic, so compute and links cannot be told apart.",
-            "add a run without tensor or pipeline parallelism (one process, or dp only).",
+            "every run given to --calibrate has tp or pp traffic or recomputes, so the compute rate cannot be "
+            "told apart from the links or the recomputation.",
+            "add a run without tensor or pipeline parallelism and without recomputation (one process, or dp only).",
         )
-    config, base, prediction, measured = quiet[0]
-    fitted = report.calibrate(prediction, measured, base)
-    bandwidths = []
-    for run_dir, (_, _, _, measured_) in zip(run_dirs, runs, strict=True):
-        if measured_ is quiet[0][3]:
-            continue
-        again = _load_run(run_dir, args, fitted)[2]
-        if again.comm_bytes["tp"] or again.comm_bytes["pp"]:
-            bandwidths.append(report.calibrate_links(again, measured_, fitted).intra_bandwidth)
-    if bandwidths:
-        fitted = dataclasses.replace(fitted, intra_bandwidth=statistics.median(bandwidths))
+    quiet.sort(key=lambda q: q[:2])
+    fewest = quiet[0][0]
+    fitted = fit([quiet[0][2]], lambda run, host, p: report.calibrate(p, run[2], host), "compute_efficiency")
+    more = [(n, run) for n, _, run in quiet if n > fewest]
+    fitted = fit(
+        [run for _, run in more[:1]],
+        lambda run, host, p: report.calibrate_threads(p, run[2], host, threads(run, host, p)),
+        "thread_efficiency",
+    )
+    recomputing = [run for run, _, p in predicted if not traffic(p) and p.layout.recompute != "none"]
+    fitted = fit(recomputing, lambda run, host, p: report.calibrate_rewrite(p, run[2], host), "rewrite_bandwidth")
+    linked = [run for run, _, p in predicted if traffic(p)]
+    fitted = fit(linked, lambda run, host, p: report.calibrate_links(p, run[2], host), "intra_bandwidth")
     out = run_dirs[0] / "hardware.toml"
     out.write_text(report.hardware_toml(fitted), encoding="utf-8")
-    links = f", links {fitted.intra_bandwidth / 1e9:.2f} GB/s from {len(bandwidths)} run(s)" if bandwidths else ""
+    precision = runs[quiet[0][1]][0].train.precision
+    found = [f"{fitted.compute_efficiency * fitted.peak_flops(precision) / 1e9:.1f} GFLOP/s per device"]
+    if more:
+        found.append(f"each thread past the first adds {fitted.thread_efficiency:.2f} of one")
+    if recomputing:
+        rewrites = (
+            f"{fitted.rewrite_bandwidth / 1e9:.2f} GB/s" if fitted.rewrite_bandwidth else "no cost past its FLOPs"
+        )
+        found.append(f"recomputation rewrites at {rewrites} from {len(recomputing)} run(s)")
+    if linked:
+        found.append(f"links {fitted.intra_bandwidth / 1e9:.2f} GB/s from {len(linked)} run(s)")
     print(
-        f"{base.name}: achieved {fitted.compute_efficiency:.3g} of the {base.name} peak "
-        f"({fitted.compute_efficiency * fitted.peak_flops(config.train.precision) / 1e9:.1f} GFLOP/s per device){links}; "
+        f"{hardware.name}: achieved {fitted.compute_efficiency:.3g} of the {hardware.name} peak ({'; '.join(found)}); "
         f"written to {out}; use --hardware-file {out} --gpu {fitted.name}"
     )
     return 0

@@ -10,7 +10,8 @@ on a device type, the prediction combines the planner's models:
   device's peak times its achieved fraction (``Hardware.compute_efficiency``), plus the
   dropout masks it draws (:func:`dropout_draws`) at ``Hardware.dropout_rate``; on a CPU host,
   whose processes share its cores, over each process's threads (:func:`compute_seconds`);
-- the pipeline bubble in closed form (``loom.parallel.pipeline.simulate.bubble_formula``);
+- the pipeline bubble in closed form (``loom.parallel.pipeline.simulate.bubble_formula``), a
+  split backward's from the forward, backward and weight-gradient times (:func:`pass_costs`);
 - step time = compute x (1 + bubble) + tp + pp transfers (on the critical path) + what of the
   dp traffic backward cannot hide (dp is overlapped with the backward, 2/3 of the compute;
   ZeRO-3's gathers with the whole step; on a CPU host nothing, as the backend moves the bytes
@@ -27,7 +28,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from loom.config import Config
-from loom.parallel.pipeline.simulate import bubble_formula
+from loom.parallel.pipeline.simulate import Costs, bubble_formula
 from loom.plan.comm import CommShape, comm_seconds, dp_bytes, metrics_dp_bytes, onebit_dp_bytes, pp_bytes, tp_bytes
 from loom.plan.flops import GPTShape, hardware_flops, model_flops
 from loom.plan.hardware import Hardware
@@ -171,13 +172,22 @@ def predict(
     world = layout.dp * layout.tp * layout.pp
     model_total = model_flops(gpt, global_batch)
     hardware_total = hardware_flops(gpt, global_batch, layout.recompute)
-    formula = bubble_formula(layout.schedule, layout.pp, m, layout.vp) if layout.pp > 1 else None
-    bubble = formula[1] if formula else (layout.pp - 1) / m if layout.pp > 1 else 0.0
     draws = dropout_draws(config, layout, m)
     dropout_s = draws / hardware.dropout_rate if hardware.dropout_rate else 0.0
     rewrite = m * (model.n_layers // layout.pp) * recomputed_layer_bytes(config, device)
+    processes = min(world, hardware.devices_per_node)
+    bubble = 0.0
+    if layout.pp > 1:
+        rate = achieved_rate(hardware, precision, processes)
+        rewrite_flops = rewrite / hardware.rewrite_bandwidth * rate if hardware.rewrite_bandwidth else 0.0
+        first = dropout_draws(config, dataclasses.replace(layout, recompute="none"), m)
+        first_s = first / hardware.dropout_rate if hardware.dropout_rate else 0.0
+        forward, backward = model_total / 3 / world, (hardware_total - model_total / 3) / world + rewrite_flops
+        costs = pass_costs(gpt, forward, backward, rate, dropout_s, first_s)
+        formula = bubble_formula(layout.schedule, layout.pp, m, layout.vp, costs)
+        bubble = formula[1] if formula else (layout.pp - 1) / m
     compute_s, critical_s = compute_seconds(
-        hardware, precision, hardware_total / world, dropout_s, min(world, hardware.devices_per_node), bubble, rewrite
+        hardware, precision, hardware_total / world, dropout_s, processes, bubble, rewrite
     )
     # overlapped dp traffic hides behind the backward, unless the backend's threads copy it on the
     # very cores that compute (a CPU host)
@@ -201,6 +211,30 @@ def predict(
     )
 
 
+def pass_costs(
+    shape: GPTShape, forward_flops: float, backward_flops: float, rate: float, dropout_s: float, first_s: float
+) -> Costs:
+    """Seconds of one device's forward F, backward B and weight gradients W per step, for the
+    bubble of a split-backward schedule (zero-bubble's, Qi et al. 2023: (p-1)(F + B - 2W) /
+    (m(F + B))): F its forward FLOPs at ``rate`` and the ``first_s`` of dropout drawn then; B its
+    backward FLOPs (the recomputed forward and its rewrites included) and the rest of the draws;
+    W the weight gradients, as many FLOPs as the forward's matmuls with weights (all but the
+    attention core's), so W < B / 2 where the core, recomputation or dropout weigh.
+    """
+    s, n, h, v = shape.seq, shape.layers, shape.hidden, shape.vocab
+    weighted = n * 24 * s * h * h + 2 * s * h * v  # per sequence; the core adds n 4 rho s^2 h
+    share = weighted / max(weighted + n * 4 * shape.attention_density * s * s * h, 1)
+    f = forward_flops / rate + first_s
+    b = backward_flops / rate + dropout_s - first_s
+    return Costs(forward=f, backward=b, weight=min(share * forward_flops / rate, b))
+
+
+def achieved_rate(hardware: Hardware, precision: str, processes: int) -> float:
+    """FLOP/s one device achieves: peak x efficiency, on a CPU host times its threads' speed-up."""
+    speedup = hardware.thread_speedup(hardware.threads(processes)) if hardware.cores else 1.0
+    return hardware.peak_flops(precision) * hardware.compute_efficiency * speedup
+
+
 def compute_seconds(
     hardware: Hardware,
     precision: str,
@@ -219,10 +253,9 @@ def compute_seconds(
     by one thread); with more processes than cores they take turns, so the step's compute is
     at least processes x compute / cores, whatever the bubble (an idle stage's core serves another).
     """
-    rate = hardware.peak_flops(precision) * hardware.compute_efficiency
     speedup = hardware.thread_speedup(hardware.threads(processes)) if hardware.cores else 1.0
     rewrite = rewrite_bytes / hardware.rewrite_bandwidth if hardware.rewrite_bandwidth else 0.0
-    compute = (flops / rate + rewrite) / speedup + dropout_s
+    compute = flops / achieved_rate(hardware, precision, processes) + rewrite / speedup + dropout_s
     critical = compute * (1 + bubble)
     if hardware.cores and processes > hardware.cores:
         critical = max(critical, compute * processes / hardware.cores)

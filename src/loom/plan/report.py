@@ -203,13 +203,13 @@ def calibrate_threads(prediction: Prediction, measured_: dict, hardware: Hardwar
 def calibrate_rewrite(prediction: Prediction, measured_: dict, hardware: Hardware) -> Hardware:
     """``hardware`` with its rewrite bandwidth fitted on a run that recomputes, its FLOP rate
     (and thread efficiency) already fitted: the time the step spends past the recomputed
-    FLOPs, per byte of the activations written again."""
+    FLOPs, per byte of the activations written again (0, FLOPs only, if it spends none)."""
     p = prediction
     if not p.rewrite_bytes:
         return hardware
     rewrite = _measured_compute_s(p, measured_) - (p.compute_s - _rewrite_s(p, hardware))
-    if rewrite <= 0:
-        return hardware
+    if rewrite <= 0:  # no slower than its FLOPs: count those only
+        return dataclasses.replace(hardware, rewrite_bandwidth=0.0)
     return dataclasses.replace(hardware, rewrite_bandwidth=p.rewrite_bytes / (rewrite * _speedup(p, hardware)))
 
 
