@@ -67,7 +67,7 @@ class Prediction:
     comm_bytes: dict[str, float]
     comm_s: dict[str, float]
     bubble: float
-    compute_s: float  # one device's compute per step (its FLOPs and dropout draws), without waiting
+    compute_s: float  # one device's compute per step (FLOPs, recomputation's rewrites, dropout draws), no waiting
     step_s: float
     mfu: float
     hfu: float
@@ -179,7 +179,8 @@ def predict(
     bubble = 0.0
     if layout.pp > 1:
         rate = achieved_rate(hardware, precision, processes)
-        rewrite_flops = rewrite / hardware.rewrite_bandwidth * rate if hardware.rewrite_bandwidth else 0.0
+        one_thread = hardware.peak_flops(precision) * hardware.compute_efficiency  # rewrites speed up as FLOPs do
+        rewrite_flops = rewrite / hardware.rewrite_bandwidth * one_thread if hardware.rewrite_bandwidth else 0.0
         first = dropout_draws(config, dataclasses.replace(layout, recompute="none"), m)
         first_s = first / hardware.dropout_rate if hardware.dropout_rate else 0.0
         forward, backward = model_total / 3 / world, (hardware_total - model_total / 3) / world + rewrite_flops
