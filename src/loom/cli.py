@@ -815,25 +815,25 @@ def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) ->
     def traffic(p) -> bool:
         return bool(p.comm_bytes["tp"] or p.comm_bytes["pp"])
 
-    def threads(run, host, p) -> int:
+    def threads(host, p) -> int:
         return host.threads(min(p.layout.dp * p.layout.tp * p.layout.pp, host.devices_per_node))
 
-    def fit(runs_, how, field):
-        """``fitted`` with ``field`` the median of ``how`` over ``runs_`` (unchanged if none); a rate
-        of 0 (free) is the fastest, so rates are taken through their inverse, seconds per unit."""
-        per_unit = []
+    def fit(runs_, how, field, rate: bool = True):
+        """``fitted`` with ``field`` the median of ``how`` over ``runs_`` (unchanged if none). A
+        ``rate`` of 0 means free, the fastest: rates take their median as seconds per unit."""
+        values = []
         for run in runs_:
             host, p = _predict_read_run(run, fitted)
             value = getattr(how(run, host, p), field)
-            per_unit.append(1 / value if value else 0.0)
-        if not per_unit:
+            values.append((1 / value if value else 0.0) if rate else value)
+        if not values:
             return fitted
-        middle = statistics.median(per_unit)
-        return dataclasses.replace(fitted, **{field: 1 / middle if middle else 0.0})
+        middle = statistics.median(values)
+        return dataclasses.replace(fitted, **{field: (1 / middle if middle else 0.0) if rate else middle})
 
     predicted = [(run, *_predict_read_run(run, fitted)) for run in runs]
     quiet = [
-        (threads(run, host, p), i, run)
+        (threads(host, p), i, run)
         for i, (run, host, p) in enumerate(predicted)
         if not traffic(p) and p.layout.recompute == "none"
     ]
@@ -849,8 +849,9 @@ def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) ->
     more = [(n, run) for n, _, run in quiet if n > fewest]
     fitted = fit(
         [run for _, run in more[:1]],
-        lambda run, host, p: report.calibrate_threads(p, run[2], host, threads(run, host, p)),
+        lambda run, host, p: report.calibrate_threads(p, run[2], host, threads(host, p)),
         "thread_efficiency",
+        rate=False,
     )
     recomputing = [run for run, _, p in predicted if not traffic(p) and p.layout.recompute != "none"]
     fitted = fit(recomputing, lambda run, host, p: report.calibrate_rewrite(p, run[2], host), "rewrite_bandwidth")
