@@ -51,9 +51,8 @@ class Hardware:
     cores: int = 0  # cores a node's processes share (CPU hosts); 0: each device computes on its own
     thread_efficiency: float = 1.0  # each thread past a process's first adds this much of one thread's speed
     dropout_rate: float = 0.0  # dropout mask elements drawn per second and process; 0: free (fused)
-    rewrite_bandwidth: float = (
-        0.0  # bytes/s of dropped activations recomputation writes again, past its FLOPs; 0: FLOPs only
-    )
+    # bytes/s at which recomputation writes the activations it dropped again, past its FLOPs; 0: FLOPs only
+    rewrite_bandwidth: float = 0.0
 
     def peak_flops(self, precision: str) -> float:
         return self.peak_flops_fp32 if precision == "fp32" else self.peak_flops_bf16
@@ -66,6 +65,10 @@ class Hardware:
     def thread_speedup(self, threads: int) -> float:
         """How much faster a process of ``threads`` threads computes than one of a single thread."""
         return 1 + (threads - 1) * self.thread_efficiency
+
+    def speedup(self, processes: int) -> float:
+        """How much faster than one thread each of a node's ``processes`` computes (1 off a CPU host)."""
+        return self.thread_speedup(self.threads(processes)) if self.cores else 1.0
 
 
 HARDWARE: dict[str, Hardware] = {

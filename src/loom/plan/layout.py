@@ -232,8 +232,7 @@ def pass_costs(
 
 def achieved_rate(hardware: Hardware, precision: str, processes: int) -> float:
     """FLOP/s one device achieves: peak x efficiency, on a CPU host times its threads' speed-up."""
-    speedup = hardware.thread_speedup(hardware.threads(processes)) if hardware.cores else 1.0
-    return hardware.peak_flops(precision) * hardware.compute_efficiency * speedup
+    return hardware.peak_flops(precision) * hardware.compute_efficiency * hardware.speedup(processes)
 
 
 def compute_seconds(
@@ -254,9 +253,8 @@ def compute_seconds(
     by one thread); with more processes than cores they take turns, so the step's compute is
     at least processes x compute / cores, whatever the bubble (an idle stage's core serves another).
     """
-    speedup = hardware.thread_speedup(hardware.threads(processes)) if hardware.cores else 1.0
     rewrite = rewrite_bytes / hardware.rewrite_bandwidth if hardware.rewrite_bandwidth else 0.0
-    compute = flops / achieved_rate(hardware, precision, processes) + rewrite / speedup + dropout_s
+    compute = flops / achieved_rate(hardware, precision, processes) + rewrite / hardware.speedup(processes) + dropout_s
     critical = compute * (1 + bubble)
     if hardware.cores and processes > hardware.cores:
         critical = max(critical, compute * processes / hardware.cores)

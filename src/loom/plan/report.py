@@ -215,10 +215,7 @@ def calibrate_rewrite(prediction: Prediction, measured_: dict, hardware: Hardwar
 
 def _speedup(p: Prediction, hardware: Hardware) -> float:
     """How much faster than one thread each process of the prediction's layout computes."""
-    if not hardware.cores:
-        return 1.0
-    processes = min(p.layout.dp * p.layout.tp * p.layout.pp, hardware.devices_per_node)
-    return hardware.thread_speedup(hardware.threads(processes))
+    return hardware.speedup(min(p.layout.dp * p.layout.tp * p.layout.pp, hardware.devices_per_node))
 
 
 def _rewrite_s(p: Prediction, hardware: Hardware) -> float:
