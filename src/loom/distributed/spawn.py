@@ -22,7 +22,9 @@ With ``init=True`` (the default) each rank sets ``RANK``, ``WORLD_SIZE``, ``LOCA
 the parent), calls ``torch.set_num_threads(1)``, ``dist.init_process_group(backend)``
 with a collective timeout a little below the hard one, runs ``fn``, then
 ``barrier()`` and ``destroy_process_group()``. With ``init=False`` a rank only sets the
-environment and the thread count, for code that initialises itself (loom's trainer).
+environment and the thread count, for code that initialises itself (loom's trainer). Either
+way a rank exits with ``os._exit(0)`` once its result is sent: no interpreter teardown, so
+a file ``fn`` writes must be closed by ``fn``.
 ``env`` entries are applied after loom's own, so they can override them.
 
 How tests use it: write the per-rank body as a **module-level** function of the test
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import datetime
 import faulthandler
+import logging
 import os
 import pickle
 import shutil
@@ -421,3 +424,8 @@ def _rank_main(
         writer.close()
         sys.stdout.flush()
         sys.stderr.flush()
+    # The result is with the parent: skip interpreter teardown, where a native thread the test
+    # left running (a backend's worker, an unclosed trainer's) can abort or segfault the exit
+    # (seen as "returned a result, then exited with code -11").
+    logging.shutdown()
+    os._exit(0)
