@@ -135,14 +135,7 @@ def train_worker(kind: str, seq: int) -> dict:
 
     fix_mmap_threshold()
     torch.set_num_threads(2)
-    items = ["model.n_layers=2", "model.d_model=256", "model.n_heads=4", "model.vocab_size=256"]
-    items += [f"model.max_seq_len={seq}", f"train.seq_len={seq}"]
-    if kind == "dense, unfused core":
-        items.append("model.dropout=0.1")
-    if kind.startswith("sparse"):
-        items += ['model.attention="sparse"', f"model.sparse_attention.block={BLOCK}"]
-        items += ['model.sparse_attention.mode="sliding_window"', "model.sparse_attention.num_sliding_window_blocks=3"]
-    model = Transformer(load_config(None, items).model)
+    model = Transformer(load_config(None, _train_items(kind, seq)).model)
     x = torch.randint(0, 256, (1, seq))
     base = _rss()
     start = time.perf_counter()
@@ -162,17 +155,30 @@ def _spawn(mode: str, kind: str, seq: int) -> dict | None:
 # ----------------------------------------------------------------------------- part 2 planning
 
 
+def _train_items(kind: str, seq: int) -> list[str]:
+    items = ["model.n_layers=2", "model.d_model=256", "model.n_heads=4", "model.vocab_size=256"]
+    items += [f"model.max_seq_len={seq}", f"train.seq_len={seq}"]
+    if kind == "dense, unfused core":
+        items.append("model.dropout=0.1")
+    if kind.startswith("sparse"):
+        items += ['model.attention="sparse"', f"model.sparse_attention.block={BLOCK}"]
+        items += ['model.sparse_attention.mode="sliding_window"', "model.sparse_attention.num_sliding_window_blocks=3"]
+    return items
+
+
 def _predicted_gib(kind: str, seq: int) -> float:
     """The planner's activation bytes of one step (both layers), plus the logits' (fp32, saved)."""
     from loom.config import load_config
-    from loom.plan.activations import Dtypes, LayerShape, attention_kernel, layer_activation_bytes
+    from loom.plan.activations import Dtypes, attention_kernel, layer_activation_bytes
+    from loom.plan.rank_memory import layer_shape
 
-    dropout = 0.1 if kind == "dense, unfused core" else 0.0
-    attention = "sparse" if kind.startswith("sparse") else "dense"
-    cfg = load_config(None, ["model.d_model=256", "model.n_heads=4"]).model
-    shape = LayerShape("gpt2", 256, 4, 4, cfg.ffn_dim, True, dropout)
+    config = load_config(None, _train_items(kind, seq))
     layer = layer_activation_bytes(
-        shape, seq, 1, dtypes=Dtypes(4, 4), kernel=attention_kernel("cpu", dropout, attention)
+        layer_shape(config),
+        seq,
+        1,
+        dtypes=Dtypes(4, 4),
+        kernel=attention_kernel("cpu", config.model.dropout, config.model.attention),
     )
     return (2 * layer + 3 * 4 * seq * 256) / 2**30
 

@@ -19,6 +19,7 @@ from loom.parallel.random import ParallelRNG
 from loom.parallel.tensor import TensorParallel
 from loom.plan.activations import Dtypes, LayerShape, attention_kernel, korthikanti_layer_bytes, layer_activation_bytes
 from loom.plan.rank_memory import choose_recompute_layers, predict_rank_memory
+from loom.sparsity import SparsityConfig, make_layout, row_slots, saved_probability_columns
 from loom.train.metrics import read_metrics
 from loom.train.trainer import Trainer
 
@@ -94,7 +95,12 @@ def _measure(family: str, cases: list, dropout: float = 0.1, attention: str = "d
 def test_measured_layer_activations_equal_the_formula(family: str, dropout: float, attention: str) -> None:
     measured = run_ranks(_measure, 2, args=(family, CASES, dropout, attention), timeout_s=120)[0]
     cfg = load_config(None, [f'model.family="{family}"', f"model.d_model={H}", f"model.n_heads={HEADS}"]).model
-    shape = LayerShape(family, H, HEADS, cfg.kv_heads, cfg.ffn_dim, cfg.use_bias, dropout, 8, (2, 8, True))
+    columns = 0  # the probabilities the block-sparse kernel keeps: the padded slots of each query's row
+    if attention == "sparse":
+        layout = make_layout(SparsityConfig(block=8), HEADS, S)
+        columns = saved_probability_columns(row_slots(layout)[0].shape[-1], 8)
+        assert columns > 0  # this small layout keeps them
+    shape = LayerShape(family, H, HEADS, cfg.kv_heads, cfg.ffn_dim, cfg.use_bias, dropout, 8, (2, 8, True), columns)
     for (t, sp, policy), got in measured.items():
         want = layer_activation_bytes(
             shape, S, B, t, sp, policy, Dtypes(params=4, compute=2), attention_kernel("cpu", dropout, attention)

@@ -17,7 +17,7 @@ from loom.distributed.spawn import run_ranks
 from loom.errors import LoomError
 from loom.model.block_sparse import Slots, block_sparse_attention, dense_mask
 from loom.model.transformer import Transformer
-from loom.sparsity import SparsityConfig, density, make_layout
+from loom.sparsity import SparsityConfig, density, make_layout, row_slots
 
 
 def _layout(heads: int = 1, seq: int = 16 * 8, **params) -> torch.Tensor:
@@ -154,13 +154,18 @@ def test_kernel_equals_dense_attention_under_the_mask(params: dict) -> None:
     ],
     ids=lambda p: p["mode"],
 )
-def test_kernel_in_many_row_groups_and_chunks_equals_dense_attention(params: dict, monkeypatch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("saved", [True, False], ids=["probabilities kept", "recomputed"])
+def test_kernel_in_many_row_groups_and_chunks_equals_dense_attention(params: dict, saved: bool, monkeypatch) -> None:  # noqa: ANN001
     """Tiles small enough that the rows go in many groups, each walking its own longest row's slots
-    a few at a time (the online softmax across chunks, padding inside a group, groups across heads)."""
+    (kept probabilities: in one tile; recomputed: the band, then the rest a few slots at a time, with
+    the online softmax across chunks), padding inside a group, groups across heads and batches, the
+    band read as a view except in the first group."""
+    from loom import sparsity
     from loom.model import block_sparse
 
-    monkeypatch.setattr(block_sparse, "TILE_BYTES", 5 * 2 * 8 * 16 * 4)  # 5 rows a group (batch 2, 16 columns)
+    monkeypatch.setattr(block_sparse, "TILE_BYTES", 5 * 8 * 16 * 4)  # 5 rows a group (16 columns)
     monkeypatch.setattr(block_sparse, "CHUNK_COLUMNS", 16)  # 2 key blocks of 8 per chunk
+    monkeypatch.setattr(sparsity, "SAVED_COLUMNS", 512 if saved else 0)
     torch.manual_seed(0)
     batch, heads, block, n, d = 2, 3, 8, 12, 16
     layout = make_layout(SparsityConfig(block=block, **params), heads, block * n)
@@ -173,6 +178,31 @@ def test_kernel_in_many_row_groups_and_chunks_equals_dense_attention(params: dic
     grad = torch.randn_like(got)
     for a, b, name in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad), "qkv"):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"mode": "sliding_window", "num_sliding_window_blocks": 3},
+        {"mode": "fixed", "num_local_blocks": 4},
+        {"mode": "bigbird", "different_layout_per_head": True, "num_random_blocks": 2},
+        {"mode": "dense"},
+    ],
+    ids=lambda p: p["mode"],
+)
+def test_row_slots_hold_each_kept_block_once_the_band_first(params: dict) -> None:
+    heads, n = 3, 16
+    layout = make_layout(SparsityConfig(block=8, **params), heads, 8 * n)
+    index, valid, band = row_slots(layout)
+    kept = layout | torch.eye(n, dtype=torch.bool)
+    counts = torch.zeros(heads, n, n, dtype=torch.long).scatter_add_(2, index, valid.long())
+    assert torch.equal(counts, kept.long())  # every kept block once, nothing else
+    rows = torch.arange(n).view(n, 1)
+    assert torch.equal(index[..., :band], (rows - band + 1 + torch.arange(band)).clamp(min=0).expand(heads, n, band))
+    assert valid[:, :, band - 1].all()  # the diagonal, last in the band
+    if params["mode"] == "sliding_window":
+        assert (band, index.shape[-1]) == (2, 2)  # the window is the band: nothing gathered
+    assert valid[..., :band].all(-1).float().mean() >= 1 / 1.3  # most rows have the whole band
 
 
 def test_kernel_in_bf16_keeps_its_statistics_in_fp32() -> None:

@@ -184,6 +184,71 @@ def layout_density(config: SparsityConfig, num_heads: int, seq_len: int) -> floa
     return sum(int(_head(config, h, n).sum()) for h in range(heads)) / (heads * n * n)
 
 
+# A layout whose rows span at most this many key columns (padded width x block) has the kernel
+# keep its probabilities for backward rather than recompute them (loom.model.block_sparse).
+SAVED_COLUMNS = 512
+# What gathering a key block costs against computing on it: the band grows by a block while more
+# than 1 / (1 + GATHER_COST) of the rows have it (the others compute that slot masked).
+GATHER_COST = 0.3
+
+
+def row_slots(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The kernel's order of each row's key blocks: ``(index, valid, band)``, index and valid
+    ``(heads, blocks, width)``.
+
+    The first ``band`` slots of row i are the blocks i - band + 1 .. i, ascending (the diagonal
+    last), whether kept or not (``valid`` says; a block before the sequence is clamped to 0 and
+    invalid): a contiguous run of keys the kernel reads as a strided view, without gathering. The
+    other kept blocks follow in ascending order, padded to the longest row. ``band`` is the largest
+    run length at least 1 / (1 + ``GATHER_COST``) of the rows have in full (the last block of a run
+    costs a masked slot on the rows without it, and saves a gather on those with it); 1 at least,
+    every row attends its own block.
+    """
+    layout = layout.bool() | torch.eye(layout.shape[-1], dtype=torch.bool)
+    heads, n, _ = layout.shape
+    rows = torch.arange(n)
+    run = torch.zeros(heads, n, dtype=torch.long)  # kept blocks ending at the diagonal, unbroken
+    alive = torch.ones(heads, n, dtype=torch.bool)
+    for back in range(n):
+        col = rows - back
+        kept = (col >= 0) & layout[:, rows, col.clamp(min=0)]
+        alive &= kept
+        if not bool(alive.any()):
+            break
+        run += alive
+    band = 1
+    while band < n and (run >= band + 1).float().mean().item() * (1 + GATHER_COST) > 1:
+        band += 1
+    start = rows.view(n, 1) - band + 1 + torch.arange(band).view(1, band)  # (n, band) band blocks
+    band_index = start.clamp(min=0).expand(heads, n, band)
+    band_valid = (start >= 0) & torch.gather(layout, 2, start.clamp(min=0).expand(heads, n, band))
+    in_band = (rows.view(1, n) >= rows.view(n, 1) - band + 1) & (rows.view(1, n) <= rows.view(n, 1))
+    rest = layout & ~in_band  # (heads, n, n): kept blocks outside the band
+    counts = rest.sum(-1)
+    extra = int(counts.max().item())
+    order = torch.sort(torch.where(rest, rows.view(1, 1, n), n), dim=-1).values[..., :extra]
+    rest_valid = torch.arange(extra).view(1, 1, extra) < counts.unsqueeze(-1)
+    index = torch.cat([band_index, torch.where(rest_valid, order, 0)], -1)
+    valid = torch.cat([band_valid, rest_valid], -1)
+    return index, valid, band
+
+
+def slot_width(config: SparsityConfig, num_heads: int, seq_len: int) -> int:
+    """The kernel's padded slots per row (:func:`row_slots`) over at most 4 distinct heads, as
+    :func:`layout_density` builds: with :data:`SAVED_COLUMNS`, what the planner counts of the
+    probabilities the kernel keeps."""
+    config.validate(seq_len)
+    n = seq_len // config.block
+    heads = min(num_heads, 4) if config.different_layout_per_head else 1
+    return row_slots(torch.stack([_head(config, h, n) for h in range(heads)]))[0].shape[-1]
+
+
+def saved_probability_columns(width: int, block: int) -> int:
+    """Key columns per query whose probabilities the kernel keeps for backward: all of a row's
+    ``width x block`` when they fit :data:`SAVED_COLUMNS`, else none (it recomputes them)."""
+    return width * block if width * block <= SAVED_COLUMNS else 0
+
+
 def density(layout: torch.Tensor) -> float:
     """The fraction of blocks a layout keeps (of all, including the future a decoder never sees)."""
     return layout.float().mean().item()

@@ -5,25 +5,34 @@
 attends the key blocks ``layout[h, i]``, causally inside the diagonal block when
 ``causal``. Equal to dense attention under the same element mask, forward and backward.
 
-The layout is compiled once into ``slots``: for each head and query block, the list of its
-key blocks (its own first) padded to the longest row (``width``). The heads x blocks query rows
-are taken in groups whose score tile is about ``TILE_BYTES``, so the exp, max and mask passes
-over it run from cache (over the whole stack at once they ran from memory: 2-2.5x slower at
-8k-16k tokens, measured), and each group walks its own longest row's slots a chunk at a time (about ``CHUNK_COLUMNS`` keys) with
-an online softmax (Milakov and Gimelshein, 2018; as flash attention): a chunk gathers g key and
-value blocks per query block, takes their scores in one batched matmul, and folds them into a
-running maximum, sum and output. Forward keeps for backward only q, k, v, the output and the
-log-sum-exp per query. Backward recomputes each chunk's probabilities from the log-sum-exp and
-scatters the key and value gradients back to their blocks (``index_add``):
+The layout is compiled once into ``slots`` (:func:`loom.sparsity.row_slots`): each row's key
+blocks, the first ``band`` of them the blocks i - band + 1 .. i (a window ending at the
+diagonal) and the rest after them, padded to the longest row. The batch x heads x blocks query
+rows form one stack (rows of the same head and batch are consecutive), so the band of a group of
+consecutive rows is one strided view of the keys (row r reads rows r - band + 1 .. r: nothing is
+copied; a row whose band crosses into the previous head masks those slots), and only the rest is
+gathered (``index_select``). Rows are taken in groups whose score tile is about ``TILE_BYTES``, so
+the passes over it run from cache (over the whole stack at once they ran from memory: 2-2.5x
+slower at 8k-16k tokens, measured), each group walking its own longest row's slots.
 
-    P = exp(S - lse),  dV_j += P^T dO,  dP = dO V_j^T,  dS = P (dP - rowsum(dO o O)),
-    dQ += dS K_j scale,  dK_j += dS^T Q scale.
+Two ways through a group:
 
-Work and memory: ``heads x S/block x width`` tiles of ``block^2`` scores at most, so a layout
+- a row of at most ``loom.sparsity.SAVED_COLUMNS`` keys (windows, BigBird, Longformer at their
+  usual sizes): one score tile, torch's fused softmax, and the probabilities P kept for backward
+  (``b x heads x S x width x block`` fp32, linear in S), so backward needs neither the scores'
+  matmul again nor the exp: ``dV = P^T dO, dS = P (dP - rowsum(dP o P)), dQ = dS K scale,
+  dK = dS^T Q scale``;
+- wider rows: the band, then the rest ``CHUNK_COLUMNS`` keys at a time with an online softmax
+  (Milakov and Gimelshein, 2018; as flash attention), keeping for backward only q, k, v, the
+  output and the log-sum-exp per query, and recomputing ``P = exp(S - lse)`` chunk by chunk with
+  ``dS = P (dP - rowsum(dO o O))``.
+
+Key and value gradients go back to their blocks by shifted adds (the band) and ``index_add``
+(the rest). Work: ``heads x S/block x width`` tiles of ``block^2`` scores at most, so a layout
 with a fixed number of blocks per row (a window) is linear in S. A row shorter than its group's
-longest pads with empty slots (masked), which cost the work of full ones: a skewed layout
-(summary columns, which later rows attend more of) pays for each group's longest row, and a
-global row attending everything for its group's.
+longest pads with masked slots, which cost the work of full ones: a skewed layout (summary
+columns, which later rows attend more of) pays for each group's longest row. Under autocast the
+kernel keeps its own dtypes: scores and statistics in fp32 for 16-bit inputs.
 """
 
 from __future__ import annotations
@@ -33,177 +42,219 @@ from dataclasses import dataclass
 
 import torch
 
-CHUNK_COLUMNS = 512  # key columns per score tile: slots are taken this many keys at a time
+from loom.sparsity import row_slots, saved_probability_columns
+
+CHUNK_COLUMNS = 512  # key columns per score tile: slots beyond the band are taken this many keys at a time
+TILE_BYTES = 2 * 2**20  # a row group's score tile: its elementwise passes run from cache, few enough groups
 
 
 @dataclass(frozen=True)
 class Slots:
-    """A layout compiled for the kernel: ``index[h, i, t]`` is the t-th key block of query block i
-    of head h (0 where ``valid`` is False: padding). Each row's own (diagonal) block comes first,
-    so the causal mask inside it is one fixed triangle in the first slot of every row."""
+    """A layout compiled for the kernel (:func:`loom.sparsity.row_slots`): ``index[h, i, t]`` is the
+    t-th key block of query block i of head h, ``valid`` False for padding. The first ``band``
+    slots of row i are the blocks i - band + 1 .. i (the diagonal last), read as a strided view of
+    the keys; the rest are gathered."""
 
     index: torch.Tensor  # (heads, blocks, width) long
     valid: torch.Tensor  # (heads, blocks, width) bool
     block: int
+    band: int = 1
 
     @classmethod
     def of(cls, layout: torch.Tensor, block: int, device: torch.device | str = "cpu") -> Slots:
-        layout = layout.bool() | torch.eye(layout.shape[-1], dtype=torch.bool)  # every block sees itself
-        heads, blocks, _ = layout.shape
-        counts = layout.sum(-1)
-        width = int(counts.max().item())
-        columns = torch.arange(blocks)
-        rank = torch.where(columns.view(1, blocks) == columns.view(blocks, 1), -1, columns.view(1, blocks))
-        rank = torch.where(layout, rank, blocks)  # the diagonal, then kept blocks in order, then the rest
-        order = torch.sort(rank, dim=-1, stable=True).indices[..., :width]
-        valid = torch.arange(width).view(1, 1, width) < counts.unsqueeze(-1)
-        index = torch.where(valid, order, torch.zeros_like(order))
-        return cls(index.to(device), valid.to(device), block)
+        index, valid, band = row_slots(layout)
+        return cls(index.to(device), valid.to(device), block, band)
 
     @property
     def width(self) -> int:
         return self.index.shape[-1]
 
-    def chunks(self, width: int | None = None) -> list[slice]:
-        """Consecutive slots taken together: about ``CHUNK_COLUMNS`` key columns a tile, over the
-        first ``width`` slots (default: all)."""
-        width = self.width if width is None else width
-        step = max(1, min(self.width, CHUNK_COLUMNS // self.block))
-        return [slice(t, min(t + step, width)) for t in range(0, width, step)]
-
-    def group_widths(self, groups: list[slice]) -> list[int]:
-        """The longest row of each group of (heads x blocks) query rows: the slots it walks, so a
-        skewed layout (summary columns: later rows attend more) pays for each group's own longest
-        row, not the layout's."""
-        counts = self.valid.reshape(-1, self.width).sum(-1)
-        return [int(counts[rows].max()) for rows in groups]
+    def rows(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(index, valid)`` over the (batch x heads x blocks) stack of rows, ``(rows, width)``:
+        a block index becomes its row in the stack."""
+        heads, n, width = self.index.shape
+        offsets = torch.arange(batch * heads, device=self.index.device).view(batch, heads, 1, 1) * n
+        index = (self.index.unsqueeze(0) + offsets).reshape(-1, width)
+        return index, self.valid.unsqueeze(0).expand(batch, -1, -1, -1).reshape(-1, width)
 
 
-def _flat(index: torch.Tensor, blocks: int) -> torch.Tensor:
-    """Per-head block indices (heads, rows, g) -> rows of a (heads x blocks) stack, flattened."""
-    heads = index.shape[0]
-    return (index + torch.arange(heads, device=index.device).view(heads, 1, 1) * blocks).reshape(-1)
+@dataclass(frozen=True)
+class _Plan:
+    """How one call walks the rows: groups of consecutive rows (a score tile of about
+    ``TILE_BYTES``), each with its own longest row's slot count (a skewed layout pays for each
+    group's longest row, not the layout's), and whether the probabilities are kept."""
+
+    groups: list[slice]
+    widths: list[int]
+    saved: bool
+
+    @classmethod
+    def of(cls, valid: torch.Tensor, band: int, block: int) -> _Plan:
+        rows, width = valid.shape
+        saved = saved_probability_columns(width, block) > 0
+        columns = width if saved else max(band, min(width - band, CHUNK_COLUMNS // block))
+        step = max(1, min(rows, TILE_BYTES // (block * columns * block * 4)))
+        groups = [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+        # slots a group walks: the band, and the rest up to its longest row's last valid one
+        last = torch.where(valid[:, band:], torch.arange(band + 1, width + 1, device=valid.device), 0)
+        longest = last.amax(-1) if width > band else torch.zeros(rows, dtype=torch.long)
+        widths = [max(band, int(longest[g].max())) for g in groups]
+        return cls(groups, widths, saved)
+
+    def chunks(self, band: int, width: int, block: int) -> list[slice]:
+        """The band, then the rest ``CHUNK_COLUMNS`` keys at a time (one tile when ``saved``)."""
+        if self.saved:
+            return [slice(0, width)]
+        step = max(1, CHUNK_COLUMNS // block)
+        return [slice(0, band)] + [slice(t, min(t + step, width)) for t in range(band, width, step)]
 
 
-TILE_BYTES = 2 * 2**20  # a row group's score tile: its elementwise passes run from cache, few enough groups
+class _Keys:
+    """Key or value blocks of the (rows, block, d) stack for a group of rows and a run of slots:
+    the band as a strided view (row r's slots are the rows r - band + 1 .. r, contiguous), the rest
+    gathered (``index_select``)."""
+
+    def __init__(self, x: torch.Tensor, band: int) -> None:
+        self.x, self.band = x, band
+
+    def viewable(self, rows: slice, slots: slice) -> bool:
+        return slots.start == 0 and slots.stop == self.band and rows.start >= self.band - 1
+
+    def __call__(self, rows: slice, slots: slice, index: torch.Tensor) -> torch.Tensor:
+        _, blk, d = self.x.shape
+        count = slots.stop - slots.start
+        if self.viewable(rows, slots):
+            start = rows.start - self.band + 1
+            return self.x.as_strided((rows.stop - rows.start, count * blk, d), (blk * d, d, 1), start * blk * d)
+        idx = index[rows, slots]
+        return torch.index_select(self.x, 0, idx.reshape(-1)).view(idx.shape[0], count * blk, d)
+
+    def scatter(self, target: torch.Tensor, part: torch.Tensor, rows: slice, slots: slice, index: torch.Tensor) -> None:
+        """target's blocks += part (the gradient of what ``__call__`` read), in place."""
+        _, blk, d = target.shape
+        if self.viewable(rows, slots):
+            first = rows.start - self.band + 1
+            for t in range(self.band):
+                target[first + t : rows.stop - self.band + 1 + t] += part[:, t * blk : (t + 1) * blk]
+            return
+        idx = index[rows, slots].reshape(-1)
+        target.index_add_(0, idx, part.reshape(idx.shape[0], blk, d))
 
 
-def _groups(rows: int, cols: int, blk: int, batch: int) -> list[slice]:
-    """Consecutive query rows (of the heads x blocks stack) taken together: a score tile of about
-    ``TILE_BYTES`` (fp32), so the elementwise passes over it run from cache, not memory."""
-    per_row = batch * blk * cols * 4
-    step = max(1, min(rows, TILE_BYTES // per_row))
-    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
-
-
-class _Rows:
-    """Key or value blocks of the heads x blocks stack, gathered per row group and chunk:
-    (batch, rows, g x block, d) in the statistics dtype."""
-
-    def __init__(self, x: torch.Tensor, blk: int, dtype: torch.dtype) -> None:
-        b, h, s, d = x.shape
-        self.rows = x.reshape(b, h * (s // blk), blk, d)
-        self.dtype = dtype
-
-    def __call__(self, index: torch.Tensor) -> torch.Tensor:
-        r, g = index.shape
-        b, _, blk, d = self.rows.shape
-        out = torch.index_select(self.rows, 1, index.reshape(-1))
-        return out.view(b, r, g * blk, d).to(self.dtype)
-
-
-def _mask(scores: torch.Tensor, valid: torch.Tensor, first: bool, causal: bool, blk: int) -> torch.Tensor:
-    """In place on (batch, rows, block, g x block) scores: -inf for padding slots (``valid``
-    (rows, g) False), and for the future inside each row's own block (slot 0's first columns)."""
+def _mask(scores: torch.Tensor, valid: torch.Tensor, diagonal: int | None, blk: int, triangle: torch.Tensor) -> None:
+    """In place on (rows, block, slots x block) scores: -inf for invalid slots (``valid`` (rows,
+    slots) False), and the future inside the diagonal block (slot ``diagonal``; None: none here)."""
     if not bool(valid.all()):
-        ninf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
-        padding = torch.where(valid, 0.0, ninf).to(scores.dtype).repeat_interleave(blk, -1)
-        scores.add_(padding.unsqueeze(1))
-    if causal and first:
-        future = torch.ones(blk, blk, dtype=torch.bool, device=scores.device).triu(1)
-        scores[..., :blk].masked_fill_(future, float("-inf"))
-    return scores
+        scores.masked_fill_(~valid.repeat_interleave(blk, -1).unsqueeze(1), float("-inf"))
+    if diagonal is not None:
+        scores[..., diagonal * blk : (diagonal + 1) * blk].add_(triangle)
+
+
+def _triangle(blk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """-inf above the diagonal, 0 elsewhere: added to a diagonal block's scores."""
+    future = torch.ones(blk, blk, dtype=torch.bool, device=device).triu(1)
+    return torch.zeros(blk, blk, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
 
 
 class _BlockSparse(torch.autograd.Function):
+    """Its own dtypes under autocast: the scores and statistics in fp32 (16-bit inputs) or the inputs'."""
+
     @staticmethod
     def forward(ctx, q, k, v, slots: Slots, causal: bool, scale: float):  # noqa: ANN001, ANN205
-        stats = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        b, h, s, d = q.shape
-        blk = slots.block
-        n = s // blk
-        index, valid = _flat(slots.index, n).view(h * n, -1), slots.valid.reshape(h * n, -1)
-        qb = q.reshape(b, h * n, blk, d)
-        keys, values = _Rows(k, blk, stats), _Rows(v, blk, stats)
-        out = torch.empty(b, h * n, blk, d, dtype=q.dtype, device=q.device)
-        lse = torch.empty(b, h * n, blk, dtype=stats, device=q.device)
-        widest = max(c.stop - c.start for c in slots.chunks())
-        groups = _groups(h * n, widest * blk, blk, b)
-        for rows, width in zip(groups, slots.group_widths(groups), strict=True):
-            chunks = slots.chunks(width)
-            qg = qb[:, rows].to(stats) * scale
-            running_max = running_sum = acc = None
-            for chunk in chunks:
-                idx = index[rows, chunk]
-                scores = _mask(qg @ keys(idx).transpose(-1, -2), valid[rows, chunk], chunk.start == 0, causal, blk)
-                if running_max is None:  # the first chunk holds each row's own block: a finite maximum
-                    running_max = scores.amax(-1)
-                    p = scores.sub_(running_max.unsqueeze(-1)).exp_()
-                    running_sum, acc = p.sum(-1), p @ values(idx)
-                    continue
-                new_max = torch.maximum(running_max, scores.amax(-1))
-                p = scores.sub_(new_max.unsqueeze(-1)).exp_()
-                correction = torch.exp(running_max - new_max)
-                running_sum = running_sum.mul_(correction).add_(p.sum(-1))
-                acc = acc.mul_(correction.unsqueeze(-1)).add_(p @ values(idx))
-                running_max = new_max
-            torch.div(acc, running_sum.unsqueeze(-1), out=out[:, rows])
-            torch.add(running_max, running_sum.log_(), out=lse[:, rows])
-        out = out.view(q.shape)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.slots, ctx.causal, ctx.scale = slots, causal, scale
-        return out
+        with torch.autocast(q.device.type, enabled=False):
+            return _BlockSparse._forward(ctx, q, k, v, slots, causal, scale)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        q, k, v, out, lse = ctx.saved_tensors
-        slots, causal, scale = ctx.slots, ctx.causal, ctx.scale
-        stats = lse.dtype
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _BlockSparse._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, slots: Slots, causal: bool, scale: float):  # noqa: ANN001, ANN205
+        stats = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         b, h, s, d = q.shape
-        blk = slots.block
-        n = s // blk
-        index, valid = _flat(slots.index, n).view(h * n, -1), slots.valid.reshape(h * n, -1)
-        qb = q.reshape(b, h * n, blk, d)
-        dob = grad_out.contiguous().reshape(b, h * n, blk, d)
-        ob = out.reshape(b, h * n, blk, d)
-        keys, values = _Rows(k, blk, stats), _Rows(v, blk, stats)
-        dq = torch.empty(b, h * n, blk, d, dtype=q.dtype, device=q.device)
-        dk = torch.zeros(b, h * n, blk, d, dtype=stats, device=q.device)
-        dv = torch.zeros(b, h * n, blk, d, dtype=stats, device=q.device)
-        widest = max(c.stop - c.start for c in slots.chunks())
-        groups = _groups(h * n, widest * blk, blk, b)
-        for rows, width in zip(groups, slots.group_widths(groups), strict=True):
-            chunks = slots.chunks(width)
-            qg = qb[:, rows].to(stats) * scale
-            dog = dob[:, rows].to(stats)
-            delta = (dog * ob[:, rows].to(stats)).sum(-1, keepdim=True)  # rowsum(dO o O)
-            lse_g = lse[:, rows].unsqueeze(-1)
+        blk, band = slots.block, slots.band
+        index, valid = slots.rows(b)
+        plan = _Plan.of(valid, band, blk)
+        qs = q.reshape(-1, blk, d).to(stats) * scale
+        keys, values = _Keys(k.reshape(-1, blk, d).to(stats), band), _Keys(v.reshape(-1, blk, d).to(stats), band)
+        triangle = _triangle(blk, stats, q.device)
+        out = torch.empty(qs.shape, dtype=stats, device=q.device)
+        saved = []
+        lse = None if plan.saved else torch.empty(qs.shape[:2], dtype=stats, device=q.device)
+        for rows, width in zip(plan.groups, plan.widths, strict=True):
+            qg = qs[rows]
+            running_max = running_sum = acc = None
+            for slots_ in plan.chunks(band, width, blk):
+                diagonal = band - 1 if causal and slots_.start == 0 else None
+                scores = torch.bmm(qg, keys(rows, slots_, index).transpose(1, 2))
+                _mask(scores, valid[rows, slots_], diagonal, blk, triangle)
+                if plan.saved:  # one tile: the probabilities, kept for backward
+                    p = torch.softmax(scores, -1)
+                    torch.bmm(p, values(rows, slots_, index), out=out[rows])
+                    saved.append(p)
+                    continue
+                # online softmax; the first chunk (the band) holds each row's own block: a finite maximum
+                top = scores.amax(-1)
+                new_max = top if running_max is None else torch.maximum(running_max, top)
+                p = scores.sub_(new_max.unsqueeze(-1)).exp_()
+                part = torch.bmm(p, values(rows, slots_, index))
+                if running_max is None:
+                    running_sum, acc = p.sum(-1), part
+                else:
+                    correction = torch.exp(running_max - new_max)
+                    running_sum = running_sum.mul_(correction).add_(p.sum(-1))
+                    acc = acc.mul_(correction.unsqueeze(-1)).add_(part)
+                running_max = new_max
+            if not plan.saved:
+                torch.div(acc, running_sum.unsqueeze(-1), out=out[rows])
+                torch.add(running_max, running_sum.log_(), out=lse[rows])
+        out = out.to(q.dtype).view(q.shape)
+        if plan.saved:
+            ctx.save_for_backward(q, k, v, *saved)
+        else:
+            ctx.save_for_backward(q, k, v, out, lse)
+        ctx.slots, ctx.causal, ctx.scale, ctx.plan = slots, causal, scale, plan
+        return out
+
+    @staticmethod
+    def _backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        q, k, v, *kept = ctx.saved_tensors
+        slots, causal, scale, plan = ctx.slots, ctx.causal, ctx.scale, ctx.plan
+        stats = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        b, h, s, d = q.shape
+        blk, band = slots.block, slots.band
+        index, valid = slots.rows(b)
+        qs = q.reshape(-1, blk, d).to(stats) * scale
+        dos = grad_out.reshape(-1, blk, d).to(stats)
+        keys, values = _Keys(k.reshape(-1, blk, d).to(stats), band), _Keys(v.reshape(-1, blk, d).to(stats), band)
+        triangle = _triangle(blk, stats, q.device)
+        dq = torch.empty(qs.shape, dtype=stats, device=q.device)
+        dk = torch.zeros(qs.shape, dtype=stats, device=q.device)
+        dv = torch.zeros(qs.shape, dtype=stats, device=q.device)
+        if not plan.saved:
+            out, lse = kept
+            delta = (dos * out.reshape(dos.shape).to(stats)).sum(-1, keepdim=True)  # rowsum(dO o O)
+        for g, (rows, width) in enumerate(zip(plan.groups, plan.widths, strict=True)):
+            qg, dog = qs[rows], dos[rows]
             dqg = None
-            for chunk in chunks:
-                idx = index[rows, chunk]
-                r, g = idx.shape
-                kj, vj = keys(idx), values(idx)
-                p = _mask(qg @ kj.transpose(-1, -2), valid[rows, chunk], chunk.start == 0, causal, blk)
-                p = p.sub_(lse_g).exp_()  # masked: exp(-inf) = 0
-                flat = idx.reshape(-1)
-                dv.index_add_(1, flat, (p.transpose(-1, -2) @ dog).view(b, r * g, blk, d))
-                ds = (dog @ vj.transpose(-1, -2)).sub_(delta).mul_(p)  # dS = P (dP - rowsum(dO o O))
-                part = ds @ kj
-                dqg = part if dqg is None else dqg.add_(part)
-                dk.index_add_(1, flat, (ds.transpose(-1, -2) @ qg).view(b, r * g, blk, d))
-            torch.mul(dqg, scale, out=dq[:, rows])
+            for slots_ in plan.chunks(band, width, blk):
+                kj, vj = keys(rows, slots_, index), values(rows, slots_, index)
+                if plan.saved:  # dS = P (dP - rowsum(dP o P))
+                    p = kept[g]
+                    ds = torch._softmax_backward_data(torch.bmm(dog, vj.transpose(1, 2)), p, -1, stats)
+                else:  # P = exp(S - lse), dS = P (dP - rowsum(dO o O))
+                    diagonal = band - 1 if causal and slots_.start == 0 else None
+                    p = torch.bmm(qg, kj.transpose(1, 2))
+                    _mask(p, valid[rows, slots_], diagonal, blk, triangle)
+                    p = p.sub_(lse[rows].unsqueeze(-1)).exp_()  # masked: exp(-inf) = 0
+                    ds = torch.bmm(dog, vj.transpose(1, 2)).sub_(delta[rows]).mul_(p)
+                values.scatter(dv, torch.bmm(p.transpose(1, 2), dog), rows, slots_, index)
+                dqg = torch.bmm(ds, kj) if dqg is None else dqg.baddbmm_(ds, kj)
+                keys.scatter(dk, torch.bmm(ds.transpose(1, 2), qg), rows, slots_, index)
+            torch.mul(dqg, scale, out=dq[rows])
         shape = q.shape
-        return dq.view(shape), dk.to(k.dtype).view(shape), dv.to(v.dtype).view(shape), None, None, None
+        return dq.to(q.dtype).view(shape), dk.to(k.dtype).view(shape), dv.to(v.dtype).view(shape), None, None, None
 
 
 def block_sparse_attention(

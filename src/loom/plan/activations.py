@@ -67,6 +67,7 @@ class LayerShape:
     dropout: float
     top_k: int = 32  # attention = "topk": the scores each query keeps
     lsh: tuple[int, int, bool] = (2, 64, True)  # attention = "lsh": rounds, chunk, shared QK
+    sparse_columns: int = 0  # attention = "sparse": key columns per query whose probabilities the kernel keeps
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,12 @@ def layer_activation_bytes(
         core = c * (e + (1 if kernel == "lsh" and shape.lsh[2] else 2) * e_kv) / t
     elif kernel == "math":
         core = (12 * e + 12 * shape.heads * s * s * b) / t  # q, k, v, scores, mask, dropped: fp32
-    elif kernel == "sparse":  # q, k and v (K/V expanded to every query head), out, and the
-        # log-sum-exp: linear in s, whatever the layout (loom.model.block_sparse)
+    elif kernel == "sparse" and shape.sparse_columns:  # q, k and v (K/V expanded to every query
+        # head), and the probabilities of each query's padded slots in fp32 (loom.model.block_sparse
+        # keeps them when a row spans at most loom.sparsity.SAVED_COLUMNS keys): linear in s
+        core = c * 3 * e / t + 4 * shape.heads * s * b * shape.sparse_columns / t
+    elif kernel == "sparse":  # q, k, v, out, and the log-sum-exp (the probabilities recomputed):
+        # linear in s, whatever the layout
         core = c * 4 * e / t + 4 * shape.heads * s * b / t
     elif kernel == "lsh":
         core = _lsh_core_bytes(shape, s, b, t, c)

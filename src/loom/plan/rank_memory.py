@@ -27,6 +27,7 @@ from loom.parallel.pipeline.simulate import simulate
 from loom.plan.activations import Dtypes, LayerShape, attention_kernel, layer_activation_bytes
 from loom.plan.memory import compression_state_bytes, model_state_bytes
 from loom.plan.model import count_rank_parameters
+from loom.sparsity import saved_probability_columns, slot_width
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -51,7 +52,12 @@ class RankMemory:
 def layer_shape(config: Config) -> LayerShape:
     m = config.model
     lsh = (m.lsh_hashes, m.lsh_chunk, m.lsh_shared_qk)
-    return LayerShape(m.family, m.d_model, m.n_heads, m.kv_heads, m.ffn_dim, m.use_bias, m.dropout, m.top_k, lsh)
+    columns = 0
+    if m.attention == "sparse":
+        width = slot_width(m.sparse_attention, m.n_heads, config.train.seq_len)
+        columns = saved_probability_columns(width, m.sparse_attention.block)
+    shape = (m.family, m.d_model, m.n_heads, m.kv_heads, m.ffn_dim, m.use_bias, m.dropout, m.top_k, lsh)
+    return LayerShape(*shape, sparse_columns=columns)
 
 
 def dtypes_of(config: Config, device: str) -> Dtypes:
