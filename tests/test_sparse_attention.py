@@ -224,17 +224,26 @@ def test_kernel_in_bf16_keeps_its_statistics_in_fp32() -> None:
         torch.testing.assert_close(a.grad.float(), b.grad, rtol=0.05, atol=0.05)
 
 
-def test_kernel_in_fp32_and_its_tiles_follow_the_blocks_kept() -> None:
+def test_kernel_in_fp32_and_its_tiles_follow_the_blocks_kept(monkeypatch) -> None:  # noqa: ANN001
+    from loom.model import block_sparse
+
+    monkeypatch.setattr(block_sparse, "TILE_BYTES", 4 * 16 * 32 * 4)  # groups of 4 rows: the band read as a view
     torch.manual_seed(1)
     block, n = 16, 16
     layout = make_layout(SparsityConfig(mode="sliding_window", block=block, num_sliding_window_blocks=3), 2, block * n)
     slots = Slots.of(layout, block)
-    assert slots.width == 2  # the causal window: the block itself and the one before
-    q, k, v = (torch.randn(1, 2, block * n, 32, requires_grad=True) for _ in range(3))
+    assert (slots.band, slots.width) == (2, 2)  # the causal window (the block and the one before): a view
+    qkv = torch.randn(3, 1, 2, block * n, 32, requires_grad=True)
+    q, k, v = qkv.unbind(0)  # contiguous views at offsets into one storage, as a fused projection gives
     got = block_sparse_attention(q, k, v, slots)
-    torch.testing.assert_close(got, _reference(q, k, v, layout, block), rtol=1e-5, atol=1e-5)
-    got.sum().backward()
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    want = _reference(*ref, layout, block)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    want.backward(grad)
+    for mine, theirs in zip(qkv.grad.unbind(0), ref):
+        torch.testing.assert_close(mine, theirs.grad, rtol=1e-5, atol=1e-5)
     assert math.isclose(density(layout), (2 * n - 1) / n**2)
 
 

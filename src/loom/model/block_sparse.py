@@ -125,7 +125,8 @@ class _Keys:
         count = slots.stop - slots.start
         if self.viewable(rows, slots):
             start = rows.start - self.band + 1
-            return self.x.as_strided((rows.stop - rows.start, count * blk, d), (blk * d, d, 1), start * blk * d)
+            offset = self.x.storage_offset() + start * blk * d  # k may be a view into a larger storage
+            return self.x.as_strided((rows.stop - rows.start, count * blk, d), (blk * d, d, 1), offset)
         idx = index[rows, slots]
         return torch.index_select(self.x, 0, idx.reshape(-1)).view(idx.shape[0], count * blk, d)
 
@@ -176,14 +177,14 @@ class _BlockSparse(torch.autograd.Function):
         blk, band = slots.block, slots.band
         index, valid = slots.rows(b)
         plan = _Plan.of(valid, band, blk)
-        qs = q.reshape(-1, blk, d).to(stats) * scale
+        qs = q.reshape(-1, blk, d)  # scaled a group at a time: no whole-size temporary
         keys, values = _Keys(k.reshape(-1, blk, d).to(stats), band), _Keys(v.reshape(-1, blk, d).to(stats), band)
         triangle = _triangle(blk, stats, q.device)
         out = torch.empty(qs.shape, dtype=stats, device=q.device)
         saved = []
         lse = None if plan.saved else torch.empty(qs.shape[:2], dtype=stats, device=q.device)
         for rows, width in zip(plan.groups, plan.widths, strict=True):
-            qg = qs[rows]
+            qg = qs[rows].to(stats) * scale
             running_max = running_sum = acc = None
             for slots_ in plan.chunks(band, width, blk):
                 diagonal = band - 1 if causal and slots_.start == 0 else None
@@ -225,18 +226,20 @@ class _BlockSparse(torch.autograd.Function):
         b, h, s, d = q.shape
         blk, band = slots.block, slots.band
         index, valid = slots.rows(b)
-        qs = q.reshape(-1, blk, d).to(stats) * scale
+        qs = q.reshape(-1, blk, d)
         dos = grad_out.reshape(-1, blk, d).to(stats)
         keys, values = _Keys(k.reshape(-1, blk, d).to(stats), band), _Keys(v.reshape(-1, blk, d).to(stats), band)
         triangle = _triangle(blk, stats, q.device)
-        dq = torch.empty(qs.shape, dtype=stats, device=q.device)
-        dk = torch.zeros(qs.shape, dtype=stats, device=q.device)
-        dv = torch.zeros(qs.shape, dtype=stats, device=q.device)
+        dq = torch.empty(dos.shape, dtype=stats, device=q.device)
+        dk = torch.zeros(dos.shape, dtype=stats, device=q.device)
+        dv = torch.zeros(dos.shape, dtype=stats, device=q.device)
         if not plan.saved:
             out, lse = kept
-            delta = (dos * out.reshape(dos.shape).to(stats)).sum(-1, keepdim=True)  # rowsum(dO o O)
+            out = out.reshape(dos.shape)
         for g, (rows, width) in enumerate(zip(plan.groups, plan.widths, strict=True)):
-            qg, dog = qs[rows], dos[rows]
+            qg, dog = qs[rows].to(stats) * scale, dos[rows]
+            if not plan.saved:
+                delta = (dog * out[rows].to(stats)).sum(-1, keepdim=True)  # rowsum(dO o O)
             dqg = None
             for slots_ in plan.chunks(band, width, blk):
                 kj, vj = keys(rows, slots_, index), values(rows, slots_, index)
@@ -248,7 +251,7 @@ class _BlockSparse(torch.autograd.Function):
                     p = torch.bmm(qg, kj.transpose(1, 2))
                     _mask(p, valid[rows, slots_], diagonal, blk, triangle)
                     p = p.sub_(lse[rows].unsqueeze(-1)).exp_()  # masked: exp(-inf) = 0
-                    ds = torch.bmm(dog, vj.transpose(1, 2)).sub_(delta[rows]).mul_(p)
+                    ds = torch.bmm(dog, vj.transpose(1, 2)).sub_(delta).mul_(p)
                 values.scatter(dv, torch.bmm(p.transpose(1, 2), dog), rows, slots_, index)
                 dqg = torch.bmm(ds, kj) if dqg is None else dqg.baddbmm_(ds, kj)
                 keys.scatter(dk, torch.bmm(ds.transpose(1, 2), qg), rows, slots_, index)
