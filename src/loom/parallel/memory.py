@@ -162,7 +162,7 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
     it passes that, and the next step's blocks below ``nbytes`` page-fault afresh. So the trim
     threshold is set too, to ``TRIM_THRESHOLD_BYTES`` (64 MiB of free heap kept at most): measured on
     the block-sparse kernel at 8k tokens (fixed layout, 2 threads), 200,000 page faults and 1.3-1.5 s
-    a call with the trim at 128 KiB, 17,000-29,000 and 0.82-0.85 s at 64-256 MiB, as with glibc's
+    a call with the trim at 128 KiB, 17,000-29,000 and 0.82-0.88 s at 64-256 MiB, as with glibc's
     defaults. Left alone where the user set ``MALLOC_MMAP_THRESHOLD_`` (the trim threshold: where
     ``MALLOC_TRIM_THRESHOLD_``) and off glibc. Returns whether the mmap threshold was set.
     """
