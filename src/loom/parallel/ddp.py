@@ -3,8 +3,10 @@
 Buckets hold parameters in reverse registration order (roughly the order backward
 produces their gradients), each closed once it holds ``bucket_mb`` megabytes (so small
 biases and norms ride with the matrix before them instead of travelling alone). Each bucket owns one flat
-buffer and every parameter's ``.grad`` is a view into it, so gradients accumulate in
-place and a bucket is one message with no copies. A post-accumulate-grad hook counts the
+buffer and every parameter's ``.grad`` is a view into it, so a bucket is one message with no
+copies at send time. :meth:`zero_grad` drops the views: the step's first gradient arrives as
+autograd's own tensor and the hook copies it into its slot (one pass; zeroing the buffer and
+adding into it cost twice the traffic), later micro-batches accumulate into the view in place. A post-accumulate-grad hook counts the
 bucket's gradients; when the last one lands, the bucket's all-reduce (sum) starts
 asynchronously while backward carries on with earlier layers. Buckets are launched in
 index order on every rank (a ready bucket waits for its predecessors), so the
@@ -252,6 +254,8 @@ class DataParallel(GradientSync):
             self._launch(bucket)
 
     def _launch(self, bucket: Bucket) -> None:
+        if bucket.ready < len(bucket.params):  # launched by the sync, not by its last hook
+            self._zero_missing(bucket)
         grads = bucket.grads
         if not self._loss_divided:  # divide before the sum, inside backward, so the mean costs nothing after it
             grads.div_(self.comm.size)
@@ -326,14 +330,29 @@ class DataParallel(GradientSync):
             self.shm.close()
 
     def zero_grad(self) -> None:
-        """Zero the bucket buffers in place, keeping ``.grad`` as views into them."""
-        for bucket in self.buckets:  # .grad stays a view: finish_gradient_sync restored any replaced one
-            bucket.buffer.zero_()
+        """Drop every ``.grad`` (None): the next backward's first gradient is copied into its slot.
+
+        Autograd hands a parameter without ``.grad`` its fresh gradient as is; the hook copies
+        it into the bucket (one pass). Zeroing the buffers instead would cost a pass to zero
+        and an in-place add reading both: twice the memory traffic for the same result.
+        """
+        for p, _, _, _ in self._slots:
+            p.grad = None
         self._grad_norm = None
 
     @staticmethod
+    def _zero_missing(bucket: Bucket) -> None:
+        """Zeros in the slots of parameters that got no gradient this step (not last step's)."""
+        for p, offset in zip(bucket.params, bucket.offsets):
+            if p.grad is None:
+                slot = bucket.buffer[offset : offset + p.numel()]
+                slot.zero_()
+                p.grad = slot.view_as(p)
+
+    @staticmethod
     def _keep_in_bucket(param: nn.Parameter, slot: torch.Tensor) -> None:
-        """Autograd accumulates into the view in place; should it ever replace it, copy back."""
+        """Copy a gradient autograd put elsewhere (the step's first, after :meth:`zero_grad`) into
+        its slot; later ones then accumulate into the view in place."""
         slot.copy_(param.grad.reshape(-1))
         param.grad = slot.view_as(param)
 
