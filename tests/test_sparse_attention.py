@@ -155,22 +155,31 @@ def test_kernel_equals_dense_attention_under_the_mask(params: dict) -> None:
     ids=lambda p: p["mode"],
 )
 @pytest.mark.parametrize("saved", [True, False], ids=["probabilities kept", "recomputed"])
-def test_kernel_in_many_row_groups_and_chunks_equals_dense_attention(params: dict, saved: bool, monkeypatch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("by_length", [False, True], ids=["stack order", "sorted by length"])
+def test_kernel_in_many_row_groups_and_chunks_equals_dense_attention(
+    params: dict, saved: bool, by_length: bool, monkeypatch
+) -> None:  # noqa: ANN001
     """Tiles small enough that the rows go in many groups, each walking its own longest row's slots
     (kept probabilities: in one tile; recomputed: the band, then the rest a few slots at a time, with
-    the online softmax across chunks), padding inside a group, groups across heads and batches, the
-    band read as a view except in the first group."""
+    the online softmax across chunks), padding inside a group, groups across heads and batches; in
+    the stack's order the band read as a view except in the first group, sorted by length the
+    query-side arrays permuted there and back and the band gathered."""
     from loom import sparsity
     from loom.model import block_sparse
 
     monkeypatch.setattr(block_sparse, "TILE_BYTES", 5 * 8 * 16 * 4)  # 5 rows a group (16 columns)
     monkeypatch.setattr(block_sparse, "CHUNK_COLUMNS", 16)  # 2 key blocks of 8 per chunk
+    monkeypatch.setattr(block_sparse, "SORTED_GAIN", -1.0 if by_length else 1.0)  # always / never sorted
     monkeypatch.setattr(sparsity, "SAVED_COLUMNS", 512 if saved else 0)
     torch.manual_seed(0)
     batch, heads, block, n, d = 2, 3, 8, 12, 16
     layout = make_layout(SparsityConfig(block=block, **params), heads, block * n)
     slots = Slots.of(layout, block)
     assert slots.width >= 5 and len(set(slots.valid.sum(-1).reshape(-1).tolist())) > 2  # skewed rows
+    plan = block_sparse._Plan.of(*slots.rows(batch), slots.band, block)
+    assert (plan.order is not None) == by_length
+    if by_length:  # the walk goes through the rows shortest first, each once
+        assert sorted(plan.order.tolist()) == list(range(batch * heads * n)) and plan.widths == sorted(plan.widths)
     q, k, v = (torch.randn(batch, heads, block * n, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
     got = block_sparse_attention(q, k, v, slots)
     want = _reference(q, k, v, layout, block)
@@ -178,6 +187,23 @@ def test_kernel_in_many_row_groups_and_chunks_equals_dense_attention(params: dic
     grad = torch.randn_like(got)
     for a, b, name in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad), "qkv"):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
+
+
+def test_a_skewed_layout_walks_its_rows_sorted_by_length_a_uniform_one_in_place() -> None:
+    """fixed's rows grow with their summary columns: walked in the stack's order its groups of 16
+    rows compute 17% more slots than the rows have; sorted by length, none more (and the window,
+    every row alike, keeps the stack's order and its band view)."""
+    from loom.model import block_sparse
+
+    def computed(params: dict) -> tuple[bool, float]:
+        slots = Slots.of(make_layout(SparsityConfig(block=64, **params), 8, 8192), 64)
+        plan = block_sparse._Plan.of(*slots.rows(1), slots.band, 64)
+        work = sum((g.stop - g.start) * w for g, w in zip(plan.groups, plan.widths, strict=True))
+        return plan.order is not None, work / int(slots.valid.sum())
+
+    by_length, extra = computed({"mode": "fixed", "num_local_blocks": 4, "num_global_blocks": 1})
+    assert by_length and extra < 1.01
+    assert computed({"mode": "sliding_window", "num_sliding_window_blocks": 3}) == (False, pytest.approx(1.0, abs=0.01))
 
 
 @pytest.mark.parametrize(

@@ -30,9 +30,12 @@ Two ways through a group:
 Key and value gradients go back to their blocks by shifted adds (the band) and ``index_add``
 (the rest). Work: ``heads x S/block x width`` tiles of ``block^2`` scores at most, so a layout
 with a fixed number of blocks per row (a window) is linear in S. A row shorter than its group's
-longest pads with masked slots, which cost the work of full ones: a skewed layout (summary
-columns, which later rows attend more of) pays for each group's longest row. Under autocast the
-kernel keeps its own dtypes: scores and statistics in fp32 for 16-bit inputs.
+longest pads with masked slots, which cost the work of full ones, so a skewed layout (summary
+columns, which later rows attend more of) walks its rows sorted by length (``_Plan``: fixed's
+rows at 8k tokens computed 17% more slots than they have in the stack's order, none sorted; the
+query-side arrays are copied into that order and back, and the band is gathered). The scale
+rides in the score matmuls (their alpha), never a pass over q. Under autocast the kernel keeps
+its own dtypes: scores and statistics in fp32 for 16-bit inputs.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from loom.sparsity import row_slots, saved_probability_columns
 
 CHUNK_COLUMNS = 512  # key columns per score tile: slots beyond the band are taken this many keys at a time
 TILE_BYTES = 2 * 2**20  # a row group's score tile: its elementwise passes run from cache, few enough groups
+SORTED_GAIN = 0.05  # walk the rows sorted by length where that computes this fraction fewer slots
 
 
 @dataclass(frozen=True)
@@ -80,26 +84,51 @@ class Slots:
 
 @dataclass(frozen=True)
 class _Plan:
-    """How one call walks the rows: groups of consecutive rows (a score tile of about
-    ``TILE_BYTES``), each with its own longest row's slot count (a skewed layout pays for each
-    group's longest row, not the layout's), and whether the probabilities are kept."""
+    """How one call walks the rows: groups of rows (a score tile of about ``TILE_BYTES``), each
+    with its own longest row's slot count, and whether the probabilities are kept.
+
+    A group computes every slot up to its longest row's, so a skewed layout (summary columns that
+    later rows attend more of) pays for the longest row of each group. Where walking the rows
+    sorted by their slot count computes ``SORTED_GAIN`` fewer slots, the rows go in that order
+    (``order``: the row of the stack each walked row is; ``index`` and ``valid`` follow it): rows
+    of equal length then share groups, at the price of copying the query-side arrays into that
+    order and back, and of gathering the band (its view needs consecutive rows)."""
 
     groups: list[slice]
     widths: list[int]
     saved: bool
+    index: torch.Tensor  # (rows, width): the slots, in walking order
+    valid: torch.Tensor
+    order: torch.Tensor | None = None  # None: the stack's own order
 
     @classmethod
-    def of(cls, valid: torch.Tensor, band: int, block: int) -> _Plan:
+    def of(cls, index: torch.Tensor, valid: torch.Tensor, band: int, block: int) -> _Plan:
         rows, width = valid.shape
         saved = saved_probability_columns(width, block) > 0
         columns = width if saved else max(band, min(width - band, CHUNK_COLUMNS // block))
         step = max(1, min(rows, TILE_BYTES // (block * columns * block * 4)))
         groups = [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
-        # slots a group walks: the band, and the rest up to its longest row's last valid one
+        # slots a row needs: the band, and the rest up to its last valid one
         last = torch.where(valid[:, band:], torch.arange(band + 1, width + 1, device=valid.device), 0)
-        longest = last.amax(-1) if width > band else torch.zeros(rows, dtype=torch.long)
-        widths = [max(band, int(longest[g].max())) for g in groups]
-        return cls(groups, widths, saved)
+        need = last.amax(-1).clamp(min=band) if width > band else torch.full((rows,), band, device=valid.device)
+        widths = [int(need[g].max()) for g in groups]
+        order = torch.sort(need, stable=True).indices
+        ranked = need[order]
+        sorted_widths = [int(ranked[g.stop - 1]) for g in groups]
+        cost = sum((g.stop - g.start) * w for g, w in zip(groups, widths, strict=True))
+        if sum((g.stop - g.start) * w for g, w in zip(groups, sorted_widths, strict=True)) < (1 - SORTED_GAIN) * cost:
+            return cls(groups, sorted_widths, saved, index[order], valid[order], order)
+        return cls(groups, widths, saved, index, valid)
+
+    def walked(self, x: torch.Tensor) -> torch.Tensor:
+        """A query-side (rows, ...) array in walking order (itself when that is the stack's)."""
+        return x if self.order is None else x[self.order]
+
+    def placed(self, x: torch.Tensor) -> torch.Tensor:
+        """A query-side array from walking order back into the stack's."""
+        if self.order is None:
+            return x
+        return torch.empty_like(x).index_copy_(0, self.order, x)
 
     def chunks(self, band: int, width: int, block: int) -> list[slice]:
         """The band, then the rest ``CHUNK_COLUMNS`` keys at a time (one tile when ``saved``)."""
@@ -114,11 +143,11 @@ class _Keys:
     the band as a strided view (row r's slots are the rows r - band + 1 .. r, contiguous), the rest
     gathered (``index_select``)."""
 
-    def __init__(self, x: torch.Tensor, band: int) -> None:
-        self.x, self.band = x, band
+    def __init__(self, x: torch.Tensor, band: int, view: bool = True) -> None:
+        self.x, self.band, self.view = x, band, view  # view: rows walked in the stack's order
 
     def viewable(self, rows: slice, slots: slice) -> bool:
-        return slots.start == 0 and slots.stop == self.band and rows.start >= self.band - 1
+        return self.view and slots.start == 0 and slots.stop == self.band and rows.start >= self.band - 1
 
     def __call__(self, rows: slice, slots: slice, index: torch.Tensor) -> torch.Tensor:
         _, blk, d = self.x.shape
@@ -140,6 +169,12 @@ class _Keys:
             return
         idx = index[rows, slots].reshape(-1)
         target.index_add_(0, idx, part.reshape(idx.shape[0], blk, d))
+
+
+def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``a @ b * scale`` in one pass: the scale is the matmul's alpha, not a pass over an operand."""
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=a.dtype, device=a.device)
+    return torch.baddbmm(out, a, b, beta=0, alpha=scale, out=out)
 
 
 def _mask(scores: torch.Tensor, valid: torch.Tensor, diagonal: int | None, blk: int, triangle: torch.Tensor) -> None:
@@ -175,20 +210,21 @@ class _BlockSparse(torch.autograd.Function):
         stats = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         b, h, s, d = q.shape
         blk, band = slots.block, slots.band
-        index, valid = slots.rows(b)
-        plan = _Plan.of(valid, band, blk)
-        qs = q.reshape(-1, blk, d)  # scaled a group at a time: no whole-size temporary
-        keys, values = _Keys(k.reshape(-1, blk, d).to(stats), band), _Keys(v.reshape(-1, blk, d).to(stats), band)
+        plan = _Plan.of(*slots.rows(b), band, blk)
+        index, valid, view = plan.index, plan.valid, plan.order is None
+        qs = plan.walked(q.reshape(-1, blk, d))  # the scale rides in the score matmul (alpha): no pass over q
+        keys = _Keys(k.reshape(-1, blk, d).to(stats), band, view)
+        values = _Keys(v.reshape(-1, blk, d).to(stats), band, view)
         triangle = _triangle(blk, stats, q.device)
         out = torch.empty(qs.shape, dtype=stats, device=q.device)
         saved = []
         lse = None if plan.saved else torch.empty(qs.shape[:2], dtype=stats, device=q.device)
         for rows, width in zip(plan.groups, plan.widths, strict=True):
-            qg = qs[rows].to(stats) * scale
+            qg = qs[rows].to(stats)
             running_max = running_sum = acc = None
             for slots_ in plan.chunks(band, width, blk):
                 diagonal = band - 1 if causal and slots_.start == 0 else None
-                scores = torch.bmm(qg, keys(rows, slots_, index).transpose(1, 2))
+                scores = _scaled_bmm(qg, keys(rows, slots_, index).transpose(1, 2), scale)
                 _mask(scores, valid[rows, slots_], diagonal, blk, triangle)
                 if plan.saved:  # one tile: the probabilities, kept for backward
                     p = torch.softmax(scores, -1)
@@ -210,7 +246,7 @@ class _BlockSparse(torch.autograd.Function):
             if not plan.saved:
                 torch.div(acc, running_sum.unsqueeze(-1), out=out[rows])
                 torch.add(running_max, running_sum.log_(), out=lse[rows])
-        out = out.to(q.dtype).view(q.shape)
+        out = plan.placed(out).to(q.dtype).view(q.shape)
         if plan.saved:
             ctx.save_for_backward(q, k, v, *saved)
         else:
@@ -225,39 +261,45 @@ class _BlockSparse(torch.autograd.Function):
         stats = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         b, h, s, d = q.shape
         blk, band = slots.block, slots.band
-        index, valid = slots.rows(b)
-        qs = q.reshape(-1, blk, d)
-        dos = grad_out.reshape(-1, blk, d).to(stats)
-        keys, values = _Keys(k.reshape(-1, blk, d).to(stats), band), _Keys(v.reshape(-1, blk, d).to(stats), band)
+        index, valid, view = plan.index, plan.valid, plan.order is None
+        qs = plan.walked(q.reshape(-1, blk, d))
+        dos = plan.walked(grad_out.reshape(-1, blk, d)).to(stats)
+        keys = _Keys(k.reshape(-1, blk, d).to(stats), band, view)
+        values = _Keys(v.reshape(-1, blk, d).to(stats), band, view)
         triangle = _triangle(blk, stats, q.device)
         dq = torch.empty(dos.shape, dtype=stats, device=q.device)
         dk = torch.zeros(dos.shape, dtype=stats, device=q.device)
         dv = torch.zeros(dos.shape, dtype=stats, device=q.device)
         if not plan.saved:
             out, lse = kept
-            out = out.reshape(dos.shape)
+            out = plan.walked(out.reshape(dos.shape))
         for g, (rows, width) in enumerate(zip(plan.groups, plan.widths, strict=True)):
-            qg, dog = qs[rows].to(stats) * scale, dos[rows]
+            qg, dog, dqg = qs[rows].to(stats), dos[rows], dq[rows]
             if not plan.saved:
                 delta = (dog * out[rows].to(stats)).sum(-1, keepdim=True)  # rowsum(dO o O)
-            dqg = None
-            for slots_ in plan.chunks(band, width, blk):
+            for c, slots_ in enumerate(plan.chunks(band, width, blk)):
                 kj, vj = keys(rows, slots_, index), values(rows, slots_, index)
                 if plan.saved:  # dS = P (dP - rowsum(dP o P))
                     p = kept[g]
                     ds = torch._softmax_backward_data(torch.bmm(dog, vj.transpose(1, 2)), p, -1, stats)
                 else:  # P = exp(S - lse), dS = P (dP - rowsum(dO o O))
                     diagonal = band - 1 if causal and slots_.start == 0 else None
-                    p = torch.bmm(qg, kj.transpose(1, 2))
+                    p = _scaled_bmm(qg, kj.transpose(1, 2), scale)
                     _mask(p, valid[rows, slots_], diagonal, blk, triangle)
                     p = p.sub_(lse[rows].unsqueeze(-1)).exp_()  # masked: exp(-inf) = 0
                     ds = torch.bmm(dog, vj.transpose(1, 2)).sub_(delta).mul_(p)
                 values.scatter(dv, torch.bmm(p.transpose(1, 2), dog), rows, slots_, index)
-                dqg = torch.bmm(ds, kj) if dqg is None else dqg.baddbmm_(ds, kj)
-                keys.scatter(dk, torch.bmm(ds.transpose(1, 2), qg), rows, slots_, index)
-            torch.mul(dqg, scale, out=dq[rows])
+                torch.baddbmm(dqg, ds, kj, beta=1 if c else 0, alpha=scale, out=dqg)  # dQ = dS K scale
+                keys.scatter(dk, _scaled_bmm(ds.transpose(1, 2), qg, scale), rows, slots_, index)
         shape = q.shape
-        return dq.to(q.dtype).view(shape), dk.to(k.dtype).view(shape), dv.to(v.dtype).view(shape), None, None, None
+        return (
+            plan.placed(dq).to(q.dtype).view(shape),
+            dk.to(k.dtype).view(shape),
+            dv.to(v.dtype).view(shape),
+            None,
+            None,
+            None,
+        )
 
 
 def block_sparse_attention(
