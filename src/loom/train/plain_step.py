@@ -14,7 +14,7 @@ of :class:`~loom.train.zero_step.ZeroStep`, which does the same on ZeRO's flat b
    pure dp, by the norm DDP measured while its last buckets were in flight.
 4. ``step``: AdamW, unless fp16's loss scaler found an inf or NaN on any rank of dp, tp or pp
    (one scaler for the whole run: every rank skips the same steps, the scales stay equal), then zero the gradients
-   (DDP keeps ``.grad`` as views into its buckets, so it zeroes them in place).
+   (DDP drops them too: the next backward's first gradients are copied into its bucket slots).
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ class PlainStep:
         if not overflow:
             self.optimizer.step()
         if self.ddp is not None:
-            self.ddp.zero_grad()  # keeps .grad as views into the all-reduce buckets
+            self.ddp.zero_grad()  # .grad None; the next gradients are copied into the buckets
         else:
             self.optimizer.zero_grad(set_to_none=True)
         return not overflow
