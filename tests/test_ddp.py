@@ -15,7 +15,7 @@ from conftest import tiny_overrides
 
 from loom.config import load_config
 from loom.distributed.comm import model_bytes
-from loom.distributed.context import init_distributed
+from loom.distributed.context import BACKSTOP_S, init_distributed
 from loom.distributed.spawn import run_ranks
 from loom.model.transformer import Transformer
 from loom.parallel.ddp import DataParallel
@@ -117,10 +117,11 @@ def _rank_train(overrides: list[str], run_dir: str) -> list[dict]:
     config = load_config(None, overrides)
     ctx = init_distributed(config.parallel)
     trainer = Trainer(config, Path(run_dir), dist=ctx)
-    transport = trainer.update.ddp.transport
+    ddp = trainer.update.ddp
+    waits = None if ddp.shm is None else (ddp.shm.timeout_s, ddp.shm.quiesce_timeout_s)
     trainer.run()
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    return [read_metrics(Path(run_dir)) if ctx.is_main else None, params, transport]
+    return [read_metrics(Path(run_dir)) if ctx.is_main else None, params, ddp.transport, waits]
 
 
 @pytest.mark.parametrize(
@@ -137,6 +138,9 @@ def test_trainer_on_dp_ranks_matches_one_process(
     overrides = tiny_overrides(text_corpus, **common, **{"train.micro_batch": micro, "ddp.transport": transport})
     results = run_ranks(_rank_train, world, args=(overrides, str(tmp_path / "dp")), timeout_s=120)
     assert {r[2] for r in results} == {"shm" if transport == "auto" else "backend"}  # one host: auto takes shm
+    if transport == "auto":  # the buckets' waits behind the watchdog's; the readers' wait, which it cannot see, at it
+        timeout = load_config(None, overrides).parallel.timeout_s
+        assert {r[3] for r in results} == {(timeout + BACKSTOP_S, timeout)}
     records = results[0][0]
     param_bytes = 4 * single.model.num_params()
     for one, many in zip(read_metrics(tmp_path / "one"), records, strict=True):
@@ -148,7 +152,7 @@ def test_trainer_on_dp_ranks_matches_one_process(
         )
     lr_sum = sum(r["lr"] for r in read_metrics(tmp_path / "one"))
     for name, want in single.model.named_parameters():
-        for _, params, _ in results:
+        for _, params, *_ in results:
             if name.endswith(NOISE_ONLY):
                 # its exact gradient is zero, so both runs step it by lr-sized moves of rounding noise
                 assert params[name].abs().max() <= 3 * lr_sum and want.abs().max() <= 3 * lr_sum, name

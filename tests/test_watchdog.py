@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -69,7 +71,7 @@ def _shm_victim(run_dir: str) -> str:
 
     ctx = init_distributed(ParallelConfig(timeout_s=TIMEOUT_S))
     model = torch.nn.Linear(64, 64)
-    ddp = DataParallel(model, ctx.comm("dp"), bucket_mb=0.001, transport="shm", timeout_s=TIMEOUT_S + 30)
+    ddp = DataParallel(model, ctx.comm("dp"), bucket_mb=0.001, transport="shm", timeout_s=TIMEOUT_S)
     with fail_loudly(ctx.ledger, TIMEOUT_S, Path(run_dir)):
         for step in range(6):
             if ctx.rank == 1 and step == 2:
@@ -89,3 +91,43 @@ def test_a_stalled_peer_in_a_shared_memory_all_reduce_is_reported(tmp_path: Path
     report = (tmp_path / "failure_rank0.txt").read_text()
     assert "rank 0: waiting in all_reduce" in report and "on dp group [0, 1]" in report
     assert "pending, tag grad (shm)" in report  # the bucket stuck in shared memory, named as such
+
+
+def _shm_quiesce_victim(run_dir: str) -> str:
+    """DDP over shared memory (3 steps a bucket); rank 1 stops (SIGSTOP) just before the last step
+    of the third sync: rank 0's buckets are done and it waits for rank 1 to finish reading them,
+    a wait no ledger entry covers."""
+    from loom.parallel.ddp import DataParallel
+
+    ctx = init_distributed(ParallelConfig(timeout_s=TIMEOUT_S))
+    model = torch.nn.Linear(64, 64)
+    ddp = DataParallel(model, ctx.comm("dp"), bucket_mb=0.001, transport="shm", timeout_s=TIMEOUT_S)
+    last = 3 * len(ddp.buckets) * 3  # the third sync's last step
+    if ctx.rank == 1:
+        say = ddp.shm._say
+
+        def stop_before_the_last() -> None:
+            if ddp.shm._said + 1 == last:  # this thread, now: os.kill's stop lands a moment later
+                signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+            say()
+
+        ddp.shm._say = stop_before_the_last
+    with fail_loudly(ctx.ledger, TIMEOUT_S, Path(run_dir)):
+        for _ in range(6):
+            model(torch.ones(4, 64)).sum().backward()
+            ddp.finish_gradient_sync()
+            ddp.zero_grad()
+    return "finished"
+
+
+def test_a_peer_stopped_while_reading_shared_buckets_ends_the_wait_within_the_timeout(tmp_path: Path) -> None:
+    """The wait for peers to finish reading (``quiesce``) raises after parallel.timeout_s, not the
+    buckets' backstop 30 s later (a SIGSTOP there held a 4-rank run 40 s, timeout 10 s)."""
+    began = time.monotonic()
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(_shm_quiesce_victim, 2, args=(str(tmp_path),), timeout_s=60, collective_timeout_s=60)
+    assert time.monotonic() - began < 20
+    assert "finished" not in str(failure.value)
+    report = (tmp_path / "failure_rank0.txt").read_text()
+    assert "rank 0: not in a collective" in report  # no ledger entry: the watchdog could not see it
+    assert re.search(rf"rank 1 did not reach step \d+ within {TIMEOUT_S:g} s \(it died or is stuck\)", report)

@@ -30,7 +30,10 @@ Ordering relies on x86-64's total store order (data is stored before the counter
 that announces it, and read after it), so :func:`unavailable` declines other CPUs; it also
 declines ranks on different hosts, non-CPU devices and a ``/dev/shm`` too small to hold
 the segments. A peer that stops advancing (dead, or stuck) makes the waiting call raise
-after ``timeout_s``; the watchdog reports the pending ledger entry before that.
+after ``timeout_s``; the watchdog reports the pending ledger entry before that. :meth:`quiesce`
+(peers still reading this rank's data after its calls are done) has no ledger entry for the
+watchdog to see, so it raises after its own ``quiesce_timeout_s``: set it to the watchdog's
+timeout, or a stopped peer there holds its group for the whole ``timeout_s``.
 """
 
 from __future__ import annotations
@@ -114,8 +117,16 @@ class ShmAllReduce:
     region holds the sum over the group. Collective to build (every rank of ``comm``).
     """
 
-    def __init__(self, comm: Comm, numel: int, dtype: torch.dtype, timeout_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        comm: Comm,
+        numel: int,
+        dtype: torch.dtype,
+        timeout_s: float = 300.0,
+        quiesce_timeout_s: float | None = None,
+    ) -> None:
         self.comm, self.timeout_s = comm, timeout_s
+        self.quiesce_timeout_s = timeout_s if quiesce_timeout_s is None else quiesce_timeout_s
         self.rank, self.size = comm.rank, comm.size
         self.element_size = torch.empty((), dtype=dtype).element_size()
         nbytes = CONTROL_BYTES + numel * self.element_size
@@ -179,8 +190,10 @@ class ShmAllReduce:
         return Handle(work, self.comm.ledger, entry)
 
     def quiesce(self) -> None:
-        """Wait until every peer has finished reading this rank's data (after the last call's wait)."""
-        self._wait_for(self._said)
+        """Wait until every peer has finished reading this rank's data (after the last call's wait).
+
+        No ledger entry covers this wait: it raises after ``quiesce_timeout_s``."""
+        self._wait_for(self._said, self.quiesce_timeout_s)
 
     def close(self) -> None:
         """Stop the worker and close the doorbells (after the last call's wait); idempotent."""
@@ -229,7 +242,7 @@ class ShmAllReduce:
             except BlockingIOError:  # the pipe is full of unread rings: that peer wakes anyway
                 pass
 
-    def _wait_for(self, value: int) -> None:
+    def _wait_for(self, value: int, timeout_s: float | None = None) -> None:
         """Until every peer's counter has reached ``value``: a short spin, then sleep on the doorbell.
 
         A ring read here may be older than the count it announces; the counters are read
@@ -245,11 +258,12 @@ class ShmAllReduce:
             if spins <= _SPIN:
                 continue
             now = time.monotonic()
-            deadline = deadline or now + self.timeout_s
+            limit = self.timeout_s if timeout_s is None else timeout_s
+            deadline = deadline or now + limit
             if now > deadline:
                 raise TimeoutError(
                     f"shared-memory all_reduce on the {self.comm.name} group: rank {self.comm.ranks[behind[0]]} did "
-                    f"not reach step {value} within {self.timeout_s:.0f} s (it died or is stuck)"
+                    f"not reach step {value} within {limit:g} s (it died or is stuck)"
                 )
             readable, _, _ = select.select([self._inbox], [], [], min(deadline - now, 1.0))
             if readable:

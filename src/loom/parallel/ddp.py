@@ -48,6 +48,7 @@ from torch import nn
 
 from loom.distributed import shm
 from loom.distributed.comm import Comm
+from loom.distributed.context import BACKSTOP_S
 from loom.errors import LoomError
 from loom.parallel.grads import clip_coefficient, global_norm, tensor_norms
 
@@ -99,8 +100,11 @@ class DataParallel(GradientSync):
 
     ``transport``: ``"backend"`` all-reduces through the process group (gloo, nccl);
     ``"shm"`` through shared memory (:mod:`loom.distributed.shm`: CPU ranks of one host), an error
-    where it cannot; ``"auto"`` takes shm where it can, else the backend. ``timeout_s``
-    bounds a shared-memory wait for a peer.
+    where it cannot; ``"auto"`` takes shm where it can, else the backend. ``timeout_s`` is the
+    run's collective timeout (``parallel.timeout_s``, the watchdog's): a shared-memory bucket's
+    wait, which the ledger shows pending so the watchdog reports it first, raises after
+    ``timeout_s + BACKSTOP_S``; the wait for peers to finish reading this rank's buckets, which
+    no ledger entry covers, after ``timeout_s`` itself.
     """
 
     def __init__(
@@ -188,7 +192,7 @@ class DataParallel(GradientSync):
             else shm.unavailable(self.comm, first.device, numel * first.element_size())
         )
         if reason is None:
-            return shm.ShmAllReduce(self.comm, numel, first.dtype, timeout_s)
+            return shm.ShmAllReduce(self.comm, numel, first.dtype, timeout_s + BACKSTOP_S, quiesce_timeout_s=timeout_s)
         if transport == "shm":
             raise LoomError(
                 f"ddp.transport = 'shm' cannot serve the {self.comm.name} group: {reason}.",

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from loom.config import BatchShape, Config
-from loom.distributed.context import BACKSTOP_S, DistContext
+from loom.distributed.context import DistContext
 from loom.model.recompute import Recompute
 from loom.model.transformer import Transformer
 from loom.optim.adamw import build_adamw
@@ -151,7 +151,7 @@ def _plain_step(
             config.ddp.bucket_mb,
             measure_norm=whole,
             transport=config.ddp.transport,
-            timeout_s=config.parallel.timeout_s + BACKSTOP_S,
+            timeout_s=config.parallel.timeout_s,
         )
     optimizer = build_adamw(model, config.train, dist.device)
     if config.optim.name == "onebit_adam":  # AdamW's warm-up, then the momentum 1 bit a value over dp
