@@ -248,6 +248,7 @@ class ShmAllReduce:
         A ring read here may be older than the count it announces; the counters are read
         again after every wake-up, so no ring is lost.
         """
+        limit = self.timeout_s if timeout_s is None else timeout_s
         deadline = None
         spins = 0
         while True:
@@ -258,7 +259,6 @@ class ShmAllReduce:
             if spins <= _SPIN:
                 continue
             now = time.monotonic()
-            limit = self.timeout_s if timeout_s is None else timeout_s
             deadline = deadline or now + limit
             if now > deadline:
                 raise TimeoutError(

@@ -2,13 +2,14 @@
 
 Buckets hold parameters in reverse registration order (roughly the order backward
 produces their gradients), each closed once it holds ``bucket_mb`` megabytes (so small
-biases and norms ride with the matrix before them instead of travelling alone). Each bucket owns one flat
-buffer and every parameter's ``.grad`` is a view into it, so a bucket is one message with no
-copies at send time. :meth:`zero_grad` drops the views: the step's first gradient arrives as
-autograd's own tensor and the hook copies it into its slot (one pass; zeroing the buffer and
-adding into it cost twice the traffic), later micro-batches accumulate into the view in place. A post-accumulate-grad hook counts the
-bucket's gradients; when the last one lands, the bucket's all-reduce (sum) starts
-asynchronously while backward carries on with earlier layers. Buckets are launched in
+biases and norms ride with the matrix before them instead of travelling alone). Each bucket
+owns one flat buffer and every parameter's ``.grad`` is a view into it, so a bucket is one
+message with no copies at send time. :meth:`zero_grad` drops the views: the step's first
+gradient arrives as autograd's own tensor and the hook copies it into its slot (one pass;
+zeroing the buffer and adding into it cost twice the traffic), later micro-batches accumulate
+into the view in place. A post-accumulate-grad hook counts the bucket's gradients; when the
+last one lands, the bucket's all-reduce (sum) starts asynchronously while backward carries on
+with earlier layers. Buckets are launched in
 index order on every rank (a ready bucket waits for its predecessors), so the
 collectives match across ranks whatever order the hooks fire in.
 
