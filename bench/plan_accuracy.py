@@ -9,11 +9,13 @@ config alone (goal: within 5%). Step time needs the machine's rates, fitted on f
 (``loom.plan.report``): one core's FLOP rate on one process of one thread (``calibrate``), what a
 second thread adds on the single process (``calibrate_threads``), what recomputation costs past
 its FLOPs on full recomputation (``calibrate_rewrite``), the link bandwidth on tp 2
-(``calibrate_links``); dropout's draws per second are the ``cpu`` entry's. Then every other
-layout's step time is predicted (goal: within 15%). Ranks on one CPU host share its cores
-(``loom.plan.hardware.on_this_host``: each process computes with cores / processes threads, and
-more processes than cores take turns); the table also says how far the rows with a core per
-rank and those with more ranks than cores are off.
+(``calibrate_links``), and on tp 2 x pp 2 (4 ranks on the host's 2 cores) how long a transfer
+waits for a peer that lost its core (``calibrate_turns``); dropout's draws per second are the
+``cpu`` entry's. Then every other layout's step time is predicted (goal: within 15%). Ranks on
+one CPU host share its cores (``loom.plan.hardware.on_this_host``: each process computes with
+cores / processes threads, more processes than cores take turns, and their transfers wait for
+each other's turns, ``Hardware.turn_wait``); the table also says how far the rows with a core
+per rank and those with more ranks than cores are off.
 
     python bench/plan_accuracy.py --out bench/results/plan_accuracy.md
 """
@@ -21,6 +23,7 @@ rank and those with more ranks than cores are off.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -109,7 +112,7 @@ def main() -> int:
             out.append(report.measured(records, tokens * config.train.seq_len)["step_s"])
         return out
 
-    calibration = ("single, 1 thread", "single", "single, full", "tp2")
+    calibration = ("single, 1 thread", "single", "single, full", "tp2", "tp2 pp2")
 
     def figures(name: str, hw):
         summary, records, ranks = runs[name]
@@ -130,6 +133,11 @@ def main() -> int:
     if "tp2" in runs:
         p, m, _ = figures("tp2", calibrated)
         calibrated = report.calibrate_links(p, m, calibrated)
+    if "tp2 pp2" in runs:  # 4 ranks on the host's cores: the turns its transfers wait
+        p, m, summary = figures("tp2 pp2", calibrated)
+        host = on_this_host(calibrated, summary["local_processes"], summary["threads"])
+        turned = report.calibrate_turns(p, m, host)
+        calibrated = dataclasses.replace(calibrated, turn_latency=turned.turn_latency)
     worst_bytes = 0.0
     worst_time = {True: 0.0, False: 0.0}  # ranks within the cores, or beyond them
     cores = on_this_host(base).cores
@@ -167,7 +175,8 @@ def main() -> int:
         f"Bytes (states, activations, traffic): largest error {worst_bytes:.1%} (goal 5%: "
         f"{'met' if worst_bytes <= 0.05 else 'missed'}).",
         f"Step time after calibration (one core's rate on `single, 1 thread`, a second thread's on `single`, "
-        f"recomputation's rewrites on `single, full`, the link on `tp2`): largest error on the other layouts with a core per rank {own:.0%}, with more ranks than "
+        f"recomputation's rewrites on `single, full`, the link on `tp2`, the turns a transfer waits with more "
+        f"ranks than cores on `tp2 pp2`): largest error on the other layouts with a core per rank {own:.0%}, with more ranks than "
         f"this host's {cores} cores {shared:.0%} (goal 15%: {'met' if max(own, shared) <= 0.15 else 'missed'}"
         + (
             " on both"
@@ -178,7 +187,8 @@ def main() -> int:
         f"Calibrated device: {calibrated.compute_efficiency * calibrated.peak_flops_fp32 / 1e9:.1f} GFLOP/s per "
         f"core, a second thread adds {calibrated.thread_efficiency:.2f} of one, link {calibrated.intra_bandwidth / 1e9:.2f} "
         f"GB/s, dropout masks {calibrated.dropout_rate / 1e6:.0f} M elements/s, recomputed activations rewritten at "
-        f"{calibrated.rewrite_bandwidth / 1e9:.2f} GB/s per thread.",
+        f"{calibrated.rewrite_bandwidth / 1e9:.2f} GB/s per thread, a transfer waits {calibrated.turn_latency * 1e3:.2f} "
+        "ms per rank queued ahead of a peer on a core.",
     ]
     print("\n".join(verdict))
 

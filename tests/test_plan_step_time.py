@@ -9,7 +9,7 @@ import pytest
 from loom.config import load_config
 from loom.plan.hardware import HARDWARE, Hardware
 from loom.plan.layout import Layout, compute_seconds, dropout_draws, predict
-from loom.plan.report import calibrate, calibrate_rewrite, calibrate_threads
+from loom.plan.report import calibrate, calibrate_rewrite, calibrate_threads, calibrate_turns
 
 ITEMS = ["model.n_layers=2", "model.d_model=16", "model.n_heads=4", "model.vocab_size=64", "train.seq_len=8"]
 
@@ -70,6 +70,40 @@ def test_calibration_recovers_a_hosts_rates() -> None:
     assert full.rewrite_bytes > 0 and step(both, 2).rewrite_bytes == 0
     fitted = calibrate_rewrite(full, {"step_s": step(true, 2, recomputing, "full").step_s}, both)
     assert fitted.rewrite_bandwidth == pytest.approx(3e9)
+
+
+def test_transfers_wait_turns_only_with_more_processes_than_cores() -> None:
+    from loom.plan.comm import transfers
+
+    config = load_config(None, [*ITEMS, "train.global_batch=4", "train.micro_batch=1"])
+    layout = Layout(1, 2, 2, 1, "1f1b", 0, False, "none", 1)  # tp 2 x pp 2: 4 processes
+    cpu = dataclasses.replace(HARDWARE["cpu"], turn_latency=3e-3)
+    own = predict(config, layout, dataclasses.replace(cpu, cores=4, devices_per_node=4), 4, "cpu")
+    crowded_host = dataclasses.replace(cpu, cores=2, devices_per_node=4)
+    crowded = predict(config, layout, crowded_host, 4, "cpu")
+    # per micro-batch (4 of them): tp's 4L + 2 = 6 collectives on the rank's 1 layer, pp's activation and gradient
+    assert own.transfers == crowded.transfers == 4 * 6 + 2 * 4
+    assert crowded_host.turn_wait() == pytest.approx(3e-3 * (4 / 2 - 1))
+    assert dataclasses.replace(cpu, cores=2, devices_per_node=8).turn_wait() == pytest.approx(3e-3 * 3)
+    assert dataclasses.replace(cpu, cores=0, devices_per_node=8).turn_wait() == 0.0  # a GPU never waits turns
+    waited = sum(crowded.comm_s.values()) - sum(own.comm_s.values())
+    assert waited == pytest.approx(own.transfers * 3e-3)
+    assert (
+        own.comm_s
+        == predict(
+            config, layout, dataclasses.replace(cpu, cores=4, devices_per_node=4, turn_latency=0.0), 4, "cpu"
+        ).comm_s
+    )
+    from loom.plan.comm import CommShape
+
+    alone = CommShape(1, 16, 64, 8, 1, 4, 1, 1, 1, 1, False, 0, 100, 4, 4, 4, 4, "none", 0, False)
+    assert transfers(alone) == {"tp": 0, "dp": 0, "pp": 0}  # groups of one move nothing
+    # fitted back from a measured step: the excess over the transfers and the processes queued per core
+    guess = dataclasses.replace(crowded_host, turn_latency=0.0)
+    fitted = calibrate_turns(predict(config, layout, guess, 4, "cpu"), {"step_s": crowded.step_s}, guess)
+    assert fitted.turn_latency == pytest.approx(3e-3)
+    roomy = dataclasses.replace(guess, cores=4)
+    assert calibrate_turns(predict(config, layout, roomy, 4, "cpu"), {"step_s": 9.0}, roomy) == roomy
 
 
 def test_a_split_backward_bubble_follows_the_forward_backward_and_weight_times() -> None:

@@ -799,7 +799,8 @@ def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) ->
     """Fit this machine's rates (``loom.plan.report``), each on the runs that show it: the compute
     rate on the run without tp/pp traffic or recomputation whose processes have the fewest
     threads, a CPU host's thread efficiency on such a run with more, recomputation's rewrite
-    bandwidth on runs that recompute, the link bandwidth on runs with tp or pp traffic."""
+    bandwidth on runs that recompute, the link bandwidth on runs with tp or pp traffic (a core per
+    process where there are such), the turn latency on the other runs with more processes than cores."""
     import dataclasses
     import statistics
 
@@ -814,6 +815,10 @@ def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) ->
 
     def traffic(p) -> bool:
         return bool(p.comm_bytes["tp"] or p.comm_bytes["pp"])
+
+    def crowded(host) -> bool:
+        """More processes than cores on the run's host: its transfers wait turns (``Hardware.turn_wait``)."""
+        return bool(host.cores) and host.devices_per_node > host.cores
 
     def threads(host, p) -> int:
         return host.threads(min(p.layout.dp * p.layout.tp * p.layout.pp, host.devices_per_node))
@@ -855,8 +860,11 @@ def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) ->
     )
     recomputing = [run for run, _, p in predicted if not traffic(p) and p.layout.recompute != "none"]
     fitted = fit(recomputing, lambda run, host, p: report.calibrate_rewrite(p, run[2], host), "rewrite_bandwidth")
-    linked = [run for run, _, p in predicted if traffic(p)]
+    linked = [run for run, host, p in predicted if traffic(p) and not crowded(host)]
+    linked = linked or [run for run, _, p in predicted if traffic(p)]
     fitted = fit(linked, lambda run, host, p: report.calibrate_links(p, run[2], host), "intra_bandwidth")
+    turned = [run for run, host, p in predicted if p.transfers and crowded(host) and id(run) not in map(id, linked)]
+    fitted = fit(turned, lambda run, host, p: report.calibrate_turns(p, run[2], host), "turn_latency", rate=False)
     out = run_dirs[0] / "hardware.toml"
     out.write_text(report.hardware_toml(fitted), encoding="utf-8")
     precision = runs[quiet[0][1]][0].train.precision
@@ -870,6 +878,11 @@ def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) ->
         found.append(f"recomputation rewrites at {rewrites} from {len(recomputing)} run(s)")
     if linked:
         found.append(f"links {fitted.intra_bandwidth / 1e9:.2f} GB/s from {len(linked)} run(s)")
+    if turned:
+        found.append(
+            f"a transfer waits {fitted.turn_latency * 1e3:.2f} ms per process queued ahead of a peer on a core, "
+            f"from {len(turned)} run(s) with more processes than cores"
+        )
     print(
         f"{hardware.name}: achieved {fitted.compute_efficiency:.3g} of the {hardware.name} peak ({'; '.join(found)}); "
         f"written to {out}; use --hardware-file {out} --gpu {fitted.name}"

@@ -149,13 +149,30 @@ def crosses_nodes(stride: int, size: int, hardware: Hardware) -> bool:
     return stride * size > hardware.devices_per_node
 
 
+def transfers(shape: CommShape) -> dict[str, int]:
+    """Blocking collectives and point-to-point transfers per step and group (0 for a group of one):
+    tp's :func:`tp_collectives` per micro-batch; dp's gradient (or ZeRO's scatter and gather) and
+    the loss, plus ZeRO-3's gathers per extra micro-batch; pp's activation and gradient per
+    micro-batch and chunk."""
+    counts = {
+        "tp": shape.microbatches * tp_collectives(shape),
+        "dp": 2 + shape.microbatches * (shape.zero_stage == 3),
+        "pp": 2 * shape.microbatches * shape.vp,
+    }
+    sizes = {"tp": shape.tp, "dp": shape.dp, "pp": shape.pp}
+    return {group: count if sizes[group] > 1 else 0 for group, count in counts.items()}
+
+
 def comm_seconds(shape: CommShape, hardware: Hardware) -> dict[str, float]:
-    """Seconds per step each group's traffic takes on its link (alpha-beta), not yet overlapped."""
+    """Seconds per step each group's traffic takes on its link (alpha-beta), not yet overlapped;
+    on a host with more processes than cores each transfer also waits its peers' turns
+    (``Hardware.turn_wait``)."""
     out = {}
-    for group, nbytes, stride, size, messages in (
-        ("tp", tp_bytes(shape), 1, shape.tp, shape.microbatches * tp_collectives(shape)),
-        ("dp", dp_bytes(shape), shape.tp, shape.dp, 2 + shape.microbatches * (shape.zero_stage == 3)),
-        ("pp", pp_bytes(shape), shape.tp * shape.dp, shape.pp, 2 * shape.microbatches * shape.vp),
+    counts = transfers(shape)
+    for group, nbytes, stride, size in (
+        ("tp", tp_bytes(shape), 1, shape.tp),
+        ("dp", dp_bytes(shape), shape.tp, shape.dp),
+        ("pp", pp_bytes(shape), shape.tp * shape.dp, shape.pp),
     ):
         if size == 1:
             out[group] = 0.0
@@ -163,5 +180,5 @@ def comm_seconds(shape: CommShape, hardware: Hardware) -> dict[str, float]:
         inter = crosses_nodes(stride, size, hardware)
         beta = hardware.inter_bandwidth if inter else hardware.intra_bandwidth
         alpha = hardware.inter_latency if inter else hardware.intra_latency
-        out[group] = messages * 2 * (size - 1) * alpha + nbytes / beta
+        out[group] = counts[group] * (2 * (size - 1) * alpha + hardware.turn_wait()) + nbytes / beta
     return out

@@ -20,6 +20,12 @@ its FLOPs: the norms, activations, softmax and masks it runs again write the act
 dropped, at ``rewrite_bandwidth`` bytes per second of one thread (0: counted as FLOPs only, as
 the GPU entries do until measured). Its figures are this host's, to calibrate (``loom plan
 --calibrate RUN_DIR``, ``bench/plan_accuracy.py``).
+
+More processes than cores also wait at every blocking collective or transfer: a peer that has
+lost its core answers only when the scheduler gives it one again. With P processes on C < P
+cores each collective waits ``turn_latency`` x (P / C - 1) seconds on average (:meth:`turn_wait`:
+the other processes queued per core ahead of the peer, one scheduler slice each), fitted on a
+run with more ranks than cores (``loom.plan.report.calibrate_turns``); 0 with a core per process.
 A user adds entries in TOML, one table per device with these fields.
 """
 
@@ -53,6 +59,7 @@ class Hardware:
     dropout_rate: float = 0.0  # dropout mask elements drawn per second and process; 0: free (fused)
     # bytes/s at which recomputation writes the activations it dropped again, past its FLOPs; 0: FLOPs only
     rewrite_bandwidth: float = 0.0
+    turn_latency: float = 0.0  # seconds a blocking collective waits per process queued ahead of a peer (CPU hosts)
 
     def peak_flops(self, precision: str) -> float:
         return self.peak_flops_fp32 if precision == "fp32" else self.peak_flops_bf16
@@ -69,6 +76,13 @@ class Hardware:
     def speedup(self, processes: int) -> float:
         """How much faster than one thread each of a node's ``processes`` computes (1 off a CPU host)."""
         return self.thread_speedup(self.threads(processes)) if self.cores else 1.0
+
+    def turn_wait(self) -> float:
+        """Seconds each blocking collective or transfer waits for peers that lost their core:
+        ``turn_latency`` x (P / C - 1) for a node's P processes on C < P cores, else 0."""
+        if not self.cores or self.devices_per_node <= self.cores:
+            return 0.0
+        return self.turn_latency * (self.devices_per_node / self.cores - 1)
 
 
 HARDWARE: dict[str, Hardware] = {
@@ -90,6 +104,7 @@ HARDWARE: dict[str, Hardware] = {
         thread_efficiency=0.7,
         dropout_rate=1.5e8,
         rewrite_bandwidth=1.8e9,
+        turn_latency=2e-3,  # the test host: 4 ranks of tp 2 x pp 2 on 2 cores, ~2 ms more per collective
     ),
 }
 

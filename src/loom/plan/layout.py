@@ -29,7 +29,16 @@ from dataclasses import dataclass
 
 from loom.config import Config
 from loom.parallel.pipeline.simulate import Costs, bubble_formula
-from loom.plan.comm import CommShape, comm_seconds, dp_bytes, metrics_dp_bytes, onebit_dp_bytes, pp_bytes, tp_bytes
+from loom.plan.comm import (
+    CommShape,
+    comm_seconds,
+    dp_bytes,
+    metrics_dp_bytes,
+    onebit_dp_bytes,
+    pp_bytes,
+    tp_bytes,
+    transfers,
+)
 from loom.plan.flops import GPTShape, hardware_flops, model_flops
 from loom.plan.hardware import Hardware
 from loom.plan.model import count_rank_parameters
@@ -75,6 +84,7 @@ class Prediction:
     dropout_s: float = 0.0  # of compute_s, drawing dropout masks
     rewrite_bytes: float = 0.0  # activations recomputation writes again per step (``Hardware.rewrite_bandwidth``)
     critical_s: float = 0.0  # compute's share of the step: compute_s x (1 + bubble), or the cores' turns
+    transfers: int = 0  # blocking collectives and point-to-point transfers per step (``loom.plan.comm.transfers``)
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -209,6 +219,7 @@ def predict(
         dropout_s=dropout_s,
         rewrite_bytes=rewrite,
         critical_s=critical_s,
+        transfers=sum(transfers(shape).values()),
     )
 
 

@@ -243,6 +243,18 @@ def calibrate_links(prediction: Prediction, measured_: dict, hardware: Hardware)
     return dataclasses.replace(hardware, intra_bandwidth=nbytes / exposed)
 
 
+def calibrate_turns(prediction: Prediction, measured_: dict, hardware: Hardware) -> Hardware:
+    """``hardware`` with its turn latency fitted on a run with more processes than cores, its
+    compute and links already fitted: the step past the prediction's, over the run's blocking
+    transfers and the processes queued per core ahead of a peer (``Hardware.turn_wait``)."""
+    p = prediction
+    queued = hardware.devices_per_node / hardware.cores - 1 if hardware.cores else 0.0
+    if queued <= 0 or not p.transfers:
+        return hardware
+    per_turn = hardware.turn_latency + (measured_["step_s"] - p.step_s) / (p.transfers * queued)
+    return dataclasses.replace(hardware, turn_latency=max(0.0, per_turn))
+
+
 def hardware_toml(hw: Hardware) -> str:
     fields = {f.name: getattr(hw, f.name) for f in dataclasses.fields(hw) if f.name != "name"}
     return f"[{hw.name}]\n" + "".join(f"{k} = {v!r}\n" for k, v in fields.items())
