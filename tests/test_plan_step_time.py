@@ -96,6 +96,13 @@ def test_transfers_wait_turns_only_with_more_processes_than_cores() -> None:
     )
     from loom.plan.comm import CommShape
 
+    # dp x tp without a pipeline: the groups fill each other's waits, as with a core each
+    beside = Layout(2, 2, 1, 1, "1f1b", 0, False, "none", 1)
+    assert predict(config, beside, crowded_host, 4, "cpu").comm_s == pytest.approx(
+        predict(config, beside, dataclasses.replace(crowded_host, cores=4), 4, "cpu").comm_s
+    )
+    unpiped = predict(config, beside, crowded_host, 4, "cpu")
+    assert calibrate_turns(unpiped, {"step_s": 9.0}, crowded_host) == crowded_host
     alone = CommShape(1, 16, 64, 8, 1, 4, 1, 1, 1, 1, False, 0, 100, 4, 4, 4, 4, "none", 0, False)
     assert transfers(alone) == {"tp": 0, "dp": 0, "pp": 0}  # groups of one move nothing
     # fitted back from a measured step: the excess over the transfers and the processes queued per core

@@ -23,6 +23,12 @@ its size exceeds the devices of a node), a collective of n ranks taking 2(n-1) m
 makes 4 collectives per layer and micro-batch plus the embedding's and the head's; sp turns
 each into two (an all-gather and a reduce-scatter) and adds the 2L + 1 gathers of the saved
 slices again, 10L + 5 in all.
+
+On a CPU host with more processes than cores, a rank that blocks on a collective gives its core
+to another; the cores idle only when too few ranks can run. Independent groups (dp replicas,
+tp groups beside each other) fill each other's waits, so their collectives cost what they cost
+with a core each; a pipeline's stages wait on one another, so there each collective and
+transfer also waits for its peers to get a core back (``Hardware.turn_wait``).
 """
 
 from __future__ import annotations
@@ -165,10 +171,11 @@ def transfers(shape: CommShape) -> dict[str, int]:
 
 def comm_seconds(shape: CommShape, hardware: Hardware) -> dict[str, float]:
     """Seconds per step each group's traffic takes on its link (alpha-beta), not yet overlapped;
-    on a host with more processes than cores each transfer also waits its peers' turns
-    (``Hardware.turn_wait``)."""
+    on a host with more processes than cores, a pipeline's transfers also wait their peers'
+    turns (``Hardware.turn_wait``; module docstring)."""
     out = {}
     counts = transfers(shape)
+    turn = hardware.turn_wait() if shape.pp > 1 else 0.0
     for group, nbytes, stride, size in (
         ("tp", tp_bytes(shape), 1, shape.tp),
         ("dp", dp_bytes(shape), shape.tp, shape.dp),
@@ -180,5 +187,5 @@ def comm_seconds(shape: CommShape, hardware: Hardware) -> dict[str, float]:
         inter = crosses_nodes(stride, size, hardware)
         beta = hardware.inter_bandwidth if inter else hardware.intra_bandwidth
         alpha = hardware.inter_latency if inter else hardware.intra_latency
-        out[group] = counts[group] * (2 * (size - 1) * alpha + hardware.turn_wait()) + nbytes / beta
+        out[group] = counts[group] * (2 * (size - 1) * alpha + turn) + nbytes / beta
     return out
