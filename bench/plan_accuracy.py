@@ -3,17 +3,15 @@ time beside what ``loom train`` measured, for layouts runnable on this machine.
 
 Each layout runs ``loom train`` end to end (its own processes, loom's launcher) on the same job;
 rank 0's ``metrics.jsonl`` gives the measured figures (medians over the steps after the first;
-every layout runs once in each of ``--repeats`` rounds, as runs on this machine scatter by
-10-30%) and ``loom.plan.report.predict_run`` the prediction for pp rank 0. Bytes are predicted from the
+every layout runs once in each of ``--repeats`` rounds and its step time is the median of the
+rounds, as runs on this machine scatter by 10-30%) and ``loom.plan.report.predict_run`` the prediction for pp rank 0. Bytes are predicted from the
 config alone (goal: within 5%). Step time needs the machine's rates, fitted on four runs
 (``loom.plan.report``): one core's FLOP rate on one process of one thread (``calibrate``), what a
 second thread adds on the single process (``calibrate_threads``), what recomputation costs past
 its FLOPs on full recomputation (``calibrate_rewrite``), the link bandwidth on tp 2
 (``calibrate_links``), and on tp 2 x pp 2 (4 ranks on the host's 2 cores) how long a transfer
 waits for a peer that lost its core (``calibrate_turns``); dropout's draws per second are the
-``cpu`` entry's. Then every other layout's step time is predicted (goal: within 15%). Each round is calibrated on its own runs and
-predicts its own other runs (the host drifts between rounds); a layout's error is the median
-over the rounds. Ranks on
+``cpu`` entry's. Then every other layout's step time is predicted (goal: within 15%). Ranks on
 one CPU host share its cores (``loom.plan.hardware.on_this_host``: each process computes with
 cores / processes threads, more processes than cores take turns, and their transfers wait for
 each other's turns, ``Hardware.turn_wait``); the table also says how far the rows with a core
@@ -116,42 +114,35 @@ def main() -> int:
 
     calibration = ("single, 1 thread", "single", "single, full", "tp2", "tp2 pp2")
 
-    def figures(name: str, hw, r: int):
-        """(prediction on ``hw``, the measured medians with round ``r``'s step time, the run's summary)."""
+    def figures(name: str, hw):
         summary, records, ranks = runs[name]
         config = config_from_dict(summary["config"])
         host = on_this_host(hw, summary["local_processes"], summary["threads"])
         prediction = report.predict_run(config, ranks, host, "cpu", 0)
         tokens = config.batch(dp=prediction.layout.dp).global_batch * config.train.seq_len
         measured = report.measured(records, tokens)
-        measured["step_s"] = step_times(name)[r]
+        measured["step_s"] = statistics.median(step_times(name))
         return prediction, measured, summary
 
-    def calibrated_on(r: int):
-        """The host's rates fitted on round ``r``'s calibration runs (module docstring)."""
-        p, m, _ = figures("single, 1 thread", base, r)
-        hw = report.calibrate(p, m, base)
-        p, m, summary = figures("single", hw, r)
-        hw = report.calibrate_threads(p, m, hw, summary["threads"])
-        p, m, _ = figures("single, full", hw, r)
-        hw = report.calibrate_rewrite(p, m, hw)
-        if "tp2" in runs:
-            p, m, _ = figures("tp2", hw, r)
-            hw = report.calibrate_links(p, m, hw)
-        if "tp2 pp2" in runs:  # 4 ranks on the host's cores: the turns its transfers wait
-            p, m, summary = figures("tp2 pp2", hw, r)
-            turned = report.calibrate_turns(p, m, on_this_host(hw, summary["local_processes"], summary["threads"]))
-            hw = dataclasses.replace(hw, turn_latency=turned.turn_latency)
-        return hw
-
-    # each round is calibrated on its own runs and predicts its own other runs: a round's layouts
-    # ran minutes apart, the rounds up to half an hour, and this host's speed drifts by 10-30%
-    hosts = [calibrated_on(r) for r in range(args.repeats)]
+    p, m, _ = figures("single, 1 thread", base)
+    calibrated = report.calibrate(p, m, base)
+    p, m, summary = figures("single", calibrated)
+    calibrated = report.calibrate_threads(p, m, calibrated, summary["threads"])
+    p, m, _ = figures("single, full", calibrated)
+    calibrated = report.calibrate_rewrite(p, m, calibrated)
+    if "tp2" in runs:
+        p, m, _ = figures("tp2", calibrated)
+        calibrated = report.calibrate_links(p, m, calibrated)
+    if "tp2 pp2" in runs:  # 4 ranks on the host's cores: the turns its transfers wait
+        p, m, summary = figures("tp2 pp2", calibrated)
+        host = on_this_host(calibrated, summary["local_processes"], summary["threads"])
+        turned = report.calibrate_turns(p, m, host)
+        calibrated = dataclasses.replace(calibrated, turn_latency=turned.turn_latency)
     worst_bytes = 0.0
     worst_time = {True: 0.0, False: 0.0}  # ranks within the cores, or beyond them
     cores = on_this_host(base).cores
     for name in runs:
-        prediction, meas, summary = figures(name, hosts[0], 0)
+        prediction, meas, summary = figures(name, calibrated)
         ranks = runs[name][2]
         cells = [name, str(ranks)]
         for key in MEMORY:
@@ -167,26 +158,19 @@ def main() -> int:
                 cells.append(f"{got / 2**20:.2f} / {want / 2**20:.2f}")
             else:
                 cells.append("-")
-        times = step_times(name)
-        predicted = [figures(name, host, r)[0].step_s for r, host in enumerate(hosts)]
-        errs = sorted(t / want - 1 for t, want in zip(times, predicted, strict=True))
-        err = statistics.median(errs)
+        err = meas["step_s"] / prediction.step_s - 1
         if name not in calibration:  # the calibration runs fit by construction
             own = ranks <= cores
             worst_time[own] = max(worst_time[own], abs(err))
+        times = step_times(name)
         drawn = f"; {1e3 * prediction.dropout_s:.0f} dropout" if prediction.dropout_s else ""
-        spread = f", rounds {errs[0]:+.0%} to {errs[-1]:+.0%}" if name not in calibration else ""
         cells.append(
-            f"{1e3 * statistics.median(times):.0f} ({1e3 * min(times):.0f}-{1e3 * max(times):.0f}) / "
-            f"{1e3 * statistics.median(predicted):.0f} ({err:+.0%}{spread}{drawn})"
+            f"{1e3 * meas['step_s']:.0f} ({1e3 * min(times):.0f}-{1e3 * max(times):.0f}) / "
+            f"{1e3 * prediction.step_s:.0f} ({err:+.0%}{drawn})"
         )
         rows.append("| " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
     own, shared = worst_time[True], worst_time[False]
-
-    def fitted(field, fmt: str) -> str:
-        return ", ".join(fmt.format(field(host)) for host in hosts)
-
     verdict = [
         f"Bytes (states, activations, traffic): largest error {worst_bytes:.1%} (goal 5%: "
         f"{'met' if worst_bytes <= 0.05 else 'missed'}).",
@@ -200,17 +184,11 @@ def main() -> int:
             else "; " + ("met" if own <= 0.15 else "missed") + " with a core per rank"
         )
         + ").",
-        "Calibrated device, per round: "
-        + fitted(lambda h: h.compute_efficiency * h.peak_flops_fp32 / 1e9, "{:.1f}")
-        + " GFLOP/s per core, a second thread adds "
-        + fitted(lambda h: h.thread_efficiency, "{:.2f}")
-        + " of one, link "
-        + fitted(lambda h: h.intra_bandwidth / 1e9, "{:.2f}")
-        + f" GB/s, dropout masks {base.dropout_rate / 1e6:.0f} M elements/s, recomputed activations rewritten at "
-        + fitted(lambda h: h.rewrite_bandwidth / 1e9, "{:.2f}")
-        + " GB/s per thread, a transfer waits "
-        + fitted(lambda h: h.turn_latency * 1e3, "{:.2f}")
-        + " ms per rank queued ahead of a peer on a core.",
+        f"Calibrated device: {calibrated.compute_efficiency * calibrated.peak_flops_fp32 / 1e9:.1f} GFLOP/s per "
+        f"core, a second thread adds {calibrated.thread_efficiency:.2f} of one, link {calibrated.intra_bandwidth / 1e9:.2f} "
+        f"GB/s, dropout masks {calibrated.dropout_rate / 1e6:.0f} M elements/s, recomputed activations rewritten at "
+        f"{calibrated.rewrite_bandwidth / 1e9:.2f} GB/s per thread, a transfer waits {calibrated.turn_latency * 1e3:.2f} "
+        "ms per rank queued ahead of a peer on a core.",
     ]
     print("\n".join(verdict))
 
@@ -219,8 +197,7 @@ def main() -> int:
         head = result_head("The planner against measurement", bench_command("plan_accuracy.py"), when, job)
         table = [
             f"Each cell: measured / predicted (rank 0; MiB, or ms for the step: the median of {args.repeats} rounds "
-            "with their range / the median of the rounds' predictions, each round calibrated on its own runs, with "
-            "the median error and its range over the rounds, and the time spent drawing dropout masks).",
+            "with their range, and of the prediction the time spent drawing dropout masks).",
             "",
             "| layout | ranks | params | grads | optimizer | activations | dp bytes | tp bytes | pp bytes | step ms |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
