@@ -837,8 +837,8 @@ def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) ->
         return dataclasses.replace(fitted, **{field: (1 / middle if middle else 0.0) if rate else middle})
 
     predicted = [(run, *_predict_read_run(run, fitted)) for run in runs]
-    quiet = [
-        (threads(host, p), i, run)
+    quiet = [  # a crowded run's dp transfers wait turns: the fewest threads among the uncrowded first
+        (crowded(host), threads(host, p), i, run)
         for i, (run, host, p) in enumerate(predicted)
         if not traffic(p) and p.layout.recompute == "none"
     ]
@@ -848,10 +848,10 @@ def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) ->
             "told apart from the links or the recomputation.",
             "add a run without tensor or pipeline parallelism and without recomputation (one process, or dp only).",
         )
-    quiet.sort(key=lambda q: q[:2])
-    fewest = quiet[0][0]
-    fitted = fit([quiet[0][2]], lambda run, host, p: report.calibrate(p, run[2], host), "compute_efficiency")
-    more = [(n, run) for n, _, run in quiet if n > fewest]
+    quiet.sort(key=lambda q: q[:3])
+    fewest = quiet[0][1]
+    fitted = fit([quiet[0][3]], lambda run, host, p: report.calibrate(p, run[2], host), "compute_efficiency")
+    more = [(n, run) for busy, n, _, run in quiet if n > fewest and not busy]
     fitted = fit(
         [run for _, run in more[:1]],
         lambda run, host, p: report.calibrate_threads(p, run[2], host, threads(host, p)),
@@ -871,7 +871,7 @@ def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) ->
     fitted = fit(turned, lambda run, host, p: report.calibrate_turns(p, run[2], host), "turn_latency", rate=False)
     out = run_dirs[0] / "hardware.toml"
     out.write_text(report.hardware_toml(fitted), encoding="utf-8")
-    precision = runs[quiet[0][1]][0].train.precision
+    precision = runs[quiet[0][2]][0].train.precision
     found = [f"{fitted.compute_efficiency * fitted.peak_flops(precision) / 1e9:.1f} GFLOP/s per device"]
     if more:
         found.append(f"each thread past the first adds {fitted.thread_efficiency:.2f} of one")
