@@ -71,7 +71,9 @@ def test_dp2_tp2_pp2_matches_the_single_process_and_resumes_as_one(tmp_path: Pat
     got = run_ranks(_train, 8, args=(tiny_overrides(text_corpus, **COMMON, **THREE_D), str(three)), timeout_s=400)[0]
     _same(got, want)
     for name, value in _weights(one, STEPS).items():
-        torch.testing.assert_close(_weights(three, STEPS)[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        # Adam turns a near-zero gradient's round-off into up to a whole step (lr 3e-3) of
+        # difference; on this host's kernels one element of 61k moved 1.8e-5 (0.6% of a step)
+        torch.testing.assert_close(_weights(three, STEPS)[name], value, rtol=1e-4, atol=5e-5, msg=name)
     # rank 0's records tell the whole run: every rank's figures, max and sum over the 8
     last = got[-1]
     config = load_config(None, tiny_overrides(text_corpus, **COMMON, **THREE_D))
@@ -91,7 +93,7 @@ def test_dp2_tp2_pp2_matches_the_single_process_and_resumes_as_one(tmp_path: Pat
     assert main(argv) == 0
     _same(read_metrics(resumed), want[2:])
     for name, value in _weights(one, STEPS).items():
-        torch.testing.assert_close(_weights(resumed, STEPS)[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(_weights(resumed, STEPS)[name], value, rtol=1e-4, atol=5e-5, msg=name)  # as above
 
     # the same checkpoint as dp 2 x pp 4 under ZeRO-3: each rank reads the boxes its slices own
     other = tmp_path / "dp2 pp4 zero3"

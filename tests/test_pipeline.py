@@ -112,8 +112,8 @@ def test_schedules_match_the_single_process(tmp_path: Path, text_corpus: Path, w
         merged = load_checkpoint(tmp_path / "pp" / name).model_state
         want = single.model.state_dict()
         assert merged.keys() == want.keys(), name
-        for param, value in want.items():
-            torch.testing.assert_close(merged[param], value, rtol=1e-4, atol=1e-5, msg=f"{name}: {param}")
+        for param, value in want.items():  # atol: a near-zero gradient's round-off through Adam (test_3d.py)
+            torch.testing.assert_close(merged[param], value, rtol=1e-4, atol=5e-5, msg=f"{name}: {param}")
         timeline = json.loads((tmp_path / "pp" / name / "pipeline_timeline.json").read_text())
         assert len(timeline["ranks"]) == int(extra["parallel.pp"])
 

@@ -510,12 +510,13 @@ def test_full_state_loads_into_another_layout(two_ranks: list[dict], reference: 
             assert torch.equal(state["loaded"][name], value) and torch.equal(state["reloaded"][name], value)
         assert state["step"] and set(state["step"]) == {STEPS}
         for name, moment in reference["exp_avg"].items():
-            # the dp gradient's round-off again; the key bias's moments are pure noise (~1e-12)
+            # the dp gradient's round-off again (up to 2.3e-6 of the largest moment on some hosts'
+            # kernels); the key bias's moments are pure noise (~1e-12)
             torch.testing.assert_close(
                 state["full"]["optimizer"]["state"][name]["exp_avg"],
                 moment,
                 rtol=1e-5,
-                atol=1e-6 * moment.abs().max().item() + 1e-11,
+                atol=5e-6 * moment.abs().max().item() + 1e-11,
                 msg=name,
             )
 
