@@ -132,17 +132,24 @@ def test_a_run_beside_its_prediction_and_calibration(tmp_path: Path, text_corpus
 
 
 def test_calibration_fits_the_links_and_recomputation_on_the_runs_that_show_them(
-    tmp_path: Path, text_corpus: Path, capsys
+    tmp_path: Path, text_corpus: Path, capsys, monkeypatch
 ) -> None:
     runs = []
-    for name, extra in (("one", {}), ("tp2", {"parallel.tp": 2}), ("full", {"train.recompute": "full"})):
-        run = tmp_path / name
-        argv = ["train", "--run-dir", str(run)] + (["--nproc", "2"] if name == "tp2" else [])
+    nproc = {"tp2": 2, "dp2 pp2": 4}
+    for name, extra in (
+        ("one", {}),
+        ("tp2", {"parallel.tp": 2}),
+        ("full", {"train.recompute": "full"}),
+        ("dp2 pp2", {"parallel.pp": 2, "train.micro_batch": 1}),
+    ):
+        run = tmp_path / name.replace(" ", "_")
+        argv = ["train", "--run-dir", str(run)] + (["--nproc", str(nproc[name])] if name in nproc else [])
         for item in tiny_overrides(text_corpus, **{"train.steps": 4, "train.eval_every": 0, **extra}):
             argv += ["--set", item]
         assert main(argv) == 0
         runs.append(str(run))
     capsys.readouterr()
+    monkeypatch.setattr("loom.plan.hardware.os.sched_getaffinity", lambda pid: {0, 1})  # a 2-core host, as here
     assert main(["plan", "--calibrate", runs[1]]) == 2  # tp traffic alone: compute and links are not separable
     assert "add a run without tensor or pipeline parallelism" in capsys.readouterr().err
     assert main(["plan", "--calibrate", runs[2]]) == 2  # recomputation alone: compute and its rewrites neither
@@ -153,3 +160,6 @@ def test_calibration_fits_the_links_and_recomputation_on_the_runs_that_show_them
     fitted = load_hardware("cpu-calibrated", tmp_path / "one" / "hardware.toml")
     assert fitted.rewrite_bandwidth != HARDWARE["cpu"].rewrite_bandwidth  # fitted, not the default
     assert fitted.intra_bandwidth != HARDWARE["cpu"].intra_bandwidth
+    # the dp2 x pp2 run's 4 processes on 2 cores: its pipeline's transfers waited turns
+    assert "from 1 pipelined run(s) with more processes than cores" in out
+    assert fitted.turn_latency != HARDWARE["cpu"].turn_latency
