@@ -1,4 +1,5 @@
-"""Causal self-attention with grouped-query heads, through scaled_dot_product_attention, or
+"""Causal self-attention with grouped-query heads, through scaled_dot_product_attention (with
+dropout off CUDA: :mod:`loom.model.dropout_attention`, loom's core with a fast mask), or
 block-sparse (``model.attention = "sparse"``: :mod:`loom.sparsity`'s layout, this rank's heads'
 part of it, through :mod:`loom.model.block_sparse`).
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from loom.config import ModelConfig
 from loom.model.block_sparse import Slots, block_sparse_attention, dense_mask, flex_block_mask, flex_sparse_attention
+from loom.model.dropout_attention import dropout_attention
 from loom.model.layers import RotaryEmbedding
 from loom.model.lsh_attention import lsh_attention
 from loom.model.recompute import recompute
@@ -100,6 +102,8 @@ class Attention(nn.Module):
         # this rank's heads are its own: their dropout draws from the tp stream
         stream = rng.tp_stream() if dropout and rng is not None else contextlib.nullcontext()
         with stream:
+            if dropout and q.device.type != "cuda":  # no fused kernel with dropout here: loom's core
+                return dropout_attention(q, k, v, dropout)
             return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]
             )

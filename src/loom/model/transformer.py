@@ -21,6 +21,7 @@ from torch import nn
 
 from loom.config import ModelConfig
 from loom.model.attention import Attention
+from loom.model.dropout import Dropout
 from loom.model.init import init_parameter
 from loom.model.layers import RotaryEmbedding, make_mlp, make_norm
 from loom.model.recompute import Recompute, recompute
@@ -41,7 +42,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, tp)
         self.mlp_norm = make_norm(cfg, tp)
         self.mlp = make_mlp(cfg, tp)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = Dropout(cfg.dropout)
 
     def forward(
         self,
@@ -121,7 +122,7 @@ class Transformer(nn.Module):
             self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if embed and cfg.family == "gpt2" else None
             if self.pos_emb is not None:  # under SP each rank adds its slice's positions
                 declare_replicated(self.pos_emb, self.tp.size, self.tp.rank, self.tp.sequence_parallel)
-            self.emb_dropout = nn.Dropout(cfg.dropout)
+            self.emb_dropout = Dropout(cfg.dropout)
             # keyed by the global layer index, so names (blocks.7.attn...) are the same in any layout
             self.blocks = nn.ModuleDict({str(i): Block(cfg, self.tp) for i in self.layers})
             self.final_norm = make_norm(cfg, self.tp) if head else None

@@ -21,10 +21,11 @@ Two models of the same quantity:
   ``loom.parallel.memory.ActivationMeter`` measures), with its dtypes as parameters: the
   residual stream in the parameters' dtype (fp32 under autocast: norms, residual sums and,
   after a biased row-parallel linear, dropout inputs), linear inputs and outputs in the
-  compute dtype, dropout masks of the dropped tensor's dtype on CPU (one byte on CUDA),
-  and the attention core as torch runs it: ``math`` (dropout on CPU: q, k, v, scores,
-  mask and dropped scores, all fp32: 12sbh/t + 12as^2b/t, then the output projection's input
-  copied out of the heads' layout) or ``flash`` (q, k, v and the output in the compute dtype,
+  compute dtype, one-byte dropout masks (:mod:`loom.model.dropout`), and the attention core
+  as it runs: ``dropout`` (loom's core, :mod:`loom.model.dropout_attention`, with dropout off
+  CUDA: q, k and v in the compute dtype, the probabilities in fp32 and their one-byte mask:
+  c(sbh + 2 sb h_kv)/t + 5as^2b/t, then the output projection's input copied out of the
+  heads' layout) or ``flash`` (q, k, v and the output in the compute dtype,
   the output projection reading the output in place, plus an fp32 log-sum-exp per head and
   position). Under
   tensor parallelism everything inside a region is 1/t; with sequence parallelism the
@@ -72,20 +73,19 @@ class LayerShape:
 
 @dataclass(frozen=True)
 class Dtypes:
-    """Bytes per element: the parameters' (the residual stream's), the compute dtype's, and a
-    dropout mask's (None: the dropped tensor's dtype, as CPU dropout saves; 1 on CUDA)."""
+    """Bytes per element: the parameters' (the residual stream's) and the compute dtype's.
+    Dropout masks are one byte (uint8 on CPU, bool on CUDA)."""
 
     params: int = 4
     compute: int = 4
-    mask: int | None = None
 
 
 def attention_kernel(device: str, dropout: float, attention: str = "dense") -> str:
-    """Which core runs: loom's block-sparse kernel for ``attention = "sparse"``; else the one torch's
-    scaled_dot_product_attention picks (CPU's flash kernel has no dropout)."""
+    """Which core runs: loom's kernel for ``attention`` sparse, topk or lsh; with dropout off CUDA
+    loom's dropout core; else scaled_dot_product_attention's fused one."""
     if attention in ("sparse", "topk", "lsh"):
         return attention
-    return "math" if device == "cpu" and dropout > 0 else "flash"
+    return "dropout" if device != "cuda" and dropout > 0 else "flash"
 
 
 def layer_activation_bytes(
@@ -110,13 +110,12 @@ def layer_activation_bytes(
     e_kv = s * b * shape.kv_heads * head_dim
     llama = shape.family == "llama"
     norm = (2 * r * e + 4 * s * b) / d if llama else (r * e + 8 * s * b) / d  # RMSNorm: x and x*rstd; LN: x, mean, rstd
-    dropped = r if shape.bias else c  # a biased row-parallel output is summed with the fp32 bias
-    mask = 0.0 if not shape.dropout else (dtypes.mask or dropped) * e / d
+    mask = 0.0 if not shape.dropout else e / d  # one byte an element
     rope = 4 * s * head_dim * c if llama else 0  # cos and sin, for q and for k
     if recompute == "selective":  # the recomputed region keeps q, k and v (shared-QK LSH: no k)
         core = c * (e + (1 if kernel == "lsh" and shape.lsh[2] else 2) * e_kv) / t
-    elif kernel == "math":
-        core = (12 * e + 12 * shape.heads * s * s * b) / t  # q, k, v, scores, mask, dropped: fp32
+    elif kernel == "dropout":  # q, k, v as given; the probabilities in fp32 and their uint8 mask
+        core = (c * (e + 2 * e_kv) + 5 * shape.heads * s * s * b) / t
     elif kernel == "sparse" and shape.sparse_columns:  # q, k and v (K/V expanded to every query
         # head), and the probabilities of each query's padded slots in fp32 (loom.model.block_sparse
         # keeps them when a row spans at most loom.sparsity.SAVED_COLUMNS keys): linear in s

@@ -277,7 +277,7 @@ def dropout_draws(config: Config, layout: Layout, microbatches: int) -> float:
 
     Per micro-batch and layer: the two residual dropouts, b s h each (b s/t h under sequence
     parallelism, else every tp rank draws the whole mask), and on dense attention the attention
-    probabilities', b (a/t) s^2 (the unfused path draws over the whole score matrix; loom's other
+    probabilities', b (a/t) s^2 (loom's dropout core draws over the whole score matrix; the other
     attention kinds drop no probabilities). Recomputation draws again: all of a layer's for
     ``full``, the probabilities' for ``selective``. The embedding's dropout draws b s h (/t).
     """

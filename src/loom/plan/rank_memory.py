@@ -60,11 +60,11 @@ def layer_shape(config: Config) -> LayerShape:
     return LayerShape(*shape, sparse_columns=columns)
 
 
-def dtypes_of(config: Config, device: str) -> Dtypes:
+def dtypes_of(config: Config) -> Dtypes:
     """loom's dtypes: ZeRO keeps 16-bit parameters in mixed precision; otherwise fp32 ones under autocast."""
     compute = BYTES[config.train.precision]
     params = compute if config.zero.stage else 4
-    return Dtypes(params=params, compute=compute, mask=None if device == "cpu" else 1)
+    return Dtypes(params=params, compute=compute)
 
 
 def predict_rank_memory(
@@ -94,7 +94,7 @@ def predict_rank_memory(
     if recompute_layers is None and isinstance(train.recompute_layers, int):
         recompute_layers = train.recompute_layers
     plans = rank_stages(model.n_layers, pp, vp, pp_rank)
-    shape, dtypes = layer_shape(config), dtypes_of(config, device)
+    shape, dtypes = layer_shape(config), dtypes_of(config)
     kernel = attention_kernel(device, model.dropout, model.attention)
     s, b, sp = train.seq_len, batch.micro_batch, parallel.sequence_parallel and tp > 1
 
@@ -137,7 +137,7 @@ def recomputed_layer_bytes(config: Config, device: str = "cpu") -> float:
     train, parallel = config.train, config.parallel
     if train.recompute == "none" or config.model.reversible:
         return 0.0
-    shape, dtypes = layer_shape(config), dtypes_of(config, device)
+    shape, dtypes = layer_shape(config), dtypes_of(config)
     kernel = attention_kernel(device, config.model.dropout, config.model.attention)
     b, tp = config.batch(dp=parallel.dp).micro_batch, parallel.tp
     sp = parallel.sequence_parallel and tp > 1
@@ -155,7 +155,7 @@ def _ends_bytes(config: Config, embed: bool, head: bool, s: int, b: int, t: int,
     d = t if sp else 1
     out = 0.0
     if embed:
-        out += 8 * s * b + (dtypes.params * e / d if model.dropout else 0)
+        out += 8 * s * b + (e / d if model.dropout else 0)  # ids (int64), the one-byte mask
     if head:
         norm = (2 * dtypes.params * e + 4 * s * b) if model.family == "llama" else (dtypes.params * e + 8 * s * b)
         vocab = model.vocab_size or 50257
