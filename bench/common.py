@@ -176,7 +176,7 @@ def sizes(p: argparse.ArgumentParser, flag: str, text: str, what: str) -> list[i
 def job_items(args: argparse.Namespace, *extra: str) -> list[str]:
     """``--set`` items of the job, as ``loom train`` takes them: preset, steps, sequence, fp32 on
     the CPU, no evaluation, checkpoint or sample during the timed steps, ``extra``, then whichever of
-    --layers, --d-model, --heads is not 0."""
+    --layers, --d-model, --heads is not 0 (and ``model.max_seq_len`` for a --seq-len beyond the preset's)."""
     items = [
         f"model.preset={args.preset}",
         f"train.steps={args.steps}",
@@ -192,6 +192,8 @@ def job_items(args: argparse.Namespace, *extra: str) -> list[str]:
     for key, value in (("n_layers", args.layers), ("d_model", args.d_model), ("n_heads", args.heads)):
         if value:
             items.append(f"model.{key}={value}")
+    if args.seq_len > load_config(None, [f"model.preset={args.preset}"]).model.max_seq_len:
+        items.append(f"model.max_seq_len={args.seq_len}")  # positions for the longer sequence
     return items
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from loom.model import dropout_attention as core
 from loom.model.dropout import Dropout, dropout, keep_mask, quantized_p
-from loom.model.dropout_attention import dropout_attention
+from loom.model.dropout_attention import dropout_attention, tiles
 
 
 def test_the_mask_drops_the_quantized_probability() -> None:
@@ -58,8 +59,24 @@ def _reference(q, k, v, keep, p):
     return (scores.softmax(-1) * keep / (1 - quantized_p(p))) @ v
 
 
+def test_tiles_cover_the_scores_in_order_with_contiguous_pieces() -> None:
+    for slabs, rows, cols, budget in [(6, 8, 8, 150), (3, 40, 16, 100), (2, 10, 7, 64), (5, 4, 4, 1000)]:
+        pieces = tiles(slabs, rows, cols, budget)
+        flat = torch.arange(slabs * rows * cols).view(slabs, rows, cols)
+        covered = torch.cat([flat[i:j, r:t].reshape(-1) for i, j, r, t in pieces])
+        assert torch.equal(covered, flat.reshape(-1))  # everything once, in memory order
+        for i, j, r, t in pieces:
+            assert flat[i:j, r:t].is_contiguous()
+            assert (j - i) * (t - r) * cols <= max(budget, 4 * cols)
+            assert (j - i == 1 and t == rows) or ((t - r) * cols) % 4 == 0  # the mask drawn piece by piece
+
+
+@pytest.mark.parametrize("tile", [1 << 18, 300, 40], ids=["one tile", "whole slabs", "rows of a slab"])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (4, 2), (6, 1)])
-def test_dropout_attention_equals_dense_attention_under_the_same_mask(heads: int, kv_heads: int) -> None:
+def test_dropout_attention_equals_dense_attention_under_the_same_mask(
+    heads: int, kv_heads: int, tile: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core, "TILE_ELEMENTS", tile)
     torch.manual_seed(2)
     b, s, d, p = 2, 24, 8, 0.3
     q = torch.randn(b, heads, s, d, dtype=torch.float64, requires_grad=True)

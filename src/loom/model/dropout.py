@@ -28,14 +28,20 @@ def quantized_p(p: float) -> float:
 
 def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str) -> torch.Tensor:
     """uint8 tensor of ``shape``, each element 1 with probability 1 - quantized_p(p), else 0,
-    independently: the low 15 bits of each 16-bit lane of int64 draws (``random_`` fills
-    [0, 2^63), so every lane's low 15 bits are uniform)."""
-    n = 1
-    for size in shape:
-        n *= size
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_().view(torch.int16)[:n]
+    independently (:func:`fill_keep_mask`)."""
+    return fill_keep_mask(torch.empty(shape, dtype=torch.uint8, device=device), p)
+
+
+def fill_keep_mask(out: torch.Tensor, p: float) -> torch.Tensor:
+    """Fill the contiguous uint8 tensor ``out`` with a keep mask and return it: the low 15 bits of
+    each 16-bit lane of ceil(n / 4) int64 draws (``random_`` fills [0, 2^63), so every lane's low
+    15 bits are uniform), kept where they are at least round(p x 2^15). Filling a tensor piece by
+    piece, pieces of a multiple of 4 elements, draws what filling it at once would."""
+    n = out.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=out.device).random_().view(torch.int16)[:n]
     # uint8, not bool: torch's CPU kernels vectorise a multiply by uint8, not by bool (4x here)
-    return (bits.bitwise_and_(0x7FFF) >= round(p * (1 << BITS))).view(torch.uint8).view(shape)
+    torch.ge(bits.bitwise_and_(0x7FFF), round(p * (1 << BITS)), out=out.view(torch.bool).view(-1))
+    return out
 
 
 class _Dropout(torch.autograd.Function):

@@ -22,31 +22,56 @@ from __future__ import annotations
 
 import torch
 
-from loom.model.dropout import keep_mask, quantized_p
+from loom.model.dropout import fill_keep_mask, quantized_p
+
+TILE_ELEMENTS = 1 << 18  # scores per tile: 1 MiB in fp32, its temporaries stay in cache
 
 
-def _causal(s: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """-inf above the diagonal (the keys a query must not see), 0 elsewhere: added to the scores."""
-    return torch.full((s, s), float("-inf"), dtype=dtype, device=device).triu_(1)
+def tiles(slabs: int, rows: int, cols: int, budget: int | None = None) -> list[tuple[int, int, int, int]]:
+    """(slab_start, slab_end, row_start, row_end) pieces of a (slabs, rows, cols) score tensor,
+    in memory order, each of about ``budget`` elements or fewer: whole slabs together when a
+    slab fits, else one slab's rows in runs of a multiple of 4 (so the keep mask drawn piece by
+    piece is the one drawn at once). Every piece is a contiguous slice. ``budget``: TILE_ELEMENTS."""
+    budget = budget or TILE_ELEMENTS
+    per_slab = rows * cols
+    if per_slab <= budget:
+        step = max(1, budget // per_slab)
+        return [(i, min(i + step, slabs), 0, rows) for i in range(0, slabs, step)]
+    run = max(4, budget // cols // 4 * 4)
+    return [(i, i + 1, r, min(r + run, rows)) for i in range(slabs) for r in range(0, rows, run)]
+
+
+def _causal(s: int, group: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(group x s, s): -inf above each query's diagonal (the keys it must not see), else 0."""
+    return torch.full((s, s), float("-inf"), dtype=dtype, device=device).triu_(1).repeat(group, 1)
 
 
 class _DropoutAttention(torch.autograd.Function):
+    """Tile by tile (:func:`tiles`): only P and ``keep`` are whole; each tile's scores, bits and
+    products are small enough to stay in cache, and reuse the allocator's blocks instead of
+    page-faulting fresh mappings every layer. Slabs are (batch, K/V head) pairs, their rows the
+    group's query heads' positions."""
+
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
         b, heads, s, d = q.shape
         kv = k.shape[1]
         group = heads // kv
         work = torch.promote_types(q.dtype, torch.float32)
-        scale = d**-0.5
+        scale, kept = d**-0.5, 1.0 / (1.0 - quantized_p(p))
         with torch.autocast(q.device.type, enabled=False):  # fp32 scores and probabilities under autocast too
-            qs = (q.to(work) * scale).reshape(b, kv, group * s, d)
-            scores = qs @ k.to(work).transpose(-1, -2)  # (b, kv, group x s, s)
-            scores.view(b, kv, group, s, s).add_(_causal(s, work, q.device))
-            probs = scores.softmax(-1)
-            del scores
-            keep = keep_mask(probs.shape, p, q.device)
-            kept = 1.0 / (1.0 - quantized_p(p))
-            out = (probs * keep) @ v.to(work)
+            qs = (q.to(work) * scale).reshape(b * kv, group * s, d)
+            keys = k.to(work).reshape(b * kv, s, d).transpose(1, 2)
+            values = v.to(work).reshape(b * kv, s, d)
+            causal = _causal(s, group, work, q.device)
+            probs = torch.empty(b * kv, group * s, s, dtype=work, device=q.device)
+            keep = torch.empty(b * kv, group * s, s, dtype=torch.uint8, device=q.device)
+            out = torch.empty(b * kv, group * s, d, dtype=work, device=q.device)
+            for i, j, r, t in tiles(b * kv, group * s, s):
+                scores = torch.bmm(qs[i:j, r:t], keys[i:j]).add_(causal[r:t])
+                torch.ops.aten._softmax.out(scores, -1, False, out=probs[i:j, r:t])
+                fill_keep_mask(keep[i:j, r:t], p)
+                torch.bmm(probs[i:j, r:t] * keep[i:j, r:t], values[i:j], out=out[i:j, r:t])
             out.mul_(kept)
         ctx.save_for_backward(q, k, v, probs, keep)
         ctx.kept, ctx.scale = kept, scale
@@ -60,18 +85,22 @@ class _DropoutAttention(torch.autograd.Function):
         b, heads, s, d = q.shape
         kv = k.shape[1]
         work = probs.dtype
-        grad = (grad.to(work) * ctx.kept).reshape(b, kv, -1, d)
-        dropped = probs * keep
-        grad_v = dropped.transpose(-1, -2) @ grad
-        del dropped
-        grad_dropped = grad @ v.to(work).transpose(-1, -2)
-        grad_probs = grad_dropped.mul_(keep)
-        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, work)
-        del grad_probs, grad_dropped
-        grad_scores.mul_(ctx.scale)
-        grad_q = (grad_scores @ k.to(work)).view(b, heads, s, d)
-        grad_k = grad_scores.transpose(-1, -2) @ q.to(work).reshape(b, kv, -1, d)
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None
+        grad = (grad.to(work) * ctx.kept).reshape(b * kv, -1, d)
+        queries = q.to(work).reshape(b * kv, -1, d)
+        keys = k.to(work).reshape(b * kv, s, d)
+        values_t = v.to(work).reshape(b * kv, s, d).transpose(1, 2)
+        grad_q = torch.empty_like(queries)
+        grad_k = torch.zeros_like(keys)
+        grad_v = torch.zeros_like(keys)
+        for i, j, r, t in tiles(*probs.shape):
+            probs_t, keep_t, grad_t = probs[i:j, r:t], keep[i:j, r:t], grad[i:j, r:t]
+            grad_v[i:j].baddbmm_((probs_t * keep_t).transpose(1, 2), grad_t)
+            grad_probs = torch.bmm(grad_t, values_t[i:j]).mul_(keep_t)
+            grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs_t, -1, work).mul_(ctx.scale)
+            torch.bmm(grad_scores, keys[i:j], out=grad_q[i:j, r:t])
+            grad_k[i:j].baddbmm_(grad_scores.transpose(1, 2), queries[i:j, r:t])
+        grad_q = grad_q.view(b, heads, s, d)
+        return grad_q.to(q.dtype), grad_k.view(k.shape).to(k.dtype), grad_v.view(v.shape).to(v.dtype), None
 
 
 def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
