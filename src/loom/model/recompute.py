@@ -13,7 +13,8 @@ Policies (``train.recompute``), applied to the first ``count`` blocks of each pi
   runs again: the 5as^2b term, the largest for long sequences and the cheapest to recompute.
 
 Both are ``torch.utils.checkpoint`` (non-reentrant) around a region: the block for
-``full``, the one ``scaled_dot_product_attention`` call for ``selective``. The core
+``full``, the one core-attention call for ``selective`` (``scaled_dot_product_attention``, or with dropout
+off CUDA :mod:`loom.model.dropout_attention`). The core
 attention is a single call, so checkpointing it alone recomputes exactly Korthikanti's
 selection; a dispatch-mode policy over the whole block would also have to decide about the
 tensor-parallel collectives, which must never be replayed from a cache.
