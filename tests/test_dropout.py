@@ -71,7 +71,9 @@ def test_tiles_cover_the_scores_in_order_with_contiguous_pieces() -> None:
             assert (j - i == 1 and t == rows) or ((t - r) * cols) % 4 == 0  # the mask drawn piece by piece
 
 
-@pytest.mark.parametrize("tile", [1 << 18, 300, 40], ids=["one tile", "whole slabs", "rows of a slab"])
+@pytest.mark.parametrize(
+    "tile", [1 << 18, 1200, 384, 40], ids=["one tile", "whole slabs", "rows across heads", "rows of a slab"]
+)
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (4, 2), (6, 1)])
 def test_dropout_attention_equals_dense_attention_under_the_same_mask(
     heads: int, kv_heads: int, tile: int, monkeypatch: pytest.MonkeyPatch

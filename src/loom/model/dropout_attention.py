@@ -41,9 +41,12 @@ def tiles(slabs: int, rows: int, cols: int, budget: int | None = None) -> list[t
     return [(i, i + 1, r, min(r + run, rows)) for i in range(slabs) for r in range(0, rows, run)]
 
 
-def _causal(s: int, group: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(group x s, s): -inf above each query's diagonal (the keys it must not see), else 0."""
-    return torch.full((s, s), float("-inf"), dtype=dtype, device=device).triu_(1).repeat(group, 1)
+def _causal(rows: range, s: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(len(rows), s): -inf where a row's query (at position row mod s: the rows run over each
+    query head's positions in turn) must not see the key, else 0; one tile's, never s x s whole."""
+    positions = torch.arange(rows.start, rows.stop, device=device) % s
+    unseen = torch.arange(s, device=device) > positions[:, None]
+    return torch.zeros(unseen.shape, dtype=dtype, device=device).masked_fill_(unseen, float("-inf"))
 
 
 class _DropoutAttention(torch.autograd.Function):
@@ -63,12 +66,14 @@ class _DropoutAttention(torch.autograd.Function):
             qs = (q.to(work) * scale).reshape(b * kv, group * s, d)
             keys = k.to(work).reshape(b * kv, s, d).transpose(1, 2)
             values = v.to(work).reshape(b * kv, s, d)
-            causal = _causal(s, group, work, q.device)
             probs = torch.empty(b * kv, group * s, s, dtype=work, device=q.device)
             keep = torch.empty(b * kv, group * s, s, dtype=torch.uint8, device=q.device)
             out = torch.empty(b * kv, group * s, d, dtype=work, device=q.device)
-            for i, j, r, t in tiles(b * kv, group * s, s):
-                scores = torch.bmm(qs[i:j, r:t], keys[i:j]).add_(causal[r:t])
+            pieces = tiles(b * kv, group * s, s)
+            whole = _causal(range(group * s), s, work, q.device) if pieces[0][3] == group * s else None
+            for i, j, r, t in pieces:
+                bias = whole if whole is not None else _causal(range(r, t), s, work, q.device)
+                scores = torch.bmm(qs[i:j, r:t], keys[i:j]).add_(bias)
                 torch.ops.aten._softmax.out(scores, -1, False, out=probs[i:j, r:t])
                 fill_keep_mask(keep[i:j, r:t], p)
                 torch.bmm(probs[i:j, r:t] * keep[i:j, r:t], values[i:j], out=out[i:j, r:t])
