@@ -83,9 +83,12 @@ class _DropoutAttention(torch.autograd.Function):
         return out.view(b, heads, s, d).to(q.dtype)
 
     @staticmethod
-    @torch.autocast("cpu", enabled=False)
-    @torch.autocast("cuda", enabled=False)
     def backward(ctx, grad: torch.Tensor):
+        with torch.autocast(grad.device.type, enabled=False):  # as the forward: fp32 throughout
+            return _DropoutAttention._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: torch.Tensor):
         q, k, v, probs, keep = ctx.saved_tensors
         b, heads, s, d = q.shape
         kv = k.shape[1]
