@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from loom.model import dropout_attention as core
 from loom.model.dropout import Dropout, dropout, keep_mask, quantized_p
 from loom.model.dropout_attention import dropout_attention, tiles
+from loom.sparsity import causal_run_length, causal_run_scores, causal_runs
 
 
 def test_the_mask_drops_the_quantized_probability() -> None:
@@ -59,34 +60,68 @@ def _reference(q, k, v, keep, p):
     return (scores.softmax(-1) * keep / (1 - quantized_p(p))) @ v
 
 
-def test_tiles_cover_the_scores_in_order_with_contiguous_pieces() -> None:
-    for slabs, rows, cols, budget in [(6, 8, 8, 150), (3, 40, 16, 100), (2, 10, 7, 64), (5, 4, 4, 1000)]:
-        pieces = tiles(slabs, rows, cols, budget)
-        flat = torch.arange(slabs * rows * cols).view(slabs, rows, cols)
-        covered = torch.cat([flat[i:j, r:t].reshape(-1) for i, j, r, t in pieces])
-        assert torch.equal(covered, flat.reshape(-1))  # everything once, in memory order
-        for i, j, r, t in pieces:
-            assert flat[i:j, r:t].is_contiguous()
-            assert (j - i) * (t - r) * cols <= max(budget, 4 * cols)
-            assert (j - i == 1 and t == rows) or ((t - r) * cols) % 4 == 0  # the mask drawn piece by piece
+def test_causal_runs_cover_the_triangle_once() -> None:
+    for s, run in [(24, None), (24, 8), (23, 5), (1000, None), (4096, None)]:
+        runs = causal_runs(s, run)
+        want = run or causal_run_length(s)
+        assert [r for r, _ in runs] == list(range(0, s, want)) and runs[-1][1] == s
+        assert all(e - r == want for r, e in runs[:-1])
+        # every query row r sees keys [0, e) of its run, e > its position: the triangle, once
+        assert causal_run_scores(s, run) == sum((e - r) * e for r, e in runs)
+        assert s * (s + 1) // 2 <= causal_run_scores(s, run) <= s * (s + want) // 2
+    assert causal_run_length(16) == 16 and causal_run_length(256) == 32 and causal_run_length(512) == 64
+    assert causal_run_length(8192) == 128
 
 
 @pytest.mark.parametrize(
-    "tile", [1 << 18, 1200, 384, 40], ids=["one tile", "whole slabs", "rows across heads", "rows of a slab"]
+    ("slabs", "group", "s", "run", "budget"), [(6, 1, 8, 4, 150), (3, 2, 20, 8, 100), (2, 3, 10, 3, 64)]
+)
+def test_tiles_pack_each_run_of_each_slab_once(slabs, group, s, run, budget, monkeypatch) -> None:
+    monkeypatch.setattr(core, "RUN", run)
+    pieces, total = tiles(slabs, group, s, budget)
+    assert total == slabs * group * causal_run_scores(s, run)
+    seen, offset = set(), 0
+    for t in pieces:
+        assert t.offset == offset  # packed back to back
+        offset += (t.last - t.first) * group * (t.end - t.start) * t.end
+        assert t.last - t.first == 1 or (t.last - t.first) * group * (t.end - t.start) * t.end <= budget
+        seen |= {(i, t.start) for i in range(t.first, t.last)}
+    assert offset == total and seen == {(i, r) for r, _ in causal_runs(s, run) for i in range(slabs)}
+
+
+def _unpacked_keep(saved: list[torch.Tensor], b: int, heads: int, kv_heads: int, s: int) -> torch.Tensor:
+    """The core's saved uint8 mask as (b, heads, s, s), zero past each run's keys."""
+    (packed,) = [t for t in saved if t.dtype == torch.uint8]
+    group = heads // kv_heads
+    dense = torch.zeros(b * kv_heads, group, s, s, dtype=torch.float64)
+    pieces, total = tiles(b * kv_heads, group, s)
+    assert packed.numel() == total
+    for t in pieces:
+        n = (t.last - t.first) * group * (t.end - t.start) * t.end
+        part = packed[t.offset : t.offset + n].view(t.last - t.first, group, t.end - t.start, t.end)
+        dense[t.first : t.last, :, t.start : t.end, : t.end] = part.double()
+    return dense.view(b, heads, s, s)
+
+
+@pytest.mark.parametrize(
+    ("run", "tile"),
+    [(None, 1 << 18), (8, 1 << 18), (8, 200), (5, 40)],
+    ids=["one run", "runs", "runs, a slab a tile", "uneven runs"],
 )
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (4, 2), (6, 1)])
 def test_dropout_attention_equals_dense_attention_under_the_same_mask(
-    heads: int, kv_heads: int, tile: int, monkeypatch: pytest.MonkeyPatch
+    heads: int, kv_heads: int, run: int | None, tile: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(core, "RUN", run)
     monkeypatch.setattr(core, "TILE_ELEMENTS", tile)
     torch.manual_seed(2)
     b, s, d, p = 2, 24, 8, 0.3
     q = torch.randn(b, heads, s, d, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(b, kv_heads, s, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    state = torch.get_rng_state()
-    out = dropout_attention(q, k, v, p)
-    torch.set_rng_state(state)  # the core draws one mask over (b, kv, group x s, s): query heads in order
-    keep = keep_mask((b, kv_heads, heads // kv_heads * s, s), p, "cpu").view(b, heads, s, s).double()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = dropout_attention(q, k, v, p)
+    keep = _unpacked_keep(saved, b, heads, kv_heads, s)
     ref = _reference(q, k, v, keep, p)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     weight = torch.randn_like(ref)
@@ -94,12 +129,13 @@ def test_dropout_attention_equals_dense_attention_under_the_same_mask(
     want = torch.autograd.grad((ref * weight).sum(), (q, k, v))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
-    assert keep.mean().item() < 1.0  # something was dropped
+    seen = keep.tril().sum() / (b * heads * s * (s + 1) / 2)
+    assert 0.5 < seen < 0.9  # about 1 - p of the causal scores kept: the mask is real
 
 
 def test_dropout_attention_keeps_fp32_probabilities_and_a_byte_mask_under_autocast() -> None:
     torch.manual_seed(3)
-    b, heads, s, d = 2, 4, 32, 16
+    b, heads, s, d = 2, 4, 64, 16
     q, k, v = (torch.randn(b, heads, s, d, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     saved = []
     with (
@@ -108,8 +144,9 @@ def test_dropout_attention_keeps_fp32_probabilities_and_a_byte_mask_under_autoca
     ):
         out = dropout_attention(q, k, v, 0.1)
     assert out.dtype == torch.bfloat16
-    scores = sorted(str(t.dtype) for t in saved if t.numel() == b * heads * s * s)
+    scores = sorted(str(t.dtype) for t in saved if t.numel() == b * heads * causal_run_scores(s))
     assert scores == ["torch.float32", "torch.uint8"]  # P and keep: not the scores, a mask and the dropped scores
+    assert causal_run_scores(s) < s * s  # the causal triangle's runs, not the square
     out.float().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
 

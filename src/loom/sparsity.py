@@ -249,6 +249,28 @@ def saved_probability_columns(width: int, block: int) -> int:
     return width * block if width * block <= SAVED_COLUMNS else 0
 
 
+def causal_run_length(seq_len: int) -> int:
+    """Query rows per run of the dense causal core (:func:`causal_runs`): s / 8 rounded down to a
+    multiple of 4, within [32, 128], and the whole sequence when it is no longer than that."""
+    run = min(128, max(32, seq_len // 8 // 4 * 4))
+    return seq_len if seq_len <= run else run
+
+
+def causal_runs(seq_len: int, run: int | None = None) -> list[tuple[int, int]]:
+    """The causal triangle as row runs: (start, end) query positions, each run of ``run`` rows
+    (default :func:`causal_run_length`) seeing keys [0, end). A core that computes and keeps only
+    these rectangles does (n + 1) / 2n of the square's work with n runs, and keeps
+    :func:`causal_run_scores` scores a head."""
+    run = run or causal_run_length(seq_len)
+    return [(r, min(r + run, seq_len)) for r in range(0, seq_len, run)]
+
+
+def causal_run_scores(seq_len: int, run: int | None = None) -> int:
+    """Scores a head keeps over :func:`causal_runs`: sum of (end - start) x end, s (s + run) / 2
+    when run divides s (the square s^2 for a single run)."""
+    return sum((t - r) * t for r, t in causal_runs(seq_len, run))
+
+
 def density(layout: torch.Tensor) -> float:
     """The fraction of blocks a layout keeps (of all, including the future a decoder never sees)."""
     return layout.float().mean().item()

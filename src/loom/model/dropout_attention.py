@@ -8,52 +8,87 @@ the mask with ``bernoulli_``, one thread at ~7-12 ns an element here).
 2^-15, the scale 1 / (1 - p') keeping E[O] exact), drawn from the active default generator:
 torch's checkpoint (selective recomputation) and loom's RNG streams replay it.
 
-Saved for backward: q, k and v as given, P in fp32 and ``keep`` as uint8: 5 bytes per score
-(torch's math path keeps the scores, an fp32 mask and the dropped scores: 12). The dropped
-scores are rebuilt from P and ``keep`` in backward. Computation runs in fp32 for 16-bit
-inputs (as torch's math path does on CPU); the output has the inputs' dtype.
+Only the causal triangle is computed and kept, as row runs (:func:`loom.sparsity.causal_runs`):
+a run of query rows [r, e) sees keys [0, e), the future inside its diagonal block masked. With
+n runs that is (n + 1) / 2n of the square's work and memory (n = 8 from 256 to 1024 tokens,
+s / 128 beyond).
+
+Saved for backward: q, k and v as given, and per run its P in fp32 and ``keep`` as uint8, both
+packed run after run: 5 bytes per kept score, :func:`loom.sparsity.causal_run_scores` scores a
+head (torch's math path keeps the whole square: scores, an fp32 mask and the dropped scores, 12
+bytes a score). The dropped scores are rebuilt from P and ``keep`` in backward. Computation runs
+in fp32 for 16-bit inputs (as torch's math path does on CPU); the output has the inputs' dtype.
 
 Grouped-query heads: query head i reads K/V head i // (heads / kv_heads), as
-``scaled_dot_product_attention(enable_gqa=True)``; the groups are folded into the rows, so
-K and V are never expanded.
+``scaled_dot_product_attention(enable_gqa=True)``; a run's rows of the group's query heads are
+stacked, so K and V are never expanded.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from loom.model.dropout import fill_keep_mask, quantized_p
+from loom.sparsity import causal_runs
 
-TILE_ELEMENTS = 1 << 18  # scores per tile: 1 MiB in fp32, its temporaries stay in cache
+TILE_ELEMENTS = 1 << 18  # scores per tile at most (unless one slab's run is larger): 1 MiB in fp32
+RUN: int | None = None  # rows per run; None: loom.sparsity.causal_run_length (tests set small ones)
 
 
-def tiles(slabs: int, rows: int, cols: int, budget: int | None = None) -> list[tuple[int, int, int, int]]:
-    """(slab_start, slab_end, row_start, row_end) pieces of a (slabs, rows, cols) score tensor,
-    in memory order, each of about ``budget`` elements or fewer: whole slabs together when a
-    slab fits, else one slab's rows in runs of a multiple of 4 (so the keep mask drawn piece by
-    piece is the one drawn at once). Every piece is a contiguous slice. ``budget``: TILE_ELEMENTS."""
+class Tile(NamedTuple):
+    """Slabs [first, last) ((batch, K/V head) pairs) of one run of query positions [start, end),
+    which see keys [0, end); its scores lie at ``offset`` in the packed P and ``keep``, laid out
+    (slabs, group x rows, end)."""
+
+    first: int
+    last: int
+    start: int
+    end: int
+    offset: int
+
+
+def tiles(slabs: int, group: int, seq_len: int, budget: int | None = None) -> tuple[list[Tile], int]:
+    """The tiles of a (slabs, group query heads, seq_len) causal core, run after run, each run's
+    slabs chunked to about ``budget`` scores (TILE_ELEMENTS; at least one slab), and the packed
+    length: slabs x group x :func:`loom.sparsity.causal_run_scores`."""
     budget = budget or TILE_ELEMENTS
-    per_slab = rows * cols
-    if per_slab <= budget:
+    out, offset = [], 0
+    for r, e in causal_runs(seq_len, RUN):
+        per_slab = group * (e - r) * e
         step = max(1, budget // per_slab)
-        return [(i, min(i + step, slabs), 0, rows) for i in range(0, slabs, step)]
-    run = max(4, budget // cols // 4 * 4)
-    return [(i, i + 1, r, min(r + run, rows)) for i in range(slabs) for r in range(0, rows, run)]
+        for i in range(0, slabs, step):
+            j = min(i + step, slabs)
+            out.append(Tile(i, j, r, e, offset))
+            offset += (j - i) * per_slab
+    return out, offset
 
 
-def _causal(rows: range, s: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(len(rows), s): -inf where a row's query (at position row mod s: the rows run over each
-    query head's positions in turn) must not see the key, else 0; one tile's, never s x s whole."""
-    positions = torch.arange(rows.start, rows.stop, device=device) % s
-    unseen = torch.arange(s, device=device) > positions[:, None]
-    return torch.zeros(unseen.shape, dtype=dtype, device=device).masked_fill_(unseen, float("-inf"))
+def _future(rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(rows, rows): -inf above the diagonal (a run's queries must not see later keys of its own
+    diagonal block), else 0; the top-left corner of a longer run's serves a shorter last run."""
+    unseen = torch.ones(rows, rows, dtype=torch.bool, device=device).triu_(1)
+    return torch.zeros(rows, rows, dtype=dtype, device=device).masked_fill_(unseen, float("-inf"))
+
+
+def _rows(x: torch.Tensor, tile: Tile) -> torch.Tensor:
+    """A run's rows of (slabs, group, s, d) ``x`` as (slabs, group x rows, d): a view for one
+    query head per K/V head, else a copy."""
+    part = x[tile.first : tile.last, :, tile.start : tile.end]
+    return part.reshape(part.shape[0], -1, part.shape[-1])
+
+
+def _packed(flat: torch.Tensor, tile: Tile, group: int) -> torch.Tensor:
+    rows = group * (tile.end - tile.start)
+    n = (tile.last - tile.first) * rows * tile.end
+    return flat[tile.offset : tile.offset + n].view(tile.last - tile.first, rows, tile.end)
 
 
 class _DropoutAttention(torch.autograd.Function):
-    """Tile by tile (:func:`tiles`): only P and ``keep`` are whole; each tile's scores, bits and
-    products are small enough to stay in cache, and reuse the allocator's blocks instead of
-    page-faulting fresh mappings every layer. Slabs are (batch, K/V head) pairs, their rows the
-    group's query heads' positions."""
+    """Tile by tile (:func:`tiles`): only the packed P and ``keep`` are whole; each tile's
+    scores, bits and products are small enough to stay in cache and reuse the allocator's blocks
+    instead of page-faulting fresh mappings every layer."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
@@ -63,20 +98,23 @@ class _DropoutAttention(torch.autograd.Function):
         work = torch.promote_types(q.dtype, torch.float32)
         scale, kept = d**-0.5, 1.0 / (1.0 - quantized_p(p))
         with torch.autocast(q.device.type, enabled=False):  # fp32 scores and probabilities under autocast too
-            qs = (q.to(work) * scale).reshape(b * kv, group * s, d)
+            queries = (q.to(work) * scale).reshape(b * kv, group, s, d)
             keys = k.to(work).reshape(b * kv, s, d).transpose(1, 2)
             values = v.to(work).reshape(b * kv, s, d)
-            probs = torch.empty(b * kv, group * s, s, dtype=work, device=q.device)
-            keep = torch.empty(b * kv, group * s, s, dtype=torch.uint8, device=q.device)
-            out = torch.empty(b * kv, group * s, d, dtype=work, device=q.device)
-            pieces = tiles(b * kv, group * s, s)
-            whole = _causal(range(group * s), s, work, q.device) if pieces[0][3] == group * s else None
-            for i, j, r, t in pieces:
-                bias = whole if whole is not None else _causal(range(r, t), s, work, q.device)
-                scores = torch.bmm(qs[i:j, r:t], keys[i:j]).add_(bias)
-                torch.ops.aten._softmax.out(scores, -1, False, out=probs[i:j, r:t])
-                fill_keep_mask(keep[i:j, r:t], p)
-                torch.bmm(probs[i:j, r:t] * keep[i:j, r:t], values[i:j], out=out[i:j, r:t])
+            pieces, total = tiles(b * kv, group, s)
+            probs = torch.empty(total, dtype=work, device=q.device)
+            keep = torch.empty(total, dtype=torch.uint8, device=q.device)
+            out = torch.empty(b * kv, group, s, d, dtype=work, device=q.device)
+            future = _future(pieces[0].end - pieces[0].start, work, q.device)
+            for tile in pieces:
+                i, j, r, e = tile.first, tile.last, tile.start, tile.end
+                scores = torch.bmm(_rows(queries, tile), keys[i:j, :, :e])
+                scores.view(j - i, group, e - r, e)[..., r:e].add_(future[: e - r, : e - r])
+                probs_t, keep_t = _packed(probs, tile, group), _packed(keep, tile, group)
+                torch.ops.aten._softmax.out(scores, -1, False, out=probs_t)
+                fill_keep_mask(keep_t, p)
+                part = torch.bmm(probs_t * keep_t, values[i:j, :e])
+                out[i:j, :, r:e] = part.view(j - i, group, e - r, d)
             out.mul_(kept)
         ctx.save_for_backward(q, k, v, probs, keep)
         ctx.kept, ctx.scale = kept, scale
@@ -92,21 +130,23 @@ class _DropoutAttention(torch.autograd.Function):
         q, k, v, probs, keep = ctx.saved_tensors
         b, heads, s, d = q.shape
         kv = k.shape[1]
+        group = heads // kv
         work = probs.dtype
-        grad = (grad.to(work) * ctx.kept).reshape(b * kv, -1, d)
-        queries = q.to(work).reshape(b * kv, -1, d)
+        grad = (grad.to(work) * ctx.kept).reshape(b * kv, group, s, d)
+        queries = q.to(work).reshape(b * kv, group, s, d)
         keys = k.to(work).reshape(b * kv, s, d)
         values_t = v.to(work).reshape(b * kv, s, d).transpose(1, 2)
         grad_q = torch.empty_like(queries)
         grad_k = torch.zeros_like(keys)
         grad_v = torch.zeros_like(keys)
-        for i, j, r, t in tiles(*probs.shape):
-            probs_t, keep_t, grad_t = probs[i:j, r:t], keep[i:j, r:t], grad[i:j, r:t]
-            grad_v[i:j].baddbmm_((probs_t * keep_t).transpose(1, 2), grad_t)
-            grad_probs = torch.bmm(grad_t, values_t[i:j]).mul_(keep_t)
+        for tile in tiles(b * kv, group, s)[0]:
+            i, j, r, e = tile.first, tile.last, tile.start, tile.end
+            probs_t, keep_t, grad_t = _packed(probs, tile, group), _packed(keep, tile, group), _rows(grad, tile)
+            grad_v[i:j, :e].baddbmm_((probs_t * keep_t).transpose(1, 2), grad_t)
+            grad_probs = torch.bmm(grad_t, values_t[i:j, :, :e]).mul_(keep_t)
             grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs_t, -1, work).mul_(ctx.scale)
-            torch.bmm(grad_scores, keys[i:j], out=grad_q[i:j, r:t])
-            grad_k[i:j].baddbmm_(grad_scores.transpose(1, 2), queries[i:j, r:t])
+            grad_q[i:j, :, r:e] = torch.bmm(grad_scores, keys[i:j, :e]).view(j - i, group, e - r, d)
+            grad_k[i:j, :e].baddbmm_(grad_scores.transpose(1, 2), _rows(queries, tile))
         grad_q = grad_q.view(b, heads, s, d)
         return grad_q.to(q.dtype), grad_k.view(k.shape).to(k.dtype), grad_v.view(v.shape).to(v.dtype), None
 

@@ -23,8 +23,9 @@ Two models of the same quantity:
   after a biased row-parallel linear, dropout inputs), linear inputs and outputs in the
   compute dtype, one-byte dropout masks (:mod:`loom.model.dropout`), and the attention core
   as it runs: ``dropout`` (loom's core, :mod:`loom.model.dropout_attention`, with dropout off
-  CUDA: q, k and v in the compute dtype, the probabilities in fp32 and their one-byte mask:
-  c(sbh + 2 sb h_kv)/t + 5as^2b/t, then the output projection's input copied out of the
+  CUDA: q, k and v in the compute dtype, the probabilities in fp32 and their one-byte mask over
+  the causal triangle's row runs (:func:`loom.sparsity.causal_run_scores`, s(s + run)/2 a head):
+  c(sbh + 2 sb h_kv)/t + 5ab s(s + run)/2t, then the output projection's input copied out of the
   heads' layout) or ``flash`` (q, k, v and the output in the compute dtype,
   the output projection reading the output in place, plus an fp32 log-sum-exp per head and
   position). Under
@@ -38,6 +39,8 @@ All sizes in bytes. ``E = s*b*h`` is one (sequence, batch, hidden) activation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from loom.sparsity import causal_run_scores
 
 POLICIES = ("none", "full", "selective")
 
@@ -114,8 +117,9 @@ def layer_activation_bytes(
     rope = 4 * s * head_dim * c if llama else 0  # cos and sin, for q and for k
     if recompute == "selective":  # the recomputed region keeps q, k and v (shared-QK LSH: no k)
         core = c * (e + (1 if kernel == "lsh" and shape.lsh[2] else 2) * e_kv) / t
-    elif kernel == "dropout":  # q, k, v as given; the probabilities in fp32 and their uint8 mask
-        core = (c * (e + 2 * e_kv) + 5 * shape.heads * s * s * b) / t
+    elif kernel == "dropout":  # q, k, v as given; the probabilities in fp32 and their uint8 mask,
+        # over the causal triangle's row runs
+        core = (c * (e + 2 * e_kv) + 5 * shape.heads * causal_run_scores(s) * b) / t
     elif kernel == "sparse" and shape.sparse_columns:  # q, k and v (K/V expanded to every query
         # head), and the probabilities of each query's padded slots in fp32 (loom.model.block_sparse
         # keeps them when a row spans at most loom.sparsity.SAVED_COLUMNS keys): linear in s

@@ -43,7 +43,7 @@ from loom.plan.flops import GPTShape, hardware_flops, model_flops
 from loom.plan.hardware import Hardware
 from loom.plan.model import count_rank_parameters
 from loom.plan.rank_memory import BYTES, RankMemory, inflight, predict_rank_memory, recomputed_layer_bytes
-from loom.sparsity import layout_density
+from loom.sparsity import causal_run_scores, layout_density
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 RECOMPUTE = ("none", "selective", "full")
@@ -277,8 +277,9 @@ def dropout_draws(config: Config, layout: Layout, microbatches: int) -> float:
 
     Per micro-batch and layer: the two residual dropouts, b s h each (b s/t h under sequence
     parallelism, else every tp rank draws the whole mask), and on dense attention the attention
-    probabilities', b (a/t) s^2 (loom's dropout core draws over the whole score matrix; the other
-    attention kinds drop no probabilities). Recomputation draws again: all of a layer's for
+    probabilities', b (a/t) per head's :func:`loom.sparsity.causal_run_scores` (loom's dropout core
+    draws over the causal triangle's row runs, about s^2 / 2; the other attention kinds drop no
+    probabilities). Recomputation draws again: all of a layer's for
     ``full``, the probabilities' for ``selective``. The embedding's dropout draws b s h (/t).
     """
     model, train = config.model, config.train
@@ -286,7 +287,7 @@ def dropout_draws(config: Config, layout: Layout, microbatches: int) -> float:
         return 0.0
     b, s, h = layout.micro_batch, train.seq_len, model.d_model
     tokens = b * s / (layout.tp if layout.sp else 1)
-    probs = b * (model.n_heads / layout.tp) * s * s if model.attention == "dense" else 0.0
+    probs = b * (model.n_heads / layout.tp) * causal_run_scores(s) if model.attention == "dense" else 0.0
     layer = 2 * tokens * h + probs
     again = {"none": 0.0, "full": layer, "selective": probs}[layout.recompute]
     layers = model.n_layers // layout.pp
