@@ -8,7 +8,8 @@ meter's peak over its step (rank 0). Every policy also runs as ``loom train`` en
 Korthikanti et al. 2022 report selective recomputation at a few percent of step time for most
 of full recomputation's saving on their GPUs, where the core attention is a small share of the
 FLOPs; on a CPU with dropout on, the core attention is loom's dropout core
-(``loom.model.dropout_attention``: fp32 probabilities and a one-byte mask kept, 5 bytes a score),
+(``loom.model.dropout_attention``: fp32 probabilities and a one-byte mask kept over the causal
+triangle's row runs, 5 bytes a score),
 so what selective saves and costs here is measured, not assumed. Its saving grows with a s / h
 (heads x tokens / width): the default job has 2, ``--heads 32 --d-model 1024 --seq-len 512``
 Korthikanti's GPT-3 ratio, 16. Checks (exit 1 if not): every policy's losses equal none's.

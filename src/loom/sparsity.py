@@ -251,8 +251,9 @@ def saved_probability_columns(width: int, block: int) -> int:
 
 def causal_run_length(seq_len: int) -> int:
     """Query rows per run of the dense causal core (:func:`causal_runs`): s / 8 rounded down to a
-    multiple of 4, within [32, 128], and the whole sequence when it is no longer than that."""
-    run = min(128, max(32, seq_len // 8 // 4 * 4))
+    multiple of 4, within [64, 128], and the whole sequence when it is no longer than that (shorter
+    runs cost more in per-tile overhead than their smaller share of the square saves, measured)."""
+    run = min(128, max(64, seq_len // 8 // 4 * 4))
     return seq_len if seq_len <= run else run
 
 

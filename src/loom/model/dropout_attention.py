@@ -10,8 +10,8 @@ torch's checkpoint (selective recomputation) and loom's RNG streams replay it.
 
 Only the causal triangle is computed and kept, as row runs (:func:`loom.sparsity.causal_runs`):
 a run of query rows [r, e) sees keys [0, e), the future inside its diagonal block masked. With
-n runs that is (n + 1) / 2n of the square's work and memory (n = 8 from 256 to 1024 tokens,
-s / 128 beyond).
+n runs that is (n + 1) / 2n of the square's work and memory (n = 2 at 128 tokens, 4 at 256, 8
+from 512 to 1024, s / 128 beyond).
 
 Saved for backward: q, k and v as given, and per run its P in fp32 and ``keep`` as uint8, both
 packed run after run: 5 bytes per kept score, :func:`loom.sparsity.causal_run_scores` scores a
