@@ -128,3 +128,28 @@ def test_a_split_backward_bubble_follows_the_forward_backward_and_weight_times()
     assert bubble_formula("zero_bubble", 4, 8, 1, heavy)[1] > bubble_formula("zero_bubble", 4, 8, 1, plain)[1]
     core = pass_costs(GPTShape(layers=2, hidden=64, vocab=0, seq=384), 3.0, 6.0, 1.0, 0.0, 0.0)
     assert core.weight == pytest.approx(3.0 / 2)  # 4s^2h = 24sh^2 (s = 6h): half the forward is the weightless core
+
+
+def test_causal_kernels_cost_the_step_what_they_compute_while_mfu_counts_the_square() -> None:
+    from loom.plan.activations import computed_fraction
+    from loom.plan.flops import GPTShape, hardware_flops, model_flops
+    from loom.plan.layout import achieved_rate
+    from loom.sparsity import causal_run_scores
+
+    # query tiles against the keys up to their end: n tiles of 128 on CUDA compute (n + 1) / 2n
+    assert computed_fraction("flash", "cuda", 1024) == pytest.approx(9 / 16)
+    assert computed_fraction("flash", "cuda", 128) == 1.0
+    assert computed_fraction("flash", "cpu", 512) == 1.0  # torch's CPU kernel: one key tile of 512 covers it
+    # 8 query tiles of 256, keys in tiles of 512: 512, 512, 1024, 1024, ..., 2048, 2048
+    assert computed_fraction("flash", "cpu", 2048) == pytest.approx(2 * 256 * (512 + 1024 + 1536 + 2048) / 2048**2)
+    assert computed_fraction("dropout", "cpu", 1024) == causal_run_scores(1024) / 1024**2
+    assert computed_fraction("topk", "cpu", 1024) == 1.0
+    s = 4096
+    config = load_config(None, [*ITEMS[:-1], f"train.seq_len={s}", f"model.max_seq_len={s}", "model.dropout=0.0"])
+    h100 = HARDWARE["h100-sxm"]
+    p = predict(config, _layout(micro_batch=1), h100, 1, "cuda")
+    shape = GPTShape(2, 16, 64, s)
+    ran = hardware_flops(dataclasses.replace(shape, attention_density=computed_fraction("flash", "cuda", s)), 1)
+    assert p.compute_s == pytest.approx(ran / achieved_rate(h100, config.train.precision, 1))
+    assert ran < 0.6 * hardware_flops(shape, 1)  # at 4096 tokens and d 16 the core is nearly all of it
+    assert p.mfu == pytest.approx(model_flops(shape, 1) / p.step_s / h100.peak_flops(config.train.precision))

@@ -6,8 +6,9 @@ on a device type, the prediction combines the planner's models:
 - memory per device: the most loaded pipeline rank (the first holds the most micro-batches,
   the last the logits) by ``loom.plan.rank_memory``;
 - communication per group: ``loom.plan.comm`` (bytes, then seconds on the link it spans);
-- compute: hardware FLOPs (``loom.plan.flops``, recomputation included) per device over the
-  device's peak times its achieved fraction (``Hardware.compute_efficiency``), plus the
+- compute: hardware FLOPs (``loom.plan.flops``, recomputation included; dense causal attention's
+  scores as far as its kernel computes them, :func:`loom.plan.activations.computed_fraction`,
+  about half the square) per device over the device's peak times its achieved fraction (``Hardware.compute_efficiency``), plus the
   dropout masks it draws (:func:`dropout_draws`) at ``Hardware.dropout_rate``; on a CPU host,
   whose processes share its cores, over each process's threads (:func:`compute_seconds`);
 - the pipeline bubble in closed form (``loom.parallel.pipeline.simulate.bubble_formula``), a
@@ -19,7 +20,8 @@ on a device type, the prediction combines the planner's models:
   compute term is at least every process's compute over the cores: they take turns, and a
   stage waiting in the bubble gives its core to another.
 
-MFU and HFU are model and hardware FLOPs per second over the devices' peak.
+MFU and HFU are model and hardware FLOPs per second over the devices' peak (the whole s x s
+square for dense attention, as the papers count).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 
 from loom.config import Config
 from loom.parallel.pipeline.simulate import Costs, bubble_formula
+from loom.plan.activations import attention_kernel, computed_fraction
 from loom.plan.comm import (
     CommShape,
     comm_seconds,
@@ -180,8 +183,12 @@ def predict(
     density = layout_density(model.sparse_attention, model.n_heads, config.train.seq_len) if sparse else 1.0
     gpt = GPTShape(model.n_layers, model.d_model, model.vocab_size or 0, config.train.seq_len, density)
     world = layout.dp * layout.tp * layout.pp
-    model_total = model_flops(gpt, global_batch)
+    model_total = model_flops(gpt, global_batch)  # MFU and HFU: the whole square for dense attention
     hardware_total = hardware_flops(gpt, global_batch, layout.recompute)
+    # the step time: what the kernels compute (a causal kernel about half of the square)
+    kernel = attention_kernel(device, model.dropout, model.attention)
+    ran = gpt if sparse else dataclasses.replace(gpt, attention_density=computed_fraction(kernel, device, gpt.seq))
+    ran_model, ran_hardware = model_flops(ran, global_batch), hardware_flops(ran, global_batch, layout.recompute)
     draws = dropout_draws(config, layout, m)
     dropout_s = draws / hardware.dropout_rate if hardware.dropout_rate else 0.0
     rewrite = m * (model.n_layers // layout.pp) * recomputed_layer_bytes(config, device)
@@ -193,12 +200,12 @@ def predict(
         rewrite_flops = rewrite / hardware.rewrite_bandwidth * one_thread if hardware.rewrite_bandwidth else 0.0
         first = dropout_draws(config, dataclasses.replace(layout, recompute="none"), m)
         first_s = first / hardware.dropout_rate if hardware.dropout_rate else 0.0
-        forward, backward = model_total / 3 / world, (hardware_total - model_total / 3) / world + rewrite_flops
-        costs = pass_costs(gpt, forward, backward, rate, dropout_s, first_s)
+        forward, backward = ran_model / 3 / world, (ran_hardware - ran_model / 3) / world + rewrite_flops
+        costs = pass_costs(ran, forward, backward, rate, dropout_s, first_s)
         formula = bubble_formula(layout.schedule, layout.pp, m, layout.vp, costs)
         bubble = formula[1] if formula else (layout.pp - 1) / m
     compute_s, critical_s = compute_seconds(
-        hardware, precision, hardware_total / world, dropout_s, processes, bubble, rewrite
+        hardware, precision, ran_hardware / world, dropout_s, processes, bubble, rewrite
     )
     # overlapped dp traffic hides behind the backward, unless the backend's threads copy it on the
     # very cores that compute (a CPU host)
