@@ -15,7 +15,8 @@ when every round reaches it, met in the median only when the median does.
 Part 2, training: one step of a small model (2 layers, d_model 256, 4 heads, micro-batch 1)
 at doubling sequence lengths, dense (with dropout 0.1, so the CPU runs an unfused core that
 holds s x s tensors, as dense attention without a fused kernel does: torch's math path, 12
-bytes a score, until 918d1b4, since then loom's dropout core, 5; and without dropout, the
+bytes a score, until 918d1b4, since then loom's dropout core, 5, and from a034423 only over the
+causal triangle's row runs; and without dropout, the
 flash core) and sliding-window sparse, until the step's peak resident memory
 passes ``BUDGET_GIB`` (checked against the planner first, so nothing runs that would not fit)
 or one step passes ``STEP_LIMIT_S``. Goal: sparse's longest is at least 8x dense's.
