@@ -8,9 +8,10 @@ on a device type, the prediction combines the planner's models:
 - communication per group: ``loom.plan.comm`` (bytes, then seconds on the link it spans);
 - compute: hardware FLOPs (``loom.plan.flops``, recomputation included; dense causal attention's
   scores as far as its kernel computes them, :func:`loom.plan.activations.computed_fraction`,
-  about half the square) per device over the device's peak times its achieved fraction (``Hardware.compute_efficiency``), plus the
-  dropout masks it draws (:func:`dropout_draws`) at ``Hardware.dropout_rate``; on a CPU host,
-  whose processes share its cores, over each process's threads (:func:`compute_seconds`);
+  about half the square) per device over the device's peak times its achieved fraction
+  (``Hardware.compute_efficiency``), plus the dropout masks it draws (:func:`dropout_draws`) at
+  ``Hardware.dropout_rate``; on a CPU host, whose processes share its cores, over each
+  process's threads (:func:`compute_seconds`);
 - the pipeline bubble in closed form (``loom.parallel.pipeline.simulate.bubble_formula``), a
   split backward's from the forward, backward and weight-gradient times (:func:`pass_costs`);
 - step time = compute x (1 + bubble) + tp + pp transfers (on the critical path) + what of the
