@@ -12,7 +12,9 @@ FLOPs; on a CPU with dropout on, the core attention is loom's dropout core
 triangle's row runs, 5 bytes a score),
 so what selective saves and costs here is measured, not assumed. Its saving grows with a s / h
 (heads x tokens / width): the default job has 2, ``--heads 32 --d-model 1024 --seq-len 512``
-Korthikanti's GPT-3 ratio, 16. Checks (exit 1 if not): every policy's losses equal none's.
+Korthikanti's GPT-3 ratio, 16; ``--precision bf16`` runs under bf16 autocast, the 16-bit
+activations their Table 2 counts (the linears' saved inputs halve, the core keeps its 5 bytes a
+score). Checks (exit 1 if not): every policy's losses equal none's.
 
     python bench/recompute.py --out bench/results/recompute.md
 """
@@ -85,10 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per step (grad_accum 1)")
     p.add_argument("--dropout", type=float, default=0.1, help="model.dropout")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (and loom train's)")
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="train.precision (bf16: Korthikanti's 16-bit)"
+    )
     args = p.parse_args(argv)
     check_args(p, args)
     items = job_items(
-        args, f"train.micro_batch={args.micro_batch}", "train.grad_accum=1", f"model.dropout={args.dropout}"
+        args,
+        f"train.micro_batch={args.micro_batch}",
+        "train.grad_accum=1",
+        f"model.dropout={args.dropout}",
+        f"train.precision={args.precision}",
     )
     config = prepare(items)
     half = config.model.n_layers // 2
@@ -134,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     job = (
         f"{config.model.preset} ({config.model.family}, {config.model.n_layers} layers, d {config.model.d_model}), "
         f"batch {args.micro_batch} x {args.seq_len}, dropout {args.dropout}, {args.steps} steps "
-        f"({args.steps - args.warmup} timed) x {args.repeats} rounds, fp32, {args.threads} threads; auto's budget "
+        f"({args.steps - args.warmup} timed) x {args.repeats} rounds, {args.precision}, {args.threads} threads; auto's budget "
         f"{budget_gb:.4f} GB (the planner's prediction with {half} blocks recomputed)"
     )
     noise = noise_line(load)

@@ -136,6 +136,7 @@ def kernel_worker(kind: str, seq: int) -> dict:
     base = _rss()
     times = []
     for _ in range(CALLS):
+        q.grad = k.grad = v.grad = None  # as a training step's zero_grad: the call's time, not accumulating into .grad
         start = time.perf_counter()
         run().backward(grad)
         times.append(time.perf_counter() - start)
