@@ -2,9 +2,9 @@
 
 Sides, each timed as the median of ``--calls`` calls, alternating loom and torch call by call:
 
-- ``mask``: drawing a keep mask of n elements on one thread: ``loom.model.dropout.keep_mask``
-  (15 random bits an element, uint8) against ``torch.empty(n).bernoulli_(1 - p)``, torch's CPU
-  dropout's draw;
+- ``mask``: drawing a keep mask of n elements on one thread, and with ``--threads``:
+  ``loom.model.dropout.keep_mask`` (16 random bits an element from SFC64, uint8) against
+  ``torch.empty(n).bernoulli_(1 - p)``, torch's CPU dropout's draw (one thread either way);
 - ``dropout``: forward + backward of dropout on a (b, s, h) activation: ``loom.model.dropout.dropout``
   against ``torch.nn.functional.dropout``;
 - ``attention``: forward + backward of causal attention with dropout on the probabilities:
@@ -100,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         dropped = 1.0 - keep_mask((n,), P, "cpu").double().mean().item()
         ok &= abs(dropped - quantized_p(P)) < 5 * (P * (1 - P) / n) ** 0.5
     torch.set_num_threads(args.threads)
+    if args.threads > 1:  # loom's mask spreads its chunks over torch's threads
+        n = 1 << 21
+        x = torch.empty(n)
+        mine, theirs = paired(lambda: keep_mask((n,), P, "cpu"), lambda: x.bernoulli_(1 - P), args.calls)
+        rows.append(row(f"mask, {n:,} elements, {args.threads} threads", mine, theirs, 1e9 / n, "ns an element"))
     x = torch.randn(8, 128, 256, requires_grad=True)
     g = torch.randn_like(x)
     mine, theirs = paired(
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join([*rows, "", check, "", e2e_line, "", noise]))
 
     def render(when: str) -> str:
-        job = f"p = {P}; {args.calls} timed calls a side and case, alternating; {args.threads} threads but the mask's 1"
+        job = f"p = {P}; {args.calls} timed calls a side and case, alternating; {args.threads} threads (the mask's rows: as each says)"
         lines = result_head(
             "Dropout off CUDA: loom's mask and core against torch's", bench_command("dropout.py"), when, job
         )

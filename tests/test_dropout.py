@@ -1,4 +1,4 @@
-"""loom's dropout (a uint8 mask from 15 random bits an element) and its attention core with
+"""loom's dropout (a uint8 mask from 16 random bits an element) and its attention core with
 dropout: the mask's statistics, gradients against a dense reference under the same mask, what
 they keep for backward, and the replay that recomputation relies on."""
 
@@ -23,13 +23,36 @@ def test_the_mask_drops_the_quantized_probability() -> None:
         dropped = 1.0 - keep.double().mean().item()
         assert abs(dropped - quantized_p(p)) < 5 * (p * (1 - p) / n) ** 0.5  # 5 sigma of a binomial
         assert abs(quantized_p(p) - p) <= 2**-16
-    # neighbours are independent: the four lanes of one int64 draw do not agree more than chance
+    # neighbours are independent: the four 16-bit lanes of one 64-bit draw do not agree more than chance
     keep = keep_mask((n // 4, 4), 0.5, "cpu").double()
     agree = (keep[:, 0] == keep[:, 3]).double().mean().item()
     assert abs(agree - 0.5) < 5 * (0.25 / (n // 4)) ** 0.5
-    # the low lanes and the top lane (whose int64 sign bit is always 0) drop alike
+    # every lane of a 64-bit draw drops alike
     rates = 1.0 - keep_mask((n // 4, 4), 0.1, "cpu").double().mean(0)
     assert (rates - quantized_p(0.1)).abs().max().item() < 5 * (0.09 / (n // 4)) ** 0.5
+
+
+def test_the_mask_is_a_function_of_the_generator_state_alone() -> None:
+    """Equal generator states draw equal masks whatever the thread count; the chunks' generators
+    differ (no chunk repeats another), and the draw moves the default generator on."""
+    from loom.model import dropout as module
+
+    n = 2 * module.CHUNK + 12345  # three chunks, the last short
+    threads = torch.get_num_threads()
+    masks = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            torch.manual_seed(7)
+            masks.append(keep_mask((n,), 0.3, "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(m, masks[0]) for m in masks[1:])
+    first, second = masks[0][: module.CHUNK], masks[0][module.CHUNK : 2 * module.CHUNK]
+    assert (first == second).double().mean().item() < 0.7  # independent chunks agree 0.58 of the time
+    torch.manual_seed(7)
+    keep_mask((n,), 0.3, "cpu")
+    assert not torch.equal(keep_mask((n,), 0.3, "cpu"), masks[0])  # the seed was drawn: the next mask differs
 
 
 def test_dropout_scales_what_it_keeps_and_its_gradient_is_the_mask() -> None:

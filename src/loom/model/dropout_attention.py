@@ -5,7 +5,7 @@ the mask with ``bernoulli_``, one thread at ~7-12 ns an element here).
     S = (q / sqrt(d)) k^T + causal mask,  P = softmax(S),  O = (P * keep) v / (1 - p')
 
 ``keep`` is :func:`loom.model.dropout.keep_mask`'s (uint8, ``p`` rounded to p', a multiple of
-2^-15, the scale 1 / (1 - p') keeping E[O] exact), drawn from the active default generator:
+2^-16, the scale 1 / (1 - p') keeping E[O] exact), seeded from the active default generator:
 torch's checkpoint (selective recomputation) and loom's RNG streams replay it.
 
 Only the causal triangle is computed and kept, as row runs (:func:`loom.sparsity.causal_runs`):
@@ -86,9 +86,10 @@ def _packed(flat: torch.Tensor, tile: Tile, group: int) -> torch.Tensor:
 
 
 class _DropoutAttention(torch.autograd.Function):
-    """Tile by tile (:func:`tiles`): only the packed P and ``keep`` are whole; each tile's
-    scores, bits and products are small enough to stay in cache and reuse the allocator's blocks
-    instead of page-faulting fresh mappings every layer."""
+    """Tile by tile (:func:`tiles`): only the packed P and ``keep`` are whole (``keep`` drawn at
+    once before the tiles, so a large one spreads over the threads); each tile's scores and
+    products are small enough to stay in cache and reuse the allocator's blocks instead of
+    page-faulting fresh mappings every layer."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
@@ -106,13 +107,13 @@ class _DropoutAttention(torch.autograd.Function):
             keep = torch.empty(total, dtype=torch.uint8, device=q.device)
             out = torch.empty(b * kv, group, s, d, dtype=work, device=q.device)
             future = _future(pieces[0].end - pieces[0].start, work, q.device)
+            fill_keep_mask(keep, p)  # at once: its chunks spread over the threads
             for tile in pieces:
                 i, j, r, e = tile.first, tile.last, tile.start, tile.end
                 scores = torch.bmm(_rows(queries, tile), keys[i:j, :, :e])
                 scores.view(j - i, group, e - r, e)[..., r:e].add_(future[: e - r, : e - r])
                 probs_t, keep_t = _packed(probs, tile, group), _packed(keep, tile, group)
                 torch.ops.aten._softmax.out(scores, -1, False, out=probs_t)
-                fill_keep_mask(keep_t, p)
                 part = torch.bmm(probs_t * keep_t, values[i:j, :e])
                 out[i:j, :, r:e] = part.view(j - i, group, e - r, d)
             out.mul_(kept)

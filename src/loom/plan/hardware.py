@@ -15,7 +15,8 @@ their own, as GPUs do). Its peak is one core's; a process with k threads runs 1 
 times one thread's speed (``thread_efficiency`` e), and processes beyond the cores take turns
 on them (``loom.plan.layout.compute_seconds``). Dropout masks cost ``1 / dropout_rate`` seconds
 per element drawn on top of the FLOPs: loom's mask (``loom.model.dropout``) takes one thread
-~2 ns an element on the test host (0: free, as in a GPU's fused kernels). Recomputation costs more than
+~0.6 ns an element on the test host (0: free, as in a GPU's fused kernels; a second thread takes
+a large mask only to ~0.5, so the model counts one). Recomputation costs more than
 its FLOPs: the norms, activations, softmax and masks it runs again write the activations it had
 dropped, at ``rewrite_bandwidth`` bytes per second of one thread (0: counted as FLOPs only, as
 the GPU entries do until measured). Its figures are this host's, to calibrate (``loom plan
@@ -103,7 +104,7 @@ HARDWARE: dict[str, Hardware] = {
         compute_efficiency=1.0,
         cores=2,
         thread_efficiency=0.7,
-        dropout_rate=5e8,  # loom.model.dropout.keep_mask on one thread: 1.7-3.5 ns an element here
+        dropout_rate=1.6e9,  # loom.model.dropout.keep_mask on one thread: 0.6 ns an element here
         rewrite_bandwidth=1.8e9,
         turn_latency=2.5e-3,  # the test host: tp 2 x pp 2 on its 2 cores, 2.3-2.8 ms more per collective
     ),
