@@ -7,9 +7,9 @@ here) and keeps it in the input's dtype (4 bytes in fp32); its fastest generator
 an element from SFC64 generators (numpy's Small Fast Chaotic generator; passes PractRand and
 BigCrush) in chunks of :data:`CHUNK` elements, chunk c's generator seeded with (seed, c), a large
 mask's chunks spread over torch's intra-op threads (~0.6 ns an element on one thread here, the
-compare included; 0.5 on two, for 2.6M elements and more). It keeps the mask as uint8 (1 byte). ``p`` is rounded to a multiple of 2^-16
-(:func:`quantized_p`: 0.1 becomes 0.100006) and the kept elements are scaled by 1 / (1 - p'),
-so E[dropout(x)] = x exactly.
+compare included; 0.5 on two, for 2.6M elements and more). It keeps the mask as uint8 (1 byte).
+``p`` is rounded to a multiple of 2^-16 (:func:`quantized_p`: 0.1 becomes 0.100006) and the kept
+elements are scaled by 1 / (1 - p'), so E[dropout(x)] = x exactly.
 
 The mask is a function of the seed alone (not of the thread count), and the seed comes from
 the active default generator, so torch's checkpoint (recomputation) and loom's RNG streams
@@ -50,6 +50,7 @@ def fill_keep_mask(out: torch.Tensor, p: float) -> torch.Tensor:
     n = out.numel()
     seed = int(torch.empty((), dtype=torch.int64, device=out.device).random_())
     host = out if out.device.type == "cpu" else torch.empty(out.shape, dtype=torch.uint8)
+    # uint8, not bool: torch's CPU kernels vectorise a multiply by uint8, not by bool (4x here)
     flat = host.view(-1).numpy().view(np.bool_)
     threshold = round(p * (1 << BITS))
 
