@@ -21,8 +21,10 @@ own: the peer's sides and its table. The rest is here:
   loom's sides.
 - **Figures.** A bench side's tokens/s in a round is the global tokens per step over the
   median step time after the warm-up; the table gives the median over rounds, and each
-  ratio both as the ratio of the medians and as the range of the per-round ratios (a side
-  and its peer in one round ran interleaved, so a round's ratio is a paired figure).
+  ratio as the median of the per-round ratios with their range (a side and its peer in one
+  round ran interleaved, so a round's ratio is a paired figure; the ratio of the two sides'
+  medians would pair different rounds, and this host's speed drifts by up to 20-30% over a
+  bench's rounds).
   A goal is "met" when every round's ratio reaches it, "met in the median" when the median
   does but some round does not (the rounds scatter more than the margin: no claim), else
   "missed".
@@ -392,7 +394,8 @@ class Result:
         return [a / b for a, b in zip(self.tps[side], self.tps[peer], strict=True)]
 
     def ratio(self, side: str, peer: str) -> float:
-        return self.median(side) / self.median(peer)
+        """The median of the per-round (paired) ratios."""
+        return statistics.median(self.ratios(side, peer))
 
     def verdict(self, side: str, peer: str, goal: float) -> str:
         rounds = self.ratios(side, peer)
@@ -508,8 +511,8 @@ def noise_line(load_start: float) -> str:
 TIMING = (
     "per round, fresh sides run step k back to back, the order rotating with k and the round, each side's step "
     "starting after a barrier; a step's time is the slowest rank's; a side's tokens/s is global tokens per step over "
-    "its median step time after the warm-up, and the table gives the median over rounds with each ratio's per-round "
-    "range (a round's sides ran interleaved, so its ratio is paired). loom's sides are Trainer.train_step as "
+    "its median step time after the warm-up, and the table gives the median over rounds, each ratio as the median of "
+    "the per-round ratios with their range (a round's sides ran interleaved, so its ratio is paired). loom's sides are Trainer.train_step as "
     f"`loom train` runs it (batch, forward, backward, sync, the loss for the metrics, clip, update). After the "
     f"interleaved sides, each peer runs again by itself (`{ALONE}`: all its steps, nothing interleaved), then `{LOOM_TRAIN}` "
     "runs: the command itself on the same job, with loom's own launcher and thread settings, its figure the median "

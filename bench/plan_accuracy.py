@@ -11,7 +11,11 @@ second thread adds on the single process (``calibrate_threads``), what recomputa
 its FLOPs on full recomputation (``calibrate_rewrite``), the link bandwidth on tp 2
 (``calibrate_links``), and on tp 2 x pp 2 (4 ranks on the host's 2 cores) how long a transfer
 waits for a peer that lost its core (``calibrate_turns``); dropout's draws per second are the
-``cpu`` entry's. Then every other layout's step time is predicted (goal: within 15%). Ranks on
+``cpu`` entry's. Then every other layout's step time is predicted (goal: within 15%). The rates are
+fitted once a round on that round's calibration runs, and a layout's error is the median over the
+rounds of its error in each round: this host's speed moves by 20-50% between rounds minutes apart
+(and within a session by up to 70%), so a round's runs are compared with each other, as the other
+benchmarks pair the sides of a round. Ranks on
 one CPU host share its cores (``loom.plan.hardware.on_this_host``: each process computes with
 cores / processes threads, more processes than cores take turns, and their transfers wait for
 each other's turns, ``Hardware.turn_wait``); the table also says how far the rows with a core
@@ -114,30 +118,47 @@ def main() -> int:
 
     calibration = ("single, 1 thread", "single", "single, full", "tp2", "tp2 pp2")
 
-    def figures(name: str, hw):
+    def figures(name: str, hw, r: int | None = None):
+        """Prediction on ``hw``, and the measurement: step time of round ``r`` (None: the rounds' median)."""
         summary, records, ranks = runs[name]
         config = config_from_dict(summary["config"])
         host = on_this_host(hw, summary["local_processes"], summary["threads"])
         prediction = report.predict_run(config, ranks, host, "cpu", 0)
         tokens = config.batch(dp=prediction.layout.dp).global_batch * config.train.seq_len
         measured = report.measured(records, tokens)
-        measured["step_s"] = statistics.median(step_times(name))
+        times = step_times(name)
+        measured["step_s"] = statistics.median(times) if r is None else times[r]
         return prediction, measured, summary
 
-    p, m, _ = figures("single, 1 thread", base)
-    calibrated = report.calibrate(p, m, base)
-    p, m, summary = figures("single", calibrated)
-    calibrated = report.calibrate_threads(p, m, calibrated, summary["threads"])
-    p, m, _ = figures("single, full", calibrated)
-    calibrated = report.calibrate_rewrite(p, m, calibrated)
-    if "tp2" in runs:
-        p, m, _ = figures("tp2", calibrated)
-        calibrated = report.calibrate_links(p, m, calibrated)
-    if "tp2 pp2" in runs:  # 4 ranks on the host's cores: the turns its transfers wait
-        p, m, summary = figures("tp2 pp2", calibrated)
-        host = on_this_host(calibrated, summary["local_processes"], summary["threads"])
-        turned = report.calibrate_turns(p, m, host)
-        calibrated = dataclasses.replace(calibrated, turn_latency=turned.turn_latency)
+    def calibrate(r: int | None = None):
+        """The host's rates fitted on the calibration layouts' step times of round ``r`` (None: medians)."""
+        p, m, _ = figures("single, 1 thread", base, r)
+        calibrated = report.calibrate(p, m, base)
+        p, m, summary = figures("single", calibrated, r)
+        calibrated = report.calibrate_threads(p, m, calibrated, summary["threads"])
+        p, m, _ = figures("single, full", calibrated, r)
+        calibrated = report.calibrate_rewrite(p, m, calibrated)
+        if "tp2" in runs:
+            p, m, _ = figures("tp2", calibrated, r)
+            calibrated = report.calibrate_links(p, m, calibrated)
+        if "tp2 pp2" in runs:  # 4 ranks on the host's cores: the turns its transfers wait
+            p, m, summary = figures("tp2 pp2", calibrated, r)
+            host = on_this_host(calibrated, summary["local_processes"], summary["threads"])
+            turned = report.calibrate_turns(p, m, host)
+            calibrated = dataclasses.replace(calibrated, turn_latency=turned.turn_latency)
+        return calibrated
+
+    calibrated = calibrate()
+    # each round calibrated on its own calibration runs and judged on its own runs: the host's speed
+    # drifts by 20-50% between rounds minutes apart, so a round's runs are compared with each other
+    per_round = [calibrate(r) for r in range(args.repeats)]
+
+    def round_errors(name: str) -> list[float]:
+        """Measured / predicted - 1 for each round, on that round's calibration."""
+        return [
+            figures(name, hw, r)[1]["step_s"] / figures(name, hw, r)[0].step_s - 1 for r, hw in enumerate(per_round)
+        ]
+
     worst_bytes = 0.0
     worst_time = {True: 0.0, False: 0.0}  # ranks within the cores, or beyond them
     cores = on_this_host(base).cores
@@ -158,7 +179,8 @@ def main() -> int:
                 cells.append(f"{got / 2**20:.2f} / {want / 2**20:.2f}")
             else:
                 cells.append("-")
-        err = meas["step_s"] / prediction.step_s - 1
+        errors = sorted(round_errors(name))
+        err = statistics.median(errors)
         if name not in calibration:  # the calibration runs fit by construction
             own = ranks <= cores
             worst_time[own] = max(worst_time[own], abs(err))
@@ -166,7 +188,7 @@ def main() -> int:
         drawn = f"; {1e3 * prediction.dropout_s:.0f} dropout" if prediction.dropout_s else ""
         cells.append(
             f"{1e3 * meas['step_s']:.0f} ({1e3 * min(times):.0f}-{1e3 * max(times):.0f}) / "
-            f"{1e3 * prediction.step_s:.0f} ({err:+.0%}{drawn})"
+            f"{1e3 * prediction.step_s:.0f}{drawn}: {err:+.0%} ({errors[0]:+.0%} to {errors[-1]:+.0%})"
         )
         rows.append("| " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
@@ -176,7 +198,8 @@ def main() -> int:
         f"{'met' if worst_bytes <= 0.05 else 'missed'}).",
         f"Step time after calibration (one core's rate on `single, 1 thread`, a second thread's on `single`, "
         f"recomputation's rewrites on `single, full`, the link on `tp2`, the turns a transfer waits with more "
-        f"ranks than cores on `tp2 pp2`): largest error on the other layouts with a core per rank {own:.0%}, with more ranks than "
+        f"ranks than cores on `tp2 pp2`; each round on its own, the error a layout's median over the rounds): "
+        f"largest error on the other layouts with a core per rank {own:.0%}, with more ranks than "
         f"this host's {cores} cores {shared:.0%} (goal 15%: {'met' if max(own, shared) <= 0.15 else 'missed'}"
         + (
             " on both"
@@ -197,7 +220,9 @@ def main() -> int:
         head = result_head("The planner against measurement", bench_command("plan_accuracy.py"), when, job)
         table = [
             f"Each cell: measured / predicted (rank 0; MiB, or ms for the step: the median of {args.repeats} rounds "
-            "with their range, and of the prediction the time spent drawing dropout masks).",
+            "with their range / the prediction on the rounds' median rates, with the time it spends drawing dropout "
+            "masks; then the error, measured / predicted - 1, with each round calibrated on its own calibration "
+            "runs: the median over the rounds and their range).",
             "",
             "| layout | ranks | params | grads | optimizer | activations | dp bytes | tp bytes | pp bytes | step ms |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
