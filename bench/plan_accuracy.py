@@ -160,7 +160,8 @@ def main() -> int:
         ]
 
     worst_bytes = 0.0
-    worst_time = {True: 0.0, False: 0.0}  # ranks within the cores, or beyond them
+    worst_time = {True: 0.0, False: 0.0}  # ranks within the cores, or beyond them: the largest median error
+    worst_round = {True: 0.0, False: 0.0}  # and the largest error of any round
     cores = on_this_host(base).cores
     for name in runs:
         prediction, meas, summary = figures(name, calibrated)
@@ -184,6 +185,7 @@ def main() -> int:
         if name not in calibration:  # the calibration runs fit by construction
             own = ranks <= cores
             worst_time[own] = max(worst_time[own], abs(err))
+            worst_round[own] = max(worst_round[own], abs(errors[0]), abs(errors[-1]))
         times = step_times(name)
         drawn = f"; {1e3 * prediction.dropout_s:.0f} dropout" if prediction.dropout_s else ""
         cells.append(
@@ -193,20 +195,23 @@ def main() -> int:
         rows.append("| " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
     own, shared = worst_time[True], worst_time[False]
+
+    def judged(median: float, any_round: float) -> str:
+        """As the other benches: met when every round is within the goal, met in the median when only the median is."""
+        if any_round <= 0.15:
+            return "met"
+        return "met in the median only (rounds scatter across the goal)" if median <= 0.15 else "missed"
+
     verdict = [
         f"Bytes (states, activations, traffic): largest error {worst_bytes:.1%} (goal 5%: "
         f"{'met' if worst_bytes <= 0.05 else 'missed'}).",
         f"Step time after calibration (one core's rate on `single, 1 thread`, a second thread's on `single`, "
         f"recomputation's rewrites on `single, full`, the link on `tp2`, the turns a transfer waits with more "
         f"ranks than cores on `tp2 pp2`; each round on its own, the error a layout's median over the rounds): "
-        f"largest error on the other layouts with a core per rank {own:.0%}, with more ranks than "
-        f"this host's {cores} cores {shared:.0%} (goal 15%: {'met' if max(own, shared) <= 0.15 else 'missed'}"
-        + (
-            " on both"
-            if max(own, shared) <= 0.15
-            else "; " + ("met" if own <= 0.15 else "missed") + " with a core per rank"
-        )
-        + ").",
+        f"largest error on the other layouts with a core per rank {own:.0%} (of any round {worst_round[True]:.0%}), "
+        f"with more ranks than this host's {cores} cores {shared:.0%} (of any round {worst_round[False]:.0%}); goal "
+        f"15%: with a core per rank {judged(own, worst_round[True])}, with more ranks than cores "
+        f"{judged(shared, worst_round[False])}.",
         f"Calibrated device: {calibrated.compute_efficiency * calibrated.peak_flops_fp32 / 1e9:.1f} GFLOP/s per "
         f"core, a second thread adds {calibrated.thread_efficiency:.2f} of one, link {calibrated.intra_bandwidth / 1e9:.2f} "
         f"GB/s, dropout masks {calibrated.dropout_rate / 1e6:.0f} M elements/s, recomputed activations rewritten at "
