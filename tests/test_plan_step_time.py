@@ -96,13 +96,16 @@ def test_transfers_wait_turns_only_with_more_processes_than_cores() -> None:
     )
     from loom.plan.comm import CommShape
 
-    # dp x tp without a pipeline: the groups fill each other's waits, as with a core each
+    # dp x tp without a pipeline: its collectives wait their peers' turns too (plan/comm.py)
     beside = Layout(2, 2, 1, 1, "1f1b", 0, False, "none", 1)
-    assert predict(config, beside, crowded_host, 4, "cpu").comm_s == pytest.approx(
-        predict(config, beside, dataclasses.replace(crowded_host, cores=4), 4, "cpu").comm_s
-    )
     unpiped = predict(config, beside, crowded_host, 4, "cpu")
-    assert calibrate_turns(unpiped, {"step_s": 9.0}, crowded_host) == crowded_host
+    roomy_beside = predict(config, beside, dataclasses.replace(crowded_host, cores=4), 4, "cpu")
+    assert unpiped.transfers > 0
+    waited = sum(unpiped.comm_s.values()) - sum(roomy_beside.comm_s.values())
+    assert waited == pytest.approx(unpiped.transfers * 3e-3)
+    unwaited = dataclasses.replace(crowded_host, turn_latency=0.0)
+    refit = calibrate_turns(predict(config, beside, unwaited, 4, "cpu"), {"step_s": unpiped.step_s}, unwaited)
+    assert refit.turn_latency == pytest.approx(3e-3)
     alone = CommShape(1, 16, 64, 8, 1, 4, 1, 1, 1, 1, False, 0, 100, 4, 4, 4, 4, "none", 0, False)
     assert transfers(alone) == {"tp": 0, "dp": 0, "pp": 0}  # groups of one move nothing
     # fitted back from a measured step: the excess over the transfers and the processes queued per core

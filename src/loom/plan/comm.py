@@ -25,10 +25,13 @@ each into two (an all-gather and a reduce-scatter) and adds the 2L + 1 gathers o
 slices again, 10L + 5 in all.
 
 On a CPU host with more processes than cores, a rank that blocks on a collective gives its core
-to another; the cores idle only when too few ranks can run. Independent groups (dp replicas,
-tp groups beside each other) fill each other's waits, so their collectives cost what they cost
-with a core each; a pipeline's stages wait on one another, so there each collective and
-transfer also waits for its peers to get a core back (``Hardware.turn_wait``).
+to another, and the collective completes only once each of its peers has had a core again: every
+collective and transfer also waits for its peers' turns (``Hardware.turn_wait``). A pipeline's
+stages wait on one another; groups beside each other (dp replicas, tp groups) might fill each
+other's waits, but they run collectives as often as they compute (tp + sp: 10L + 5 a micro-batch),
+so they wait too: measured on dp 2 x tp 2 with sp, 4 processes on 2 cores, the step ran 14-32%
+past a prediction that let them fill each other's waits, in each of four runs
+(``bench/plan_accuracy.py``).
 """
 
 from __future__ import annotations
@@ -171,11 +174,11 @@ def transfers(shape: CommShape) -> dict[str, int]:
 
 def comm_seconds(shape: CommShape, hardware: Hardware) -> dict[str, float]:
     """Seconds per step each group's traffic takes on its link (alpha-beta), not yet overlapped;
-    on a host with more processes than cores, a pipeline's transfers also wait their peers'
-    turns (``Hardware.turn_wait``; module docstring)."""
+    on a host with more processes than cores, each collective and transfer also waits its
+    peers' turns (``Hardware.turn_wait``; module docstring)."""
     out = {}
     counts = transfers(shape)
-    turn = hardware.turn_wait() if shape.pp > 1 else 0.0
+    turn = hardware.turn_wait()
     for group, nbytes, stride, size in (
         ("tp", tp_bytes(shape), 1, shape.tp),
         ("dp", dp_bytes(shape), shape.tp, shape.dp),

@@ -244,13 +244,14 @@ def calibrate_links(prediction: Prediction, measured_: dict, hardware: Hardware)
 
 
 def calibrate_turns(prediction: Prediction, measured_: dict, hardware: Hardware) -> Hardware:
-    """``hardware`` with its turn latency fitted on a pipelined run with more processes than
-    cores, its compute and links already fitted: the step past the prediction's, over the run's
-    blocking transfers and the processes queued per core ahead of a peer (``Hardware.turn_wait``;
-    a run without a pipeline waits no turns and leaves ``hardware`` as it is)."""
+    """``hardware`` with its turn latency fitted on a run with more processes than cores, its
+    compute and links already fitted: the step past the prediction's, over the run's blocking
+    collectives and transfers and the processes queued per core ahead of a peer
+    (``Hardware.turn_wait``; a run with a core per process, or with no traffic, leaves
+    ``hardware`` as it is)."""
     p = prediction
     queued = hardware.devices_per_node / hardware.cores - 1 if hardware.cores else 0.0
-    if queued <= 0 or not p.transfers or p.layout.pp == 1:
+    if queued <= 0 or not p.transfers:
         return hardware
     per_turn = hardware.turn_latency + (measured_["step_s"] - p.step_s) / (p.transfers * queued)
     return dataclasses.replace(hardware, turn_latency=max(0.0, per_turn))
