@@ -161,5 +161,5 @@ def test_calibration_fits_the_links_and_recomputation_on_the_runs_that_show_them
     assert fitted.rewrite_bandwidth != HARDWARE["cpu"].rewrite_bandwidth  # fitted, not the default
     assert fitted.intra_bandwidth != HARDWARE["cpu"].intra_bandwidth
     # the dp2 x pp2 run's 4 processes on 2 cores: its pipeline's transfers waited turns
-    assert "from 1 pipelined run(s) with more processes than cores" in out
+    assert "from 1 run(s) with more processes than cores" in out
     assert fitted.turn_latency != HARDWARE["cpu"].turn_latency

@@ -800,7 +800,7 @@ def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) ->
     rate on the run without tp/pp traffic or recomputation whose processes have the fewest
     threads, a CPU host's thread efficiency on such a run with more, recomputation's rewrite
     bandwidth on runs that recompute, the link bandwidth on runs with tp or pp traffic (a core per
-    process where there are such), the turn latency on the other pipelined runs with more processes than cores."""
+    process where there are such), the turn latency on the other runs with traffic and more processes than cores."""
     import dataclasses
     import statistics
 
@@ -863,11 +863,7 @@ def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) ->
     linked = [run for run, host, p in predicted if traffic(p) and not crowded(host)]
     linked = linked or [run for run, _, p in predicted if traffic(p)]
     fitted = fit(linked, lambda run, host, p: report.calibrate_links(p, run[2], host), "intra_bandwidth")
-    turned = [
-        run
-        for run, host, p in predicted
-        if p.transfers and p.layout.pp > 1 and crowded(host) and id(run) not in map(id, linked)
-    ]
+    turned = [run for run, host, p in predicted if p.transfers and crowded(host) and id(run) not in map(id, linked)]
     fitted = fit(turned, lambda run, host, p: report.calibrate_turns(p, run[2], host), "turn_latency", rate=False)
     out = run_dirs[0] / "hardware.toml"
     out.write_text(report.hardware_toml(fitted), encoding="utf-8")
@@ -885,7 +881,7 @@ def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) ->
     if turned:
         found.append(
             f"a transfer waits {fitted.turn_latency * 1e3:.2f} ms per process queued ahead of a peer on a core, "
-            f"from {len(turned)} pipelined run(s) with more processes than cores"
+            f"from {len(turned)} run(s) with more processes than cores"
         )
     print(
         f"{hardware.name}: achieved {fitted.compute_efficiency:.3g} of the {hardware.name} peak ({'; '.join(found)}); "
