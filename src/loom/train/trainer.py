@@ -284,11 +284,12 @@ class Trainer:
                         record["dp_phase"] = self.update.dp_phase
                     if self._evaluates(self.state.step):
                         self.state.last_val_loss = record["val_loss"] = self.evaluate()
+                    if self.is_main:  # before the checkpoint: no checkpoint covers a step its record lacks
+                        metrics.log(record)  # (a resume drops the records past its checkpoint's step)
                     if self._saves(self.state.step):
                         self.save()
                     self.dist.ledger.take_step_totals()  # evaluation and checkpoint traffic is not the step's
                     if self.is_main:
-                        metrics.log(record)
                         progress.update(self.state.step, result.loss, record["tokens_per_s"], result.lr)
         finally:
             if metrics is not None:
