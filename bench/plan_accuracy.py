@@ -155,9 +155,11 @@ def main() -> int:
 
     def round_errors(name: str) -> list[float]:
         """Measured / predicted - 1 for each round, on that round's calibration."""
-        return [
-            figures(name, hw, r)[1]["step_s"] / figures(name, hw, r)[0].step_s - 1 for r, hw in enumerate(per_round)
-        ]
+        errors = []
+        for r, hw in enumerate(per_round):
+            prediction, measured, _ = figures(name, hw, r)
+            errors.append(measured["step_s"] / prediction.step_s - 1)
+        return errors
 
     worst_bytes = 0.0
     worst_time = {True: 0.0, False: 0.0}  # ranks within the cores, or beyond them: the largest median error
