@@ -111,6 +111,36 @@ def test_measured_layer_activations_equal_the_formula(family: str, dropout: floa
     assert measured[(1, False, "full")] < measured[(1, False, "selective")] <= measured[(1, False, "none")]
 
 
+def test_alike_micro_batches_are_measured_once_and_credited_the_same_bytes(monkeypatch) -> None:
+    """The meter hooks the first of a step's alike forwards only; the others are credited its
+    figures, which equal what measuring each of them gives (three in flight, with dropout)."""
+    config = load_config(
+        None, ["model.n_layers=2", f"model.d_model={H}", f"model.n_heads={HEADS}", "model.dropout=0.1"]
+    )
+    config.model.vocab_size = 64
+    model = Transformer(config.model, seed=0)
+    hooked = []
+    real = torch.autograd.graph.saved_tensors_hooks
+    monkeypatch.setattr(torch.autograd.graph, "saved_tensors_hooks", lambda *a: hooked.append(1) or real(*a))
+    records = {}
+    for alike in (None, "chunk"):
+        meter, losses = ActivationMeter(), []
+        hooked.clear()
+        for step in range(2):  # a new step measures again
+            for k in range(3):
+                x = torch.randint(0, 64, (B, S), generator=torch.Generator().manual_seed(k))
+                with meter.forward(k, alike=alike):
+                    losses.append(model.loss(x, x))
+            torch.stack(losses).sum().backward()
+            losses.clear()
+            for k in range(3):
+                meter.release(k)
+            records[(alike, step)] = meter.take_step()
+        assert len(hooked) == (6 if alike is None else 2)
+    assert records[(None, 0)]["mem_activation_bytes"] > 0
+    assert records[(None, 0)] == records[("chunk", 0)] == records[("chunk", 1)] == records[(None, 1)]
+
+
 # ----------------------------------------------------------------------------- whole runs
 
 

@@ -15,7 +15,9 @@ forward of the stage that uses it. Per unit and step:
 
 Two all-gathers and (in the gradient sync) one reduce-scatter per parameter and step: 3Ψ.
 Freeing resizes the buffer's storage to zero and gathering resizes it back, so the
-parameter views into it, and any view autograd saved for backward, stay valid. A unit
+parameter views into it, and any view autograd saved for backward, stay valid; the gather
+writes through ``flat.data``, so autograd's version check on those saved views does not
+mistake the refill for a change. A unit
 gathered for backward ignores forward hooks (activation recomputation runs its forward
 again inside backward). Collectives start in the same order on every rank, since every
 rank runs the same forward and backward.
@@ -123,7 +125,11 @@ class UnitGather:
             return
         if unit.state == "free":
             unit.flat.untyped_storage().resize_(unit.flat.numel() * unit.flat.element_size())
-            unit.handle = self.comm.all_gather(unit.flat, unit.shard, async_op=True, tag="zero-param")
+            # into ``.data``: the same storage under a version counter of its own, so refilling
+            # it with the same values does not look, to autograd, like a change to the views
+            # saved for backward (the tied head saves the embedding's transpose in forward and
+            # uses it after the unit was freed and gathered again)
+            unit.handle = self.comm.all_gather(unit.flat.data, unit.shard, async_op=True, tag="zero-param")
             unit.state = "gathering"
         if wait and unit.state == "gathering":
             unit.handle.wait()
