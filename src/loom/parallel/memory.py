@@ -6,9 +6,10 @@ keeps, ``loom.model.recompute``). Each storage is counted once per micro-batch, 
 number of views of it are saved; parameters (and views of them, e.g. the transposed weight
 a linear saves) are model state, not activations, and are left out; autocast's 16-bit copies
 of fp32 weights, which a micro-batch keeps until its backward, are counted apart
-(``mem_weight_copy_bytes``). Micro-batches that run the same code on the same shapes
-(a plain step's, one pipeline chunk's) save the same bytes: the first of them in each step is
-measured and the others are credited with its figures. A micro-batch's bytes stay live until its backward ends (under zero-bubble: until its weight-gradient half W),
+(``mem_weight_copy_bytes``). Forwards that run the same code on the same shapes (every
+micro-batch of a plain step, of one pipeline chunk, in every step of a run) save the same
+bytes: the first of them is measured and the others are credited with its figures, so the
+hooks run in the run's first step only. A micro-batch's bytes stay live until its backward ends (under zero-bubble: until its weight-gradient half W),
 so the step's peak is the largest sum over the micro-batches in flight at once: one
 without a pipeline, up to p - r on stage r of 1F1B.
 
@@ -84,18 +85,18 @@ class ActivationMeter:
         self.live: dict[Hashable, tuple[int, int]] = {}  # micro-batch -> (activation, weight-copy) bytes
         self.peak = (0, 0)  # at the step's largest activation total so far
         self.largest = 0  # the largest micro-batch of the step
-        self.measured: dict[Hashable, tuple[int, int]] = {}  # this step's figures, by ``alike``
+        self.measured: dict[Hashable, tuple[int, int]] = {}  # a forward's figures, by ``alike``
 
     @contextlib.contextmanager
     def forward(self, key: Hashable, alike: Hashable | None = None) -> Iterator[None]:
         """Count what the forward inside saves for backward, as micro-batch ``key``.
 
-        ``alike``: micro-batches whose forwards run the same code on tensors of the same
-        shapes (a plain step's, one pipeline chunk's) save the same bytes, so only the
-        first of them in a step is measured and the others are credited with its figures.
-        The hook is a Python call for every tensor saved, several hundred a forward: a few
-        percent of a small model's step when every micro-batch paid it (3% of the pipeline
-        benchmark's stages with 8 micro-batches). ``None``: measure this forward."""
+        ``alike``: forwards that run the same code on tensors of the same shapes (a plain
+        step's micro-batches, one pipeline chunk's, in every step) save the same bytes, so
+        only the first of them is measured and the others are credited with its figures.
+        The hook is a Python call for every tensor saved, several hundred a forward: 2% of
+        the DDP benchmark's step (2 x 128 tokens a rank) and 3% of the pipeline benchmark's
+        stages (8 micro-batches) when every forward paid it. ``None``: measure this one."""
         if alike is not None and alike in self.measured:
             yield
             self._add(key, self.measured[alike])
@@ -134,14 +135,14 @@ class ActivationMeter:
         self.live.pop(key, None)
 
     def take_step(self) -> dict[str, int]:
-        """The step's figures for a metrics record; the next step starts from zero."""
+        """The step's figures for a metrics record; the next step starts from zero (what was
+        measured by ``alike`` is kept)."""
         out = {
             "mem_activation_bytes": self.peak[0],
             "mem_activation_microbatch_bytes": self.largest,
             "mem_weight_copy_bytes": self.peak[1],
         }
         self.live.clear()
-        self.measured.clear()
         self.peak, self.largest = (0, 0), 0
         return out
 
