@@ -105,14 +105,14 @@ class ActivationMeter:
         count = [0, 0]
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            # called for every tensor saved: a storage already seen (a view, a parameter)
-            # costs one lookup, the checks run once per storage
+            # A parameter's address is not remembered: ZeRO-3 frees a unit's parameters after
+            # its forward, and the allocator may hand that address to the next activation.
             storage = t.untyped_storage()
             ptr = storage.data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
+            if ptr not in seen and not _is_parameter(t):
                 nbytes = storage.nbytes()
-                if nbytes and not _is_parameter(t):
+                if nbytes:
+                    seen.add(ptr)
                     count[1 if _is_weight_copy(t) else 0] += nbytes
             return t
 
