@@ -9,8 +9,8 @@ of fp32 weights, which a micro-batch keeps until its backward, are counted apart
 (``mem_weight_copy_bytes``). Forwards that run the same code on the same shapes (every
 micro-batch of a plain step, of one pipeline chunk, in every step of a run) save the same
 bytes: the first of them is measured and the others are credited with its figures, so the
-hooks run in the run's first step only. A micro-batch's bytes stay live until its backward ends (under zero-bubble: until its weight-gradient half W),
-so the step's peak is the largest sum over the micro-batches in flight at once: one
+hooks run in the run's first step only. A micro-batch's bytes stay live until its backward
+ends (under zero-bubble: until its weight-gradient half W), so the step's peak is the largest sum over the micro-batches in flight at once: one
 without a pipeline, up to p - r on stage r of 1F1B.
 
 Not counted: the transient tensors of a backward (a recomputed block's activations exist
