@@ -149,7 +149,7 @@ class Trainer:
                     last = k == accum - 1
                     self.rng.microbatch(k)
                     with contextlib.nullcontext() if last else update.no_sync():
-                        with self.precision.autocast(), self.meter.forward(k, alike=0):
+                        with self.precision.autocast(), self.meter.forward(k, alike="model"):
                             loss = self.model.loss(x, y) / accum
                         total += loss.detach().float()
                         carried = last and update.carry(total)  # the mean loss rides in DDP's last bucket

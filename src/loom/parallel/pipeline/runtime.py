@@ -121,7 +121,7 @@ class PipelineRuntime:
                     self.model.rng.microbatch(action.microbatch)
                 split = split_backward and not plan.embed
                 record = self.weight_grads.recording() if split else contextlib.nullcontext()
-                with self.autocast(), record as recorded[key], self.meter.forward(key, alike=action.chunk):
+                with self.autocast(), record as recorded[key], self.meter.forward(key, alike=("chunk", action.chunk)):
                     out = self.model.run_stage(x if plan.embed else inputs[key], plan.layers, plan.embed, plan.head)
                     if plan.head:
                         out = self.model.loss_from_logits(out, y) / m
