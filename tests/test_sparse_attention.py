@@ -189,6 +189,31 @@ def test_kernel_in_many_row_groups_and_chunks_equals_dense_attention(
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
 
 
+@pytest.mark.parametrize("attention", ["unidirectional", "bidirectional"])
+def test_key_gradients_written_in_place_or_accumulated_over_zeros(attention: str, monkeypatch) -> None:  # noqa: ANN001
+    """A causal layout's rows write their diagonal's key and value gradients first (no pass of zeros
+    before); a bidirectional one, whose rows also read later blocks, accumulates over zeros. Both equal
+    dense attention under the same mask, over several row groups in the stack's order."""
+    from loom.model import block_sparse
+
+    monkeypatch.setattr(block_sparse, "TILE_BYTES", 3 * 8 * 40 * 4)  # 3 rows a group
+    monkeypatch.setattr(block_sparse, "SORTED_GAIN", 1.0)  # the stack's order: the band read as a view
+    torch.manual_seed(4)
+    batch, heads, block, n, d = 2, 2, 8, 10, 16
+    config = SparsityConfig(mode="bigbird", block=block, num_random_blocks=1, attention=attention, seed=2)
+    layout = make_layout(config, heads, block * n)
+    slots = Slots.of(layout, block)
+    assert slots.lower == (attention == "unidirectional")
+    causal = attention == "unidirectional"
+    q, k, v = (torch.randn(batch, heads, block * n, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    got = block_sparse_attention(q, k, v, slots, causal=causal)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(layout, block, causal=causal).unsqueeze(0))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(got)
+    for a, b, name in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad), "qkv"):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
+
+
 def test_a_skewed_layout_walks_its_rows_sorted_by_length_a_uniform_one_in_place() -> None:
     """fixed's rows grow with their summary columns: walked in the stack's order its groups of 16
     rows compute 17% more slots than the rows have; sorted by length, none more (and the window,
