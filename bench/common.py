@@ -19,6 +19,12 @@ own: the peer's sides and its table. The rest is here:
   with each peer run *alone* in the same round (all its steps, nothing interleaved: as its
   users run it), not with the interleaved peer, whose steps share the machine's caches with
   loom's sides.
+- **Host allocation.** ``loom train`` applies loom's host allocation policy
+  (``loom.parallel.host_allocator``: glibc's mmap threshold fixed at 4 MiB, torch's huge pages
+  for large tensors) as it starts; the peers alone run with glibc's and torch's defaults, as
+  their users run them. In the interleaved rounds a side and its peer share one process: the
+  trainer fixes the mmap threshold for both, and neither has huge pages (torch reads that switch
+  at the process's first tensor, before any side exists).
 - **Figures.** A bench side's tokens/s in a round is the global tokens per step over the
   median step time after the warm-up; the table gives the median over rounds, and each
   ratio as the median of the per-round ratios with their range (a side and its peer in one

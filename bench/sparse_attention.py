@@ -110,11 +110,11 @@ def kernel_worker(kind: str, seq: int) -> dict:
     import torch.nn.functional as F
 
     from loom.model.block_sparse import Slots, block_sparse_attention
-    from loom.parallel.memory import fix_mmap_threshold
+    from loom.parallel.host_allocator import set_host_allocator
     from loom.sparsity import SparsityConfig, make_layout
     from loom.viz.attention import causal_density
 
-    fix_mmap_threshold()
+    set_host_allocator()  # as the trainer does: loom's host allocation policy
     torch.set_num_threads(2)
     q, k, v = (torch.randn(1, HEADS, seq, HEAD_DIM, requires_grad=True) for _ in range(3))
     density = 0.5 * (1 + 1 / (seq // BLOCK))  # dense causal against the full square
@@ -148,9 +148,9 @@ def train_worker(kind: str, seq: int) -> dict:
 
     from loom.config import load_config
     from loom.model.transformer import Transformer
-    from loom.parallel.memory import fix_mmap_threshold
+    from loom.parallel.host_allocator import set_host_allocator
 
-    fix_mmap_threshold()
+    set_host_allocator()  # as the trainer does: loom's host allocation policy
     torch.set_num_threads(2)
     model = Transformer(load_config(None, _train_items(kind, seq)).model)
     x = torch.randint(0, 256, (1, seq))

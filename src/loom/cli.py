@@ -285,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from loom.distributed.context import env_world_size
+    from loom.parallel.host_allocator import set_host_allocator
 
+    set_host_allocator()  # before this process's first tensor (torch reads its huge-page switch there); ranks inherit it
     world_size = env_world_size()
     if world_size > 1 and args.run_dir is None:
         raise LoomError(

@@ -22,9 +22,6 @@ resident memory (:func:`peak_host_bytes`) and, on CUDA, the allocator's peak
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
-import platform
 import resource
 import sys
 from collections.abc import Hashable, Iterable, Iterator
@@ -170,38 +167,3 @@ def host_and_device_peaks(device: torch.device) -> dict[str, int]:
     if (device_peak := peak_device_bytes(device)) is not None:
         out["mem_peak_device_bytes"] = device_peak
     return out
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters
-M_TRIM_THRESHOLD = -1
-MMAP_THRESHOLD_BYTES = 4 * 2**20
-TRIM_THRESHOLD_BYTES = 64 * 2**20
-
-
-def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Serve host allocations of ``nbytes`` or more from their own mappings, returned to the OS on free.
-
-    glibc raises its mmap threshold whenever a large block is freed (up to 32 MiB), after which
-    blocks of that size come from the heap and stay cached there when freed. A training step
-    allocates and frees large tensors in a changing order, so the heap fragments: measured on
-    gpt2-124m under ZeRO-3 on 2 CPU ranks, the peak resident memory fell from 2.97 to 2.16 GB
-    and the steady one from 2.3-2.5 to 1.3 GB with the threshold fixed at 4 MiB, at no
-    measurable cost in speed on the demo model (a lower threshold, 128 KiB, cost 25-30%: every
-    activation then page-faults afresh). Setting it also stops glibc's own adjustment of the trim
-    threshold, which then stays at 128 KiB: the heap's free top is handed back to the OS as soon as
-    it passes that, and the next step's blocks below ``nbytes`` page-fault afresh. So the trim
-    threshold is set too, to ``TRIM_THRESHOLD_BYTES`` (64 MiB of free heap kept at most): measured on
-    the block-sparse kernel at 8k tokens (fixed layout, 2 threads), 200,000 page faults and 1.3-1.5 s
-    a call with the trim at 128 KiB, 17,000-29,000 and 0.82-0.88 s at 64-256 MiB, as with glibc's
-    defaults. Left alone where the user set ``MALLOC_MMAP_THRESHOLD_`` (the trim threshold: where
-    ``MALLOC_TRIM_THRESHOLD_``) and off glibc. Returns whether the mmap threshold was set.
-    """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-            libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
-    except (OSError, AttributeError):
-        return False

@@ -28,7 +28,8 @@ from loom.config import Config
 from loom.distributed.context import DistContext
 from loom.errors import LoomError
 from loom.optim.lr import lr_at
-from loom.parallel.memory import fix_mmap_threshold, host_and_device_peaks
+from loom.parallel.host_allocator import set_host_allocator
+from loom.parallel.memory import host_and_device_peaks
 from loom.parallel.pipeline.simulate import TIMELINE_FILE
 from loom.plan.hardware import hardware_of
 from loom.plan.layout import Prediction
@@ -90,7 +91,8 @@ class Trainer:
         live_progress: bool = True,
         dist: DistContext | None = None,
     ) -> None:
-        fix_mmap_threshold()  # before the model exists: large host buffers go back to the OS when freed
+        # before the model exists: large host buffers go back to the OS when freed, on huge pages
+        self.huge_pages = set_host_allocator()
         self.config = config
         self.run_dir = Path(run_dir)
         self.dist = dist or DistContext.single(resolve_device(config.train.device))
@@ -229,12 +231,13 @@ class Trainer:
         if metrics is not None:
             metrics.truncate_after(self.state.step)
         start_step = self.state.step
+        huge = ", huge pages" if self.huge_pages else ""
         self.log(
             f"model: {self.config.model.preset} ({self.config.model.family}), {self._describe_params()}; "
             f"batch {self.batch.global_batch} x {train.seq_len} tokens "
             f"(micro {self.batch.micro_batch} x accum {self.batch.grad_accum} x dp {self.batch.dp}); "
             f"{self.dist.dims.describe()}, device {self.device}"
-            + (f" ({_count(torch.get_num_threads(), 'thread')})" if self.device.type == "cpu" else "")
+            + (f" ({_count(torch.get_num_threads(), 'thread')}{huge})" if self.device.type == "cpu" else "")
             + f", {train.precision}"
         )
         if (described := self.update.describe()) is not None:
@@ -311,6 +314,7 @@ class Trainer:
             "world_size": self.dist.dims.world_size,
             "device": self.device.type,
             **self._host(),
+            "host_huge_pages": self.huge_pages,
         }
         if self.is_main:  # the planner's prediction for this layout beside what rank 0 measured
             tokens = self.batch.global_batch * train.seq_len

@@ -1,0 +1,113 @@
+"""How a rank's host memory is allocated: glibc's mmap threshold and huge pages for large tensors.
+
+A training step allocates and frees large host tensors (activations, gathered ZeRO-3 units,
+gradient buckets, the logits) every step. Two settings decide what that costs, and
+:func:`set_host_allocator` applies both at the start of a process (``loom train`` calls it before
+its first tensor, :class:`loom.train.trainer.Trainer` again before the model exists, and the
+benchmarks that time a kernel alone as their workers start):
+
+- :func:`fix_mmap_threshold`: blocks of 4 MiB or more get their own mappings, returned to the
+  OS on free, so the heap does not fragment (the resident-memory side);
+- :func:`enable_huge_pages`: large tensors' fresh mappings are backed by 2 MiB transparent huge pages,
+  so their first touch costs one fault per 2 MiB instead of one per 4 KiB (the speed side).
+
+Each is left alone where the user set its environment variable, and each is a no-op where the
+platform lacks it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters
+M_TRIM_THRESHOLD = -1
+MMAP_THRESHOLD_BYTES = 4 * 2**20
+TRIM_THRESHOLD_BYTES = 64 * 2**20
+HUGE_PAGE_BYTES = 2 * 2**20  # torch's threshold and alignment for a huge-page tensor
+THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"  # torch's switch, read once, at its first allocation
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+SMAPS = Path("/proc/self/smaps")
+
+
+def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Serve host allocations of ``nbytes`` or more from their own mappings, returned to the OS on free.
+
+    glibc raises its mmap threshold whenever a large block is freed (up to 32 MiB), after which
+    blocks of that size come from the heap and stay cached there when freed. A training step
+    allocates and frees large tensors in a changing order, so the heap fragments: measured on
+    gpt2-124m under ZeRO-3 on 2 CPU ranks, the peak resident memory fell from 2.97 to 2.16 GB
+    and the steady one from 2.3-2.5 to 1.3 GB with the threshold fixed at 4 MiB, at no
+    measurable cost in speed on the demo model (a lower threshold, 128 KiB, cost 25-30%: every
+    activation then page-faults afresh). Setting it also stops glibc's own adjustment of the trim
+    threshold, which then stays at 128 KiB: the heap's free top is handed back to the OS as soon as
+    it passes that, and the next step's blocks below ``nbytes`` page-fault afresh. So the trim
+    threshold is set too, to ``TRIM_THRESHOLD_BYTES`` (64 MiB of free heap kept at most): measured on
+    the block-sparse kernel at 8k tokens (fixed layout, 2 threads), 200,000 page faults and 1.3-1.5 s
+    a call with the trim at 128 KiB, 17,000-29,000 and 0.82-0.88 s at 64-256 MiB, as with glibc's
+    defaults. Left alone where the user set ``MALLOC_MMAP_THRESHOLD_`` (the trim threshold: where
+    ``MALLOC_TRIM_THRESHOLD_``) and off glibc. Returns whether the mmap threshold was set.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+            libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
+
+
+def huge_pages_on() -> bool:
+    """Whether torch now advises a large host tensor ``MADV_HUGEPAGE`` (what
+    ``THP_MEM_ALLOC_ENABLE=1`` does): the mapping that holds a 2 MiB probe tensor carries the
+    kernel's ``hg`` flag in ``/proc/self/smaps``. False off Linux."""
+    if not SMAPS.exists():
+        return False
+    probe = torch.empty(HUGE_PAGE_BYTES, dtype=torch.uint8)
+    address, span = probe.data_ptr(), None
+    with SMAPS.open() as smaps:
+        for line in smaps:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:  # a mapping's first line: "start-end perms ..."
+                start, end = (int(x, 16) for x in head.split("-"))
+                span = start <= address < end
+            elif span and line.startswith("VmFlags:"):
+                return "hg" in line.split()[1:]
+    return False
+
+
+def enable_huge_pages() -> bool:
+    """Back torch's host tensors of 2 MiB or more with transparent huge pages (torch's
+    ``THP_MEM_ALLOC_ENABLE``), and say whether they are.
+
+    With the mmap threshold fixed (:func:`fix_mmap_threshold`), every tensor of 4 MiB or more is
+    a fresh mapping each step, and its first touch page-faults in 4 KiB pages: measured here, 3.3 ms
+    to zero a fresh 16 MiB tensor against 0.3 ms for a reused one. With huge pages, one fault per
+    2 MiB. Measured through ``loom train`` on this host (2 cores, glibc 2.36, THP mode "madvise"),
+    same peak resident memory within 2%: a 2-layer d256 model at 16,384 tokens with sliding-window
+    attention 18,100-18,500 -> 21,900-22,400 tokens/s; gpt2-124m on 2 ranks (seq 128, micro-batch 1)
+    221 -> 244 under DDP and 95 -> 129 under ZeRO-3; the 0.9M-parameter demo model within +-5%.
+
+    torch reads the variable once, at the process's first tensor, so ``loom train`` calls this
+    before it makes any (and its ranks inherit the variable); called later (a script that made
+    tensors before building a ``Trainer``), it cannot take effect, and the return value says so. Left alone where the user set ``THP_MEM_ALLOC_ENABLE`` (``=0`` turns it
+    off), off Linux, and where the kernel's THP mode is ``never``. Returns :func:`huge_pages_on`.
+    """
+    usable = sys.platform == "linux" and THP_MODE.exists() and "[never]" not in THP_MODE.read_text()
+    if usable and THP_VARIABLE not in os.environ:
+        os.environ[THP_VARIABLE] = "1"  # inherited by the ranks this process starts, too
+    return usable and huge_pages_on()
+
+
+def set_host_allocator() -> bool:
+    """Apply loom's host allocation policy: :func:`fix_mmap_threshold`, then :func:`enable_huge_pages`.
+    Returns whether large tensors get huge pages."""
+    fix_mmap_threshold()
+    return enable_huge_pages()
