@@ -18,9 +18,10 @@ from loom.parallel.host_allocator import THP_MODE, THP_VARIABLE
 PROBE = """
 import json, os
 import torch
-from loom.parallel.host_allocator import set_host_allocator
+from loom.parallel.host_allocator import huge_pages_on, set_host_allocator
 early = torch.empty({early}, dtype=torch.uint8) if {early} else None  # a tensor before the policy
-on = set_host_allocator()
+set_host_allocator()
+on = huge_pages_on()
 big = torch.empty(16 * 2**20, dtype=torch.uint8)
 print(json.dumps({{"on": on, "page_aligned": big.data_ptr() % 4096 == 0, "variable": os.environ.get("{var}")}}))
 """

@@ -83,9 +83,9 @@ def huge_pages_on() -> bool:
     return False
 
 
-def enable_huge_pages() -> bool:
+def enable_huge_pages() -> None:
     """Back torch's host tensors of 2 MiB or more with transparent huge pages (torch's
-    ``THP_MEM_ALLOC_ENABLE``), and say whether they are.
+    ``THP_MEM_ALLOC_ENABLE``); :func:`huge_pages_on` says whether it took.
 
     With the mmap threshold fixed (:func:`fix_mmap_threshold`), every tensor of 4 MiB or more is
     a fresh mapping each step, and its first touch page-faults in 4 KiB pages: measured here, 3.3 ms
@@ -97,17 +97,17 @@ def enable_huge_pages() -> bool:
 
     torch reads the variable once, at the process's first tensor, so ``loom train`` calls this
     before it makes any (and its ranks inherit the variable); called later (a script that made
-    tensors before building a ``Trainer``), it cannot take effect, and the return value says so. Left alone where the user set ``THP_MEM_ALLOC_ENABLE`` (``=0`` turns it
-    off), off Linux, and where the kernel's THP mode is ``never``. Returns :func:`huge_pages_on`.
+    tensors before building a ``Trainer``), it cannot take effect. Left alone where the user set
+    ``THP_MEM_ALLOC_ENABLE`` (``=0`` turns it off), off Linux, and where the kernel's THP mode is
+    ``never``.
     """
     usable = sys.platform == "linux" and THP_MODE.exists() and "[never]" not in THP_MODE.read_text()
     if usable and THP_VARIABLE not in os.environ:
         os.environ[THP_VARIABLE] = "1"  # inherited by the ranks this process starts, too
-    return usable and huge_pages_on()
 
 
-def set_host_allocator() -> bool:
-    """Apply loom's host allocation policy: :func:`fix_mmap_threshold`, then :func:`enable_huge_pages`.
-    Returns whether large tensors get huge pages."""
+def set_host_allocator() -> None:
+    """Apply loom's host allocation policy: :func:`fix_mmap_threshold`, then :func:`enable_huge_pages`
+    (:func:`huge_pages_on` says whether the second took)."""
     fix_mmap_threshold()
-    return enable_huge_pages()
+    enable_huge_pages()

@@ -28,7 +28,7 @@ from loom.config import Config
 from loom.distributed.context import DistContext
 from loom.errors import LoomError
 from loom.optim.lr import lr_at
-from loom.parallel.host_allocator import set_host_allocator
+from loom.parallel.host_allocator import huge_pages_on, set_host_allocator
 from loom.parallel.memory import host_and_device_peaks
 from loom.parallel.pipeline.simulate import TIMELINE_FILE
 from loom.plan.hardware import hardware_of
@@ -92,7 +92,8 @@ class Trainer:
         dist: DistContext | None = None,
     ) -> None:
         # before the model exists: large host buffers go back to the OS when freed, on huge pages
-        self.huge_pages = set_host_allocator()
+        set_host_allocator()
+        self.huge_pages = huge_pages_on()  # whether it took (loom train sets it before its first tensor)
         self.config = config
         self.run_dir = Path(run_dir)
         self.dist = dist or DistContext.single(resolve_device(config.train.device))
