@@ -304,8 +304,9 @@ class ParallelConfig:
     sequence_parallel: bool = False  # split activations along the sequence between tp regions
     timeout_s: float = 300.0  # a collective waiting longer than this ends the run with a report
     backend: str = "auto"  # auto (nccl with CUDA, else gloo), gloo, nccl
-    # CPU ranks of one host: "auto" gives each its own slice of the cores (pinned) when they fit, "none" leaves
-    # the OS to place them; either way each computes with cores / local ranks threads unless OMP_NUM_THREADS is set
+    # CPU ranks of one host: "auto" pins each rank's compute threads to its own slice of the cores when they fit
+    # (the backend's message threads stay free), "none" leaves the OS to place them; either way each computes
+    # with cores / local ranks threads unless OMP_NUM_THREADS is set
     cpu_affinity: str = "auto"
 
     def validate(self) -> None:
