@@ -25,6 +25,11 @@ own: the peer's sides and its table. The rest is here:
   their users run them. In the interleaved rounds a side and its peer share one process: the
   trainer fixes the mmap threshold for both, and neither has huge pages (torch reads that switch
   at the process's first tensor, before any side exists).
+- **Thread placement.** Bench ranks and ``loom train``'s ranks are placed alike: each pins its
+  compute thread to its own core after its process groups exist (``share_cores`` from
+  ``init_distributed``), and the backend's message threads stay free. Until 76fac10 only the
+  bench ranks were placed so (``run_ranks`` creates the group before the pinning), which made
+  ``loom train`` at tp 2 10-14% slower than the same trainer step here.
 - **Figures.** A bench side's tokens/s in a round is the global tokens per step over the
   median step time after the warm-up; the table gives the median over rounds, and each
   ratio as the median of the per-round ratios with their range (a side and its peer in one
