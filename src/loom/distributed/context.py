@@ -91,8 +91,8 @@ def share_cores(device: torch.device, affinity: str = "auto") -> list[int]:
     wherever a core idles instead of queueing behind their own rank's compute. On 2 cores, the
     tensor-parallel bench job through ``loom train`` at tp 2: 8,657 tokens/s (medians of 4 runs)
     with the backend's threads pinned beside their rank, 9,196 with them free, 8,687 with nothing
-    pinned; DDP and a 2-stage pipeline within 1%. More ranks than cores, or ``"none"``: the OS
-    places them.
+    pinned; DDP within 1%, a 2-stage 1F1B pipeline 1.4% slower free (17,040 against 17,275:
+    within this host's spread). More ranks than cores, or ``"none"``: the OS places them.
     """
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
