@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from fractions import Fraction
@@ -273,6 +274,60 @@ def test_primitives_equal_torch_and_ledger_matches_model(world_size: int) -> Non
     _describe_expectations(results, world_size)
     if world_size >= 3:  # ranks 0 and 2 form a dp subgroup
         assert results[0]["totals"]["dp"] > 0
+
+
+def _polled_primitives() -> tuple[int, int]:
+    """Every primitive against torch blocking, then again with each wait polling its work first
+    (``spin_s`` > 0, as a CPU rank with a core of its own waits under ``parallel.comm_wait = "auto"``)."""
+    ranks = range(dist.get_world_size())
+    blocking, polled = (Comm("world", None, ranks, Ledger(dist.get_rank()), spin_s=s) for s in (0.0, 0.05))
+    return _check_comm(blocking, None, blocking.ledger), _check_comm(polled, None, polled.ledger)
+
+
+def test_polled_waits_give_the_same_results() -> None:
+    for blocking, polled in run_ranks(_polled_primitives, 2, timeout_s=90):
+        assert polled == blocking >= 40
+
+
+class _FakeWork:
+    """A work that reports completion after ``polls`` calls of is_completed (never if None)."""
+
+    def __init__(self, polls: int | None) -> None:
+        self.polls, self.asked, self.waited = polls, 0, False
+
+    def is_completed(self) -> bool:
+        self.asked += 1
+        return self.polls is not None and self.asked >= self.polls
+
+    def wait(self) -> bool:
+        self.waited = True
+        return True
+
+
+def test_settle_polls_then_waits_and_never_polls_past_its_budget() -> None:
+    done = _FakeWork(polls=3)
+    comm_module.settle(done, spin_s=10.0)  # returns as soon as the work says it is complete
+    assert done.asked == 3 and done.waited
+    never = _FakeWork(polls=None)  # gloo's send and recv never say so: the budget ends the polling
+    comm_module.settle(never, spin_s=0.01)
+    assert never.asked > 1 and never.waited
+    blocking = _FakeWork(polls=1)
+    comm_module.settle(blocking)  # no budget: straight to wait, as before
+    assert blocking.asked == 0 and blocking.waited
+
+
+def test_spin_budget_polls_only_cpu_gloo_ranks_with_a_core_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loom.distributed.context import SPIN_S, spin_budget
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert spin_budget(cpu, "gloo") == SPIN_S > 0
+    assert spin_budget(cpu, "gloo", "block") == 0
+    assert spin_budget(cuda, "nccl") == spin_budget(cuda, "nccl", "poll") == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # more ranks than cores: a spinning rank would take another's
+    assert spin_budget(cpu, "gloo") == 0
+    assert spin_budget(cpu, "gloo", "poll") == SPIN_S
 
 
 # ---------------------------------------------------------------- in-process: no ranks needed

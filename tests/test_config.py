@@ -66,6 +66,7 @@ def test_inconsistent_batch_names_all_three() -> None:
         (["model.n_heads=5"], ["model.d_model", "model.n_heads"]),
         (["train.precision=fp8"], ["train.precision", "fp8"]),
         (["parallel.cpu_affinity=pinned"], ["parallel.cpu_affinity", "pinned", "auto, none"]),
+        (["parallel.comm_wait=spin"], ["parallel.comm_wait", "spin", "auto, poll, block"]),
         (["train.steps=ten"], ["train.steps", "ten"]),
         (["train.seq_len=1024"], ["train.seq_len", "model.max_seq_len"]),
         (["model.preset=tiny-llama", "model.n_kv_heads=3"], ["model.n_kv_heads", "3"]),

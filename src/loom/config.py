@@ -308,6 +308,10 @@ class ParallelConfig:
     # (the backend's message threads stay free), "none" leaves the OS to place them; either way each computes
     # with cores / local ranks threads unless OMP_NUM_THREADS is set
     cpu_affinity: str = "auto"
+    # how a CPU rank waits for a collective over gloo: "auto" polls its completion for a few ms before
+    # sleeping when each local rank has a core of its own (a sleep and wake-up cost ~1 ms a call here),
+    # "poll" always does, "block" sleeps at once
+    comm_wait: str = "auto"
 
     def validate(self) -> None:
         for name in ("tp", "pp", "vp"):
@@ -323,6 +327,7 @@ class ParallelConfig:
         _check_positive("parallel.timeout_s", self.timeout_s)
         _check_choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
         _check_choice("parallel.cpu_affinity", self.cpu_affinity, ("auto", "none"))
+        _check_choice("parallel.comm_wait", self.comm_wait, ("auto", "poll", "block"))
 
 
 @dataclass

@@ -21,6 +21,7 @@ from loom.distributed.comm import Comm, Ledger
 from loom.distributed.mesh import DIM_ORDER, Coords, LayoutRequest, ParallelDims
 
 BACKSTOP_S = 30.0  # the backend's timeout lags the watchdog's, so the watchdog reports first
+SPIN_S = 0.005  # how long a CPU rank with a core of its own polls a collective before it blocks
 
 
 @dataclass
@@ -73,6 +74,7 @@ class ProcessRequest(LayoutRequest, Protocol):
     backend: str  # auto, gloo or nccl
     timeout_s: float
     cpu_affinity: str  # auto or none (see share_cores)
+    comm_wait: str  # auto, poll or block (see spin_budget)
 
 
 def share_cores(device: torch.device, affinity: str = "auto") -> list[int]:
@@ -105,6 +107,23 @@ def share_cores(device: torch.device, affinity: str = "auto") -> list[int]:
         os.sched_setaffinity(0, cores)
     torch.set_num_threads(share)
     return cores
+
+
+def spin_budget(device: torch.device, backend: str, wait: str = "auto") -> float:
+    """Seconds a wait for a collective polls before blocking (:func:`loom.distributed.comm.settle`).
+
+    ``"auto"``: :data:`SPIN_S` for CPU ranks over gloo with no more local ranks than cores (each
+    has a core of its own, idle while it waits), else 0: ranks that share cores would take each
+    other's time, and on CUDA the waits are the streams'. ``"poll"``: :data:`SPIN_S` wherever the
+    tensors are on the CPU; ``"block"``: 0.
+    """
+    if wait == "block" or device.type != "cpu" or backend != "gloo":
+        return 0.0
+    if wait == "poll":
+        return SPIN_S
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return SPIN_S if local <= cores else 0.0
 
 
 @dataclass
@@ -178,7 +197,10 @@ def init_distributed(cfg: ProcessRequest, device_spec: str = "auto", attempt: At
             dist.init_process_group(backend, timeout=timeout)
     ledger = Ledger(rank)
     mesh = init_device_mesh(device.type, dims.sizes(), mesh_dim_names=DIM_ORDER)
+    spin_s = spin_budget(device, backend, cfg.comm_wait)  # before pinning narrows the cores it counts
     share_cores(device, cfg.cpu_affinity)  # after the groups: their message threads stay unpinned
-    comms = {dim: Comm(dim, mesh.get_group(dim), dims.group_ranks(dim, rank), ledger) for dim in DIM_ORDER}
-    comms["world"] = Comm("world", None, list(range(world_size)), ledger)
+    comms = {
+        dim: Comm(dim, mesh.get_group(dim), dims.group_ranks(dim, rank), ledger, spin_s=spin_s) for dim in DIM_ORDER
+    }
+    comms["world"] = Comm("world", None, list(range(world_size)), ledger, spin_s=spin_s)
     return DistContext(dims, rank, device, ledger, comms, backend)
