@@ -30,6 +30,9 @@ own: the peer's sides and its table. The rest is here:
   ``init_distributed``), and the backend's message threads stay free. Until 76fac10 only the
   bench ranks were placed so (``run_ranks`` creates the group before the pinning), which made
   ``loom train`` at tp 2 10-14% slower than the same trainer step here.
+- **Waits.** loom's sides wait for their collectives as ``loom train`` does (``parallel.comm_wait``:
+  with a core per rank, polling an all-reduce, all-gather or broadcast before sleeping on it,
+  since 71036b0); the peers call torch.distributed as their users do, sleeping on each call.
 - **Figures.** A bench side's tokens/s in a round is the global tokens per step over the
   median step time after the warm-up; the table gives the median over rounds, and each
   ratio as the median of the per-round ratios with their range (a side and its peer in one
