@@ -189,6 +189,36 @@ def test_recomputation_replays_the_same_masks() -> None:
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (4, 2)])
+def test_selective_recomputation_keeps_q_k_v_only_and_changes_nothing(
+    heads: int, kv_heads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``recompute=True``: the same output and gradients, bit for bit, the generator left where the
+    keeping core leaves it, and nothing saved for backward but q, k and v (P and the mask come back
+    from the seed in backward)."""
+    monkeypatch.setattr(core, "RUN", 8)
+    q = torch.randn(2, heads, 32, 8, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, 32, 8, requires_grad=True) for _ in range(2))
+    weight = torch.randn(2, heads, 32, 8)
+    results = {}
+    for recompute in (False, True):
+        torch.manual_seed(7)
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            out = dropout_attention(q, k, v, 0.3, recompute=recompute)
+        after = torch.randint(1 << 30, ())  # where the generator stands
+        torch.manual_seed(8)  # moves on before backward: the recomputed mask must not read it
+        grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+        results[recompute] = (out, after, grads, saved)
+    (out, after, grads, saved), (re_out, re_after, re_grads, re_saved) = results[False], results[True]
+    torch.testing.assert_close(re_out, out, rtol=0, atol=0)
+    assert re_after == after
+    for g, w in zip(re_grads, grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert len(saved) == 5 and len(re_saved) == 3
+    assert all(a is b for a, b in zip(re_saved, (q, k, v), strict=True))
+
+
 def test_dropout_attention_rejects_what_it_cannot_run() -> None:
     q = torch.randn(1, 3, 8, 4)
     with pytest.raises(ValueError, match="0 < p < 1"):

@@ -74,7 +74,8 @@ class Attention(nn.Module):
         recompute_core: bool = False,
     ) -> torch.Tensor:
         """``recompute_core``: the core attention (QK^T, softmax, dropout, over V) keeps only
-        q, k and v for backward and runs again there (selective recomputation)."""
+        q, k and v for backward and runs again there (selective recomputation): a checkpoint
+        around it, or for loom's dropout core its own recomputation, which skips the product with V."""
         if self.shared_qk:
             (q, v), k = self.tp.enter_columns(x, self.q_proj, self.v_proj), None
         else:
@@ -86,11 +87,24 @@ class Attention(nn.Module):
         if rope is not None:
             q = rope(q, positions)
             k = rope(k, positions) if k is not None else None
-        out = recompute(self._core, q, k, v, rng, rng=rng) if recompute_core else self._core(q, k, v, rng)
+        if recompute_core and self._dropout_core(q):  # recomputes its own probabilities, not their product with v
+            out = self._core(q, k, v, rng, recompute=True)
+        elif recompute_core:
+            out = recompute(self._core, q, k, v, rng, rng=rng)
+        else:
+            out = self._core(q, k, v, rng)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rng: ParallelRNG | None) -> torch.Tensor:
-        """softmax(QK^T / sqrt(d) + causal mask), dropped out, times V: (batch, heads, seq, head_dim)."""
+    def _dropout_core(self, q: torch.Tensor) -> bool:
+        """Whether :meth:`_core` runs loom's dropout core (dense attention, dropout on, off CUDA)."""
+        dense = self.layout is None and self.kind not in ("lsh", "topk")
+        return dense and bool(self.dropout if self.training else 0.0) and q.device.type != "cuda"
+
+    def _core(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rng: ParallelRNG | None, recompute: bool = False
+    ) -> torch.Tensor:
+        """softmax(QK^T / sqrt(d) + causal mask), dropped out, times V: (batch, heads, seq, head_dim).
+        ``recompute``: the dropout core keeps only q, k, v and recomputes itself in backward."""
         if self.layout is not None:
             return self._sparse_core(q, k, v)
         if self.kind == "lsh":
@@ -103,7 +117,7 @@ class Attention(nn.Module):
         stream = rng.tp_stream() if dropout and rng is not None else contextlib.nullcontext()
         with stream:
             if dropout and q.device.type != "cuda":  # no fused kernel with dropout here: loom's core
-                return dropout_attention(q, k, v, dropout)
+                return dropout_attention(q, k, v, dropout, recompute)
             return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]
             )

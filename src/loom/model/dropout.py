@@ -42,13 +42,18 @@ def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str) -> t
     return fill_keep_mask(torch.empty(shape, dtype=torch.uint8, device=device), p)
 
 
-def fill_keep_mask(out: torch.Tensor, p: float) -> torch.Tensor:
+def draw_seed(device: torch.device | str) -> int:
+    """One draw of [0, 2^63) from the default generator of ``device``: a mask's seed."""
+    return int(torch.empty((), dtype=torch.int64, device=device).random_())
+
+
+def fill_keep_mask(out: torch.Tensor, p: float, seed: int | None = None) -> torch.Tensor:
     """Fill the contiguous uint8 tensor ``out`` with a keep mask and return it: element i of chunk
     c (``CHUNK`` elements) is 1 where the i-th 16-bit lane of SFC64((seed, c))'s 64-bit outputs
-    is at least round(p x 2^16), ``seed`` one draw of [0, 2^63) from the default generator of
-    ``out``'s device. Off the CPU the mask is drawn on the host and copied over."""
+    is at least round(p x 2^16), ``seed`` (when None, :func:`draw_seed` on ``out``'s device) the
+    same mask again for the same seed. Off the CPU the mask is drawn on the host and copied over."""
     n = out.numel()
-    seed = int(torch.empty((), dtype=torch.int64, device=out.device).random_())
+    seed = draw_seed(out.device) if seed is None else seed
     host = out if out.device.type == "cpu" else torch.empty(out.shape, dtype=torch.uint8)
     # uint8, not bool: torch's CPU kernels vectorise a multiply by uint8, not by bool (4x here)
     flat = host.view(-1).numpy().view(np.bool_)

@@ -16,7 +16,11 @@ from 512 to 1024, s / 128 beyond).
 Saved for backward: q, k and v as given, and per run its P in fp32 and ``keep`` as uint8, both
 packed run after run: 5 bytes per kept score, :func:`loom.sparsity.causal_run_scores` scores a
 head (torch's math path keeps the whole square: scores, an fp32 mask and the dropped scores, 12
-bytes a score). The dropped scores are rebuilt from P and ``keep`` in backward. Computation runs
+bytes a score). The dropped scores are rebuilt from P and ``keep`` in backward. With
+``recompute`` (selective recomputation) only q, k, v and the mask's seed are kept, and backward
+computes P and ``keep`` again, bit for bit, but not O = (P * keep) v, which backward does not
+read: a checkpoint around the core would run that product again too (at 32 heads x 512 tokens x
+head dim 32 on this host the core's forward took 8.0 ms, 5.6 without the product). Computation runs
 in fp32 for 16-bit inputs (as torch's math path does on CPU); the output has the inputs' dtype.
 
 Grouped-query heads: query head i reads K/V head i // (heads / kv_heads), as
@@ -26,11 +30,12 @@ stacked, so K and V are never expanded.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 
-from loom.model.dropout import fill_keep_mask, quantized_p
+from loom.model.dropout import draw_seed, fill_keep_mask, quantized_p
 from loom.sparsity import causal_runs
 
 TILE_ELEMENTS = 1 << 18  # scores per tile at most (unless one slab's run is larger): 1 MiB in fp32
@@ -85,6 +90,33 @@ def _packed(flat: torch.Tensor, tile: Tile, group: int) -> torch.Tensor:
     return flat[tile.offset : tile.offset + n].view(tile.last - tile.first, rows, tile.end)
 
 
+def _probabilities(
+    q: torch.Tensor, k: torch.Tensor, p: float, seed: int, work: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, Iterator[Tile]]:
+    """The packed P and ``keep`` (:func:`tiles`; ``keep`` drawn at once from ``seed``) and an
+    iterator that computes P tile by tile, yielding each tile once its probabilities are in place
+    (the forward multiplies them into v while they are still in cache)."""
+    b, heads, s, d = q.shape
+    kv = k.shape[1]
+    group = heads // kv
+    pieces, total = tiles(b * kv, group, s)
+    probs = torch.empty(total, dtype=work, device=q.device)
+    keep = fill_keep_mask(torch.empty(total, dtype=torch.uint8, device=q.device), p, seed)  # at once: threads
+
+    def fill() -> Iterator[Tile]:
+        queries = (q.to(work) * d**-0.5).reshape(b * kv, group, s, d)
+        keys = k.to(work).reshape(b * kv, s, d).transpose(1, 2)
+        future = _future(pieces[0].end - pieces[0].start, work, q.device)
+        for tile in pieces:
+            i, j, r, e = tile.first, tile.last, tile.start, tile.end
+            scores = torch.bmm(_rows(queries, tile), keys[i:j, :, :e])
+            scores.view(j - i, group, e - r, e)[..., r:e].add_(future[: e - r, : e - r])
+            torch.ops.aten._softmax.out(scores, -1, False, out=_packed(probs, tile, group))
+            yield tile
+
+    return probs, keep, fill()
+
+
 class _DropoutAttention(torch.autograd.Function):
     """Tile by tile (:func:`tiles`): only the packed P and ``keep`` are whole (``keep`` drawn at
     once before the tiles, so a large one spreads over the threads); each tile's scores and
@@ -92,33 +124,27 @@ class _DropoutAttention(torch.autograd.Function):
     page-faulting fresh mappings every layer."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, recompute: bool) -> torch.Tensor:
         b, heads, s, d = q.shape
         kv = k.shape[1]
         group = heads // kv
         work = torch.promote_types(q.dtype, torch.float32)
-        scale, kept = d**-0.5, 1.0 / (1.0 - quantized_p(p))
+        kept = 1.0 / (1.0 - quantized_p(p))
+        seed = draw_seed(q.device)
         with torch.autocast(q.device.type, enabled=False):  # fp32 scores and probabilities under autocast too
-            queries = (q.to(work) * scale).reshape(b * kv, group, s, d)
-            keys = k.to(work).reshape(b * kv, s, d).transpose(1, 2)
+            probs, keep, filled = _probabilities(q, k, p, seed, work)
             values = v.to(work).reshape(b * kv, s, d)
-            pieces, total = tiles(b * kv, group, s)
-            probs = torch.empty(total, dtype=work, device=q.device)
-            keep = torch.empty(total, dtype=torch.uint8, device=q.device)
             out = torch.empty(b * kv, group, s, d, dtype=work, device=q.device)
-            future = _future(pieces[0].end - pieces[0].start, work, q.device)
-            fill_keep_mask(keep, p)  # at once: its chunks spread over the threads
-            for tile in pieces:
+            for tile in filled:
                 i, j, r, e = tile.first, tile.last, tile.start, tile.end
-                scores = torch.bmm(_rows(queries, tile), keys[i:j, :, :e])
-                scores.view(j - i, group, e - r, e)[..., r:e].add_(future[: e - r, : e - r])
-                probs_t, keep_t = _packed(probs, tile, group), _packed(keep, tile, group)
-                torch.ops.aten._softmax.out(scores, -1, False, out=probs_t)
-                part = torch.bmm(probs_t * keep_t, values[i:j, :e])
+                part = torch.bmm(_packed(probs, tile, group) * _packed(keep, tile, group), values[i:j, :e])
                 out[i:j, :, r:e] = part.view(j - i, group, e - r, d)
             out.mul_(kept)
-        ctx.save_for_backward(q, k, v, probs, keep)
-        ctx.kept, ctx.scale = kept, scale
+        if recompute:
+            ctx.save_for_backward(q, k, v)
+        else:
+            ctx.save_for_backward(q, k, v, probs, keep)
+        ctx.kept, ctx.scale, ctx.p, ctx.seed, ctx.work = kept, d**-0.5, p, seed, work
         return out.view(b, heads, s, d).to(q.dtype)
 
     @staticmethod
@@ -128,7 +154,13 @@ class _DropoutAttention(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad: torch.Tensor):
-        q, k, v, probs, keep = ctx.saved_tensors
+        q, k, v, *kept = ctx.saved_tensors
+        if kept:
+            probs, keep = kept
+        else:  # selective recomputation: P and the mask again, bit for bit, without the product with v
+            probs, keep, filled = _probabilities(q, k, ctx.p, ctx.seed, ctx.work)
+            for _ in filled:
+                pass
         b, heads, s, d = q.shape
         kv = k.shape[1]
         group = heads // kv
@@ -149,14 +181,17 @@ class _DropoutAttention(torch.autograd.Function):
             grad_q[i:j, :, r:e] = torch.bmm(grad_scores, keys[i:j, :e]).view(j - i, group, e - r, d)
             grad_k[i:j, :e].baddbmm_(grad_scores.transpose(1, 2), _rows(queries, tile))
         grad_q = grad_q.view(b, heads, s, d)
-        return grad_q.to(q.dtype), grad_k.view(k.shape).to(k.dtype), grad_v.view(v.shape).to(v.dtype), None
+        return grad_q.to(q.dtype), grad_k.view(k.shape).to(k.dtype), grad_v.view(v.shape).to(v.dtype), None, None
 
 
-def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+def dropout_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, recompute: bool = False
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(d), causal) dropped out with probability ``p`` (module docstring),
-    times v. q: (batch, heads, seq, d); k, v: (batch, kv_heads, seq, d), heads % kv_heads == 0."""
+    times v. q: (batch, heads, seq, d); k, v: (batch, kv_heads, seq, d), heads % kv_heads == 0.
+    ``recompute``: keep only q, k, v and the mask's seed; backward computes P and the mask again."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"dropout_attention needs 0 < p < 1, got {p}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of K/V heads ({k.shape[1]})")
-    return _DropoutAttention.apply(q, k, v, p)
+    return _DropoutAttention.apply(q, k, v, p, recompute)
