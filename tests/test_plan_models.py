@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from loom.plan.flops import GPTShape, hardware_flops, megatron_eq3_flops, megatron_parameters, model_flops, utilisation
+from loom.plan.flops import (
+    GPTShape,
+    executed_flops,
+    hardware_flops,
+    megatron_eq3_flops,
+    megatron_parameters,
+    model_flops,
+    utilisation,
+)
 
 A100_BF16 = 312e12
 
@@ -85,3 +93,19 @@ def test_rank_parameter_counts_equal_the_built_shards(family: str, kv: int | Non
                     head=any(plan.head for plan in plans),
                 )
                 assert count_rank_parameters(cfg, t, pp, vp, pp_rank) == model.num_params(), (t, pp, vp, pp_rank)
+
+
+def test_executed_flops_count_what_loom_recomputes() -> None:
+    """The step time's FLOPs: a full recomputation runs the layer's forward again (as HFU counts);
+    a selective one runs QK^T again in loom's dropout core (which recomputes only its
+    probabilities), QK^T and the product with V in a checkpointed core; HFU keeps Korthikanti's."""
+    shape = GPTShape(layers=4, hidden=256, vocab=1000, seq=128, attention_density=0.75)
+    b, s, h, n = 8, 128, 256, 4
+    base = model_flops(shape, b)
+    qk = 2 * 0.75 * b * s**2 * h
+    assert executed_flops(shape, b, "none") == base
+    assert executed_flops(shape, b, "full", "dropout") == hardware_flops(shape, b, "full")
+    assert executed_flops(shape, b, "selective", "dropout") == pytest.approx(base + n * qk)
+    assert executed_flops(shape, b, "selective", "flash") == pytest.approx(base + n * 2 * qk)
+    assert executed_flops(shape, b, "selective", "dropout", recomputed_layers=1) == pytest.approx(base + qk)
+    assert hardware_flops(shape, b, "selective") == pytest.approx(base + n * 12 * 0.75 * b * s**2 * h)

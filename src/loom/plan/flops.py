@@ -57,6 +57,22 @@ def hardware_flops(shape: GPTShape, batch: int, recompute: str = "none", recompu
     return model_flops(shape, batch) + n * extra
 
 
+def executed_flops(
+    shape: GPTShape, batch: int, recompute: str = "none", kernel: str = "flash", recomputed_layers: int | None = None
+) -> float:
+    """FLOPs loom runs for one iteration, for the step time: model FLOPs plus, per recomputed layer,
+    the forward ``full`` runs again (24Bsh^2 + 4 rho Bs^2h, as :func:`hardware_flops`), or for
+    ``selective`` the core attention's: loom's dropout core (``kernel == "dropout"``) recomputes
+    only its probabilities, QK^T, 2 rho Bs^2h; any other core runs under a checkpoint, its forward
+    again, QK^T and the product with V, 4 rho Bs^2h. (Korthikanti's 12Bs^2h is kept for HFU.)"""
+    if recompute != "selective":
+        return hardware_flops(shape, batch, recompute, recomputed_layers)
+    b, s, h = batch, shape.seq, shape.hidden
+    n = shape.layers if recomputed_layers is None else recomputed_layers
+    matmuls = 1 if kernel == "dropout" else 2
+    return model_flops(shape, batch) + n * 2 * matmuls * shape.attention_density * b * s**2 * h
+
+
 def megatron_eq3_flops(shape: GPTShape, batch: int) -> float:
     """Narayanan et al. 2021, Eq. 3 (full recomputation), as printed."""
     b, s, n, h, v = batch, shape.seq, shape.layers, shape.hidden, shape.vocab

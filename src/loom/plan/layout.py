@@ -43,7 +43,7 @@ from loom.plan.comm import (
     tp_bytes,
     transfers,
 )
-from loom.plan.flops import GPTShape, hardware_flops, model_flops
+from loom.plan.flops import GPTShape, executed_flops, hardware_flops, model_flops
 from loom.plan.hardware import Hardware
 from loom.plan.model import count_rank_parameters
 from loom.plan.rank_memory import BYTES, RankMemory, inflight, predict_rank_memory, recomputed_layer_bytes
@@ -189,7 +189,10 @@ def predict(
     # the step time: what the kernels compute (a causal kernel about half of the square)
     kernel = attention_kernel(device, model.dropout, model.attention)
     ran = gpt if sparse else dataclasses.replace(gpt, attention_density=computed_fraction(kernel, device, gpt.seq))
-    ran_model, ran_hardware = model_flops(ran, global_batch), hardware_flops(ran, global_batch, layout.recompute)
+    ran_model, ran_hardware = (
+        model_flops(ran, global_batch),
+        executed_flops(ran, global_batch, layout.recompute, kernel),
+    )
     draws = dropout_draws(config, layout, m)
     dropout_s = draws / hardware.dropout_rate if hardware.dropout_rate else 0.0
     rewrite = m * (model.n_layers // layout.pp) * recomputed_layer_bytes(config, device)
