@@ -116,7 +116,7 @@ class Attention(nn.Module):
         # this rank's heads are its own: their dropout draws from the tp stream
         stream = rng.tp_stream() if dropout and rng is not None else contextlib.nullcontext()
         with stream:
-            if dropout and q.device.type != "cuda":  # no fused kernel with dropout here: loom's core
+            if self._dropout_core(q):  # no fused kernel with dropout here: loom's core
                 return dropout_attention(q, k, v, dropout, recompute)
             return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]
