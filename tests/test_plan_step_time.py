@@ -37,6 +37,32 @@ def test_dropout_draws_count_every_mask(tp: int, sp: bool, recompute: str, atten
     assert dropout_draws(load_config(None, ITEMS), _layout(), 3) == 0  # no dropout, nothing drawn
 
 
+@pytest.mark.parametrize("recompute", ["full", "selective"])
+def test_a_run_recomputing_some_blocks_is_charged_for_those_alone(recompute: str) -> None:
+    """recompute_layers = N of 4 blocks: the FLOPs, draws and rewrites of N recomputed blocks,
+    between no recomputation and every block's (pp 2: N per stage, so 2N of the model's)."""
+    items = [*ITEMS, "model.n_layers=4", "model.dropout=0.1", "train.global_batch=4", "train.micro_batch=2"]
+    items += [f'train.recompute="{recompute}"']
+    cpu = HARDWARE["cpu"]
+
+    def run(pp: int, layers: int | None) -> object:
+        config = load_config(None, items + ([f"train.recompute_layers={layers}"] if layers is not None else []))
+        return predict(config, Layout(1, 1, pp, 1, "1f1b", 0, False, recompute, 2), cpu, 4)
+
+    none = predict(load_config(None, items[:-1]), Layout(1, 1, 1, 1, "1f1b", 0, False, "none", 2), cpu, 4)
+    every = run(1, None)
+    one = run(1, 1)
+    assert none.step_s < one.step_s < every.step_s
+    # hardware over model FLOPs: one block's extra is a quarter of every block's
+    extra = [p.hfu / p.mfu - 1 for p in (one, every)]
+    assert extra[0] == pytest.approx(extra[1] / 4)
+    assert one.rewrite_bytes == pytest.approx(every.rewrite_bytes / 4)
+    assert one.dropout_s - none.dropout_s == pytest.approx((every.dropout_s - none.dropout_s) / 4)
+    staged = run(2, 1)  # one block of each stage's two: half the model
+    assert staged.hfu / staged.mfu - 1 == pytest.approx(extra[1] / 2)
+    assert staged.rewrite_bytes == pytest.approx(every.rewrite_bytes / 4)  # one block per micro-batch on a rank
+
+
 def test_a_cpu_host_shares_its_cores_and_a_gpu_does_not() -> None:
     host = Hardware("host", 1e9, 1e9, 1e9, 8, 1e9, 1e9, compute_efficiency=1.0, cores=2, thread_efficiency=0.5)
     # one process: two threads, 1.5x one thread's rate; the dropout draws do not speed up

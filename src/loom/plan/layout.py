@@ -46,7 +46,14 @@ from loom.plan.comm import (
 from loom.plan.flops import GPTShape, executed_flops, hardware_flops, model_flops
 from loom.plan.hardware import Hardware
 from loom.plan.model import count_rank_parameters
-from loom.plan.rank_memory import BYTES, RankMemory, inflight, predict_rank_memory, recomputed_layer_bytes
+from loom.plan.rank_memory import (
+    BYTES,
+    RankMemory,
+    inflight,
+    predict_rank_memory,
+    recomputed_blocks,
+    recomputed_layer_bytes,
+)
 from loom.sparsity import causal_run_scores, layout_density
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
@@ -148,6 +155,10 @@ def predict(
     per_rank = count_rank_parameters(model, layout.tp, layout.pp, layout.vp, pp_rank or 0)
     compute = BYTES[precision]
     residual = compute if layout.zero else 4
+    # blocks recomputed per micro-batch: on this rank (rank 0's draws and rewrites when averaged)
+    # and over the whole model (the FLOPs, spread over the devices)
+    recomputed = recomputed_blocks(config, pp_rank or 0)
+    recomputed_total = sum(recomputed_blocks(config, r) for r in range(layout.pp))
     shape = CommShape(
         layers_per_rank=model.n_layers // layout.pp,
         hidden=model.d_model,
@@ -167,7 +178,7 @@ def predict(
         grad_bytes=residual,
         pipeline_bytes=residual,
         recompute=layout.recompute,
-        recomputed_layers=model.n_layers // layout.pp if layout.recompute != "none" else 0,
+        recomputed_layers=recomputed,
         tied=model.tied and layout.pp > 1,
         pp_rank=pp_rank,
     )
@@ -185,24 +196,24 @@ def predict(
     gpt = GPTShape(model.n_layers, model.d_model, model.vocab_size or 0, config.train.seq_len, density)
     world = layout.dp * layout.tp * layout.pp
     model_total = model_flops(gpt, global_batch)  # MFU and HFU: the whole square for dense attention
-    hardware_total = hardware_flops(gpt, global_batch, layout.recompute)
+    hardware_total = hardware_flops(gpt, global_batch, layout.recompute, recomputed_total)
     # the step time: what the kernels compute (a causal kernel about half of the square)
     kernel = attention_kernel(device, model.dropout, model.attention)
     ran = gpt if sparse else dataclasses.replace(gpt, attention_density=computed_fraction(kernel, device, gpt.seq))
     ran_model, ran_hardware = (
         model_flops(ran, global_batch),
-        executed_flops(ran, global_batch, layout.recompute, kernel),
+        executed_flops(ran, global_batch, layout.recompute, kernel, recomputed_total),
     )
-    draws = dropout_draws(config, layout, m)
+    draws = dropout_draws(config, layout, m, recomputed)
     dropout_s = draws / hardware.dropout_rate if hardware.dropout_rate else 0.0
-    rewrite = m * (model.n_layers // layout.pp) * recomputed_layer_bytes(config, device)
+    rewrite = m * recomputed * recomputed_layer_bytes(config, device)
     processes = min(world, hardware.devices_per_node)
     bubble = 0.0
     if layout.pp > 1:
         rate = achieved_rate(hardware, precision, processes)
         one_thread = hardware.peak_flops(precision) * hardware.compute_efficiency  # rewrites speed up as FLOPs do
         rewrite_flops = rewrite / hardware.rewrite_bandwidth * one_thread if hardware.rewrite_bandwidth else 0.0
-        first = dropout_draws(config, dataclasses.replace(layout, recompute="none"), m)
+        first = dropout_draws(config, dataclasses.replace(layout, recompute="none"), m, 0)
         first_s = first / hardware.dropout_rate if hardware.dropout_rate else 0.0
         forward, backward = ran_model / 3 / world, (ran_hardware - ran_model / 3) / world + rewrite_flops
         costs = pass_costs(ran, forward, backward, rate, dropout_s, first_s)
@@ -283,7 +294,7 @@ def compute_seconds(
     return compute, critical
 
 
-def dropout_draws(config: Config, layout: Layout, microbatches: int) -> float:
+def dropout_draws(config: Config, layout: Layout, microbatches: int, recomputed: int | None = None) -> float:
     """Dropout mask elements one device draws per step (pipeline stage 0, the embedding's included).
 
     Per micro-batch and layer: the two residual dropouts, b s h each (b s/t h under sequence
@@ -291,7 +302,8 @@ def dropout_draws(config: Config, layout: Layout, microbatches: int) -> float:
     probabilities', b (a/t) per head's :func:`loom.sparsity.causal_run_scores` (loom's dropout core
     draws over the causal triangle's row runs, about s^2 / 2; the other attention kinds drop no
     probabilities). Recomputation draws again: all of a layer's for
-    ``full``, the probabilities' for ``selective``. The embedding's dropout draws b s h (/t).
+    ``full``, the probabilities' for ``selective``, on the ``recomputed`` blocks of the stage (None:
+    every block). The embedding's dropout draws b s h (/t).
     """
     model, train = config.model, config.train
     if not model.dropout:
@@ -302,7 +314,8 @@ def dropout_draws(config: Config, layout: Layout, microbatches: int) -> float:
     layer = 2 * tokens * h + probs
     again = {"none": 0.0, "full": layer, "selective": probs}[layout.recompute]
     layers = model.n_layers // layout.pp
-    return microbatches * (layers * (layer + again) + tokens * h)
+    recomputed = layers if recomputed is None else recomputed
+    return microbatches * (layers * layer + recomputed * again + tokens * h)
 
 
 def _divisors(n: int) -> list[int]:

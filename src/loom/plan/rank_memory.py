@@ -131,6 +131,19 @@ def predict_rank_memory(
     return RankMemory(states["params"], states["grads"], states["optim"], activations, copies)
 
 
+def recomputed_blocks(config: Config, pp_rank: int = 0, recompute_layers: int | None = None) -> int:
+    """Blocks pipeline rank ``pp_rank`` recomputes per micro-batch: over its chunks, the first
+    N of each (N = ``recompute_layers``, else ``train.recompute_layers`` if a number, else every
+    block; 0 under ``train.recompute = "none"``), as ``loom.model.recompute`` wraps them."""
+    train, parallel = config.train, config.parallel
+    if train.recompute == "none":
+        return 0
+    if recompute_layers is None and isinstance(train.recompute_layers, int):
+        recompute_layers = train.recompute_layers
+    plans = rank_stages(config.model.n_layers, parallel.pp, parallel.vp, pp_rank)
+    return sum(len(p.layers) if recompute_layers is None else min(len(p.layers), recompute_layers) for p in plans)
+
+
 def recomputed_layer_bytes(config: Config, device: str = "cpu") -> float:
     """Activation bytes one layer's recomputation writes again per micro-batch on one tp rank:
     what ``train.recompute`` drops for backward (its kept bytes less those without it)."""
