@@ -18,9 +18,11 @@ packed run after run: 5 bytes per kept score, :func:`loom.sparsity.causal_run_sc
 head (torch's math path keeps the whole square: scores, an fp32 mask and the dropped scores, 12
 bytes a score). The dropped scores are rebuilt from P and ``keep`` in backward. With
 ``recompute`` (selective recomputation) only q, k, v and the mask's seed are kept, and backward
-computes P and ``keep`` again, bit for bit, but not O = (P * keep) v, which backward does not
-read: a checkpoint around the core would run that product again too (at 32 heads x 512 tokens x
-head dim 32 on this host the core's forward took 8.0 ms, 5.6 without the product). Computation runs
+computes ``keep`` again, bit for bit, and P tile by tile inside its own loop, each tile used
+while in cache and never packed (so the whole P is never held again, not even for a moment), but
+not O = (P * keep) v, which backward does not read: a checkpoint around the core would run that
+product again too (at 32 heads x 512 tokens x head dim 32 on this host the core's forward took
+8.0 ms, 5.6 without the product). Computation runs
 in fp32 for 16-bit inputs (as torch's math path does on CPU); the output has the inputs' dtype.
 
 Grouped-query heads: query head i reads K/V head i // (heads / kv_heads), as
@@ -91,19 +93,21 @@ def _packed(flat: torch.Tensor, tile: Tile, group: int) -> torch.Tensor:
 
 
 def _probabilities(
-    q: torch.Tensor, k: torch.Tensor, p: float, seed: int, work: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, Iterator[Tile]]:
-    """The packed P and ``keep`` (:func:`tiles`; ``keep`` drawn at once from ``seed``) and an
-    iterator that computes P tile by tile, yielding each tile once its probabilities are in place
-    (the forward multiplies them into v while they are still in cache)."""
+    q: torch.Tensor, k: torch.Tensor, p: float, seed: int, work: torch.dtype, packed: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor, Iterator[tuple[Tile, torch.Tensor]]]:
+    """The packed P (None unless ``packed``) and ``keep`` (:func:`tiles`; ``keep`` drawn at once
+    from ``seed``) and an iterator that computes P tile by tile, yielding each tile with its
+    probabilities (in the packed P, or else in a scratch tile that the next one overwrites) while
+    they are still in cache: the forward multiplies them into v, the recomputing backward uses
+    them at once."""
     b, heads, s, d = q.shape
     kv = k.shape[1]
     group = heads // kv
     pieces, total = tiles(b * kv, group, s)
-    probs = torch.empty(total, dtype=work, device=q.device)
+    probs = torch.empty(total, dtype=work, device=q.device) if packed else None
     keep = fill_keep_mask(torch.empty(total, dtype=torch.uint8, device=q.device), p, seed)  # at once: threads
 
-    def fill() -> Iterator[Tile]:
+    def fill() -> Iterator[tuple[Tile, torch.Tensor]]:
         queries = (q.to(work) * d**-0.5).reshape(b * kv, group, s, d)
         keys = k.to(work).reshape(b * kv, s, d).transpose(1, 2)
         future = _future(pieces[0].end - pieces[0].start, work, q.device)
@@ -111,8 +115,10 @@ def _probabilities(
             i, j, r, e = tile.first, tile.last, tile.start, tile.end
             scores = torch.bmm(_rows(queries, tile), keys[i:j, :, :e])
             scores.view(j - i, group, e - r, e)[..., r:e].add_(future[: e - r, : e - r])
-            torch.ops.aten._softmax.out(scores, -1, False, out=_packed(probs, tile, group))
-            yield tile
+            if probs is None:  # the softmax in place: the scores are this tile's own
+                yield tile, torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+            else:
+                yield tile, torch.ops.aten._softmax.out(scores, -1, False, out=_packed(probs, tile, group))
 
     return probs, keep, fill()
 
@@ -135,9 +141,9 @@ class _DropoutAttention(torch.autograd.Function):
             probs, keep, filled = _probabilities(q, k, p, seed, work)
             values = v.to(work).reshape(b * kv, s, d)
             out = torch.empty(b * kv, group, s, d, dtype=work, device=q.device)
-            for tile in filled:
+            for tile, probs_t in filled:
                 i, j, r, e = tile.first, tile.last, tile.start, tile.end
-                part = torch.bmm(_packed(probs, tile, group) * _packed(keep, tile, group), values[i:j, :e])
+                part = torch.bmm(probs_t * _packed(keep, tile, group), values[i:j, :e])
                 out[i:j, :, r:e] = part.view(j - i, group, e - r, d)
             out.mul_(kept)
         if recompute:
@@ -155,16 +161,15 @@ class _DropoutAttention(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad: torch.Tensor):
         q, k, v, *kept = ctx.saved_tensors
-        if kept:
-            probs, keep = kept
-        else:  # selective recomputation: P and the mask again, bit for bit, without the product with v
-            probs, keep, filled = _probabilities(q, k, ctx.p, ctx.seed, ctx.work)
-            for _ in filled:
-                pass
         b, heads, s, d = q.shape
         kv = k.shape[1]
         group = heads // kv
-        work = probs.dtype
+        work = ctx.work
+        if kept:
+            probs, keep = kept
+            pieces = ((tile, _packed(probs, tile, group)) for tile in tiles(b * kv, group, s)[0])
+        else:  # selective recomputation: the mask again, and P tile by tile, bit for bit, without the product with v
+            _, keep, pieces = _probabilities(q, k, ctx.p, ctx.seed, work, packed=False)
         grad = (grad.to(work) * ctx.kept).reshape(b * kv, group, s, d)
         queries = q.to(work).reshape(b * kv, group, s, d)
         keys = k.to(work).reshape(b * kv, s, d)
@@ -172,9 +177,9 @@ class _DropoutAttention(torch.autograd.Function):
         grad_q = torch.empty_like(queries)
         grad_k = torch.zeros_like(keys)
         grad_v = torch.zeros_like(keys)
-        for tile in tiles(b * kv, group, s)[0]:
+        for tile, probs_t in pieces:
             i, j, r, e = tile.first, tile.last, tile.start, tile.end
-            probs_t, keep_t, grad_t = _packed(probs, tile, group), _packed(keep, tile, group), _rows(grad, tile)
+            keep_t, grad_t = _packed(keep, tile, group), _rows(grad, tile)
             grad_v[i:j, :e].baddbmm_((probs_t * keep_t).transpose(1, 2), grad_t)
             grad_probs = torch.bmm(grad_t, values_t[i:j, :, :e]).mul_(keep_t)
             grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs_t, -1, work).mul_(ctx.scale)
