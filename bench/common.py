@@ -440,24 +440,25 @@ def bench(
     """``args.repeats`` rounds on ``world`` ranks. A round: ``rank_fn(*rank_args, round_index, alone)``
     with ``alone=False`` (loom's sides and the peers, interleaved), then with ``alone=True`` (the
     peers only, each running alone: their figures are named "<peer> alone") and one ``loom
-    train`` run per entry of ``e2e`` (name -> --set items), which of the two first alternating
-    from round to round. loom train is compared with the peers alone: both ran as users run them."""
+    train`` run per entry of ``e2e`` (name -> --set items, their order rotating with the round),
+    which of the two first alternating from round to round. loom train is compared with the peers alone: both ran as users run them."""
     result = Result(label, tokens, args.warmup)
     began = time.perf_counter()
 
-    def peers_alone() -> None:
+    def peers_alone(r: int) -> None:
         alone = run_ranks(rank_fn, world, args=(*rank_args, r, True), timeout_s=timeout_s)
         result.add_round([{f"{name} {ALONE}": run for name, run in rank.items()} for rank in alone])
 
-    def end_to_end() -> None:
-        for name, items in e2e.items():
+    def end_to_end(r: int) -> None:
+        runs = list(e2e.items())
+        for name, items in runs[r % len(runs) :] + runs[: r % len(runs)]:  # the order rotates with the round
             result.tps.setdefault(name, []).append(statistics.median(loom_train(items, world, args.warmup, threads)))
 
     for r in range(args.repeats):
         result.add_round(run_ranks(rank_fn, world, args=(*rank_args, r, False), timeout_s=timeout_s))
         if not args.no_e2e:  # which of the two goes first alternates, so a drift of the machine's speed cancels
             for run in (peers_alone, end_to_end) if r % 2 == 0 else (end_to_end, peers_alone):
-                run()
+                run(r)
         line = ", ".join(f"{name} {tps[r]:,.0f}" for name, tps in result.tps.items() if len(tps) > r)
         print(f"{label}, round {r + 1}: tokens/s {line}", flush=True)
     result.wall_s = time.perf_counter() - began
@@ -528,8 +529,9 @@ TIMING = (
     "its median step time after the warm-up, and the table gives the median over rounds, each ratio as the median of "
     "the per-round ratios with their range (a round's sides ran interleaved, so its ratio is paired). loom's sides are Trainer.train_step as "
     f"`loom train` runs it (batch, forward, backward, sync, the loss for the metrics, clip, update). After the "
-    f"interleaved sides, each peer runs again by itself (`{ALONE}`: all its steps, nothing interleaved), then `{LOOM_TRAIN}` "
-    "runs: the command itself on the same job, with loom's own launcher and thread settings, its figure the median "
+    f"interleaved sides, each peer runs again by itself (`{ALONE}`: all its steps, nothing interleaved) and `{LOOM_TRAIN}` "
+    "runs (which goes first alternating by round; several `loom train` runs in an order rotating with the round): "
+    "the command itself on the same job, with loom's own launcher and thread settings, its figure the median "
     f"tokens_per_s of its metrics.jsonl over the steps after the warm-up; `{LOOM_TRAIN}` is compared with the peers "
     f"`{ALONE}` (both run as users run them), loom's interleaved side with the interleaved peer."
 )
