@@ -132,7 +132,8 @@ class _Plan:
 
     def walked(self, x: torch.Tensor) -> torch.Tensor:
         """A query-side (rows, ...) array in walking order (itself when that is the stack's)."""
-        return x if self.order is None else x[self.order]
+        # index_select: 0.6-1.2 ms for fixed's rows at 8k tokens, x[order] 1.1-1.4
+        return x if self.order is None else torch.index_select(x, 0, self.order)
 
     def placed(self, x: torch.Tensor) -> torch.Tensor:
         """A query-side array from walking order back into the stack's."""
