@@ -441,7 +441,8 @@ def bench(
     with ``alone=False`` (loom's sides and the peers, interleaved), then with ``alone=True`` (the
     peers only, each running alone: their figures are named "<peer> alone") and one ``loom
     train`` run per entry of ``e2e`` (name -> --set items, their order rotating with the round),
-    which of the two first alternating from round to round. loom train is compared with the peers alone: both ran as users run them."""
+    which of the two first alternating from round to round. loom train is compared with the peers
+    alone: both ran as users run them."""
     result = Result(label, tokens, args.warmup)
     began = time.perf_counter()
 

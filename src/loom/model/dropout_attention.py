@@ -22,8 +22,8 @@ computes ``keep`` again, bit for bit, and P tile by tile inside its own loop, ea
 while in cache and never packed (so the whole P is never held again, not even for a moment), but
 not O = (P * keep) v, which backward does not read: a checkpoint around the core would run that
 product again too (at 32 heads x 512 tokens x head dim 32 on this host the core's forward took
-8.0 ms, 5.6 without the product). Computation runs
-in fp32 for 16-bit inputs (as torch's math path does on CPU); the output has the inputs' dtype.
+8.0 ms, 5.6 without the product). Computation runs in fp32 for 16-bit inputs (as torch's math
+path does on CPU); the output has the inputs' dtype.
 
 Grouped-query heads: query head i reads K/V head i // (heads / kv_heads), as
 ``scaled_dot_product_attention(enable_gqa=True)``; a run's rows of the group's query heads are

@@ -104,7 +104,7 @@ def predict_rank_memory(
     chunk_bytes = []
     for plan in plans:
         n = len(plan.layers)
-        chosen = 0 if train.recompute == "none" else min(n, n if recompute_layers is None else recompute_layers)
+        chosen = _recomputed_of(n, train.recompute, recompute_layers)
         total = chosen * layer(train.recompute) + (n - chosen) * layer("none")
         if model.reversible:  # only the last block's two streams are kept (loom.model.reversible)
             total = 2 * dtypes.params * s * b * model.d_model / (tp if sp else 1)
@@ -136,12 +136,17 @@ def recomputed_blocks(config: Config, pp_rank: int = 0, recompute_layers: int | 
     N of each (N = ``recompute_layers``, else ``train.recompute_layers`` if a number, else every
     block; 0 under ``train.recompute = "none"``), as ``loom.model.recompute`` wraps them."""
     train, parallel = config.train, config.parallel
-    if train.recompute == "none":
-        return 0
     if recompute_layers is None and isinstance(train.recompute_layers, int):
         recompute_layers = train.recompute_layers
     plans = rank_stages(config.model.n_layers, parallel.pp, parallel.vp, pp_rank)
-    return sum(len(p.layers) if recompute_layers is None else min(len(p.layers), recompute_layers) for p in plans)
+    return sum(_recomputed_of(len(p.layers), train.recompute, recompute_layers) for p in plans)
+
+
+def _recomputed_of(blocks: int, recompute: str, recompute_layers: int | None) -> int:
+    """Of a chunk's ``blocks``, those that recompute: the first ``recompute_layers`` (None: all)."""
+    if recompute == "none":
+        return 0
+    return blocks if recompute_layers is None else min(blocks, recompute_layers)
 
 
 def recomputed_layer_bytes(config: Config, device: str = "cpu") -> float:
