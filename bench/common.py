@@ -21,7 +21,7 @@ own: the peer's sides and its table. The rest is here:
   loom's sides.
 - **Host allocation.** ``loom train`` applies loom's host allocation policy
   (``loom.parallel.host_allocator``: glibc's mmap threshold fixed at 4 MiB, torch's huge pages
-  for large tensors) as it starts; the peers alone run with glibc's and torch's defaults, as
+  for large tensors in processes of one thread) as it starts; the peers alone run with glibc's and torch's defaults, as
   their users run them. In the interleaved rounds a side and its peer share one process: the
   trainer fixes the mmap threshold for both, and neither has huge pages (torch reads that switch
   at the process's first tensor, before any side exists).

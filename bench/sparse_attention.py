@@ -114,7 +114,7 @@ def kernel_worker(kind: str, seq: int) -> dict:
     from loom.sparsity import SparsityConfig, make_layout
     from loom.viz.attention import causal_density
 
-    set_host_allocator()  # as the trainer does: loom's host allocation policy
+    set_host_allocator(threads=2)  # as `loom train` does for one process on this host's 2 cores
     torch.set_num_threads(2)
     q, k, v = (torch.randn(1, HEADS, seq, HEAD_DIM, requires_grad=True) for _ in range(3))
     density = 0.5 * (1 + 1 / (seq // BLOCK))  # dense causal against the full square
@@ -150,7 +150,7 @@ def train_worker(kind: str, seq: int) -> dict:
     from loom.model.transformer import Transformer
     from loom.parallel.host_allocator import set_host_allocator
 
-    set_host_allocator()  # as the trainer does: loom's host allocation policy
+    set_host_allocator(threads=2)  # as `loom train` does for one process on this host's 2 cores
     torch.set_num_threads(2)
     model = Transformer(load_config(None, _train_items(kind, seq)).model)
     x = torch.randint(0, 256, (1, seq))

@@ -91,6 +91,19 @@ def test_cpu_ranks_of_one_host_split_its_cores() -> None:
     assert [c for c, _ in free] == [cores, cores] and {t for _, t in free} == {share}
 
 
+def test_threads_per_rank_split_the_usable_cores_unless_the_user_set_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What share_cores gives each rank, and what the host allocation policy decides by."""
+    import os
+
+    from loom.distributed.context import threads_per_rank
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    assert [threads_per_rank(n) for n in (1, 2, 3, 4, 6, 12)] == [6, 3, 2, 1, 1, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert threads_per_rank(2) == 5
+
+
 def _thread_cores() -> tuple[list[int], list[list[int]]]:
     """After init_distributed on this rank: the calling thread's cores, and each message thread's
     of the backend (gloo's loops, named by the backend)."""

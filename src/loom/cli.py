@@ -284,11 +284,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from loom.distributed.context import env_world_size
+    from loom.distributed.context import env_world_size, threads_per_rank
     from loom.parallel.host_allocator import set_host_allocator
 
-    set_host_allocator()  # before this process's first tensor (torch reads its huge-page switch there); ranks inherit it
     world_size = env_world_size()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world_size > 1 else max(1, args.nproc)
+    # before this process's first tensor (torch reads its huge-page switch there); ranks inherit it
+    set_host_allocator(threads_per_rank(local))
     if world_size > 1 and args.run_dir is None:
         raise LoomError(
             "launched on several ranks without --run-dir.",

@@ -8,8 +8,9 @@ benchmarks that time a kernel alone as their workers start):
 
 - :func:`fix_mmap_threshold`: blocks of 4 MiB or more get their own mappings, returned to the
   OS on free, so the heap does not fragment (the resident-memory side);
-- :func:`enable_huge_pages`: large tensors' fresh mappings are backed by 2 MiB transparent huge pages,
-  so their first touch costs one fault per 2 MiB instead of one per 4 KiB (the speed side).
+- :func:`enable_huge_pages`: in a process of one compute thread (a rank of several on a CPU host),
+  large tensors' fresh mappings are backed by 2 MiB transparent huge pages, so their first touch
+  costs one fault per 2 MiB instead of one per 4 KiB (the speed side).
 
 Each is left alone where the user set its environment variable, and each is a no-op where the
 platform lacks it.
@@ -83,17 +84,28 @@ def huge_pages_on() -> bool:
     return False
 
 
-def enable_huge_pages() -> None:
+def enable_huge_pages(threads: int) -> bool:
     """Back torch's host tensors of 2 MiB or more with transparent huge pages (torch's
-    ``THP_MEM_ALLOC_ENABLE``); :func:`huge_pages_on` says whether it took.
+    ``THP_MEM_ALLOC_ENABLE``) in a process that computes with one thread; returns whether it set
+    the variable (:func:`huge_pages_on` says whether it took).
 
     With the mmap threshold fixed (:func:`fix_mmap_threshold`), every tensor of 4 MiB or more is
     a fresh mapping each step, and its first touch page-faults in 4 KiB pages: measured here, 3.3 ms
     to zero a fresh 16 MiB tensor against 0.3 ms for a reused one. With huge pages, one fault per
-    2 MiB. Measured through ``loom train`` on this host (2 cores, glibc 2.36, THP mode "madvise"),
-    same peak resident memory within 2%: a 2-layer d256 model at 16,384 tokens with sliding-window
-    attention 18,100-18,500 -> 21,900-22,400 tokens/s; gpt2-124m on 2 ranks (seq 128, micro-batch 1)
-    221 -> 244 under DDP and 95 -> 129 under ZeRO-3; the 0.9M-parameter demo model within +-5%.
+    2 MiB: a fresh 32 MiB zeroed by one thread in 5-6 ms against 11.5 on 4 KiB pages (this host,
+    2 cores, glibc 2.36, THP mode "madvise"). Through ``loom train``, ranks of one thread each:
+    gpt2-124m on 2 ranks (seq 128, micro-batch 1) 221 -> 244 tokens/s under DDP and 95 -> 129 under
+    ZeRO-3 at 01da22f, 62 -> 67-70 under ZeRO-3 (global batch 2) on 2026-12-06's host; the demo
+    model within +-5%.
+
+    A process of several threads is left on 4 KiB pages: when its threads fault one fresh
+    huge-page mapping at once (torch splits a large write between them), the faults serialise
+    at a cost that moves with the host. On 2026-12-06's host the 32 MiB zeroed by two threads took
+    25-50 ms on huge pages against 7.5 on 4 KiB pages (5 ms when one thread had touched its pages
+    first), and a 2-layer d256 model at 16,384 tokens with sliding-window attention (one process,
+    2 threads) trained at 8,800-9,000 tokens/s with them against 12,800-12,900 without; on the
+    host of 01da22f the same run gained (18,100-18,500 -> 21,900-22,400). ``THP_MEM_ALLOC_ENABLE=1``
+    opts such a process in.
 
     torch reads the variable once, at the process's first tensor, so ``loom train`` calls this
     before it makes any (and its ranks inherit the variable); called later (a script that made
@@ -102,12 +114,15 @@ def enable_huge_pages() -> None:
     ``never``.
     """
     usable = sys.platform == "linux" and THP_MODE.exists() and "[never]" not in THP_MODE.read_text()
-    if usable and THP_VARIABLE not in os.environ:
-        os.environ[THP_VARIABLE] = "1"  # inherited by the ranks this process starts, too
+    if not usable or threads > 1 or THP_VARIABLE in os.environ:
+        return False
+    os.environ[THP_VARIABLE] = "1"  # inherited by the ranks this process starts, too
+    return True
 
 
-def set_host_allocator() -> None:
-    """Apply loom's host allocation policy: :func:`fix_mmap_threshold`, then :func:`enable_huge_pages`
+def set_host_allocator(threads: int | None = None) -> None:
+    """Apply loom's host allocation policy for a process that computes with ``threads`` threads
+    (None: torch's current count): :func:`fix_mmap_threshold`, then :func:`enable_huge_pages`
     (:func:`huge_pages_on` says whether the second took)."""
     fix_mmap_threshold()
-    enable_huge_pages()
+    enable_huge_pages(torch.get_num_threads() if threads is None else threads)
