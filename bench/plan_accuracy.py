@@ -5,12 +5,13 @@ Each layout runs ``loom train`` end to end (its own processes, loom's launcher) 
 rank 0's ``metrics.jsonl`` gives the measured figures (medians over the steps after the first;
 every layout runs once in each of ``--repeats`` rounds and its step time is the median of the
 rounds, as runs on this machine scatter by 10-30%) and ``loom.plan.report.predict_run`` the prediction for pp rank 0. Bytes are predicted from the
-config alone (goal: within 5%). Step time needs the machine's rates, fitted on four runs
+config alone (goal: within 5%). Step time needs the machine's rates, fitted on six runs
 (``loom.plan.report``): one core's FLOP rate on one process of one thread (``calibrate``), what a
 second thread adds on the single process (``calibrate_threads``), what recomputation costs past
 its FLOPs on full recomputation (``calibrate_rewrite``), the link bandwidth on tp 2
-(``calibrate_links``), and on tp 2 x pp 2 (4 ranks on the host's 2 cores) how long a transfer
-waits for a peer that lost its core (``calibrate_turns``); dropout's draws per second are the
+(``calibrate_links``), on tp 2 x pp 2 (4 ranks on the host's 2 cores) how long a transfer
+waits for a peer that lost its core (``calibrate_turns``), and on a zero-bubble run at 8 micro-batches
+(the judged one has 4) the weight-gradient pass's share of the compute (``calibrate_weight_pass``); dropout's draws per second are the
 ``cpu`` entry's. Then every other layout's step time is predicted (goal: within 15%). The rates are
 fitted once a round on that round's calibration runs, and a layout's error is the median over the
 rounds of its error in each round: this host's speed moves by 20-50% between rounds minutes apart
@@ -67,6 +68,7 @@ LAYOUTS = {  # name -> (ranks, settings); "1 thread" runs with OMP_NUM_THREADS=1
     "dp2 zero3": (2, {"zero.stage": 3}),
     "pp2 1f1b": (2, {"parallel.pp": 2, "train.micro_batch": 2}),
     "pp2 zero_bubble": (2, {"parallel.pp": 2, "parallel.schedule": "zero_bubble", "train.micro_batch": 2}),
+    "pp2 zero_bubble, m 8": (2, {"parallel.pp": 2, "parallel.schedule": "zero_bubble", "train.micro_batch": 1}),
     "dp2 tp2 sp": (4, {"parallel.tp": 2, "parallel.sequence_parallel": True}),
     "tp2 pp2": (4, {"parallel.tp": 2, "parallel.pp": 2, "train.micro_batch": 2}),
     "pp4 1f1b": (4, {"parallel.pp": 4, "train.micro_batch": 1}),
@@ -86,7 +88,7 @@ def run(name: str, ranks: int, settings: dict, root: Path) -> tuple[dict, dict, 
     if done.returncode:
         raise RuntimeError(f"{name} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    return summary, read_metrics(run_dir), ranks
+    return summary, read_metrics(run_dir), ranks, report.measured_passes(run_dir)
 
 
 def main() -> int:
@@ -110,17 +112,17 @@ def main() -> int:
     def step_times(name: str) -> list[float]:
         """The layout's measured step time (median over its steps after the first) in each round."""
         out = []
-        for summary, records, _ in rounds[name]:
+        for summary, records, *_ in rounds[name]:
             config = config_from_dict(summary["config"])
             tokens = config.batch(dp=report.run_layout(config, summary["world_size"]).dp).global_batch
             out.append(report.measured(records, tokens * config.train.seq_len)["step_s"])
         return out
 
-    calibration = ("single, 1 thread", "single", "single, full", "tp2", "tp2 pp2")
+    calibration = ("single, 1 thread", "single", "single, full", "tp2", "tp2 pp2", "pp2 zero_bubble, m 8")
 
     def figures(name: str, hw, r: int | None = None):
         """Prediction on ``hw``, and the measurement: step time of round ``r`` (None: the rounds' median)."""
-        summary, records, ranks = runs[name]
+        summary, records, ranks, _ = runs[name]
         config = config_from_dict(summary["config"])
         host = on_this_host(hw, summary["local_processes"], summary["threads"])
         prediction = report.predict_run(config, ranks, host, "cpu", 0)
@@ -128,6 +130,11 @@ def main() -> int:
         measured = report.measured(records, tokens)
         times = step_times(name)
         measured["step_s"] = statistics.median(times) if r is None else times[r]
+        passes = [got[3] for got in rounds[name]]
+        if all(passes):  # a split backward's F, I and W seconds: that round's, or the rounds' medians
+            measured["passes"] = (
+                passes[r] if r is not None else {k: statistics.median(x[k] for x in passes) for k in passes[0]}
+            )
         return prediction, measured, summary
 
     def calibrate(r: int | None = None):
@@ -146,6 +153,9 @@ def main() -> int:
             host = on_this_host(calibrated, summary["local_processes"], summary["threads"])
             turned = report.calibrate_turns(p, m, host)
             calibrated = dataclasses.replace(calibrated, turn_latency=turned.turn_latency)
+        if "pp2 zero_bubble, m 8" in runs:  # W's share of a split backward's compute
+            p, m, _ = figures("pp2 zero_bubble, m 8", calibrated, r)
+            calibrated = report.calibrate_weight_pass(p, m, calibrated)
         return calibrated
 
     calibrated = calibrate()
@@ -209,7 +219,7 @@ def main() -> int:
         f"{'met' if worst_bytes <= 0.05 else 'missed'}).",
         f"Step time after calibration (one core's rate on `single, 1 thread`, a second thread's on `single`, "
         f"recomputation's rewrites on `single, full`, the link on `tp2`, the turns a transfer waits with more "
-        f"ranks than cores on `tp2 pp2`; each round on its own, the error a layout's median over the rounds): "
+        f"ranks than cores on `tp2 pp2`, the weight pass's speed on `pp2 zero_bubble, m 8`; each round on its own, the error a layout's median over the rounds): "
         f"largest error on the other layouts with a core per rank {own:.0%} (of any round {worst_round[True]:.0%}), "
         f"with more ranks than this host's {cores} cores {shared:.0%} (of any round {worst_round[False]:.0%}); goal "
         f"15%: with a core per rank {judged(own, worst_round[True])}, with more ranks than cores "
@@ -218,7 +228,8 @@ def main() -> int:
         f"core, a second thread adds {calibrated.thread_efficiency:.2f} of one, link {calibrated.intra_bandwidth / 1e9:.2f} "
         f"GB/s, dropout masks {calibrated.dropout_rate / 1e6:.0f} M elements/s, recomputed activations rewritten at "
         f"{calibrated.rewrite_bandwidth / 1e9:.2f} GB/s per thread, a transfer waits {calibrated.turn_latency * 1e3:.2f} "
-        "ms per rank queued ahead of a peer on a core.",
+        f"ms per rank queued ahead of a peer on a core, a split backward's weight pass computes at "
+        f"{calibrated.weight_pass_speedup:.2f} x the rate.",
     ]
     print("\n".join(verdict))
 

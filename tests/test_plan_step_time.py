@@ -159,6 +159,43 @@ def test_a_split_backward_bubble_follows_the_forward_backward_and_weight_times()
     assert core.weight == pytest.approx(3.0 / 2)  # 4s^2h = 24sh^2 (s = 6h): half the forward is the weightless core
 
 
+def test_a_weight_pass_faster_than_the_rate_is_fitted_from_a_zero_bubble_runs_timeline(tmp_path) -> None:
+    """W's matmuls run at ``weight_pass_speedup`` x the calibrated rate; the speed-up is fitted on a
+    measured split backward (the pp ranks past the first: the first runs its whole backward as W)."""
+    import json
+
+    from loom.plan.flops import GPTShape
+    from loom.plan.layout import pass_costs
+    from loom.plan.report import calibrate_weight_pass, measured_passes
+
+    shape = GPTShape(layers=2, hidden=1024, vocab=0, seq=8)
+    quick = pass_costs(shape, 3.0, 6.0, 1.0, 0.0, 0.0, weight_speedup=2.0)
+    assert (quick.forward, quick.backward) == (3.0, 6.0) and quick.weight == pytest.approx(1.5, rel=2e-3)
+    assert pass_costs(shape, 3.0, 6.0, 1.0, 0.0, 0.0, weight_speedup=0.1).weight == 6.0  # never more than B
+
+    def spans(kind: str, seconds: float, n: int = 2) -> list[dict]:
+        return [{"kind": kind, "microbatch": i, "chunk": 0, "start": float(i), "end": i + seconds} for i in range(n)]
+
+    # rank 0 (the first stage) ran its whole backward as W; rank 1: F 3, I 4, W 1 a micro-batch
+    ranks = [spans("F", 3.0) + spans("I", 0.0) + spans("W", 5.0), spans("F", 3.0) + spans("I", 4.0) + spans("W", 1.0)]
+    (tmp_path / "pipeline_timeline.json").write_text(json.dumps({"ranks": ranks}))
+    assert measured_passes(tmp_path) == {"forward": 6.0, "input": 8.0, "weight": 2.0}
+    assert measured_passes(tmp_path / "missing") is None
+
+    config = load_config(None, [*ITEMS, "train.global_batch=4", "train.micro_batch=1", "parallel.schedule=zero_bubble"])
+    layout = Layout(1, 1, 2, 1, "zero_bubble", 0, False, "none", 1)
+    cpu = HARDWARE["cpu"]
+    before = predict(config, layout, cpu, 2, "cpu")
+    fitted = calibrate_weight_pass(before, {"passes": measured_passes(tmp_path)}, cpu)
+    after = predict(config, layout, fitted, 2, "cpu")
+    assert after.passes.weight / (after.passes.forward + after.passes.backward) == pytest.approx(2.0 / 16.0)
+    assert (after.passes.forward, after.passes.backward) == (before.passes.forward, before.passes.backward)
+    assert after.bubble > before.bubble and after.compute_s == before.compute_s  # less W to fill the bubble with
+    assert calibrate_weight_pass(before, {"passes": None}, cpu) == cpu
+    one_f_one_b = predict(config, dataclasses.replace(layout, schedule="1f1b"), cpu, 2, "cpu")
+    assert predict(config, dataclasses.replace(layout, schedule="1f1b"), fitted, 2, "cpu").bubble == one_f_one_b.bubble
+
+
 def test_causal_kernels_cost_the_step_what_they_compute_while_mfu_counts_the_square() -> None:
     from loom.plan.activations import computed_fraction
     from loom.plan.flops import GPTShape, hardware_flops, model_flops

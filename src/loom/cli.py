@@ -759,7 +759,9 @@ def _read_run(run_dir: Path) -> tuple:
     layout = report.run_layout(config, summary.get("world_size", 1))
     tokens = config.batch(dp=layout.dp).global_batch * config.train.seq_len
     freeze = config.optim.freeze(config.train.steps) if config.optim.name == "onebit_adam" else None
-    return config, summary, report.measured(read_metrics(run_dir), tokens, freeze)
+    measured = report.measured(read_metrics(run_dir), tokens, freeze)
+    measured["passes"] = report.measured_passes(run_dir)  # a zero-bubble run's F, I and W seconds
+    return config, summary, measured
 
 
 def _predict_read_run(run: tuple, hardware):
@@ -804,7 +806,8 @@ def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) ->
     rate on the run without tp/pp traffic or recomputation whose processes have the fewest
     threads, a CPU host's thread efficiency on such a run with more, recomputation's rewrite
     bandwidth on runs that recompute, the link bandwidth on runs with tp or pp traffic (a core per
-    process where there are such), the turn latency on the other runs with traffic and more processes than cores."""
+    process where there are such), the turn latency on the other runs with traffic and more processes than cores,
+    the weight pass's speed-up on runs that split their backward (zero-bubble)."""
     import dataclasses
     import statistics
 
@@ -869,6 +872,10 @@ def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) ->
     fitted = fit(linked, lambda run, host, p: report.calibrate_links(p, run[2], host), "intra_bandwidth")
     turned = [run for run, host, p in predicted if p.transfers and crowded(host) and id(run) not in map(id, linked)]
     fitted = fit(turned, lambda run, host, p: report.calibrate_turns(p, run[2], host), "turn_latency", rate=False)
+    split = [run for run in runs if run[2].get("passes")]
+    fitted = fit(
+        split, lambda run, host, p: report.calibrate_weight_pass(p, run[2], host), "weight_pass_speedup", rate=False
+    )
     out = run_dirs[0] / "hardware.toml"
     out.write_text(report.hardware_toml(fitted), encoding="utf-8")
     precision = runs[quiet[0][2]][0].train.precision
@@ -886,6 +893,11 @@ def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) ->
         found.append(
             f"a transfer waits {fitted.turn_latency * 1e3:.2f} ms per process queued ahead of a peer on a core, "
             f"from {len(turned)} run(s) with more processes than cores"
+        )
+    if split:
+        found.append(
+            f"a split backward's weight pass computes at {fitted.weight_pass_speedup:.2f} x that rate, "
+            f"from {len(split)} zero-bubble run(s)"
         )
     print(
         f"{hardware.name}: achieved {fitted.compute_efficiency:.3g} of the {hardware.name} peak ({'; '.join(found)}); "

@@ -22,6 +22,12 @@ dropped, at ``rewrite_bandwidth`` bytes per second of one thread (0: counted as 
 the GPU entries do until measured). Its figures are this host's, to calibrate (``loom plan
 --calibrate RUN_DIR``, ``bench/plan_accuracy.py``).
 
+A split backward's weight-gradient pass (W, zero-bubble) is matmuls alone, where the one
+calibrated rate is the whole step's: FLOPs and the norms, activations, softmax and residual work
+between them. So W runs ``weight_pass_speedup`` times that rate, fitted on a zero-bubble run's
+measured passes (``loom.plan.report.calibrate_weight_pass``); the backward's total is unchanged, I
+takes the rest. 1 where unmeasured, as on the GPU entries.
+
 More processes than cores in a pipeline also wait at every blocking collective or transfer: a
 peer that has lost its core answers only when the scheduler gives it one again, and the stages
 that wait on each other cannot fill the idle core (``loom.plan.comm``). With P processes on
@@ -62,6 +68,8 @@ class Hardware:
     # bytes/s at which recomputation writes the activations it dropped again, past its FLOPs; 0: FLOPs only
     rewrite_bandwidth: float = 0.0
     turn_latency: float = 0.0  # seconds a blocking collective waits per process queued ahead of a peer (CPU hosts)
+    # how many times the calibrated rate a split backward's weight-gradient pass (W) computes at; 1: the same
+    weight_pass_speedup: float = 1.0
 
     def peak_flops(self, precision: str) -> float:
         return self.peak_flops_fp32 if precision == "fp32" else self.peak_flops_bf16
@@ -107,6 +115,7 @@ HARDWARE: dict[str, Hardware] = {
         dropout_rate=1.6e9,  # loom.model.dropout.keep_mask on one thread: 0.6 ns an element here
         rewrite_bandwidth=1.8e9,
         turn_latency=2.5e-3,  # the test host: tp 2 x pp 2 on its 2 cores, 2.3-2.8 ms more per collective
+        weight_pass_speedup=1.55,  # the test host: W 59 of the 305 ms a split pp 2 stage computed (plan_accuracy's job)
     ),
 }
 

@@ -96,6 +96,7 @@ class Prediction:
     rewrite_bytes: float = 0.0  # activations recomputation writes again per step (``Hardware.rewrite_bandwidth``)
     critical_s: float = 0.0  # compute's share of the step: compute_s x (1 + bubble), or the cores' turns
     transfers: int = 0  # blocking collectives and point-to-point transfers per step (``loom.plan.comm.transfers``)
+    passes: Costs | None = None  # with pp > 1: one device's F, B and W seconds per step (:func:`pass_costs`)
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -208,7 +209,7 @@ def predict(
     dropout_s = draws / hardware.dropout_rate if hardware.dropout_rate else 0.0
     rewrite = m * recomputed * recomputed_layer_bytes(config, device)
     processes = min(world, hardware.devices_per_node)
-    bubble = 0.0
+    bubble, passes = 0.0, None
     if layout.pp > 1:
         rate = achieved_rate(hardware, precision, processes)
         one_thread = hardware.peak_flops(precision) * hardware.compute_efficiency  # rewrites speed up as FLOPs do
@@ -216,8 +217,8 @@ def predict(
         first = dropout_draws(config, dataclasses.replace(layout, recompute="none"), m, 0)
         first_s = first / hardware.dropout_rate if hardware.dropout_rate else 0.0
         forward, backward = ran_model / 3 / world, (ran_hardware - ran_model / 3) / world + rewrite_flops
-        costs = pass_costs(ran, forward, backward, rate, dropout_s, first_s)
-        formula = bubble_formula(layout.schedule, layout.pp, m, layout.vp, costs)
+        passes = pass_costs(ran, forward, backward, rate, dropout_s, first_s, hardware.weight_pass_speedup)
+        formula = bubble_formula(layout.schedule, layout.pp, m, layout.vp, passes)
         bubble = formula[1] if formula else (layout.pp - 1) / m
     compute_s, critical_s = compute_seconds(
         hardware, precision, ran_hardware / world, dropout_s, processes, bubble, rewrite
@@ -242,25 +243,34 @@ def predict(
         rewrite_bytes=rewrite,
         critical_s=critical_s,
         transfers=sum(transfers(shape).values()),
+        passes=passes,
     )
 
 
 def pass_costs(
-    shape: GPTShape, forward_flops: float, backward_flops: float, rate: float, dropout_s: float, first_s: float
+    shape: GPTShape,
+    forward_flops: float,
+    backward_flops: float,
+    rate: float,
+    dropout_s: float,
+    first_s: float,
+    weight_speedup: float = 1.0,
 ) -> Costs:
     """Seconds of one device's forward F, backward B and weight gradients W per step, for the
     bubble of a split-backward schedule (zero-bubble's, Qi et al. 2023: (p-1)(F + B - 2W) /
     (m(F + B))): F its forward FLOPs at ``rate`` and the ``first_s`` of dropout drawn then; B its
     backward FLOPs (the recomputed forward and its rewrites included) and the rest of the draws;
     W the weight gradients, as many FLOPs as the forward's matmuls with weights (all but the
-    attention core's), so W < B / 2 where the core, recomputation or dropout weigh.
+    attention core's), so W < B / 2 where the core, recomputation or dropout weigh. W's FLOPs run
+    at ``weight_speedup`` x ``rate`` (``Hardware.weight_pass_speedup``: matmuls alone, none of the
+    elementwise work the rate spreads over every FLOP), at most B.
     """
     s, n, h, v = shape.seq, shape.layers, shape.hidden, shape.vocab
     weighted = n * 24 * s * h * h + 2 * s * h * v  # per sequence; the core adds n 4 rho s^2 h
     share = weighted / max(weighted + n * 4 * shape.attention_density * s * s * h, 1)
     f = forward_flops / rate + first_s
     b = backward_flops / rate + dropout_s - first_s
-    return Costs(forward=f, backward=b, weight=min(share * forward_flops / rate, b))
+    return Costs(forward=f, backward=b, weight=min(share * forward_flops / (rate * weight_speedup), b))
 
 
 def achieved_rate(hardware: Hardware, precision: str, processes: int) -> float:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 
 from loom.config import Config
+from loom.parallel.pipeline.simulate import TIMELINE_FILE, load_measured
 from loom.plan.hardware import Hardware
 from loom.plan.layout import Layout, Prediction, predict
 
@@ -230,6 +232,39 @@ def _measured_compute_s(p: Prediction, measured_: dict) -> float:
     the step less its exposed transfers, less the bubble (the same share as predicted)."""
     exposed = p.step_s - p.critical_s
     return max(measured_["step_s"] - exposed, 1e-9) * p.compute_s / p.critical_s
+
+
+def measured_passes(run_dir: Path) -> dict | None:
+    """Seconds a pipeline run's split backward spent per pass in its measured last step
+    (``pipeline_timeline.json``): ``{"forward", "input", "weight"}`` summed over the pp ranks past
+    the first (the first stage sends no input gradient, so its W is its whole backward); None for a
+    run without a timeline or without a split backward."""
+    path = Path(run_dir) / TIMELINE_FILE
+    if not path.is_file():
+        return None
+    totals = {"F": 0.0, "I": 0.0, "W": 0.0}
+    for row in load_measured(run_dir).ranks[1:]:
+        for span in row:
+            if span.action.kind in totals:
+                totals[span.action.kind] += span.end - span.start
+    if not (totals["F"] and totals["I"] and totals["W"]):
+        return None
+    return {"forward": totals["F"], "input": totals["I"], "weight": totals["W"]}
+
+
+def calibrate_weight_pass(prediction: Prediction, measured_: dict, hardware: Hardware) -> Hardware:
+    """``hardware`` with its weight-pass speed-up fitted on a zero-bubble run, the rest already
+    fitted: W's share of the compute, W / (F + B), the term the bubble (p-1)(F + B - 2W) / (m(F + B))
+    turns on, made equal to the measured one (``measured_["passes"]``, from :func:`measured_passes`;
+    B = I + W). F + B is the step's FLOPs at the calibrated rate, W the weight matmuls' at
+    ``weight_pass_speedup`` times it (``loom.plan.layout.pass_costs``), so the speed-up scales by
+    predicted over measured share. Left as it is for a run without a measured split backward."""
+    passes, got = prediction.passes, measured_.get("passes")
+    if passes is None or not passes.weight or not got:
+        return hardware
+    predicted = passes.weight / (passes.forward + passes.backward)
+    seen = got["weight"] / (got["forward"] + got["input"] + got["weight"])
+    return dataclasses.replace(hardware, weight_pass_speedup=hardware.weight_pass_speedup * predicted / seen)
 
 
 def calibrate_links(prediction: Prediction, measured_: dict, hardware: Hardware) -> Hardware:
