@@ -137,9 +137,8 @@ def spin_budget(device: torch.device, backend: str, wait: str = "auto") -> float
         return 0.0
     if wait == "poll":
         return SPIN_S
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return SPIN_S if local <= cores else 0.0
+    return SPIN_S if local <= len(_usable_cores()) else 0.0
 
 
 @dataclass
