@@ -5,8 +5,9 @@ Each layout runs ``loom train`` end to end (its own processes, loom's launcher) 
 rank 0's ``metrics.jsonl`` gives the measured figures (medians over the steps after the first;
 every layout runs once in each of ``--repeats`` rounds and its step time is the median of the
 rounds, as runs on this machine scatter by 10-30%) and ``loom.plan.report.predict_run`` the prediction for pp rank 0. Bytes are predicted from the
-config alone (goal: within 5%). Step time needs the machine's rates, fitted on six runs
-(``loom.plan.report``): one core's FLOP rate on one process of one thread (``calibrate``), what a
+config alone (goal: within 5%). Step time needs the machine's rates, fitted on seven runs
+(``loom.plan.report``): one core's FLOP rate on one process of one thread (``calibrate``), with a
+block's fixed cost per micro-batch from a second such run of 4 micro-batches (``calibrate_overhead``), what a
 second thread adds on the single process (``calibrate_threads``), what recomputation costs past
 its FLOPs on full recomputation (``calibrate_rewrite``), the link bandwidth on tp 2
 (``calibrate_links``), on tp 2 x pp 2 (4 ranks on the host's 2 cores) how long a transfer
@@ -58,6 +59,7 @@ JOB = {
 }
 LAYOUTS = {  # name -> (ranks, settings); "1 thread" runs with OMP_NUM_THREADS=1
     "single, 1 thread": (1, {}),
+    "single, 1 thread, m 4": (1, {"train.micro_batch": 2}),
     "single": (1, {}),
     "single, selective": (1, {"train.recompute": "selective"}),
     "single, full": (1, {"train.recompute": "full"}),
@@ -118,7 +120,15 @@ def main() -> int:
             out.append(report.measured(records, tokens * config.train.seq_len)["step_s"])
         return out
 
-    calibration = ("single, 1 thread", "single", "single, full", "tp2", "tp2 pp2", "pp2 zero_bubble, m 8")
+    calibration = (
+        "single, 1 thread",
+        "single, 1 thread, m 4",
+        "single",
+        "single, full",
+        "tp2",
+        "tp2 pp2",
+        "pp2 zero_bubble, m 8",
+    )
 
     def figures(name: str, hw, r: int | None = None):
         """Prediction on ``hw``, and the measurement: step time of round ``r`` (None: the rounds' median)."""
@@ -141,6 +151,9 @@ def main() -> int:
         """The host's rates fitted on the calibration layouts' step times of round ``r`` (None: medians)."""
         p, m, _ = figures("single, 1 thread", base, r)
         calibrated = report.calibrate(p, m, base)
+        if "single, 1 thread, m 4" in runs:  # the blocks' fixed cost per micro-batch, the rate with it
+            one = figures("single, 1 thread", calibrated, r)[:2]
+            calibrated = report.calibrate_overhead(one, figures("single, 1 thread, m 4", calibrated, r)[:2], calibrated)
         p, m, summary = figures("single", calibrated, r)
         calibrated = report.calibrate_threads(p, m, calibrated, summary["threads"])
         p, m, _ = figures("single, full", calibrated, r)
@@ -217,7 +230,8 @@ def main() -> int:
     verdict = [
         f"Bytes (states, activations, traffic): largest error {worst_bytes:.1%} (goal 5%: "
         f"{'met' if worst_bytes <= 0.05 else 'missed'}).",
-        f"Step time after calibration (one core's rate on `single, 1 thread`, a second thread's on `single`, "
+        f"Step time after calibration (one core's rate and a block's fixed cost per micro-batch on `single, 1 thread` "
+        f"and `single, 1 thread, m 4`, a second thread's on `single`, "
         f"recomputation's rewrites on `single, full`, the link on `tp2`, the turns a transfer waits with more "
         f"ranks than cores on `tp2 pp2`, the weight pass's speed on `pp2 zero_bubble, m 8`; each round on its own, the error a layout's median over the rounds): "
         f"largest error on the other layouts with a core per rank {own:.0%} (of any round {worst_round[True]:.0%}), "
@@ -225,7 +239,7 @@ def main() -> int:
         f"15%: with a core per rank {judged(own, worst_round[True])}, with more ranks than cores "
         f"{judged(shared, worst_round[False])}.",
         f"Calibrated device: {calibrated.compute_efficiency * calibrated.peak_flops_fp32 / 1e9:.1f} GFLOP/s per "
-        f"core, a second thread adds {calibrated.thread_efficiency:.2f} of one, link {calibrated.intra_bandwidth / 1e9:.2f} "
+        f"core and {calibrated.layer_overhead_s * 1e3:.2f} ms per block and micro-batch past the FLOPs, a second thread adds {calibrated.thread_efficiency:.2f} of one, link {calibrated.intra_bandwidth / 1e9:.2f} "
         f"GB/s, dropout masks {calibrated.dropout_rate / 1e6:.0f} M elements/s, recomputed activations rewritten at "
         f"{calibrated.rewrite_bandwidth / 1e9:.2f} GB/s per thread, a transfer waits {calibrated.turn_latency * 1e3:.2f} "
         f"ms per rank queued ahead of a peer on a core, a split backward's weight pass computes at "

@@ -9,7 +9,7 @@ import pytest
 from loom.config import load_config
 from loom.plan.hardware import HARDWARE, Hardware
 from loom.plan.layout import Layout, compute_seconds, dropout_draws, predict
-from loom.plan.report import calibrate, calibrate_rewrite, calibrate_threads, calibrate_turns
+from loom.plan.report import calibrate, calibrate_overhead, calibrate_rewrite, calibrate_threads, calibrate_turns
 
 ITEMS = ["model.n_layers=2", "model.d_model=16", "model.n_heads=4", "model.vocab_size=64", "train.seq_len=8"]
 
@@ -80,15 +80,29 @@ def test_calibration_recovers_a_hosts_rates() -> None:
     config = load_config(None, items)
     recomputing = load_config(None, [*items, 'train.recompute="full"'])
     cpu = HARDWARE["cpu"]
-    true = dataclasses.replace(cpu, compute_efficiency=0.8, thread_efficiency=0.9, rewrite_bandwidth=3e9)
-    guess = dataclasses.replace(cpu, compute_efficiency=0.3, thread_efficiency=0.2, rewrite_bandwidth=5e8)
+    true = dataclasses.replace(
+        cpu, compute_efficiency=0.8, thread_efficiency=0.9, rewrite_bandwidth=3e9, layer_overhead_s=2e-6
+    )
+    guess = dataclasses.replace(
+        cpu, compute_efficiency=0.3, thread_efficiency=0.2, rewrite_bandwidth=5e8, layer_overhead_s=0.0
+    )
 
-    def step(hardware: Hardware, threads: int, cfg=config, recompute: str = "none"):
+    def step(hardware: Hardware, threads: int, cfg=config, recompute: str = "none", micro: int = 2):
         host = dataclasses.replace(hardware, cores=threads, devices_per_node=1)
-        return predict(cfg, _layout(recompute=recompute), host, 4, "cpu")
+        return predict(cfg, _layout(recompute=recompute, micro_batch=micro), host, 4, "cpu")
 
-    one = calibrate(step(guess, 1), {"step_s": step(true, 1).step_s}, guess)
-    assert one.compute_efficiency == pytest.approx(0.8)
+    # one run holds the blocks' fixed cost in its rate; a second with more, smaller micro-batches tells them apart
+    rate_only = calibrate(step(guess, 1), {"step_s": step(true, 1).step_s}, guess)
+    assert rate_only.compute_efficiency < 0.8 and step(true, 1, micro=1).overhead_units == 2 * 4
+    one = calibrate_overhead(
+        (step(rate_only, 1), {"step_s": step(true, 1).step_s}),
+        (step(rate_only, 1, micro=1), {"step_s": step(true, 1, micro=1).step_s}),
+        rate_only,
+    )
+    assert one.compute_efficiency == pytest.approx(0.8) and one.layer_overhead_s == pytest.approx(2e-6)
+    assert calibrate(step(one, 1), {"step_s": step(true, 1).step_s}, one).compute_efficiency == pytest.approx(0.8)
+    same = (step(one, 1), {"step_s": step(true, 1).step_s})
+    assert calibrate_overhead(same, same, one) == one  # one run cannot tell the two apart
     both = calibrate_threads(step(one, 2), {"step_s": step(true, 2).step_s}, one, 2)
     assert both.thread_efficiency == pytest.approx(0.9)
     assert step(both, 2).step_s == pytest.approx(step(true, 2).step_s)
@@ -184,7 +198,7 @@ def test_a_weight_pass_faster_than_the_rate_is_fitted_from_a_zero_bubble_runs_ti
 
     config = load_config(None, [*ITEMS, "train.global_batch=4", "train.micro_batch=1", "parallel.schedule=zero_bubble"])
     layout = Layout(1, 1, 2, 1, "zero_bubble", 0, False, "none", 1)
-    cpu = HARDWARE["cpu"]
+    cpu = dataclasses.replace(HARDWARE["cpu"], layer_overhead_s=0.0)  # this tiny model's FLOPs alone
     before = predict(config, layout, cpu, 2, "cpu")
     fitted = calibrate_weight_pass(before, {"passes": measured_passes(tmp_path)}, cpu)
     after = predict(config, layout, fitted, 2, "cpu")

@@ -804,7 +804,8 @@ def _plan_run(run_dir: Path, args: argparse.Namespace, hardware) -> int:
 def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) -> int:
     """Fit this machine's rates (``loom.plan.report``), each on the runs that show it: the compute
     rate on the run without tp/pp traffic or recomputation whose processes have the fewest
-    threads, a CPU host's thread efficiency on such a run with more, recomputation's rewrite
+    threads (with the blocks' fixed cost per micro-batch where a second such run of as many threads
+    runs its FLOPs in other micro-batches), a CPU host's thread efficiency on such a run with more, recomputation's rewrite
     bandwidth on runs that recompute, the link bandwidth on runs with tp or pp traffic (a core per
     process where there are such), the turn latency on the other runs with traffic and more processes than cores,
     the weight pass's speed-up on runs that split their backward (zero-bubble)."""
@@ -858,6 +859,20 @@ def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) ->
     quiet.sort(key=lambda q: q[:3])
     fewest = quiet[0][1]
     fitted = fit([quiet[0][3]], lambda run, host, p: report.calibrate(p, run[2], host), "compute_efficiency")
+    # a second run of as many threads running its FLOPs in other micro-batches: the blocks' fixed cost
+    first = quiet[0][3]
+    host, p_first = _predict_read_run(first, fitted)
+    paired = None
+    for busy, n, _, run in quiet[1:]:
+        p = _predict_read_run(run, fitted)[1]
+        per_flop = p.overhead_units / p.compute_s / (p_first.overhead_units / p_first.compute_s)
+        if n == fewest and not busy and abs(per_flop - 1) > 0.2:
+            both = report.calibrate_overhead((p_first, first[2]), (p, run[2]), host)
+            fitted = dataclasses.replace(
+                fitted, compute_efficiency=both.compute_efficiency, layer_overhead_s=both.layer_overhead_s
+            )
+            paired = run
+            break
     more = [(n, run) for busy, n, _, run in quiet if n > fewest and not busy]
     fitted = fit(
         [run for _, run in more[:1]],
@@ -880,6 +895,8 @@ def _plan_calibrate(run_dirs: list[Path], args: argparse.Namespace, hardware) ->
     out.write_text(report.hardware_toml(fitted), encoding="utf-8")
     precision = runs[quiet[0][2]][0].train.precision
     found = [f"{fitted.compute_efficiency * fitted.peak_flops(precision) / 1e9:.1f} GFLOP/s per device"]
+    if paired is not None:
+        found.append(f"each block costs {fitted.layer_overhead_s * 1e3:.2f} ms per micro-batch past its FLOPs")
     if more:
         found.append(f"each thread past the first adds {fitted.thread_efficiency:.2f} of one")
     if recomputing:

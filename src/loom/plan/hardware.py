@@ -28,6 +28,13 @@ between them. So W runs ``weight_pass_speedup`` times that rate, fitted on a zer
 measured passes (``loom.plan.report.calibrate_weight_pass``); the backward's total is unchanged, I
 takes the rest. 1 where unmeasured, as on the GPU entries.
 
+Each block a micro-batch passes through costs ``layer_overhead_s`` past its FLOPs: the
+framework's dispatch of the forward's and backward's operations, the same for 1 or 100 rows and
+not sped up by threads. A step of m micro-batches through a stage of L blocks pays m L of them, so
+smaller micro-batches (pipelines, gradient accumulation) cost more than their FLOPs say. Fitted,
+with the FLOP rate, on two runs that differ in micro-batches (``loom.plan.report.calibrate_overhead``);
+0 where unmeasured.
+
 More processes than cores in a pipeline also wait at every blocking collective or transfer: a
 peer that has lost its core answers only when the scheduler gives it one again, and the stages
 that wait on each other cannot fill the idle core (``loom.plan.comm``). With P processes on
@@ -70,6 +77,7 @@ class Hardware:
     turn_latency: float = 0.0  # seconds a blocking collective waits per process queued ahead of a peer (CPU hosts)
     # how many times the calibrated rate a split backward's weight-gradient pass (W) computes at; 1: the same
     weight_pass_speedup: float = 1.0
+    layer_overhead_s: float = 0.0  # seconds per block and micro-batch past the FLOPs (forward and backward's dispatch)
 
     def peak_flops(self, precision: str) -> float:
         return self.peak_flops_fp32 if precision == "fp32" else self.peak_flops_bf16

@@ -10,7 +10,8 @@ on a device type, the prediction combines the planner's models:
   scores as far as its kernel computes them, :func:`loom.plan.activations.computed_fraction`,
   about half the square) per device over the device's peak times its achieved fraction
   (``Hardware.compute_efficiency``), plus the dropout masks it draws (:func:`dropout_draws`) at
-  ``Hardware.dropout_rate``; on a CPU host, whose processes share its cores, over each
+  ``Hardware.dropout_rate``, and a fixed cost per block and micro-batch
+  (``Hardware.layer_overhead_s``); on a CPU host, whose processes share its cores, over each
   process's threads (:func:`compute_seconds`);
 - the pipeline bubble in closed form (``loom.parallel.pipeline.simulate.bubble_formula``), a
   split backward's from the forward, backward and weight-gradient times (:func:`pass_costs`);
@@ -97,6 +98,8 @@ class Prediction:
     critical_s: float = 0.0  # compute's share of the step: compute_s x (1 + bubble), or the cores' turns
     transfers: int = 0  # blocking collectives and point-to-point transfers per step (``loom.plan.comm.transfers``)
     passes: Costs | None = None  # with pp > 1: one device's F, B and W seconds per step (:func:`pass_costs`)
+    overhead_s: float = 0.0  # of compute_s, the blocks' fixed cost per micro-batch (``Hardware.layer_overhead_s``)
+    overhead_units: float = 0.0  # blocks x micro-batches one device runs per step
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -208,6 +211,8 @@ def predict(
     draws = dropout_draws(config, layout, m, recomputed)
     dropout_s = draws / hardware.dropout_rate if hardware.dropout_rate else 0.0
     rewrite = m * recomputed * recomputed_layer_bytes(config, device)
+    units = m * model.n_layers / layout.pp  # each micro-batch through each of the device's blocks
+    overhead = units * hardware.layer_overhead_s
     processes = min(world, hardware.devices_per_node)
     bubble, passes = 0.0, None
     if layout.pp > 1:
@@ -217,11 +222,11 @@ def predict(
         first = dropout_draws(config, dataclasses.replace(layout, recompute="none"), m, 0)
         first_s = first / hardware.dropout_rate if hardware.dropout_rate else 0.0
         forward, backward = ran_model / 3 / world, (ran_hardware - ran_model / 3) / world + rewrite_flops
-        passes = pass_costs(ran, forward, backward, rate, dropout_s, first_s, hardware.weight_pass_speedup)
+        passes = pass_costs(ran, forward, backward, rate, dropout_s, first_s, hardware.weight_pass_speedup, overhead)
         formula = bubble_formula(layout.schedule, layout.pp, m, layout.vp, passes)
         bubble = formula[1] if formula else (layout.pp - 1) / m
     compute_s, critical_s = compute_seconds(
-        hardware, precision, ran_hardware / world, dropout_s, processes, bubble, rewrite
+        hardware, precision, ran_hardware / world, dropout_s, processes, bubble, rewrite, overhead
     )
     # overlapped dp traffic hides behind the backward, unless the backend's threads copy it on the
     # very cores that compute (a CPU host)
@@ -244,6 +249,8 @@ def predict(
         critical_s=critical_s,
         transfers=sum(transfers(shape).values()),
         passes=passes,
+        overhead_s=overhead,
+        overhead_units=units,
     )
 
 
@@ -255,6 +262,7 @@ def pass_costs(
     dropout_s: float,
     first_s: float,
     weight_speedup: float = 1.0,
+    overhead_s: float = 0.0,
 ) -> Costs:
     """Seconds of one device's forward F, backward B and weight gradients W per step, for the
     bubble of a split-backward schedule (zero-bubble's, Qi et al. 2023: (p-1)(F + B - 2W) /
@@ -263,13 +271,14 @@ def pass_costs(
     W the weight gradients, as many FLOPs as the forward's matmuls with weights (all but the
     attention core's), so W < B / 2 where the core, recomputation or dropout weigh. W's FLOPs run
     at ``weight_speedup`` x ``rate`` (``Hardware.weight_pass_speedup``: matmuls alone, none of the
-    elementwise work the rate spreads over every FLOP), at most B.
+    elementwise work the rate spreads over every FLOP), at most B. The blocks' fixed cost per
+    micro-batch (``overhead_s``) goes a third to F, two thirds to B, as the FLOPs do.
     """
     s, n, h, v = shape.seq, shape.layers, shape.hidden, shape.vocab
     weighted = n * 24 * s * h * h + 2 * s * h * v  # per sequence; the core adds n 4 rho s^2 h
     share = weighted / max(weighted + n * 4 * shape.attention_density * s * s * h, 1)
-    f = forward_flops / rate + first_s
-    b = backward_flops / rate + dropout_s - first_s
+    f = forward_flops / rate + first_s + overhead_s / 3
+    b = backward_flops / rate + dropout_s - first_s + 2 * overhead_s / 3
     return Costs(forward=f, backward=b, weight=min(share * forward_flops / (rate * weight_speedup), b))
 
 
@@ -286,10 +295,12 @@ def compute_seconds(
     processes: int,
     bubble: float,
     rewrite_bytes: float = 0.0,
+    overhead_s: float = 0.0,
 ) -> tuple[float, float]:
     """(compute, critical): one device's compute per step, ``flops`` at the achieved rate, the
     ``rewrite_bytes`` recomputation writes again at ``Hardware.rewrite_bandwidth``, plus
-    ``dropout_s``; and the compute's share of the step, compute x (1 + bubble).
+    ``dropout_s`` and the blocks' fixed cost per micro-batch ``overhead_s`` (no faster with more
+    threads); and the compute's share of the step, compute x (1 + bubble).
 
     On a CPU host (``Hardware.cores``) each of the node's ``processes`` computes with
     k = cores / processes threads at 1 + (k - 1) e times one thread's rate (the masks are drawn
@@ -297,7 +308,8 @@ def compute_seconds(
     at least processes x compute / cores, whatever the bubble (an idle stage's core serves another).
     """
     rewrite = rewrite_bytes / hardware.rewrite_bandwidth if hardware.rewrite_bandwidth else 0.0
-    compute = flops / achieved_rate(hardware, precision, processes) + rewrite / hardware.speedup(processes) + dropout_s
+    compute = flops / achieved_rate(hardware, precision, processes) + rewrite / hardware.speedup(processes)
+    compute += dropout_s + overhead_s
     critical = compute * (1 + bubble)
     if hardware.cores and processes > hardware.cores:
         critical = max(critical, compute * processes / hardware.cores)

@@ -184,11 +184,35 @@ def calibrate(prediction: Prediction, measured_: dict, hardware: Hardware) -> Ha
     FLOP/s (fit it on a run without traffic or recomputation, then :func:`calibrate_links` on
     one with traffic, :func:`calibrate_rewrite` on one that recomputes)."""
     p = prediction
-    flops_now = p.compute_s - p.dropout_s - _rewrite_s(p, hardware)
-    flops_s = _measured_compute_s(p, measured_) - p.dropout_s - _rewrite_s(p, hardware)
+    flops_now = p.compute_s - p.dropout_s - _rewrite_s(p, hardware) - p.overhead_s
+    flops_s = _measured_compute_s(p, measured_) - p.dropout_s - _rewrite_s(p, hardware) - p.overhead_s
     efficiency = hardware.compute_efficiency * flops_now / max(flops_s, 1e-9)
     name = hardware.name if hardware.name.endswith("-calibrated") else f"{hardware.name}-calibrated"
     return dataclasses.replace(hardware, name=name, compute_efficiency=efficiency)
+
+
+def calibrate_overhead(first: tuple[Prediction, dict], second: tuple[Prediction, dict], hardware: Hardware) -> Hardware:
+    """``hardware`` with its FLOP rate and its blocks' fixed cost per micro-batch
+    (``Hardware.layer_overhead_s``) fitted together on two runs of the same threads that differ in
+    micro-batches per step (one micro-batch of 8 against four of 2, say): each run's measured
+    compute, less its dropout draws and rewrites, is k x its FLOP seconds at the current rate plus
+    c x its blocks x micro-batches, two equations for the rate's correction k and c. Left as it is
+    when the runs cannot tell the two apart (the same blocks x micro-batches per FLOP); c is at
+    least 0 (the rate then fitted on ``first`` alone)."""
+    rows = []
+    for p, measured_ in (first, second):
+        fixed = p.dropout_s + _rewrite_s(p, hardware)
+        rows.append((p.compute_s - fixed - p.overhead_s, p.overhead_units, _measured_compute_s(p, measured_) - fixed))
+    (a1, u1, y1), (a2, u2, y2) = rows
+    det = a1 * u2 - a2 * u1
+    if abs(det) <= 1e-6 * abs(a1 * u2) or not (a1 > 0 and a2 > 0):
+        return hardware
+    k, c = (y1 * u2 - y2 * u1) / det, (a1 * y2 - a2 * y1) / det
+    if c < 0:
+        c, k = 0.0, y1 / a1
+    if k <= 0:
+        return hardware
+    return dataclasses.replace(hardware, compute_efficiency=hardware.compute_efficiency / k, layer_overhead_s=c)
 
 
 def calibrate_threads(prediction: Prediction, measured_: dict, hardware: Hardware, threads: int) -> Hardware:
@@ -197,8 +221,8 @@ def calibrate_threads(prediction: Prediction, measured_: dict, hardware: Hardwar
     if threads <= 1 or not hardware.cores:
         return hardware
     p = prediction
-    one_thread = (p.compute_s - p.dropout_s) * hardware.thread_speedup(threads)
-    speedup = one_thread / max(_measured_compute_s(p, measured_) - p.dropout_s, 1e-9)
+    one_thread = (p.compute_s - p.dropout_s - p.overhead_s) * hardware.thread_speedup(threads)
+    speedup = one_thread / max(_measured_compute_s(p, measured_) - p.dropout_s - p.overhead_s, 1e-9)
     return dataclasses.replace(hardware, thread_efficiency=max(0.0, (speedup - 1) / (threads - 1)))
 
 
