@@ -135,12 +135,14 @@ def test_calibration_fits_the_links_and_recomputation_on_the_runs_that_show_them
     tmp_path: Path, text_corpus: Path, capsys, monkeypatch
 ) -> None:
     runs = []
-    nproc = {"tp2": 2, "dp2 pp2": 4}
+    nproc = {"tp2": 2, "dp2 pp2": 4, "zb": 2}
     for name, extra in (
         ("one", {}),
         ("tp2", {"parallel.tp": 2}),
         ("full", {"train.recompute": "full"}),
         ("dp2 pp2", {"parallel.pp": 2, "train.micro_batch": 1}),
+        ("accum", {"train.micro_batch": 1, "train.grad_accum": 4}),  # one's FLOPs in 4 micro-batches
+        ("zb", {"parallel.pp": 2, "parallel.schedule": "zero_bubble", "train.micro_batch": 1}),
     ):
         run = tmp_path / name.replace(" ", "_")
         argv = ["train", "--run-dir", str(run)] + (["--nproc", str(nproc[name])] if name in nproc else [])
@@ -163,3 +165,7 @@ def test_calibration_fits_the_links_and_recomputation_on_the_runs_that_show_them
     # the dp2 x pp2 run's 4 processes on 2 cores: its pipeline's transfers waited turns
     assert "from 1 run(s) with more processes than cores" in out
     assert fitted.turn_latency != HARDWARE["cpu"].turn_latency
+    # one and accum: the rate and the blocks' fixed cost per micro-batch; zb's timeline: W's share
+    assert "each block costs" in out and fitted.layer_overhead_s >= 0
+    assert "weight pass computes at" in out and "from 1 zero-bubble run(s)" in out
+    assert fitted.weight_pass_speedup != HARDWARE["cpu"].weight_pass_speedup
