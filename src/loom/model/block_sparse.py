@@ -37,7 +37,12 @@ is linear in S. A row shorter than its group's longest pads with masked slots, w
 work of full ones, so a skewed layout (summary columns, which later rows attend more of) walks its
 rows sorted by length (``_Plan``: fixed's rows at 8k tokens computed 17% more slots than they have
 in the stack's order, none sorted; the query-side arrays are copied into that order and back, and
-the band is gathered). The scale
+the band is gathered). Rows that keep the same blocks past the band (fixed's summary columns,
+the same for every row of a window) share them in aligned runs (``Slots.run``,
+:func:`loom.sparsity.shared_run`): the run's blocks are gathered once and its ``run x block``
+queries multiplied at once, each row masking what it lacks; the sorted walk then orders runs,
+and a group holds whole runs (fixed at 8k tokens, runs of 4: 8% more slots computed, 3.7x fewer
+blocks gathered; its call 2% faster at 8k tokens and 8% at 16k on 2 threads, measured). The scale
 rides in the score matmuls (their alpha), never a pass over q. Under autocast the kernel keeps
 its own dtypes: scores and statistics in fp32 for 16-bit inputs.
 """
@@ -49,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loom.sparsity import row_slots, saved_probability_columns
+from loom.sparsity import row_slots, saved_probability_columns, shared_run
 
 CHUNK_COLUMNS = 512  # key columns per score tile: slots beyond the band are taken this many keys at a time
 TILE_BYTES = 2 * 2**20  # a row group's score tile: its elementwise passes run from cache, few enough groups
@@ -61,17 +66,20 @@ class Slots:
     """A layout compiled for the kernel (:func:`loom.sparsity.row_slots`): ``index[h, i, t]`` is the
     t-th key block of query block i of head h, ``valid`` False for padding. The first ``band``
     slots of row i are the blocks i - band + 1 .. i (the diagonal last), read as a strided view of
-    the keys; the rest are gathered."""
+    the keys; the rest are gathered, once for each aligned ``run`` of rows, which share them
+    (:func:`loom.sparsity.shared_run`)."""
 
     index: torch.Tensor  # (heads, blocks, width) long
     valid: torch.Tensor  # (heads, blocks, width) bool
     block: int
     band: int = 1
+    run: int = 1
 
     @classmethod
-    def of(cls, layout: torch.Tensor, block: int, device: torch.device | str = "cpu") -> Slots:
-        index, valid, band = row_slots(layout)
-        return cls(index.to(device), valid.to(device), block, band)
+    def of(cls, layout: torch.Tensor, block: int, device: torch.device | str = "cpu", run: int | None = None) -> Slots:
+        run = shared_run(layout, block) if run is None else run
+        index, valid, band = row_slots(layout, run)
+        return cls(index.to(device), valid.to(device), block, band, run)
 
     @property
     def width(self) -> int:
@@ -79,9 +87,10 @@ class Slots:
 
     @property
     def lower(self) -> bool:
-        """No slot holds a key block after its query block (a causal layout's)."""
+        """No slot holds a key block after the last query block of its run (a causal layout's:
+        walked in order, every key block's diagonal product comes before any other into it)."""
         rows = torch.arange(self.index.shape[1], device=self.index.device).view(1, -1, 1)
-        return bool((self.index <= rows).all())
+        return bool((self.index <= rows // self.run * self.run + self.run - 1).all())
 
     def rows(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(index, valid)`` over the (batch x heads x blocks) stack of rows, ``(rows, width)``:
@@ -112,17 +121,20 @@ class _Plan:
     order: torch.Tensor | None = None  # None: the stack's own order
 
     @classmethod
-    def of(cls, index: torch.Tensor, valid: torch.Tensor, band: int, block: int) -> _Plan:
+    def of(cls, index: torch.Tensor, valid: torch.Tensor, band: int, block: int, run: int = 1) -> _Plan:
         rows, width = valid.shape
         saved = saved_probability_columns(width, block) > 0
         columns = width if saved else max(band, min(width - band, CHUNK_COLUMNS // block))
-        step = max(1, min(rows, TILE_BYTES // (block * columns * block * 4)))
+        step = max(1, min(rows, TILE_BYTES // (block * columns * block * 4))) // run * run or run  # whole runs
         groups = [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
-        # slots a row needs: the band, and the rest up to its last valid one
+        # slots a row needs: the band, and the rest up to its last valid one (a run's: its longest row's)
         last = torch.where(valid[:, band:], torch.arange(band + 1, width + 1, device=valid.device), 0)
         need = last.amax(-1).clamp(min=band) if width > band else torch.full((rows,), band, device=valid.device)
-        widths = [int(need[g].max()) for g in groups]
-        order = torch.sort(need, stable=True).indices
+        need = need.view(-1, run).amax(-1)
+        widths = [int(need[g.start // run : g.stop // run].max()) for g in groups]
+        runs = torch.sort(need, stable=True).indices  # runs walked shortest first, each run's rows in order
+        order = (runs.view(-1, 1) * run + torch.arange(run, device=runs.device)).reshape(-1)
+        need = need.repeat_interleave(run)
         ranked = need[order]
         sorted_widths = [int(ranked[g.stop - 1]) for g in groups]
         cost = sum((g.stop - g.start) * w for g, w in zip(groups, widths, strict=True))
@@ -160,14 +172,16 @@ class _Keys:
     def viewable(self, rows: slice, slots: slice) -> bool:
         return self.view and slots.start == 0 and slots.stop == self.band and rows.start >= self.band - 1
 
-    def __call__(self, rows: slice, slots: slice, index: torch.Tensor) -> torch.Tensor:
+    def __call__(self, rows: slice, slots: slice, index: torch.Tensor, run: int = 1) -> torch.Tensor:
+        """(rows, slots x block, d) for ``run`` 1; for a run of rows sharing the slots, (rows / run,
+        slots x block, d): each run's blocks once."""
         _, blk, d = self.x.shape
         count = slots.stop - slots.start
         if self.viewable(rows, slots):
             start = rows.start - self.band + 1
             offset = self.x.storage_offset() + start * blk * d  # k may be a view into a larger storage
             return self.x.as_strided((rows.stop - rows.start, count * blk, d), (blk * d, d, 1), offset)
-        idx = index[rows, slots]
+        idx = index[rows.start : rows.stop : run, slots]
         return torch.index_select(self.x, 0, idx.reshape(-1)).view(idx.shape[0], count * blk, d)
 
     def accumulate(
@@ -180,10 +194,11 @@ class _Keys:
         slots: slice,
         index: torch.Tensor,
         fresh: bool,
+        run: int = 1,
     ) -> None:
         """target's blocks read at ``slots`` += (m's columns of each slot)^T @ x * alpha, in place:
         the gradient of what ``__call__`` read, for m ``(rows, block, slots x block)`` and x
-        ``(rows, block, d)``.
+        ``(rows, block, d)`` (with ``run``, each run's rows in one product: ``run x block`` rows).
 
         Band slots read as a view are multiplied straight into their rows of target (``baddbmm``,
         no temporary and no separate add): the diagonal first, whose rows are ``rows`` themselves,
@@ -207,10 +222,16 @@ class _Keys:
             elif not inside and start is not None:
                 runs.append((start, t))
                 start = None
+        m, x = _shared(m, run), _shared(x, run)
         for a, b in runs:
             cols = m[:, :, (a - slots.start) * blk : (b - slots.start) * blk].transpose(1, 2)
-            idx = index[rows, a:b].reshape(-1)
+            idx = index[rows.start : rows.stop : run, a:b].reshape(-1)
             target.index_add_(0, idx, _scaled_bmm(cols, x, alpha).view(idx.shape[0], blk, -1))
+
+
+def _shared(x: torch.Tensor, run: int) -> torch.Tensor:
+    """A (rows, block, n) array as (rows / run, run x block, n): each run's rows one matrix (a view)."""
+    return x if run == 1 else x.view(x.shape[0] // run, run * x.shape[1], x.shape[2])
 
 
 def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -254,7 +275,7 @@ class _BlockSparse(torch.autograd.Function):
         stats = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         b, h, s, d = q.shape
         blk, band = slots.block, slots.band
-        plan = _Plan.of(*slots.rows(b), band, blk)
+        plan = _Plan.of(*slots.rows(b), band, blk, slots.run)
         index, valid, view = plan.index, plan.valid, plan.order is None
         qs = plan.walked(q.reshape(-1, blk, d))  # the scale rides in the score matmul (alpha): no pass over q
         keys = _Keys(k.reshape(-1, blk, d).to(stats), band, view)
@@ -268,7 +289,9 @@ class _BlockSparse(torch.autograd.Function):
             running_max = running_sum = acc = None
             for slots_ in plan.chunks(band, width, blk):
                 diagonal = band - 1 if causal and slots_.start == 0 else None
-                scores = _scaled_bmm(qg, keys(rows, slots_, index).transpose(1, 2), scale)
+                run = slots.run if slots_.start >= band else 1  # the band is each row's own
+                kj = keys(rows, slots_, index, run)
+                scores = _scaled_bmm(_shared(qg, run), kj.transpose(1, 2), scale).view(qg.shape[0], blk, -1)
                 _mask(scores, valid[rows, slots_], diagonal, blk, triangle)
                 if plan.saved:  # one tile: the probabilities, kept for backward
                     p = torch.softmax(scores, -1)
@@ -279,7 +302,7 @@ class _BlockSparse(torch.autograd.Function):
                 top = scores.amax(-1)
                 new_max = top if running_max is None else torch.maximum(running_max, top)
                 p = scores.sub_(new_max.unsqueeze(-1)).exp_()
-                part = torch.bmm(p, values(rows, slots_, index))
+                part = torch.bmm(_shared(p, run), values(rows, slots_, index, run)).view(qg.shape)
                 if running_max is None:
                     running_sum, acc = p.sum(-1), part
                 else:
@@ -326,19 +349,23 @@ class _BlockSparse(torch.autograd.Function):
             if not plan.saved:
                 delta = (dog * out[rows].to(stats)).sum(-1, keepdim=True)  # rowsum(dO o O)
             for c, slots_ in enumerate(plan.chunks(band, width, blk)):
-                kj, vj = keys(rows, slots_, index), values(rows, slots_, index)
+                run = slots.run if slots_.start >= band else 1
+                kj, vj = keys(rows, slots_, index, run), values(rows, slots_, index, run)
                 if plan.saved:  # dS = P (dP - rowsum(dP o P))
                     p = kept[g]
                     ds = torch._softmax_backward_data(torch.bmm(dog, vj.transpose(1, 2)), p, -1, stats)
                 else:  # P = exp(S - lse), dS = P (dP - rowsum(dO o O))
                     diagonal = band - 1 if causal and slots_.start == 0 else None
-                    p = _scaled_bmm(qg, kj.transpose(1, 2), scale)
+                    p = _scaled_bmm(_shared(qg, run), kj.transpose(1, 2), scale).view(qg.shape[0], blk, -1)
                     _mask(p, valid[rows, slots_], diagonal, blk, triangle)
                     p = p.sub_(lse[rows].unsqueeze(-1)).exp_()  # masked: exp(-inf) = 0
-                    ds = torch.bmm(dog, vj.transpose(1, 2)).sub_(delta).mul_(p)
-                values.accumulate(dv, p, dog, 1.0, rows, slots_, index, fresh and c == 0)  # dV = P^T dO
-                torch.baddbmm(dqg, ds, kj, beta=1 if c else 0, alpha=scale, out=dqg)  # dQ = dS K scale
-                keys.accumulate(dk, ds, qg, scale, rows, slots_, index, fresh and c == 0)  # dK = dS^T Q scale
+                    ds = torch.bmm(_shared(dog, run), vj.transpose(1, 2)).view(p.shape).sub_(delta).mul_(p)
+                values.accumulate(dv, p, dog, 1.0, rows, slots_, index, fresh and c == 0, run)  # dV = P^T dO
+                dq_run = _shared(dqg, run)
+                torch.baddbmm(
+                    dq_run, _shared(ds, run), kj, beta=1 if c else 0, alpha=scale, out=dq_run
+                )  # dQ = dS K scale
+                keys.accumulate(dk, ds, qg, scale, rows, slots_, index, fresh and c == 0, run)  # dK = dS^T Q scale
         shape = q.shape
         return (
             plan.placed(dq).to(q.dtype).view(shape),
