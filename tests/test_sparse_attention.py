@@ -312,13 +312,22 @@ def test_fixed_layouts_summary_columns_are_gathered_once_a_run_a_random_layouts_
         assert shared_run(make_layout(SparsityConfig(block=64, **params), 8, 8192), 64) == 1
 
 
-def test_kernel_in_bf16_keeps_its_statistics_in_fp32() -> None:
+@pytest.mark.parametrize(
+    "params, run",
+    [({"mode": "bigbird", "num_random_blocks": 1}, 1), ({"mode": "fixed", "num_local_blocks": 4}, 4)],
+    ids=["bigbird", "fixed, runs of 4, recomputed"],
+)
+def test_kernel_in_bf16_keeps_its_statistics_in_fp32(params: dict, run: int, monkeypatch) -> None:  # noqa: ANN001
+    from loom import sparsity
+
+    if run > 1:
+        monkeypatch.setattr(sparsity, "SAVED_COLUMNS", 0)  # the online softmax, where runs share their blocks
     torch.manual_seed(2)
     block, n = 16, 8
-    layout = make_layout(SparsityConfig(mode="bigbird", block=block, num_random_blocks=1), 2, block * n)
+    layout = make_layout(SparsityConfig(block=block, **params), 2, block * n)
     q, k, v = (torch.randn(1, 2, block * n, 32) for _ in range(3))
     half = [t.bfloat16().requires_grad_() for t in (q, k, v)]
-    got = block_sparse_attention(*half, Slots.of(layout, block))
+    got = block_sparse_attention(*half, Slots.of(layout, block, run=run))
     assert got.dtype == torch.bfloat16
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     want = _reference(*full, layout, block)
