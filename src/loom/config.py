@@ -217,9 +217,14 @@ class TrainConfig:
     recompute: str = "none"
     recompute_layers: int | str | None = None
     memory_budget_gb: float = 0.0  # 0: no budget; else the memory a rank may use (for recompute_layers = "auto")
+    # torch.profiler over steps profile_start .. + profile_steps - 1 (1-based; 0: off), on rank 0 or every
+    # rank: a Chrome trace and an operator table per rank in RUN_DIR/profile/ (loom.train.profiling)
+    profile_start: int = 0
+    profile_steps: int = 2
+    profile_all_ranks: bool = False
 
     def validate(self) -> None:
-        for name in ("steps", "seq_len", "keep_ckpts", "eval_batches", "max_bad_steps"):
+        for name in ("steps", "seq_len", "keep_ckpts", "eval_batches", "max_bad_steps", "profile_steps"):
             _check_positive(f"train.{name}", getattr(self, name))
         for name in ("micro_batch", "global_batch", "grad_accum", "microbatches"):
             if getattr(self, name) is not None:
@@ -231,7 +236,7 @@ class TrainConfig:
                 f"train.min_lr_ratio = {self.min_lr_ratio} is outside [0, 1].",
                 "use e.g. 0.1 (decay to a tenth of train.lr).",
             )
-        for name in ("warmup_steps", "ckpt_every", "eval_every", "sample_tokens", "seed"):
+        for name in ("warmup_steps", "ckpt_every", "eval_every", "sample_tokens", "seed", "profile_start"):
             _check_non_negative(f"train.{name}", getattr(self, name))
         for name in ("weight_decay", "grad_clip"):
             _check_non_negative(f"train.{name}", getattr(self, name))
@@ -263,6 +268,11 @@ class TrainConfig:
                     'train.recompute_layers = "auto" needs the memory a rank may use.',
                     "set train.memory_budget_gb (e.g. 70 for an 80 GB GPU, leaving room for the allocator).",
                 )
+        if self.profile_start > self.steps:
+            raise LoomError(
+                f"train.profile_start = {self.profile_start} is past the run's last step (train.steps = {self.steps}).",
+                f"profile a step from 1 to {self.steps} (e.g. train.profile_start = {min(self.steps, 10)}), or 0 for none.",
+            )
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise LoomError(
                 f"train.device = {self.device!r} is not a device loom knows.", "use auto, cpu, cuda or cuda:N."

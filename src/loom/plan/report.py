@@ -60,11 +60,13 @@ PHASE_GROUPS = {"full": "dp", "compressed": "dp_compressed", "sync": "dp_compres
 
 
 def measured(records: Sequence[dict], tokens_per_step: int, freeze_step: int | None = None) -> dict:
-    """Medians over a run's steps after the first (the first pays for warm-up). A compressing
+    """Medians over a run's steps after the first (the first pays for warm-up), leaving out steps run
+    under the profiler (``"profiled"``: it slows them) where others remain. A compressing
     optimizer's records say what each step sent (``dp_phase``): "dp" is then the median of the steps
     that averaged gradients in full, "dp_compressed" of the 1-bit ones, "dp_local" of 0/1 Adam's
     local steps. ``freeze_step`` splits 1-bit Adam records written without ``dp_phase``."""
     steps = [r for r in records if "loss" in r][1:] or [r for r in records if "loss" in r]
+    steps = [r for r in steps if not r.get("profiled")] or steps
     if not steps:
         return {}
     by_phase: dict[str, list[float]] = {}

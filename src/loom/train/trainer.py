@@ -41,6 +41,7 @@ from loom.train.data import TokenData, prepare_dataset
 from loom.train.metrics import MetricsWriter, TrainProgress, make_console, read_metrics, write_summary
 from loom.train.numerics import first_non_finite, is_bad
 from loom.train.precision import Precision, resolve_device
+from loom.train.profiling import StepProfiler
 from loom.train.sharded_checkpoint import open_checkpoint, save_sharded
 from loom.train.tokenizer import load_tokenizer
 from loom.train.wiring import build_rank
@@ -115,6 +116,16 @@ class Trainer:
         self.pp = self.dist.comm("pp")
         self.state = RunState()
         self.bad_steps = 0  # non-finite steps in a row (train.max_bad_steps)
+        train = config.train
+        self.profiler = StepProfiler(
+            train.profile_start,
+            train.profile_steps,
+            self.run_dir,
+            self.dist.rank,
+            self.is_main or train.profile_all_ranks,
+            self.device.type == "cuda",
+            self.log,
+        )
         if resume_from is not None:
             self._restore(resume_from)
 
@@ -139,11 +150,11 @@ class Trainer:
             )
             for k in range(accum)
         ]
-        update = self.update
+        update, span = self.update, self.profiler.span  # span: a named range while the profiler records
         carried = False
         if self.pipeline is not None:
             # gradients sync once after the whole schedule: backwards of micro-batches interleave
-            with update.no_sync():
+            with update.no_sync(), span("loom.pipeline"):
                 total = self.pipeline.step(batches, update.scale_loss)
         else:
             total = torch.zeros((), device=self.device)
@@ -152,23 +163,27 @@ class Trainer:
                     last = k == accum - 1
                     self.rng.microbatch(k)
                     with contextlib.nullcontext() if last else update.no_sync():
-                        with self.precision.autocast(), self.meter.forward(k, alike="model"):
+                        with self.precision.autocast(), self.meter.forward(k, alike="model"), span("loom.forward"):
                             loss = self.model.loss(x, y) / accum
                         total += loss.detach().float()
                         carried = last and update.carry(total)  # the mean loss rides in DDP's last bucket
-                        update.scale_loss(loss).backward()
+                        with span("loom.backward"):
+                            update.scale_loss(loss).backward()
                         self.meter.release(k)
-        update.sync_gradients()  # the dp reduction, then the tp sums and the tied embedding
+        with span("loom.sync_gradients"):
+            update.sync_gradients()  # the dp reduction, then the tp sums and the tied embedding
         # the global batch's mean loss for the log: carried in DDP's last bucket, or reduced with the norm
         max_norm = train.grad_clip if train.grad_clip > 0 else float("inf")
-        grad_norm = update.clip_grad_norm(max_norm, None if carried else total)
-        total_loss = total.item()
+        with span("loom.clip"):
+            grad_norm = update.clip_grad_norm(max_norm, None if carried else total)
+            total_loss = total.item()
         if train.precision != "fp16" and is_bad(total_loss, grad_norm):  # fp16: the loss scaler skips it
             self._bad_step(step, total_loss, grad_norm)
             skipped = True
         else:
             self.bad_steps = 0
-            skipped = not update.step(lr)
+            with span("loom.update"):
+                skipped = not update.step(lr)
         if self._evaluates(step + 1) or self._saves(step + 1):
             update.settle()  # 0/1 Adam: pending local steps averaged over dp, one model on every rank
         return StepResult(loss=total_loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
@@ -260,9 +275,11 @@ class Trainer:
         try:
             with progress:
                 for step in range(start_step, train.steps):
+                    self.profiler.begin(step + 1)
                     began = time.perf_counter()
                     result = self.train_step(step)
                     took = time.perf_counter() - began
+                    profiled = self.profiler.end(step + 1)
                     self.state.step = step + 1
                     self.state.tokens_seen += tokens_per_step
                     self.state.elapsed_s += took
@@ -278,6 +295,8 @@ class Trainer:
                     }
                     if result.skipped:
                         record["skipped"] = True
+                    if profiled:  # the profiler slowed it: not the run's speed
+                        record["profiled"] = True
                     if self.pipeline is not None:
                         record["bubble_measured"] = self.pipeline.last_timing.bubble
                     record.update(self.update.memory())  # model states: parameters, gradients, optimizer
@@ -296,6 +315,7 @@ class Trainer:
                     if self.is_main:
                         progress.update(self.state.step, result.loss, record["tokens_per_s"], result.lr)
         finally:
+            self.profiler.close()  # a run stopped inside the profiled steps still writes what it recorded
             if metrics is not None:
                 metrics.close()
         coords = self.dist.coords
