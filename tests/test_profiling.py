@@ -86,3 +86,13 @@ def test_every_rank_profiles_when_asked(tmp_path: Path, text_corpus: Path) -> No
             .read_text(encoding="utf-8")
             .startswith(f"rank {rank}, steps 2-3")
         )
+
+
+def test_a_pipelines_actions_are_named_ranges_of_each_stages_trace(tmp_path: Path, text_corpus: Path) -> None:
+    run_dir = tmp_path / "pp"
+    extra = {"train.steps": 2, "train.profile_start": 2, "train.profile_all_ranks": True, "parallel.pp": 2}
+    argv = ["train", "--run-dir", str(run_dir), "--nproc", "2", "--no-progress"]
+    assert main([*argv, *sets(tiny_overrides(text_corpus, **extra, **{"parallel.timeout_s": 60}))]) == 0
+    first, last = (trace_names(run_dir / "profile" / f"trace_rank{r}.json") for r in (0, 1))
+    assert {"loom.pipeline", "loom.pp.F mb0 chunk0", "loom.pp.SEND_ACT mb0 chunk0", "loom.pp.B mb0 chunk0"} <= first
+    assert {"loom.pp.RECV_ACT mb0 chunk0", "loom.pp.B mb0 chunk0", "loom.pp.SEND_GRAD mb0 chunk0"} <= last

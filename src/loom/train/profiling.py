@@ -7,7 +7,8 @@ before it) each profiled rank writes into ``RUN_DIR/profile/``:
 
 - ``trace_rank{r}.json``: the Chrome trace (open it in Perfetto or chrome://tracing), CPU
   operators and, on CUDA, kernels; the phases of loom's step are named ranges in it
-  (:data:`PHASES`), so a slow step shows which phase holds the time;
+  (:data:`PHASES`), and in a pipeline each action of the schedule (``loom.pp.F mb0 chunk0``,
+  ``B``, ``I``, ``W``, the sends and receives), so a slow step shows which phase holds the time;
 - ``ops_rank{r}.txt``: the operators by self time (CUDA time on a GPU), the table
   ``key_averages`` prints.
 
@@ -69,6 +70,10 @@ class StepProfiler:
             return
         with record_function(name):
             yield
+
+    def action_span(self) -> Callable[[str], contextlib.AbstractContextManager] | None:
+        """A pipeline's per-action ranges (``loom.pp.F mb0 chunk0``, ...) while recording, else None."""
+        return self.span if self.profiler is not None else None
 
     def close(self) -> None:
         """Stop the profiler (if it runs) and write the trace and the operator table."""

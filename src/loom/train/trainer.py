@@ -155,7 +155,7 @@ class Trainer:
         if self.pipeline is not None:
             # gradients sync once after the whole schedule: backwards of micro-batches interleave
             with update.no_sync(), span("loom.pipeline"):
-                total = self.pipeline.step(batches, update.scale_loss)
+                total = self.pipeline.step(batches, update.scale_loss, self.profiler.action_span())
         else:
             total = torch.zeros((), device=self.device)
             with update.step_context():  # 1-bit Adam compressing: no gradient sync at all

@@ -70,9 +70,9 @@ class PipelineRank:
         )
         self.last_timing: StepTiming | None = None
 
-    def step(self, batches: list, scale: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Run the schedule; the step's mean loss on every stage."""
-        total, self.last_timing = self.runtime.step(self.actions, batches, scale)
+    def step(self, batches: list, scale: Callable[[torch.Tensor], torch.Tensor], span=None) -> torch.Tensor:  # noqa: ANN001
+        """Run the schedule; the step's mean loss on every stage (``span``: :meth:`PipelineRuntime.step`'s)."""
+        total, self.last_timing = self.runtime.step(self.actions, batches, scale, span)
         return total
 
     def evaluate(self, batches: list) -> torch.Tensor:

@@ -88,8 +88,11 @@ class PipelineRuntime:
         actions: list[Action],
         batches: list[tuple[torch.Tensor, torch.Tensor]],
         scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
+        span: Callable[[str], contextlib.AbstractContextManager] | None = None,
     ) -> tuple[torch.Tensor, StepTiming]:
-        """Run ``actions``; returns (sum over micro-batches of loss / m on the last stage, else 0; timing)."""
+        """Run ``actions``; returns (sum over micro-batches of loss / m on the last stage, else 0; timing).
+        ``span(name)``: a named range around each action (``"loom.pp.F mb0 chunk0"``; the trainer's
+        profiler gives one while it records)."""
         split_backward = any(action.kind == "I" for action in actions)
         if split_backward:
             if any(action.kind == "B" for action in actions):  # a split forward's B would miss the linears' dW
@@ -115,47 +118,53 @@ class PipelineRuntime:
             key = (action.microbatch, action.chunk)
             plan = self.plans[action.chunk]
             start = time.perf_counter()
-            if action.kind == "F":
-                x, y = batches[action.microbatch]
-                if self.model.rng is not None:  # dropout draws this micro-batch's masks, whenever it runs
-                    self.model.rng.microbatch(action.microbatch)
-                split = split_backward and not plan.embed
-                record = self.weight_grads.recording() if split else contextlib.nullcontext()
-                with self.autocast(), record as recorded[key], self.meter.forward(key, alike=("chunk", action.chunk)):
-                    out = self.model.run_stage(x if plan.embed else inputs[key], plan.layers, plan.embed, plan.head)
+            name = f"loom.pp.{action.kind} mb{action.microbatch} chunk{action.chunk}" if span else ""
+            with span(name) if span else contextlib.nullcontext():
+                if action.kind == "F":
+                    x, y = batches[action.microbatch]
+                    if self.model.rng is not None:  # dropout draws this micro-batch's masks, whenever it runs
+                        self.model.rng.microbatch(action.microbatch)
+                    split = split_backward and not plan.embed
+                    record = self.weight_grads.recording() if split else contextlib.nullcontext()
+                    with (
+                        self.autocast(),
+                        record as recorded[key],
+                        self.meter.forward(key, alike=("chunk", action.chunk)),
+                    ):
+                        out = self.model.run_stage(x if plan.embed else inputs[key], plan.layers, plan.embed, plan.head)
+                        if plan.head:
+                            out = self.model.loss_from_logits(out, y) / m
                     if plan.head:
-                        out = self.model.loss_from_logits(out, y) / m
-                if plan.head:
-                    total += out.detach().float()
-                outputs[key] = out
-            elif action.kind == "B":
-                self._backward(outputs.pop(key), out_grads.pop(key, None), plan, scale)
-                self.meter.release(key)
-            elif action.kind == "I":
-                if not plan.embed:  # the first stage has no input gradient to send: its W is the whole backward
-                    x = inputs[key]
-                    out = outputs.pop(key)
-                    x.grad, weight_grads[key] = backward_input(
-                        scale(out) if plan.head else out, out_grads.pop(key, None), x, params, recorded.pop(key)
-                    )
-            elif action.kind == "W":
-                if plan.embed:
+                        total += out.detach().float()
+                    outputs[key] = out
+                elif action.kind == "B":
                     self._backward(outputs.pop(key), out_grads.pop(key, None), plan, scale)
+                    self.meter.release(key)
+                elif action.kind == "I":
+                    if not plan.embed:  # the first stage has no input gradient to send: its W is the whole backward
+                        x = inputs[key]
+                        out = outputs.pop(key)
+                        x.grad, weight_grads[key] = backward_input(
+                            scale(out) if plan.head else out, out_grads.pop(key, None), x, params, recorded.pop(key)
+                        )
+                elif action.kind == "W":
+                    if plan.embed:
+                        self._backward(outputs.pop(key), out_grads.pop(key, None), plan, scale)
+                    else:
+                        weight_grads.pop(key).run()
+                    self.meter.release(key)
+                elif action.kind == "SEND_ACT":
+                    tensor = outputs[key].detach().contiguous()
+                    sends.append((self.comm.isend(tensor, action.peer, tag="pp-act"), tensor))
+                elif action.kind == "RECV_ACT":
+                    inputs[key] = receives.take(action).requires_grad_()
+                elif action.kind == "SEND_GRAD":
+                    grad = inputs.pop(key).grad.contiguous()
+                    sends.append((self.comm.isend(grad, action.peer, tag="pp-grad"), grad))
+                elif action.kind == "RECV_GRAD":
+                    out_grads[key] = receives.take(action)
                 else:
-                    weight_grads.pop(key).run()
-                self.meter.release(key)
-            elif action.kind == "SEND_ACT":
-                tensor = outputs[key].detach().contiguous()
-                sends.append((self.comm.isend(tensor, action.peer, tag="pp-act"), tensor))
-            elif action.kind == "RECV_ACT":
-                inputs[key] = receives.take(action).requires_grad_()
-            elif action.kind == "SEND_GRAD":
-                grad = inputs.pop(key).grad.contiguous()
-                sends.append((self.comm.isend(grad, action.peer, tag="pp-grad"), grad))
-            elif action.kind == "RECV_GRAD":
-                out_grads[key] = receives.take(action)
-            else:
-                raise ValueError(f"unknown pipeline action {action}")
+                    raise ValueError(f"unknown pipeline action {action}")
             if action.kind in COMPUTE:
                 end = time.perf_counter()
                 timing.busy_s += end - start
