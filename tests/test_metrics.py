@@ -49,10 +49,15 @@ def test_torn_last_line_is_dropped(tmp_path: Path) -> None:
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
 
 
-def test_tensorboard_event_file_written(tmp_path: Path) -> None:
-    _log_steps(tmp_path, range(1, 3), tensorboard=True)
-    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    assert events and events[0].stat().st_size > 0
+def test_tensorboard_holds_every_numeric_field_of_each_step(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _log_steps(tmp_path, range(1, 4), tensorboard=True)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["loss", "lr", "tokens"]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 4.0), (2, 2.0), (3, pytest.approx(4 / 3))]
+    assert [e.value for e in events.Scalars("tokens")] == [512, 512, 512]
 
 
 def test_summary_json(tmp_path: Path) -> None:
