@@ -73,26 +73,17 @@ def test_profile_fields_are_checked(field: str, value: int, words: str) -> None:
     assert words in str(err.value)
 
 
-def test_every_rank_profiles_when_asked(tmp_path: Path, text_corpus: Path) -> None:
-    run_dir = tmp_path / "ddp"
-    extra = {"train.steps": 3, "train.profile_start": 2, "train.profile_all_ranks": True, "parallel.timeout_s": 60}
-    argv = ["train", "--run-dir", str(run_dir), "--nproc", "2", "--no-progress"]
-    assert main([*argv, *sets(tiny_overrides(text_corpus, **extra))]) == 0
-    for rank in (0, 1):
-        names = trace_names(run_dir / "profile" / f"trace_rank{rank}.json")
-        assert {"loom.forward", "loom.sync_gradients"} <= names
-        assert (
-            (run_dir / "profile" / f"ops_rank{rank}.txt")
-            .read_text(encoding="utf-8")
-            .startswith(f"rank {rank}, steps 2-3")
-        )
-
-
-def test_a_pipelines_actions_are_named_ranges_of_each_stages_trace(tmp_path: Path, text_corpus: Path) -> None:
+def test_every_rank_profiles_when_asked_a_pipelines_actions_named_in_each_stages_trace(
+    tmp_path: Path, text_corpus: Path
+) -> None:
     run_dir = tmp_path / "pp"
-    extra = {"train.steps": 2, "train.profile_start": 2, "train.profile_all_ranks": True, "parallel.pp": 2}
+    extra = {"train.steps": 3, "train.profile_start": 2, "train.profile_all_ranks": True, "parallel.pp": 2}
     argv = ["train", "--run-dir", str(run_dir), "--nproc", "2", "--no-progress"]
     assert main([*argv, *sets(tiny_overrides(text_corpus, **extra, **{"parallel.timeout_s": 60}))]) == 0
     first, last = (trace_names(run_dir / "profile" / f"trace_rank{r}.json") for r in (0, 1))
-    assert {"loom.pipeline", "loom.pp.F mb0 chunk0", "loom.pp.SEND_ACT mb0 chunk0", "loom.pp.B mb0 chunk0"} <= first
+    for rank, names in enumerate((first, last)):
+        assert {"loom.pipeline", "loom.sync_gradients", "loom.update"} <= names
+        table = (run_dir / "profile" / f"ops_rank{rank}.txt").read_text(encoding="utf-8")
+        assert table.startswith(f"rank {rank}, steps 2-3")
+    assert {"loom.pp.F mb0 chunk0", "loom.pp.SEND_ACT mb0 chunk0", "loom.pp.B mb0 chunk0"} <= first
     assert {"loom.pp.RECV_ACT mb0 chunk0", "loom.pp.B mb0 chunk0", "loom.pp.SEND_GRAD mb0 chunk0"} <= last
