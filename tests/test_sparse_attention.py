@@ -435,6 +435,46 @@ def test_the_planner_scales_attention_flops_by_the_density() -> None:
     assert model_flops(dense, 1) - model_flops(thin, 1) == pytest.approx((1 - rho) * attention)
 
 
+def test_the_step_time_counts_the_blocks_the_kernel_computes(monkeypatch) -> None:  # noqa: ANN001
+    """The planner's model FLOPs count the kept blocks; its step time what the kernel computes:
+    on CPU each row's band and gathered slots up to its last kept one (a run's longest row's), on
+    CUDA FlexAttention's 128-token tiles that hold a kept block."""
+    from loom.sparsity import computed_density, layout_density
+
+    fixed = SparsityConfig(block=64, mode="fixed", num_local_blocks=4, num_global_blocks=1)
+    assert computed_density(fixed, 8, 8192) == pytest.approx(
+        19968 / 18432 * layout_density(fixed, 8, 8192)
+    )  # runs of 4
+    window = SparsityConfig(block=64, mode="sliding_window", num_sliding_window_blocks=3)
+    assert computed_density(window, 8, 8192) == pytest.approx(2 * 128 / 128**2)  # the band, both slots on every row
+    # 8 blocks of 64 in tiles of 128: the diagonal tiles and the ones below them, 4 blocks each
+    assert computed_density(window, 8, 512, "cuda") == pytest.approx((4 + 3) * 4 / 64)
+    assert layout_density(window, 8, 512) == pytest.approx((8 + 7) / 64)
+
+    from loom.config import load_config
+    from loom.plan import layout as plan_layout
+    from loom.plan.flops import GPTShape, model_flops
+    from loom.plan.hardware import load_hardware
+    from loom.plan.report import predict_run
+
+    items = ['model.attention="sparse"', 'model.sparse_attention.mode="fixed"', "model.sparse_attention.block=64"]
+    items += [
+        "model.n_layers=2",
+        "model.d_model=256",
+        "model.n_heads=4",
+        "model.max_seq_len=8192",
+        "train.seq_len=8192",
+    ]
+    config = load_config(None, [*items, "train.micro_batch=1", "train.global_batch=1", "model.vocab_size=257"])
+    cpu = load_hardware("cpu")  # no fixed cost per block: the compute is the FLOPs over one rate
+    predicted = predict_run(config, 1, cpu, "cpu").compute_s
+    monkeypatch.setattr(plan_layout, "computed_density", lambda c, h, s_, d: layout_density(c, h, s_))
+    counted_kept = predict_run(config, 1, cpu, "cpu").compute_s
+    kept, ran = (GPTShape(2, 256, 257, 8192, rho(fixed, 4, 8192)) for rho in (layout_density, computed_density))
+    assert predicted / counted_kept == pytest.approx(model_flops(ran, 1) / model_flops(kept, 1))
+    assert predicted / counted_kept > 1.03  # 8% more of the attention core, about 40% of the FLOPs at 8k tokens
+
+
 def test_attention_layout_command_prints_the_density_and_draws(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     from loom.cli import main
 

@@ -283,6 +283,36 @@ def shared_run(layout: torch.Tensor, block: int) -> int:
     return best
 
 
+def computed_density(config: SparsityConfig, num_heads: int, seq_len: int, device: str = "cpu") -> float:
+    """The fraction of the (S / block)^2 blocks the kernel computes (kept or masked), over at most 4
+    distinct heads as :func:`layout_density`: what the planner's step time scales the attention's
+    s^2 FLOPs by (its model FLOPs keep :func:`layout_density`).
+
+    On CPU, loom's kernel (:mod:`loom.model.block_sparse`): each row computes its band and its
+    gathered slots up to the last it keeps, a run's longest row's for each of its rows
+    (:func:`shared_run`; the rows walked sorted by length pad no further): fixed at 8k tokens
+    (local 4, global 1, block 64) 8% more than it keeps. On CUDA, FlexAttention's tiles of
+    ``max(block, 128)`` tokens: a tile is computed where it holds a kept block."""
+    config.validate(seq_len)
+    n = seq_len // config.block
+    heads = min(num_heads, 4) if config.different_layout_per_head else 1
+    layout = torch.stack([_head(config, h, n) for h in range(heads)])
+    if device == "cuda":
+        per = max(1, 128 // config.block) if config.block % 128 else 1  # blocks a side of a tile
+        tiles = -(-n // per)
+        padded = torch.zeros(heads, tiles * per, tiles * per, dtype=torch.bool)
+        padded[:, :n, :n] = layout.bool() | torch.eye(n, dtype=torch.bool)
+        kept = padded.view(heads, tiles, per, tiles, per).any(4).any(2)
+        return int(kept.sum()) * per * per / (heads * n * n)
+    run = shared_run(layout, config.block)
+    index, valid, band = row_slots(layout, run)
+    width = index.shape[-1]
+    last = torch.where(valid[..., band:], torch.arange(band + 1, width + 1), 0)
+    need = last.amax(-1).clamp(min=band) if width > band else torch.full((heads, n), band)
+    need = need.view(heads, n // run, run).amax(-1)  # a run computes its longest row's slots for each row
+    return int(need.sum()) * run / (heads * n * n)
+
+
 def slot_width(config: SparsityConfig, num_heads: int, seq_len: int) -> int:
     """The kernel's padded slots per row (:func:`row_slots`) over at most 4 distinct heads, as
     :func:`layout_density` builds: with :data:`SAVED_COLUMNS`, what the planner counts of the

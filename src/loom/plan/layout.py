@@ -55,7 +55,7 @@ from loom.plan.rank_memory import (
     recomputed_blocks,
     recomputed_layer_bytes,
 )
-from loom.sparsity import causal_run_scores, layout_density
+from loom.sparsity import causal_run_scores, computed_density, layout_density
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 RECOMPUTE = ("none", "selective", "full")
@@ -203,7 +203,12 @@ def predict(
     hardware_total = hardware_flops(gpt, global_batch, layout.recompute, recomputed_total)
     # the step time: what the kernels compute (a causal kernel about half of the square)
     kernel = attention_kernel(device, model.dropout, model.attention)
-    ran = gpt if sparse else dataclasses.replace(gpt, attention_density=computed_fraction(kernel, device, gpt.seq))
+    computed = (  # what the kernel computes, for the step time: a causal kernel's tiles, a sparse one's slots
+        computed_density(model.sparse_attention, model.n_heads, config.train.seq_len, device)
+        if sparse
+        else computed_fraction(kernel, device, gpt.seq)
+    )
+    ran = dataclasses.replace(gpt, attention_density=computed)
     ran_model, ran_hardware = (
         model_flops(ran, global_batch),
         executed_flops(ran, global_batch, layout.recompute, kernel, recomputed_total),
