@@ -9,7 +9,7 @@ before it) each profiled rank writes into ``RUN_DIR/profile/``:
   operators and, on CUDA, kernels; the phases of loom's step are named ranges in it
   (:data:`PHASES`), and in a pipeline each action of the schedule (``loom.pp.F mb0 chunk0``,
   ``B``, ``I``, ``W``, the sends and receives), so a slow step shows which phase holds the time;
-- ``ops_rank{r}.txt``: the operators by self time (CUDA time on a GPU), the table
+- ``ops_rank{r}.txt``: the operators by self time (device time on a GPU), the table
   ``key_averages`` prints.
 
 The profiler costs time (each operator is recorded), so the profiled steps' metrics records
@@ -87,7 +87,7 @@ class StepProfiler:
         out.mkdir(parents=True, exist_ok=True)
         trace = out / f"trace_rank{self.rank}.json"
         profiler.export_chrome_trace(str(trace))
-        order = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        order = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         table = profiler.key_averages().table(sort_by=order, row_limit=TOP_OPS)
         first, last = self.profiled[0], self.profiled[-1]
         head = f"rank {self.rank}, steps {first}-{last}: operators by {order.replace('_', ' ')}\n"
