@@ -87,3 +87,35 @@ def test_every_rank_profiles_when_asked_a_pipelines_actions_named_in_each_stages
         assert table.startswith(f"rank {rank}, steps 2-3")
     assert {"loom.pp.F mb0 chunk0", "loom.pp.SEND_ACT mb0 chunk0", "loom.pp.B mb0 chunk0"} <= first
     assert {"loom.pp.RECV_ACT mb0 chunk0", "loom.pp.B mb0 chunk0", "loom.pp.SEND_GRAD mb0 chunk0"} <= last
+
+
+def test_a_step_that_fails_under_the_profiler_still_leaves_its_trace_and_a_failed_write_only_says_so(
+    tmp_path: Path, text_corpus: Path, monkeypatch
+) -> None:  # noqa: ANN001
+    from loom.train import profiling
+
+    items = tiny_overrides(text_corpus, **{"train.steps": 4, "train.profile_start": 2})
+    trainer = Trainer(load_config(None, items), tmp_path / "run", live_progress=False)
+    real_step = trainer.train_step
+
+    def failing(step: int):  # noqa: ANN202
+        if step == 1:  # the second step, the first profiled
+            raise RuntimeError("boom")
+        return real_step(step)
+
+    trainer.train_step = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.run()
+    ops = (tmp_path / "run" / "profile" / "ops_rank0.txt").read_text(encoding="utf-8")
+    assert ops.startswith("rank 0, step 2 (unfinished):")
+
+    said: list[str] = []
+    profiler = profiling.StepProfiler(1, 1, tmp_path / "other", 0, True, False, said.append)
+
+    def refuse(self, path: str) -> None:  # noqa: ANN001
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(profiling.profile, "export_chrome_trace", refuse)
+    profiler.begin(1)
+    profiler.end(1)  # the last step of the range: it stops and writes, which fails, and says so
+    assert said and said[0].startswith("could not write the profile of steps 1-1 on rank 0") and "No space" in said[0]

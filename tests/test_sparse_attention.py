@@ -435,6 +435,21 @@ def test_the_planner_scales_attention_flops_by_the_density() -> None:
     assert model_flops(dense, 1) - model_flops(thin, 1) == pytest.approx((1 - rho) * attention)
 
 
+def _flex_tiles(config: SparsityConfig, heads: int, seq: int) -> float:
+    """FlexAttention's computed share of the S x S scores, counted on the element mask: its tiles
+    (the block where 128 divides it, else 128 tokens) that hold an attended score, each as far as
+    the sequence goes."""
+    distinct = min(heads, 4) if config.different_layout_per_head else 1
+    mask = dense_mask(make_layout(config, heads, seq)[:distinct], config.block, causal=True)
+    tile = config.block if config.block % 128 == 0 else 128
+    t = -(-seq // tile)
+    padded = torch.zeros(distinct, t * tile, t * tile, dtype=torch.bool)
+    padded[:, :seq, :seq] = mask
+    hit = padded.view(distinct, t, tile, t, tile).any(4).any(2).double()
+    side = (torch.arange(t * tile) < seq).view(t, tile).sum(-1).double()
+    return float((hit * side.view(1, -1, 1) * side.view(1, 1, -1)).sum()) / (distinct * seq * seq)
+
+
 def test_the_step_time_counts_the_blocks_the_kernel_computes(monkeypatch) -> None:  # noqa: ANN001
     """The planner's model FLOPs count the kept blocks; its step time what the kernel computes:
     on CPU each row's band and gathered slots up to its last kept one (a run's longest row's), on
@@ -450,6 +465,14 @@ def test_the_step_time_counts_the_blocks_the_kernel_computes(monkeypatch) -> Non
     # 8 blocks of 64 in tiles of 128: the diagonal tiles and the ones below them, 4 blocks each
     assert computed_density(window, 8, 512, "cuda") == pytest.approx((4 + 3) * 4 / 64)
     assert layout_density(window, 8, 512) == pytest.approx((8 + 7) / 64)
+    for params, seq in [  # tiles of 128 that blocks of 48 straddle, blocks of 192 as tiles, a partial last tile
+        ({"mode": "sliding_window", "block": 48, "num_sliding_window_blocks": 3}, 48 * 64),
+        ({"mode": "fixed", "block": 192, "num_local_blocks": 4}, 192 * 32),
+        ({"mode": "bigbird", "block": 32, "num_random_blocks": 2, "different_layout_per_head": True}, 32 * 40),
+        ({"mode": "dense", "block": 16}, 48),
+    ]:
+        config = SparsityConfig(**params)
+        assert computed_density(config, 4, seq, "cuda") == pytest.approx(_flex_tiles(config, 4, seq)), params
 
     from loom.config import load_config
     from loom.plan import layout as plan_layout

@@ -76,20 +76,25 @@ class StepProfiler:
         return self.span if self.profiler is not None else None
 
     def close(self) -> None:
-        """Stop the profiler (if it runs) and write the trace and the operator table."""
+        """Stop the profiler (if it runs) and write the trace and the operator table. A run stopped
+        inside the range writes what it recorded (its last step marked unfinished). Diagnostics
+        never end a run or hide its error: a profile that cannot be written is reported, not raised."""
         if self.profiler is None:
             return
         profiler, self.profiler = self.profiler, None
-        profiler.stop()
-        if not self.profiled:
+        first = self.profiled[0] if self.profiled else self.start
+        steps = f"steps {first}-{self.profiled[-1]}" if self.profiled else f"step {first} (unfinished)"
+        try:
+            profiler.stop()
+            out = self.run_dir / PROFILE_DIR
+            out.mkdir(parents=True, exist_ok=True)
+            trace = out / f"trace_rank{self.rank}.json"
+            profiler.export_chrome_trace(str(trace))
+            order = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+            table = profiler.key_averages().table(sort_by=order, row_limit=TOP_OPS)
+            head = f"rank {self.rank}, {steps}: operators by {order.replace('_', ' ')}\n"
+            (out / f"ops_rank{self.rank}.txt").write_text(head + table + "\n", encoding="utf-8")
+        except (OSError, RuntimeError) as exc:
+            self.log(f"could not write the profile of {steps} on rank {self.rank}: {exc}")
             return
-        out = self.run_dir / PROFILE_DIR
-        out.mkdir(parents=True, exist_ok=True)
-        trace = out / f"trace_rank{self.rank}.json"
-        profiler.export_chrome_trace(str(trace))
-        order = "self_device_time_total" if self.cuda else "self_cpu_time_total"
-        table = profiler.key_averages().table(sort_by=order, row_limit=TOP_OPS)
-        first, last = self.profiled[0], self.profiled[-1]
-        head = f"rank {self.rank}, steps {first}-{last}: operators by {order.replace('_', ' ')}\n"
-        (out / f"ops_rank{self.rank}.txt").write_text(head + table + "\n", encoding="utf-8")
-        self.log(f"profiled steps {first}-{last} on rank {self.rank}: {trace} (Perfetto, chrome://tracing)")
+        self.log(f"profiled {steps} on rank {self.rank}: {trace} (Perfetto, chrome://tracing)")
