@@ -25,7 +25,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return _plan_run(args.run, args, hardware)
     seq = args.seq_len
     items = [f'model.preset="{args.model}"', f'train.precision="{args.precision}"', *args.overrides]
-    config = load_config(None, [*items, "train.seq_len=1"])
+    # a probe for the model's max_seq_len alone: dense attention, so a sparse layout's block need not divide 1
+    config = load_config(None, [*items, 'model.attention="dense"', "train.seq_len=1"])
     seq = seq or config.model.max_seq_len
     if seq > config.model.max_seq_len:
         items.append(f"model.max_seq_len={seq}")
