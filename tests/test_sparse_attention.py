@@ -4,6 +4,7 @@ bad parameters named with their fix."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from loom.distributed.spawn import run_ranks
 from loom.errors import LoomError
 from loom.model.block_sparse import Slots, block_sparse_attention, dense_mask
 from loom.model.transformer import Transformer
-from loom.sparsity import SparsityConfig, density, make_layout, row_slots
+from loom.sparsity import SparsityConfig, density, local_windows, make_layout, row_slots
 
 
 def _layout(heads: int = 1, seq: int = 16 * 8, **params) -> torch.Tensor:
@@ -176,7 +177,7 @@ def test_kernel_in_many_row_groups_and_chunks_equals_dense_attention(
     torch.manual_seed(0)
     batch, heads, block, n, d = 2, 3, 8, 12, 16
     layout = make_layout(SparsityConfig(block=block, **params), heads, block * n)
-    slots = Slots.of(layout, block, run=run)
+    slots = Slots.of(layout, block, run=run, walk="rows")
     assert slots.width >= 5 and len(set(slots.valid.sum(-1).reshape(-1).tolist())) > 2  # skewed rows
     plan = block_sparse._Plan.of(*slots.rows(batch), slots.band, block, run)
     assert (plan.order is not None) == by_length
@@ -300,7 +301,7 @@ def test_fixed_layouts_summary_columns_are_gathered_once_a_run_a_random_layouts_
 
     layout = make_layout(SparsityConfig(block=64, mode="fixed", num_local_blocks=4, num_global_blocks=1), 8, 8192)
     assert shared_run(layout, 64) == 4
-    slots, alone = Slots.of(layout, 64), Slots.of(layout, 64, run=1)
+    slots, alone = Slots.of(layout, 64, walk="rows"), Slots.of(layout, 64, run=1, walk="rows")
     gathered = int(slots.valid[:, :, slots.band :].view(8, 32, 4, -1).any(2).sum())  # each run's blocks, once
     computed = slots.band * 8 * 128 + 4 * gathered  # the band per row, the run's blocks for each of its rows
     assert computed / int(alone.valid.sum()) == pytest.approx(1.083, abs=0.01)
@@ -313,21 +314,28 @@ def test_fixed_layouts_summary_columns_are_gathered_once_a_run_a_random_layouts_
 
 
 @pytest.mark.parametrize(
-    "params, run",
-    [({"mode": "bigbird", "num_random_blocks": 1}, 1), ({"mode": "fixed", "num_local_blocks": 4}, 4)],
-    ids=["bigbird", "fixed, runs of 4, recomputed"],
+    "params, run, walk",
+    [
+        ({"mode": "bigbird", "num_random_blocks": 1}, 1, "rows"),
+        ({"mode": "fixed", "num_local_blocks": 4}, 4, "rows"),
+        ({"mode": "fixed", "num_local_blocks": 4}, 1, "windows"),
+    ],
+    ids=["bigbird", "fixed, runs of 4, recomputed", "fixed, window by window"],
 )
-def test_kernel_in_bf16_keeps_its_statistics_in_fp32(params: dict, run: int, monkeypatch) -> None:  # noqa: ANN001
+def test_kernel_in_bf16_keeps_its_statistics_in_fp32(params: dict, run: int, walk: str, monkeypatch) -> None:  # noqa: ANN001
     from loom import sparsity
 
-    if run > 1:
-        monkeypatch.setattr(sparsity, "SAVED_COLUMNS", 0)  # the online softmax, where runs share their blocks
+    if params["mode"] == "fixed":
+        monkeypatch.setattr(sparsity, "SAVED_COLUMNS", 0)  # the online softmax: runs or windows
     torch.manual_seed(2)
     block, n = 16, 8
     layout = make_layout(SparsityConfig(block=block, **params), 2, block * n)
     q, k, v = (torch.randn(1, 2, block * n, 32) for _ in range(3))
     half = [t.bfloat16().requires_grad_() for t in (q, k, v)]
-    got = block_sparse_attention(*half, Slots.of(layout, block, run=run))
+    slots = Slots.of(layout, block, run=run, walk="rows")
+    if walk == "windows":  # at this size the rows compute fewer slots: the windows asked for
+        slots = dataclasses.replace(slots, windows=local_windows(layout))
+    got = block_sparse_attention(*half, slots)
     assert got.dtype == torch.bfloat16
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     want = _reference(*full, layout, block)
@@ -338,6 +346,153 @@ def test_kernel_in_bf16_keeps_its_statistics_in_fp32(params: dict, run: int, mon
     for a, b in zip(half, full):
         assert a.grad.dtype == torch.bfloat16
         torch.testing.assert_close(a.grad.float(), b.grad, rtol=0.05, atol=0.05)
+
+
+def _fixed_windows(n: int, size: int, globals_: int, patterns: int, heads: int) -> tuple[list[list[int]], list[int]]:
+    """fixed's shared columns written out: head h's summary blocks start ``size - (1 + h % patterns)
+    x globals_`` into each whole window; a column is shared where it lies before a later window."""
+    starts = list(range(0, n, size))
+    columns = []
+    for h in range(heads):
+        first = size - (1 + h % patterns) * globals_
+        summary = [w + first + g for w in starts if w + size <= n for g in range(globals_)]
+        columns.append([c for c in summary if c < starts[-1]])
+    before = [sum(c < w for c in columns[0]) for w in starts]
+    return columns, before
+
+
+@pytest.mark.parametrize(
+    "params, n, size",
+    [
+        ({"mode": "fixed", "num_local_blocks": 4}, 16, 4),
+        ({"mode": "fixed", "num_local_blocks": 3}, 14, 3),  # a short last window
+        (
+            {"mode": "fixed", "num_local_blocks": 4, "num_global_blocks": 2, "num_different_global_patterns": 2}
+            | {"different_layout_per_head": True},
+            14,
+            4,
+        ),
+    ],
+    ids=["fixed", "short last window", "two global patterns"],
+)
+def test_local_windows_find_fixeds_windows_and_summary_columns(params: dict, n: int, size: int) -> None:
+    heads = 3
+    windows = local_windows(make_layout(SparsityConfig(block=8, **params), heads, 8 * n))
+    columns, before = _fixed_windows(
+        n, size, params.get("num_global_blocks", 1), params.get("num_different_global_patterns", 1), heads
+    )
+    assert windows is not None and windows.size == size
+    assert windows.columns.tolist() == columns and list(windows.before) == before
+    # each window's rows against their whole window and the columns before it
+    starts = range(0, n, size)
+    assert windows.computed(n) == sum(min(size, n - w) * (min(size, n - w) + b) for w, b in zip(starts, before))
+
+
+def test_local_windows_of_global_blocks_beside_aligned_windows_and_of_layouts_without() -> None:
+    variable = SparsityConfig(
+        block=8, mode="variable", local_window_blocks=[2], global_block_indices=[0], num_random_blocks=0
+    )
+    windows = local_windows(make_layout(variable, 2, 8 * 10))
+    assert windows.size == 2 and windows.columns.tolist() == [[0], [0]] and windows.before == (0, 1, 1, 1, 1)
+    for params in (
+        {"mode": "sliding_window", "num_sliding_window_blocks": 3},  # windows not aligned
+        {"mode": "strided", "num_local_blocks": 2, "stride_blocks": 3},
+        {"mode": "bigbird", "num_random_blocks": 1},
+        {"mode": "bslongformer", "num_sliding_window_blocks": 3},
+        {"mode": "fixed", "num_local_blocks": 4, "attention": "bidirectional"},  # blocks past the diagonal
+    ):
+        assert local_windows(make_layout(SparsityConfig(block=8, **params), 2, 8 * 12)) is None, params
+    fixed = make_layout(SparsityConfig(block=8, mode="fixed", num_local_blocks=4), 2, 8 * 12)
+    lacking = fixed.clone()
+    lacking[1, 9, 3] = False  # one row of head 1 without a summary column the others keep
+    assert local_windows(lacking) is None
+    lacking = fixed.clone()
+    lacking[0, 6, 5] = False  # a row without part of its window
+    assert local_windows(lacking) is None
+
+
+@pytest.mark.parametrize(
+    "params, n",
+    [
+        ({"mode": "fixed", "num_local_blocks": 4}, 12),
+        ({"mode": "fixed", "num_local_blocks": 3}, 14),
+        (
+            {"mode": "fixed", "num_local_blocks": 4, "num_global_blocks": 2, "num_different_global_patterns": 2}
+            | {"different_layout_per_head": True},
+            14,
+        ),
+        ({"mode": "variable", "local_window_blocks": [2], "global_block_indices": [0, 3], "num_random_blocks": 0}, 12),
+        ({"mode": "dense"}, 9),  # windows of one block: every earlier block a shared column
+    ],
+    ids=["fixed", "short last window", "two global patterns", "variable", "dense"],
+)
+@pytest.mark.parametrize("tiles", ["whole", "small"])
+def test_windowed_kernel_equals_dense_attention(params: dict, n: int, tiles: str, monkeypatch) -> None:  # noqa: ANN001
+    """Window by window (its queries, keys and values as views, the shared columns gathered once
+    a call and read as a prefix) equals dense attention under the mask, forward and backward; with
+    small tiles a window's heads go a few at a time and its columns a block at a time."""
+    from loom.model import block_sparse
+
+    if tiles == "small":
+        monkeypatch.setattr(block_sparse, "TILE_BYTES", 2 * 32 * 32 * 4)  # 2 heads of a window at a time
+        monkeypatch.setattr(block_sparse, "CHUNK_COLUMNS", 8)  # one column block a chunk
+    torch.manual_seed(5)
+    batch, heads, block, d = 2, 3, 8, 16
+    layout = make_layout(SparsityConfig(block=block, **params), heads, block * n)
+    windows = local_windows(layout)  # asked for: at these sizes the rows compute fewer slots
+    slots = dataclasses.replace(Slots.of(layout, block, walk="rows"), windows=windows)
+    q, k, v = (torch.randn(batch, heads, block * n, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    got = block_sparse_attention(q, k, v, slots)
+    want = _reference(q, k, v, layout, block)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(got)
+    for a, b, name in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad), "qkv"):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
+
+
+def test_fixed_walks_its_windows_where_rows_recompute_and_nothing_else_does() -> None:
+    """fixed at 8k tokens (local 4, global 1, block 64): window by window it computes what the row
+    walk's runs of 4 compute (4 x (4 + w) slots in window w) and gathers nothing per row; at 1k its
+    rows keep their probabilities, which the windows do not, so the rows go; BigBird, the window and
+    a layout asked for its rows have no windows."""
+    from loom.sparsity import _row_walk, windowed_walk
+
+    fixed = make_layout(SparsityConfig(block=64, mode="fixed", num_local_blocks=4, num_global_blocks=1), 8, 8192)
+    windows = windowed_walk(fixed, 64)
+    assert windows is not None and 8 * windows.computed(128) == 8 * sum(4 * (4 + w) for w in range(32)) == 19968
+    assert _row_walk(fixed, 64)[0] == 19968  # runs of 4 rows, which still gather their blocks
+    assert Slots.of(fixed, 64).windows is not None and Slots.of(fixed, 64, walk="rows").windows is None
+    short = make_layout(SparsityConfig(block=64, mode="fixed", num_local_blocks=4, num_global_blocks=1), 8, 1024)
+    assert windowed_walk(short, 64) is None
+    for params in (
+        {"mode": "bigbird", "num_random_blocks": 1},
+        {"mode": "sliding_window", "num_sliding_window_blocks": 3},
+    ):
+        assert windowed_walk(make_layout(SparsityConfig(block=64, **params), 8, 8192), 64) is None
+    with pytest.raises(ValueError, match="walk"):
+        Slots.of(fixed, 64, walk="windows")
+
+
+def test_a_fixed_model_trains_the_same_window_by_window_as_row_by_row(monkeypatch) -> None:  # noqa: ANN001
+    from loom.model import block_sparse
+
+    items = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64", "model.max_seq_len=128"]
+    items += ['model.attention="sparse"', 'model.sparse_attention.mode="fixed"', "model.sparse_attention.block=8"]
+    x = torch.randint(0, 64, (2, 128), generator=torch.Generator().manual_seed(0))
+    losses, grads = [], []
+    for walk in ("windows", "rows"):  # each asked for (at this size the rows compute fewer slots)
+        chosen = local_windows if walk == "windows" else lambda layout: None
+        monkeypatch.setattr(block_sparse, "windowed_walk", lambda layout, block, chosen=chosen: chosen(layout))
+        model = Transformer(load_config(None, items).model, seed=1)
+        loss = model.loss(x, x)
+        loss.backward()
+        walked = [m._slots for m in model.modules() if getattr(m, "_slots", None)]
+        assert walked and all((s.windows is not None) == (walk == "windows") for d in walked for s in d.values())
+        losses.append(loss)
+        grads.append([p.grad for p in model.parameters()])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_in_fp32_and_its_tiles_follow_the_blocks_kept(monkeypatch) -> None:  # noqa: ANN001
@@ -459,7 +614,7 @@ def test_the_step_time_counts_the_blocks_the_kernel_computes(monkeypatch) -> Non
     fixed = SparsityConfig(block=64, mode="fixed", num_local_blocks=4, num_global_blocks=1)
     assert computed_density(fixed, 8, 8192) == pytest.approx(
         19968 / 18432 * layout_density(fixed, 8, 8192)
-    )  # runs of 4
+    )  # window by window: 4 rows x (4 + w) slots in window w, as many as runs of 4 rows
     window = SparsityConfig(block=64, mode="sliding_window", num_sliding_window_blocks=3)
     assert computed_density(window, 8, 8192) == pytest.approx(2 * 128 / 128**2)  # the band, both slots on every row
     # 8 blocks of 64 in tiles of 128: the diagonal tiles and the ones below them, 4 blocks each

@@ -308,17 +308,105 @@ def shared_run(layout: torch.Tensor, block: int) -> int:
     return best
 
 
+@dataclass(frozen=True, eq=False)
+class Windows:
+    """A causal layout made of aligned local windows and shared columns: row i, in window
+    ``w = i // size``, keeps every block of its window up to itself and, before its window,
+    exactly those of its head's ``columns`` that lie there, ``before[w]`` of them (the same count
+    for every head; a short last window where ``size`` does not divide the blocks). fixed's
+    summary columns, and global blocks beside aligned local windows, are such columns.
+
+    The kernel (:mod:`loom.model.block_windows`) then reads each window's queries, keys and values
+    as views, and the columns, gathered once a call, as a prefix (``before[w]`` of them): no block
+    gathered per row, no gradient scattered per row. It computes ``size`` x (``size`` +
+    ``before[w]``) slots for a window's rows, their whole window for each: (size - 1) / 2 masked
+    slots a row on average, none past the window."""
+
+    size: int  # blocks per window
+    columns: torch.Tensor  # (heads, M) long: each head's shared key blocks, ascending
+    before: tuple[int, ...]  # per window: how many of the columns lie before it
+
+    def computed(self, blocks: int) -> int:
+        """Slots computed for one head: each window's rows times its blocks and its columns."""
+        total = 0
+        for w, start in enumerate(range(0, blocks, self.size)):
+            rows = min(self.size, blocks - start)
+            total += rows * (rows + self.before[w])
+        return total
+
+
+def local_windows(layout: torch.Tensor) -> Windows | None:
+    """The :class:`Windows` a layout is made of, with the smallest window that describes it; None
+    where none does (the layout keeps a block past the diagonal, a row lacks part of its window,
+    rows of a head keep different blocks before their windows, heads' counts differ)."""
+    layout = layout.bool() | torch.eye(layout.shape[-1], dtype=torch.bool, device=layout.device)
+    heads, n, _ = layout.shape
+    i = torch.arange(n, device=layout.device).view(n, 1)
+    j = i.view(1, n)
+    if (layout & (j > i)).any():
+        return None
+    # a window of `size` needs rows 0 .. size - 1 to keep every block up to themselves
+    lower = torch.ones(n, n, dtype=torch.bool, device=layout.device).tril()
+    whole = (layout | ~lower).all(-1).all(0)  # (n,): row keeps all of 0 .. itself
+    limit = n if bool(whole.all()) else int(torch.nonzero(~whole)[0])
+    for size in range(1, limit + 1):
+        start = i // size * size
+        own = (j >= start) & (j <= i)
+        if not bool((layout | ~own).all()):
+            continue
+        before = j < start
+        shared = (layout & before).any(1)  # (heads, n): kept by some row before its window
+        if not torch.equal(layout & before, shared.unsqueeze(1) & before):
+            continue
+        counts = torch.stack([shared[:, :s].sum(-1) for s in range(0, n, size)], -1)  # (heads, windows)
+        if not bool((counts == counts[:1]).all()):
+            continue
+        columns = torch.stack([torch.nonzero(shared[h]).view(-1) for h in range(heads)])
+        return Windows(size, columns, tuple(int(c) for c in counts[0]))
+    return None
+
+
+def windowed_walk(layout: torch.Tensor, block: int) -> Windows | None:
+    """The :func:`local_windows` the kernel walks instead of its rows: where the rows would
+    recompute their probabilities (wider than :data:`SAVED_COLUMNS`) and the windows compute no
+    more slots than the row walk computes plus ``GATHER_COST`` for each block it gathers. fixed
+    at 8k tokens (local 4, global 1, block 64): as many slots as runs of 4 rows, none gathered."""
+    if saved_probability_columns(row_slots(layout)[0].shape[-1], block) > 0:
+        return None
+    windows = local_windows(layout)
+    if windows is None:
+        return None
+    computed, gathered = _row_walk(layout, block)
+    heads, n, _ = layout.shape
+    return windows if heads * windows.computed(n) <= computed + GATHER_COST * gathered else None
+
+
+def _row_walk(layout: torch.Tensor, block: int) -> tuple[int, int]:
+    """Slots the row walk computes (each row its band and its run's slots up to the run's longest
+    row's last) and blocks it gathers (each run's, once), with :func:`shared_run`'s run."""
+    heads, n, _ = layout.shape
+    run = shared_run(layout, block)
+    index, valid, band = row_slots(layout, run)
+    width = index.shape[-1]
+    last = torch.where(valid[..., band:], torch.arange(band + 1, width + 1), 0)
+    need = last.amax(-1).clamp(min=band) if width > band else torch.full((heads, n), band)
+    need = need.view(heads, n // run, run).amax(-1)  # a run computes its longest row's slots for each row
+    return int(need.sum()) * run, int((need - band).sum())
+
+
 @_by_value
 def computed_density(config: SparsityConfig, num_heads: int, seq_len: int, device: str = "cpu") -> float:
     """The fraction of the S x S scores the kernel computes (kept or masked), over at most 4
     distinct heads as :func:`layout_density`: what the planner's step time scales the attention's
     s^2 FLOPs by (its model FLOPs keep :func:`layout_density`).
 
-    On CPU, loom's kernel (:mod:`loom.model.block_sparse`): each row computes its band and its
-    gathered slots up to the last it keeps, a run's longest row's for each of its rows
-    (:func:`shared_run`): fixed at 8k tokens (local 4, global 1, block 64) 8% more than it keeps.
-    A floor: a group of rows also computes its longest row's slots for every row (none more for
-    fixed at 8k, 5% for BigBird at 4k, up to 9% for small blocks with a random layout per head).
+    On CPU, loom's kernel (:mod:`loom.model.block_sparse`): a layout of local windows and shared
+    columns that it walks window by window (:func:`windowed_walk`) computes each window's rows
+    against their whole window and the columns before it (fixed at 8k tokens, local 4, global 1,
+    block 64: 8% more than it keeps); otherwise each row computes its band and its gathered slots
+    up to the last it keeps, a run's longest row's for each of its rows (:func:`shared_run`), a
+    floor: a group of rows also computes its longest row's slots for every row (5% more for
+    BigBird at 4k, up to 9% for small blocks with a random layout per head).
     On CUDA, FlexAttention's tiles (``block`` tokens where 128 divides it, else 128, as
     :func:`loom.model.block_sparse.flex_block_mask` builds them, decoder-causal): a tile is computed
     in full where it holds a kept block on or below the diagonal, a partial last tile as far as the
@@ -346,13 +434,10 @@ def computed_density(config: SparsityConfig, num_heads: int, seq_len: int, devic
         ).double()
         area = (hit.double() * side.view(1, -1, 1) * side.view(1, 1, -1)).sum()
         return float(area) / (heads * seq_len * seq_len)
-    run = shared_run(layout, block)
-    index, valid, band = row_slots(layout, run)
-    width = index.shape[-1]
-    last = torch.where(valid[..., band:], torch.arange(band + 1, width + 1), 0)
-    need = last.amax(-1).clamp(min=band) if width > band else torch.full((heads, n), band)
-    need = need.view(heads, n // run, run).amax(-1)  # a run computes its longest row's slots for each row
-    return int(need.sum()) * run / (heads * n * n)
+    windows = windowed_walk(layout, block)
+    if windows is not None:
+        return heads * windows.computed(n) / (heads * n * n)
+    return _row_walk(layout, block)[0] / (heads * n * n)
 
 
 @_by_value
