@@ -423,8 +423,9 @@ def test_local_windows_of_global_blocks_beside_aligned_windows_and_of_layouts_wi
         ),
         ({"mode": "variable", "local_window_blocks": [2], "global_block_indices": [0, 3], "num_random_blocks": 0}, 12),
         ({"mode": "dense"}, 9),  # windows of one block: every earlier block a shared column
+        ({"mode": "variable", "local_window_blocks": [3], "global_block_indices": [], "num_random_blocks": 0}, 10),
     ],
-    ids=["fixed", "short last window", "two global patterns", "variable", "dense"],
+    ids=["fixed", "short last window", "two global patterns", "variable", "dense", "windows alone"],
 )
 @pytest.mark.parametrize("tiles", ["whole", "small"])
 def test_windowed_kernel_equals_dense_attention(params: dict, n: int, tiles: str, monkeypatch) -> None:  # noqa: ANN001

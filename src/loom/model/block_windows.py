@@ -64,7 +64,7 @@ def _columns(x: torch.Tensor, columns: torch.Tensor, block: int) -> torch.Tensor
     """``x`` (batch, heads, S, d)'s shared column blocks per head: (batch x heads, M x block, d)."""
     b, h, s, d = x.shape
     picked = x.view(b, h, s // block, block, d)[:, torch.arange(h, device=x.device).view(h, 1), columns]
-    return picked.reshape(b * h, -1, d)
+    return picked.reshape(b * h, columns.shape[1] * block, d)
 
 
 def _triangle(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -144,7 +144,7 @@ class _Windowed(torch.autograd.Function):
             for grad, shared in ((dk, dkc), (dv, dvc)):  # the columns' gradients back to their blocks, once
                 blocks = grad.view(b, h, s // block, block, d)
                 index = (slice(None), torch.arange(h, device=q.device).view(h, 1), windows.columns)
-                blocks[index] += shared.view(b, h, -1, block, d)
+                blocks[index] += shared.view(b, h, windows.columns.shape[1], block, d)
         shape = q.shape
         grads = (g.to(x.dtype).reshape(shape) for g, x in ((dq, q), (dk, k), (dv, v)))
         return (*grads, None, None, None, None, None)
