@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
+from loom.attention_walk import row_slots, saved_probability_columns
 from loom.config import load_config
 from loom.distributed.context import init_distributed
 from loom.distributed.spawn import run_ranks
@@ -19,7 +20,7 @@ from loom.parallel.random import ParallelRNG
 from loom.parallel.tensor import TensorParallel
 from loom.plan.activations import Dtypes, LayerShape, attention_kernel, korthikanti_layer_bytes, layer_activation_bytes
 from loom.plan.rank_memory import choose_recompute_layers, predict_rank_memory
-from loom.sparsity import SparsityConfig, make_layout, row_slots, saved_probability_columns
+from loom.sparsity import SparsityConfig, make_layout
 from loom.train.metrics import read_metrics
 from loom.train.trainer import Trainer
 

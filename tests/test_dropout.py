@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from loom.attention_walk import causal_run_length, causal_run_scores, causal_runs
 from loom.model import dropout_attention as core
 from loom.model.dropout import Dropout, dropout, keep_mask, quantized_p
 from loom.model.dropout_attention import dropout_attention, tiles
-from loom.sparsity import causal_run_length, causal_run_scores, causal_runs
 
 
 def test_the_mask_drops_the_quantized_probability() -> None:

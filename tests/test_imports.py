@@ -32,7 +32,7 @@ LAYERS = [
     ("loom.optim",),
     ("loom.parallel",),
     ("loom.parallel.pipeline",),
-    ("loom.config", "loom.presets", "loom.sparsity"),
+    ("loom.config", "loom.presets", "loom.sparsity", "loom.attention_walk"),
     ("loom.plan",),
     ("loom.model",),
     ("loom.train",),

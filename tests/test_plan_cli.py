@@ -174,13 +174,13 @@ def test_calibration_fits_the_links_and_recomputation_on_the_runs_that_show_them
 def test_plan_ranks_the_layouts_of_a_sparse_model(capsys, monkeypatch) -> None:  # noqa: ANN001
     """A sparse layout's block need not divide the probe loom plan reads the model's length with,
     and the layout's figures are built once for the whole search."""
-    from loom import sparsity
+    from loom import attention_walk
 
     argv = ["plan", "--model", "tiny", "--gpus", "4", "--seq-len", "8192", "--top", "1"]
     argv += ["--set", 'model.attention="sparse"', "--set", 'model.sparse_attention.mode="fixed"']
     calls = []
-    real = sparsity._head
-    monkeypatch.setattr(sparsity, "_head", lambda *a: calls.append(a) or real(*a))
+    real = attention_walk.head_layout
+    monkeypatch.setattr(attention_walk, "head_layout", lambda *a: calls.append(a) or real(*a))
     assert main(argv) == 0
     assert "dp4" in capsys.readouterr().out
     assert len(calls) <= 8  # each of the few figures built once, not once per candidate layout (hundreds)

@@ -211,10 +211,10 @@ def test_a_weight_pass_faster_than_the_rate_is_fitted_from_a_zero_bubble_runs_ti
 
 
 def test_causal_kernels_cost_the_step_what_they_compute_while_mfu_counts_the_square() -> None:
+    from loom.attention_walk import causal_run_scores
     from loom.plan.activations import computed_fraction
     from loom.plan.flops import GPTShape, hardware_flops, model_flops
     from loom.plan.layout import achieved_rate
-    from loom.sparsity import causal_run_scores
 
     # query tiles against the keys up to their end: n tiles of 128 on CUDA compute (n + 1) / 2n
     assert computed_fraction("flash", "cuda", 1024) == pytest.approx(9 / 16)

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_overrides, train_rank
 
+from loom.attention_walk import local_windows, row_slots
 from loom.config import load_config
 from loom.distributed.spawn import run_ranks
 from loom.errors import LoomError
 from loom.model.block_sparse import Slots, block_sparse_attention, dense_mask
 from loom.model.transformer import Transformer
-from loom.sparsity import SparsityConfig, density, local_windows, make_layout, row_slots
+from loom.sparsity import SparsityConfig, density, make_layout
 
 
 def _layout(heads: int = 1, seq: int = 16 * 8, **params) -> torch.Tensor:
@@ -167,13 +168,13 @@ def test_kernel_in_many_row_groups_and_chunks_equals_dense_attention(
     the stack's order the band read as a view except in the first group, sorted by length the
     query-side arrays permuted there and back and the band gathered; with runs of rows sharing
     their gathered blocks, each run's queries multiplied at once and the rows' own blocks masked."""
-    from loom import sparsity
+    from loom import attention_walk
     from loom.model import block_sparse
 
     monkeypatch.setattr(block_sparse, "TILE_BYTES", 5 * 8 * 16 * 4)  # 5 rows a group (16 columns)
     monkeypatch.setattr(block_sparse, "CHUNK_COLUMNS", 16)  # 2 key blocks of 8 per chunk
     monkeypatch.setattr(block_sparse, "SORTED_GAIN", -1.0 if by_length else 1.0)  # always / never sorted
-    monkeypatch.setattr(sparsity, "SAVED_COLUMNS", 512 if saved else 0)
+    monkeypatch.setattr(attention_walk, "SAVED_COLUMNS", 512 if saved else 0)
     torch.manual_seed(0)
     batch, heads, block, n, d = 2, 3, 8, 12, 16
     layout = make_layout(SparsityConfig(block=block, **params), heads, block * n)
@@ -297,7 +298,7 @@ def test_fixed_layouts_summary_columns_are_gathered_once_a_run_a_random_layouts_
     """fixed's rows of a window share their summary columns: at 8k tokens (local 4, global 1, block
     64) runs of 4 rows compute 8% more slots than the rows keep and gather 3.7x fewer blocks; BigBird's
     random blocks differ from row to row, the window has nothing past its band: one row a run."""
-    from loom.sparsity import shared_run
+    from loom.attention_walk import shared_run
 
     layout = make_layout(SparsityConfig(block=64, mode="fixed", num_local_blocks=4, num_global_blocks=1), 8, 8192)
     assert shared_run(layout, 64) == 4
@@ -323,10 +324,10 @@ def test_fixed_layouts_summary_columns_are_gathered_once_a_run_a_random_layouts_
     ids=["bigbird", "fixed, runs of 4, recomputed", "fixed, window by window"],
 )
 def test_kernel_in_bf16_keeps_its_statistics_in_fp32(params: dict, run: int, walk: str, monkeypatch) -> None:  # noqa: ANN001
-    from loom import sparsity
+    from loom import attention_walk
 
     if params["mode"] == "fixed":
-        monkeypatch.setattr(sparsity, "SAVED_COLUMNS", 0)  # the online softmax: runs or windows
+        monkeypatch.setattr(attention_walk, "SAVED_COLUMNS", 0)  # the online softmax: runs or windows
     torch.manual_seed(2)
     block, n = 16, 8
     layout = make_layout(SparsityConfig(block=block, **params), 2, block * n)
@@ -456,7 +457,7 @@ def test_fixed_walks_its_windows_where_rows_recompute_and_nothing_else_does() ->
     walk's runs of 4 compute (4 x (4 + w) slots in window w) and gathers nothing per row; at 1k its
     rows keep their probabilities, which the windows do not, so the rows go; BigBird, the window and
     a layout asked for its rows have no windows."""
-    from loom.sparsity import _row_walk, windowed_walk
+    from loom.attention_walk import _row_walk, windowed_walk
 
     fixed = make_layout(SparsityConfig(block=64, mode="fixed", num_local_blocks=4, num_global_blocks=1), 8, 8192)
     windows = windowed_walk(fixed, 64)
@@ -580,8 +581,8 @@ def test_each_layout_trains(tmp_path: Path, text_corpus: Path, mode: str) -> Non
 
 
 def test_the_planner_scales_attention_flops_by_the_density() -> None:
+    from loom.attention_walk import layout_density
     from loom.plan.flops import GPTShape, model_flops
-    from loom.sparsity import layout_density
 
     sparse = SparsityConfig(mode="sliding_window", num_sliding_window_blocks=3)
     rho = layout_density(sparse, 4, 4096)
@@ -610,7 +611,7 @@ def test_the_step_time_counts_the_blocks_the_kernel_computes(monkeypatch) -> Non
     """The planner's model FLOPs count the kept blocks; its step time what the kernel computes:
     on CPU each row's band and gathered slots up to its last kept one (a run's longest row's), on
     CUDA FlexAttention's 128-token tiles that hold a kept block."""
-    from loom.sparsity import computed_density, layout_density
+    from loom.attention_walk import computed_density, layout_density
 
     fixed = SparsityConfig(block=64, mode="fixed", num_local_blocks=4, num_global_blocks=1)
     assert computed_density(fixed, 8, 8192) == pytest.approx(

@@ -5,7 +5,7 @@
 attends the key blocks ``layout[h, i]``, causally inside the diagonal block when
 ``causal``. Equal to dense attention under the same element mask, forward and backward.
 
-The layout is compiled once into ``slots`` (:func:`loom.sparsity.row_slots`): each row's key
+The layout is compiled once into ``slots`` (:func:`loom.attention_walk.row_slots`): each row's key
 blocks, the first ``band`` of them the blocks i - band + 1 .. i (a window ending at the
 diagonal) and the rest after them, padded to the longest row. The batch x heads x blocks query
 rows form one stack (rows of the same head and batch are consecutive), so the band of a group of
@@ -17,7 +17,7 @@ slower at 8k-16k tokens, measured), each group walking its own longest row's slo
 
 Two ways through a group:
 
-- a row of at most ``loom.sparsity.SAVED_COLUMNS`` keys (windows, BigBird, Longformer at their
+- a row of at most ``loom.attention_walk.SAVED_COLUMNS`` keys (windows, BigBird, Longformer at their
   usual sizes): one score tile, torch's fused softmax, and the probabilities P kept for backward
   (``b x heads x S x width x block`` fp32, linear in S), so backward needs neither the scores'
   matmul again nor the exp: ``dV = P^T dO, dS = P (dP - rowsum(dP o P)), dQ = dS K scale,
@@ -39,14 +39,14 @@ rows sorted by length (``_Plan``: fixed's rows at 8k tokens computed 17% more sl
 in the stack's order, none sorted; the query-side arrays are copied into that order and back, and
 the band is gathered). Rows that keep the same blocks past the band (fixed's summary columns,
 the same for every row of a window) share them in aligned runs (``Slots.run``,
-:func:`loom.sparsity.shared_run`): the run's blocks are gathered once and its ``run x block``
+:func:`loom.attention_walk.shared_run`): the run's blocks are gathered once and its ``run x block``
 queries multiplied at once, each row masking what it lacks; the sorted walk then orders runs,
 and a group holds whole runs (fixed at 8k tokens, runs of 4: 8% more slots computed, 3.7x fewer
 blocks gathered; its call 2% faster at 8k tokens and 8% at 16k on 2 threads, measured). The scale
 rides in the score matmuls (their alpha), never a pass over q. Under autocast the kernel keeps
 its own dtypes: scores and statistics in fp32 for 16-bit inputs.
 
-A causal layout of aligned windows and shared columns (:func:`loom.sparsity.windowed_walk`:
+A causal layout of aligned windows and shared columns (:func:`loom.attention_walk.windowed_walk`:
 fixed's summary columns at 4k tokens and beyond) is walked window by window instead
 (:mod:`loom.model.block_windows`): no gather or scatter per row (fixed at 8k tokens, 2 threads:
 the call 566 ms against the row walk's 678, medians of 5 rounds alternating in one process).
@@ -59,8 +59,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loom.attention_walk import Windows, row_slots, saved_probability_columns, shared_run, windowed_walk
 from loom.model.block_windows import scaled_bmm, windowed_attention
-from loom.sparsity import Windows, row_slots, saved_probability_columns, shared_run, windowed_walk
 
 CHUNK_COLUMNS = 512  # key columns per score tile: slots beyond the band are taken this many keys at a time
 TILE_BYTES = 2 * 2**20  # a row group's score tile: its elementwise passes run from cache, few enough groups
@@ -69,11 +69,11 @@ SORTED_GAIN = 0.05  # walk the rows sorted by length where that computes this fr
 
 @dataclass(frozen=True)
 class Slots:
-    """A layout compiled for the kernel (:func:`loom.sparsity.row_slots`): ``index[h, i, t]`` is the
+    """A layout compiled for the kernel (:func:`loom.attention_walk.row_slots`): ``index[h, i, t]`` is the
     t-th key block of query block i of head h, ``valid`` False for padding. The first ``band``
     slots of row i are the blocks i - band + 1 .. i (the diagonal last), read as a strided view of
     the keys; the rest are gathered, once for each aligned ``run`` of rows, which share them
-    (:func:`loom.sparsity.shared_run`)."""
+    (:func:`loom.attention_walk.shared_run`)."""
 
     index: torch.Tensor  # (heads, blocks, width) long
     valid: torch.Tensor  # (heads, blocks, width) bool
@@ -91,7 +91,7 @@ class Slots:
         run: int | None = None,
         walk: str = "auto",
     ) -> Slots:
-        """``walk``: ``auto`` walks a layout's windows where :func:`loom.sparsity.windowed_walk`
+        """``walk``: ``auto`` walks a layout's windows where :func:`loom.attention_walk.windowed_walk`
         finds them worth it, ``rows`` always its rows."""
         if walk not in ("auto", "rows"):
             raise ValueError(f"walk = {walk!r}: auto or rows")

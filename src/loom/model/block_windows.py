@@ -1,5 +1,5 @@
 """Block-sparse attention walked window by window: a causal layout of aligned local windows and
-shared columns (:class:`loom.sparsity.Windows`: fixed's summary columns, global blocks).
+shared columns (:class:`loom.attention_walk.Windows`: fixed's summary columns, global blocks).
 
 Window w's queries, keys and values are the rows ``[w x size, (w + 1) x size)`` blocks of the
 sequence: views, for every batch and head at once. Its queries attend their window causally (one
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loom.sparsity import Windows
+from loom.attention_walk import Windows
 
 
 def scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:

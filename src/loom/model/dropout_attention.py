@@ -8,13 +8,13 @@ the mask with ``bernoulli_``, one thread at ~7-12 ns an element here).
 2^-16, the scale 1 / (1 - p') keeping E[O] exact), seeded from the active default generator:
 torch's checkpoint (selective recomputation) and loom's RNG streams replay it.
 
-Only the causal triangle is computed and kept, as row runs (:func:`loom.sparsity.causal_runs`):
+Only the causal triangle is computed and kept, as row runs (:func:`loom.attention_walk.causal_runs`):
 a run of query rows [r, e) sees keys [0, e), the future inside its diagonal block masked. With
 n runs that is (n + 1) / 2n of the square's work and memory (n = 2 at 128 tokens, 4 at 256, 8
 from 512 to 1024, s / 128 beyond).
 
 Saved for backward: q, k and v as given, and per run its P in fp32 and ``keep`` as uint8, both
-packed run after run: 5 bytes per kept score, :func:`loom.sparsity.causal_run_scores` scores a
+packed run after run: 5 bytes per kept score, :func:`loom.attention_walk.causal_run_scores` scores a
 head (torch's math path keeps the whole square: scores, an fp32 mask and the dropped scores, 12
 bytes a score). The dropped scores are rebuilt from P and ``keep`` in backward. With
 ``recompute`` (selective recomputation) only q, k, v and the mask's seed are kept, and backward
@@ -37,11 +37,11 @@ from typing import NamedTuple
 
 import torch
 
+from loom.attention_walk import causal_runs
 from loom.model.dropout import draw_seed, fill_keep_mask, quantized_p
-from loom.sparsity import causal_runs
 
 TILE_ELEMENTS = 1 << 18  # scores per tile at most (unless one slab's run is larger): 1 MiB in fp32
-RUN: int | None = None  # rows per run; None: loom.sparsity.causal_run_length (tests set small ones)
+RUN: int | None = None  # rows per run; None: loom.attention_walk.causal_run_length (tests set small ones)
 
 
 class Tile(NamedTuple):
@@ -59,7 +59,7 @@ class Tile(NamedTuple):
 def tiles(slabs: int, group: int, seq_len: int, budget: int | None = None) -> tuple[list[Tile], int]:
     """The tiles of a (slabs, group query heads, seq_len) causal core, run after run, each run's
     slabs chunked to about ``budget`` scores (TILE_ELEMENTS; at least one slab), and the packed
-    length: slabs x group x :func:`loom.sparsity.causal_run_scores`."""
+    length: slabs x group x :func:`loom.attention_walk.causal_run_scores`."""
     budget = budget or TILE_ELEMENTS
     out, offset = [], 0
     for r, e in causal_runs(seq_len, RUN):

@@ -24,7 +24,7 @@ Two models of the same quantity:
   compute dtype, one-byte dropout masks (:mod:`loom.model.dropout`), and the attention core
   as it runs: ``dropout`` (loom's core, :mod:`loom.model.dropout_attention`, with dropout off
   CUDA: q, k and v in the compute dtype, the probabilities in fp32 and their one-byte mask over
-  the causal triangle's row runs (:func:`loom.sparsity.causal_run_scores`, s(s + run)/2 a head):
+  the causal triangle's row runs (:func:`loom.attention_walk.causal_run_scores`, s(s + run)/2 a head):
   c(sbh + 2 sb h_kv)/t + 5ab s(s + run)/2t, then the output projection's input copied out of the
   heads' layout) or ``flash`` (q, k, v and the output in the compute dtype,
   the output projection reading the output in place, plus an fp32 log-sum-exp per head and
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.sparsity import causal_run_scores
+from loom.attention_walk import causal_run_scores
 
 POLICIES = ("none", "full", "selective")
 
@@ -97,8 +97,8 @@ def computed_fraction(kernel: str, device: str, s: int) -> float:
     count). A causal kernel takes each tile of queries against the keys up to its last position,
     whole key tiles at a time:
 
-    - ``dropout`` (loom's core): :func:`loom.sparsity.causal_runs`' row runs, keys up to each
-      run's end (:func:`loom.sparsity.causal_run_scores` / s^2);
+    - ``dropout`` (loom's core): :func:`loom.attention_walk.causal_runs`' row runs, keys up to each
+      run's end (:func:`loom.attention_walk.causal_run_scores` / s^2);
     - ``flash`` on CUDA: query tiles of 128 (FlashAttention-2's), keys up to each tile's end;
     - ``flash`` elsewhere (torch's CPU kernel): query tiles of 32, 64 or 256 (below 192 tokens,
       below 768, beyond), key tiles of 512. Measured here, its causal call takes 0.89, 0.65 and
@@ -151,7 +151,7 @@ def layer_activation_bytes(
         core = (c * (e + 2 * e_kv) + 5 * shape.heads * causal_run_scores(s) * b) / t
     elif kernel == "sparse" and shape.sparse_columns:  # q, k and v (K/V expanded to every query
         # head), and the probabilities of each query's padded slots in fp32 (loom.model.block_sparse
-        # keeps them when a row spans at most loom.sparsity.SAVED_COLUMNS keys): linear in s
+        # keeps them when a row spans at most loom.attention_walk.SAVED_COLUMNS keys): linear in s
         core = c * 3 * e / t + 4 * shape.heads * s * b * shape.sparse_columns / t
     elif kernel == "sparse":  # q, k, v, out, and the log-sum-exp (the probabilities recomputed):
         # linear in s, whatever the layout

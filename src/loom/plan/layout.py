@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from loom.attention_walk import causal_run_scores, computed_density, layout_density
 from loom.config import Config
 from loom.parallel.pipeline.simulate import Costs, bubble_formula
 from loom.plan.activations import attention_kernel, computed_fraction
@@ -55,7 +56,6 @@ from loom.plan.rank_memory import (
     recomputed_blocks,
     recomputed_layer_bytes,
 )
-from loom.sparsity import causal_run_scores, computed_density, layout_density
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 RECOMPUTE = ("none", "selective", "full")
@@ -326,7 +326,7 @@ def dropout_draws(config: Config, layout: Layout, microbatches: int, recomputed:
 
     Per micro-batch and layer: the two residual dropouts, b s h each (b s/t h under sequence
     parallelism, else every tp rank draws the whole mask), and on dense attention the attention
-    probabilities', b (a/t) per head's :func:`loom.sparsity.causal_run_scores` (loom's dropout core
+    probabilities', b (a/t) per head's :func:`loom.attention_walk.causal_run_scores` (loom's dropout core
     draws over the causal triangle's row runs, about s^2 / 2; the other attention kinds drop no
     probabilities). Recomputation draws again: all of a layer's for
     ``full``, the probabilities' for ``selective``, on the ``recomputed`` blocks of the stage (None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loom.attention_walk import saved_probability_columns, slot_width
 from loom.config import Config
 from loom.parallel.pipeline.partition import rank_stages
 from loom.parallel.pipeline.schedules import build_schedule
@@ -27,7 +28,6 @@ from loom.parallel.pipeline.simulate import simulate
 from loom.plan.activations import Dtypes, LayerShape, attention_kernel, layer_activation_bytes
 from loom.plan.memory import compression_state_bytes, model_state_bytes
 from loom.plan.model import count_rank_parameters
-from loom.sparsity import saved_probability_columns, slot_width
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
