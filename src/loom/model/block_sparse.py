@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loom.attention_walk import Windows, row_slots, saved_probability_columns, shared_run, windowed_walk
-from loom.model.block_windows import scaled_bmm, windowed_attention
+from loom.model.block_windows import future_mask, scaled_bmm, windowed_attention
 
 CHUNK_COLUMNS = 512  # key columns per score tile: slots beyond the band are taken this many keys at a time
 TILE_BYTES = 2 * 2**20  # a row group's score tile: its elementwise passes run from cache, few enough groups
@@ -295,12 +295,6 @@ def _mask(scores: torch.Tensor, chunk: _Chunk, blk: int, triangle: torch.Tensor)
         scores[..., chunk.diagonal * blk : (chunk.diagonal + 1) * blk].add_(triangle)
 
 
-def _triangle(blk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """-inf above the diagonal, 0 elsewhere: added to a diagonal block's scores."""
-    future = torch.ones(blk, blk, dtype=torch.bool, device=device).triu(1)
-    return torch.zeros(blk, blk, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
-
-
 class _BlockSparse(torch.autograd.Function):
     """Its own dtypes under autocast: the scores and statistics in fp32 (16-bit inputs) or the inputs'."""
 
@@ -324,7 +318,7 @@ class _BlockSparse(torch.autograd.Function):
         qs = plan.walked(q.reshape(-1, blk, d))  # the scale rides in the score matmul (alpha): no pass over q
         keys = _Keys(k.reshape(-1, blk, d).to(stats), band, view)
         values = _Keys(v.reshape(-1, blk, d).to(stats), band, view)
-        triangle = _triangle(blk, stats, q.device)
+        triangle = future_mask(blk, stats, q.device)
         out = torch.empty(qs.shape, dtype=stats, device=q.device)
         saved = []
         lse = None if plan.saved else torch.empty(qs.shape[:2], dtype=stats, device=q.device)
@@ -375,7 +369,7 @@ class _BlockSparse(torch.autograd.Function):
         dos = plan.walked(grad_out.reshape(-1, blk, d)).to(stats)
         keys = _Keys(k.reshape(-1, blk, d).to(stats), band, view)
         values = _Keys(v.reshape(-1, blk, d).to(stats), band, view)
-        triangle = _triangle(blk, stats, q.device)
+        triangle = future_mask(blk, stats, q.device)
         # every row's diagonal product is its first in the stack's order when no key block lies after
         # its query block: then it writes the row, and dk, dv need no pass of zeros first
         fresh = view and slots.lower

@@ -67,8 +67,9 @@ def _columns(x: torch.Tensor, columns: torch.Tensor, block: int) -> torch.Tensor
     return picked.reshape(b * h, columns.shape[1] * block, d)
 
 
-def _triangle(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """-inf above the diagonal, 0 elsewhere: added to a window's scores (its queries' future)."""
+def future_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """-inf above the diagonal, 0 elsewhere: added to the scores of a diagonal block or a window
+    (its queries' future)."""
     future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
     return torch.zeros(length, length, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
 
@@ -82,7 +83,7 @@ class _Windowed(torch.autograd.Function):
             steps = _steps(windows, s // block, b * h, block, tile_bytes, chunk_columns)
             qs, ks, vs = (x.reshape(b * h, s, d).to(stats) for x in (q, k, v))
             kc, vc = _columns(k, windows.columns, block).to(stats), _columns(v, windows.columns, block).to(stats)
-            triangle = _triangle(windows.size * block, stats, q.device)
+            triangle = future_mask(windows.size * block, stats, q.device)
             out = torch.empty(b * h, s, d, dtype=stats, device=q.device)
             lse = torch.empty(b * h, s, dtype=stats, device=q.device)
             for step in steps:
@@ -117,7 +118,7 @@ class _Windowed(torch.autograd.Function):
             stats = lse.dtype
             qs, ks, vs, outs, dos = (x.reshape(b * h, s, d).to(stats) for x in (q, k, v, out, grad_out))
             kc, vc = _columns(k, windows.columns, block).to(stats), _columns(v, windows.columns, block).to(stats)
-            triangle = _triangle(windows.size * block, stats, q.device)
+            triangle = future_mask(windows.size * block, stats, q.device)
             dq, dk, dv = (torch.empty(b * h, s, d, dtype=stats, device=q.device) for _ in range(3))
             dkc, dvc = torch.zeros_like(kc), torch.zeros_like(vc)
             for step in ctx.steps:
