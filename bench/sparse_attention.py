@@ -123,11 +123,12 @@ def kernel_worker(kind: str, seq: int) -> dict:
         def run() -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-        ratio = 1.0
+        ratio, walk = 1.0, ""
     else:
         layout = make_layout(SparsityConfig(block=BLOCK, **LAYOUTS[kind]), HEADS, seq)
         slots = Slots.of(layout, BLOCK)
         ratio = causal_density(layout)
+        walk = "window by window" if slots.windows else f"row by row (band {slots.band}, runs of {slots.run})"
 
         def run() -> torch.Tensor:
             return block_sparse_attention(q, k, v, slots)
@@ -140,7 +141,7 @@ def kernel_worker(kind: str, seq: int) -> dict:
         start = time.perf_counter()
         run().backward(grad)
         times.append(time.perf_counter() - start)
-    return {"time": min(times), "peak": _rss() - base, "causal_density": ratio, "density": density}
+    return {"time": min(times), "peak": _rss() - base, "causal_density": ratio, "density": density, "walk": walk}
 
 
 def train_worker(kind: str, seq: int) -> dict:
@@ -311,6 +312,14 @@ def main() -> int:
             "| sequence | dense causal SDPA | " + " | ".join(LAYOUTS) + " |",
             "| --- | --- | " + " | ".join("---" for _ in LAYOUTS) + " |",
             *rows,
+            "",
+            "How the kernel walked each layout (`Slots.of`): "
+            + "; ".join(
+                f"{kind}: "
+                + ", ".join(f"{seq:,} {found[(kind, seq)][0]['walk']}" for seq in SEQS if found.get((kind, seq)))
+                for kind in LAYOUTS
+            )
+            + ".",
             "",
         ]
         if train_rows:
