@@ -38,7 +38,7 @@ def _by_value(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: object, **kwargs: object) -> object:
-        key = repr((args, sorted(kwargs.items()), SAVED_COLUMNS, GATHER_COST))  # and the knobs they read
+        key = repr((args, sorted(kwargs.items()), SAVED_COLUMNS, GATHER_COST, WINDOW_GATHER_COST))  # and the knobs
         if key not in memo:
             if len(memo) >= MEMO_ENTRIES:
                 memo.clear()
@@ -64,6 +64,12 @@ SAVED_COLUMNS = 512
 # What gathering a key block costs against computing on it: the band grows by a block while more
 # than 1 / (1 + GATHER_COST) of the rows have it (the others compute that slot masked).
 GATHER_COST = 0.3
+# What a block the row walk gathers costs it against the window walk, in computed slots: the
+# gather, its gradient's index_add and the smaller matmuls of a run. Measured (2 threads), window
+# walk against row walk: fixed (local 4) at 2k tokens 76 ms against 90 for 1,920 slots against
+# 1,664 and 576 gathered; local 8 at 8k 524 against 531 ms for 15,872 against 12,816 and 4,872;
+# local 16 (global 2) at 8k 1,075 against 705 ms for 23,552 against 16,704 and 5,280.
+WINDOW_GATHER_COST = 1.0
 
 
 def row_slots(layout: torch.Tensor, run: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -218,8 +224,9 @@ def local_windows(layout: torch.Tensor) -> Windows | None:
 def windowed_walk(layout: torch.Tensor, block: int) -> Windows | None:
     """The :func:`local_windows` the kernel walks instead of its rows: where the rows would
     recompute their probabilities (wider than :data:`SAVED_COLUMNS`) and the windows compute no
-    more slots than the row walk computes plus ``GATHER_COST`` for each block it gathers. fixed
-    at 8k tokens (local 4, global 1, block 64): as many slots as runs of 4 rows, none gathered."""
+    more slots than the row walk computes plus :data:`WINDOW_GATHER_COST` for each block it
+    gathers. fixed at 8k tokens (local 4, global 1, block 64): as many slots as runs of 4 rows,
+    none gathered."""
     if saved_probability_columns(row_slots(layout)[0].shape[-1], block) > 0:
         return None
     windows = local_windows(layout)
@@ -227,7 +234,7 @@ def windowed_walk(layout: torch.Tensor, block: int) -> Windows | None:
         return None
     computed, gathered = _row_walk(layout, block)
     heads, n, _ = layout.shape
-    return windows if heads * windows.computed(n) <= computed + GATHER_COST * gathered else None
+    return windows if heads * windows.computed(n) <= computed + WINDOW_GATHER_COST * gathered else None
 
 
 def _row_walk(layout: torch.Tensor, block: int) -> tuple[int, int]:
