@@ -121,6 +121,18 @@ def _reference(q, k, v, layout, block):  # noqa: ANN001, ANN202
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0))
 
 
+def _assert_equals_dense(slots: Slots, layout: torch.Tensor, batch: int, heads: int, seq: int, d: int) -> None:
+    """The kernel under ``slots`` against dense attention under the layout's mask, forward and
+    backward, on random float64 inputs (1e-10)."""
+    q, k, v = (torch.randn(batch, heads, seq, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    got = block_sparse_attention(q, k, v, slots)
+    want = _reference(q, k, v, layout, slots.block)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(got)
+    for a, b, name in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad), "qkv"):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
+
+
 @pytest.mark.parametrize(
     "params",
     [
@@ -189,13 +201,7 @@ def test_kernel_in_many_row_groups_and_chunks_equals_dense_attention(
             plan.order.view(-1, run) - plan.order.view(-1, run)[:, :1],
             torch.arange(run).expand(len(plan.order) // run, run),
         )
-    q, k, v = (torch.randn(batch, heads, block * n, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    got = block_sparse_attention(q, k, v, slots)
-    want = _reference(q, k, v, layout, block)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    grad = torch.randn_like(got)
-    for a, b, name in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad), "qkv"):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
+    _assert_equals_dense(slots, layout, batch, heads, block * n, d)
 
 
 @pytest.mark.parametrize("attention", ["unidirectional", "bidirectional"])
@@ -443,13 +449,7 @@ def test_windowed_kernel_equals_dense_attention(params: dict, n: int, tiles: str
     layout = make_layout(SparsityConfig(block=block, **params), heads, block * n)
     windows = local_windows(layout)  # asked for: at these sizes the rows compute fewer slots
     slots = dataclasses.replace(Slots.of(layout, block, walk="rows"), windows=windows)
-    q, k, v = (torch.randn(batch, heads, block * n, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    got = block_sparse_attention(q, k, v, slots)
-    want = _reference(q, k, v, layout, block)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    grad = torch.randn_like(got)
-    for a, b, name in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad), "qkv"):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
+    _assert_equals_dense(slots, layout, batch, heads, block * n, d)
 
 
 def test_fixed_walks_its_windows_where_rows_recompute_and_nothing_else_does() -> None:
