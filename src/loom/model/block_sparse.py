@@ -47,7 +47,7 @@ rides in the score matmuls (their alpha), never a pass over q. Under autocast th
 its own dtypes: scores and statistics in fp32 for 16-bit inputs.
 
 A causal layout of aligned windows and shared columns (:func:`loom.attention_walk.windowed_walk`:
-fixed's summary columns at 4k tokens and beyond) is walked window by window instead
+fixed's summary columns at 2k tokens and beyond) is walked window by window instead
 (:mod:`loom.model.block_windows`): no gather or scatter per row (fixed at 8k tokens, 2 threads:
 the call 566 ms against the row walk's 678, medians of 5 rounds alternating in one process).
 """
