@@ -475,6 +475,48 @@ def test_fixed_walks_its_windows_where_rows_recompute_and_nothing_else_does() ->
         Slots.of(fixed, 64, walk="windows")
 
 
+def test_the_walk_weighs_the_row_walk_it_is_given_as_the_one_it_builds() -> None:
+    """Slots.of hands windowed_walk the row walk it built (shared_run's run): the same choice as
+    windowed_walk building it again; a run the caller forces is not that walk, so it is not handed."""
+    from loom.attention_walk import _row_walk, row_slots, shared_run, windowed_walk
+
+    for params, seq in (
+        ({"mode": "fixed", "num_local_blocks": 4, "num_global_blocks": 1}, 8192),
+        ({"mode": "fixed", "num_local_blocks": 16, "num_global_blocks": 2}, 8192),
+        ({"mode": "fixed", "num_local_blocks": 4, "num_global_blocks": 1}, 1024),
+        ({"mode": "bigbird", "num_random_blocks": 1}, 4096),
+    ):
+        layout = make_layout(SparsityConfig(block=64, **params), 8, seq)
+        run = shared_run(layout, 64)
+        rows = (run, *row_slots(layout, run))
+        assert _row_walk(layout, 64, rows) == _row_walk(layout, 64)
+        alone, given = windowed_walk(layout, 64), windowed_walk(layout, 64, rows)
+        assert (alone is None) == (given is None) and (alone is None or alone.size == given.size)
+        assert (Slots.of(layout, 64).windows is None) == (alone is None)
+        assert Slots.of(layout, 64, run=1).windows is None or alone is not None
+
+
+def test_a_models_layers_share_one_layout_compiled_once_per_length() -> None:
+    """Every layer attends under the same layout: the model builds it once for this rank's heads
+    and compiles it once per sequence length, whichever layer meets that length first."""
+    items = ["model.n_layers=3", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64", "model.max_seq_len=128"]
+    items += ['model.attention="sparse"', 'model.sparse_attention.mode="bigbird"', "model.sparse_attention.block=8"]
+    items.append("model.sparse_attention.different_layout_per_head=true")
+    model = Transformer(load_config(None, items).model, seed=1)
+    shared = {id(b.attn.sparse) for b in model.blocks.values()}
+    assert len(shared) == 1
+    sparse = model.blocks["0"].attn.sparse
+    config = load_config(None, items).model
+    torch.testing.assert_close(sparse.layout, make_layout(config.sparse_attention, 4, 128))
+    x = torch.randint(0, 64, (2, 128), generator=torch.Generator().manual_seed(0))
+    model.loss(x, x).backward()
+    short = x[:, :64].contiguous()
+    model.loss(short, short)
+    assert sorted(key[:2] for key in sparse._compiled) == [("slots", 8), ("slots", 16)]
+    assert sparse.slots(64, x.device) is sparse.slots(64, x.device)
+    torch.testing.assert_close(sparse.corner(64), sparse.layout[:, :8, :8])
+
+
 def test_a_fixed_model_trains_the_same_window_by_window_as_row_by_row(monkeypatch) -> None:  # noqa: ANN001
     from loom.model import block_sparse
 
@@ -484,12 +526,12 @@ def test_a_fixed_model_trains_the_same_window_by_window_as_row_by_row(monkeypatc
     losses, grads = [], []
     for walk in ("windows", "rows"):  # each asked for (at this size the rows compute fewer slots)
         chosen = local_windows if walk == "windows" else lambda layout: None
-        monkeypatch.setattr(block_sparse, "windowed_walk", lambda layout, block, chosen=chosen: chosen(layout))
+        monkeypatch.setattr(block_sparse, "windowed_walk", lambda layout, block, rows=None, c=chosen: c(layout))
         model = Transformer(load_config(None, items).model, seed=1)
         loss = model.loss(x, x)
         loss.backward()
-        walked = [m._slots for m in model.modules() if getattr(m, "_slots", None)]
-        assert walked and all((s.windows is not None) == (walk == "windows") for d in walked for s in d.values())
+        walked = [m.sparse.slots(128, x.device) for m in model.modules() if getattr(m, "sparse", None)]
+        assert walked and all((s.windows is not None) == (walk == "windows") for s in walked)
         losses.append(loss)
         grads.append([p.grad for p in model.parameters()])
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)

@@ -93,12 +93,11 @@ def row_slots(layout: torch.Tensor, run: int = 1) -> tuple[torch.Tensor, torch.T
     heads, n, _ = layout.shape
     if n % run:
         raise ValueError(f"a run of {run} rows does not divide the layout's {n} blocks")
-    band = _band(layout)
+    band, rest = _rest(layout)  # rest (heads, n, n): kept blocks outside the band
     rows = torch.arange(n)
     start = rows.view(n, 1) - band + 1 + torch.arange(band).view(1, band)  # (n, band) band blocks
     band_index = start.clamp(min=0).expand(heads, n, band)
     band_valid = (start >= 0) & torch.gather(layout, 2, start.clamp(min=0).expand(heads, n, band))
-    rest = layout & ~_in_band(n, band)  # (heads, n, n): kept blocks outside the band
     shared = rest.view(heads, n // run, run, n).any(2).repeat_interleave(run, 1)  # the run's union
     counts = shared.sum(-1)
     extra = int(counts.max().item())
@@ -129,6 +128,13 @@ def _band(layout: torch.Tensor) -> int:
     return band
 
 
+def _rest(layout: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """``(band, rest)`` of a layout whose diagonal is kept: :func:`row_slots`' band and the kept
+    blocks outside it, ``(heads, n, n)``."""
+    band = _band(layout)
+    return band, layout & ~_in_band(layout.shape[-1], band)
+
+
 def _in_band(n: int, band: int) -> torch.Tensor:
     """(n, n): True where key block j lies in query block i's band, i - band + 1 .. i."""
     rows = torch.arange(n)
@@ -148,8 +154,7 @@ def shared_run(layout: torch.Tensor, block: int) -> int:
     """
     layout = layout.bool() | torch.eye(layout.shape[-1], dtype=torch.bool)
     heads, n, _ = layout.shape
-    band = _band(layout)
-    rest = layout & ~_in_band(n, band)
+    band, rest = _rest(layout)
     if saved_probability_columns(band + int(rest.sum(-1).max()), block) > 0:
         return 1
     best, best_cost = 1, None
@@ -221,28 +226,38 @@ def local_windows(layout: torch.Tensor) -> Windows | None:
     return None
 
 
-def windowed_walk(layout: torch.Tensor, block: int) -> Windows | None:
+def windowed_walk(
+    layout: torch.Tensor, block: int, rows: tuple[int, torch.Tensor, torch.Tensor, int] | None = None
+) -> Windows | None:
     """The :func:`local_windows` the kernel walks instead of its rows: where the rows would
     recompute their probabilities (wider than :data:`SAVED_COLUMNS`) and the windows compute no
     more slots than the row walk computes plus :data:`WINDOW_GATHER_COST` for each block it
     gathers. fixed at 8k tokens (local 4, global 1, block 64): as many slots as runs of 4 rows,
-    none gathered."""
-    if saved_probability_columns(row_slots(layout)[0].shape[-1], block) > 0:
+    none gathered. ``rows``: the row walk, ``(run, *row_slots(layout, run))`` with
+    :func:`shared_run`'s run, where the caller has built it already."""
+    band, rest = _rest(layout.bool() | torch.eye(layout.shape[-1], dtype=torch.bool))
+    if saved_probability_columns(band + int(rest.sum(-1).max()), block) > 0:  # row_slots' width, run 1
         return None
     windows = local_windows(layout)
     if windows is None:
         return None
-    computed, gathered = _row_walk(layout, block)
+    computed, gathered = _row_walk(layout, block, rows)
     heads, n, _ = layout.shape
     return windows if heads * windows.computed(n) <= computed + WINDOW_GATHER_COST * gathered else None
 
 
-def _row_walk(layout: torch.Tensor, block: int) -> tuple[int, int]:
+def _row_walk(
+    layout: torch.Tensor, block: int, rows: tuple[int, torch.Tensor, torch.Tensor, int] | None = None
+) -> tuple[int, int]:
     """Slots the row walk computes (each row its band and its run's slots up to the run's longest
-    row's last) and blocks it gathers (each run's, once), with :func:`shared_run`'s run."""
+    row's last) and blocks it gathers (each run's, once), with :func:`shared_run`'s run (``rows``:
+    ``(run, index, valid, band)`` already built)."""
     heads, n, _ = layout.shape
-    run = shared_run(layout, block)
-    index, valid, band = row_slots(layout, run)
+    if rows is None:
+        run = shared_run(layout, block)
+        index, valid, band = row_slots(layout, run)
+    else:
+        run, index, valid, band = rows
     width = index.shape[-1]
     last = torch.where(valid[..., band:], torch.arange(band + 1, width + 1), 0)
     need = last.amax(-1).clamp(min=band) if width > band else torch.full((heads, n), band)

@@ -19,21 +19,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.config import ModelConfig
-from loom.model.block_sparse import Slots, block_sparse_attention, dense_mask, flex_block_mask, flex_sparse_attention
+from loom.model.block_sparse import block_sparse_attention, flex_sparse_attention
 from loom.model.dropout_attention import dropout_attention
 from loom.model.layers import RotaryEmbedding
 from loom.model.lsh_attention import lsh_attention
 from loom.model.recompute import recompute
+from loom.model.sparse_layout import SparseLayout
 from loom.model.topk_attention import topk_attention
 from loom.parallel.random import ParallelRNG
 from loom.parallel.tensor import ColumnParallelLinear, RowParallelLinear, TensorParallel, shard_range
-from loom.sparsity import make_layout
 
 
 class Attention(nn.Module):
     """Q, K, V as separate column-parallel projections, output row-parallel."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, sparse: SparseLayout | None = None) -> None:
+        """``sparse``: the model's compiled layout for this rank's heads, shared by its layers (a
+        sparse model builds its own where none is given)."""
         super().__init__()
         self.tp = tp
         self.head_dim = cfg.head_dim
@@ -55,15 +57,11 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.d_model, cfg.d_model, tp, bias=cfg.use_bias)
         self.kind, self.top_k = cfg.attention, cfg.top_k
         self.lsh = (cfg.n_heads, cfg.lsh_hashes, cfg.lsh_buckets, cfg.lsh_chunk)
-        self.heads = slice(tp.rank * (cfg.n_heads // tp.size), (tp.rank + 1) * (cfg.n_heads // tp.size))
-        self.layout: torch.Tensor | None = None  # sparse: (this rank's heads, blocks, blocks) over layout_len
+        self.heads = rank_heads(cfg, tp)
+        # sparse: this rank's heads' layout, compiled per sequence length (the model's, shared by its layers)
+        self.sparse: SparseLayout | None = None
         if cfg.attention == "sparse":
-            heads = cfg.n_heads // tp.size  # this rank's query heads are [rank x heads, (rank + 1) x heads)
-            with torch.device("cpu"):  # data, not a parameter: never on the meta device
-                whole = make_layout(cfg.sparse_attention, cfg.n_heads, cfg.layout_len)
-            self.layout = whole[tp.rank * heads : (tp.rank + 1) * heads].clone()
-            self.block = cfg.sparse_attention.block
-            self._slots: dict[tuple[int, str], object] = {}  # compiled layouts per (blocks, device): Slots or BlockMask
+            self.sparse = sparse if sparse is not None else SparseLayout(cfg, self.heads)
 
     def forward(
         self,
@@ -97,7 +95,7 @@ class Attention(nn.Module):
 
     def _dropout_core(self, q: torch.Tensor) -> bool:
         """Whether :meth:`_core` runs loom's dropout core (dense attention, dropout on, off CUDA)."""
-        dense = self.layout is None and self.kind not in ("lsh", "topk")
+        dense = self.sparse is None and self.kind not in ("lsh", "topk")
         return dense and bool(self.dropout if self.training else 0.0) and q.device.type != "cuda"
 
     def _core(
@@ -105,7 +103,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """softmax(QK^T / sqrt(d) + causal mask), dropped out, times V: (batch, heads, seq, head_dim).
         ``recompute``: the dropout core keeps only q, k, v and recomputes itself in backward."""
-        if self.layout is not None:
+        if self.sparse is not None:
             return self._sparse_core(q, k, v)
         if self.kind == "lsh":
             return self._lsh_core(q, k, v)
@@ -149,19 +147,18 @@ class Attention(nn.Module):
         attention probabilities here (residual and embedding dropout still apply)."""
         k, v = _expand(k, v, q.shape[1])
         seq = q.shape[-2]
-        blocks = -(-seq // self.block)
-        if seq % self.block == 0 and q.device.type == "cuda":  # FlexAttention, compiled, from the same layout
-            key = (blocks, str(q.device))
-            if key not in self._slots:
-                self._slots[key] = flex_block_mask(self.layout[:, :blocks, :blocks], self.block, seq, q.device)
-            return flex_sparse_attention(q, k, v, self._slots[key])
-        if seq % self.block == 0:
-            key = (blocks, str(q.device))
-            if key not in self._slots:
-                self._slots[key] = Slots.of(self.layout[:, :blocks, :blocks], self.block, q.device)
-            return block_sparse_attention(q, k, v, self._slots[key])
-        mask = dense_mask(self.layout[:, :blocks, :blocks], self.block)[:, :seq, :seq].to(q.device)
+        if seq % self.sparse.block == 0 and q.device.type == "cuda":  # FlexAttention, compiled, from the same layout
+            return flex_sparse_attention(q, k, v, self.sparse.block_mask(seq, q.device))
+        if seq % self.sparse.block == 0:
+            return block_sparse_attention(q, k, v, self.sparse.slots(seq, q.device))
+        mask = self.sparse.element_mask(seq, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0))
+
+
+def rank_heads(cfg: ModelConfig, tp: TensorParallel) -> slice:
+    """This tp rank's query heads: ``[rank x n_heads / t, (rank + 1) x n_heads / t)``."""
+    per_rank = cfg.n_heads // tp.size
+    return slice(tp.rank * per_rank, (tp.rank + 1) * per_rank)
 
 
 def _expand(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,9 +95,11 @@ class Slots:
         finds them worth it, ``rows`` always its rows."""
         if walk not in ("auto", "rows"):
             raise ValueError(f"walk = {walk!r}: auto or rows")
-        run = shared_run(layout, block) if run is None else run
+        chosen = run is None  # shared_run's: the row walk windowed_walk weighs the windows against
+        run = shared_run(layout, block) if chosen else run
         index, valid, band = row_slots(layout, run)
-        windows = windowed_walk(layout, block) if walk == "auto" else None
+        rows = (run, index, valid, band) if chosen else None
+        windows = windowed_walk(layout, block, rows) if walk == "auto" else None
         if windows is not None:
             windows = Windows(windows.size, windows.columns.to(device), windows.before)
         return cls(index.to(device), valid.to(device), block, band, run, windows)

@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.config import ModelConfig
-from loom.model.attention import Attention
+from loom.model.attention import Attention, rank_heads
 from loom.model.dropout import Dropout
 from loom.model.init import init_parameter
 from loom.model.layers import RotaryEmbedding, make_mlp, make_norm
 from loom.model.recompute import Recompute, recompute
 from loom.model.reversible import reversible
+from loom.model.sparse_layout import SparseLayout
 from loom.parallel.placement import Placements, declare_replicated
 from loom.parallel.random import ParallelRNG
 from loom.parallel.tensor import ColumnParallelLinear, TensorParallel
@@ -35,11 +36,12 @@ from loom.parallel.vocab import VocabParallelEmbedding, padded_vocab, vocab_para
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, sparse: SparseLayout | None = None) -> None:
+        """``sparse``: the model's compiled sparse layout, shared by its blocks."""
         super().__init__()
         self.tp = tp
         self.attn_norm = make_norm(cfg, tp)
-        self.attn = Attention(cfg, tp)
+        self.attn = Attention(cfg, tp, sparse)
         self.mlp_norm = make_norm(cfg, tp)
         self.mlp = make_mlp(cfg, tp)
         self.resid_dropout = Dropout(cfg.dropout)
@@ -124,7 +126,9 @@ class Transformer(nn.Module):
                 declare_replicated(self.pos_emb, self.tp.size, self.tp.rank, self.tp.sequence_parallel)
             self.emb_dropout = Dropout(cfg.dropout)
             # keyed by the global layer index, so names (blocks.7.attn...) are the same in any layout
-            self.blocks = nn.ModuleDict({str(i): Block(cfg, self.tp) for i in self.layers})
+            # one sparse layout for every block: built and compiled once, not once a layer
+            sparse = SparseLayout(cfg, rank_heads(cfg, self.tp)) if cfg.attention == "sparse" else None
+            self.blocks = nn.ModuleDict({str(i): Block(cfg, self.tp, sparse) for i in self.layers})
             self.final_norm = make_norm(cfg, self.tp) if head else None
             self.lm_head = None
             if head and not cfg.tied:
