@@ -1,12 +1,13 @@
 """Which block size to choose on a CPU: one sliding window, the same span in tokens, at blocks
 16 to 128.
 
-DeepSpeed's sparsity configs default to ``block = 16``, and loom takes them as they are. The
-kernel's work is batched matmuls over ``block x block`` tiles (:mod:`loom.model.block_sparse`),
-so a smaller block wastes less of the diagonal and of a window's ragged edge but multiplies
-smaller matrices. This script measures the trade: a causal sliding window whose look-back is
+DeepSpeed's sparsity configs default to ``block = 16``, and loom takes them as they are. Both
+of loom's CPU kernels multiply ``block x block`` tiles (the C++ one, the default,
+:mod:`loom.model.block_sparse_cpp`, one query block at a time; the torch-ops one,
+:mod:`loom.model.block_sparse`, in batched matmuls), so a smaller block wastes less of the
+diagonal and of a window's ragged edge but multiplies smaller matrices. This script measures the trade: a causal sliding window whose look-back is
 ``--lookback`` tokens (``num_sliding_window_blocks = 2 x lookback / block + 1``), forward +
-backward of one call (batch 1, 8 heads of 64, fp32, 2 threads) at each block, beside dense
+backward of one call (batch 1, 8 heads of 64, fp32, 2 threads) at each block and kernel, beside dense
 causal ``scaled_dot_product_attention``; each case in its own process, the cases rotating
 round by round, a case's time the best of ``CALLS`` calls and the table the median over rounds.
 
@@ -31,6 +32,7 @@ from common import bench_command, result_head, write_result
 
 HEADS, HEAD_DIM = 8, 64
 BLOCKS = (16, 32, 64, 128)
+KERNELS = {"cpp": "C++", "torch": "torch ops"}
 CALLS = 5
 
 
@@ -44,12 +46,13 @@ def kept_scores(layout, block: int) -> int:  # noqa: ANN001
     return below * block * block + diagonal * block * (block + 1) // 2
 
 
-def worker(block: int, seq: int, lookback: int) -> dict:
+def worker(block: int, seq: int, lookback: int, kernel: str) -> dict:
     """One case: ``block`` 0 is dense causal SDPA."""
     import torch
     import torch.nn.functional as F
 
     from loom.model.block_sparse import Slots, block_sparse_attention
+    from loom.model.block_sparse_cpp import KeptBlocks, cpp_block_sparse_attention
     from loom.parallel.host_allocator import set_host_allocator
     from loom.sparsity import SparsityConfig, make_layout
 
@@ -65,11 +68,18 @@ def worker(block: int, seq: int, lookback: int) -> dict:
     else:
         config = SparsityConfig(mode="sliding_window", block=block, num_sliding_window_blocks=2 * lookback // block + 1)
         layout = make_layout(config, HEADS, seq)
-        slots = Slots.of(layout, block)
         kept = kept_scores(layout, block)
+        if kernel == "cpp":
+            blocks = KeptBlocks.of(layout, block)
 
-        def run() -> torch.Tensor:
-            return block_sparse_attention(q, k, v, slots)
+            def run() -> torch.Tensor:
+                return cpp_block_sparse_attention(q, k, v, blocks)
+
+        else:
+            slots = Slots.of(layout, block)
+
+            def run() -> torch.Tensor:
+                return block_sparse_attention(q, k, v, slots)
 
     grad = torch.randn(1, HEADS, seq, HEAD_DIM)
     times = []
@@ -81,15 +91,15 @@ def worker(block: int, seq: int, lookback: int) -> dict:
     return {"time": min(times), "kept": kept}
 
 
-def _spawn(block: int, seq: int, lookback: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", str(block), str(seq), str(lookback)]
+def _spawn(block: int, seq: int, lookback: int, kernel: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", str(block), str(seq), str(lookback), kernel]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(*(int(a) for a in sys.argv[2:5]))))
+        print(json.dumps(worker(*(int(a) for a in sys.argv[2:5]), sys.argv[5])))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write the table here (markdown)")
@@ -100,27 +110,28 @@ def main() -> int:
     if args.lookback <= 0 or args.lookback % max(BLOCKS):
         parser.error(f"--lookback {args.lookback}: a positive multiple of {max(BLOCKS)}")
     seqs = [int(s) for s in args.seqs.split(",")]
-    cases = [0, *BLOCKS]
-    found: dict[tuple[int, int], list[dict]] = {}
+    cases = [(0, "-"), *((block, kernel) for kernel in KERNELS for block in BLOCKS)]
+    found: dict[tuple[int, str, int], list[dict]] = {}
     for r in range(args.rounds):
         for seq in seqs:
-            for block in cases[r % len(cases) :] + cases[: r % len(cases)]:  # rotate who runs first
-                found.setdefault((block, seq), []).append(_spawn(block, seq, args.lookback))
+            for block, kernel in cases[r % len(cases) :] + cases[: r % len(cases)]:  # rotate who runs first
+                found.setdefault((block, kernel, seq), []).append(_spawn(block, seq, args.lookback, kernel))
         print(f"round {r + 1} of {args.rounds} done", flush=True)
 
     rows = []
     for seq in seqs:
-        dense_runs = found[(0, seq)]
+        dense_runs = found[(0, "-", seq)]
         dense = statistics.median(x["time"] for x in dense_runs)
         rows.append(f"| {seq:,} | dense causal SDPA | {1e3 * dense:.0f} ms | - | - |")
-        for block in BLOCKS:
-            runs = found[(block, seq)]
+        for block, kernel in cases[1:]:
+            runs = found[(block, kernel, seq)]
             t = statistics.median(x["time"] for x in runs)
             ideal = dense_runs[0]["kept"] / runs[0]["kept"]
             fractions = [(d["time"] / x["time"]) / ideal for d, x in zip(dense_runs, runs, strict=True)]
             ns = 1e9 * t / runs[0]["kept"]
             rows.append(
-                f"| {seq:,} | block {block} ({2 * args.lookback // block + 1} blocks) | {1e3 * t:.0f} ms | "
+                f"| {seq:,} | {KERNELS[kernel]}, block {block} ({2 * args.lookback // block + 1} blocks) | "
+                f"{1e3 * t:.0f} ms | "
                 f"{dense / t:.1f}x of ideal {ideal:.1f}x: {statistics.median(fractions):.2f} "
                 f"(rounds {min(fractions):.2f}-{max(fractions):.2f}) | {ns:.2f} ns |"
             )

@@ -53,9 +53,10 @@ def test_korthikanti_table_2_on_their_gpt3_shape() -> None:
     assert ratio == pytest.approx(34 / 8 / (10 + 3 + 10))
 
 
-def _measure(family: str, cases: list, dropout: float = 0.1, attention: str = "dense") -> dict:
+def _measure(family: str, cases: list, dropout: float = 0.1, attention: str = "dense", kernel: str = "auto") -> dict:
     overrides = [
         f'model.attention="{attention}"',
+        f'model.sparse_attention.kernel="{kernel}"',
         "model.sparse_attention.block=8",
         "model.top_k=8",
         "model.lsh_chunk=8",
@@ -88,16 +89,30 @@ def _measure(family: str, cases: list, dropout: float = 0.1, attention: str = "d
 
 
 @pytest.mark.parametrize(
-    ("dropout", "attention"),
-    [(0.1, "dense"), (0.0, "dense"), (0.0, "sparse"), (0.0, "topk"), (0.0, "lsh")],
-    ids=["dropout (unfused core)", "no dropout (flash core)", "block-sparse core", "top-k core", "lsh core"],
+    ("dropout", "attention", "kernel"),
+    [
+        (0.1, "dense", "auto"),
+        (0.0, "dense", "auto"),
+        (0.0, "sparse", "cpp"),
+        (0.0, "sparse", "torch"),
+        (0.0, "topk", "auto"),
+        (0.0, "lsh", "auto"),
+    ],
+    ids=[
+        "dropout (unfused core)",
+        "no dropout (flash core)",
+        "block-sparse core (C++)",
+        "block-sparse core (torch ops)",
+        "top-k core",
+        "lsh core",
+    ],
 )
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_measured_layer_activations_equal_the_formula(family: str, dropout: float, attention: str) -> None:
-    measured = run_ranks(_measure, 2, args=(family, CASES, dropout, attention), timeout_s=120)[0]
+def test_measured_layer_activations_equal_the_formula(family: str, dropout: float, attention: str, kernel: str) -> None:
+    measured = run_ranks(_measure, 2, args=(family, CASES, dropout, attention, kernel), timeout_s=120)[0]
     cfg = load_config(None, [f'model.family="{family}"', f"model.d_model={H}", f"model.n_heads={HEADS}"]).model
-    columns = 0  # the probabilities the block-sparse kernel keeps: the padded slots of each query's row
-    if attention == "sparse":
+    columns = 0  # the probabilities the torch-ops block-sparse kernel keeps: the padded slots of each query's row
+    if attention == "sparse" and kernel == "torch":
         layout = make_layout(SparsityConfig(block=8), HEADS, S)
         columns = saved_probability_columns(row_slots(layout)[0].shape[-1], 8)
         assert columns > 0  # this small layout keeps them

@@ -27,7 +27,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [
-    ("loom", "loom.errors"),
+    ("loom", "loom.errors", "loom.native"),
     ("loom.distributed",),
     ("loom.optim",),
     ("loom.parallel",),

@@ -496,11 +496,14 @@ def test_the_walk_weighs_the_row_walk_it_is_given_as_the_one_it_builds() -> None
         assert Slots.of(layout, 64, run=1).windows is None or alone is not None
 
 
-def test_a_models_layers_share_one_layout_compiled_once_per_length() -> None:
+@pytest.mark.parametrize(("kernel", "compiled"), [("cpp", "kept"), ("torch", "slots")])
+def test_a_models_layers_share_one_layout_compiled_once_per_length(kernel: str, compiled: str) -> None:
     """Every layer attends under the same layout: the model builds it once for this rank's heads
-    and compiles it once per sequence length, whichever layer meets that length first."""
+    and compiles it once per sequence length (for the kernel it runs), whichever layer meets that
+    length first."""
     items = ["model.n_layers=3", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64", "model.max_seq_len=128"]
     items += ['model.attention="sparse"', 'model.sparse_attention.mode="bigbird"', "model.sparse_attention.block=8"]
+    items.append(f'model.sparse_attention.kernel="{kernel}"')
     items.append("model.sparse_attention.different_layout_per_head=true")
     model = Transformer(load_config(None, items).model, seed=1)
     shared = {id(b.attn.sparse) for b in model.blocks.values()}
@@ -512,8 +515,9 @@ def test_a_models_layers_share_one_layout_compiled_once_per_length() -> None:
     model.loss(x, x).backward()
     short = x[:, :64].contiguous()
     model.loss(short, short)
-    assert sorted(key[:2] for key in sparse._compiled) == [("slots", 8), ("slots", 16)]
+    assert sorted(key[:2] for key in sparse._compiled) == [(compiled, 8), (compiled, 16)]
     assert sparse.slots(64, x.device) is sparse.slots(64, x.device)
+    assert sparse.kept(64) is sparse.kept(64)
     torch.testing.assert_close(sparse.corner(64), sparse.layout[:, :8, :8])
 
 
@@ -522,6 +526,7 @@ def test_a_fixed_model_trains_the_same_window_by_window_as_row_by_row(monkeypatc
 
     items = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64", "model.max_seq_len=128"]
     items += ['model.attention="sparse"', 'model.sparse_attention.mode="fixed"', "model.sparse_attention.block=8"]
+    items.append('model.sparse_attention.kernel="torch"')  # the walks are the torch-ops kernel's
     x = torch.randint(0, 64, (2, 128), generator=torch.Generator().manual_seed(0))
     losses, grads = [], []
     for walk in ("windows", "rows"):  # each asked for (at this size the rows compute fewer slots)
@@ -579,11 +584,13 @@ def _sparse_items(corpus, **extra) -> list[str]:  # noqa: ANN001
     return tiny_overrides(corpus, **items)
 
 
-def test_a_model_with_the_dense_layout_equals_the_dense_model() -> None:
+@pytest.mark.parametrize("kernel", ["cpp", "torch"])
+def test_a_model_with_the_dense_layout_equals_the_dense_model(kernel: str) -> None:
     base = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64", 'model.family="llama"']
     base.append("model.n_kv_heads=2")
     dense = Transformer(load_config(None, base).model, seed=1)
     sparse_items = [*base, 'model.attention="sparse"', 'model.sparse_attention.mode="dense"']
+    sparse_items.append(f'model.sparse_attention.kernel="{kernel}"')
     sparse = Transformer(load_config(None, sparse_items).model, seed=1)
     x = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
     a, b = dense.loss(x, x), sparse.loss(x, x)
@@ -599,10 +606,15 @@ def test_a_model_with_the_dense_layout_equals_the_dense_model() -> None:
     [
         # each tp rank takes its heads' layouts: bigbird draws a different layout for every head
         {"model.sparse_attention.mode": "bigbird", "model.sparse_attention.different_layout_per_head": True},
+        {  # the torch-ops kernel, as the C++ one above
+            "model.sparse_attention.mode": "bigbird",
+            "model.sparse_attention.different_layout_per_head": True,
+            "model.sparse_attention.kernel": "torch",
+        },
         # rotations drawn for every head from the shared stream, each rank keeping its heads'
         {"model.attention": "lsh", "model.lsh_chunk": 8, "model.lsh_buckets": 4, "model.family": "llama"},
     ],
-    ids=["bigbird", "lsh shared-QK"],
+    ids=["bigbird", "bigbird, torch-ops kernel", "lsh shared-QK"],
 )
 def test_tp2_sparse_model_matches_the_single_process(tmp_path: Path, text_corpus: Path, kind: dict) -> None:
     one = train_rank(_sparse_items(text_corpus, **kind), str(tmp_path / "one"))
@@ -651,16 +663,21 @@ def _flex_tiles(config: SparsityConfig, heads: int, seq: int) -> float:
 
 def test_the_step_time_counts_the_blocks_the_kernel_computes(monkeypatch) -> None:  # noqa: ANN001
     """The planner's model FLOPs count the kept blocks; its step time what the kernel computes:
-    on CPU each row's band and gathered slots up to its last kept one (a run's longest row's), on
-    CUDA FlexAttention's 128-token tiles that hold a kept block."""
+    on CPU the C++ kernel the kept blocks, the torch-ops one each row's band and gathered slots up
+    to its last kept one (a run's longest row's), on CUDA FlexAttention's 128-token tiles that
+    hold a kept block."""
     from loom.attention_walk import computed_density, layout_density
 
-    fixed = SparsityConfig(block=64, mode="fixed", num_local_blocks=4, num_global_blocks=1)
+    fixed = SparsityConfig(block=64, mode="fixed", num_local_blocks=4, num_global_blocks=1, kernel="torch")
     assert computed_density(fixed, 8, 8192) == pytest.approx(
         19968 / 18432 * layout_density(fixed, 8, 8192)
     )  # window by window: 4 rows x (4 + w) slots in window w, as many as runs of 4 rows
-    window = SparsityConfig(block=64, mode="sliding_window", num_sliding_window_blocks=3)
+    window = SparsityConfig(block=64, mode="sliding_window", num_sliding_window_blocks=3, kernel="torch")
     assert computed_density(window, 8, 8192) == pytest.approx(2 * 128 / 128**2)  # the band, both slots on every row
+    for kernel in ("cpp", "auto"):  # the C++ kernel: the kept blocks (the window's first row has one)
+        cpp = dataclasses.replace(window, kernel=kernel)
+        assert computed_density(cpp, 8, 8192) == pytest.approx((2 * 128 - 1) / 128**2)
+        assert computed_density(dataclasses.replace(fixed, kernel=kernel), 8, 8192) == layout_density(fixed, 8, 8192)
     # 8 blocks of 64 in tiles of 128: the diagonal tiles and the ones below them, 4 blocks each
     assert computed_density(window, 8, 512, "cuda") == pytest.approx((4 + 3) * 4 / 64)
     assert layout_density(window, 8, 512) == pytest.approx((8 + 7) / 64)
@@ -681,6 +698,7 @@ def test_the_step_time_counts_the_blocks_the_kernel_computes(monkeypatch) -> Non
 
     items = ['model.attention="sparse"', 'model.sparse_attention.mode="fixed"', "model.sparse_attention.block=64"]
     items += [
+        'model.sparse_attention.kernel="torch"',  # its computed share differs from the kept one
         "model.n_layers=2",
         "model.d_model=256",
         "model.n_heads=4",

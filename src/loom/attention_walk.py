@@ -1,7 +1,9 @@
 """Which scores loom's attention kernels compute and keep, and in what order: what the kernels
 build from a layout (:mod:`loom.sparsity`) and what the planner counts.
 
-- The block-sparse kernel (:mod:`loom.model.block_sparse`) walks a layout's rows: each row's band
+- The torch-ops block-sparse kernel (:mod:`loom.model.block_sparse`, ``kernel = "torch"``; the
+  C++ kernel, :mod:`loom.model.block_sparse_cpp`, computes the kept blocks and nothing else)
+  walks a layout's rows: each row's band
   (the blocks ending at its diagonal, read as a strided view) and the rest gathered
   (:func:`row_slots`), rows of an aligned run sharing what they gather (:func:`shared_run`); or,
   for a causal layout of aligned windows and shared columns, window by window
@@ -271,7 +273,9 @@ def computed_density(config: SparsityConfig, num_heads: int, seq_len: int, devic
     distinct heads as :func:`layout_density`: what the planner's step time scales the attention's
     s^2 FLOPs by (its model FLOPs keep :func:`layout_density`).
 
-    On CPU, loom's kernel (:mod:`loom.model.block_sparse`): a layout of local windows and shared
+    On CPU, loom's C++ kernel (``kernel`` cpp or auto, :mod:`loom.model.block_sparse_cpp`): the
+    kept blocks, each causal diagonal block in full, nothing more. Its torch-ops kernel
+    (``kernel = "torch"``, :mod:`loom.model.block_sparse`): a layout of local windows and shared
     columns that it walks window by window (:func:`windowed_walk`) computes each window's rows
     against their whole window and the columns before it (fixed at 8k tokens, local 4, global 1,
     block 64: 8% more than it keeps); otherwise each row computes its band and its gathered slots
@@ -305,6 +309,10 @@ def computed_density(config: SparsityConfig, num_heads: int, seq_len: int, devic
         ).double()
         area = (hit.double() * side.view(1, -1, 1) * side.view(1, 1, -1)).sum()
         return float(area) / (heads * seq_len * seq_len)
+    if config.kernel != "torch":
+        if config.attention == "unidirectional":
+            layout &= torch.ones(n, n, dtype=torch.bool).tril()
+        return int(layout.sum()) / (heads * n * n)
     windows = windowed_walk(layout, block)
     if windows is not None:
         return heads * windows.computed(n) / (heads * n * n)

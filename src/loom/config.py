@@ -60,7 +60,7 @@ class ModelConfig:
     tie_embeddings: bool | None = None  # None: True for gpt2, False for llama
     bias: bool | None = None  # None: True for gpt2, False for llama
     init_std: float = 0.02
-    # "dense": causal scaled_dot_product_attention; "sparse": block-sparse (loom.sparsity, loom.model.block_sparse);
+    # "dense": causal scaled_dot_product_attention; "sparse": block-sparse (loom.sparsity, loom.model.block_sparse_cpp);
     # "topk": each query's top_k largest scores (loom.model.topk_attention); "lsh": Reformer's
     # hashed buckets (loom.model.lsh_attention)
     attention: str = "dense"

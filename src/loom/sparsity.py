@@ -40,6 +40,10 @@ from loom.parallel.random import stream_seed
 
 MODES = ("dense", "fixed", "strided", "sliding_window", "bslongformer", "longformer", "bigbird", "variable")
 DIRECTIONS = ("unidirectional", "bidirectional")
+# which kernel runs a layout off CUDA (on CUDA: FlexAttention): "cpp" loom's compiled one
+# (loom.model.block_sparse_cpp), "torch" the one of torch ops (loom.model.block_sparse), "auto"
+# the compiled one where this machine builds it, else torch's with a warning
+KERNELS = ("auto", "cpp", "torch")
 
 
 @dataclass
@@ -63,6 +67,7 @@ class SparsityConfig:
     stride_blocks: int | None = None  # strided: None is num_local_blocks
     dilation: int = 1  # longformer: blocks between the window's steps
     seed: int = 0  # random blocks
+    kernel: str = "auto"  # loom's, not DeepSpeed's: KERNELS above
 
     def random_blocks(self) -> int:
         if self.num_random_blocks is not None:
@@ -74,6 +79,7 @@ class SparsityConfig:
         that depend on the number of blocks too."""
         _choice("mode", self.mode, MODES)
         _choice("attention", self.attention, DIRECTIONS)
+        _choice("kernel", self.kernel, KERNELS)
         for name in ("block", "num_local_blocks", "num_global_blocks", "num_different_global_patterns", "dilation"):
             _positive(name, getattr(self, name))
         _positive("num_sliding_window_blocks", self.num_sliding_window_blocks)

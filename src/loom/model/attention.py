@@ -1,7 +1,7 @@
 """Causal self-attention with grouped-query heads, through scaled_dot_product_attention (with
 dropout off CUDA: :mod:`loom.model.dropout_attention`, loom's core with a fast mask), or
 block-sparse (``model.attention = "sparse"``: :mod:`loom.sparsity`'s layout, this rank's heads'
-part of it, through :mod:`loom.model.block_sparse`).
+part of it, through :mod:`loom.model.block_sparse_cpp` or :mod:`loom.model.block_sparse`).
 
 Under tensor parallelism each rank computes n_heads / t query heads. K/V heads are split
 the same way when t divides n_kv_heads; when t is larger (t % n_kv_heads == 0) each rank
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.config import ModelConfig
-from loom.model.block_sparse import block_sparse_attention, flex_sparse_attention
+from loom.model.block_sparse import flex_sparse_attention
 from loom.model.dropout_attention import dropout_attention
 from loom.model.layers import RotaryEmbedding
 from loom.model.lsh_attention import lsh_attention
@@ -141,16 +141,17 @@ class Attention(nn.Module):
 
     def _sparse_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The layout's blocks only. A sequence of whole blocks runs FlexAttention with a BlockMask
-        of the layout on CUDA, loom's block-sparse kernel elsewhere; any other length
-        (generation) dense attention under the layout's element mask, its top-left corner: a
-        prefix attends as it does inside a longer sequence. No dropout on the
-        attention probabilities here (residual and embedding dropout still apply)."""
+        of the layout on CUDA, loom's block-sparse kernel elsewhere (:meth:`SparseLayout.attend`:
+        the C++ one, or the one of torch ops); any other length (generation) dense attention under
+        the layout's element mask, its top-left corner: a prefix attends as it does inside a
+        longer sequence. No dropout on the attention probabilities here (residual and embedding
+        dropout still apply)."""
         k, v = _expand(k, v, q.shape[1])
         seq = q.shape[-2]
         if seq % self.sparse.block == 0 and q.device.type == "cuda":  # FlexAttention, compiled, from the same layout
             return flex_sparse_attention(q, k, v, self.sparse.block_mask(seq, q.device))
-        if seq % self.sparse.block == 0:
-            return block_sparse_attention(q, k, v, self.sparse.slots(seq, q.device))
+        if seq % self.sparse.block == 0:  # loom's C++ kernel, or its torch-ops one
+            return self.sparse.attend(q, k, v)
         mask = self.sparse.element_mask(seq, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0))
 

@@ -1,4 +1,6 @@
-"""Block-sparse attention whose cost follows the layout's non-zero blocks; no dense score matrix.
+"""Block-sparse attention whose cost follows the layout's non-zero blocks; no dense score matrix:
+the kernel of torch ops (``model.sparse_attention.kernel = "torch"``, and where loom's C++ kernel,
+:mod:`loom.model.block_sparse_cpp`, does not build; any dtype, float64 included).
 
 ``block_sparse_attention(q, k, v, layout, block)``: q, k, v ``(batch, heads, S, d)``;
 ``layout`` ``(heads, S / block, S / block)`` (:mod:`loom.sparsity`). Query block i of head h

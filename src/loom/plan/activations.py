@@ -71,7 +71,8 @@ class LayerShape:
     dropout: float
     top_k: int = 32  # attention = "topk": the scores each query keeps
     lsh: tuple[int, int, bool] = (2, 64, True)  # attention = "lsh": rounds, chunk, shared QK
-    sparse_columns: int = 0  # attention = "sparse": key columns per query whose probabilities the kernel keeps
+    # attention = "sparse": key columns per query whose probabilities the torch-ops kernel keeps
+    sparse_columns: int = 0
 
 
 @dataclass(frozen=True)
@@ -149,12 +150,14 @@ def layer_activation_bytes(
     elif kernel == "dropout":  # q, k, v as given; the probabilities in fp32 and their uint8 mask,
         # over the causal triangle's row runs
         core = (c * (e + 2 * e_kv) + 5 * shape.heads * causal_run_scores(s) * b) / t
-    elif kernel == "sparse" and shape.sparse_columns:  # q, k and v (K/V expanded to every query
-        # head), and the probabilities of each query's padded slots in fp32 (loom.model.block_sparse
-        # keeps them when a row spans at most loom.attention_walk.SAVED_COLUMNS keys): linear in s
+    elif kernel == "sparse" and shape.sparse_columns:  # the torch-ops kernel: q, k and v (K/V expanded
+        # to every query head), and the probabilities of each query's padded slots in fp32
+        # (loom.model.block_sparse keeps them when a row spans at most loom.attention_walk.SAVED_COLUMNS
+        # keys): linear in s
         core = c * 3 * e / t + 4 * shape.heads * s * b * shape.sparse_columns / t
-    elif kernel == "sparse":  # q, k, v, out, and the log-sum-exp (the probabilities recomputed):
-        # linear in s, whatever the layout
+    elif kernel == "sparse":  # the C++ kernel (loom.model.block_sparse_cpp), FlexAttention, and the
+        # torch-ops kernel's wide rows: q, k, v, out, and the log-sum-exp (the probabilities
+        # recomputed): linear in s, whatever the layout
         core = c * 4 * e / t + 4 * shape.heads * s * b / t
     elif kernel == "lsh":
         core = _lsh_core_bytes(shape, s, b, t, c)

@@ -53,7 +53,7 @@ def layer_shape(config: Config) -> LayerShape:
     m = config.model
     lsh = (m.lsh_hashes, m.lsh_chunk, m.lsh_shared_qk)
     columns = 0
-    if m.attention == "sparse":
+    if m.attention == "sparse" and m.sparse_attention.kernel == "torch":  # the C++ kernel and FlexAttention keep none
         width = slot_width(m.sparse_attention, m.n_heads, config.train.seq_len)
         columns = saved_probability_columns(width, m.sparse_attention.block)
     shape = (m.family, m.d_model, m.n_heads, m.kv_heads, m.ffn_dim, m.use_bias, m.dropout, m.top_k, lsh)

@@ -1,0 +1,128 @@
+"""Block-sparse attention through loom's compiled CPU kernel (``loom/native/block_sparse.cpp``).
+
+The same attention as :mod:`loom.model.block_sparse` (softmax(Q K^T scale + mask) V over the
+layout's blocks, causal inside the diagonal block), computed one query block at a time in C++:
+the block's kept key blocks, as runs of consecutive blocks read in place, give a score tile that
+stays in the thread's cache through the matmul, the mask, the softmax and the product with V
+(the torch-ops kernel passes over each tile with a separate op, each from memory at 8k-16k
+tokens). Backward keeps only q, k, v, the output and the log-sum-exp per query (as flash
+attention) and recomputes each block's probabilities:
+
+    P = exp(S - lse),  dP = dO V^T,  dS = P o (dP - rowsum(dO o O)),
+    dQ = dS K scale,   dK = dS^T Q scale,   dV = P^T dO.
+
+Work follows the kept blocks exactly (no padded slots, no window tiles); memory for backward is
+linear in the sequence whatever the layout. fp32 inside: 16-bit inputs are computed in fp32
+(scores and statistics, as the torch-ops kernel) and their results cast back. Threads: torch's
+intra-op count (``torch.get_num_threads()``), in the process's OpenMP runtime.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+
+import torch
+
+from loom import native
+
+KERNEL = "block_sparse"
+
+
+@dataclass(frozen=True)
+class KeptBlocks:
+    """A layout compiled for the C++ kernel: ``cols[h, i]`` the key blocks query block i of head h
+    attends, ascending (its own block always among them), -1 after the last; ``(heads, blocks,
+    width)`` int32, width the longest row's count."""
+
+    cols: torch.Tensor
+    block: int
+
+    @classmethod
+    def of(cls, layout: torch.Tensor, block: int) -> KeptBlocks:
+        n = layout.shape[-1]
+        kept = layout.bool().cpu() | torch.eye(n, dtype=torch.bool)
+        width = int(kept.sum(-1).max())
+        ascending = torch.where(kept, torch.arange(n), n).sort(-1).values[..., :width]
+        return cls(torch.where(ascending < n, ascending, -1).to(torch.int32).contiguous(), block)
+
+
+def _pointer(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+class _CppBlockSparse(torch.autograd.Function):
+    """Its own dtypes under autocast: fp32 inside, the inputs' dtype out."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kept: KeptBlocks, causal: bool, scale: float):  # noqa: ANN001, ANN205
+        with torch.autocast("cpu", enabled=False):
+            b, h, s, d = q.shape
+            qf, kf, vf = (t.float().contiguous() for t in (q, k, v))
+            out = torch.empty_like(qf)
+            lse = torch.empty(b, h, s, dtype=torch.float32)
+            native.library(KERNEL).loom_block_sparse_forward(
+                *map(_pointer, (qf, kf, vf, kept.cols)),
+                ctypes.c_int64(b * h),
+                h,
+                s // kept.block,
+                kept.cols.shape[-1],
+                kept.block,
+                d,
+                ctypes.c_float(scale),
+                int(causal),
+                torch.get_num_threads(),
+                _pointer(out),
+                _pointer(lse),
+            )
+            out = out.to(q.dtype)
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.kept, ctx.causal, ctx.scale = kept, causal, scale
+            return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        with torch.autocast("cpu", enabled=False):
+            q, k, v, out, lse = ctx.saved_tensors
+            kept = ctx.kept
+            b, h, s, d = q.shape
+            qf, kf, vf, of, gf = (t.float().contiguous() for t in (q, k, v, out, grad_out))
+            dq, dk, dv = (torch.empty_like(qf) for _ in range(3))
+            native.library(KERNEL).loom_block_sparse_backward(
+                *map(_pointer, (qf, kf, vf, of, lse, gf, kept.cols)),
+                ctypes.c_int64(b * h),
+                h,
+                s // kept.block,
+                kept.cols.shape[-1],
+                kept.block,
+                d,
+                ctypes.c_float(ctx.scale),
+                int(ctx.causal),
+                torch.get_num_threads(),
+                *map(_pointer, (dq, dk, dv)),
+            )
+            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def cpp_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kept: KeptBlocks,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(Q K^T scale + mask) V over the blocks ``kept`` keeps: (batch, heads, S, d) CPU
+    tensors, S a multiple of the block. Raises :class:`loom.native.NativeUnavailable` where the
+    kernel cannot be built here."""
+    if q.device.type != "cpu":
+        raise ValueError(f"the C++ block-sparse kernel runs on CPU tensors, not {q.device.type}")
+    heads, blocks = kept.cols.shape[:2]
+    if q.shape[-2] != blocks * kept.block or q.shape[1] != heads:
+        raise ValueError(
+            f"the layout covers {heads} heads x {blocks} blocks of {kept.block}, the inputs "
+            f"{q.shape[1]} heads x {q.shape[-2]} tokens"
+        )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _CppBlockSparse.apply(q, k, v, kept, causal, scale)

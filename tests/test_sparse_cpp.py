@@ -1,0 +1,198 @@
+"""loom's compiled block-sparse kernel (loom.native, loom.model.block_sparse_cpp): equal to dense
+attention under the layout's mask, forward and backward, on every path through its threads; the
+model runs it where it builds and falls back, saying so, where it does not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loom import native
+from loom.config import load_config
+from loom.errors import LoomError
+from loom.model import sparse_layout
+from loom.model.block_sparse import dense_mask
+from loom.model.block_sparse_cpp import KERNEL, KeptBlocks, cpp_block_sparse_attention
+from loom.model.transformer import Transformer
+from loom.sparsity import SparsityConfig, make_layout
+
+LAYOUTS = [
+    {"mode": "dense"},
+    {"mode": "fixed", "num_local_blocks": 2},
+    {"mode": "sliding_window", "num_sliding_window_blocks": 3},
+    {"mode": "bigbird", "different_layout_per_head": True, "num_random_blocks": 1, "seed": 3},
+    {"mode": "longformer", "num_sliding_window_blocks": 3, "global_block_indices": [0, 5]},
+    {"mode": "strided", "num_local_blocks": 2, "stride_blocks": 3},
+    {"mode": "variable", "local_window_blocks": [1, 2], "global_block_indices": [1], "num_random_blocks": 1},
+]
+
+
+@pytest.fixture(autouse=True)
+def _threads():  # noqa: ANN202
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _check(layout: torch.Tensor, block: int, batch: int, d: int, causal: bool = True, dtype=torch.float32) -> None:  # noqa: ANN001
+    """The kernel against float64 dense attention under the layout's element mask: outputs and
+    the gradients of q, k and v (fp32: 2e-5; bf16: the 16-bit tolerance)."""
+    heads, n = layout.shape[0], layout.shape[1]
+    q, k, v = (torch.randn(batch, heads, block * n, d, dtype=torch.float64) for _ in range(3))
+    grad = torch.randn(batch, heads, block * n, d, dtype=torch.float64)
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    mask = dense_mask(layout, block, causal)
+    want = F.scaled_dot_product_attention(*ref, attn_mask=mask.unsqueeze(0))
+    want.backward(grad)
+    mine = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    got = cpp_block_sparse_attention(*mine, KeptBlocks.of(layout, block), causal=causal)
+    got.backward(grad.to(dtype))
+    tol = {"rtol": 2e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, **tol)
+    for a, b, name in zip(mine, ref, "qkv"):
+        assert a.grad.dtype == dtype
+        torch.testing.assert_close(a.grad.double(), b.grad, **tol, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("params", LAYOUTS, ids=lambda p: p["mode"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_kernel_equals_dense_attention_under_the_mask(params: dict, threads: int) -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    block, n = 8, 7
+    _check(make_layout(SparsityConfig(block=block, **params), 3, block * n), block, batch=2, d=16)
+
+
+@pytest.mark.parametrize("params", LAYOUTS[1:4], ids=lambda p: p["mode"])
+def test_fewer_heads_than_threads_split_the_rows_and_sum_private_key_gradients(params: dict) -> None:
+    """One batch x head on two threads: the rows of one head go to both, each adding into its own
+    dK and dV, summed at the end (with more pairs, each thread owns whole heads)."""
+    torch.manual_seed(1)
+    torch.set_num_threads(2)
+    block, n = 16, 9
+    _check(make_layout(SparsityConfig(block=block, **params), 1, block * n), block, batch=1, d=32)
+
+
+def test_a_bidirectional_layout_attends_the_blocks_after_the_diagonal_too() -> None:
+    torch.manual_seed(2)
+    block, n = 8, 6
+    params = {"mode": "longformer", "attention": "bidirectional", "global_block_indices": [2]}
+    layout = make_layout(SparsityConfig(block=block, **params), 2, block * n)
+    assert layout.triu(1).any()
+    _check(layout, block, batch=2, d=8, causal=False)
+
+
+def test_bf16_inputs_are_computed_in_fp32_and_returned_in_bf16() -> None:
+    torch.manual_seed(3)
+    block, n = 16, 8
+    layout = make_layout(SparsityConfig(block=block, mode="bigbird", num_random_blocks=1), 2, block * n)
+    _check(layout, block, batch=1, d=32, dtype=torch.bfloat16)
+
+
+def test_views_into_one_projection_and_blocks_of_64() -> None:
+    """q, k, v as views into one fused projection's output (strided, not contiguous); the block
+    size the benchmarks run."""
+    torch.manual_seed(4)
+    block, n, heads, d = 64, 5, 2, 16
+    layout = make_layout(SparsityConfig(block=block, mode="fixed", num_local_blocks=2), heads, block * n)
+    qkv = torch.randn(1, block * n, 3, heads, d, requires_grad=True)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    got = cpp_block_sparse_attention(q, k, v, KeptBlocks.of(layout, block))
+    ref = qkv.detach().clone().requires_grad_()
+    want = F.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in ref.unbind(2)), attn_mask=dense_mask(layout, block).unsqueeze(0)
+    )
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    want.backward(grad)
+    torch.testing.assert_close(qkv.grad, ref.grad, rtol=2e-5, atol=2e-5)
+
+
+def test_kept_blocks_list_each_rows_blocks_ascending_with_its_own() -> None:
+    layout = torch.zeros(1, 4, 4, dtype=torch.bool)
+    layout[0, 3, 0] = layout[0, 2, 1] = True  # rows without their diagonal: the kernel adds it
+    kept = KeptBlocks.of(layout, 8)
+    assert kept.cols.dtype == torch.int32
+    assert kept.cols[0].tolist() == [[0, -1], [1, -1], [1, 2], [0, 3]]
+
+
+def test_wrong_shapes_are_refused() -> None:
+    kept = KeptBlocks.of(torch.ones(2, 4, 4, dtype=torch.bool).tril(), 8)
+    q = torch.randn(1, 2, 24, 8)
+    with pytest.raises(ValueError, match="2 heads x 4 blocks of 8"):
+        cpp_block_sparse_attention(q, q, q, kept)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def test_the_build_is_cached_by_source_and_written_atomically(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    built = native._build(KERNEL, native.compiler())
+    assert built.parent == tmp_path / "loom" / "native" and built.exists()
+    stamp = built.stat().st_mtime_ns
+    assert native._build(KERNEL, native.compiler()) == built and built.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary file left behind
+
+
+def test_a_source_that_does_not_compile_says_why(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "broken.cpp").write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCES", tmp_path)
+    with pytest.raises(native.NativeUnavailable, match="building loom's broken kernel failed") as failed:
+        native._build("broken", native.compiler())
+    assert "compiler" in failed.value.fix
+    assert not list((tmp_path / "cache" / "loom" / "native").iterdir())  # nothing half-written kept
+
+
+def _model_items(kernel: str) -> list[str]:
+    items = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64", "model.max_seq_len=64"]
+    items.append("train.seq_len=64")
+    return [
+        *items,
+        'model.attention="sparse"',
+        "model.sparse_attention.block=8",
+        f'model.sparse_attention.kernel="{kernel}"',
+    ]
+
+
+def _without_compiler(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    native._load.cache_clear()
+    monkeypatch.setattr(sparse_layout.SparseLayout, "_warned", False)
+
+
+def test_without_a_compiler_auto_falls_back_with_a_warning_and_cpp_refuses(monkeypatch) -> None:  # noqa: ANN001
+    x = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
+    compiled = Transformer(load_config(None, _model_items("cpp")).model, seed=1).loss(x, x)
+    _without_compiler(monkeypatch)
+    try:
+        assert not native.available(KERNEL)
+        with pytest.warns(UserWarning, match="needs a C\\+\\+ compiler.*torch-ops kernel instead"):
+            fallback = Transformer(load_config(None, _model_items("auto")).model, seed=1).loss(x, x)
+        torch.testing.assert_close(fallback, compiled, rtol=1e-5, atol=1e-6)  # the same attention, the other kernel
+        with pytest.raises(LoomError, match="needs a C\\+\\+ compiler") as refused:
+            Transformer(load_config(None, _model_items("cpp")).model, seed=1)
+        assert "set CXX" in refused.value.fix
+    finally:
+        native._load.cache_clear()
+
+
+@pytest.mark.parametrize("kernel", ["auto", "cpp", "torch"])
+def test_the_model_runs_the_kernel_asked_for(kernel: str, monkeypatch) -> None:  # noqa: ANN001
+    from loom.model import block_sparse, block_sparse_cpp
+
+    ran = []
+    for module, name in ((block_sparse_cpp, "cpp_block_sparse_attention"), (block_sparse, "block_sparse_attention")):
+        real = getattr(module, name)
+        monkeypatch.setattr(sparse_layout, name, lambda *a, _r=real, _n=name, **k: ran.append(_n) or _r(*a, **k))
+    model = Transformer(load_config(None, _model_items(kernel)).model, seed=1)
+    x = torch.randint(0, 64, (1, 64))
+    model.loss(x, x).backward()
+    expected = "block_sparse_attention" if kernel == "torch" else "cpp_block_sparse_attention"
+    assert ran == [expected] * 2  # both layers
