@@ -724,7 +724,10 @@ def test_attention_layout_command_prints_the_density_and_draws(tmp_path: Path, c
     printed = capsys.readouterr().out
     assert "of dense causal" in printed and out.stat().st_size > 1000
     assert main(["attention-layout", "--kind", "fixed", "--seq-len", "500"]) == 2
-    assert "does not divide" in capsys.readouterr().err
+    err = capsys.readouterr().err  # in this command's flags, not the config's keys
+    assert "--block = 16 does not divide" in err and "change --seq-len" in err and "model.sparse" not in err
+    assert main(["attention-layout", "--kind", "bigbird", "--param", "num_random_blocks=-1"]) == 2
+    assert "--param num_random_blocks = -1" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- top-k

@@ -128,26 +128,46 @@ def test_wrong_shapes_are_refused() -> None:
         cpp_block_sparse_attention(q, q, q, kept)
 
 
+def test_the_callers_blas_threads_are_left_as_they_were() -> None:
+    """The kernel's threads multiply with one BLAS thread each; the caller's own setting (MKL's is
+    per thread) is put back, so torch's matmuls after it keep their threads."""
+    local = getattr(native._torch_library(), "MKL_Set_Num_Threads_Local", None)
+    if local is None:
+        pytest.skip("torch's BLAS here is not MKL")
+
+    def setting() -> int:  # this thread's own setting (setting it returns the one before: put it back)
+        now = local(0)
+        local(now)
+        return now
+
+    torch.set_num_threads(2)
+    before = setting()
+    layout = make_layout(SparsityConfig(block=16, mode="bigbird"), 1, 64)
+    q = torch.randn(1, 1, 64, 16, requires_grad=True)
+    cpp_block_sparse_attention(q, q, q, KeptBlocks.of(layout, 16)).sum().backward()  # 1 head, 2 threads: both paths
+    assert setting() == before != 1
+
+
 # ----------------------------------------------------------------------------- building
 
 
 def test_the_build_is_cached_by_source_and_written_atomically(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("LOOM_CACHE", str(tmp_path))
     built = native._build(KERNEL, native.compiler())
-    assert built.parent == tmp_path / "loom" / "native" and built.exists()
+    assert built.parent == tmp_path / "native" and built.exists()
     stamp = built.stat().st_mtime_ns
     assert native._build(KERNEL, native.compiler()) == built and built.stat().st_mtime_ns == stamp  # not rebuilt
     assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary file left behind
 
 
 def test_a_source_that_does_not_compile_says_why(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("LOOM_CACHE", str(tmp_path / "cache"))
     (tmp_path / "broken.cpp").write_text("this is not C++\n")
     monkeypatch.setattr(native, "SOURCES", tmp_path)
     with pytest.raises(native.NativeUnavailable, match="building loom's broken kernel failed") as failed:
         native._build("broken", native.compiler())
     assert "compiler" in failed.value.fix
-    assert not list((tmp_path / "cache" / "loom" / "native").iterdir())  # nothing half-written kept
+    assert not list((tmp_path / "cache" / "native").iterdir())  # nothing half-written kept
 
 
 def _model_items(kernel: str) -> list[str]:
@@ -164,7 +184,6 @@ def _model_items(kernel: str) -> list[str]:
 def _without_compiler(monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     native._load.cache_clear()
-    monkeypatch.setattr(sparse_layout.SparseLayout, "_warned", False)
 
 
 def test_without_a_compiler_auto_falls_back_with_a_warning_and_cpp_refuses(monkeypatch) -> None:  # noqa: ANN001

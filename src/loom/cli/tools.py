@@ -124,8 +124,11 @@ def cmd_attention_layout(args: argparse.Namespace) -> int:
     for item in args.param:
         _, key, value = parse_override(f"x.{item}")
         params[key] = value
-    sparse = config_from_dict({"model": {"attention": "sparse", "sparse_attention": params}}).model.sparse_attention
-    layout = make_layout(sparse, args.heads, args.seq_len)
+    try:
+        sparse = config_from_dict({"model": {"attention": "sparse", "sparse_attention": params}}).model.sparse_attention
+        layout = make_layout(sparse, args.heads, args.seq_len)
+    except LoomError as error:  # the layout's checks name config keys: say this command's flags
+        raise LoomError(_as_flags(error.problem), _as_flags(error.fix)) from None
     blocks = layout.shape[-1]
     print(f"{args.kind}: {args.heads} heads, {blocks} x {blocks} blocks of {args.block} tokens")
     for h in range(args.heads):
@@ -137,6 +140,21 @@ def cmd_attention_layout(args: argparse.Namespace) -> int:
     title = f"{args.kind}, S = {args.seq_len}, block {args.block}: {causal_density(layout):.1%} of dense causal"
     print(draw_layout(layout, out, title))
     return 0
+
+
+# config keys the layout's checks name, as attention-layout's flags (the specific ones first)
+LAYOUT_FLAGS = (
+    ("model.sparse_attention.block", "--block"),
+    ("model.sparse_attention.mode", "--kind"),
+    ("model.sparse_attention.", "--param "),
+    ("train.seq_len", "--seq-len"),
+)
+
+
+def _as_flags(text: str) -> str:
+    for key, flag in LAYOUT_FLAGS:
+        text = text.replace(key, flag)
+    return text
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:

@@ -66,25 +66,23 @@ class SparseLayout:
 
     def uses_cpp(self, q: torch.Tensor) -> bool:
         """Whether :meth:`attend` runs the C++ kernel for ``q``: on CPU, in fp32 or 16-bit, where
-        ``kernel`` allows it and the kernel builds (``auto``: else a warning, once)."""
+        ``kernel`` allows it and the kernel builds (``auto``: else a warning; ``cpp``: else
+        :class:`loom.native.NativeUnavailable`)."""
         if self.kernel == "torch" or q.device.type != "cpu" or q.dtype == torch.float64:
             return False
-        if self.kernel == "cpp" or native.available(KERNEL):
-            return True
-        if not SparseLayout._warned:
-            SparseLayout._warned = True
-            try:
-                native.library(KERNEL)
-            except native.NativeUnavailable as why:
-                warnings.warn(
-                    f"{why.problem} Sparse attention runs loom's torch-ops kernel instead: slower, and it "
-                    "keeps more for backward than the planner assumed. Set model.sparse_attention.kernel = "
-                    "'torch' to choose it and silence this.",
-                    stacklevel=2,
-                )
-        return False
-
-    _warned = False  # the fallback's warning, once a process
+        try:
+            native.library(KERNEL)  # built once a process; a failure too is remembered
+        except native.NativeUnavailable as why:
+            if self.kernel == "cpp":
+                raise
+            warnings.warn(  # the same text from the same line: Python shows it once
+                f"{why.problem} Sparse attention runs loom's torch-ops kernel instead: slower, and it "
+                "keeps more for backward than the planner assumed. Set model.sparse_attention.kernel = "
+                "'torch' to choose it and silence this.",
+                stacklevel=2,
+            )
+            return False
+        return True
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention under the layout off CUDA, ``(batch, heads, seq, head_dim)``, seq a multiple

@@ -2,7 +2,8 @@
 
 A kernel is one ``<name>.cpp`` here with a C interface, built by the machine's C++ compiler
 (``$CXX``, else ``c++``, ``g++`` or ``clang++``) with OpenMP for its threads, for this machine
-(``-march=native``), into ``$XDG_CACHE_HOME/loom/native`` (``~/.cache`` where unset), one file per
+(``-march=native``), into ``$LOOM_CACHE/native`` (``~/.cache/loom`` where unset, as the token
+caches), one file per
 source, compiler, flags, CPU and torch version, so a change of any rebuilds it. The build writes a
 temporary file and renames it into place, so ranks that start together never load a half-written
 library. Matrix products inside the kernels go through the BLAS that torch itself links (its
@@ -45,7 +46,7 @@ def compiler() -> str | None:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loom" / "native"
+    return Path(os.environ.get("LOOM_CACHE") or "~/.cache/loom").expanduser() / "native"
 
 
 def _cpu() -> str:

@@ -29,9 +29,25 @@ namespace {
 
 using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                          const int*, const float*, const int*, const float*, float*, const int*);
-using threads_t = void (*)(int);
+using threads_t = int (*)(int);
 sgemm_t blas_sgemm = nullptr;
 threads_t blas_local_threads = nullptr;  // MKL's per-thread setting, where torch's BLAS is MKL
+
+// One BLAS thread for the products inside a kernel thread (MKL's setting is the calling
+// thread's own, and outlives the kernel): set on entry, the thread's own setting put back on
+// exit, so torch's matmuls on the same threads (the caller's among them) keep their threads.
+class OneBlasThread {
+ public:
+  OneBlasThread() : before_(blas_local_threads ? blas_local_threads(1) : 0) {}
+  ~OneBlasThread() {
+    if (blas_local_threads) blas_local_threads(before_);
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+
+ private:
+  int before_;
+};
 
 // Row-major C (M x N) = alpha op(A) op(B) + beta C, through column-major sgemm: C^T = op(B)^T op(A)^T.
 inline void gemm(char ta, char tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb,
@@ -122,7 +138,7 @@ void forward(const Shape& s, const float* q, const float* k, const float* v, con
   const int64_t jobs = s.bh * s.blocks;
 #pragma omp parallel num_threads(threads)
   {
-    if (blas_local_threads) blas_local_threads(1);
+    const OneBlasThread one;
     std::vector<float> tile(static_cast<size_t>(s.block) * s.width * s.block), inverse(s.block);
     Runs runs;
 #pragma omp for schedule(dynamic, 4)
@@ -225,7 +241,7 @@ void backward(const Shape& s, const float* q, const float* k, const float* v, co
   if (s.bh >= threads) {
 #pragma omp parallel num_threads(threads)
     {
-      if (blas_local_threads) blas_local_threads(1);
+      const OneBlasThread one;
       Backward step(s);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t bh = 0; bh < s.bh; ++bh) {
@@ -241,7 +257,7 @@ void backward(const Shape& s, const float* q, const float* k, const float* v, co
   std::vector<float> spare(static_cast<size_t>(2 * total) * (threads - 1));  // thread 0 writes dk, dv themselves
 #pragma omp parallel num_threads(threads)
   {
-    if (blas_local_threads) blas_local_threads(1);
+    const OneBlasThread one;
     const int t = omp_get_thread_num();
     float* mine_k = t ? spare.data() + static_cast<int64_t>(t - 1) * 2 * total : dk;
     float* mine_v = t ? mine_k + total : dv;
