@@ -77,6 +77,23 @@ def test_fewer_heads_than_threads_split_the_rows_and_sum_private_key_gradients(p
     _check(make_layout(SparsityConfig(block=block, **params), 1, block * n), block, batch=1, d=32)
 
 
+@pytest.mark.parametrize(
+    ("heads", "causal"), [(3, True), (3, False), (1, True)], ids=["causal", "bidirectional", "rows split"]
+)
+def test_gradients_are_written_whatever_their_memory_held(heads: int, causal: bool, monkeypatch) -> None:  # noqa: ANN001
+    """dK and dV are added to block by block, over memory the kernel clears first: memory full of
+    NaN (as a reused block may hold garbage) changes nothing, on each path through the threads."""
+    torch.manual_seed(5)
+    torch.set_num_threads(2)
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))
+    attention = "unidirectional" if causal else "bidirectional"
+    params = {"mode": "bigbird", "different_layout_per_head": True, "num_random_blocks": 1, "attention": attention}
+    _check(
+        make_layout(SparsityConfig(block=8, **params), heads, 8 * 6), 8, batch=3 if heads > 1 else 1, d=8, causal=causal
+    )
+
+
 def test_a_bidirectional_layout_attends_the_blocks_after_the_diagonal_too() -> None:
     torch.manual_seed(2)
     block, n = 8, 6
