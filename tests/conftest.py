@@ -1,5 +1,6 @@
 """Shared fixtures: a private token cache and a small text corpus for fast training runs; and
-``train_rank``, one rank's side of a ``loom train`` run for ``run_ranks``."""
+``train_rank``, one rank's side of a ``loom train`` run for ``run_ranks``; the sparse layouts the
+kernels are checked on."""
 
 from __future__ import annotations
 
@@ -7,6 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# block-sparse layouts the kernels are checked against dense attention on (blocks of 8, 7 blocks)
+SPARSE_LAYOUTS = [
+    {"mode": "dense"},
+    {"mode": "fixed", "num_local_blocks": 2},
+    {"mode": "sliding_window", "num_sliding_window_blocks": 3},
+    {"mode": "bigbird", "different_layout_per_head": True, "num_random_blocks": 1, "seed": 3},
+    {"mode": "longformer", "num_sliding_window_blocks": 3, "global_block_indices": [0, 5]},
+    {"mode": "strided", "num_local_blocks": 2, "stride_blocks": 3},
+]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_overrides, train_rank
+from conftest import SPARSE_LAYOUTS, tiny_overrides, train_rank
 
 from loom.attention_walk import local_windows, row_slots
 from loom.config import load_config
@@ -133,18 +133,7 @@ def _assert_equals_dense(slots: Slots, layout: torch.Tensor, batch: int, heads: 
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        {"mode": "dense"},
-        {"mode": "fixed", "num_local_blocks": 2},
-        {"mode": "sliding_window", "num_sliding_window_blocks": 3},
-        {"mode": "bigbird", "different_layout_per_head": True, "num_random_blocks": 1, "seed": 3},
-        {"mode": "longformer", "num_sliding_window_blocks": 3, "global_block_indices": [0, 5]},
-        {"mode": "strided", "num_local_blocks": 2, "stride_blocks": 3},
-    ],
-    ids=lambda p: p["mode"],
-)
+@pytest.mark.parametrize("params", SPARSE_LAYOUTS, ids=lambda p: p["mode"])
 def test_kernel_equals_dense_attention_under_the_mask(params: dict) -> None:
     torch.manual_seed(0)
     batch, heads, block, n, d = 2, 3, 8, 7, 16

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SPARSE_LAYOUTS
 
 from loom import native
 from loom.config import load_config
@@ -20,12 +21,7 @@ from loom.model.transformer import Transformer
 from loom.sparsity import SparsityConfig, make_layout
 
 LAYOUTS = [
-    {"mode": "dense"},
-    {"mode": "fixed", "num_local_blocks": 2},
-    {"mode": "sliding_window", "num_sliding_window_blocks": 3},
-    {"mode": "bigbird", "different_layout_per_head": True, "num_random_blocks": 1, "seed": 3},
-    {"mode": "longformer", "num_sliding_window_blocks": 3, "global_block_indices": [0, 5]},
-    {"mode": "strided", "num_local_blocks": 2, "stride_blocks": 3},
+    *SPARSE_LAYOUTS,
     {"mode": "variable", "local_window_blocks": [1, 2], "global_block_indices": [1], "num_random_blocks": 1},
 ]
 
