@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SPARSE_LAYOUTS
+from conftest import SPARSE_LAYOUTS, tiny_overrides
 
 from loom import native
 from loom.config import load_config
@@ -211,6 +211,26 @@ def test_without_a_compiler_auto_falls_back_with_a_warning_and_cpp_refuses(monke
         with pytest.raises(LoomError, match="needs a C\\+\\+ compiler") as refused:
             Transformer(load_config(None, _model_items("cpp")).model, seed=1)
         assert "set CXX" in refused.value.fix
+    finally:
+        native._load.cache_clear()
+
+
+def test_loom_train_asking_for_the_cpp_kernel_stops_before_any_rank_without_a_compiler(
+    tmp_path: Path,
+    text_corpus: Path,
+    monkeypatch,
+    capsys,  # noqa: ANN001
+) -> None:
+    from loom.cli import main
+
+    _without_compiler(monkeypatch)
+    try:
+        items = tiny_overrides(text_corpus, **{"model.attention": "sparse", "model.sparse_attention.kernel": "cpp"})
+        sets = [arg for item in items for arg in ("--set", item)]
+        assert main(["train", "--run-dir", str(tmp_path / "run"), "--nproc", "2", *sets]) == 2
+        err = capsys.readouterr().err
+        assert "needs a C++ compiler" in err and "set CXX" in err
+        assert not (tmp_path / "run").exists()  # no rank started, nothing written
     finally:
         native._load.cache_clear()
 

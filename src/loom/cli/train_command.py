@@ -33,6 +33,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.max_restarts < 0:
         raise LoomError(f"--max-restarts {args.max_restarts} must not be negative.", "pass --max-restarts 0 or more.")
     launching = args.nproc > 1 and world_size == 1
+    _build_kernels(config)
     if config.train.memory_check:  # before any process starts: the planner's bytes against the machine's
         local = args.nproc if launching else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         _check_memory(config, args.nproc if launching else world_size, local)
@@ -108,6 +109,22 @@ def _train_config(args: argparse.Namespace, run_dir: Path, attempt: int = 0):
         meta = checkpoint_meta(resume_from)
         return resume_from, resume_config(meta["config"], meta.get("batch"), args.overrides)
     return resume_from, load_config(args.config, args.overrides)
+
+
+def _build_kernels(config) -> None:  # noqa: ANN001
+    """Before any rank starts: build the C++ sparse kernel once (the ranks then load it from the
+    cache instead of each compiling it), and where ``kernel = "cpp"`` asks for it and it cannot be
+    built, stop here with the reason (``auto`` falls back in the ranks, with a warning)."""
+    sparse = config.model.sparse_attention
+    if config.model.attention != "sparse" or sparse.kernel == "torch":
+        return
+    from loom import native
+    from loom.model.block_sparse_cpp import KERNEL
+
+    if sparse.kernel == "cpp":
+        native.library(KERNEL)
+    else:
+        native.available(KERNEL)
 
 
 def _launch(args: argparse.Namespace, config, run_dir: Path) -> int:
