@@ -214,7 +214,9 @@ def _predicted_gib(kind: str, seq: int) -> float:
         seq,
         1,
         dtypes=Dtypes(4, 4),
-        kernel=attention_kernel("cpu", config.model.dropout, config.model.attention),
+        kernel=attention_kernel(
+            "cpu", config.model.dropout, config.model.attention, config.model.sparse_attention.kernel
+        ),
     )
     return (2 * layer + 3 * 4 * seq * 256) / 2**30
 

@@ -119,7 +119,7 @@ def test_measured_layer_activations_equal_the_formula(family: str, dropout: floa
     shape = LayerShape(family, H, HEADS, cfg.kv_heads, cfg.ffn_dim, cfg.use_bias, dropout, 8, (2, 8, True), columns)
     for (t, sp, policy), got in measured.items():
         want = layer_activation_bytes(
-            shape, S, B, t, sp, policy, Dtypes(params=4, compute=2), attention_kernel("cpu", dropout, attention)
+            shape, S, B, t, sp, policy, Dtypes(params=4, compute=2), attention_kernel("cpu", dropout, attention, kernel)
         )
         assert got == pytest.approx(want, rel=0.05), (family, t, sp, policy, got, want)
     # and the orderings the paper's table implies, measured

@@ -14,7 +14,7 @@ from conftest import SPARSE_LAYOUTS, tiny_overrides
 from loom import native
 from loom.config import load_config
 from loom.errors import LoomError
-from loom.model import sparse_layout
+from loom.model import block_sparse_cpp, sparse_layout
 from loom.model.block_sparse import dense_mask
 from loom.model.block_sparse_cpp import KERNEL, KeptBlocks, cpp_block_sparse_attention
 from loom.model.transformer import Transformer
@@ -33,24 +33,42 @@ def _threads():  # noqa: ANN202
     torch.set_num_threads(before)
 
 
-def _check(layout: torch.Tensor, block: int, batch: int, d: int, causal: bool = True, dtype=torch.float32) -> None:  # noqa: ANN001
+def _layout(t: torch.Tensor) -> list[int]:
+    """The strides that place ``t``'s elements (those of dimensions longer than 1)."""
+    return [stride for stride, size in zip(t.stride(), t.shape) if size > 1]
+
+
+def _check(  # noqa: PLR0913
+    layout: torch.Tensor,
+    block: int,
+    batch: int,
+    d: int,
+    causal: bool = True,
+    dtype=torch.float32,  # noqa: ANN001
+    token_major: bool = False,
+) -> None:
     """The kernel against float64 dense attention under the layout's element mask: outputs and
-    the gradients of q, k and v (fp32: 2e-5; bf16: the 16-bit tolerance)."""
+    the gradients of q, k and v (fp32: 2e-5; bf16: the 16-bit tolerance). ``token_major``: q, k,
+    v and the output's gradient are (batch, S, heads, d) in memory, as the model's projections
+    give them. Each gradient comes back in its input's layout, the output in q's."""
     heads, n = layout.shape[0], layout.shape[1]
-    q, k, v = (torch.randn(batch, heads, block * n, d, dtype=torch.float64) for _ in range(3))
-    grad = torch.randn(batch, heads, block * n, d, dtype=torch.float64)
+    shape = (batch, block * n, heads, d) if token_major else (batch, heads, block * n, d)
+    as_bhsd = (lambda t: t.transpose(1, 2)) if token_major else (lambda t: t)  # noqa: E731
+    q, k, v, grad = (as_bhsd(torch.randn(shape, dtype=torch.float64)) for _ in range(4))
     ref = [t.clone().requires_grad_() for t in (q, k, v)]
     mask = dense_mask(layout, block, causal)
     want = F.scaled_dot_product_attention(*ref, attn_mask=mask.unsqueeze(0))
     want.backward(grad)
-    mine = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    mine = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
     got = cpp_block_sparse_attention(*mine, KeptBlocks.of(layout, block), causal=causal)
     got.backward(grad.to(dtype))
     tol = {"rtol": 2e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
     assert got.dtype == dtype
+    assert _layout(got) == _layout(mine[0])
     torch.testing.assert_close(got.double(), want, **tol)
     for a, b, name in zip(mine, ref, "qkv"):
         assert a.grad.dtype == dtype
+        assert _layout(a.grad) == _layout(a), f"d{name} laid out as {name}"
         torch.testing.assert_close(a.grad.double(), b.grad, **tol, msg=f"d{name}")
 
 
@@ -61,6 +79,17 @@ def test_the_kernel_equals_dense_attention_under_the_mask(params: dict, threads:
     torch.set_num_threads(threads)
     block, n = 8, 7
     _check(make_layout(SparsityConfig(block=block, **params), 3, block * n), block, batch=2, d=16)
+
+
+@pytest.mark.parametrize("heads", [3, 1], ids=["heads on threads", "rows split"])
+def test_token_major_inputs_are_read_in_place_and_their_gradients_written_so(heads: int) -> None:
+    """q, k, v (batch, S, heads, d) in memory, as the model's projections give them: read through
+    their strides, the output and gradients written in that layout, on each thread path."""
+    torch.manual_seed(6)
+    torch.set_num_threads(2)
+    params = {"mode": "bigbird", "different_layout_per_head": True, "num_random_blocks": 1}
+    batch = 2 if heads > 1 else 1
+    _check(make_layout(SparsityConfig(block=8, **params), heads, 8 * 6), 8, batch=batch, d=16, token_major=True)
 
 
 @pytest.mark.parametrize("params", LAYOUTS[1:4], ids=lambda p: p["mode"])
@@ -81,8 +110,7 @@ def test_gradients_are_written_whatever_their_memory_held(heads: int, causal: bo
     NaN (as a reused block may hold garbage) changes nothing, on each path through the threads."""
     torch.manual_seed(5)
     torch.set_num_threads(2)
-    empty_like = torch.empty_like
-    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))
+    monkeypatch.setattr(block_sparse_cpp, "populate", lambda t: t.fill_(float("nan")))  # every output's memory
     attention = "unidirectional" if causal else "bidirectional"
     params = {"mode": "bigbird", "different_layout_per_head": True, "num_random_blocks": 1, "attention": attention}
     _check(
@@ -104,6 +132,7 @@ def test_bf16_inputs_are_computed_in_fp32_and_returned_in_bf16() -> None:
     block, n = 16, 8
     layout = make_layout(SparsityConfig(block=block, mode="bigbird", num_random_blocks=1), 2, block * n)
     _check(layout, block, batch=1, d=32, dtype=torch.bfloat16)
+    _check(layout, block, batch=1, d=32, dtype=torch.bfloat16, token_major=True)
 
 
 def test_views_into_one_projection_and_blocks_of_64() -> None:

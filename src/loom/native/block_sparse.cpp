@@ -1,20 +1,24 @@
 // Block-sparse attention on CPU, forward and backward, fp32: loom's compiled kernel
-// (loom.model.block_sparse_native drives it through ctypes; loom.native builds it).
+// (loom.model.block_sparse_cpp drives it through ctypes; loom.native builds it).
 //
-// Inputs are (BH, S, d) contiguous arrays, BH = batch x heads; head h = bh % H. cols[h][i] lists
-// the key blocks query block i attends, ascending, -1 after the last (causal: blocks after i are
-// skipped). Each query block is one job: its kept key blocks, taken as runs of consecutive
-// blocks (a run is one contiguous span of keys: no gather), give a score tile
-// S = Q_i K^T scale (block x kept x block, in the thread's cache), the future inside the diagonal
-// block set to -inf, a row softmax, O_i = P V / rowsum. Only the log-sum-exp per query is kept
-// for backward (as flash attention); backward recomputes P = exp(S - lse) per query block and
+// Every array is (batch, heads, S, d) with its own strides, d contiguous (Tensor4): the model's
+// q, k and v are views of its projections, (batch, S, heads, d) in memory, and are read in
+// place; the gradients are written in whatever layout the caller allocated. BH = batch x heads;
+// head h = bh % H. cols[h][i] lists the key blocks query block i attends, ascending, -1 after
+// the last (causal: blocks after i are skipped). Each query block is one job: its kept key
+// blocks, taken as runs of consecutive blocks (a run is one strided span of keys: no gather),
+// give a score tile S = Q_i K^T scale (block x kept x block, in the thread's cache), the future
+// inside the diagonal block set to -inf, a row softmax, O_i = P V / rowsum. Only the log-sum-exp
+// per query is kept for backward (as flash attention); backward recomputes P = exp(S - lse) per
+// query block and
 //   dP = dO V^T,  dS = P o (dP - rowsum(dO o O)),  dQ = dS K scale,  dK += dS^T Q scale,  dV += P^T dO.
 // Work and memory follow the kept blocks; no tile leaves the thread's cache between passes.
 //
 // Threads (OpenMP, the process's runtime): forward over query blocks; backward over (batch, head)
 // pairs, which own their dK and dV, or where there are fewer pairs than threads over query blocks
-// with a private dK, dV per thread, summed at the end. Matrix products are the BLAS sgemm torch
-// links (its address given to loom_init), one thread each inside the parallel region.
+// with a private dK, dV per thread (dense arrays, so laid out as the caller's), summed at the end.
+// Matrix products are the BLAS sgemm torch links (its address given to loom_init), one thread
+// each inside the parallel region.
 
 #include <algorithm>
 #include <cmath>
@@ -115,12 +119,28 @@ struct Shape {
   int64_t seq() const { return static_cast<int64_t>(blocks) * block; }
 };
 
+// A (batch, heads, S, d) float array, d contiguous: element (b, h, t, e) at
+// data[b * batch + h * head + t * token + e]. `token` is the row stride every product is given.
+struct Tensor4 {
+  float* data;
+  int64_t batch, head, token;
+
+  Tensor4(const float* p, const int64_t* strides)
+      : data(const_cast<float*>(p)), batch(strides[0]), head(strides[1]), token(strides[2]) {}
+  Tensor4(float* p, const Tensor4& like) : data(p), batch(like.batch), head(like.head), token(like.token) {}
+  // The first of (batch x head) pair bh's rows from token t on.
+  float* at(int64_t bh, int heads, int64_t t) const { return data + (bh / heads) * batch + (bh % heads) * head + t * token; }
+  int ld() const { return static_cast<int>(token); }
+};
+
 // S (block x runs' keys, row stride ld) = Q_i K^T scale, the future of the diagonal block -inf.
-void scores(const Shape& s, const float* qi, const float* k, int row, const Runs& runs, int ld, float* S) {
+// qi: the block's queries (row stride ldq); k: this pair's keys from token 0 (row stride ldk).
+void scores(const Shape& s, const float* qi, int ldq, const float* k, int ldk, int row, const Runs& runs, int ld,
+            float* S) {
   int col = 0;
   for (size_t r = 0; r < runs.start.size(); ++r) {
     const int keys = runs.length[r] * s.block;
-    gemm('N', 'T', s.block, keys, s.d, s.scale, qi, s.d, k + static_cast<int64_t>(runs.start[r]) * s.block * s.d, s.d,
+    gemm('N', 'T', s.block, keys, s.d, s.scale, qi, ldq, k + static_cast<int64_t>(runs.start[r]) * s.block * ldk, ldk,
          0.f, S + col, ld);
     if (s.causal && runs.start[r] + runs.length[r] - 1 == row) {  // the diagonal ends its run
       float* diag = S + col + keys - s.block;
@@ -133,8 +153,8 @@ void scores(const Shape& s, const float* qi, const float* k, int row, const Runs
   }
 }
 
-void forward(const Shape& s, const float* q, const float* k, const float* v, const int32_t* cols, int threads,
-             float* out, float* lse) {
+void forward(const Shape& s, const Tensor4& q, const Tensor4& k, const Tensor4& v, const int32_t* cols, int threads,
+             const Tensor4& out, float* lse) {
   const int64_t jobs = s.bh * s.blocks;
 #pragma omp parallel num_threads(threads)
   {
@@ -147,38 +167,46 @@ void forward(const Shape& s, const float* q, const float* k, const float* v, con
       const int i = static_cast<int>(job % s.blocks);
       runs.of(cols + (static_cast<int64_t>(bh % s.heads) * s.blocks + i) * s.width, s.width, i, s.causal);
       const int ld = runs.blocks * s.block;
-      const int64_t first = bh * s.seq() + static_cast<int64_t>(i) * s.block;  // the block's first query
-      const float* kb = k + bh * s.seq() * s.d;
-      const float* vb = v + bh * s.seq() * s.d;
+      const int64_t first = static_cast<int64_t>(i) * s.block;  // the block's first query
+      const float* vb = v.at(bh, s.heads, 0);
       float* S = tile.data();
-      scores(s, q + first * s.d, kb, i, runs, ld, S);
+      scores(s, q.at(bh, s.heads, first), q.ld(), k.at(bh, s.heads, 0), k.ld(), i, runs, ld, S);
+      float* lse_i = lse + bh * s.seq() + first;
       for (int a = 0; a < s.block; ++a) {
         float* row = S + static_cast<int64_t>(a) * ld;
         float top = kNegInf;
 #pragma omp simd reduction(max : top)
         for (int c = 0; c < ld; ++c) top = row[c] > top ? row[c] : top;
         const float sum = exp_row(row, ld, top);
-        lse[first + a] = top + std::log(sum);
+        lse_i[a] = top + std::log(sum);
         inverse[a] = 1.f / sum;
       }
-      float* oi = out + first * s.d;
+      float* oi = out.at(bh, s.heads, first);
       int col = 0;
       for (size_t r = 0; r < runs.start.size(); ++r) {
         const int keys = runs.length[r] * s.block;
-        gemm('N', 'N', s.block, s.d, keys, 1.f, S + col, ld, vb + static_cast<int64_t>(runs.start[r]) * s.block * s.d,
-             s.d, r ? 1.f : 0.f, oi, s.d);
+        gemm('N', 'N', s.block, s.d, keys, 1.f, S + col, ld, vb + static_cast<int64_t>(runs.start[r]) * s.block * v.token,
+             v.ld(), r ? 1.f : 0.f, oi, out.ld());
         col += keys;
       }
       for (int a = 0; a < s.block; ++a) {
         const float w = inverse[a];
+        float* o = oi + a * out.token;
 #pragma omp simd
-        for (int e = 0; e < s.d; ++e) oi[a * s.d + e] *= w;
+        for (int e = 0; e < s.d; ++e) o[e] *= w;
       }
     }
   }
 }
 
-// One query block's backward: its rows of dQ written, its key blocks' rows of dK and dV added to.
+// The arrays of one backward call: inputs, the output and its gradient, and the gradients written.
+struct Grads {
+  Tensor4 q, k, v, out, dout, dq, dk, dv;
+  const float* lse;
+};
+
+// One query block's backward: its rows of dQ written, its key blocks' rows of dK and dV added to
+// (dk, dv: this thread's, laid out as g.dk and g.dv).
 struct Backward {
   const Shape& s;
   std::vector<float> tile, grad, delta;
@@ -190,54 +218,63 @@ struct Backward {
         grad(tile.size()),
         delta(shape.block) {}
 
-  void row(int64_t bh, int i, const float* q, const float* k, const float* v, const float* out, const float* lse,
-           const float* dout, const int32_t* cols, float* dq, float* dk, float* dv) {
+  void row(int64_t bh, int i, const Grads& g, const int32_t* cols, const Tensor4& dk, const Tensor4& dv) {
     runs.of(cols + (static_cast<int64_t>(bh % s.heads) * s.blocks + i) * s.width, s.width, i, s.causal);
     const int ld = runs.blocks * s.block;
-    const int64_t first = bh * s.seq() + static_cast<int64_t>(i) * s.block;
-    const float *qi = q + first * s.d, *oi = out + first * s.d, *doi = dout + first * s.d;
-    const int64_t base = bh * s.seq() * s.d;  // this batch and head's keys, values and their gradients
-    const float *kb = k + base, *vb = v + base;
-    float *dkb = dk + base, *dvb = dv + base;
+    const int64_t first = static_cast<int64_t>(i) * s.block;
+    const float *qi = g.q.at(bh, s.heads, first), *oi = g.out.at(bh, s.heads, first);
+    const float* doi = g.dout.at(bh, s.heads, first);
+    const float *kb = g.k.at(bh, s.heads, 0), *vb = g.v.at(bh, s.heads, 0);
+    float *dkb = dk.at(bh, s.heads, 0), *dvb = dv.at(bh, s.heads, 0), *dqi = g.dq.at(bh, s.heads, first);
+    const float* lse_i = g.lse + bh * s.seq() + first;
     for (int a = 0; a < s.block; ++a) {  // rowsum(dO o O)
+      const float *x = doi + a * g.dout.token, *y = oi + a * g.out.token;
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-      for (int e = 0; e < s.d; ++e) sum += doi[a * s.d + e] * oi[a * s.d + e];
+      for (int e = 0; e < s.d; ++e) sum += x[e] * y[e];
       delta[a] = sum;
     }
     float *P = tile.data(), *dS = grad.data();
-    scores(s, qi, kb, i, runs, ld, P);
-    for (int a = 0; a < s.block; ++a) exp_row(P + static_cast<int64_t>(a) * ld, ld, lse[first + a]);
+    scores(s, qi, g.q.ld(), kb, g.k.ld(), i, runs, ld, P);
+    for (int a = 0; a < s.block; ++a) exp_row(P + static_cast<int64_t>(a) * ld, ld, lse_i[a]);
     int col = 0;
     for (size_t r = 0; r < runs.start.size(); ++r) {  // dP = dO V^T
       const int keys = runs.length[r] * s.block;
-      gemm('N', 'T', s.block, keys, s.d, 1.f, doi, s.d, vb + static_cast<int64_t>(runs.start[r]) * s.block * s.d, s.d,
-           0.f, dS + col, ld);
+      gemm('N', 'T', s.block, keys, s.d, 1.f, doi, g.dout.ld(), vb + runs.start[r] * s.block * g.v.token, g.v.ld(), 0.f,
+           dS + col, ld);
       col += keys;
     }
     for (int a = 0; a < s.block; ++a) {  // dS = P o (dP - delta)
       const float* p = P + static_cast<int64_t>(a) * ld;
-      float* g = dS + static_cast<int64_t>(a) * ld;
+      float* dsa = dS + static_cast<int64_t>(a) * ld;
       const float da = delta[a];
 #pragma omp simd
-      for (int c = 0; c < ld; ++c) g[c] = p[c] * (g[c] - da);
+      for (int c = 0; c < ld; ++c) dsa[c] = p[c] * (dsa[c] - da);
     }
     col = 0;
     for (size_t r = 0; r < runs.start.size(); ++r) {
       const int keys = runs.length[r] * s.block;
-      const int64_t at = static_cast<int64_t>(runs.start[r]) * s.block * s.d;
-      gemm('T', 'N', keys, s.d, s.block, 1.f, P + col, ld, doi, s.d, 1.f, dvb + at, s.d);  // dV += P^T dO
-      gemm('N', 'N', s.block, s.d, keys, s.scale, dS + col, ld, kb + at, s.d, r ? 1.f : 0.f, dq + first * s.d,
-           s.d);                                                                           // dQ = dS K scale
-      gemm('T', 'N', keys, s.d, s.block, s.scale, dS + col, ld, qi, s.d, 1.f, dkb + at, s.d);  // dK += dS^T Q scale
+      const int64_t key = static_cast<int64_t>(runs.start[r]) * s.block;  // the run's first key
+      gemm('T', 'N', keys, s.d, s.block, 1.f, P + col, ld, doi, g.dout.ld(), 1.f, dvb + key * dv.token,
+           dv.ld());  // dV += P^T dO
+      gemm('N', 'N', s.block, s.d, keys, s.scale, dS + col, ld, kb + key * g.k.token, g.k.ld(), r ? 1.f : 0.f, dqi,
+           g.dq.ld());  // dQ = dS K scale
+      gemm('T', 'N', keys, s.d, s.block, s.scale, dS + col, ld, qi, g.q.ld(), 1.f, dkb + key * dk.token,
+           dk.ld());  // dK += dS^T Q scale
       col += keys;
     }
   }
 };
 
-void backward(const Shape& s, const float* q, const float* k, const float* v, const float* out, const float* lse,
-              const float* dout, const int32_t* cols, int threads, float* dq, float* dk, float* dv) {
-  const int64_t per = s.seq() * s.d;  // one (batch, head)'s elements
+// Zero pair bh's rows of x.
+void zero_rows(const Shape& s, const Tensor4& x, int64_t bh) {
+  for (int64_t t = 0; t < s.seq(); ++t) {
+    float* row = x.at(bh, s.heads, t);
+    std::fill(row, row + s.d, 0.f);
+  }
+}
+
+void backward(const Shape& s, const Grads& g, const int32_t* cols, int threads) {
   if (s.bh >= threads) {
 #pragma omp parallel num_threads(threads)
     {
@@ -245,33 +282,35 @@ void backward(const Shape& s, const float* q, const float* k, const float* v, co
       Backward step(s);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t bh = 0; bh < s.bh; ++bh) {
-        float *dkb = dk + bh * per, *dvb = dv + bh * per;
-        std::fill(dkb, dkb + per, 0.f);
-        std::fill(dvb, dvb + per, 0.f);
-        for (int i = 0; i < s.blocks; ++i) step.row(bh, i, q, k, v, out, lse, dout, cols, dq, dk, dv);
+        zero_rows(s, g.dk, bh);
+        zero_rows(s, g.dv, bh);
+        for (int i = 0; i < s.blocks; ++i) step.row(bh, i, g, cols, g.dk, g.dv);
       }
     }
     return;
   }
-  const int64_t total = s.bh * per;
+  // dk and dv are dense (the caller's contract): their `total` elements from data on, in their
+  // own order; each private copy is laid out the same, so the sum runs element by element.
+  const int64_t total = s.bh * s.seq() * s.d;
   std::vector<float> spare(static_cast<size_t>(2 * total) * (threads - 1));  // thread 0 writes dk, dv themselves
 #pragma omp parallel num_threads(threads)
   {
     const OneBlasThread one;
     const int t = omp_get_thread_num();
-    float* mine_k = t ? spare.data() + static_cast<int64_t>(t - 1) * 2 * total : dk;
-    float* mine_v = t ? mine_k + total : dv;
-    std::fill(mine_k, mine_k + total, 0.f);
-    std::fill(mine_v, mine_v + total, 0.f);
+    float* spare_k = t ? spare.data() + static_cast<int64_t>(t - 1) * 2 * total : nullptr;
+    const Tensor4 mine_k = t ? Tensor4(spare_k, g.dk) : g.dk;
+    const Tensor4 mine_v = t ? Tensor4(spare_k + total, g.dv) : g.dv;
+    std::fill(mine_k.data, mine_k.data + total, 0.f);
+    std::fill(mine_v.data, mine_v.data + total, 0.f);
     Backward step(s);
 #pragma omp for schedule(dynamic, 4)
     for (int64_t job = 0; job < s.bh * s.blocks; ++job)
-      step.row(job / s.blocks, static_cast<int>(job % s.blocks), q, k, v, out, lse, dout, cols, dq, mine_k, mine_v);
+      step.row(job / s.blocks, static_cast<int>(job % s.blocks), g, cols, mine_k, mine_v);
 #pragma omp for
     for (int64_t e = 0; e < total; ++e)
       for (int u = 1; u < omp_get_num_threads(); ++u) {
-        dk[e] += spare[static_cast<size_t>(u - 1) * 2 * total + e];
-        dv[e] += spare[static_cast<size_t>(u - 1) * 2 * total + total + e];
+        g.dk.data[e] += spare[static_cast<size_t>(u - 1) * 2 * total + e];
+        g.dv.data[e] += spare[static_cast<size_t>(u - 1) * 2 * total + total + e];
       }
   }
 }
@@ -285,18 +324,25 @@ void loom_init(void* sgemm, void* local_threads) {
   blas_local_threads = reinterpret_cast<threads_t>(local_threads);
 }
 
-void loom_block_sparse_forward(const float* q, const float* k, const float* v, const int32_t* cols, int64_t bh,
-                               int heads, int blocks, int width, int block, int d, float scale, int causal,
-                               int threads, float* out, float* lse) {
+// strides: (batch, head, token) in elements for q, k, v, out, each (batch, heads, S, d) with d
+// contiguous; lse is (batch x heads, S) contiguous.
+void loom_block_sparse_forward(const float* q, const float* k, const float* v, const int32_t* cols,
+                               const int64_t* strides, int64_t bh, int heads, int blocks, int width, int block, int d,
+                               float scale, int causal, int threads, float* out, float* lse) {
   const Shape s{bh, heads, blocks, width, block, d, scale, causal != 0};
-  forward(s, q, k, v, cols, threads, out, lse);
+  forward(s, Tensor4(q, strides), Tensor4(k, strides + 3), Tensor4(v, strides + 6), cols, threads,
+          Tensor4(out, strides + 9), lse);
 }
 
+// strides: (batch, head, token) for q, k, v, out, dout, dq, dk, dv; dk and dv dense (in any order).
 void loom_block_sparse_backward(const float* q, const float* k, const float* v, const float* out, const float* lse,
-                                const float* dout, const int32_t* cols, int64_t bh, int heads, int blocks, int width,
-                                int block, int d, float scale, int causal, int threads, float* dq, float* dk,
-                                float* dv) {
+                                const float* dout, const int32_t* cols, const int64_t* strides, int64_t bh, int heads,
+                                int blocks, int width, int block, int d, float scale, int causal, int threads,
+                                float* dq, float* dk, float* dv) {
   const Shape s{bh, heads, blocks, width, block, d, scale, causal != 0};
-  backward(s, q, k, v, out, lse, dout, cols, threads, dq, dk, dv);
+  const Grads g{Tensor4(q, strides),      Tensor4(k, strides + 3),  Tensor4(v, strides + 6),
+                Tensor4(out, strides + 9), Tensor4(dout, strides + 12), Tensor4(dq, strides + 15),
+                Tensor4(dk, strides + 18), Tensor4(dv, strides + 21), lse};
+  backward(s, g, cols, threads);
 }
 }

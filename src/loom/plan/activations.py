@@ -28,7 +28,10 @@ Two models of the same quantity:
   c(sbh + 2 sb h_kv)/t + 5ab s(s + run)/2t, then the output projection's input copied out of the
   heads' layout) or ``flash`` (q, k, v and the output in the compute dtype,
   the output projection reading the output in place, plus an fp32 log-sum-exp per head and
-  position). Under
+  position). The sparse cores: ``sparse_cpp`` (loom's C++ kernel) keeps what ``flash`` keeps,
+  K and V expanded to every query head; ``sparse`` (FlexAttention, the torch-ops kernel) the same
+  with the output projection's input a copy, and the torch-ops kernel also the probabilities of
+  its padded slots where a row is narrow. Under
   tensor parallelism everything inside a region is 1/t; with sequence parallelism the
   norms', dropouts' and linear inputs' terms are 1/t too (loom saves the column-parallel
   inputs as this rank's slice, as Megatron-LM 3).
@@ -84,9 +87,12 @@ class Dtypes:
     compute: int = 4
 
 
-def attention_kernel(device: str, dropout: float, attention: str = "dense") -> str:
-    """Which core runs: loom's kernel for ``attention`` sparse, topk or lsh; with dropout off CUDA
-    loom's dropout core; else scaled_dot_product_attention's fused one."""
+def attention_kernel(device: str, dropout: float, attention: str = "dense", sparse_kernel: str = "auto") -> str:
+    """Which core runs: loom's kernel for ``attention`` sparse, topk or lsh (``sparse_cpp`` for the
+    C++ block-sparse kernel: on CPU unless ``model.sparse_attention.kernel`` is torch); with
+    dropout off CUDA loom's dropout core; else scaled_dot_product_attention's fused one."""
+    if attention == "sparse" and device == "cpu" and sparse_kernel != "torch":
+        return "sparse_cpp"
     if attention in ("sparse", "topk", "lsh"):
         return attention
     return "dropout" if device != "cuda" and dropout > 0 else "flash"
@@ -155,9 +161,9 @@ def layer_activation_bytes(
         # (loom.model.block_sparse keeps them when a row spans at most loom.attention_walk.SAVED_COLUMNS
         # keys): linear in s
         core = c * 3 * e / t + 4 * shape.heads * s * b * shape.sparse_columns / t
-    elif kernel == "sparse":  # the C++ kernel (loom.model.block_sparse_cpp), FlexAttention, and the
-        # torch-ops kernel's wide rows: q, k, v, out, and the log-sum-exp (the probabilities
-        # recomputed): linear in s, whatever the layout
+    elif kernel in ("sparse", "sparse_cpp"):  # the C++ kernel (loom.model.block_sparse_cpp),
+        # FlexAttention, and the torch-ops kernel's wide rows: q, k, v, out, and the log-sum-exp
+        # (the probabilities recomputed): linear in s, whatever the layout
         core = c * 4 * e / t + 4 * shape.heads * s * b / t
     elif kernel == "lsh":
         core = _lsh_core_bytes(shape, s, b, t, c)
@@ -173,8 +179,9 @@ def layer_activation_bytes(
     projections = 2 if kernel == "lsh" and shape.lsh[2] else 3  # Q, K, V (shared-QK LSH: Q, V)
     qkv_in = c * e / d * (projections if casts else 1)
     mlp_in = c * e / d * ((2 if llama else 1) if casts else 1)
-    # flash lays its output out (b, s, heads, d): the output projection's input is a view of it
-    out_proj_in = 0.0 if kernel == "flash" and recompute == "none" else c * e / t
+    # flash and the C++ sparse kernel lay their output out (b, s, heads, d): the output
+    # projection's input is a view of it
+    out_proj_in = 0.0 if kernel in ("flash", "sparse_cpp") and recompute == "none" else c * e / t
     attention = norm + qkv_in + rope + core + out_proj_in + mask
     f = s * b * shape.ffn
     mlp_inner = 4 * c * f / t if llama else 2 * c * f / t  # SwiGLU: gate, up, silu, product; GELU: in, out

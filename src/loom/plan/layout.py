@@ -202,7 +202,7 @@ def predict(
     model_total = model_flops(gpt, global_batch)  # MFU and HFU: the whole square for dense attention
     hardware_total = hardware_flops(gpt, global_batch, layout.recompute, recomputed_total)
     # the step time: what the kernels compute (a causal kernel about half of the square)
-    kernel = attention_kernel(device, model.dropout, model.attention)
+    kernel = attention_kernel(device, model.dropout, model.attention, model.sparse_attention.kernel)
     computed = (  # what the kernel computes, for the step time: a causal kernel's tiles, a sparse one's slots
         computed_density(model.sparse_attention, model.n_heads, config.train.seq_len, device)
         if sparse

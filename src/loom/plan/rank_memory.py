@@ -95,7 +95,7 @@ def predict_rank_memory(
         recompute_layers = train.recompute_layers
     plans = rank_stages(model.n_layers, pp, vp, pp_rank)
     shape, dtypes = layer_shape(config), dtypes_of(config)
-    kernel = attention_kernel(device, model.dropout, model.attention)
+    kernel = attention_kernel(device, model.dropout, model.attention, model.sparse_attention.kernel)
     s, b, sp = train.seq_len, batch.micro_batch, parallel.sequence_parallel and tp > 1
 
     def layer(policy: str) -> float:
@@ -156,7 +156,9 @@ def recomputed_layer_bytes(config: Config, device: str = "cpu") -> float:
     if train.recompute == "none" or config.model.reversible:
         return 0.0
     shape, dtypes = layer_shape(config), dtypes_of(config)
-    kernel = attention_kernel(device, config.model.dropout, config.model.attention)
+    kernel = attention_kernel(
+        device, config.model.dropout, config.model.attention, config.model.sparse_attention.kernel
+    )
     b, tp = config.batch(dp=parallel.dp).micro_batch, parallel.tp
     sp = parallel.sequence_parallel and tp > 1
 
