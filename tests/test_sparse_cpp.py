@@ -18,6 +18,7 @@ from loom.model import block_sparse_cpp, sparse_layout
 from loom.model.block_sparse import dense_mask
 from loom.model.block_sparse_cpp import KERNEL, KeptBlocks, cpp_block_sparse_attention
 from loom.model.transformer import Transformer
+from loom.parallel import host_allocator
 from loom.sparsity import SparsityConfig, make_layout
 
 LAYOUTS = [
@@ -110,12 +111,48 @@ def test_gradients_are_written_whatever_their_memory_held(heads: int, causal: bo
     NaN (as a reused block may hold garbage) changes nothing, on each path through the threads."""
     torch.manual_seed(5)
     torch.set_num_threads(2)
-    monkeypatch.setattr(block_sparse_cpp, "populate", lambda t: t.fill_(float("nan")))  # every output's memory
+
+    def nan_filled(t: torch.Tensor) -> None:  # every output's memory, as the kernel receives it
+        t.fill_(float("nan"))
+
+    monkeypatch.setattr(block_sparse_cpp, "fresh_pages", nan_filled)
     attention = "unidirectional" if causal else "bidirectional"
     params = {"mode": "bigbird", "different_layout_per_head": True, "num_random_blocks": 1, "attention": attention}
     _check(
         make_layout(SparsityConfig(block=8, **params), heads, 8 * 6), 8, batch=3 if heads > 1 else 1, d=8, causal=causal
     )
+
+
+@pytest.mark.skipif(not host_allocator.THP_MODE.exists(), reason="no transparent huge pages here")
+def test_outputs_faulted_in_by_the_kernels_threads_hold_the_same_results(monkeypatch) -> None:  # noqa: ANN001
+    """Outputs large enough to be fresh mappings under loom's host allocator (4 MiB each here) are
+    faulted in by the kernel's threads before they write them: bit for bit the results of the
+    same call writing into memory that faults page by page."""
+    torch.manual_seed(7)
+    torch.set_num_threads(2)
+    host_allocator.fix_mmap_threshold()  # as loom train and the Trainer do
+    layout = make_layout(SparsityConfig(block=64, mode="bigbird", num_random_blocks=1), 2, 8192)
+    kept = KeptBlocks.of(layout, 64)
+    q, k, v, grad = (torch.randn(1, 2, 8192, 64) for _ in range(4))
+    found = []
+
+    def run() -> list[torch.Tensor]:
+        mine = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = cpp_block_sparse_attention(*mine, kept)
+        out.backward(grad)
+        return [out.detach(), *(t.grad for t in mine)]
+
+    def counted(t: torch.Tensor) -> tuple[int, int] | None:
+        found.append(host_allocator.fresh_pages(t))
+        return found[-1]
+
+    monkeypatch.setattr(block_sparse_cpp, "fresh_pages", counted)
+    populated = run()
+    if host_allocator.THP_MODE.read_text().count("[never]") == 0:
+        assert len(found) == 4 and all(found), found  # out, then dq, dk, dv: each a fresh mapping
+    monkeypatch.setattr(block_sparse_cpp, "fresh_pages", lambda t: None)
+    for a, b in zip(populated, run(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_a_bidirectional_layout_attends_the_blocks_after_the_diagonal_too() -> None:

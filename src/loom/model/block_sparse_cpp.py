@@ -23,8 +23,8 @@ gradient in its input's (a dense tensor with the input's order of strides): in t
 ``(batch, S, heads, d)``, so ``out.transpose(1, 2).reshape(batch, S, -1)`` is a free view and the
 gradients reach the projections without a copy; given ``(batch, heads, S, d)`` tensors, the
 outputs are laid out so too (measured at 8k tokens, mixed layouts cost 3 ms of 59). Outputs
-are faulted in at once, on huge pages, where they are fresh mappings
-(:func:`loom.parallel.host_allocator.populate`).
+are faulted in at once, on huge pages and split between the kernel's threads, where they are
+fresh mappings (:func:`loom.parallel.host_allocator.fresh_pages`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from loom import native
-from loom.parallel.host_allocator import populate
+from loom.parallel.host_allocator import fresh_pages
 
 KERNEL = "block_sparse"
 
@@ -75,13 +75,21 @@ def _strides(*tensors: torch.Tensor) -> ctypes.Array:
     return (ctypes.c_int64 * len(flat))(*flat)
 
 
-def _dense_like(t: torch.Tensor) -> torch.Tensor:
-    """A fresh fp32 (batch, heads, S, d) tensor of ``t``'s shape, dense, d contiguous and the other
+def _dense_like(t: torch.Tensor, fresh: list[int]) -> torch.Tensor:
+    """A new fp32 (batch, heads, S, d) tensor of ``t``'s shape, dense, d contiguous and the other
     dimensions in memory in the order of ``t``'s strides (``t``'s own strides where ``t`` is dense
-    with d contiguous): a gradient laid out as its input."""
+    with d contiguous): a gradient laid out as its input. Its page range joins ``fresh`` where it
+    is a fresh mapping (:func:`loom.parallel.host_allocator.fresh_pages`), for the kernel's
+    threads to fault in at once."""
     order = [*sorted(range(3), key=lambda i: -t.stride(i)), 3]  # outermost first; ties keep their order
-    fresh = populate(torch.empty([t.shape[i] for i in order], dtype=torch.float32))
-    return fresh.permute([order.index(i) for i in range(4)])
+    new = torch.empty([t.shape[i] for i in order], dtype=torch.float32)
+    fresh.extend(fresh_pages(new) or ())
+    return new.permute([order.index(i) for i in range(4)])
+
+
+def _ranges(fresh: list[int]) -> tuple[ctypes.Array, int]:
+    """``fresh``'s [start, end) pairs as the kernel takes them: an int64 array and its pair count."""
+    return (ctypes.c_int64 * max(1, len(fresh)))(*fresh), len(fresh) // 2
 
 
 class _CppBlockSparse(torch.autograd.Function):
@@ -92,7 +100,8 @@ class _CppBlockSparse(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             b, h, s, d = q.shape
             qf, kf, vf = (_readable(t) for t in (q, k, v))
-            out = _dense_like(q)
+            fresh = []
+            out = _dense_like(q, fresh)
             lse = torch.empty(b, h, s, dtype=torch.float32)
             native.library(KERNEL).loom_block_sparse_forward(
                 *map(_pointer, (qf, kf, vf, kept.cols)),
@@ -108,6 +117,7 @@ class _CppBlockSparse(torch.autograd.Function):
                 torch.get_num_threads(),
                 _pointer(out),
                 _pointer(lse),
+                *_ranges(fresh),
             )
             out = out.to(q.dtype)
             ctx.save_for_backward(q, k, v, out, lse)
@@ -121,7 +131,8 @@ class _CppBlockSparse(torch.autograd.Function):
             kept = ctx.kept
             b, h, s, d = q.shape
             qf, kf, vf, of, gf = (_readable(t) for t in (q, k, v, out, grad_out))
-            dq, dk, dv = (_dense_like(t) for t in (q, k, v))
+            fresh = []
+            dq, dk, dv = (_dense_like(t, fresh) for t in (q, k, v))
             native.library(KERNEL).loom_block_sparse_backward(
                 *map(_pointer, (qf, kf, vf, of, lse, gf, kept.cols)),
                 _strides(qf, kf, vf, of, gf, dq, dk, dv),
@@ -135,6 +146,7 @@ class _CppBlockSparse(torch.autograd.Function):
                 int(ctx.causal),
                 torch.get_num_threads(),
                 *map(_pointer, (dq, dk, dv)),
+                *_ranges(fresh),
             )
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 

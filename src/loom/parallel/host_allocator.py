@@ -11,8 +11,9 @@ benchmarks that time a kernel alone as their workers start):
 - :func:`enable_huge_pages`: in a process of one compute thread (a rank of several on a CPU host),
   large tensors' fresh mappings are backed by 2 MiB transparent huge pages, so their first touch
   costs one fault per 2 MiB instead of one per 4 KiB (the speed side);
-- :func:`populate`: a kernel that allocates a large output itself (loom's C++ sparse attention)
-  faults its pages in with one call, on huge pages, whatever the process's thread count.
+- :func:`fresh_pages` and :func:`populate`: a kernel that allocates a large output itself (loom's
+  C++ sparse attention) faults its pages in at once, on huge pages, whatever the process's
+  thread count.
 
 Each is left alone where the user set its environment variable, and each is a no-op where the
 platform lacks it.
@@ -144,41 +145,50 @@ def enable_huge_pages(threads: int) -> bool:
     return True
 
 
-def populate(t: torch.Tensor) -> torch.Tensor:
-    """Fault in the pages of ``t``, a CPU tensor just allocated and not yet written, with one call
-    (``MADV_POPULATE_WRITE``) on 2 MiB transparent huge pages (``MADV_HUGEPAGE`` on its 2 MiB-aligned
-    interior), and return it.
+def fresh_pages(t: torch.Tensor) -> tuple[int, int] | None:
+    """The page-aligned address range ``[start, end)`` of ``t``'s storage where ``t`` is a CPU
+    tensor just allocated as a mapping of its own, its 2 MiB-aligned interior now advised
+    ``MADV_HUGEPAGE``; None anywhere else. Whoever writes it first faults the range in at once
+    (:func:`populate`, or loom's C++ sparse kernel with its own threads).
 
     Where the mmap threshold is fixed (:func:`fix_mmap_threshold`), a large tensor is a fresh
     mapping whose first touch faults page by page, 4 KiB at a time where the process computes with
     several threads (:func:`enable_huge_pages` leaves those on small pages, since their threads
-    faulting one huge-page mapping at once serialise). One populate call from one thread avoids
-    both costs: measured here, a fresh 16 MiB tensor written by two threads took 3.4-3.6 ms on
-    4 KiB faults, and 1.5-1.6 ms populated on huge pages first (0.9 ms the populate itself); loom's
-    C++ sparse attention at 8k tokens (sliding window, 2 threads), whose output and three gradients
-    are such tensors, went from 61.4 to 56.3 ms a call.
+    faulting one huge-page mapping at once serialise). One ``MADV_POPULATE_WRITE`` over huge
+    pages avoids both: measured here, a fresh 16 MiB tensor written by two threads took 3.4-3.6 ms
+    on 4 KiB faults, and 1.5-1.6 ms populated on huge pages first; 64 MiB populate in 8.2 ms from
+    one thread, 4.8 ms split between two.
 
-    Applied only where it is known to be a fresh mapping: this process fixed the mmap threshold
-    and ``t``'s storage is at least that large, its first interior page is not resident yet
-    (``mincore``), Linux's THP mode is not ``never``. Anywhere else (glibc's heap, another
-    platform, a kernel before 5.14) ``t`` comes back untouched and its pages fault as they are
-    written.
+    Only where it is known to be a fresh mapping: this process fixed the mmap threshold and
+    ``t``'s storage is at least that large, its first interior page is not resident yet
+    (``mincore``), and Linux's THP mode is not ``never``. Anywhere else (glibc's heap, another
+    platform) the pages fault as they are written.
     """
     storage = t.untyped_storage()
     if t.device.type != "cpu" or _own_mappings_from is None or storage.nbytes() < _own_mappings_from:
-        return t
+        return None
     libc = _libc()
     if libc is None or not THP_MODE.exists() or "[never]" in THP_MODE.read_text():
-        return t
+        return None
     start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
     first, last = -(-start // PAGE_BYTES) * PAGE_BYTES, end // PAGE_BYTES * PAGE_BYTES
     resident = ctypes.c_ubyte(0)
     if last - first < HUGE_PAGE_BYTES or libc.mincore(first, PAGE_BYTES, ctypes.byref(resident)) or resident.value & 1:
-        return t
+        return None
     huge_first, huge_last = -(-first // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES, last // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
     if huge_last > huge_first:
         libc.madvise(huge_first, huge_last - huge_first, MADV_HUGEPAGE)
-    libc.madvise(first, last - first, MADV_POPULATE_WRITE)  # fails harmlessly before Linux 5.14
+    return first, last
+
+
+def populate(t: torch.Tensor) -> torch.Tensor:
+    """Fault in the pages of ``t``, a CPU tensor just allocated and not yet written, with one call
+    from this thread, on huge pages, where :func:`fresh_pages` finds it a fresh mapping; return
+    ``t``. Before Linux 5.14 (no ``MADV_POPULATE_WRITE``) the call fails harmlessly and the pages
+    fault as they are written."""
+    pages = fresh_pages(t)
+    if pages is not None:
+        _libc().madvise(pages[0], pages[1] - pages[0], MADV_POPULATE_WRITE)
     return t
 
 
