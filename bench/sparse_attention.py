@@ -164,7 +164,13 @@ def kernel_worker(kind: str, seq: int) -> dict:
         start = time.perf_counter()
         run().backward(grad)
         times.append(time.perf_counter() - start)
-    return {"time": min(times[WARMUP:]), "peak": _rss() - base, "causal_density": ratio, "density": density, "walk": walk}
+    return {
+        "time": min(times[WARMUP:]),
+        "peak": _rss() - base,
+        "causal_density": ratio,
+        "density": density,
+        "walk": walk,
+    }
 
 
 def train_worker(kind: str, seq: int) -> dict:
