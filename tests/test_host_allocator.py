@@ -88,15 +88,16 @@ def resident(t):
     return sum(v & 1 for v in vec), huge
 
 MiB = 2**20
-unfixed = ha.populate(torch.empty(8 * MiB, dtype=torch.uint8))  # glibc's own threshold: may be its heap
+unfixed = ha.populate(torch.empty(16 * MiB, dtype=torch.uint8))  # glibc's own threshold: may be its heap
 ha.fix_mmap_threshold()
-big = torch.empty(8 * MiB, dtype=torch.uint8)
+big = torch.empty(16 * MiB, dtype=torch.uint8)
 before = resident(big)
 same = ha.populate(big) is big
+mapped = ha.populate(torch.empty(8 * MiB, dtype=torch.uint8))  # its own mapping, below POPULATE_MIN_BYTES
 small = ha.populate(torch.empty(MiB, dtype=torch.uint8))
 big.fill_(7)
 print(json.dumps({"unfixed": resident(unfixed), "before": before, "after": resident(big), "same": same,
-                  "small": resident(small), "kept": int(big.sum()) == 7 * 8 * MiB}))
+                  "mapped": resident(mapped), "small": resident(small), "kept": int(big.sum()) == 7 * 16 * MiB}))
 """
 
 
@@ -110,8 +111,9 @@ def test_populate_faults_a_fresh_mapping_in_on_huge_pages_and_leaves_anything_el
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["same"] and got["kept"]
-    pages = 8 * 2**20 // 4096
+    pages = 16 * 2**20 // 4096
     assert got["before"][0] <= 1 and not got["before"][1]  # a fresh mapping: its header page at most
     assert got["after"][0] >= pages and got["after"][1]  # every page in, its 2 MiB-aligned interior advised
     assert got["unfixed"][0] <= 1 and not got["unfixed"][1]  # the threshold not fixed: not touched
+    assert got["mapped"][0] <= 1 and not got["mapped"][1]  # a fresh mapping below 16 MiB: not touched
     assert not got["small"][1]  # below the threshold (glibc's heap): not advised

@@ -125,15 +125,15 @@ def test_gradients_are_written_whatever_their_memory_held(heads: int, causal: bo
 
 @pytest.mark.skipif(not host_allocator.THP_MODE.exists(), reason="no transparent huge pages here")
 def test_outputs_faulted_in_by_the_kernels_threads_hold_the_same_results(monkeypatch) -> None:  # noqa: ANN001
-    """Outputs large enough to be fresh mappings under loom's host allocator (4 MiB each here) are
-    faulted in by the kernel's threads before they write them: bit for bit the results of the
-    same call writing into memory that faults page by page."""
+    """Outputs large enough to be populated (16 MiB each here, fresh mappings under loom's host
+    allocator) are faulted in by the kernel's threads before they write them: bit for bit the
+    results of the same call writing into memory that faults page by page."""
     torch.manual_seed(7)
     torch.set_num_threads(2)
     host_allocator.fix_mmap_threshold()  # as loom train and the Trainer do
-    layout = make_layout(SparsityConfig(block=64, mode="bigbird", num_random_blocks=1), 2, 8192)
+    layout = make_layout(SparsityConfig(block=64, mode="bslongformer", num_sliding_window_blocks=3), 4, 16384)
     kept = KeptBlocks.of(layout, 64)
-    q, k, v, grad = (torch.randn(1, 2, 8192, 64) for _ in range(4))
+    q, k, v, grad = (torch.randn(1, 4, 16384, 64) for _ in range(4))
     found = []
 
     def run() -> list[torch.Tensor]:

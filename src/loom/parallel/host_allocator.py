@@ -39,6 +39,7 @@ THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"  # torch's switch, read once, at its first
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 SMAPS = Path("/proc/self/smaps")
 PAGE_BYTES = 4096
+POPULATE_MIN_BYTES = 16 * 2**20  # fresh_pages: smaller tensors fault as they are written
 MADV_HUGEPAGE, MADV_POPULATE_WRITE = 14, 23  # Linux's madvise advice (the second since 5.14)
 
 # Where this process fixed glibc's mmap threshold (fix_mmap_threshold): blocks from this size on are
@@ -163,9 +164,17 @@ def fresh_pages(t: torch.Tensor) -> tuple[int, int] | None:
     ``t``'s storage is at least that large, its first interior page is not resident yet
     (``mincore``), and Linux's THP mode is not ``never``. Anywhere else (glibc's heap, another
     platform) the pages fault as they are written.
+
+    And only from ``POPULATE_MIN_BYTES`` (16 MiB) on. On this host, a virtual machine that reclaims
+    the memory its guest frees, a huge page fresh to the process can cost about a millisecond more
+    to fault than its 512 small pages, which smaller outputs do not win back: loom's C++ sparse
+    kernel (sliding window, 2 threads, after 8 untimed calls) took 20 ms at 2k tokens (4 MiB
+    outputs) populated against 15.7 not, 28-52 ms at 4k (8 MiB) against 31, and 53 ms at 8k
+    (16 MiB) against 61. Populating on small pages instead gained nothing measurable (15.3, 30.9).
     """
     storage = t.untyped_storage()
-    if t.device.type != "cpu" or _own_mappings_from is None or storage.nbytes() < _own_mappings_from:
+    least = max(POPULATE_MIN_BYTES, _own_mappings_from or 0)
+    if t.device.type != "cpu" or _own_mappings_from is None or storage.nbytes() < least:
         return None
     libc = _libc()
     if libc is None or not THP_MODE.exists() or "[never]" in THP_MODE.read_text():
