@@ -93,6 +93,21 @@ def test_token_major_inputs_are_read_in_place_and_their_gradients_written_so(hea
     _check(make_layout(SparsityConfig(block=8, **params), heads, 8 * 6), 8, batch=batch, d=16, token_major=True)
 
 
+def test_overlapping_rows_are_copied_before_the_kernel_reads_them() -> None:
+    """A gradient expanded from one token (token stride 0, as a broadcast loss gives) is not a
+    matrix BLAS can read in place: it is copied, and the gradients equal dense attention's."""
+    torch.manual_seed(8)
+    block, n, heads, d = 8, 6, 2, 8
+    layout = make_layout(SparsityConfig(block=block, mode="bigbird", num_random_blocks=1), heads, block * n)
+    mine = [torch.randn(1, heads, block * n, d, requires_grad=True) for _ in range(3)]
+    ref = [t.detach().clone().requires_grad_() for t in mine]
+    grad = torch.randn(1, heads, 1, d).expand(1, heads, block * n, d)
+    cpp_block_sparse_attention(*mine, KeptBlocks.of(layout, block)).backward(grad)
+    F.scaled_dot_product_attention(*ref, attn_mask=dense_mask(layout, block).unsqueeze(0)).backward(grad)
+    for a, b, name in zip(mine, ref, "qkv"):
+        torch.testing.assert_close(a.grad, b.grad, rtol=2e-5, atol=2e-5, msg=f"d{name}")
+
+
 @pytest.mark.parametrize("params", LAYOUTS[1:4], ids=lambda p: p["mode"])
 def test_fewer_heads_than_threads_split_the_rows_and_sum_private_key_gradients(params: dict) -> None:
     """One batch x head on two threads: the rows of one head go to both, each adding into its own

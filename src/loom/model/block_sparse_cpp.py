@@ -64,9 +64,11 @@ def _pointer(t: torch.Tensor) -> ctypes.c_void_p:
 
 
 def _readable(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as the kernel reads it: fp32 with its last dimension contiguous (no copy where it is)."""
+    """``t`` as the kernel reads it: fp32, its last dimension contiguous and its rows apart (a
+    token stride of at least d, as BLAS requires of a leading dimension), copied only where it is
+    not (a gradient expanded from fewer tokens has a token stride of 0)."""
     t = t.float()
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return t if t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1] else t.contiguous()
 
 
 def _strides(*tensors: torch.Tensor) -> ctypes.Array:
