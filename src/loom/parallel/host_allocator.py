@@ -49,13 +49,21 @@ _own_mappings_from: int | None = None
 
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """The C library (mallopt, madvise, mincore), or None where it has not these."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         return libc
     except (OSError, AttributeError):
         return None
+
+
+@functools.cache
+def _thp_allowed() -> bool:
+    """Whether Linux offers transparent huge pages here (its mode is not ``never``), read once."""
+    return sys.platform == "linux" and THP_MODE.exists() and "[never]" not in THP_MODE.read_text()
 
 
 def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
@@ -79,13 +87,12 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
     global _own_mappings_from
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or platform.libc_ver()[0] != "glibc":
         return False
-    try:
-        libc = ctypes.CDLL(None)
-        if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-            libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-        fixed = bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None:
         return False
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    fixed = bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
     if fixed:
         _own_mappings_from = nbytes
     return fixed
@@ -139,8 +146,7 @@ def enable_huge_pages(threads: int) -> bool:
     ``THP_MEM_ALLOC_ENABLE`` (``=0`` turns it off), off Linux, and where the kernel's THP mode is
     ``never``.
     """
-    usable = sys.platform == "linux" and THP_MODE.exists() and "[never]" not in THP_MODE.read_text()
-    if not usable or threads > 1 or THP_VARIABLE in os.environ:
+    if not _thp_allowed() or threads > 1 or THP_VARIABLE in os.environ:
         return False
     os.environ[THP_VARIABLE] = "1"  # inherited by the ranks this process starts, too
     return True
@@ -177,7 +183,7 @@ def fresh_pages(t: torch.Tensor) -> tuple[int, int] | None:
     if t.device.type != "cpu" or _own_mappings_from is None or storage.nbytes() < least:
         return None
     libc = _libc()
-    if libc is None or not THP_MODE.exists() or "[never]" in THP_MODE.read_text():
+    if libc is None or not _thp_allowed():
         return None
     start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
     first, last = -(-start // PAGE_BYTES) * PAGE_BYTES, end // PAGE_BYTES * PAGE_BYTES
