@@ -348,6 +348,8 @@ class DDPConfig:
     # what carries the buckets: auto = shared memory where the dp ranks share a host and the
     # gradients are on the CPU, else the process group's backend; shm insists; backend never uses shm
     transport: str = "auto"
+    # a layer's own linear weights: the dW GEMM writes the gradient into its bucket slot (no copy)
+    fuse_weight_grads: bool = True
 
     def validate(self) -> None:
         _check_positive("ddp.bucket_mb", self.bucket_mb)

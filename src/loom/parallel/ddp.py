@@ -7,7 +7,10 @@ owns one flat buffer and every parameter's ``.grad`` is a view into it, so a buc
 message with no copies at send time. :meth:`zero_grad` drops the views: the step's first
 gradient arrives as autograd's own tensor and the hook copies it into its slot (one pass;
 zeroing the buffer and adding into it cost twice the traffic), later micro-batches accumulate
-into the view in place. A post-accumulate-grad hook counts the bucket's gradients; when the
+into the view in place. A linear's weight skips even that copy: DDP is the
+:class:`~loom.parallel.grad_fusion.GradHome` of its model's linears (:meth:`grad_slot`), whose
+dW GEMM then writes the slot itself (:mod:`loom.parallel.grad_fusion`). A post-accumulate-grad
+hook counts the bucket's gradients (it runs once per parameter per backward, fused or not); when the
 last one lands, the bucket's all-reduce (sum) starts asynchronously while backward carries on
 with earlier layers. Buckets are launched in
 index order on every rank (a ready bucket waits for its predecessors), so the
@@ -131,6 +134,7 @@ class DataParallel(GradientSync):
         # (param, bucket, offset, data_ptr of its slot): the hooks compare pointers, they build no views
         self._slots = [(p, b, o, b.buffer[o:].data_ptr()) for b in self.buckets for p, o in zip(b.params, b.offsets)]
         self._slot_of = {id(p): (b, o, ptr) for p, b, o, ptr in self._slots}
+        self._views = {id(p): b.buffer[o : o + p.numel()].view_as(p) for p, b, o, _ in self._slots}
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
@@ -240,6 +244,11 @@ class DataParallel(GradientSync):
             return False
         self._carried = value
         return True
+
+    def grad_slot(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The view of ``param``'s bucket slot, param-shaped, that its ``.grad`` is between syncs
+        (None for a parameter this DDP does not hold): where a fused linear writes dW."""
+        return self._views.get(id(param))
 
     def _on_grad_ready(self, param: nn.Parameter) -> None:
         bucket, offset, ptr = self._slot_of[id(param)]
@@ -362,6 +371,6 @@ class DataParallel(GradientSync):
         param.grad = slot.view_as(param)
 
     def _restore_views(self) -> None:
-        for p, bucket, offset, ptr in self._slots:
+        for p, _, _, ptr in self._slots:
             if p.grad is None or p.grad.data_ptr() != ptr:
-                p.grad = bucket.buffer[offset : offset + p.numel()].view_as(p)
+                p.grad = self._views[id(p)]

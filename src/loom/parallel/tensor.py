@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.distributed.comm import Comm, Handle, Ledger
+from loom.parallel.grad_fusion import GradHome, fused_linear
 from loom.parallel.placement import replicated, split
 from loom.parallel.weight_grad import WeightGradStore, deferrable, linear
 
@@ -244,9 +245,11 @@ class _EnterLinears(torch.autograd.Function):
 
 
 class TensorParallel:
-    """The tp group, whether activations outside regions are sequence-split, and the store of
+    """The tp group, whether activations outside regions are sequence-split, the store of
     zero-bubble's deferred weight gradients (``weight_grads``: None unless the pipeline's
-    schedule splits the backward; see :mod:`loom.parallel.weight_grad`)."""
+    schedule splits the backward; see :mod:`loom.parallel.weight_grad`), and where weight
+    gradients are computed into (``grad_home``: DDP's buckets, set by the wiring once they
+    exist, or None; see :mod:`loom.parallel.grad_fusion`)."""
 
     def __init__(
         self, comm: Comm, sequence_parallel: bool = False, weight_grads: WeightGradStore | None = None
@@ -254,14 +257,21 @@ class TensorParallel:
         self.comm = comm
         self.sequence_parallel = sequence_parallel and comm.size > 1
         self.weight_grads = weight_grads
+        self.grad_home: GradHome | None = None
 
     @classmethod
     def single(cls, weight_grads: WeightGradStore | None = None) -> TensorParallel:
         """A tp group of one: every mapping is the identity."""
         return cls(Comm("tp", None, [0], Ledger(0)), weight_grads=weight_grads)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``F.linear``, or zero-bubble's split one while ``weight_grads`` records (a forward of F)."""
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, own: bool = False
+    ) -> torch.Tensor:
+        """``F.linear``: zero-bubble's split one while ``weight_grads`` records (a forward of F);
+        else, for a layer's ``own`` weight (no other read of it in the forward: not a tied one)
+        and a ``grad_home``, the one whose dW is computed straight into the weight's slot."""
+        if own and self.grad_home is not None and not deferrable(self.weight_grads, weight):
+            return fused_linear(x, weight, bias, self.grad_home)
         return linear(x, weight, bias, self.weight_grads)
 
     @property
@@ -369,7 +379,7 @@ class ColumnParallelLinear(nn.Module):
             self.placement["bias"] = split((full,), 0, self.rows, local, tp.rank, replicas)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.linear(x, self.weight, self.bias)
+        return self.tp.linear(x, self.weight, self.bias, own=True)
 
 
 class RowParallelLinear(nn.Module):
@@ -390,5 +400,5 @@ class RowParallelLinear(nn.Module):
             self.placement["bias"] = replicated((out_features,), tp.size, tp.rank, tp.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.exit(self.tp.linear(x, self.weight))
+        out = self.tp.exit(self.tp.linear(x, self.weight, own=True))
         return out if self.bias is None else out + self.bias

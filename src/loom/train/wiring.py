@@ -153,6 +153,8 @@ def _plain_step(
             transport=config.ddp.transport,
             timeout_s=config.parallel.timeout_s,
         )
+        if config.ddp.fuse_weight_grads:
+            tp.grad_home = ddp  # the model's own linear weights compute dW into their bucket slots
     optimizer = build_adamw(model, config.train, dist.device)
     if config.optim.name == "onebit_adam":  # AdamW's warm-up, then the momentum 1 bit a value over dp
         freeze, places = config.optim.freeze(config.train.steps), model.placements
