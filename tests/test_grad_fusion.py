@@ -222,18 +222,36 @@ def _rank_run(overrides: list[str], run_dir: str) -> dict:
     config = load_config(None, overrides)
     trainer = Trainer(config, Path(run_dir), dist=init_distributed(config.parallel))
     fused = trainer.tp.grad_home is not None
+    ddp, names = trainer.update.ddp, {id(p): n for n, p in trainer.model.named_parameters()}
+    copied, keep = set(), ddp._keep_in_bucket
+
+    def counting(param: torch.nn.Parameter, slot: torch.Tensor) -> None:
+        copied.add(names[id(param)])
+        keep(param, slot)
+
+    ddp._keep_in_bucket = counting
     trainer.run()
-    return {"fused": fused, "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()}}
+    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    return {"fused": fused, "params": params, "copied_linears": {n for n in copied if n.endswith("_proj.weight")}}
 
 
-def test_trainer_fusion_on_and_off_agree_bit_for_bit(tmp_path: Path, text_corpus: Path) -> None:
-    """2 gloo ranks, accumulation, clipping: ddp.fuse_weight_grads changes no bit of the run."""
-    common = {"train.global_batch": 8, "train.micro_batch": 2, "train.steps": 3, "train.eval_every": 0}
+@pytest.mark.parametrize(
+    ("world", "layout"),
+    [(2, {}), (4, {"parallel.tp": 2, "parallel.sequence_parallel": True, "model.family": "llama"})],
+    ids=["dp2", "dp2-tp2-sp"],
+)
+def test_trainer_fusion_on_and_off_agree_bit_for_bit(
+    tmp_path: Path, text_corpus: Path, world: int, layout: dict
+) -> None:
+    """gloo ranks, accumulation, clipping (and at tp 2 the column-parallel linears entering their
+    region together): ddp.fuse_weight_grads changes no bit of the run."""
+    common = {"train.global_batch": 8, "train.micro_batch": 2, "train.steps": 3, "train.eval_every": 0, **layout}
     runs = {}
     for fuse in (True, False):
         items = tiny_overrides(text_corpus, **common, **{"ddp.fuse_weight_grads": fuse, "ddp.transport": "backend"})
-        runs[fuse] = run_ranks(_rank_run, 2, args=(items, str(tmp_path / str(fuse))), timeout_s=120)
+        runs[fuse] = run_ranks(_rank_run, world, args=(items, str(tmp_path / str(fuse))), timeout_s=120)
         assert {r["fused"] for r in runs[fuse]} == {fuse}
+        assert all(bool(r["copied_linears"]) != fuse for r in runs[fuse])  # fused: no linear's dW copied
     on, off = (read_metrics(tmp_path / str(f)) for f in (True, False))
     assert [(r["loss"], r["grad_norm"]) for r in on] == [(r["loss"], r["grad_norm"]) for r in off]
     for a, b in zip(runs[True], runs[False], strict=True):

@@ -4,7 +4,9 @@ Under DDP every gradient lives in a slot of a flat bucket (:mod:`loom.parallel.d
 autograd, a linear's dW = dY^T X is a fresh tensor that AccumulateGrad makes ``.grad``, and
 DDP's hook then copies it into the slot: one more pass over every weight gradient each step,
 and a dW-sized tensor allocated and freed. :func:`fused_linear` (Megatron-LM's gradient
-accumulation fusion, there into the bucket's ``main_grad``) has the GEMM write the slot itself:
+accumulation fusion, there into the bucket's ``main_grad``) has the GEMM write the slot itself
+(so do the column-parallel linears entering a tp region together, :mod:`loom.parallel.tensor`,
+through :class:`WeightGradTarget`):
 
 - forward: ``F.linear(x, W, b)``, the kernel the unfused path runs; X and W are saved;
 - backward: dX = dY W and db = sum over tokens of dY, as autograd's linear backward forms
@@ -49,26 +51,55 @@ class GradHome(Protocol):
         """The parameter-shaped view its gradient lives in, or None where it has none."""
 
 
+def fusable(weight: torch.Tensor, home: GradHome | None, compute_dtype: torch.dtype) -> bool:
+    """Whether ``weight``'s dW, computed in ``compute_dtype``, may be written into ``home``'s slot:
+    it needs a gradient, has no tensor hook (which is owed dW itself), and has a slot of its dtype,
+    which the GEMM computes in (not a 16-bit copy of it)."""
+    if home is None or not weight.requires_grad or weight._backward_hooks or compute_dtype != weight.dtype:
+        return False
+    slot = home.grad_slot(weight)
+    return slot is not None and slot.dtype == weight.dtype
+
+
+class WeightGradTarget:
+    """One fused weight, noted in forward: the parameter itself (``saved_tensors`` hands back
+    another object), its AccumulateGrad node and its home."""
+
+    __slots__ = ("param", "node", "home")
+
+    def __init__(self, param: torch.Tensor, home: GradHome) -> None:
+        self.param, self.home = param, home
+        self.node = get_gradient_edge(param).node
+
+    def weight_grad(self, dy2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
+        """dW = dy2^T x2 (2-D views): accumulated into ``.grad`` in its slot, returning None, when
+        this backward accumulates into ``.grad``; else returned, as autograd would return it."""
+        if not _accumulating(self.node):  # autograd.grad, or a backward not asked for this weight
+            return dy2.t().mm(x2)
+        grad = self.param.grad
+        if grad is None:
+            slot = self.home.grad_slot(self.param)
+            torch.mm(dy2.t(), x2, out=slot)
+            self.param.grad = slot
+        else:
+            grad.add_(dy2.t().mm(x2))
+        return None
+
+
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, home: GradHome) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` whose dW lands in ``home``'s slot for ``weight`` (module doc)."""
-    if not (torch.is_grad_enabled() and weight.requires_grad and x.is_contiguous() and x.dtype == weight.dtype):
+    if not (torch.is_grad_enabled() and x.is_contiguous() and x.dtype == weight.dtype):
         return F.linear(x, weight, bias)
-    if weight._backward_hooks:  # a tensor hook is owed the gradient itself
+    if torch.is_autocast_enabled(x.device.type) or not fusable(weight, home, x.dtype):
         return F.linear(x, weight, bias)
-    if torch.is_autocast_enabled(x.device.type):
-        return F.linear(x, weight, bias)
-    slot = home.grad_slot(weight)
-    if slot is None or slot.dtype != weight.dtype:
-        return F.linear(x, weight, bias)
-    return _LinearIntoSlot.apply(x, weight, bias, home)
+    return _LinearIntoSlot.apply(x, weight, bias, WeightGradTarget(weight, home))
 
 
 class _LinearIntoSlot(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, home):  # noqa: ANN001, ANN205
+    def forward(ctx, x, weight, bias, target):  # noqa: ANN001, ANN205
         ctx.save_for_backward(x, weight)
-        ctx.param, ctx.home = weight, home  # the parameter itself (saved_tensors hands back another object)
-        ctx.node = get_gradient_edge(weight).node  # its AccumulateGrad
+        ctx.target = target
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -78,12 +109,7 @@ class _LinearIntoSlot(torch.autograd.Function):
         x2 = x.view(-1, x.shape[-1])
         dx = dy2.mm(w).view(x.shape) if ctx.needs_input_grad[0] else None
         db = dy2.sum(0) if ctx.needs_input_grad[2] else None
-        dw = None
-        if ctx.needs_input_grad[1]:
-            if _accumulating(ctx.node):
-                _accumulate(ctx.param, dy2, x2, ctx.home)
-            else:  # autograd.grad, or a backward not asked for this weight: as autograd returns it
-                dw = dy2.t().mm(x2)
+        dw = ctx.target.weight_grad(dy2, x2) if ctx.needs_input_grad[1] else None
         return dx, dw, db, None
 
 
@@ -95,14 +121,3 @@ def _accumulating(node: torch.autograd.graph.Node) -> bool:
         return torch._C._will_engine_execute_node(node)
     except RuntimeError:  # "... currently running autograd.grad()"
         return False
-
-
-def _accumulate(param: torch.Tensor, dy2: torch.Tensor, x2: torch.Tensor, home: GradHome) -> None:
-    """dW = dY^T X into ``param.grad``: written into the slot when there is none yet, else added."""
-    grad = param.grad
-    if grad is None:
-        slot = home.grad_slot(param)
-        torch.mm(dy2.t(), x2, out=slot)
-        param.grad = slot
-    else:
-        grad.add_(dy2.t().mm(x2))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.distributed.comm import Comm, Handle, Ledger
-from loom.parallel.grad_fusion import GradHome, fused_linear
+from loom.parallel.grad_fusion import GradHome, WeightGradTarget, fusable, fused_linear
 from loom.parallel.placement import replicated, split
 from loom.parallel.weight_grad import WeightGradStore, deferrable, linear
 
@@ -169,15 +169,20 @@ def _input_grad(grads: tuple[torch.Tensor, ...], weights: list[torch.Tensor], dt
 
 
 def _weight_grads(
-    grad: torch.Tensor, x: torch.Tensor, need_weight: bool, need_bias: bool
+    grad: torch.Tensor, x: torch.Tensor, need_weight: bool, need_bias: bool, target: WeightGradTarget | None = None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """dW = dY^T X and db = sum of dY over all positions, for one linear y = x W^T + b.
 
     dW comes out contiguous, laid out as the weight, so autograd keeps it as ``.grad``
-    without the copy its own linear backward's transposed (X^T dY)^T costs.
+    without the copy its own linear backward's transposed (X^T dY)^T costs; with a ``target``
+    it is computed into the weight's bucket slot instead, and None returned where it was
+    (:mod:`loom.parallel.grad_fusion`).
     """
     grad2d = grad.reshape(-1, grad.shape[-1])
-    weight = grad2d.t().mm(x.reshape(-1, x.shape[-1])) if need_weight else None
+    weight = None
+    if need_weight:
+        x2d = x.reshape(-1, x.shape[-1])
+        weight = grad2d.t().mm(x2d) if target is None else target.weight_grad(grad2d, x2d)
     bias = grad2d.sum(0) if need_bias else None
     return weight, bias
 
@@ -193,12 +198,20 @@ class _EnterLinears(torch.autograd.Function):
     (:func:`_input_grad`) is computed meanwhile; its reduction over tp (all-reduce, or
     reduce-scatter along the sequence under SP) is started asynchronously and the weight
     gradients (:func:`_weight_grads`) are computed while it is in flight; then it is waited
-    for. Gradients an autograd pass does not need are not computed.
+    for. Gradients an autograd pass does not need are not computed. With a ``home`` (DDP's
+    buckets) each weight that :func:`~loom.parallel.grad_fusion.fusable` allows has its dW
+    computed into its slot.
     """
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, comm: Comm, sequence_parallel: bool, n: int, *params: torch.Tensor | None
+        ctx,
+        x: torch.Tensor,
+        comm: Comm,
+        sequence_parallel: bool,
+        n: int,
+        home: GradHome | None,
+        *params: torch.Tensor | None,
     ) -> tuple[torch.Tensor, ...]:
         weights, biases = params[:n], params[n:]
         dtype = _compute_dtype(x)
@@ -209,6 +222,7 @@ class _EnterLinears(torch.autograd.Function):
         ctx.save_for_backward(local, *weights)
         ctx.comm, ctx.sequence_parallel, ctx.n, ctx.dtype = comm, sequence_parallel, n, dtype
         ctx.dtypes = (x.dtype, [p.dtype if p is not None else None for p in params])
+        ctx.targets = [WeightGradTarget(w, home) if fusable(w, home, dtype) else None for w in weights]
         return outs
 
     @staticmethod
@@ -216,7 +230,7 @@ class _EnterLinears(torch.autograd.Function):
         local, *weights = ctx.saved_tensors
         weights = [w.to(ctx.dtype) for w in weights]
         x_dtype, param_dtypes = ctx.dtypes
-        needs = ctx.needs_input_grad[4:]
+        needs = ctx.needs_input_grad[5:]
         full, gather = local, None
         if ctx.sequence_parallel and any(needs[: ctx.n]):
             full, gather = _gather_seq_async(local, ctx.comm)
@@ -233,12 +247,12 @@ class _EnterLinears(torch.autograd.Function):
                 handle = ctx.comm.all_reduce(grad_x, op="sum", async_op=True, tag="tp")
         param_grads: list[torch.Tensor | None] = [None] * (2 * ctx.n)
         for i, grad in enumerate(grads):
-            dw, db = _weight_grads(grad, full, needs[i], needs[ctx.n + i])
+            dw, db = _weight_grads(grad, full, needs[i], needs[ctx.n + i], ctx.targets[i])
             param_grads[i] = None if dw is None else dw.to(param_dtypes[i])
             param_grads[ctx.n + i] = None if db is None else db.to(param_dtypes[ctx.n + i])
         if handle is not None:
             handle.wait()
-        return (grad_x, None, None, None, *param_grads)
+        return (grad_x, None, None, None, None, *param_grads)
 
 
 # ----------------------------------------------------------------------------- the region
@@ -291,18 +305,24 @@ class TensorParallel:
         return _CopyToRegion.apply(x, self.comm)
 
     def enter_linear(
-        self, x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] | None = None
+        self,
+        x: torch.Tensor,
+        weights: Sequence[torch.Tensor],
+        biases: Sequence[torch.Tensor | None] | None = None,
+        own: bool = False,
     ) -> tuple[torch.Tensor, ...]:
         """``enter(x)``, then ``F.linear(x, w_i, b_i)`` for each column-parallel weight, as one node.
 
         The input gradients of all the linears are summed locally and reduced once (the same
         single b*s*h transfer as ``enter``'s), asynchronously, overlapping the weight gradients.
+        ``own``: the weights are their layers' own (see :meth:`linear`).
         """
         biases = list(biases) if biases is not None else [None] * len(weights)
         if self.comm.size == 1 or deferrable(self.weight_grads, weights[0]):  # zero-bubble: each dW waits for W
             x = self.enter(x)
-            return tuple(self.linear(x, w, b) for w, b in zip(weights, biases))
-        return _EnterLinears.apply(x, self.comm, self.sequence_parallel, len(weights), *weights, *biases)
+            return tuple(self.linear(x, w, b, own) for w, b in zip(weights, biases))
+        home = self.grad_home if own and torch.is_grad_enabled() else None
+        return _EnterLinears.apply(x, self.comm, self.sequence_parallel, len(weights), home, *weights, *biases)
 
     def enter_columns(self, x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
         """``enter(x)``, then each :class:`ColumnParallelLinear` of ``layers`` (see :meth:`enter_linear`).
@@ -313,7 +333,7 @@ class TensorParallel:
             # under autocast each layer casts x itself (and keeps its copy for backward): casting once
             # would save those copies but sum the layers' input gradients in 16 bits, not fp32
             return tuple(layer(x) for layer in layers)
-        return self.enter_linear(x, [layer.weight for layer in layers], [layer.bias for layer in layers])
+        return self.enter_linear(x, [layer.weight for layer in layers], [layer.bias for layer in layers], own=True)
 
     def exit(self, partial: torch.Tensor) -> torch.Tensor:
         """Out of a tp region: partial sums (b, s, h) -> the sum, replicated or sequence-split."""
