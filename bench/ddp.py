@@ -17,6 +17,7 @@ Checks (exit 1 if not): loom's per-step dp bytes equal 2(n-1)/n x (Psi + 1) x 4 
 and the loss riding in the last bucket, ring model), and loom's losses equal torch's to 1e-5.
 
     python bench/ddp.py --out bench/results/ddp.md
+    python bench/ddp.py --d-model 768 --worlds 2 --repeats 4 --out bench/results/ddp_d768.md
 """
 
 from __future__ import annotations
