@@ -190,7 +190,7 @@ def test_fused_ddp_training_is_bit_identical_and_copies_no_own_weight(overrides:
             assert torch.equal(got[name], want[name]), name
     for name, want in plain["params"].items():
         assert torch.equal(fused["params"][name], want), name
-    linears = {n for n in plain["params"] if n.endswith("_proj.weight")}
+    linears = {n for n in plain["params"] if n.endswith(("_proj.weight", "lm_head.weight"))}  # an untied head too
     assert linears and linears <= plain["copied"]  # unfused: every gradient copied into its slot
     assert not linears & fused["copied"]  # fused: every linear's dW was written there by its GEMM
     assert fused["copied"] == plain["copied"] - linears  # the rest (norms, biases, embeddings) as before
@@ -232,7 +232,8 @@ def _rank_run(overrides: list[str], run_dir: str) -> dict:
     ddp._keep_in_bucket = counting
     trainer.run()
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    return {"fused": fused, "params": params, "copied_linears": {n for n in copied if n.endswith("_proj.weight")}}
+    linears = {n for n in copied if n.endswith(("_proj.weight", "lm_head.weight"))}
+    return {"fused": fused, "params": params, "copied_linears": linears}
 
 
 @pytest.mark.parametrize(

@@ -214,7 +214,8 @@ class Transformer(nn.Module):
         if not head:
             return x
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        (logits,) = self.tp.enter_linear(self.final_norm(x), [weight])
+        # an untied head's weight is read here alone (its dW may be written into DDP's bucket); a tied one is the embedding's too
+        (logits,) = self.tp.enter_linear(self.final_norm(x), [weight], own=self.lm_head is not None)
         return logits
 
     def _reversible(
