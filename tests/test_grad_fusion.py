@@ -20,7 +20,7 @@ from loom.distributed.spawn import run_ranks
 from loom.model.recompute import Recompute
 from loom.model.transformer import Transformer
 from loom.parallel.ddp import DataParallel
-from loom.parallel.grad_fusion import fused_linear
+from loom.parallel.grad_fusion import GradFusion, fused_linear
 from loom.parallel.tensor import TensorParallel
 from loom.train.metrics import read_metrics
 from loom.train.trainer import Trainer
@@ -62,9 +62,10 @@ def test_fused_linear_equals_autograd_bit_for_bit(bias: bool) -> None:
     x.grad, linear.weight.grad, linear.bias = None, None, linear.bias
 
     home = _Slots([linear.weight])
+    fusion = GradFusion(home)
     if bias:
         linear.bias.grad = None
-    y = fused_linear(x, linear.weight, linear.bias, home)
+    y = fused_linear(x, linear.weight, linear.bias, fusion)
     y.backward(dy)
     assert torch.equal(y.detach(), want[0]) and torch.equal(x.grad, want[1])
     assert linear.weight.grad.data_ptr() == home.views[id(linear.weight)].data_ptr()  # dW written in its slot
@@ -73,7 +74,7 @@ def test_fused_linear_equals_autograd_bit_for_bit(bias: bool) -> None:
         assert torch.equal(linear.bias.grad, want[3])
 
     # a second backward adds in place, as AccumulateGrad does: the slot holds dW + dW
-    fused_linear(x, linear.weight, linear.bias, home).backward(dy)
+    fused_linear(x, linear.weight, linear.bias, fusion).backward(dy)
     assert torch.equal(linear.weight.grad, want[2] + want[2]) and len(home.landed) == 2
 
 
@@ -94,9 +95,10 @@ def test_a_weight_read_twice_or_tied_gets_the_sum_and_one_hook_call(reads: str) 
     forward(torch.nn.functional.linear).backward()
     want, weight.grad = weight.grad.clone(), None
     home = _Slots([weight])
+    fusion = GradFusion(home)
     seen = []
     weight.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
-    forward(lambda a, w, b: fused_linear(a, w, b, home)).backward()
+    forward(lambda a, w, b: fused_linear(a, w, b, fusion)).backward()
     assert weight.grad.data_ptr() == home.views[id(weight)].data_ptr()
     assert torch.equal(weight.grad, want)
     assert len(seen) == 1 and torch.equal(seen[0], want)  # once, with every contribution in
@@ -107,7 +109,8 @@ def test_autograd_grad_gets_dw_returned_and_the_slot_untouched() -> None:
     linear = torch.nn.Linear(8, 6)
     x = torch.randn(5, 8, requires_grad=True)
     home = _Slots([linear.weight])
-    (dw,) = torch.autograd.grad(fused_linear(x, linear.weight, linear.bias, home).square().sum(), [linear.weight])
+    fusion = GradFusion(home)
+    (dw,) = torch.autograd.grad(fused_linear(x, linear.weight, linear.bias, fusion).square().sum(), [linear.weight])
     (want,) = torch.autograd.grad(
         torch.nn.functional.linear(x, linear.weight, linear.bias).square().sum(), [linear.weight]
     )
@@ -115,20 +118,44 @@ def test_autograd_grad_gets_dw_returned_and_the_slot_untouched() -> None:
     assert linear.weight.grad is None and not home.landed and not home.buffer.any()
 
 
+def test_a_weight_target_is_made_once_and_a_stale_node_falls_back_to_autograd() -> None:
+    """The target (and the AccumulateGrad node it holds) is made once per weight and serves every
+    later forward, after the graphs that used it are gone. Should the weight's backward run
+    another node than the one kept, dW goes back to autograd: the same gradient, not written."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 6)
+    home = _Slots([linear.weight])
+    fusion = GradFusion(home)
+    x = torch.randn(5, 8, requires_grad=True)
+    target = fusion.target(linear.weight, torch.float32)
+    for _ in range(2):
+        fused_linear(x, linear.weight, linear.bias, fusion).sum().backward()
+        assert fusion.target(linear.weight, torch.float32) is target
+    assert linear.weight.grad.data_ptr() == home.views[id(linear.weight)].data_ptr()
+    want = linear.weight.grad.clone()  # two backwards' dW, summed in the slot
+
+    other = torch.nn.Parameter(torch.zeros(1))
+    target.node = torch.autograd.graph.get_gradient_edge(other).node  # not the node this backward runs
+    fused_linear(x, linear.weight, linear.bias, fusion).sum().backward()
+    assert torch.equal(linear.weight.grad, want + want / 2)  # autograd added the third dW itself
+    assert fusion.target(torch.nn.Parameter(torch.zeros(2, 2)), torch.float32) is None  # no slot: unfused
+
+
 def test_fused_linear_falls_back_where_it_cannot_fuse() -> None:
     torch.manual_seed(0)
     linear = torch.nn.Linear(8, 6)
     home = _Slots([linear.weight])
+    fusion = GradFusion(home)
     x = torch.randn(8, 5, requires_grad=True).t()  # not contiguous
-    fused_linear(x, linear.weight, linear.bias, home).sum().backward()
+    fused_linear(x, linear.weight, linear.bias, fusion).sum().backward()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused_linear(torch.randn(5, 8), linear.weight, linear.bias, home).float().sum().backward()
+        fused_linear(torch.randn(5, 8), linear.weight, linear.bias, fusion).float().sum().backward()
     assert len(home.landed) == 2 and not home.buffer.any()  # autograd's own path both times: the slot unused
 
     seen = []  # a tensor hook on the weight is handed dW itself, as without a home
     linear.weight.grad = None
     linear.weight.register_hook(lambda g: seen.append(g.clone()))
-    fused_linear(torch.randn(5, 8), linear.weight, linear.bias, home).sum().backward()
+    fused_linear(torch.randn(5, 8), linear.weight, linear.bias, fusion).sum().backward()
     assert len(seen) == 1 and torch.equal(seen[0], linear.weight.grad) and not home.buffer.any()
 
 
@@ -143,7 +170,7 @@ def _train(fuse: bool, overrides: list[str], steps: int = 3, accum: int = 2) -> 
     model = Transformer(config.model, seed=3, tp=tp, recompute=recompute)
     ddp = DataParallel(model, _one_rank_comm(), bucket_mb=0.004)  # several buckets
     if fuse:
-        tp.grad_home = ddp
+        tp.grad_fusion = GradFusion(ddp)
     copied = set()
     keep = ddp._keep_in_bucket
     names = {id(p): n for n, p in model.named_parameters()}
@@ -202,7 +229,7 @@ def _buckets_left_in_backward(fuse: bool) -> list[int]:
     model = Transformer(load_config(None, MODEL).model, seed=3, tp=tp)
     ddp = DataParallel(model, _one_rank_comm(), bucket_mb=0.02)
     if fuse:
-        tp.grad_home = ddp
+        tp.grad_fusion = GradFusion(ddp)
     x = torch.randint(0, 64, (2, 16))
     model.loss(x, torch.roll(x, -1, dims=1)).backward()
     left = ddp._next_launch
@@ -221,7 +248,7 @@ def test_fused_buckets_still_leave_during_backward() -> None:
 def _rank_run(overrides: list[str], run_dir: str) -> dict:
     config = load_config(None, overrides)
     trainer = Trainer(config, Path(run_dir), dist=init_distributed(config.parallel))
-    fused = trainer.tp.grad_home is not None
+    fused = trainer.tp.grad_fusion is not None
     ddp, names = trainer.update.ddp, {id(p): n for n, p in trainer.model.named_parameters()}
     copied, keep = set(), ddp._keep_in_bucket
 

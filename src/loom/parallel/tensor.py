@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.distributed.comm import Comm, Handle, Ledger
-from loom.parallel.grad_fusion import GradHome, WeightGradTarget, fusable, fused_linear
+from loom.parallel.grad_fusion import GradFusion, WeightGradTarget, fused_linear
 from loom.parallel.placement import replicated, split
 from loom.parallel.weight_grad import WeightGradStore, deferrable, linear
 
@@ -198,9 +198,9 @@ class _EnterLinears(torch.autograd.Function):
     (:func:`_input_grad`) is computed meanwhile; its reduction over tp (all-reduce, or
     reduce-scatter along the sequence under SP) is started asynchronously and the weight
     gradients (:func:`_weight_grads`) are computed while it is in flight; then it is waited
-    for. Gradients an autograd pass does not need are not computed. With a ``home`` (DDP's
-    buckets) each weight that :func:`~loom.parallel.grad_fusion.fusable` allows has its dW
-    computed into its slot.
+    for. Gradients an autograd pass does not need are not computed. With a ``fusion`` (DDP's
+    buckets) each weight that :meth:`~loom.parallel.grad_fusion.GradFusion.target` allows has
+    its dW computed into its slot.
     """
 
     @staticmethod
@@ -210,7 +210,7 @@ class _EnterLinears(torch.autograd.Function):
         comm: Comm,
         sequence_parallel: bool,
         n: int,
-        home: GradHome | None,
+        fusion: GradFusion | None,
         *params: torch.Tensor | None,
     ) -> tuple[torch.Tensor, ...]:
         weights, biases = params[:n], params[n:]
@@ -222,7 +222,7 @@ class _EnterLinears(torch.autograd.Function):
         ctx.save_for_backward(local, *weights)
         ctx.comm, ctx.sequence_parallel, ctx.n, ctx.dtype = comm, sequence_parallel, n, dtype
         ctx.dtypes = (x.dtype, [p.dtype if p is not None else None for p in params])
-        ctx.targets = [WeightGradTarget(w, home) if fusable(w, home, dtype) else None for w in weights]
+        ctx.targets = [None if fusion is None else fusion.target(w, dtype) for w in weights]
         return outs
 
     @staticmethod
@@ -262,8 +262,8 @@ class TensorParallel:
     """The tp group, whether activations outside regions are sequence-split, the store of
     zero-bubble's deferred weight gradients (``weight_grads``: None unless the pipeline's
     schedule splits the backward; see :mod:`loom.parallel.weight_grad`), and where weight
-    gradients are computed into (``grad_home``: DDP's buckets, set by the wiring once they
-    exist, or None; see :mod:`loom.parallel.grad_fusion`)."""
+    gradients are computed into (``grad_fusion``: over DDP's buckets, set by the wiring once
+    they exist, or None; see :mod:`loom.parallel.grad_fusion`)."""
 
     def __init__(
         self, comm: Comm, sequence_parallel: bool = False, weight_grads: WeightGradStore | None = None
@@ -271,7 +271,7 @@ class TensorParallel:
         self.comm = comm
         self.sequence_parallel = sequence_parallel and comm.size > 1
         self.weight_grads = weight_grads
-        self.grad_home: GradHome | None = None
+        self.grad_fusion: GradFusion | None = None
 
     @classmethod
     def single(cls, weight_grads: WeightGradStore | None = None) -> TensorParallel:
@@ -283,9 +283,9 @@ class TensorParallel:
     ) -> torch.Tensor:
         """``F.linear``: zero-bubble's split one while ``weight_grads`` records (a forward of F);
         else, for a layer's ``own`` weight (no other read of it in the forward: not a tied one)
-        and a ``grad_home``, the one whose dW is computed straight into the weight's slot."""
-        if own and self.grad_home is not None and not deferrable(self.weight_grads, weight):
-            return fused_linear(x, weight, bias, self.grad_home)
+        and a ``grad_fusion``, the one whose dW is computed straight into the weight's slot."""
+        if own and self.grad_fusion is not None and not deferrable(self.weight_grads, weight):
+            return fused_linear(x, weight, bias, self.grad_fusion)
         return linear(x, weight, bias, self.weight_grads)
 
     @property
@@ -321,8 +321,8 @@ class TensorParallel:
         if self.comm.size == 1 or deferrable(self.weight_grads, weights[0]):  # zero-bubble: each dW waits for W
             x = self.enter(x)
             return tuple(self.linear(x, w, b, own) for w, b in zip(weights, biases))
-        home = self.grad_home if own and torch.is_grad_enabled() else None
-        return _EnterLinears.apply(x, self.comm, self.sequence_parallel, len(weights), home, *weights, *biases)
+        fusion = self.grad_fusion if own and torch.is_grad_enabled() else None
+        return _EnterLinears.apply(x, self.comm, self.sequence_parallel, len(weights), fusion, *weights, *biases)
 
     def enter_columns(self, x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
         """``enter(x)``, then each :class:`ColumnParallelLinear` of ``layers`` (see :meth:`enter_linear`).

@@ -36,6 +36,7 @@ from loom.optim.onebit import OneBitAdam
 from loom.optim.scaler import DynamicLossScaler
 from loom.optim.zero_one import ZeroOneAdam
 from loom.parallel.ddp import DataParallel
+from loom.parallel.grad_fusion import GradFusion
 from loom.parallel.memory import ActivationMeter
 from loom.parallel.pipeline.partition import StagePlan, rank_stages
 from loom.parallel.pipeline.rank import PipelineRank
@@ -154,7 +155,7 @@ def _plain_step(
             timeout_s=config.parallel.timeout_s,
         )
         if config.ddp.fuse_weight_grads:
-            tp.grad_home = ddp  # the model's own linear weights compute dW into their bucket slots
+            tp.grad_fusion = GradFusion(ddp)  # the model's own linear weights compute dW into their bucket slots
     optimizer = build_adamw(model, config.train, dist.device)
     if config.optim.name == "onebit_adam":  # AdamW's warm-up, then the momentum 1 bit a value over dp
         freeze, places = config.optim.freeze(config.train.steps), model.placements
