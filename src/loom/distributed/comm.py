@@ -216,14 +216,20 @@ class Comm:
 
     # -- collectives ---------------------------------------------------------------------
 
-    def all_reduce(self, t: torch.Tensor, op: str = "sum", async_op: bool = False, tag: str = "") -> Handle | None:
-        """Reduce ``t`` over the group, in place on every rank. Sends 2(n-1)/n * S."""
+    def all_reduce(
+        self, t: torch.Tensor, op: str = "sum", async_op: bool = False, tag: str = "", poll: bool = True
+    ) -> Handle | None:
+        """Reduce ``t`` over the group, in place on every rank. Sends 2(n-1)/n * S.
+
+        ``poll``: its wait may poll first (:func:`settle`, where the group's ``spin_s`` allows).
+        False for a wait that finds the cores busy with the backend's own work, where a polling
+        rank takes their time (DDP's last buckets after backward, :mod:`loom.parallel.ddp`)."""
         self._check_op(op, t)
         if self.size == 1:
             return self._local(async_op)
         entry = self._begin("all_reduce", t.numel(), t, tag)
-        work = dist.all_reduce(t, op=_TORCH_OPS[op], group=self.group, async_op=self._launch_async(async_op, True))
-        return self._finish(work, entry, async_op, self._divider(t, op), polls=True)
+        work = dist.all_reduce(t, op=_TORCH_OPS[op], group=self.group, async_op=self._launch_async(async_op, poll))
+        return self._finish(work, entry, async_op, self._divider(t, op), polls=poll)
 
     def reduce_scatter(
         self, output: torch.Tensor, input: torch.Tensor, op: str = "sum", async_op: bool = False, tag: str = ""

@@ -60,6 +60,7 @@ class PlainStep:
         self.scaler = scaler  # fp16: one loss scale, its overflow check agreed over dp, tp and pp
         self._unscaled = False
         self._grad_bytes = 0  # the gradients' bytes at the last update (they may be freed after it)
+        self._params = list(model.parameters())  # walked once: each step reads the gradients' bytes
 
     # ------------------------------------------------------------------ one step
 
@@ -174,7 +175,8 @@ class PlainStep:
         skipped the step (on every rank: the scaler agrees over all three groups)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self._grad_bytes = tensor_bytes(p.grad for p in self.model.parameters())
+        # DDP: every gradient is a view of its bucket, whose bytes do not change
+        self._grad_bytes = self.ddp.grad_bytes if self.ddp is not None else tensor_bytes(p.grad for p in self._params)
         overflow = False
         if self.scaler is not None:
             self._unscale()
@@ -216,7 +218,7 @@ class PlainStep:
         bucket segments this rank maps (``mem_shm_peer_bytes``)."""
         optim = (t for state in self.optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))
         out = {
-            "mem_params_bytes": tensor_bytes(self.model.parameters()),
+            "mem_params_bytes": tensor_bytes(self._params),
             "mem_grads_bytes": self._grad_bytes,
             "mem_optim_bytes": tensor_bytes(optim),
         }
