@@ -320,7 +320,7 @@ class ParallelConfig:
     cpu_affinity: str = "auto"
     # how a CPU rank waits for a collective over gloo: "auto" polls its completion for a few ms before
     # sleeping when each local rank has a core of its own (a sleep and wake-up cost ~1 ms a call here),
-    # "poll" always does, "block" sleeps at once
+    # "poll" always does, "block" sleeps at once (DDP's gradient buckets sleep at once under every choice)
     comm_wait: str = "auto"
 
     def validate(self) -> None:

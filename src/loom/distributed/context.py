@@ -131,7 +131,9 @@ def spin_budget(device: torch.device, backend: str, wait: str = "auto") -> float
     ``"auto"``: :data:`SPIN_S` for CPU ranks over gloo with no more local ranks than cores (each
     has a core of its own, idle while it waits), else 0: ranks that share cores would take each
     other's time, and on CUDA the waits are the streams'. ``"poll"``: :data:`SPIN_S` for every CPU
-    rank over gloo, however many share the cores; ``"block"``: 0.
+    rank over gloo, however many share the cores; ``"block"``: 0. A call whose wait finds the cores
+    busy with the backend's own work blocks under every choice (``Comm.all_reduce(poll=False)``:
+    DDP's gradient buckets, :mod:`loom.parallel.ddp`).
     """
     if wait == "block" or device.type != "cpu" or backend != "gloo":
         return 0.0
