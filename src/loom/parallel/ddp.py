@@ -254,9 +254,9 @@ class DataParallel(GradientSync):
         return self._views.get(id(param))
 
     def _on_grad_ready(self, param: nn.Parameter) -> None:
-        bucket, offset, ptr = self._slot_of[id(param)]
+        bucket, _, ptr = self._slot_of[id(param)]
         if param.grad.data_ptr() != ptr:
-            self._keep_in_bucket(param, bucket.buffer[offset : offset + param.numel()])
+            self._keep_in_bucket(param, self._views[id(param)])
         if not self.sync_enabled:
             return
         bucket.ready += 1
@@ -371,9 +371,10 @@ class DataParallel(GradientSync):
     @staticmethod
     def _keep_in_bucket(param: nn.Parameter, slot: torch.Tensor) -> None:
         """Copy a gradient autograd put elsewhere (the step's first, after :meth:`zero_grad`) into
-        its slot; later ones then accumulate into the view in place."""
-        slot.copy_(param.grad.reshape(-1))
-        param.grad = slot.view_as(param)
+        its slot (the parameter-shaped view of :meth:`grad_slot`); later ones then accumulate into
+        the view in place."""
+        slot.copy_(param.grad)
+        param.grad = slot
 
     def _restore_views(self) -> None:
         for p, _, _, ptr in self._slots:
