@@ -15,7 +15,8 @@ own: the peer's sides and its table. The rest is here:
   and, between rounds, runs ``loom train`` itself (:func:`loom_train`).
 - **loom train end to end**: the command a user runs, in its own processes, with loom's own
   launcher and thread settings; its figure is the median ``tokens_per_s`` of
-  ``metrics.jsonl`` over the timed steps (rank 0's ``train_step`` wall time). It is compared
+  ``metrics.jsonl`` over the timed steps (rank 0's loop time per step: ``train_step``, the
+  record and its logging; evaluation and checkpoints aside, off in these jobs). It is compared
   with each peer run *alone* in the same round (all its steps, nothing interleaved: as its
   users run it), not with the interleaved peer, whose steps share the machine's caches with
   loom's sides.

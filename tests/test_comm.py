@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from fractions import Fraction
 
 import pytest
@@ -420,6 +421,45 @@ def test_ledger_totals_step_and_describe() -> None:
     assert ledger.last_completed().seq == rs.seq
     ledger.begin("all_gather", "dp", [1, 3], 8, "float32", 16)
     assert "(1 more pending)" in ledger.describe()
+
+
+def test_a_settled_call_leaves_the_pending_list_and_counts_its_bytes_at_end() -> None:
+    ledger = Ledger(rank=0)
+    e = ledger.begin("all_gather", "world", [0, 1], 20, "float64", 80, tag="metrics")
+    ledger.settle(e)  # the backend finished it (on its own thread): a watchdog must not see it stuck
+    assert ledger.pending() == [] and e.finished is not None
+    assert ledger.take_step_totals().get("comm_bytes_world", 0) == 0  # its bytes wait for the caller's end
+    ledger.end(e)
+    ledger.end(e)
+    ledger.settle(e)  # settling or ending again changes nothing
+    assert ledger.take_step_totals()["comm_bytes_world"] == 80
+    assert ledger.totals() == {"world": 80} and ledger.last_completed().seq == e.seq
+
+
+def _settled_gather(_: str) -> dict:
+    ledger = Ledger(dist.get_rank())
+    world = Comm.world(ledger)
+    every = torch.empty(2 * 3, dtype=torch.float64)
+    handle = world.all_gather(every, torch.full((3,), float(world.rank), dtype=torch.float64), async_op=True)
+    handle.settle_on_completion()
+    deadline = time.monotonic() + 60
+    while ledger.pending() and time.monotonic() < deadline:  # the backend settles it without a wait
+        time.sleep(0.01)
+    settled = not ledger.pending()
+    counted_before_wait = ledger.totals().get("world", 0)
+    handle.wait()
+    return {
+        "settled": settled,
+        "before": counted_before_wait,
+        "after": ledger.totals()["world"],
+        "every": every.tolist(),
+    }
+
+
+def test_settle_on_completion_takes_a_finished_gather_off_the_pending_list() -> None:
+    for r in run_ranks(_settled_gather, 2, args=("",), timeout_s=120):
+        assert r["settled"] and r["before"] == 0 and r["after"] == 24  # (n-1)/n x 48 bytes, at wait
+        assert r["every"] == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
 
 
 def test_ledger_is_thread_safe() -> None:

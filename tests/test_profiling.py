@@ -39,8 +39,8 @@ def test_profiled_steps_write_a_trace_with_the_steps_phases_and_are_marked(tmp_p
     assert table.startswith("rank 0, steps 2-3: operators by self cpu time total") and "aten::" in table
     records = [r for r in read_metrics(run_dir) if "loss" in r]
     assert [r["step"] for r in records if r.get("profiled")] == [2, 3]
-    # the planner's measured step: the median of the steps after the first that ran unprofiled (4 and 5)
-    unprofiled = [1 / r["tokens_per_s"] for r in records if r["step"] in (4, 5)]
+    # the planner's measured step: the median train_step of the steps after the first that ran unprofiled (4 and 5)
+    unprofiled = [r["step_s"] for r in records if r["step"] in (4, 5)]
     assert measured(records, 1)["step_s"] == pytest.approx(statistics.median(unprofiled))
 
 

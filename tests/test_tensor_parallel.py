@@ -319,7 +319,7 @@ def test_dropout_streams_and_checkpoints_across_tp_layouts(tmp_path: Path, text_
 
     # dropout: reproducible run to run, and tp=2 behaves like tp=1 in distribution
     assert got["dropout_a"] == [
-        {**r, **{k: got["dropout_a"][i][k] for k in ("tokens_per_s", "elapsed_s")}}
+        {**r, **{k: got["dropout_a"][i][k] for k in ("tokens_per_s", "step_s", "elapsed_s")}}
         for i, r in enumerate(got["dropout_b"])
     ]
     one = Trainer(

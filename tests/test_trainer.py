@@ -48,6 +48,7 @@ def test_resume_from_an_earlier_checkpoint_of_the_same_run(tmp_path: Path, text_
             **r,
             "elapsed_s": pytest.approx(r["elapsed_s"], abs=10),
             "tokens_per_s": pytest.approx(r["tokens_per_s"], rel=10),
+            "step_s": pytest.approx(r["step_s"], rel=10),
             # the process's peak resident memory: both runs share this process, so the second's is the max of both
             "mem_peak_host_bytes": pytest.approx(r["mem_peak_host_bytes"], rel=0.5),
         }
@@ -79,8 +80,11 @@ def test_a_run_writes_metrics_summary_plot_checkpoints(tmp_path: Path, text_corp
     assert "done: 6 steps" in out and "sample" in out
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, 7))
-    for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"):
+    for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_s", "elapsed_s"):
         assert key in records[0]
+    for r in records:  # a step's share of the loop holds its train_step, and elapsed_s adds up the shares
+        assert r["tokens"] / r["step"] / r["tokens_per_s"] >= r["step_s"] > 0
+    assert records[-1]["elapsed_s"] == pytest.approx(sum(r["tokens"] / r["step"] / r["tokens_per_s"] for r in records))
     assert records[-1]["tokens"] == 6 * 4 * 32
     assert "val_loss" in records[2] and "val_loss" in records[5]
     summary = json.loads((run_dir / "summary.json").read_text())

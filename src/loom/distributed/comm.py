@@ -93,6 +93,20 @@ class Handle:
         """Whether :meth:`wait` has run (it still must be called to finish the bookkeeping)."""
         return self._done
 
+    def settle_on_completion(self) -> Handle:
+        """Take the call off the ledger's pending list as soon as the backend completes it
+        (:meth:`Ledger.settle`), not at :meth:`wait`: for a call waited for much later, which
+        a watchdog must not meanwhile take for a stuck one. Its bytes still count at
+        :meth:`wait`. A backend whose work has no future leaves it pending until then."""
+        if self._work is not None and self._ledger is not None and self._entry is not None:
+            ledger, entry = self._ledger, self._entry
+            try:
+                future = self._work.get_future()
+            except (RuntimeError, AttributeError):  # no future for this work
+                return self
+            future.add_done_callback(lambda _: ledger.settle(entry))
+        return self
+
 
 _DONE = Handle(None, None, None)
 

@@ -160,14 +160,25 @@ class Ledger:
     def end(self, entry: LedgerEntry) -> None:
         """Mark ``entry`` complete and add its bytes to the totals (idempotent)."""
         with self._lock:
-            if entry.finished is not None or entry.seq not in self._pending:
+            if entry.seq not in self._exact:  # ended already
                 return
-            entry.finished = time.monotonic()
-            del self._pending[entry.seq]
+            if entry.finished is None:  # not settled before
+                entry.finished = time.monotonic()
+            self._pending.pop(entry.seq, None)
             exact = self._exact.pop(entry.seq)
             self._totals[entry.group] = self._totals.get(entry.group, 0) + exact
             self._step[entry.group] = self._step.get(entry.group, 0) + exact
             self._last = entry
+
+    def settle(self, entry: LedgerEntry) -> None:
+        """The call completed (the backend said so, maybe on its own thread): it is no longer
+        pending, so a watchdog does not take it for stuck; its bytes join the totals at
+        :meth:`end`, where its caller takes them, so a step's totals do not depend on when
+        the backend finished."""
+        with self._lock:
+            if entry.seq in self._pending:
+                entry.finished = time.monotonic()
+                del self._pending[entry.seq]
 
     def pending(self) -> list[LedgerEntry]:
         """Calls begun and not yet complete, oldest first (copies)."""

@@ -64,7 +64,9 @@ def measured(records: Sequence[dict], tokens_per_step: int, freeze_step: int | N
     under the profiler (``"profiled"``: it slows them) where others remain. A compressing
     optimizer's records say what each step sent (``dp_phase``): "dp" is then the median of the steps
     that averaged gradients in full, "dp_compressed" of the 1-bit ones, "dp_local" of 0/1 Adam's
-    local steps. ``freeze_step`` splits 1-bit Adam records written without ``dp_phase``."""
+    local steps. ``freeze_step`` splits 1-bit Adam records written without ``dp_phase``. The step
+    time is the records' ``step_s`` (``train_step`` alone, what the planner predicts; records
+    written before it existed: tokens per step over their ``tokens_per_s``)."""
     steps = [r for r in records if "loss" in r][1:] or [r for r in records if "loss" in r]
     steps = [r for r in steps if not r.get("profiled")] or steps
     if not steps:
@@ -82,7 +84,7 @@ def measured(records: Sequence[dict], tokens_per_step: int, freeze_step: int | N
         return statistics.median(values) if values else None
 
     out = {
-        "step_s": statistics.median(tokens_per_step / r["tokens_per_s"] for r in steps),
+        "step_s": statistics.median(r.get("step_s") or tokens_per_step / r["tokens_per_s"] for r in steps),
         "memory": {name: median(key) for name, key in MEASURED_KEYS.items()},
         "comm_bytes": {g: median(f"comm_bytes_{g}") for g in ("dp", "tp", "pp")},
         "bubble": median("bubble_measured"),

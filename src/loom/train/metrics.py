@@ -31,6 +31,36 @@ SUMMARY_FILE = "summary.json"
 TENSORBOARD_DIR = "tensorboard"
 
 
+class LoopClock:
+    """Each step's share of the training loop's wall time, the time its ``tokens_per_s`` divides.
+
+    :meth:`lap` returns the time since the previous lap (the clock's start, for the first),
+    less what ran :meth:`aside` in between (evaluation and checkpoints, which a run schedules
+    and reports apart). A step's lap therefore holds everything else the loop does for it:
+    ``train_step``, the record's figures and their gathering over the ranks, and the previous
+    step's metrics line and progress bar. ``train_step`` alone is the record's ``step_s``,
+    what the planner predicts.
+    """
+
+    def __init__(self) -> None:
+        self._mark = time.perf_counter()
+        self._aside = 0.0
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        took, self._mark, self._aside = now - self._mark - self._aside, now, 0.0
+        return took
+
+    @contextlib.contextmanager
+    def aside(self):  # noqa: ANN201
+        """Time that no step's lap counts."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._aside += time.perf_counter() - began
+
+
 class MetricsWriter:
     """Append records to metrics.jsonl and mirror numeric fields to TensorBoard."""
 

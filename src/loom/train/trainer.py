@@ -38,28 +38,16 @@ from loom.plan.report import COMM_GROUPS, measured, predict_run, side_by_side
 from loom.train.batches import batch_offsets, batch_rows, get_batch
 from loom.train.checkpoint import capture_rng_state, restore_rng_state, set_aside_newer
 from loom.train.data import TokenData, prepare_dataset
-from loom.train.metrics import MetricsWriter, TrainProgress, make_console, read_metrics, write_summary
+from loom.train.metrics import LoopClock, MetricsWriter, TrainProgress, make_console, read_metrics, write_summary
 from loom.train.numerics import first_non_finite, is_bad
 from loom.train.precision import Precision, resolve_device
 from loom.train.profiling import StepProfiler
+from loom.train.rank_figures import RankFigures
 from loom.train.sharded_checkpoint import open_checkpoint, save_sharded
 from loom.train.tokenizer import load_tokenizer
 from loom.train.wiring import build_rank
 
 TRAIN_STREAM, VAL_STREAM = 0, 1
-# per-rank figures that rank 0's records also give as max and sum over the world's ranks
-RANK_FIGURES = (
-    "comm_bytes_dp",
-    "comm_bytes_tp",
-    "comm_bytes_pp",
-    "mem_params_bytes",
-    "mem_grads_bytes",
-    "mem_optim_bytes",
-    "mem_activation_bytes",
-    "mem_weight_copy_bytes",
-    "mem_peak_host_bytes",
-    "mem_peak_device_bytes",
-)
 
 
 @dataclass
@@ -272,25 +260,28 @@ class Trainer:
             else contextlib.nullcontext()
         )
         self.dist.ledger.take_step_totals()  # setup traffic is not a step's
+        # every rank's figures, max and sum, in rank 0's records: a step's record is written after the next step
+        figures = RankFigures(self.dist.comm("world"), metrics.log if metrics is not None else None)
+        clock = LoopClock()  # tokens_per_s: the loop's whole time per step, evaluation and checkpoints aside
         try:
             with progress:
                 for step in range(start_step, train.steps):
                     self.profiler.begin(step + 1)
                     began = time.perf_counter()
                     result = self.train_step(step)
-                    took = time.perf_counter() - began
+                    step_s = time.perf_counter() - began
                     profiled = self.profiler.end(step + 1)
                     self.state.step = step + 1
                     self.state.tokens_seen += tokens_per_step
-                    self.state.elapsed_s += took
                     record = {
                         "step": self.state.step,
                         "loss": result.loss,
                         "lr": result.lr,
                         "grad_norm": result.grad_norm,
                         "tokens": self.state.tokens_seen,
-                        "tokens_per_s": tokens_per_step / took,
-                        "elapsed_s": self.state.elapsed_s,
+                        "tokens_per_s": None,  # set below: the step's share of the loop (LoopClock)
+                        "step_s": step_s,
+                        "elapsed_s": None,
                         **self.dist.ledger.take_step_totals(),
                     }
                     if result.skipped:
@@ -302,18 +293,27 @@ class Trainer:
                     record.update(self.update.memory())  # model states: parameters, gradients, optimizer
                     record.update(self.meter.take_step())  # activations saved for backward
                     record.update(host_and_device_peaks(self.device))
-                    record.update(self._over_ranks(record))  # every rank's figures, max and sum, in rank 0's record
                     if self.update.dp_phase is not None:  # what this step sent over dp (plan.report splits on it)
                         record["dp_phase"] = self.update.dp_phase
+                    took = clock.lap()
+                    self.state.elapsed_s += took
+                    record["tokens_per_s"] = tokens_per_step / took
+                    record["elapsed_s"] = self.state.elapsed_s
                     if self._evaluates(self.state.step):
-                        self.state.last_val_loss = record["val_loss"] = self.evaluate()
-                    if self.is_main:  # before the checkpoint: no checkpoint covers a step its record lacks
-                        metrics.log(record)  # (a resume drops the records past its checkpoint's step)
+                        with clock.aside():
+                            self.state.last_val_loss = record["val_loss"] = self.evaluate()
+                    figures.add(record)  # writes the previous step's record
                     if self._saves(self.state.step):
-                        self.save()
-                    self.dist.ledger.take_step_totals()  # evaluation and checkpoint traffic is not the step's
+                        with clock.aside():
+                            figures.flush()  # no checkpoint covers a step its record lacks
+                            self.save()  # (a resume drops the records past its checkpoint's step)
+                    self.dist.ledger.take_step_totals()  # evaluation, checkpoint and metrics traffic is not the step's
                     if self.is_main:
                         progress.update(self.state.step, result.loss, record["tokens_per_s"], result.lr)
+                figures.flush()
+        except BaseException:
+            figures.abandon()  # the last record as this rank has it: a peer may be gone
+            raise
         finally:
             self.profiler.close()  # a run stopped inside the profiled steps still writes what it recorded
             if metrics is not None:
@@ -401,23 +401,6 @@ class Trainer:
                 f"raise train.steps above {self.state.step} to train further.",
             )
 
-    def _over_ranks(self, record: dict) -> dict:
-        """``<key>_max`` and ``<key>_sum`` over every rank of the world for each figure of
-        :data:`RANK_FIGURES` (one small all-gather a step), so rank 0's metrics tell the run."""
-        world = self.dist.comm("world")
-        if world.size == 1:
-            return {}
-        mine = torch.tensor([float(record.get(key) or 0) for key in RANK_FIGURES], dtype=torch.float64)
-        every = torch.empty(world.size * len(RANK_FIGURES), dtype=torch.float64)
-        world.all_gather(every, mine, tag="metrics")
-        every = every.view(world.size, len(RANK_FIGURES))
-        out = {}
-        for i, key in enumerate(RANK_FIGURES):
-            if key in record:
-                out[f"{key}_max"] = _plain_number(every[:, i].max().item())
-                out[f"{key}_sum"] = _plain_number(every[:, i].sum().item())
-        return out
-
     def _predict(self) -> Prediction:
         """The planner's prediction for this run's layout, with its recompute count."""
         train = self.config.train
@@ -467,10 +450,6 @@ class Trainer:
                 f"model.vocab_size = {model.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size} tokens.",
                 "remove model.vocab_size (it then follows the tokenizer) or raise it.",
             )
-
-
-def _plain_number(value: float) -> int | float:
-    return int(value) if value.is_integer() else value
 
 
 def _count(n: int, noun: str) -> str:
