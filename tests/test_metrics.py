@@ -12,7 +12,13 @@ import torch
 from rich.console import Console
 
 from loom.errors import LoomError
-from loom.train.metrics import MetricsWriter, TrainProgress, read_metrics, write_summary
+from loom.train.event_file import masked_crc32c
+from loom.train.metrics import (
+    MetricsWriter,
+    TrainProgress,
+    read_metrics,
+    write_summary,
+)
 from loom.viz.plot import plot_loss
 
 
@@ -58,6 +64,42 @@ def test_tensorboard_holds_every_numeric_field_of_each_step(tmp_path: Path) -> N
     assert sorted(events.Tags()["scalars"]) == ["loss", "lr", "tokens"]
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 4.0), (2, 2.0), (3, pytest.approx(4 / 3))]
     assert [e.value for e in events.Scalars("tokens")] == [512, 512, 512]
+
+
+def test_event_file_checksums_are_tensorboards(tmp_path: Path) -> None:
+    """loom's C checksum equals TensorBoard's pure-Python one, and a file loom writes passes
+    TensorBoard's reader, which checks every record's two checksums."""
+    from tensorboard.compat.tensorflow_stub import errors
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as python_crc
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 8, 12, 1000, 4099):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert masked_crc32c(data) == python_crc(data)
+    _log_steps(tmp_path, range(1, 4), tensorboard=True)
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    reader, records = PyRecordReader_New(str(events)), 0
+    with pytest.raises(errors.OutOfRangeError):  # the end, every record checked (DataLossError otherwise)
+        while True:
+            reader.GetNext()
+            records += 1
+    assert records == 4  # the file's version, then one event a step
+
+
+def test_tensorboard_drops_the_steps_a_resume_drops(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsWriter(tmp_path) as writer:
+        for step in range(1, 6):
+            writer.log({"step": step, "loss": float(step)})
+    with MetricsWriter(tmp_path) as writer:  # resumed from step 3's checkpoint
+        writer.truncate_after(3)
+        for step in range(4, 7):
+            writer.log({"step": step, "loss": 10.0 * step})
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1), (2, 2), (3, 3), (4, 40), (5, 50), (6, 60)]
 
 
 def test_summary_json(tmp_path: Path) -> None:
