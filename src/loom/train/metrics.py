@@ -17,7 +17,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from loom.errors import LoomError
+
+if TYPE_CHECKING:  # imported when first used: tensorboard is slow to import and optional per run
+    from loom.train.event_file import EventFile
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -70,7 +73,7 @@ class MetricsWriter:
         self.path = self.run_dir / METRICS_FILE
         self.tensorboard = tensorboard
         self._purge_step: int | None = None
-        self._tb: Any = None  # the EventFile, made on first log so truncate_after can purge
+        self._tb: EventFile | None = None  # made on first log, so that truncate_after can purge
         _drop_torn_tail(self.path)
         self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 (held for the run)
 
@@ -131,9 +134,8 @@ class MetricsWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _events(self) -> Any:
+    def _events(self) -> EventFile:
         if self._tb is None:
-            # Imported here: tensorboard is slow to import and optional per run.
             from loom.train.event_file import EventFile
 
             self._tb = EventFile(self.run_dir / TENSORBOARD_DIR, purge_step=self._purge_step)
