@@ -102,6 +102,23 @@ def test_tensorboard_drops_the_steps_a_resume_drops(tmp_path: Path) -> None:
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1), (2, 2), (3, 3), (4, 40), (5, 50), (6, 60)]
 
 
+def test_a_failed_tensorboard_write_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from loom.train.event_file import EventFile
+
+    def full(self: EventFile, event: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with MetricsWriter(tmp_path) as writer:
+        writer.log({"step": 1, "loss": 2.0})
+        monkeypatch.setattr(EventFile, "_write", full)
+        with pytest.raises(LoomError, match="No space left on device") as failed:
+            writer.log({"step": 2, "loss": 1.0})
+    assert "resume" in str(failed.value.fix) and "tensorboard" in str(failed.value)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]  # metrics.jsonl holds the step
+
+
 def test_summary_json(tmp_path: Path) -> None:
     path = write_summary(tmp_path, {"final_loss": np.float64(1.25), "steps": 10, "layout": {"dp": 1}})
     assert path == tmp_path / "summary.json"
