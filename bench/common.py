@@ -19,7 +19,11 @@ own: the peer's sides and its table. The rest is here:
   record and its logging; evaluation and checkpoints aside, off in these jobs). It is compared
   with each peer run *alone* in the same round (all its steps, nothing interleaved: as its
   users run it), not with the interleaved peer, whose steps share the machine's caches with
-  loom's sides.
+  loom's sides. A peer alone is timed as ``loom train`` is: its loop has no barrier between
+  steps, and a step's time is rank 0's lap from the end of the previous step. (Until the
+  commit named in ``history.md`` it was timed like the interleaved sides, each step after a
+  barrier and the slowest rank's: 1-3% slower for torch DDP on 2 gloo ranks than its laps,
+  measured, so loom train was compared with a slower peer than its users run.)
 - **Host allocation.** ``loom train`` applies loom's host allocation policy
   (``loom.parallel.host_allocator``: glibc's mmap threshold fixed at 4 MiB, torch's huge pages
   for large tensors in processes of one thread) as it starts; the peers alone run with glibc's and torch's defaults, as
@@ -298,6 +302,9 @@ class SideRun:
     bytes: list[dict] = field(default_factory=list)  # loom: ledger totals of each step (comm_bytes_dp, ...)
     by_tag: list[dict] = field(default_factory=list)  # loom: each step's bytes by "group/tag"
     facts: dict = field(default_factory=dict)  # anything else the script records (buckets, state bytes)
+    # laps: step_s are the laps of a loop with no barrier (a side run alone); its figure is rank 0's,
+    # as loom train's tokens_per_s is rank 0's lap. Else each step started after a barrier: the slowest rank's
+    laps: bool = False
 
 
 def join(items: Sequence[str]) -> tuple[DistContext, Config, TokenData]:
@@ -310,41 +317,59 @@ def join(items: Sequence[str]) -> tuple[DistContext, Config, TokenData]:
 def run_round(sides: Sequence[Side], steps: int, round_index: int, alone: bool = False) -> dict[str, SideRun]:
     """Step k of every side back to back, the order rotating with k and the round; every side's
     step starts after a barrier of all ranks (not timed). ``alone``: each side runs all its
-    steps before the next one starts (no interleaving: as a user runs it). Closes the sides."""
-    runs = {side.name: SideRun() for side in sides}
+    steps before the next one starts, with no barrier between them, as a user's loop runs;
+    a step's time is then its lap, from the end of the previous step (:attr:`SideRun.laps`).
+    Closes the sides."""
+    runs = {side.name: SideRun(laps=alone) for side in sides}
     barrier = dist.barrier if dist.is_initialized() else (lambda: None)
     gc.collect()
     if alone:
-        order = [[side] for side in sides for _ in range(steps)]
-        ks = [k for _ in sides for k in range(steps)]
-    else:
-        order = [
-            [*sides[(round_index + k) % len(sides) :], *sides[: (round_index + k) % len(sides)]] for k in range(steps)
-        ]
-        ks = list(range(steps))
-    for k, batch in zip(ks, order, strict=True):
-        for side in batch:
-            run = runs[side.name]
+        for side in sides:
             barrier()
-            if side.ledger is not None:
-                side.ledger.take_step_totals()
-                mark = max((e.seq for e in side.ledger.recent(1)), default=0)
+            mark = _mark(side)
             c0, t0 = time.process_time(), time.perf_counter()
-            loss = side.step(k)
-            run.step_s.append(time.perf_counter() - t0)
-            run.cpu_s.append(time.process_time() - c0)
-            run.losses.append(loss)
-            if side.ledger is not None:
-                run.bytes.append(side.ledger.take_step_totals())
-                tags: dict[str, float] = {}
-                for e in side.ledger.recent(1000):
-                    if e.seq > mark:
-                        tags[f"{e.group}/{e.tag}"] = tags.get(f"{e.group}/{e.tag}", 0) + e.bytes_sent
-                run.by_tag.append(tags)
+            for k in range(steps):
+                loss = side.step(k)
+                t, c = time.perf_counter(), time.process_time()
+                _record(side, runs[side.name], t - t0, c - c0, loss, mark)
+                mark = _mark(side)
+                c0, t0 = time.process_time(), time.perf_counter()  # the harness's own record is not the side's
+    else:
+        for k in range(steps):
+            turn = (round_index + k) % len(sides)
+            for side in [*sides[turn:], *sides[:turn]]:
+                barrier()
+                mark = _mark(side)
+                c0, t0 = time.process_time(), time.perf_counter()
+                loss = side.step(k)
+                t, c = time.perf_counter(), time.process_time()
+                _record(side, runs[side.name], t - t0, c - c0, loss, mark)
     barrier()
     for side in sides:
         side.close()
     return runs
+
+
+def _mark(side: Side) -> int:
+    """Before a step: clear the side's ledger totals; the last entry's number (0 without a ledger)."""
+    if side.ledger is None:
+        return 0
+    side.ledger.take_step_totals()
+    return max((e.seq for e in side.ledger.recent(1)), default=0)
+
+
+def _record(side: Side, run: SideRun, step_s: float, cpu_s: float, loss: float, mark: int) -> None:
+    """After a step: its times and loss, and (loom) its ledger totals and bytes by group/tag since ``mark``."""
+    run.step_s.append(step_s)
+    run.cpu_s.append(cpu_s)
+    run.losses.append(loss)
+    if side.ledger is not None:
+        run.bytes.append(side.ledger.take_step_totals())
+        tags: dict[str, float] = {}
+        for e in side.ledger.recent(1000):
+            if e.seq > mark:
+                tags[f"{e.group}/{e.tag}"] = tags.get(f"{e.group}/{e.tag}", 0) + e.bytes_sent
+        run.by_tag.append(tags)
 
 
 # ----------------------------------------------------------------------------- loom train, end to end
@@ -390,9 +415,11 @@ class Result:
 
     def add_round(self, ranks: list[dict[str, SideRun]]) -> None:
         for name in ranks[0]:
-            steps = zip(*(r[name].step_s for r in ranks), strict=True)
-            slowest = [max(times) for times in steps][self.warmup :]
-            self.tps.setdefault(name, []).append(self.tokens / statistics.median(slowest))
+            if ranks[0][name].laps:  # a loop without barriers: rank 0's laps, as loom train's figure
+                times = ranks[0][name].step_s[self.warmup :]
+            else:  # each step after a barrier: the slowest rank's time
+                times = [max(step) for step in zip(*(r[name].step_s for r in ranks), strict=True)][self.warmup :]
+            self.tps.setdefault(name, []).append(self.tokens / statistics.median(times))
             self.losses.setdefault(name, []).append(ranks[0][name].losses)
             self.facts.setdefault(name, []).append(ranks[0][name].facts)
             if ranks[0][name].bytes:
@@ -527,11 +554,13 @@ def noise_line(load_start: float) -> str:
 
 TIMING = (
     "per round, fresh sides run step k back to back, the order rotating with k and the round, each side's step "
-    "starting after a barrier; a step's time is the slowest rank's; a side's tokens/s is global tokens per step over "
+    "starting after a barrier; a step's time is the slowest rank's (a side run alone: rank 0's lap, no barriers); "
+    "a side's tokens/s is global tokens per step over "
     "its median step time after the warm-up, and the table gives the median over rounds, each ratio as the median of "
     "the per-round ratios with their range (a round's sides ran interleaved, so its ratio is paired). loom's sides are Trainer.train_step as "
     f"`loom train` runs it (batch, forward, backward, sync, the loss for the metrics, clip, update). After the "
-    f"interleaved sides, each peer runs again by itself (`{ALONE}`: all its steps, nothing interleaved) and `{LOOM_TRAIN}` "
+    f"interleaved sides, each peer runs again by itself (`{ALONE}`: all its steps, nothing interleaved, no barrier "
+    f"between them; timed as `{LOOM_TRAIN}` is, by rank 0's laps) and `{LOOM_TRAIN}` "
     "runs (which goes first alternating by round; several `loom train` runs in an order rotating with the round): "
     "the command itself on the same job, with loom's own launcher and thread settings, its figure the median "
     f"tokens_per_s of its metrics.jsonl over the steps after the warm-up; `{LOOM_TRAIN}` is compared with the peers "
