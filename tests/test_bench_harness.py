@@ -22,7 +22,7 @@ _spec.loader.exec_module(common)
 
 
 class Sleeper(common.Side):
-    """A side whose step sleeps ``step_s``; the pause between its steps stands for a user's loop."""
+    """A side whose step sleeps ``step_s`` and returns k as its loss."""
 
     def __init__(self, name: str, step_s: float) -> None:
         self.name, self.step_s = name, step_s
@@ -36,8 +36,7 @@ def test_alone_runs_record_laps_and_interleaved_runs_step_times():
     runs = common.run_round([Sleeper("a", 0.002), Sleeper("b", 0.004)], steps=3, round_index=0, alone=True)
     assert runs["a"].laps and runs["b"].laps
     assert runs["a"].losses == [0.0, 1.0, 2.0]
-    assert all(0.002 <= t < 0.05 for t in runs["a"].step_s)
-    assert all(0.004 <= t < 0.05 for t in runs["b"].step_s)
+    assert all(t >= 0.002 for t in runs["a"].step_s) and all(t >= 0.004 for t in runs["b"].step_s)
     mixed = common.run_round([Sleeper("a", 0.002), Sleeper("b", 0.004)], steps=3, round_index=1)
     assert not mixed["a"].laps and len(mixed["b"].step_s) == 3
 
