@@ -152,3 +152,51 @@ def test_progress_without_terminal(tmp_path: Path) -> None:
     assert len(lines) == 11  # one line every 2 steps, plus the message
     assert lines[-2].startswith("step 20/20 | loss 0.1500 | 12.3k tok/s | lr 1.00e-03")
     assert "\x1b[" not in buffer.getvalue()  # no terminal control codes
+
+
+def _rank_figures_run() -> dict:
+    """On a rank of 3: 40 records through RankFigures (steps of 0.5 s, then 10 ms), a flush,
+    then 3 records abandoned."""
+    import torch.distributed as dist
+
+    from loom.distributed.comm import Comm, Ledger
+    from loom.train.rank_figures import RankFigures
+
+    rank = dist.get_rank()
+    written: list[dict] = []
+    figures = RankFigures(Comm.world(Ledger(rank)), written.append if rank == 0 else None)
+    everies, pending = [], []
+    for step in range(1, 41):
+        slow = 0.5 if rank == 2 else 0.25  # the slowest rank sizes the batches: 1 s / 0.5 s = 2 records
+        record = {"step": step, "step_s": slow if step <= 6 else 0.01, "comm_bytes_dp": 10 * step + rank}
+        figures.add({**record, "mem_params_bytes": 1000 + rank})
+        everies.append(figures.every)
+        pending.append(step - len(written))
+    figures.flush()
+    flushed = len(written)
+    for step in range(41, 44):
+        figures.add({"step": step, "step_s": 0.01, "comm_bytes_dp": 1})
+    figures.abandon()
+    return {"written": written, "flushed": flushed, "everies": everies, "pending": pending, "gathers": figures.gathers}
+
+
+def test_rank_figures_batches_the_gathers_and_completes_every_record_in_order() -> None:
+    from loom.distributed.spawn import run_ranks
+    from loom.train.rank_figures import MAX_BATCH
+
+    results = run_ranks(_rank_figures_run, 3, timeout_s=90)
+    assert all(r["written"] == [] for r in results[1:])  # only rank 0 writes
+    assert len({tuple(r["everies"]) for r in results}) == 1  # every rank sizes the batches alike
+    got = results[0]
+    written = got["written"]
+    assert [r["step"] for r in written] == list(range(1, 44)) and got["flushed"] == 40
+    for record in written[:40]:
+        step = record["step"]
+        assert record["comm_bytes_dp"] == 10 * step  # rank 0's own figure, as it was
+        assert record["comm_bytes_dp_max"] == 10 * step + 2 and record["comm_bytes_dp_sum"] == 30 * step + 3
+        assert record["mem_params_bytes_sum"] == 3003 and "mem_optim_bytes_max" not in record  # only keys it holds
+    assert all("comm_bytes_dp_max" not in r for r in written[40:])  # abandoned: this rank's figures alone
+    everies = got["everies"]
+    assert everies[0] == 1 and 2 in everies[:8] and everies[-1] == MAX_BATCH  # 1 s of 0.5 s steps, then the cap
+    assert got["gathers"] < 10  # 40 records, batched (a gather a step: 40)
+    assert max(got["pending"]) <= 2 * MAX_BATCH  # a record waits at most two batches

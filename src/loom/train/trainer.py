@@ -260,7 +260,7 @@ class Trainer:
             else contextlib.nullcontext()
         )
         self.dist.ledger.take_step_totals()  # setup traffic is not a step's
-        # every rank's figures, max and sum, in rank 0's records: a step's record is written after the next step
+        # every rank's figures, max and sum, in rank 0's records: gathered in batches of about a second of steps
         figures = RankFigures(self.dist.comm("world"), metrics.log if metrics is not None else None)
         clock = LoopClock()  # tokens_per_s: the loop's whole time per step, evaluation and checkpoints aside
         try:
@@ -302,7 +302,7 @@ class Trainer:
                     if self._evaluates(self.state.step):
                         with clock.aside():
                             self.state.last_val_loss = record["val_loss"] = self.evaluate()
-                    figures.add(record)  # writes the previous step's record
+                    figures.add(record)  # written once its batch's gather lands
                     if self._saves(self.state.step):
                         with clock.aside():
                             figures.flush()  # no checkpoint covers a step its record lacks
