@@ -40,9 +40,10 @@ class LoopClock:
     :meth:`lap` returns the time since the previous lap (the clock's start, for the first),
     less what ran :meth:`aside` in between (evaluation and checkpoints, which a run schedules
     and reports apart). A step's lap therefore holds everything else the loop does for it:
-    ``train_step``, the record's figures and their gathering over the ranks, and the previous
-    step's metrics line and progress bar. ``train_step`` alone is the record's ``step_s``,
-    what the planner predicts.
+    ``train_step``, the record's figures and its share of their gathering over the ranks (one
+    gather for about a second of steps, whose records are written when it lands), and the
+    previous step's progress bar. ``train_step`` alone is the record's ``step_s``, what the
+    planner predicts.
     """
 
     def __init__(self) -> None:
